@@ -1,0 +1,15 @@
+"""Typed application keys: every resource an app holds, in one place."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiohttp import web
+
+from service.query import CursorCodec
+from service.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
+CURSORS = web.AppKey("cursors", CursorCodec)
+OPENAPI = web.AppKey("openapi", dict)

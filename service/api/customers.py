@@ -1,0 +1,223 @@
+"""Canonical customer routes: ``/v1/customers``."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from service import customers as core
+from service.api import appkeys
+from service.api.models import (
+    Customer,
+    CustomerCreate,
+    CustomerExpanded,
+    CustomerList,
+    CustomerPatch,
+    ListParams,
+    RetrieveParams,
+    Subscription,
+    UsageParams,
+    UsageSeries,
+)
+from service.api.params import parse_body, parse_query
+from service.api.routing import PRINCIPAL, Endpoint
+from service.api.shapes import customer_shape
+from service.auth import Principal
+from service.errors import InvalidInput
+from service.query import CursorCodec, CustomerFilter, ListQuery, Shape, Sort, resume
+
+DEFAULT_LIMIT = 50
+DEFAULT_SORT = "-first_seen"
+JSON = "application/json"
+
+
+@cache
+def canonical_shape(expand_parent: bool, include_subscriptions: bool) -> Shape:
+    return customer_shape(
+        Customer,
+        parent_key="parent_customer" if expand_parent else None,
+        subscriptions_key="subscriptions" if include_subscriptions else None,
+        subscription_model=Subscription if include_subscriptions else None,
+    )
+
+
+def build_list_query(principal: Principal, params: ListParams, cursors: CursorCodec) -> ListQuery:
+    """The core query for canonical list parameters (pagination styles checked here)."""
+    paged = params.page is not None or params.page_size is not None
+    if paged and (params.limit is not None or params.offset is not None):
+        raise InvalidInput.for_field("page", "use page/page_size or limit/offset, not both")
+    if params.cursor is not None and (paged or params.offset is not None):
+        raise InvalidInput.for_field("cursor", "cannot be combined with offset or page")
+    if paged:
+        limit = params.page_size or DEFAULT_LIMIT
+        offset = ((params.page or 1) - 1) * limit
+    else:
+        limit = params.limit or DEFAULT_LIMIT
+        offset = params.offset or 0
+    q = ListQuery(
+        organization_id=principal.organization_id,
+        environment=params.environment or principal.environment,
+        filter=CustomerFilter(
+            statuses=tuple(sorted(set(params.status))),
+            name_contains=params.name,
+            email=params.email,
+            ids=tuple(params.customer_ids),
+            identifiers=tuple(params.customer_identifiers),
+            parent_ids=tuple(params.parent_customer_ids),
+            first_seen_gte=params.first_seen_gte,
+            first_seen_lte=params.first_seen_lte,
+            last_active_gte=params.last_active_gte,
+            last_active_lte=params.last_active_lte,
+            total_cost_gte=params.total_cost_gte,
+            total_cost_lte=params.total_cost_lte,
+            metadata=tuple(sorted(params.metadata.items())),
+        ),
+        sort=Sort.parse(params.sort_by or DEFAULT_SORT),
+        limit=limit,
+        offset=offset,
+    )
+    if params.cursor is not None:
+        q = resume(q, cursors.decode(params.cursor), explicit_sort=params.sort_by is not None)
+    return q
+
+
+def _link(request: web.Request, **changes: object) -> str:
+    query = request.rel_url.query.copy()
+    for key, value in changes.items():
+        query.popall(key, None)
+        if value is not None:
+            query[key] = str(value)
+    return str(request.url.with_query(query))
+
+
+def page_links(
+    request: web.Request, params: ListParams, q: ListQuery, page: core.Page, cursors: CursorCodec
+) -> tuple[str | None, str | None, str | None]:
+    """(next URL, previous URL, next_cursor) in the pagination style the request used."""
+    next_cursor = cursors.encode(q, page.next_position) if page.next_position else None
+    prev_cursor = cursors.encode(q, page.previous_position) if page.previous_position else None
+    if params.cursor is not None:
+        return (
+            _link(request, cursor=next_cursor) if next_cursor else None,
+            _link(request, cursor=prev_cursor) if prev_cursor else None,
+            next_cursor,
+        )
+    if params.page is not None or params.page_size is not None:
+        number = params.page or 1
+        nxt = _link(request, page=number + 1) if next_cursor else None
+        prev = _link(request, page=number - 1) if number > 1 else None
+        return nxt, prev, next_cursor
+    nxt = _link(request, offset=q.offset + q.limit) if next_cursor else None
+    prev = _link(request, offset=max(q.offset - q.limit, 0) or None) if q.offset > 0 else None
+    return nxt, prev, next_cursor
+
+
+def json_with(envelope: dict[str, object], key: str, raw_array: str) -> bytes:
+    """``envelope`` plus ``key`` holding an already-rendered JSON array, spliced in as bytes:
+    the rows PostgreSQL rendered are never parsed back into Python objects."""
+    head = orjson.dumps(envelope)
+    separator = b"," if len(head) > 2 else b""
+    return head[:-1] + separator + b'"' + key.encode() + b'":' + raw_array.encode() + b"}"
+
+
+async def list_customers(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, ListParams)
+    cursors = request.app[appkeys.CURSORS]
+    q = build_list_query(principal, params, cursors)
+    shape = canonical_shape(params.expand == "parent_customer", params.include == "subscriptions")
+    async with request.app[appkeys.READ_POOL].acquire() as conn:
+        page = await core.list_customers(conn, q, shape)
+    nxt, prev, next_cursor = page_links(request, params, q, page, cursors)
+    envelope = {"count": page.count, "next": nxt, "previous": prev, "next_cursor": next_cursor}
+    return web.Response(body=json_with(envelope, "results", "[" + ",".join(page.docs) + "]"), content_type=JSON)
+
+
+async def retrieve_customer(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, RetrieveParams)
+    shape = canonical_shape(params.expand == "parent_customer", params.include == "subscriptions")
+    async with request.app[appkeys.READ_POOL].acquire() as conn:
+        doc = await core.get_customer(
+            conn, principal.organization_id, params.environment or principal.environment,
+            request.match_info["customer_identifier"], shape,
+        )  # fmt: skip
+    return web.Response(text=doc, content_type=JSON)
+
+
+async def create_customer(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    body = await parse_body(request, CustomerCreate, request.app[appkeys.SETTINGS].max_body_bytes)
+    values = body.columns()
+    values.pop("customer_identifier", None)
+    values.pop("environment", None)
+    async with request.app[appkeys.POOL].acquire() as conn:
+        doc = await core.create_customer(
+            conn, principal.organization_id, body.environment or principal.environment,
+            body.customer_identifier, values, canonical_shape(False, False),
+        )  # fmt: skip
+    location = request.url.join(URL(f"/v1/customers/{body.customer_identifier}"))
+    return web.Response(text=doc, status=201, content_type=JSON, headers={"Location": str(location)})
+
+
+async def update_customer(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, RetrieveParams)
+    body = await parse_body(request, CustomerPatch, request.app[appkeys.SETTINGS].max_body_bytes)
+    async with request.app[appkeys.POOL].acquire() as conn:
+        doc = await core.update_customer(
+            conn, principal.organization_id, params.environment or principal.environment,
+            request.match_info["customer_identifier"], body.columns(), canonical_shape(False, False),
+        )  # fmt: skip
+    return web.Response(text=doc, content_type=JSON)
+
+
+async def delete_customer(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, RetrieveParams)
+    async with request.app[appkeys.POOL].acquire() as conn:
+        await core.delete_customer(
+            conn, principal.organization_id, params.environment or principal.environment,
+            request.match_info["customer_identifier"],
+        )  # fmt: skip
+    return web.Response(status=204)
+
+
+async def customer_usage(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, UsageParams)
+    identifier = request.match_info["customer_identifier"]
+    async with request.app[appkeys.READ_POOL].acquire() as conn:
+        series = await core.usage_series(
+            conn, principal.organization_id, params.environment or principal.environment,
+            identifier, params.from_, params.to, params.granularity,
+        )  # fmt: skip
+    envelope = {"customer_identifier": identifier, "granularity": params.granularity}
+    return web.Response(body=json_with(envelope, "results", series), content_type=JSON)
+
+
+IDENTIFIER = {"customer_identifier": "Your identifier for the customer (unique per environment)."}
+TAG = "customers"
+
+ENDPOINTS = [
+    Endpoint("GET", "/v1/customers", list_customers, "List customers", TAG, "read",
+             query=ListParams, response=CustomerList, errors=(400, 401, 403, 429),
+             description="Paged, sorted, filtered list. count is over all pages; next/previous keep the "
+                         "pagination style of the request; next_cursor continues at constant cost."),
+    Endpoint("POST", "/v1/customers", create_customer, "Create a customer", TAG, "write",
+             body=CustomerCreate, response=Customer, status=201, errors=(400, 401, 403, 409, 413)),
+    Endpoint("GET", "/v1/customers/{customer_identifier}", retrieve_customer, "Retrieve a customer", TAG, "read",
+             query=RetrieveParams, response=CustomerExpanded, errors=(400, 401, 403, 404), path_params=IDENTIFIER),
+    Endpoint("PATCH", "/v1/customers/{customer_identifier}", update_customer, "Update a customer", TAG, "write",
+             query=RetrieveParams, body=CustomerPatch, response=Customer, errors=(400, 401, 403, 404, 413),
+             path_params=IDENTIFIER,
+             description="Only the fields sent change. Read-only or unknown fields are a 400 naming them."),
+    Endpoint("DELETE", "/v1/customers/{customer_identifier}", delete_customer, "Delete a customer", TAG, "write",
+             query=RetrieveParams, status=204, errors=(400, 401, 403, 404), path_params=IDENTIFIER),
+    Endpoint("GET", "/v1/customers/{customer_identifier}/usage", customer_usage, "Usage time series", TAG, "read",
+             query=UsageParams, response=UsageSeries, errors=(400, 401, 403, 404), path_params=IDENTIFIER,
+             description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC, inclusive)."),
+]  # fmt: skip

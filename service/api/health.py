@@ -1,0 +1,46 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from service.api import appkeys
+from service.api.models import Health
+from service.api.problems import problem
+
+# A readiness probe must answer fast even when a dependency hangs.
+CHECK_TIMEOUT = 2.0
+
+ReadinessCheck = Callable[[web.Application], Awaitable[None]]
+READINESS_CHECKS = web.AppKey("readiness_checks", dict)
+
+
+async def database_check(app: web.Application) -> None:
+    await app[appkeys.POOL].fetchval("SELECT 1", timeout=CHECK_TIMEOUT)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, ReadinessCheck] = request.app[READINESS_CHECKS]
+    results: dict[str, str] = {}
+    for name, check in checks.items():
+        try:
+            await asyncio.wait_for(check(request.app), CHECK_TIMEOUT)
+            results[name] = "ok"
+        except Exception as exc:  # any failure means "not ready"; the reason goes in the body
+            results[name] = f"down: {type(exc).__name__}"
+    down = [name for name, state in results.items() if state != "ok"]
+    if not down:
+        return web.json_response({"status": "ok", "checks": results})
+    return problem(
+        request, 503, "Service Unavailable", f"not ready: {', '.join(down)} unreachable",
+        slug="unavailable", headers={"Retry-After": "1"}, extra={"checks": results},
+    )  # fmt: skip
+
+__all__ = ["Health", "database_check", "healthz", "readyz", "READINESS_CHECKS"]

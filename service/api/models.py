@@ -1,0 +1,261 @@
+"""The canonical API's pydantic models: they validate requests, describe responses, and are
+the only source of the OpenAPI document (service/api/openapi.py reads them)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar, Literal
+from uuid import UUID
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from service.query import SORT_FIELDS
+
+Environment = Literal["prod", "test"]
+Status = Literal["active", "draft", "blacklisted", "deactivated", "archived"]
+BudgetDuration = Literal["daily", "weekly", "monthly", "yearly"]
+SortBy = Literal[tuple(name for field in SORT_FIELDS for name in (field, "-" + field))]  # type: ignore[misc]
+
+
+def _utc(value: datetime) -> datetime:
+    """Naive times are taken as UTC, so a bare '2026-01-01T00:00:00' means what it says."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
+ShortText = Annotated[str, StringConstraints(max_length=500)]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+Money = Annotated[Decimal, Field(ge=0, max_digits=20, decimal_places=10)]
+
+
+class ListParams(BaseModel):
+    """Query parameters of ``GET /v1/customers``. Use one pagination style per request:
+    ``limit``/``offset``, ``page``/``page_size``, or ``cursor`` (with an optional ``limit``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int | None = Field(None, ge=1, le=1000, description="Rows per page (default 50).")
+    offset: int | None = Field(None, ge=0, le=10_000_000, description="Rows to skip.")
+    page: int | None = Field(None, ge=1, le=10_000_000, description="1-based page number (with page_size).")
+    page_size: int | None = Field(None, ge=1, le=1000, description="Rows per page when paging by number.")
+    cursor: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+        None, description="Opaque cursor from a previous response's next_cursor; constant cost at any depth."
+    )
+    sort_by: SortBy | None = Field(None, description="Sort field; prefix '-' for descending. Default -first_seen.")
+    environment: Environment | None = Field(None, description="Defaults to the API key's environment.")
+    status: list[Status] = Field(default_factory=list, description="One or more statuses (repeat or comma-separate).")
+    name: ShortText | None = Field(None, description="Partial, case-insensitive match on name.")
+    email: ShortText | None = Field(None, description="Exact, case-insensitive match on email.")
+    customer_ids: list[UUID] = Field(default_factory=list, max_length=1000, description="Customer ids (uuid).")
+    customer_identifiers: list[Identifier] = Field(default_factory=list, max_length=1000)
+    parent_customer_ids: list[UUID] = Field(default_factory=list, max_length=1000)
+    first_seen_gte: Timestamp | None = None
+    first_seen_lte: Timestamp | None = None
+    last_active_gte: Timestamp | None = None
+    last_active_lte: Timestamp | None = None
+    total_cost_gte: Money | None = None
+    total_cost_lte: Money | None = None
+    metadata: dict[Annotated[str, StringConstraints(max_length=200)], ShortText] = Field(
+        default_factory=dict, max_length=20, description="metadata[key]=value: customers whose metadata has key=value."
+    )
+    expand: Literal["parent_customer"] | None = Field(None, description="Embed each customer's parent.")
+    include: Literal["subscriptions"] | None = Field(None, description="Embed each customer's subscriptions.")
+
+
+class RetrieveParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    environment: Environment | None = Field(None, description="Defaults to the API key's environment.")
+    expand: Literal["parent_customer"] | None = None
+    include: Literal["subscriptions"] | None = None
+
+
+class UsageParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: date = Field(alias="from", description="First day (UTC), inclusive.")
+    to: date = Field(description="Last day (UTC), inclusive.")
+    granularity: Literal["day", "week", "month"] = "day"
+    environment: Environment | None = None
+
+
+class AddressIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source_prefix: ClassVar[str] = "address_"
+
+    line1: ShortText | None = None
+    line2: ShortText | None = None
+    city: ShortText | None = None
+    state: ShortText | None = None
+    postal_code: ShortText | None = None
+    country: ShortText | None = None
+
+
+class CustomerPatch(BaseModel):
+    """Writable customer fields. Only the fields sent change; any other field is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ShortText | None = None
+    first_name: ShortText | None = None
+    last_name: ShortText | None = None
+    email: ShortText | None = None
+    phone: ShortText | None = None
+    customer_type: ShortText | None = None
+    status: Status | None = None
+    parent_customer_id: UUID | None = None
+    address: AddressIn | None = None
+    metadata: dict[str, Any] | None = Field(None, description="Replaces the whole metadata object.")
+    stripe_customer_id: ShortText | None = None
+    application_id: ShortText | None = None
+    last_transaction_amount: Decimal | None = Field(None, max_digits=20, decimal_places=10)
+    last_purchase_date: Timestamp | None = None
+    total_budget: Money | None = Field(None, description="Lifetime budget (USD).")
+    period_budget: Money | None = Field(None, description="Budget per budget_duration period (USD).")
+    budget_duration: BudgetDuration | None = None
+
+    def columns(self) -> dict[str, object]:
+        """The sent fields as customers columns (address flattened)."""
+        values: dict[str, object] = {}
+        for name in self.model_fields_set:
+            value = getattr(self, name)
+            if name == "address":
+                if value is None:
+                    values.update({f"address_{k}": None for k in AddressIn.model_fields})
+                else:
+                    values.update({f"address_{k}": getattr(value, k) for k in value.model_fields_set})
+            elif name == "status" and value is None:
+                continue  # status is NOT NULL; sending null leaves it unchanged
+            elif name == "metadata" and value is None:
+                values["metadata"] = {}
+            else:
+                values[name] = value
+        return values
+
+
+class CustomerCreate(CustomerPatch):
+    customer_identifier: Identifier
+    environment: Environment | None = Field(None, description="Defaults to the API key's environment.")
+
+
+class Address(BaseModel):
+    source_prefix: ClassVar[str] = "address_"
+
+    line1: str | None
+    line2: str | None
+    city: str | None
+    state: str | None
+    postal_code: str | None
+    country: str | None
+
+
+class Customer(BaseModel):
+    """A customer: profile, budget, and usage aggregates. Money is a decimal string."""
+
+    id: UUID
+    customer_identifier: str
+    environment: Environment
+    name: str | None
+    first_name: str | None
+    last_name: str | None
+    email: str | None
+    phone: str | None
+    customer_type: str | None
+    status: Status
+    parent_customer_id: UUID | None
+    address: Address
+    metadata: dict[str, Any]
+    stripe_customer_id: str | None
+    application_id: str | None
+    last_transaction_amount: Decimal | None
+    last_purchase_date: datetime | None
+    total_budget: Decimal | None
+    period_budget: Decimal | None
+    budget_duration: BudgetDuration | None
+    period_start: datetime | None = Field(description="Start of the current budget period (UTC).")
+    period_end: datetime | None
+    total_period_usage: Decimal = Field(description="Cost inside the current budget period.")
+    first_seen: datetime | None
+    last_active: datetime | None
+    active_days: int
+    number_of_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    total_cost: Decimal
+    average_latency: float | None
+    average_ttft: float | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Plan(BaseModel):
+    source_prefix: ClassVar[str] = "plan_"
+
+    stripe_price_id: str | None
+    name: str | None
+    amount: int | None = Field(description="In cents.")
+    currency: str | None
+    interval: str | None
+
+
+class Subscription(BaseModel):
+    id: str
+    status: str
+    current_period_start: datetime | None
+    current_period_end: datetime | None
+    plan: Plan | None
+
+
+class CustomerExpanded(Customer):
+    parent_customer: Customer | None = Field(None, description="With expand=parent_customer.")
+    subscriptions: list[Subscription] | None = Field(None, description="With include=subscriptions.")
+
+
+class CustomerList(BaseModel):
+    count: int = Field(description="Customers matching the filters, over all pages.")
+    next: str | None = Field(description="URL of the next page, or null.")
+    previous: str | None = Field(description="URL of the previous page, or null.")
+    next_cursor: str | None = Field(description="Pass as cursor= to continue after this page.")
+    results: list[CustomerExpanded]
+
+
+class UsagePoint(BaseModel):
+    start: date
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost: Decimal
+    average_latency: float | None
+    average_ttft: float | None
+
+
+class UsageSeries(BaseModel):
+    customer_identifier: str
+    granularity: str
+    results: list[UsagePoint]
+
+
+class ProblemField(BaseModel):
+    name: str
+    in_: str = Field(alias="in")
+    detail: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    request_id: str
+    errors: list[ProblemField] = []
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

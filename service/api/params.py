@@ -1,0 +1,100 @@
+"""Turning query strings and bodies into validated pydantic objects, or a 400 naming the field."""
+
+from __future__ import annotations
+
+import typing
+from typing import TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from service.errors import FieldError, InvalidInput, PayloadTooLarge
+
+M = TypeVar("M", bound=BaseModel)
+
+# Fields clients send but may never write: named in the 400 so the caller knows why.
+READ_ONLY_FIELDS = frozenset({
+    "id", "organization_id", "environment", "customer_identifier", "first_seen", "last_active", "active_days",
+    "number_of_requests", "prompt_tokens", "completion_tokens", "total_tokens", "total_cost",
+    "average_latency", "average_ttft", "latency_sum", "latency_count", "ttft_sum", "ttft_count",
+    "total_period_usage", "period_start", "period_end", "created_at", "updated_at", "subscriptions",
+    "parent_customer", "organization_name", "unique_organization_id",
+})  # fmt: skip
+
+
+def validation_error(exc: ValidationError, location: str) -> InvalidInput:
+    errors = []
+    for err in exc.errors(include_url=False):
+        name = ".".join(str(part) for part in err["loc"]) or location
+        if err["type"] == "extra_forbidden":
+            if location != "body":
+                detail = "is not a known parameter"
+            elif str(err["loc"][-1]) in READ_ONLY_FIELDS:
+                detail = "is read-only"
+            else:
+                detail = "is not a known field"
+        else:
+            detail = err["msg"]
+        errors.append(FieldError(name, detail, location))
+    summary = "; ".join(f"{e.name}: {e.detail}" for e in errors)
+    return InvalidInput(summary, errors=errors)
+
+
+def _is_list(annotation: object) -> bool:
+    return typing.get_origin(annotation) is list
+
+
+def _is_dict(annotation: object) -> bool:
+    return typing.get_origin(annotation) is dict
+
+
+def parse_query(request: web.Request, model: type[M], *, aliases: dict[str, str] | None = None) -> M:
+    """Validate ``request.query`` into ``model``.
+
+    List fields accept repeats and comma-separated values; dict fields use OpenAPI's
+    deepObject style (``metadata[key]=value``); any other repeated parameter is a 400."""
+    fields = model.model_fields
+    data: dict[str, object] = {}
+    for raw_name in set(request.query.keys()):
+        values = request.query.getall(raw_name)
+        name = (aliases or {}).get(raw_name, raw_name)
+        if "[" in name and name.endswith("]"):
+            outer, _, inner = name[:-1].partition("[")
+            if outer in fields and _is_dict(fields[outer].annotation):
+                if len(values) > 1:
+                    raise InvalidInput.for_field(name, "may be given once")
+                bucket = data.setdefault(outer, {})
+                assert isinstance(bucket, dict)
+                bucket[inner] = values[0]
+                continue
+        info = fields.get(name) or next((f for f in fields.values() if f.alias == name), None)
+        if info is not None and _is_list(info.annotation):
+            data[name] = [part for value in values for part in value.split(",") if part != ""]
+        elif len(values) > 1:
+            raise InvalidInput.for_field(name, "may be given once")
+        else:
+            data[name] = values[0]
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, "query") from None
+
+
+async def parse_body(request: web.Request, model: type[M], max_bytes: int = 1_048_576) -> M:
+    """Validate a JSON body into ``model``; 413 past ``max_bytes``, 400 for anything malformed."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(f"body exceeds {max_bytes} bytes")
+    raw = await request.read()
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"body exceeds {max_bytes} bytes")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput("body is not valid JSON", errors=[FieldError("body", str(exc), "body")]) from None
+    if not isinstance(data, dict):
+        raise InvalidInput("body must be a JSON object", errors=[FieldError("body", "must be an object", "body")])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, "body") from None

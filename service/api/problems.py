@@ -1,0 +1,98 @@
+"""Every error leaves as RFC 9457 ``application/problem+json`` with the request id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from service.errors import FieldError, TallyError, Unauthenticated, Unavailable
+
+log = logging.getLogger("tally.api")
+
+PROBLEM_TYPE_BASE = "https://tally.dev/problems/"
+REQUEST_ID = web.RequestKey("request_id", str)
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# A dependency we cannot reach: the caller should retry, so 503 with Retry-After, not 500.
+UNAVAILABLE_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+_STATUS_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large", 429: "rate-limited"}
+
+
+def problem(
+    request: web.Request,
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    slug: str | None = None,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, object] | None = None,
+) -> web.Response:
+    body: dict[str, object] = {
+        "type": PROBLEM_TYPE_BASE + (slug or _STATUS_SLUGS.get(status, "error")),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.path,
+        "request_id": request.get(REQUEST_ID, ""),
+        "errors": [e.as_dict() for e in errors or []],
+        **(extra or {}),
+    }
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/problem+json", headers=headers
+    )
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    incoming = request.headers.get("X-Request-ID", "")
+    request[REQUEST_ID] = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    response = await handler(request)
+    response.headers["X-Request-ID"] = request[REQUEST_ID]
+    return response
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    try:
+        return await handler(request)
+    except TallyError as exc:
+        headers = None
+        if isinstance(exc, Unavailable):
+            headers = {"Retry-After": "1"}
+        elif isinstance(exc, Unauthenticated):
+            headers = {"WWW-Authenticate": 'Bearer realm="tally"'}
+        return problem(request, exc.status, exc.title, exc.detail, slug=exc.slug, errors=exc.errors, headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return problem(request, exc.status, exc.reason, exc.text or exc.reason, headers=_allow_header(exc))
+    except UNAVAILABLE_ERRORS as exc:
+        log.warning("dependency unavailable: %s", type(exc).__name__, extra={"request_id": request[REQUEST_ID]})
+        return problem(
+            request, 503, "Service Unavailable", "a dependency is unavailable; retry shortly",
+            slug="unavailable", headers={"Retry-After": "1"},
+        )  # fmt: skip
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request[REQUEST_ID], "path": request.path})
+        return problem(request, 500, "Internal Server Error", "unexpected error; quote the request_id")
+
+
+def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else None

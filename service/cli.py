@@ -1,0 +1,197 @@
+"""The ``tally`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import orjson
+
+from service import __version__, auth, logs
+from service.errors import TallyError
+from service.migrate import MigrationError, migrate
+from service.settings import Settings
+
+
+def _run(coro: Awaitable[int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+async def _with_conn(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[int]]) -> int:
+    conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    try:
+        return await work(conn)
+    finally:
+        await conn.close()
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    await migrate(settings.database_url, settings.migrations_dir, report=lambda line: print(line, flush=True))
+    return 0
+
+
+async def cmd_orgs_create(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(conn: asyncpg.Connection) -> int:
+        org_id = await auth.create_organization(conn, args.name)
+        if args.json:
+            _print_json({"id": org_id, "name": args.name})
+        else:
+            print(f"created organization {args.name} ({org_id})")
+        return 0
+
+    return await _with_conn(settings, work)
+
+
+async def cmd_orgs_list(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(conn: asyncpg.Connection) -> int:
+        rows = await conn.fetch("SELECT id, name, created_at FROM organizations ORDER BY name")
+        if args.json:
+            _print_json([dict(r) for r in rows])
+        else:
+            for r in rows:
+                print(f"{r['name']}\t{r['id']}\t{r['created_at']:%Y-%m-%d}")
+        return 0
+
+    return await _with_conn(settings, work)
+
+
+async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
+
+    async def work(conn: asyncpg.Connection) -> int:
+        key = await auth.create_key(conn, args.org, scopes, args.environment, args.name)
+        if args.json:
+            _print_json({
+                "key": key.key, "client_key": key.client_key, "client_secret": key.client_secret,
+                "organization_id": key.organization_id, "scopes": list(key.scopes),
+                "environment": key.environment,
+            })  # fmt: skip
+        else:
+            print(f"organization {args.org}, scopes {','.join(scopes)}, environment {args.environment}")
+            print(f"client key {key.client_key} (x-client-key); the key is shown once, store it now:")
+            print(key.key)
+        return 0
+
+    return await _with_conn(settings, work)
+
+
+async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(conn: asyncpg.Connection) -> int:
+        await auth.revoke_key(conn, args.client_key)
+        print(f"revoked {args.client_key.partition('.')[0]}")
+        return 0
+
+    return await _with_conn(settings, work)
+
+
+async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(conn: asyncpg.Connection) -> int:
+        org_id, _ = await auth.find_organization(conn, args.org)
+        rows = await conn.fetch(
+            "SELECT prefix AS client_key, scopes, environment, name, created_at, revoked_at"
+            " FROM api_keys WHERE organization_id = $1 ORDER BY created_at",
+            org_id,
+        )
+        if args.json:
+            _print_json([dict(r) for r in rows])
+        else:
+            for r in rows:
+                state = "revoked" if r["revoked_at"] else "live"
+                print(f"{r['client_key']}\t{','.join(r['scopes'])}\t{r['environment']}\t{state}\t{r['name'] or ''}")
+        return 0
+
+    return await _with_conn(settings, work)
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from aiohttp import web
+
+    from service.api.app import create_app
+
+    _install_uvloop()
+    web.run_app(create_app(settings), host=settings.http_host, port=settings.http_port, access_log=None,
+                print=lambda line: print(line, file=sys.stderr))  # fmt: skip
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    """The API and (once it exists) the consumer in one process: the laptop default."""
+    return cmd_api(args, settings)
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tally", description="Customer read-model service.")
+    parser.add_argument("--version", action="version", version=f"tally {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("migrate", help="create the database if missing and apply migrations").set_defaults(
+        run=cmd_migrate
+    )
+    sub.add_parser("api", help="serve the HTTP API").set_defaults(sync=cmd_api)
+    sub.add_parser("dev", help="API and consumer in one process (laptop default)").set_defaults(sync=cmd_dev)
+
+    orgs = sub.add_parser("orgs", help="organizations").add_subparsers(dest="orgs_command", required=True)
+    create = orgs.add_parser("create", help="create an organization")
+    create.add_argument("name")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(run=cmd_orgs_create)
+    listing = orgs.add_parser("list", help="list organizations")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=cmd_orgs_list)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="create a key; it is printed once, on the last line")
+    kc.add_argument("--org", required=True, help="organization name or id")
+    kc.add_argument("--scopes", default="read", help="comma-separated: read,write,admin (default read)")
+    kc.add_argument("--environment", default="prod", choices=auth.ENVIRONMENTS)
+    kc.add_argument("--name", help="a label for the key")
+    kc.add_argument("--json", action="store_true", help="print one JSON object (key, client_key, client_secret)")
+    kc.set_defaults(run=cmd_keys_create)
+    kr = keys.add_parser("revoke", help="revoke a key by its client key (tly_…)")
+    kr.add_argument("client_key")
+    kr.set_defaults(run=cmd_keys_revoke)
+    kl = keys.add_parser("list", help="list an organization's keys (never the secrets)")
+    kl.add_argument("--org", required=True)
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(run=cmd_keys_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        if hasattr(args, "sync"):
+            return args.sync(args, settings)
+        return _run(args.run(args, settings))
+    except (TallyError, MigrationError, ValueError) as exc:
+        print(f"tally: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"tally: cannot reach a dependency: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

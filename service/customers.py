@@ -1,0 +1,210 @@
+"""Customer reads and writes: the one implementation behind every HTTP route.
+
+Reads return JSON text built by PostgreSQL in the caller's chosen :class:`Shape`, so rows
+are never turned into Python objects on the hot path; the edge splices the text into its
+envelope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, timedelta
+from uuid import UUID
+
+import asyncpg
+
+from service.errors import Conflict, InvalidInput, NotFound
+from service.query import ListQuery, Position, Shape, count_sql, join_sql, page_sql, shape_sql
+
+# Columns a client may write. Everything else (ids, organization, usage aggregates, derived
+# budget figures, timestamps) is read-only and a write naming it is refused by the edge.
+WRITABLE_COLUMNS = frozenset({
+    "name", "first_name", "last_name", "email", "phone", "customer_type", "status",
+    "parent_customer_id", "address_line1", "address_line2", "address_city", "address_state",
+    "address_postal_code", "address_country", "metadata", "stripe_customer_id", "application_id",
+    "last_transaction_amount", "last_purchase_date", "total_budget", "period_budget", "budget_duration",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Page:
+    docs: list[str]  # one JSON object per customer, in order
+    count: int | None
+    next_position: Position | None  # set when rows follow this page
+    previous_position: Position | None  # set when rows precede it
+
+
+async def list_customers(conn: asyncpg.Connection, q: ListQuery, shape: Shape) -> Page:
+    """One page of ``q`` rendered in ``shape``, with the total count when ``q.count``."""
+    sql, args = page_sql(q, shape)
+    rows = await conn.fetch(sql, *args)
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    backwards = bool(q.position and q.position.backwards)
+    if backwards:
+        rows.reverse()
+    has_next = more if not backwards else True
+    has_previous = more if backwards else (q.position is not None or q.offset > 0)
+    count = None
+    if q.count:
+        csql, cargs = count_sql(q)
+        count = await conn.fetchval(csql, *cargs)
+    return Page(
+        docs=[r["doc"] for r in rows],
+        count=count,
+        next_position=Position(rows[-1]["k"], rows[-1]["kid"]) if rows and has_next else None,
+        previous_position=Position(rows[0]["k"], rows[0]["kid"], backwards=True) if rows and has_previous else None,
+    )
+
+
+def _get_sql(shape: Shape) -> str:
+    return (
+        f"SELECT {shape_sql(shape)}::text FROM customers c{join_sql(shape)}"
+        " WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3"
+    )
+
+
+async def get_customer(
+    conn: asyncpg.Connection, organization_id: UUID, environment: str, identifier: str, shape: Shape
+) -> str:
+    """The customer as JSON text in ``shape``; NotFound (also for other organizations')."""
+    doc = await conn.fetchval(_get_sql(shape), organization_id, environment, identifier)
+    if doc is None:
+        raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+    return doc
+
+
+def _check_columns(values: dict[str, object]) -> None:
+    unknown = set(values) - WRITABLE_COLUMNS
+    if unknown:  # the edge validates first; this guards the SQL text itself
+        raise ValueError(f"not writable: {sorted(unknown)}")
+
+
+@contextmanager
+def _write_errors() -> Iterator[None]:
+    try:
+        yield
+    except asyncpg.UniqueViolationError:
+        raise Conflict("a customer with this customer_identifier already exists in this environment") from None
+    except asyncpg.ForeignKeyViolationError:
+        raise InvalidInput.for_field("parent_customer_id", "no such customer in this organization", "body") from None
+
+
+async def create_customer(
+    conn: asyncpg.Connection,
+    organization_id: UUID,
+    environment: str,
+    identifier: str,
+    values: dict[str, object],
+    shape: Shape,
+) -> str:
+    """Insert a customer; Conflict if the identifier exists in that environment."""
+    _check_columns(values)
+    columns = ["organization_id", "environment", "customer_identifier", *values]
+    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    sql = f"INSERT INTO customers ({', '.join(columns)}) VALUES ({placeholders})"
+    async with conn.transaction():
+        with _write_errors():
+            await conn.execute(sql, organization_id, environment, identifier, *values.values())
+        return await get_customer(conn, organization_id, environment, identifier, shape)
+
+
+async def update_customer(
+    conn: asyncpg.Connection,
+    organization_id: UUID,
+    environment: str,
+    identifier: str,
+    values: dict[str, object],
+    shape: Shape,
+) -> str:
+    """Change only the given writable columns; NotFound if there is no such customer."""
+    _check_columns(values)
+    async with conn.transaction():
+        if values:
+            if "parent_customer_id" in values and values["parent_customer_id"] is not None:
+                own = await conn.fetchval(
+                    "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2"
+                    " AND customer_identifier = $3",
+                    organization_id, environment, identifier,
+                )  # fmt: skip
+                if own == values["parent_customer_id"]:
+                    raise InvalidInput.for_field("parent_customer_id", "a customer cannot be its own parent", "body")
+            sets = ", ".join(f"{column} = ${i}" for i, column in enumerate(values, start=4))
+            sql = (
+                f"UPDATE customers SET {sets}, updated_at = now()"
+                " WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3"
+            )
+            with _write_errors():
+                status = await conn.execute(sql, organization_id, environment, identifier, *values.values())
+            if status == "UPDATE 0":
+                raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+        return await get_customer(conn, organization_id, environment, identifier, shape)
+
+
+DELETE_CUSTOMER = (
+    "DELETE FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3"
+)
+
+
+async def delete_customer(conn: asyncpg.Connection, organization_id: UUID, environment: str, identifier: str) -> None:
+    """Delete a customer with its daily usage and subscriptions; NotFound if absent."""
+    if await conn.execute(DELETE_CUSTOMER, organization_id, environment, identifier) == "DELETE 0":
+        raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+
+
+# A series is one row per bucket in [from, to], zero-filled, so a chart needs no gap logic.
+MAX_SERIES_DAYS = 400
+GRANULARITIES = ("day", "week", "month")
+
+USAGE_SERIES = """
+WITH customer AS (
+    SELECT organization_id, id FROM customers
+    WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3
+), buckets AS (
+    SELECT generate_series(date_trunc($6, $4::date::timestamp), $5::date::timestamp, ('1 ' || $6)::interval)::date AS bucket
+)
+SELECT (SELECT id FROM customer) IS NOT NULL AS found, coalesce(json_agg(json_build_object(
+    'start', b.bucket,
+    'requests', coalesce(u.requests, 0),
+    'prompt_tokens', coalesce(u.prompt_tokens, 0),
+    'completion_tokens', coalesce(u.completion_tokens, 0),
+    'total_tokens', coalesce(u.total_tokens, 0),
+    'cost', coalesce(u.cost, 0)::text,
+    'average_latency', CASE WHEN u.latency_count > 0 THEN u.latency_sum / u.latency_count END,
+    'average_ttft', CASE WHEN u.ttft_count > 0 THEN u.ttft_sum / u.ttft_count END
+) ORDER BY b.bucket), '[]')::text AS series
+FROM buckets b LEFT JOIN LATERAL (
+    SELECT sum(d.requests) AS requests, sum(d.prompt_tokens) AS prompt_tokens,
+           sum(d.completion_tokens) AS completion_tokens, sum(d.total_tokens) AS total_tokens,
+           sum(d.cost) AS cost, sum(d.latency_sum) AS latency_sum, sum(d.latency_count) AS latency_count,
+           sum(d.ttft_sum) AS ttft_sum, sum(d.ttft_count) AS ttft_count
+    FROM daily_usage d, customer c
+    WHERE d.organization_id = c.organization_id AND d.customer_id = c.id
+      AND d.day >= greatest(b.bucket, $4::date)
+      AND d.day < least((b.bucket + ('1 ' || $6)::interval)::date, $5::date + 1)
+) u ON true
+"""
+
+
+async def usage_series(
+    conn: asyncpg.Connection,
+    organization_id: UUID,
+    environment: str,
+    identifier: str,
+    start: date,
+    end: date,
+    granularity: str = "day",
+) -> str:
+    """Usage per bucket from ``start`` to ``end`` inclusive, as a JSON array (text)."""
+    if granularity not in GRANULARITIES:
+        raise InvalidInput.for_field("granularity", f"must be one of {', '.join(GRANULARITIES)}")
+    if end < start:
+        raise InvalidInput.for_field("to", "must not be before 'from'")
+    if end - start > timedelta(days=MAX_SERIES_DAYS):
+        raise InvalidInput.for_field("to", f"a series spans at most {MAX_SERIES_DAYS} days")
+    row = await conn.fetchrow(USAGE_SERIES, organization_id, environment, identifier, start, end, granularity)
+    if not row["found"]:
+        raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+    return row["series"]

@@ -1,0 +1,62 @@
+"""asyncpg pools: created with codecs tally relies on, checked at start, closed with a bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import orjson
+
+from service.settings import Settings, redact_dsn
+
+log = logging.getLogger("tally.db")
+
+# asyncpg's Pool.close waits for every connection to be released; a stuck query must not
+# hold up shutdown forever, so close is bounded and falls back to terminate().
+POOL_CLOSE_TIMEOUT = 10.0
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # json/jsonb travel as Python objects; orjson is several times faster than json.
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(typename, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, settings: Settings, *, name: str = "primary") -> asyncpg.Pool:
+    """A pool whose sessions run in UTC, that has answered ``SELECT 1`` (fail fast)."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min(settings.db_pool_min, settings.db_pool_max),
+        max_size=settings.db_pool_max,
+        command_timeout=settings.db_command_timeout,
+        timeout=settings.db_connect_timeout,
+        init=_init_connection,
+        server_settings={"timezone": "UTC", "application_name": f"tally-{name}"},
+    )
+    await pool.fetchval("SELECT 1")
+    log.info("database pool ready", extra={"pool": name, "dsn": redact_dsn(dsn)})
+    return pool
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT)
+    except asyncio.TimeoutError:
+        log.warning("database pool did not close in time; terminating connections")
+        pool.terminate()
+
+
+@asynccontextmanager
+async def pool_context(dsn: str, settings: Settings, *, name: str = "primary") -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(dsn, settings, name=name)
+    try:
+        yield pool
+    finally:
+        await close_pool(pool)

@@ -1,0 +1,393 @@
+"""The customer list query: one object built from validated parameters, one SQL statement.
+
+Every list route (canonical or compatibility) builds a ``ListQuery`` and a ``Projection``
+(which output key is which customer field) and calls :func:`service.customers.list_customers`.
+Only names from the allow-lists below ever reach SQL text; every value is a ``$n`` parameter.
+
+Sorting is keyset-friendly: each sort field is a NOT NULL expression (missing values sort
+lowest) with a matching index ``(organization_id, environment, expr, id)``, and ``id`` breaks
+ties, so ``(expr, id)`` is unique and a cursor is a row comparison on that tuple.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Union
+from uuid import UUID
+
+import orjson
+
+from service.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class SortField:
+    expr: str  # SQL over the customers alias ``c``; never NULL
+    sql_type: str  # the cast that turns a cursor's text back into the expression's type
+
+
+# Must match the index expressions in migrations/0001_schema.sql.
+SORT_FIELDS: dict[str, SortField] = {
+    "customer_identifier": SortField("c.customer_identifier", "text"),
+    "name": SortField("coalesce(c.name, '')", "text"),
+    "email": SortField("coalesce(c.email, '')", "text"),
+    "status": SortField("c.status", "text"),
+    "created_at": SortField("c.created_at", "timestamptz"),
+    "updated_at": SortField("c.updated_at", "timestamptz"),
+    "first_seen": SortField("coalesce(c.first_seen, '-infinity'::timestamptz)", "timestamptz"),
+    "last_active": SortField("coalesce(c.last_active, '-infinity'::timestamptz)", "timestamptz"),
+    "active_days": SortField("c.active_days", "int4"),
+    "number_of_requests": SortField("c.number_of_requests", "int8"),
+    "prompt_tokens": SortField("c.prompt_tokens", "int8"),
+    "completion_tokens": SortField("c.completion_tokens", "int8"),
+    "total_tokens": SortField("c.total_tokens", "int8"),
+    "total_cost": SortField("c.total_cost", "numeric"),
+    "average_latency": SortField("coalesce(c.average_latency, '-infinity'::float8)", "float8"),
+    "average_ttft": SortField("coalesce(c.average_ttft, '-infinity'::float8)", "float8"),
+    "total_budget": SortField("coalesce(c.total_budget, '-infinity'::numeric)", "numeric"),
+    "period_budget": SortField("coalesce(c.period_budget, '-infinity'::numeric)", "numeric"),
+}
+
+STATUSES = ("active", "draft", "blacklisted", "deactivated", "archived")
+ENVIRONMENTS = ("prod", "test")
+MAX_LIMIT = 1000
+
+# Output fields: name -> SQL over a customers alias ``{t}``, rendered into JSON by
+# json_build_object. Money is text so that no client parses it into a float by accident.
+_PERIOD = "{t}.budget_duration, now()"
+CUSTOMER_FIELDS: dict[str, str] = {
+    "id": "{t}.id",
+    "organization_id": "{t}.organization_id",
+    "customer_identifier": "{t}.customer_identifier",
+    "environment": "{t}.environment",
+    "name": "{t}.name",
+    "first_name": "{t}.first_name",
+    "last_name": "{t}.last_name",
+    "email": "{t}.email",
+    "phone": "{t}.phone",
+    "customer_type": "{t}.customer_type",
+    "status": "{t}.status",
+    "parent_customer_id": "{t}.parent_customer_id",
+    "address_line1": "{t}.address_line1",
+    "address_line2": "{t}.address_line2",
+    "address_city": "{t}.address_city",
+    "address_state": "{t}.address_state",
+    "address_postal_code": "{t}.address_postal_code",
+    "address_country": "{t}.address_country",
+    "metadata": "{t}.metadata",
+    "stripe_customer_id": "{t}.stripe_customer_id",
+    "application_id": "{t}.application_id",
+    "last_transaction_amount": "{t}.last_transaction_amount::text",
+    "last_purchase_date": "{t}.last_purchase_date",
+    "total_budget": "{t}.total_budget::text",
+    "period_budget": "{t}.period_budget::text",
+    "budget_duration": "{t}.budget_duration",
+    "period_start": f"tally_period_start({_PERIOD})",
+    "period_end": f"tally_period_end({_PERIOD})",
+    "total_period_usage": f"tally_period_usage({{t}}.organization_id, {{t}}.id, {_PERIOD}, {{t}}.total_cost)::text",
+    "first_seen": "{t}.first_seen",
+    "last_active": "{t}.last_active",
+    "active_days": "{t}.active_days",
+    "number_of_requests": "{t}.number_of_requests",
+    "prompt_tokens": "{t}.prompt_tokens",
+    "completion_tokens": "{t}.completion_tokens",
+    "total_tokens": "{t}.total_tokens",
+    "total_cost": "{t}.total_cost::text",
+    "average_latency": "{t}.average_latency",
+    "average_ttft": "{t}.average_ttft",
+    "created_at": "{t}.created_at",
+    "updated_at": "{t}.updated_at",
+}
+
+SUBSCRIPTION_FIELDS: dict[str, str] = {
+    "id": "s.id",
+    "status": "s.status",
+    "current_period_start": "s.current_period_start",
+    "current_period_end": "s.current_period_end",
+    "plan_stripe_price_id": "s.plan_stripe_price_id",
+    "plan_name": "s.plan_name",
+    "plan_amount": "s.plan_amount",
+    "plan_currency": "s.plan_currency",
+    "plan_interval": "s.plan_interval",
+    "created_at": "s.created_at",
+    "updated_at": "s.updated_at",
+}
+
+# A projection maps output keys to fields of a catalogue; a nested mapping is a nested object.
+Projection = Mapping[str, Union[str, "Projection"]]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What each returned customer looks like.
+
+    ``fields`` projects CUSTOMER_FIELDS; ``parent_key`` (if set) adds the parent customer
+    under that key in the same projection (or null); ``subscriptions_key`` (if set) adds the
+    customer's subscriptions as an array projected by ``subscription_fields``. A
+    ``null_when_absent`` sub-object (a subscription's plan) is null when its first field is.
+    """
+
+    fields: Projection
+    parent_key: str | None = None
+    subscriptions_key: str | None = None
+    subscription_fields: Projection = field(default_factory=dict)
+    null_when_absent: tuple[str, ...] = ()
+
+
+def _json_object(projection: Projection, catalogue: Mapping[str, str], alias: str, nullable: tuple[str, ...] = ()) -> str:
+    parts: list[str] = []
+    for key, source in projection.items():
+        if not key.replace("_", "").isalnum():
+            raise ValueError(f"output key {key!r} is not a plain name")
+        if isinstance(source, str):
+            if source not in catalogue:
+                raise ValueError(f"unknown field {source!r}")
+            expr = catalogue[source].format(t=alias)
+        else:
+            expr = _json_object(source, catalogue, alias)
+            if key in nullable:
+                first = next(iter(source.values()))
+                assert isinstance(first, str)
+                expr = f"CASE WHEN {catalogue[first].format(t=alias)} IS NULL THEN NULL ELSE {expr} END"
+        parts.append(f"'{key}', {expr}")
+    return f"json_build_object({', '.join(parts)})"
+
+
+def shape_sql(shape: Shape, alias: str = "c") -> str:
+    """The SQL expression that renders one customer row as a JSON object."""
+    top = _json_object(shape.fields, CUSTOMER_FIELDS, alias)
+    extras: list[str] = []
+    if shape.parent_key:
+        parent = _json_object(shape.fields, CUSTOMER_FIELDS, "p")
+        extras.append(f"'{shape.parent_key}', CASE WHEN p.id IS NULL THEN NULL ELSE {parent} END")
+    if shape.subscriptions_key:
+        sub = _json_object(shape.subscription_fields, SUBSCRIPTION_FIELDS, "s", shape.null_when_absent)
+        extras.append(
+            f"'{shape.subscriptions_key}', (SELECT coalesce(json_agg({sub} ORDER BY s.created_at, s.id), '[]'::json)"
+            f" FROM subscriptions s WHERE s.organization_id = {alias}.organization_id AND s.customer_id = {alias}.id)"
+        )
+    if not extras:
+        return top
+    # jsonb concatenation merges the extra keys into the object; the output stays json.
+    return f"({top}::jsonb || jsonb_build_object({', '.join(extras)}))::json"
+
+
+def join_sql(shape: Shape, alias: str = "c") -> str:
+    if not shape.parent_key:
+        return ""
+    return f" LEFT JOIN customers p ON p.organization_id = {alias}.organization_id AND p.id = {alias}.parent_customer_id"
+
+
+@dataclass(frozen=True)
+class CustomerFilter:
+    statuses: tuple[str, ...] = ()
+    name_contains: str | None = None
+    email: str | None = None
+    ids: tuple[UUID, ...] = ()
+    identifiers: tuple[str, ...] = ()
+    parent_ids: tuple[UUID, ...] = ()
+    first_seen_gte: datetime | None = None
+    first_seen_lte: datetime | None = None
+    last_active_gte: datetime | None = None
+    last_active_lte: datetime | None = None
+    total_cost_gte: Decimal | None = None
+    total_cost_lte: Decimal | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def fingerprint(self) -> str:
+        """A short digest of the filter, so a cursor cannot be replayed against another one."""
+        canonical = orjson.dumps(asdict(self), default=str, option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Sort:
+    field: str = "first_seen"
+    descending: bool = True
+
+    @classmethod
+    def parse(cls, text: str, param: str = "sort_by") -> "Sort":
+        name = text[1:] if text.startswith("-") else text
+        if name not in SORT_FIELDS:
+            raise InvalidInput.for_field(param, f"cannot sort by '{name}'; choose one of {', '.join(SORT_FIELDS)}")
+        return cls(name, text.startswith("-"))
+
+    def __str__(self) -> str:
+        return ("-" if self.descending else "") + self.field
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a keyset page starts: after (or, ``backwards``, before) the row (key, id)."""
+
+    key: str
+    id: str
+    backwards: bool = False
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    organization_id: UUID
+    environment: str
+    filter: CustomerFilter = CustomerFilter()
+    sort: Sort = Sort()
+    limit: int = 50
+    offset: int = 0
+    position: Position | None = None
+    count: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= MAX_LIMIT:
+            raise InvalidInput.for_field("limit", f"must be between 1 and {MAX_LIMIT}")
+        if self.offset < 0:
+            raise InvalidInput.for_field("offset", "must be 0 or more")
+        if self.position and self.offset:
+            raise InvalidInput.for_field("cursor", "cannot be combined with an offset")
+
+
+class _Params:
+    """Collects values and hands out their ``$n`` placeholders."""
+
+    def __init__(self) -> None:
+        self.values: list[object] = []
+
+    def __call__(self, value: object, cast: str = "") -> str:
+        self.values.append(value)
+        return f"${len(self.values)}{'::' + cast if cast else ''}"
+
+
+def escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def where_sql(q: ListQuery, p: _Params) -> str:
+    f = q.filter
+    clauses = [f"c.organization_id = {p(q.organization_id)}", f"c.environment = {p(q.environment)}"]
+    if f.statuses:
+        clauses.append(f"c.status = ANY({p(list(f.statuses), 'text[]')})")
+    if f.name_contains:
+        clauses.append(f"c.name ILIKE {p('%' + escape_like(f.name_contains) + '%')}")
+    if f.email:
+        clauses.append(f"lower(c.email) = lower({p(f.email)})")
+    if f.ids:
+        clauses.append(f"c.id = ANY({p(list(f.ids), 'uuid[]')})")
+    if f.identifiers:
+        clauses.append(f"c.customer_identifier = ANY({p(list(f.identifiers), 'text[]')})")
+    if f.parent_ids:
+        clauses.append(f"c.parent_customer_id = ANY({p(list(f.parent_ids), 'uuid[]')})")
+    for column, op, value in (
+        ("first_seen", ">=", f.first_seen_gte),
+        ("first_seen", "<=", f.first_seen_lte),
+        ("last_active", ">=", f.last_active_gte),
+        ("last_active", "<=", f.last_active_lte),
+        ("total_cost", ">=", f.total_cost_gte),
+        ("total_cost", "<=", f.total_cost_lte),
+    ):
+        if value is not None:
+            clauses.append(f"c.{column} {op} {p(value)}")
+    if f.metadata:
+        clauses.append(f"c.metadata @> {p(dict(f.metadata), 'jsonb')}")
+    return " AND ".join(clauses)
+
+
+def page_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
+    """One statement returning up to ``limit + 1`` rows of (doc, k, kid): the JSON document,
+    and the sort key and id as text for the cursor. The extra row says whether more follow."""
+    p = _Params()
+    sort = SORT_FIELDS[q.sort.field]
+    where = where_sql(q, p)
+    # Walking backwards reverses the scan; the caller puts the rows back in order.
+    descending = q.sort.descending != bool(q.position and q.position.backwards)
+    if q.position is not None:
+        op = "<" if descending else ">"
+        where += f" AND ({sort.expr}, c.id) {op} ({p(q.position.key, sort.sql_type)}, {p(q.position.id, 'uuid')})"
+    direction = "DESC" if descending else "ASC"
+    sql = (
+        f"SELECT {shape_sql(shape)}::text AS doc, ({sort.expr})::text AS k, c.id::text AS kid"
+        f" FROM customers c{join_sql(shape)} WHERE {where}"
+        f" ORDER BY {sort.expr} {direction}, c.id {direction}"
+        f" LIMIT {p(q.limit + 1)} OFFSET {p(q.offset)}"
+    )
+    return sql, p.values
+
+
+def count_sql(q: ListQuery) -> tuple[str, list[object]]:
+    p = _Params()
+    return f"SELECT count(*) FROM customers c WHERE {where_sql(q, p)}", p.values
+
+
+class CursorCodec:
+    """Opaque, signed cursors. The payload binds the organization, environment, sort and
+    filter it was made for; anything else (tampered, foreign, stale) is refused."""
+
+    VERSION = 1
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def _sign(self, payload: bytes) -> bytes:
+        return hmac.new(self._secret, payload, hashlib.sha256).digest()[:16]
+
+    def encode(self, q: ListQuery, position: Position) -> str:
+        payload = orjson.dumps(
+            [self.VERSION, str(q.organization_id), q.environment, str(q.sort), q.filter.fingerprint(),
+             position.key, position.id, position.backwards]
+        )
+        return _b64(payload) + "." + _b64(self._sign(payload))
+
+    def decode(self, token: str) -> "CursorClaims":
+        """Verify a cursor's signature and return what it claims; :func:`resume` checks the
+        claims against the request."""
+        invalid = InvalidInput.for_field("cursor", "is not a cursor this server issued")
+        body, dot, sig = token.partition(".")
+        try:
+            payload, signature = _unb64(body), _unb64(sig)
+        except ValueError:
+            raise invalid from None
+        if not dot or not hmac.compare_digest(self._sign(payload), signature):
+            raise invalid
+        try:
+            version, org, env, sort, fingerprint, key, kid, backwards = orjson.loads(payload)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            raise invalid from None
+        if version != self.VERSION:
+            raise invalid
+        return CursorClaims(org, env, sort, fingerprint, Position(key, kid, bool(backwards)))
+
+
+@dataclass(frozen=True)
+class CursorClaims:
+    organization_id: str
+    environment: str
+    sort: str
+    fingerprint: str
+    position: Position
+
+
+def resume(q: ListQuery, claims: CursorClaims, explicit_sort: bool) -> ListQuery:
+    """``q`` continued from a cursor. The cursor must have been made for this organization,
+    environment and filter; its sort applies unless the request named the same one."""
+    if claims.organization_id != str(q.organization_id) or claims.environment != q.environment:
+        raise InvalidInput.for_field("cursor", "was not issued for this organization and environment")
+    if claims.fingerprint != q.filter.fingerprint():
+        raise InvalidInput.for_field("cursor", "was issued for different filters; repeat the original filters")
+    if explicit_sort and str(q.sort) != claims.sort:
+        raise InvalidInput.for_field("cursor", f"was issued for sort_by={claims.sort}")
+    return replace(q, sort=Sort.parse(claims.sort, "cursor"), position=claims.position, offset=0)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
