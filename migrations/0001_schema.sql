@@ -76,6 +76,9 @@ CREATE TABLE customers (
 
     created_at              timestamptz NOT NULL DEFAULT now(),
     updated_at              timestamptz NOT NULL DEFAULT now(),
+    -- Time of the newest customer.upserted event applied: an older one arriving late does
+    -- not overwrite it, and a customer.deleted older than it (or than last_active) is void.
+    profile_event_time      timestamptz,
 
     PRIMARY KEY (organization_id, id),
     UNIQUE (organization_id, environment, customer_identifier),

@@ -115,20 +115,35 @@ async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_conn(settings, work)
 
 
-def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+def _serve(app, host: str, port: int) -> int:  # type: ignore[no-untyped-def]
     from aiohttp import web
 
-    from service.api.app import create_app
-
     _install_uvloop()
-    web.run_app(create_app(settings), host=settings.http_host, port=settings.http_port, access_log=None,
-                print=lambda line: print(line, file=sys.stderr))  # fmt: skip
+    web.run_app(app, host=host, port=port, access_log=None, print=lambda line: print(line, file=sys.stderr))
     return 0
 
 
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from service.api.app import create_app
+
+    return _serve(create_app(settings), settings.http_host, settings.http_port)
+
+
+def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
+    """The consumer, with /healthz, /readyz and /metrics on TALLY_CONSUMER_HTTP_PORT."""
+    from consumers.app import create_consumer_app
+
+    return _serve(create_consumer_app(settings), settings.http_host, settings.consumer_http_port)
+
+
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
-    """The API and (once it exists) the consumer in one process: the laptop default."""
-    return cmd_api(args, settings)
+    """The API and the consumer in one process: the laptop default."""
+    from consumers.app import add_consumer
+    from service.api.app import create_app
+
+    app = create_app(settings)
+    add_consumer(app)
+    return _serve(app, settings.http_host, settings.http_port)
 
 
 def _install_uvloop() -> None:
@@ -148,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         run=cmd_migrate
     )
     sub.add_parser("api", help="serve the HTTP API").set_defaults(sync=cmd_api)
+    sub.add_parser("consume", help="run the event consumer (health on TALLY_CONSUMER_HTTP_PORT)").set_defaults(
+        sync=cmd_consume
+    )
     sub.add_parser("dev", help="API and consumer in one process (laptop default)").set_defaults(sync=cmd_dev)
 
     orgs = sub.add_parser("orgs", help="organizations").add_subparsers(dest="orgs_command", required=True)

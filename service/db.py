@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 
 import asyncpg
 import orjson
@@ -19,8 +20,14 @@ log = logging.getLogger("tally.db")
 POOL_CLOSE_TIMEOUT = 10.0
 
 
+def _default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return str(value)  # exact: numeric casts read it back without loss
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _dumps(value: object) -> str:
-    return orjson.dumps(value).decode()
+    return orjson.dumps(value, default=_default).decode()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

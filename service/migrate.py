@@ -71,8 +71,10 @@ async def ensure_database(dsn: str) -> bool:
     try:
         quoted = await admin.fetchval("SELECT quote_ident($1)", name)
         await admin.execute(f"CREATE DATABASE {quoted}")
-    except asyncpg.DuplicateDatabaseError:
-        return False  # another migrator created it first
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another migrator created it first (a simultaneous CREATE DATABASE reports the
+        # catalog's unique index rather than DuplicateDatabase).
+        return False
     finally:
         await admin.close()
     return True

@@ -130,7 +130,7 @@ class Shape:
     ``fields`` projects CUSTOMER_FIELDS; ``parent_key`` (if set) adds the parent customer
     under that key in the same projection (or null); ``subscriptions_key`` (if set) adds the
     customer's subscriptions as an array projected by ``subscription_fields``. A
-    ``null_when_absent`` sub-object (a subscription's plan) is null when its first field is.
+    ``null_when_absent`` sub-object (a subscription's plan) is null when all its fields are.
     """
 
     fields: Projection
@@ -152,9 +152,9 @@ def _json_object(projection: Projection, catalogue: Mapping[str, str], alias: st
         else:
             expr = _json_object(source, catalogue, alias)
             if key in nullable:
-                first = next(iter(source.values()))
-                assert isinstance(first, str)
-                expr = f"CASE WHEN {catalogue[first].format(t=alias)} IS NULL THEN NULL ELSE {expr} END"
+                leaves = [catalogue[f].format(t=alias) for f in source.values() if isinstance(f, str)]
+                absent = " AND ".join(f"{leaf} IS NULL" for leaf in leaves)
+                expr = f"CASE WHEN {absent} THEN NULL ELSE {expr} END"
         parts.append(f"'{key}', {expr}")
     return f"json_build_object({', '.join(parts)})"
 
@@ -306,7 +306,10 @@ def page_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
     descending = q.sort.descending != bool(q.position and q.position.backwards)
     if q.position is not None:
         op = "<" if descending else ">"
-        where += f" AND ({sort.expr}, c.id) {op} ({p(q.position.key, sort.sql_type)}, {p(q.position.id, 'uuid')})"
+        # The key travels as text (the driver would want a typed object for a typed parameter);
+        # PostgreSQL casts it back to the sort expression's type.
+        key = f"{p(q.position.key, 'text')}::{sort.sql_type}"
+        where += f" AND ({sort.expr}, c.id) {op} ({key}, {p(q.position.id, 'uuid')})"
     direction = "DESC" if descending else "ASC"
     sql = (
         f"SELECT {shape_sql(shape)}::text AS doc, ({sort.expr})::text AS k, c.id::text AS kid"

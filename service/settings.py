@@ -21,6 +21,10 @@ class Settings(BaseSettings):
         default=None, description="Optional read replica; list and retrieve queries go there."
     )
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # Prefix of every exchange and queue name (<ns>.events, <ns>.ingest, <ns>.dlx, <ns>.dead).
+    amqp_namespace: str = Field(default="tally", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    # RabbitMQ management API, for `tally queues` rates; optional.
+    amqp_management_url: str = "http://guest:guest@127.0.0.1:15672/"
 
     http_host: str = "0.0.0.0"
     http_port: int = 8080

@@ -8,26 +8,33 @@ from contextlib import AsyncExitStack
 
 from aiohttp import web
 
+from consumers.broker import Names
+from consumers.publisher import Publisher
 from service import __version__
-from service.api import appkeys, customers, health, openapi
+from service.api import appkeys, customers, events, health, openapi
 from service.api.models import Health
+from service.api.observability import metrics_endpoint, metrics_middleware
 from service.api.problems import problem_middleware, request_id_middleware
 from service.api.routing import Endpoint, add_endpoints
 from service.db import pool_context
 from service.query import CursorCodec
-from service.settings import Settings
 
 log = logging.getLogger("tally.api")
 
 TAGS = {
     "customers": "The canonical customer API.",
-    "operations": "Health, readiness and the API description.",
+    "events": "Publishing events into tally.",
+    "operations": "Health, readiness, metrics and the API description.",
 }
 
 OPERATIONS = [
     Endpoint("GET", "/healthz", health.healthz, "Process is alive", "operations", response=Health),
-    Endpoint("GET", "/readyz", health.readyz, "Database (and broker) reachable", "operations",
+    Endpoint("GET", "/readyz", health.readyz, "Database and broker reachable", "operations",
              response=Health, errors=(503,)),
+    Endpoint("GET", "/metrics", metrics_endpoint, "Prometheus metrics", "operations",
+             content_type="text/plain"),
+]  # fmt: skip
+DOCS = [
     Endpoint("GET", "/openapi.json", openapi.openapi_json, "This document", "operations"),
     Endpoint("GET", "/docs", openapi.docs_page, "Browsable API docs", "operations", content_type="text/html"),
 ]  # fmt: skip
@@ -36,6 +43,7 @@ SELECT_CURSOR_SECRET = "SELECT value FROM instance_secrets WHERE name = 'cursor_
 
 
 async def database(app: web.Application) -> AsyncIterator[None]:
+    """The primary pool (and the read replica's, if configured) and the cursor key."""
     settings = app[appkeys.SETTINGS]
     async with AsyncExitStack() as stack:
         pool = await stack.enter_async_context(pool_context(settings.database_url, settings))
@@ -53,15 +61,35 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def create_app(settings: Settings) -> web.Application:
+async def publisher(app: web.Application) -> AsyncIterator[None]:
+    """A lazily connecting publisher: the API starts and serves reads without the broker."""
+    settings = app[appkeys.SETTINGS]
+    app[appkeys.PUBLISHER] = Publisher(settings.amqp_url, Names(settings.amqp_namespace))
+    yield
+    await app[appkeys.PUBLISHER].close()
+
+
+async def broker_check(app: web.Application) -> None:
+    await app[appkeys.PUBLISHER].topology()
+
+
+def base_app(settings, endpoints: list[Endpoint]) -> web.Application:  # type: ignore[no-untyped-def]
+    """An application with tally's middlewares, settings and database; no I/O yet."""
     app = web.Application(
-        middlewares=[request_id_middleware, problem_middleware],
+        middlewares=[request_id_middleware, metrics_middleware, problem_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[appkeys.SETTINGS] = settings
     app[health.READINESS_CHECKS] = {"database": health.database_check}
     app.cleanup_ctx.append(database)
-    endpoints = [*OPERATIONS, *customers.ENDPOINTS]
     add_endpoints(app, endpoints)
-    app[appkeys.OPENAPI] = openapi.build_openapi(endpoints, title="tally", version=__version__, tags=TAGS)
+    return app
+
+
+def create_app(settings) -> web.Application:  # type: ignore[no-untyped-def]
+    endpoints = [*OPERATIONS, *customers.ENDPOINTS, *events.ENDPOINTS]
+    app = base_app(settings, [*endpoints, *DOCS])
+    app.cleanup_ctx.append(publisher)
+    app[health.READINESS_CHECKS]["broker"] = broker_check
+    app[appkeys.OPENAPI] = openapi.build_openapi([*endpoints, *DOCS], title="tally", version=__version__, tags=TAGS)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from consumers.publisher import Publisher
 from service.query import CursorCodec
 from service.settings import Settings
 
@@ -13,3 +14,4 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
 CURSORS = web.AppKey("cursors", CursorCodec)
 OPENAPI = web.AppKey("openapi", dict)
+PUBLISHER = web.AppKey("publisher", Publisher)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
+from urllib.parse import quote
 
 import orjson
 from aiohttp import web
@@ -154,12 +155,18 @@ async def create_customer(request: web.Request) -> web.Response:
     values = body.columns()
     values.pop("customer_identifier", None)
     values.pop("environment", None)
+    environment = body.environment or principal.environment
     async with request.app[appkeys.POOL].acquire() as conn:
         doc = await core.create_customer(
-            conn, principal.organization_id, body.environment or principal.environment,
+            conn, principal.organization_id, environment,
             body.customer_identifier, values, canonical_shape(False, False),
         )  # fmt: skip
-    location = request.url.join(URL(f"/v1/customers/{body.customer_identifier}"))
+    # The identifier is one path segment whatever it contains ('/', '?', '#', '%'), and a
+    # customer made outside the key's default environment is found there.
+    target = "/v1/customers/" + quote(body.customer_identifier, safe="")
+    if environment != principal.environment:
+        target += "?environment=" + environment
+    location = request.url.join(URL(target, encoded=True))
     return web.Response(text=doc, status=201, content_type=JSON, headers={"Location": str(location)})
 
 

@@ -23,10 +23,23 @@ READ_ONLY_FIELDS = frozenset({
 })  # fmt: skip
 
 
-def validation_error(exc: ValidationError, location: str) -> InvalidInput:
+def _query_name(loc: tuple[int | str, ...], aliases: dict[str, str]) -> str:
+    """The query parameter as the client wrote it: ``status`` for any item of a list,
+    ``metadata[key]`` for a deepObject entry, the client's own name for an aliased field."""
+    name = str(loc[0])
+    name = {model: raw for raw, model in aliases.items()}.get(name, name)
+    if len(loc) > 1 and isinstance(loc[1], str):
+        name += f"[{loc[1]}]"
+    return name
+
+
+def validation_error(exc: ValidationError, location: str, aliases: dict[str, str] | None = None) -> InvalidInput:
     errors = []
     for err in exc.errors(include_url=False):
-        name = ".".join(str(part) for part in err["loc"]) or location
+        if location == "query" and err["loc"]:
+            name = _query_name(err["loc"], aliases or {})
+        else:
+            name = ".".join(str(part) for part in err["loc"]) or location
         if err["type"] == "extra_forbidden":
             if location != "body":
                 detail = "is not a known parameter"
@@ -78,7 +91,7 @@ def parse_query(request: web.Request, model: type[M], *, aliases: dict[str, str]
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, "query") from None
+        raise validation_error(exc, "query", aliases) from None
 
 
 async def parse_body(request: web.Request, model: type[M], max_bytes: int = 1_048_576) -> M:

@@ -1,0 +1,30 @@
+# One command each: `make run` brings tally up on a machine with PostgreSQL and RabbitMQ on
+# localhost; `make test` runs the whole test suite against them. Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install migrate run api consume demo test bench-ingest bench-read clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+migrate: install
+	$(BIN)/tally migrate
+
+run: migrate
+	$(BIN)/tally dev
+
+api: migrate
+	$(BIN)/tally api
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

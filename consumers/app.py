@@ -1,0 +1,61 @@
+"""The consumer process: a tiny aiohttp app (health, readiness, metrics) with the consumer
+as a cleanup context, so SIGTERM handling and shutdown are aiohttp's, as for the API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from consumers.consumer import DRAIN_GRACE, Consumer
+from service.api import appkeys
+from service.api.app import OPERATIONS, base_app
+from service.api.health import READINESS_CHECKS
+from service.settings import Settings
+
+log = logging.getLogger("tally.consumer")
+
+CONSUMER = web.AppKey("consumer", Consumer)
+# Exit code when the consumer dies of a bug: a supervisor restarts the process rather
+# than leave one alive that no longer consumes.
+EXIT_CONSUMER_CRASHED = 70
+
+
+async def consumer_context(app: web.Application) -> AsyncIterator[None]:
+    consumer = Consumer(app[appkeys.SETTINGS], app[appkeys.POOL])
+    app[CONSUMER] = consumer
+    task = asyncio.create_task(consumer.run(), name="tally-consumer")
+
+    def crashed(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            log.critical("consumer crashed; exiting", exc_info=t.exception())
+            os._exit(EXIT_CONSUMER_CRASHED)
+
+    task.add_done_callback(crashed)
+    yield
+    task.remove_done_callback(crashed)
+    await consumer.stop()
+    try:
+        await asyncio.wait_for(task, DRAIN_GRACE + 5)
+    except asyncio.TimeoutError:
+        log.error("consumer did not drain in time; unacked messages will be redelivered")
+        task.cancel()
+
+
+async def broker_check(app: web.Application) -> None:
+    if not app[CONSUMER].connected.is_set():
+        raise ConnectionError("consumer is not connected to the broker")
+
+
+def add_consumer(app: web.Application) -> None:
+    app.cleanup_ctx.append(consumer_context)
+    app[READINESS_CHECKS]["consumer"] = broker_check
+
+
+def create_consumer_app(settings: Settings) -> web.Application:
+    app = base_app(settings, OPERATIONS)
+    add_consumer(app)
+    return app

@@ -1,0 +1,110 @@
+"""RabbitMQ topology and publishing, shared by the consumer, the HTTP ingest route, the
+dead-letter tools and ``tally demo``.
+
+Topology (declared idempotently by whoever connects first)::
+
+    exchange <ns>.events (topic) ──usage.# customer.# subscription.#──▶ quorum queue <ns>.ingest
+    <ns>.ingest ──rejected / over delivery limit──▶ exchange <ns>.dlx (topic) ──#──▶ queue <ns>.dead
+
+``<ns>`` is ``TALLY_AMQP_NAMESPACE`` (default ``tally``), so tests and several deployments
+can share one broker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+log = logging.getLogger("tally.broker")
+
+BINDINGS = ("usage.#", "customer.#", "subscription.#")
+# A message redelivered this many times (a consumer crashing on it over and over) is
+# dead-lettered by the broker itself rather than crash-looping the fleet forever.
+DELIVERY_LIMIT = 20
+
+REASON_HEADER = "x-tally-reason"
+ROUTING_KEY_HEADER = "x-tally-routing-key"
+DEATH_TIME_HEADER = "x-tally-dead-at"
+
+
+@dataclass(frozen=True)
+class Names:
+    namespace: str = "tally"
+
+    @property
+    def events(self) -> str:
+        return f"{self.namespace}.events"
+
+    @property
+    def ingest(self) -> str:
+        return f"{self.namespace}.ingest"
+
+    @property
+    def dlx(self) -> str:
+        return f"{self.namespace}.dlx"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.namespace}.dead"
+
+
+@dataclass(frozen=True)
+class Topology:
+    events: AbstractExchange
+    dlx: AbstractExchange
+    ingest: AbstractQueue
+    dead: AbstractQueue
+
+
+async def declare(channel: AbstractChannel, names: Names) -> Topology:
+    """Declare exchanges, queues and bindings (idempotent: same arguments every time)."""
+    events = await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True)
+    dlx = await channel.declare_exchange(names.dlx, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead = await channel.declare_queue(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
+    await dead.bind(dlx, "#")
+    ingest = await channel.declare_queue(
+        names.ingest,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": names.dlx,
+            # at-least-once dead-lettering (RabbitMQ >= 3.10) requires reject-publish overflow.
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": DELIVERY_LIMIT,
+        },
+    )
+    for key in BINDINGS:
+        await ingest.bind(events, key)
+    return Topology(events, dlx, ingest, dead)
+
+
+def event_message(body: bytes, *, batch: bool, message_id: str | None = None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        content_type="application/cloudevents-batch+json" if batch else "application/cloudevents+json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+    )
+
+
+def dead_letter_message(body: bytes, reason: str, routing_key: str, content_type: str | None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        content_type=content_type or "application/cloudevents+json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers={
+            REASON_HEADER: reason[:1000],
+            ROUTING_KEY_HEADER: routing_key,
+            DEATH_TIME_HEADER: datetime.now(timezone.utc).isoformat(),
+        },
+    )
+
+
+def encode_events(events: list[dict]) -> bytes:
+    return orjson.dumps(events if len(events) != 1 else events[0])

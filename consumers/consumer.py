@@ -1,0 +1,292 @@
+"""The ingest consumer: receive, batch, fold, dead-letter what can never apply, then ack.
+
+The order of a batch's side effects is what makes it exactly-once in effect:
+
+1. fold the batch's valid events in one database transaction (dedupe keys included);
+2. publish the events that can never apply to the dead-letter exchange, with confirms;
+3. ack the batch's messages.
+
+A crash before 1 commits loses nothing (the messages come back). A crash between 1 and 3
+redelivers messages whose events are now duplicates: the dedupe keys absorb them, and the
+bad ones are dead-lettered again (a dead letter is at-least-once; a replay is deduped too).
+
+Connection handling is explicit rather than aio-pika's robust reconnection: on any broker
+failure the consumer drops its unacked messages (the broker redelivers them), reconnects
+with backoff, redeclares the topology and consumes again. Readiness reports the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import aio_pika
+import asyncpg
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from consumers.broker import Names, Topology, dead_letter_message, declare
+from service import metrics
+from service.events import Event, InvalidEvent, decode_body, validate_event
+from service.fold import Outcome, fold, purge_processed
+from service.settings import Settings
+
+log = logging.getLogger("tally.consumer")
+
+# Database errors worth retrying the whole batch for: the database is down, restarting,
+# overloaded, or two transactions collided. Anything else is about the data in the batch.
+TRANSIENT_DB_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.QueryCanceledError,
+)
+RETRY_BASE = 0.1
+RETRY_CAP = 5.0
+RECONNECT_CAP = 10.0
+PURGE_EVERY = 600.0
+# On SIGTERM, give a batch whose database is unreachable this long before leaving it unacked
+# (the broker redelivers it to another consumer).
+DRAIN_GRACE = 10.0
+
+
+@dataclass
+class DeadLetter:
+    body: bytes
+    reason: str
+    routing_key: str
+    content_type: str | None = "application/cloudevents+json"
+
+
+def _backoff(attempt: int, cap: float) -> float:
+    return min(cap, RETRY_BASE * 2**attempt) * (0.5 + random.random() / 2)
+
+
+class Consumer:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.names = Names(settings.amqp_namespace)
+        self.retention = timedelta(days=settings.dedupe_retention_days)
+        self.connected = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stop_requested_at: float | None = None
+        self._last_purge = 0.0
+        # Test hook: a callable run between commit and ack (a crash there must lose nothing).
+        self.after_commit_hook = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; reconnects after broker failures."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                attempt = 0
+            except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                if self._stopping.is_set():
+                    break
+                delay = _backoff(attempt, RECONNECT_CAP)
+                attempt += 1
+                log.warning("broker connection lost; reconnecting", extra={"error": repr(exc), "in_s": round(delay, 2)})
+                metrics.BROKER_RECONNECTS.inc()
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def stop(self) -> None:
+        """Stop taking messages; the batch in hand is committed and acked first."""
+        self._stop_requested_at = time.monotonic()
+        self._stopping.set()
+
+    # ---- one connection --------------------------------------------------------------
+
+    async def _session(self) -> None:
+        connection = await aio_pika.connect(self.settings.amqp_url, timeout=10)
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            channel.close_callbacks.add(lambda *_: lost.set())
+            # Prefetch bounds memory and keeps a full next batch waiting while one is folded.
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            topology = await declare(channel, self.names)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                buffer.put_nowait(message)
+                metrics.IN_FLIGHT.inc()
+
+            tag = await topology.ingest.consume(on_message, no_ack=False)
+            self.connected.set()
+            metrics.BROKER_CONNECTED.set(1)
+            log.info("consuming", extra={"queue": self.names.ingest, "prefetch": self.settings.prefetch})
+            while not self._stopping.is_set() and not lost.is_set():
+                batch = await self._collect(buffer, lost)
+                if batch:
+                    await self._process(batch, topology)
+                await self._maybe_purge()
+            if lost.is_set():
+                raise ConnectionError("broker connection closed")
+            # Draining: no new deliveries, then fold what was already received.
+            await topology.ingest.cancel(tag)
+            rest = [buffer.get_nowait() for _ in range(buffer.qsize())]
+            if rest:
+                await self._process(rest, topology)
+        finally:
+            self.connected.clear()
+            metrics.BROKER_CONNECTED.set(0)
+            metrics.IN_FLIGHT.set(0)
+            if not connection.is_closed:
+                await connection.close()
+
+    async def _collect(
+        self, buffer: asyncio.Queue[AbstractIncomingMessage], lost: asyncio.Event
+    ) -> list[AbstractIncomingMessage]:
+        """Up to batch_size messages: waits for the first, then at most batch_max_wait for more."""
+        stop = asyncio.ensure_future(self._stopping.wait())
+        gone = asyncio.ensure_future(lost.wait())
+        first = asyncio.ensure_future(buffer.get())
+        try:
+            await asyncio.wait({first, stop, gone}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            gone.cancel()
+        if not first.done():
+            first.cancel()
+            return []
+        batch = [first.result()]
+        deadline = time.monotonic() + self.settings.batch_max_wait
+        while len(batch) < self.settings.batch_size:
+            while not buffer.empty() and len(batch) < self.settings.batch_size:
+                batch.append(buffer.get_nowait())
+            remaining = deadline - time.monotonic()
+            if len(batch) >= self.settings.batch_size or remaining <= 0 or self._stopping.is_set():
+                break
+            try:
+                batch.append(await asyncio.wait_for(buffer.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    # ---- one batch -------------------------------------------------------------------
+
+    async def _process(self, batch: Sequence[AbstractIncomingMessage], topology: Topology) -> None:
+        started = time.perf_counter()
+        now = datetime.now(timezone.utc)
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        for message in batch:
+            routing_key = message.routing_key or ""
+            try:
+                raws = decode_body(message.body)
+            except InvalidEvent as exc:
+                dead.append(DeadLetter(message.body, exc.reason, routing_key, message.content_type))
+                metrics.EVENTS.labels("unknown", "invalid").inc()
+                continue
+            for raw in raws:
+                try:
+                    events.append(validate_event(raw, now))
+                except InvalidEvent as exc:
+                    body = message.body if len(raws) == 1 else orjson.dumps(raw)
+                    event_type = raw.get("type") if isinstance(raw, dict) else None
+                    key = routing_key if len(raws) == 1 else str(event_type or routing_key)
+                    dead.append(DeadLetter(body, exc.reason, key))
+                    metrics.EVENTS.labels(str(event_type or "unknown")[:40], "invalid").inc()
+
+        if events:
+            outcomes = await self._fold(events)
+            applied_at = datetime.now(timezone.utc)
+            for event, outcome in zip(events, outcomes):
+                metrics.EVENTS.labels(event.type, outcome.status).inc()
+                if outcome.status == "rejected":
+                    dead.append(DeadLetter(orjson.dumps(event.raw), outcome.reason or "rejected", event.type))
+                elif outcome.status == "applied":
+                    metrics.EVENT_LAG.observe(max(0.0, (applied_at - event.time).total_seconds()))
+            metrics.BATCH_SIZE.observe(len(events))
+            metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        if self.after_commit_hook is not None:
+            await self.after_commit_hook(batch)
+        for letter in dead:
+            await topology.dlx.publish(
+                dead_letter_message(letter.body, letter.reason, letter.routing_key, letter.content_type),
+                routing_key=letter.routing_key or "unrouted",
+            )
+            metrics.DEAD_LETTERS.labels(_reason_kind(letter.reason)).inc()
+            log.warning("dead-lettered", extra={"reason": letter.reason, "routing_key": letter.routing_key})
+        await self._ack(batch)
+
+    async def _ack(self, batch: Sequence[AbstractIncomingMessage]) -> None:
+        # Deliveries arrive in tag order and a batch is a run of consecutive deliveries, so
+        # one multiple-ack of the last tag covers it; if that ever did not hold, ack each.
+        tags = [m.delivery_tag for m in batch]
+        if tags == list(range(tags[0], tags[0] + len(tags))) and all(m.channel is batch[0].channel for m in batch):
+            await batch[-1].ack(multiple=True)
+        else:
+            for message in batch:
+                await message.ack()
+        metrics.IN_FLIGHT.dec(len(batch))
+
+    async def _fold(self, events: list[Event]) -> list[Outcome]:
+        """Fold with retries on transient errors; isolate events the database refuses."""
+        attempt = 0
+        while True:
+            try:
+                async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+                    return await fold(conn, events, retention=self.retention)
+            except TRANSIENT_DB_ERRORS as exc:
+                if self._stopping.is_set() and time.monotonic() - (self._stop_requested_at or 0) > DRAIN_GRACE:
+                    raise ConnectionAbortedError("stopping with the database unreachable; batch left unacked") from exc
+                delay = _backoff(attempt, RETRY_CAP)
+                attempt += 1
+                metrics.DB_RETRIES.inc()
+                log.warning("database error; retrying batch", extra={"error": repr(exc), "in_s": round(delay, 2)})
+                await asyncio.sleep(delay)
+            except asyncpg.PostgresError as exc:
+                # Not transient: some event in the batch makes the database refuse it. Split
+                # until the offender stands alone, so the rest of the batch still applies.
+                if len(events) == 1:
+                    return [Outcome("rejected", f"database refused the event: {type(exc).__name__}")]
+                middle = len(events) // 2
+                return await self._fold(events[:middle]) + await self._fold(events[middle:])
+
+    async def _maybe_purge(self) -> None:
+        if time.monotonic() - self._last_purge < PURGE_EVERY:
+            return
+        self._last_purge = time.monotonic()
+        try:
+            async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+                purged = await purge_processed(conn, self.retention)
+            if purged:
+                log.info("purged expired dedupe keys", extra={"count": purged})
+        except TRANSIENT_DB_ERRORS as exc:
+            log.warning("purge skipped", extra={"error": repr(exc)})
+
+
+def _reason_kind(reason: str) -> str:
+    """A low-cardinality label for a dead-letter reason."""
+    for prefix, kind in (
+        ("unknown organization", "unknown_organization"),
+        ("too old", "too_old"),
+        ("event time", "future"),
+        ("invalid field", "invalid_field"),
+        ("body is not valid JSON", "not_json"),
+        ("database refused", "database_refused"),
+    ):
+        if reason.startswith(prefix):
+            return kind
+    return "malformed"

@@ -1,0 +1,72 @@
+"""Publishing events with publisher confirms and mandatory routing (HTTP ingest, demo,
+dead-letter replay). Connects lazily; a broker that is down is an Unavailable error."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from consumers.broker import Names, Topology, declare
+from service.errors import Unavailable
+
+log = logging.getLogger("tally.publisher")
+
+CONNECT_TIMEOUT = 5.0
+CONFIRM_TIMEOUT = 10.0
+
+
+class Publisher:
+    def __init__(self, amqp_url: str, names: Names) -> None:
+        self.amqp_url = amqp_url
+        self.names = names
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._topology: Topology | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    async def topology(self) -> Topology:
+        if self.connected and self._topology is not None:
+            return self._topology
+        async with self._lock:
+            if not (self.connected and self._topology is not None):
+                await self._close()
+                try:
+                    self._connection = await aio_pika.connect(self.amqp_url, timeout=CONNECT_TIMEOUT)
+                    self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+                    self._topology = await declare(self._channel, self.names)
+                except (aio_pika.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+                    await self._close()
+                    raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
+            assert self._topology is not None
+            return self._topology
+
+    async def publish(self, message: aio_pika.Message, routing_key: str, *, dead_letter: bool = False) -> None:
+        """Publish and wait for the broker's confirm; unroutable (mandatory) is an error."""
+        topology = await self.topology()
+        exchange = topology.dlx if dead_letter else topology.events
+        try:
+            await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise Unavailable(f"broker did not route or confirm the message: {exc}") from exc
+        except (aio_pika.exceptions.AMQPError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
+            await self._close()
+            raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._close()
+
+    async def _close(self) -> None:
+        connection, self._connection, self._channel, self._topology = self._connection, None, None, None
+        if connection is not None and not connection.is_closed:
+            try:
+                await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT)
+            except Exception as exc:  # closing a broken connection may fail in many ways; it is gone either way
+                log.debug("closing publisher connection failed: %r", exc)

@@ -1,0 +1,66 @@
+"""``POST /v1/events``: validated with the consumer's own rules, published with confirms."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from aiohttp import web
+from pydantic import BaseModel, Field, RootModel
+
+from consumers.broker import encode_events, event_message
+from service import metrics
+from service.api import appkeys
+from service.api.routing import PRINCIPAL, Endpoint
+from service.errors import FieldError, InvalidInput, PayloadTooLarge
+from service.events import CloudEvent, InvalidEvent, decode_body, validate_event
+
+
+class EventsBody(RootModel[CloudEvent | list[CloudEvent]]):
+    """One CloudEvent or an array of them. ``organization`` may be omitted: it is the key's."""
+
+
+class Accepted(BaseModel):
+    accepted: int = Field(description="Events accepted and confirmed by the broker.")
+
+
+async def ingest_events(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    settings = request.app[appkeys.SETTINGS]
+    raw_body = await request.read()  # client_max_size bounds it (413 beyond)
+    try:
+        raws = decode_body(raw_body)
+    except InvalidEvent as exc:
+        raise InvalidInput(exc.reason, errors=[FieldError("body", exc.reason, "body")]) from None
+    if len(raws) > settings.max_events_per_request:
+        raise PayloadTooLarge(f"at most {settings.max_events_per_request} events per request")
+    own = {principal.organization_name, str(principal.organization_id)}
+    now = datetime.now(timezone.utc)
+    errors: list[FieldError] = []
+    for i, raw in enumerate(raws):
+        where = f"[{i}]" if len(raws) > 1 else "event"
+        if not isinstance(raw, dict):
+            errors.append(FieldError(where, "must be an object", "body"))
+            continue
+        if raw.get("organization", principal.organization_name) not in own:
+            errors.append(FieldError(f"{where}.organization", "must be your key's organization (or omitted)", "body"))
+            continue
+        raw["organization"] = str(principal.organization_id)
+        try:
+            validate_event(raw, now)
+        except InvalidEvent as exc:
+            errors.append(FieldError(where, exc.reason, "body"))
+    if errors:
+        raise InvalidInput("; ".join(f"{e.name}: {e.detail}" for e in errors[:5]), errors=errors)
+    message = event_message(encode_events(raws), batch=len(raws) > 1)
+    await request.app[appkeys.PUBLISHER].publish(message, routing_key=str(raws[0]["type"]))
+    metrics.PUBLISHED.inc(len(raws))
+    return web.json_response({"accepted": len(raws)}, status=202)
+
+
+ENDPOINTS = [
+    Endpoint("POST", "/v1/events", ingest_events, "Publish usage and customer events", "events", "write",
+             body=EventsBody, response=Accepted, status=202, errors=(400, 401, 403, 413, 503),
+             description="One CloudEvent 1.0 (structured JSON) or an array of them, validated with the "
+                         "consumer's rules, published persistent with publisher confirms. 202 means the broker "
+                         "has them; the consumer folds them exactly once."),
+]  # fmt: skip

@@ -1,0 +1,35 @@
+"""HTTP metrics middleware and the /metrics endpoint."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from service import metrics
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        # The route template, never the raw path: identifiers would explode the label set.
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+        metrics.HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response

@@ -1,0 +1,182 @@
+"""The event contract: CloudEvents 1.0 (structured JSON, one event or a batch array),
+validated into typed events. Pure: no I/O, used by the consumer, the HTTP ingest route,
+the dead-letter replay and the benchmarks alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from service.profile import Identifier, ProfileUpdate, ShortText, Timestamp
+
+EVENT_TYPES = ("usage.recorded", "customer.upserted", "customer.deleted", "subscription.upserted")
+EventType = Literal["usage.recorded", "customer.upserted", "customer.deleted", "subscription.upserted"]
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+EVENT_CONTENT_TYPE = "application/cloudevents+json"
+
+# Clocks drift; an event this far in the future is a bug upstream, not a skew.
+MAX_FUTURE = timedelta(minutes=5)
+# A batch message is capped so one message cannot hold a consumer for long.
+MAX_EVENTS_PER_MESSAGE = 10_000
+
+Count = Annotated[int, Field(ge=0, le=10**12)]
+Seconds = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
+Cost = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12, allow_inf_nan=False)]
+
+
+class CustomerHint(BaseModel):
+    """Profile hints on a usage event: used to fill a customer's empty name and email."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: ShortText | None = None
+    email: ShortText | None = None
+
+
+class UsageData(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    requests: Count = 1
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    total_tokens: Count | None = None
+    cost: Cost = Decimal(0)
+    latency: Seconds | None = None
+    ttft: Seconds | None = None
+    customer: CustomerHint | None = None
+
+    @model_validator(mode="after")
+    def _total(self) -> "UsageData":
+        if self.total_tokens is None:
+            self.total_tokens = self.prompt_tokens + self.completion_tokens
+        return self
+
+
+class ProfileData(ProfileUpdate):
+    """customer.upserted data: the writable profile, minus parent_customer_id (an event
+    carries identifiers, not tally's ids, and a dangling parent must not fail a batch)."""
+
+    parent_customer_id: None = None
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    stripe_price_id: ShortText | None = None
+    name: ShortText | None = None
+    amount: Annotated[int, Field(ge=0, le=10**15)] | None = None
+    currency: Annotated[str, StringConstraints(max_length=10)] | None = None
+    interval: Annotated[str, StringConstraints(max_length=20)] | None = None
+
+
+class SubscriptionData(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: Identifier
+    status: Annotated[str, StringConstraints(min_length=1, max_length=50)]
+    current_period_start: Timestamp | None = None
+    current_period_end: Timestamp | None = None
+    plan: Plan | None = None
+
+
+class CloudEvent(BaseModel):
+    """The envelope. Unknown extension attributes are allowed (CloudEvents permits them)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    specversion: Literal["1.0"]
+    id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    source: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    type: EventType
+    time: Timestamp
+    subject: Identifier
+    organization: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    environment: Literal["prod", "test"] = "prod"
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A validated event, ready to fold."""
+
+    id: str
+    source: str
+    type: str
+    time: datetime
+    organization: str  # name or id, resolved by the fold
+    environment: str
+    subject: str
+    data: UsageData | ProfileData | SubscriptionData | None
+    raw: dict[str, Any]  # the event as received, for dead-lettering it alone
+
+
+class InvalidEvent(Exception):
+    """An event that can never be applied; ``reason`` goes on its dead letter."""
+
+    def __init__(self, reason: str, raw: object = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.raw = raw
+
+
+_DATA_MODELS: dict[str, type[BaseModel] | None] = {
+    "usage.recorded": UsageData,
+    "customer.upserted": ProfileData,
+    "customer.deleted": None,
+    "subscription.upserted": SubscriptionData,
+}
+
+
+def _reason(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "event"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"invalid field {where}: {first['msg']}{more}"
+
+
+def validate_event(raw: object, now: datetime) -> Event:
+    """One CloudEvent (a decoded JSON object) as an :class:`Event`, or InvalidEvent."""
+    if not isinstance(raw, dict):
+        raise InvalidEvent("event is not a JSON object", raw)
+    try:
+        envelope = CloudEvent.model_validate(raw)
+        model = _DATA_MODELS[envelope.type]
+        data = model.model_validate(envelope.data) if model else None
+    except ValidationError as exc:
+        raise InvalidEvent(_reason(exc), raw) from None
+    if envelope.time > now + MAX_FUTURE:
+        raise InvalidEvent(f"event time {envelope.time.isoformat()} is in the future", raw)
+    return Event(
+        id=envelope.id,
+        source=envelope.source,
+        type=envelope.type,
+        time=envelope.time,
+        organization=envelope.organization,
+        environment=envelope.environment,
+        subject=envelope.subject,
+        data=data,
+        raw=raw,
+    )
+
+
+def decode_body(body: bytes) -> list[object]:
+    """The events of a message body: a JSON object, or an array of them (a batch).
+    Raises InvalidEvent when the body as a whole is unusable."""
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidEvent("body is not valid JSON") from None
+    if isinstance(decoded, list):
+        if not decoded:
+            raise InvalidEvent("batch is empty")
+        if len(decoded) > MAX_EVENTS_PER_MESSAGE:
+            raise InvalidEvent(f"batch holds more than {MAX_EVENTS_PER_MESSAGE} events")
+        return decoded
+    if isinstance(decoded, dict):
+        return [decoded]
+    raise InvalidEvent("body is neither an event object nor an array of events")

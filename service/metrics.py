@@ -1,0 +1,51 @@
+"""Prometheus metrics, one registry per process, served at /metrics by the API and the
+consumer alike."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+HTTP_REQUESTS = Counter(
+    "tally_http_requests_total", "HTTP requests served.", ["route", "method", "status"], registry=REGISTRY
+)
+HTTP_LATENCY = Histogram(
+    "tally_http_request_duration_seconds", "HTTP request latency.", ["route", "method"], registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)  # fmt: skip
+EVENTS = Counter(
+    "tally_events_total", "Events seen by the consumer, by type and outcome "
+    "(applied, duplicate, rejected, invalid).", ["type", "outcome"], registry=REGISTRY,
+)  # fmt: skip
+DEAD_LETTERS = Counter(
+    "tally_dead_letters_total", "Messages or events the consumer dead-lettered, by reason.", ["reason"],
+    registry=REGISTRY,
+)  # fmt: skip
+BATCH_SIZE = Histogram(
+    "tally_batch_events", "Events per folded batch.", registry=REGISTRY,
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)  # fmt: skip
+BATCH_SECONDS = Histogram(
+    "tally_batch_apply_seconds", "Time to fold and commit one batch.", registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)  # fmt: skip
+EVENT_LAG = Histogram(
+    "tally_event_lag_seconds", "Apply time minus event time, per applied event.", registry=REGISTRY,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
+)  # fmt: skip
+IN_FLIGHT = Gauge("tally_messages_in_flight", "Messages received and not yet acked.", registry=REGISTRY)
+BROKER_CONNECTED = Gauge("tally_broker_connected", "1 while connected to RabbitMQ.", registry=REGISTRY)
+BROKER_RECONNECTS = Counter("tally_broker_reconnects_total", "Reconnections to RabbitMQ.", registry=REGISTRY)
+DB_RETRIES = Counter(
+    "tally_db_retries_total", "Batches retried after a transient database error.", registry=REGISTRY
+)
+PUBLISHED = Counter(
+    "tally_events_published_total", "Events accepted by POST /v1/events and confirmed by the broker.",
+    registry=REGISTRY,
+)  # fmt: skip
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

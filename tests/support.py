@@ -1,0 +1,79 @@
+"""Small helpers shared by the API tests (no fixtures here: those live in conftest.py)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient
+from yarl import URL
+
+PROBLEM = "application/problem+json"
+
+
+def uid(prefix: str = "c") -> str:
+    """A customer identifier no other test uses."""
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def rel(link: str) -> str:
+    """An absolute link from a response, as the path and query the test client requests."""
+    url = URL(link, encoded=True)
+    assert url.is_absolute(), link
+    return url.raw_path_qs
+
+
+async def problem(resp: ClientResponse, status: int, *names: str) -> dict[str, Any]:
+    """Assert ``resp`` is an RFC 9457 problem with ``status`` whose errors name each of ``names``."""
+    text = await resp.text()
+    assert resp.status == status, (resp.status, text)
+    assert resp.content_type == PROBLEM, (resp.content_type, text)
+    body = await resp.json(content_type=None)
+    assert body["status"] == status
+    assert body["type"].startswith("https://")
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    assert body["instance"] == resp.url.path
+    assert body["request_id"]
+    named = [e["name"] for e in body["errors"]]
+    for name in names:
+        assert name in named, (name, body)
+    for error in body["errors"]:
+        assert set(error) == {"name", "in", "detail"}
+    return body
+
+
+async def ok_json(resp: ClientResponse, status: int = 200) -> Any:
+    text = await resp.text()
+    assert resp.status == status, (resp.status, text)
+    assert resp.content_type == "application/json", resp.content_type
+    return await resp.json()
+
+
+async def list_page(client: TestClient, headers: dict[str, str], **params: Any) -> dict[str, Any]:
+    resp = await client.get("/v1/customers", params={k: str(v) for k, v in params.items()}, headers=headers)
+    return await ok_json(resp)
+
+
+async def follow(client: TestClient, first: dict[str, Any], headers: dict[str, str], link: str = "next") -> list[dict]:
+    """``first`` and every page reached by following its ``link`` (next or previous) to the end."""
+    pages = [first]
+    seen: set[str] = set()
+    while pages[-1][link] is not None:
+        url = pages[-1][link]
+        assert url not in seen, f"{link} loops back to {url}"
+        seen.add(url)
+        assert len(pages) < 500, "runaway pagination"
+        pages.append(await ok_json(await client.get(rel(url), headers=headers)))
+    return pages
+
+
+def ids(pages: list[dict[str, Any]] | dict[str, Any]) -> list[str]:
+    if isinstance(pages, dict):
+        pages = [pages]
+    return [c["id"] for page in pages for c in page["results"]]
+
+
+def identifiers(page: dict[str, Any]) -> list[str]:
+    return [c["customer_identifier"] for c in page["results"]]
