@@ -21,6 +21,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -60,6 +61,49 @@ PURGE_EVERY = 600.0
 # On SIGTERM, give a batch whose database is unreachable this long before leaving it unacked
 # (the broker redelivers it to another consumer).
 DRAIN_GRACE = 10.0
+
+
+@dataclass
+class Received:
+    """A delivery, decoded once on arrival so that batches can be bounded in events."""
+
+    message: AbstractIncomingMessage
+    raws: list[object]
+    error: str | None = None
+
+    @classmethod
+    def of(cls, message: AbstractIncomingMessage) -> "Received":
+        try:
+            return cls(message, decode_body(message.body))
+        except InvalidEvent as exc:
+            return cls(message, [], exc.reason)
+
+    @property
+    def size(self) -> int:
+        return max(1, len(self.raws))
+
+
+class Inbox:
+    """Deliveries waiting to be batched, in delivery order."""
+
+    def __init__(self) -> None:
+        self.items: deque[Received] = deque()
+        self.arrived = asyncio.Event()
+
+    def put(self, item: Received) -> None:
+        self.items.append(item)
+        self.arrived.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a delivery; True if one is there."""
+        if self.items:
+            return True
+        self.arrived.clear()
+        try:
+            await asyncio.wait_for(self.arrived.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return bool(self.items)
 
 
 @dataclass
@@ -119,7 +163,7 @@ class Consumer:
         connection = await aio_pika.connect(self.settings.amqp_url, timeout=10)
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
-        buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        inbox = Inbox()
         try:
             channel = await connection.channel(publisher_confirms=True)
             channel.close_callbacks.add(lambda *_: lost.set())
@@ -128,7 +172,7 @@ class Consumer:
             topology = await declare(channel, self.names)
 
             async def on_message(message: AbstractIncomingMessage) -> None:
-                buffer.put_nowait(message)
+                inbox.put(Received.of(message))
                 metrics.IN_FLIGHT.inc()
 
             tag = await topology.ingest.consume(on_message, no_ack=False)
@@ -136,7 +180,7 @@ class Consumer:
             metrics.BROKER_CONNECTED.set(1)
             log.info("consuming", extra={"queue": self.names.ingest, "prefetch": self.settings.prefetch})
             while not self._stopping.is_set() and not lost.is_set():
-                batch = await self._collect(buffer, lost)
+                batch = await self._collect(inbox, lost)
                 if batch:
                     await self._process(batch, topology)
                 await self._maybe_purge()
@@ -144,7 +188,7 @@ class Consumer:
                 raise ConnectionError("broker connection closed")
             # Draining: no new deliveries, then fold what was already received.
             await topology.ingest.cancel(tag)
-            rest = [buffer.get_nowait() for _ in range(buffer.qsize())]
+            rest = list(inbox.items)
             if rest:
                 await self._process(rest, topology)
         finally:
@@ -154,48 +198,47 @@ class Consumer:
             if not connection.is_closed:
                 await connection.close()
 
-    async def _collect(
-        self, buffer: asyncio.Queue[AbstractIncomingMessage], lost: asyncio.Event
-    ) -> list[AbstractIncomingMessage]:
-        """Up to batch_size messages: waits for the first, then at most batch_max_wait for more."""
-        stop = asyncio.ensure_future(self._stopping.wait())
-        gone = asyncio.ensure_future(lost.wait())
-        first = asyncio.ensure_future(buffer.get())
-        try:
-            await asyncio.wait({first, stop, gone}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            gone.cancel()
-        if not first.done():
-            first.cancel()
-            return []
-        batch = [first.result()]
-        deadline = time.monotonic() + self.settings.batch_max_wait
-        while len(batch) < self.settings.batch_size:
-            while not buffer.empty() and len(batch) < self.settings.batch_size:
-                batch.append(buffer.get_nowait())
-            remaining = deadline - time.monotonic()
-            if len(batch) >= self.settings.batch_size or remaining <= 0 or self._stopping.is_set():
-                break
+    async def _collect(self, inbox: Inbox, lost: asyncio.Event) -> list[Received]:
+        """Deliveries holding up to batch_size events (at least one delivery): waits for the
+        first, then at most batch_max_wait for more. Bounding by events, not messages,
+        keeps one transaction's size the same whether upstreams send single or batch messages."""
+        if not inbox.items:
+            inbox.arrived.clear()
+            waiters = [asyncio.ensure_future(e.wait()) for e in (inbox.arrived, self._stopping, lost)]
             try:
-                batch.append(await asyncio.wait_for(buffer.get(), remaining))
-            except asyncio.TimeoutError:
-                break
+                await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if not inbox.items:
+                return []
+        batch = [inbox.items.popleft()]
+        size = batch[0].size
+        deadline = time.monotonic() + self.settings.batch_max_wait
+        while size < self.settings.batch_size and not self._stopping.is_set():
+            if not inbox.items:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not await inbox.wait(remaining):
+                    break
+                continue
+            if size + inbox.items[0].size > self.settings.batch_size:
+                break  # the next delivery opens the next batch
+            batch.append(inbox.items.popleft())
+            size += batch[-1].size
         return batch
 
     # ---- one batch -------------------------------------------------------------------
 
-    async def _process(self, batch: Sequence[AbstractIncomingMessage], topology: Topology) -> None:
+    async def _process(self, batch: Sequence[Received], topology: Topology) -> None:
         started = time.perf_counter()
         now = datetime.now(timezone.utc)
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        for message in batch:
+        for item in batch:
+            message, raws = item.message, item.raws
             routing_key = message.routing_key or ""
-            try:
-                raws = decode_body(message.body)
-            except InvalidEvent as exc:
-                dead.append(DeadLetter(message.body, exc.reason, routing_key, message.content_type))
+            if item.error is not None:
+                dead.append(DeadLetter(message.body, item.error, routing_key, message.content_type))
                 metrics.EVENTS.labels("unknown", "invalid").inc()
                 continue
             for raw in raws:
@@ -219,8 +262,9 @@ class Consumer:
                     metrics.EVENT_LAG.observe(max(0.0, (applied_at - event.time).total_seconds()))
             metrics.BATCH_SIZE.observe(len(events))
             metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        messages = [item.message for item in batch]
         if self.after_commit_hook is not None:
-            await self.after_commit_hook(batch)
+            await self.after_commit_hook(messages)
         for letter in dead:
             await topology.dlx.publish(
                 dead_letter_message(letter.body, letter.reason, letter.routing_key, letter.content_type),
@@ -228,7 +272,7 @@ class Consumer:
             )
             metrics.DEAD_LETTERS.labels(_reason_kind(letter.reason)).inc()
             log.warning("dead-lettered", extra={"reason": letter.reason, "routing_key": letter.routing_key})
-        await self._ack(batch)
+        await self._ack(messages)
 
     async def _ack(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         # Deliveries arrive in tag order and a batch is a run of consecutive deliveries, so

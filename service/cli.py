@@ -146,6 +146,13 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     return _serve(app, settings.http_host, settings.http_port)
 
 
+async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.demo import run_demo
+
+    return await run_demo(settings, orgs=args.orgs, customers=args.customers, events=args.events, days=args.days,
+                          batch=args.batch, seed=args.seed)  # fmt: skip
+
+
 def _install_uvloop() -> None:
     try:
         import uvloop
@@ -167,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         sync=cmd_consume
     )
     sub.add_parser("dev", help="API and consumer in one process (laptop default)").set_defaults(sync=cmd_dev)
+
+    demo = sub.add_parser("demo", help="publish a realistic synthetic event stream (prints a read key)")
+    demo.add_argument("--orgs", type=int, default=3, help="organizations, 1-5 (default 3)")
+    demo.add_argument("--customers", type=int, default=3000, help="customers (default 3000)")
+    demo.add_argument("--events", type=int, default=100_000, help="usage events (default 100000)")
+    demo.add_argument("--days", type=int, default=21, help="days of history (default 21)")
+    demo.add_argument("--batch", type=int, default=500, help="events per broker message (default 500)")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(run=cmd_demo)
 
     orgs = sub.add_parser("orgs", help="organizations").add_subparsers(dest="orgs_command", required=True)
     create = orgs.add_parser("create", help="create an organization")

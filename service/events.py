@@ -132,9 +132,9 @@ _DATA_MODELS: dict[str, type[BaseModel] | None] = {
 }
 
 
-def _reason(exc: ValidationError) -> str:
+def _reason(exc: ValidationError, prefix: str = "") -> str:
     first = exc.errors(include_url=False)[0]
-    where = ".".join(str(p) for p in first["loc"]) or "event"
+    where = prefix + ".".join(str(p) for p in first["loc"]) if first["loc"] else prefix.rstrip(".") or "event"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"invalid field {where}: {first['msg']}{more}"
 
@@ -145,10 +145,13 @@ def validate_event(raw: object, now: datetime) -> Event:
         raise InvalidEvent("event is not a JSON object", raw)
     try:
         envelope = CloudEvent.model_validate(raw)
-        model = _DATA_MODELS[envelope.type]
-        data = model.model_validate(envelope.data) if model else None
     except ValidationError as exc:
         raise InvalidEvent(_reason(exc), raw) from None
+    model = _DATA_MODELS[envelope.type]
+    try:
+        data = model.model_validate(envelope.data) if model else None
+    except ValidationError as exc:
+        raise InvalidEvent(_reason(exc, "data."), raw) from None
     if envelope.time > now + MAX_FUTURE:
         raise InvalidEvent(f"event time {envelope.time.isoformat()} is in the future", raw)
     return Event(

@@ -1,0 +1,149 @@
+"""``tally demo``: publish a realistic synthetic stream so a newcomer sees a living list.
+
+Several organizations, thousands of customers with skewed (Zipf-like) activity, a few weeks
+of history weighted toward recent days, profile events with names and emails, and
+subscriptions for a share of customers. Events go through the broker like any upstream's.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+
+from consumers.broker import Names, encode_events, event_message
+from consumers.publisher import Publisher
+from service import auth
+from service.errors import NotFound
+from service.settings import Settings
+
+FIRST = ("Ada", "Grace", "Linus", "Margaret", "Ken", "Barbara", "Dennis", "Frances", "Edsger", "Radia", "Alan",
+         "Katherine", "John", "Joan", "Donald", "Hedy", "Tim", "Sophie", "Guido", "Anita")  # fmt: skip
+LAST = ("Lovelace", "Hopper", "Torvalds", "Hamilton", "Thompson", "Liskov", "Ritchie", "Allen", "Dijkstra",
+        "Perlman", "Turing", "Johnson", "Backus", "Clarke", "Knuth", "Lamarr", "Berners-Lee", "Wilson", "Rossum",
+        "Borg")  # fmt: skip
+MODELS = (("small", 0.0000004, 0.0000016, 0.4), ("medium", 0.000003, 0.000015, 1.1), ("large", 0.000015, 0.000075, 2.6))
+PLANS = (("price_starter", "Starter", 900), ("price_pro", "Pro", 4999), ("price_team", "Team", 19900))
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self._last_line = 0.0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not self.tty and now - self._last_line < 2 and self.done < self.total:
+            return
+        self._last_line = now
+        share = self.done / self.total if self.total else 1
+        rate = self.done / max(now - self.started, 1e-6)
+        bar = "#" * int(share * 30)
+        line = f"{self.label} [{bar:<30}] {self.done}/{self.total} ({share:.0%}, {rate:,.0f}/s)"
+        sys.stderr.write(("\r" + line) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def generate(orgs: list[str], customers: int, events: int, days: int, seed: int) -> Iterator[dict]:
+    """Yield ``events`` events (profiles and subscriptions first, then usage)."""
+    rng = random.Random(seed)
+    now = datetime.now(timezone.utc)
+    people = []
+    for i in range(customers):
+        org = orgs[i % len(orgs)]
+        first, last = rng.choice(FIRST), rng.choice(LAST)
+        ident = f"user_{i:05d}"
+        people.append((org, ident))
+        yield _event(org, ident, "customer.upserted", now - timedelta(days=days, hours=rng.random()), "crm", {
+            "name": f"{first} {last}", "first_name": first, "last_name": last,
+            "email": f"{first}.{last}.{i}@example.com".lower(),
+            "metadata": {"plan_tier": rng.choice(("free", "growth", "enterprise"))},
+        })  # fmt: skip
+        if rng.random() < 0.3:
+            price, name, amount = rng.choice(PLANS)
+            start = now - timedelta(days=rng.randint(0, 27))
+            yield _event(org, ident, "subscription.upserted", start, "billing", {
+                "id": f"sub_{uuid.UUID(int=rng.getrandbits(128)).hex[:14]}",
+                "status": rng.choice(("active", "active", "active", "trialing", "past_due", "canceled")),
+                "current_period_start": start.isoformat(), "current_period_end": (start + timedelta(days=30)).isoformat(),
+                "plan": {"stripe_price_id": price, "name": name, "amount": amount, "currency": "usd", "interval": "month"},
+            })  # fmt: skip
+    # Zipf-like weights: a few customers make most of the traffic, as in real gateways.
+    weights = [1 / (rank + 1) ** 1.1 for rank in range(customers)]
+    for org, ident in rng.choices(people, weights=weights, k=events):
+        model, prompt_price, completion_price, latency = rng.choice(MODELS)
+        prompt, completion = rng.randint(20, 4000), rng.randint(5, 1500)
+        age = days * rng.random() ** 2  # recent days busier
+        cost = prompt * prompt_price + completion * completion_price
+        yield _event(org, ident, "usage.recorded", now - timedelta(days=age), "llm-gateway", {
+            "requests": 1, "prompt_tokens": prompt, "completion_tokens": completion, "cost": f"{cost:.8f}",
+            "latency": round(latency * rng.lognormvariate(0, 0.4), 4), "ttft": round(0.25 * rng.lognormvariate(0, 0.5), 4),
+            "model": model,
+        })  # fmt: skip
+
+
+def _event(org: str, subject: str, kind: str, when: datetime, source: str, data: dict) -> dict:
+    return {
+        "specversion": "1.0", "id": f"evt_{uuid.uuid4().hex}", "source": source, "type": kind,
+        "time": when.isoformat(), "subject": subject, "organization": org, "environment": "prod", "data": data,
+    }  # fmt: skip
+
+
+async def ensure_orgs(settings: Settings, names: list[str]) -> str:
+    """Create the demo organizations if missing; return a fresh read key for the first."""
+    conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    try:
+        for name in names:
+            try:
+                await auth.find_organization(conn, name)
+            except NotFound:
+                await auth.create_organization(conn, name)
+        key = await auth.create_key(conn, names[0], ("read",), name="demo")
+        return key.key
+    finally:
+        await conn.close()
+
+
+async def run_demo(settings: Settings, *, orgs: int, customers: int, events: int, days: int, batch: int,
+                   seed: int) -> int:  # fmt: skip
+    org_names = [f"demo-{n}" for n in ("acme", "globex", "initech", "umbrella", "hooli")[: max(1, min(orgs, 5))]]
+    key = await ensure_orgs(settings, org_names)
+    publisher = Publisher(settings.amqp_url, Names(settings.amqp_namespace))
+    pending: list[dict] = []
+    progress = Progress(events, "publishing usage")
+    try:
+        for event in generate(org_names, customers, events, days, seed):
+            pending.append(event)
+            if len(pending) >= batch:
+                await _flush(publisher, pending, progress)
+        if pending:
+            await _flush(publisher, pending, progress)
+    finally:
+        progress.finish()
+        await publisher.close()
+    print(f"published to {settings.amqp_namespace}.events for {', '.join(org_names)}", file=sys.stderr)
+    print("the consumer folds them within seconds; try:", file=sys.stderr)
+    print(f"  curl -H 'Authorization: Bearer {key}' "
+          f"'http://localhost:{settings.http_port}/v1/customers?sort_by=-total_cost&limit=5'", file=sys.stderr)  # fmt: skip
+    print(key)
+    return 0
+
+
+async def _flush(publisher: Publisher, pending: list[dict], progress: Progress) -> None:
+    await publisher.publish(event_message(encode_events(pending), batch=len(pending) > 1), routing_key="usage.recorded")
+    progress.advance(sum(1 for e in pending if e["type"] == "usage.recorded"))
+    pending.clear()
