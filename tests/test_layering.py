@@ -1,0 +1,33 @@
+"""Dependencies point one way: the core imports neither aiohttp nor aio-pika."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CORE = ["service.query", "service.customers", "service.fold", "service.events", "service.auth",
+        "service.profile", "service.errors", "service.migrate", "service.db", "service.settings"]  # fmt: skip
+
+PROBE = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('aiohttp', 'aio_pika', 'aiormq'):
+            raise ImportError('core must not import ' + name)
+sys.meta_path.insert(0, Block())
+import importlib
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+print('ok')
+"""
+
+
+def test_core_imports_no_edge_library() -> None:
+    result = subprocess.run([sys.executable, "-c", PROBE, *CORE], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_probe_can_fail() -> None:
+    result = subprocess.run([sys.executable, "-c", PROBE, "service.api.app"], capture_output=True, text=True)
+    assert result.returncode != 0 and "must not import" in result.stderr
