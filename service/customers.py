@@ -16,7 +16,15 @@ from uuid import UUID
 import asyncpg
 
 from service.errors import Conflict, InvalidInput, NotFound
-from service.query import ListQuery, Position, Shape, count_sql, join_sql, page_sql, shape_sql
+from service.query import (
+    ListQuery,
+    Position,
+    Shape,
+    count_sql,
+    join_sql,
+    page_sql,
+    shape_sql,
+)
 
 # Columns a client may write. Everything else (ids, organization, usage aggregates, derived
 # budget figures, timestamps) is read-only and a write naming it is refused by the edge.
@@ -59,6 +67,12 @@ async def list_customers(conn: asyncpg.Connection, q: ListQuery, shape: Shape) -
     )
 
 
+def storable(identifier: str) -> bool:
+    """False for an identifier no customer can have (PostgreSQL text cannot hold U+0000), so
+    a lookup by it is simply not found instead of a database error."""
+    return "\x00" not in identifier
+
+
 def _get_sql(shape: Shape) -> str:
     return (
         f"SELECT {shape_sql(shape)}::text FROM customers c{join_sql(shape)}"
@@ -70,7 +84,9 @@ async def get_customer(
     conn: asyncpg.Connection, organization_id: UUID, environment: str, identifier: str, shape: Shape
 ) -> str:
     """The customer as JSON text in ``shape``; NotFound (also for other organizations')."""
-    doc = await conn.fetchval(_get_sql(shape), organization_id, environment, identifier)
+    doc = None
+    if storable(identifier):
+        doc = await conn.fetchval(_get_sql(shape), organization_id, environment, identifier)
     if doc is None:
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
     return doc
@@ -121,6 +137,8 @@ async def update_customer(
 ) -> str:
     """Change only the given writable columns; NotFound if there is no such customer."""
     _check_columns(values)
+    if not storable(identifier):
+        raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
     async with conn.transaction():
         if values:
             if "parent_customer_id" in values and values["parent_customer_id"] is not None:
@@ -150,7 +168,9 @@ DELETE_CUSTOMER = (
 
 async def delete_customer(conn: asyncpg.Connection, organization_id: UUID, environment: str, identifier: str) -> None:
     """Delete a customer with its daily usage and subscriptions; NotFound if absent."""
-    if await conn.execute(DELETE_CUSTOMER, organization_id, environment, identifier) == "DELETE 0":
+    if not storable(identifier) or (
+        await conn.execute(DELETE_CUSTOMER, organization_id, environment, identifier) == "DELETE 0"
+    ):
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
 
 
@@ -204,6 +224,8 @@ async def usage_series(
         raise InvalidInput.for_field("to", "must not be before 'from'")
     if end - start > timedelta(days=MAX_SERIES_DAYS):
         raise InvalidInput.for_field("to", f"a series spans at most {MAX_SERIES_DAYS} days")
+    if not storable(identifier):
+        raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
     row = await conn.fetchrow(USAGE_SERIES, organization_id, environment, identifier, start, end, granularity)
     if not row["found"]:
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")

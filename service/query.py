@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -83,14 +84,14 @@ CUSTOMER_FIELDS: dict[str, str] = {
     "metadata": "{t}.metadata",
     "stripe_customer_id": "{t}.stripe_customer_id",
     "application_id": "{t}.application_id",
-    "last_transaction_amount": "{t}.last_transaction_amount::text",
+    "last_transaction_amount": "{t}.last_transaction_amount",
     "last_purchase_date": "{t}.last_purchase_date",
-    "total_budget": "{t}.total_budget::text",
-    "period_budget": "{t}.period_budget::text",
+    "total_budget": "{t}.total_budget",
+    "period_budget": "{t}.period_budget",
     "budget_duration": "{t}.budget_duration",
     "period_start": f"tally_period_start({_PERIOD})",
     "period_end": f"tally_period_end({_PERIOD})",
-    "total_period_usage": f"tally_period_usage({{t}}.organization_id, {{t}}.id, {_PERIOD}, {{t}}.total_cost)::text",
+    "total_period_usage": f"tally_period_usage({{t}}.organization_id, {{t}}.id, {_PERIOD}, {{t}}.total_cost)",
     "first_seen": "{t}.first_seen",
     "last_active": "{t}.last_active",
     "active_days": "{t}.active_days",
@@ -98,12 +99,21 @@ CUSTOMER_FIELDS: dict[str, str] = {
     "prompt_tokens": "{t}.prompt_tokens",
     "completion_tokens": "{t}.completion_tokens",
     "total_tokens": "{t}.total_tokens",
-    "total_cost": "{t}.total_cost::text",
+    "total_cost": "{t}.total_cost",
     "average_latency": "{t}.average_latency",
     "average_ttft": "{t}.average_ttft",
     "created_at": "{t}.created_at",
     "updated_at": "{t}.updated_at",
+    # Derived: the identifier qualified by environment and organization (globally unique).
+    "scoped_id": "{t}.customer_identifier || {t}.environment || {t}.organization_id::text",
+    "organization_name": "(SELECT o.name FROM organizations o WHERE o.id = {t}.organization_id)",
+    "has_active_subscription": (
+        "EXISTS (SELECT 1 FROM subscriptions s WHERE s.organization_id = {t}.organization_id"
+        " AND s.customer_id = {t}.id AND s.status IN ('active', 'trialing'))"
+    ),
 }
+# Money renders as a decimal string unless a projection asks for a JSON number.
+MONEY_FIELDS = frozenset({"total_cost", "total_budget", "period_budget", "last_transaction_amount", "total_period_usage"})
 
 SUBSCRIPTION_FIELDS: dict[str, str] = {
     "id": "s.id",
@@ -119,8 +129,50 @@ SUBSCRIPTION_FIELDS: dict[str, str] = {
     "updated_at": "s.updated_at",
 }
 
+@dataclass(frozen=True)
+class Col:
+    """An output value: a catalogue field, optionally formatted.
+
+    ``fmt``: ``number`` (money as a JSON number rather than a decimal string), ``iso_z``
+    (``2024-01-15T10:30:00Z``), ``iso_ms`` (``2024-01-15T10:30:00.000Z``), ``upper``.
+    ``values`` renames values (``(("active", "published"),)``); others pass through.
+    """
+
+    field: str
+    fmt: str | None = None
+    values: tuple[tuple[str, str], ...] = ()
+
+
+_FORMATS = {
+    "number": "{e}",
+    "iso_z": "to_char(({e}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+    "iso_ms": "to_char(({e}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+    "upper": "upper({e})",
+}
+_PLAIN = re.compile(r"^[A-Za-z0-9_ -]*$")
+
 # A projection maps output keys to fields of a catalogue; a nested mapping is a nested object.
-Projection = Mapping[str, Union[str, "Projection"]]
+Projection = Mapping[str, Union[str, Col, "Projection"]]
+
+
+def _render(source: str | Col, catalogue: Mapping[str, str], alias: str) -> str:
+    col = source if isinstance(source, Col) else Col(source)
+    if col.field not in catalogue:
+        raise ValueError(f"unknown field {col.field!r}")
+    expr = catalogue[col.field].format(t=alias)
+    if col.fmt is None:
+        if col.field in MONEY_FIELDS:
+            expr = f"({expr})::text"
+    elif col.fmt in _FORMATS:
+        expr = _FORMATS[col.fmt].format(e=expr)
+    else:
+        raise ValueError(f"unknown format {col.fmt!r}")
+    if col.values:
+        if not all(_PLAIN.match(a) and _PLAIN.match(b) for a, b in col.values):
+            raise ValueError("value renames must be plain words")
+        cases = " ".join(f"WHEN '{a}' THEN '{b}'" for a, b in col.values)
+        expr = f"CASE {expr} {cases} ELSE {expr} END"
+    return expr
 
 
 @dataclass(frozen=True)
@@ -140,28 +192,34 @@ class Shape:
     null_when_absent: tuple[str, ...] = ()
 
 
-def _json_object(projection: Projection, catalogue: Mapping[str, str], alias: str, nullable: tuple[str, ...] = ()) -> str:
+def _json_object(
+    projection: Projection,
+    catalogue: Mapping[str, str],
+    alias: str,
+    nullable: tuple[str, ...] = (),
+    extras: list[str] | None = None,
+) -> str:
     parts: list[str] = []
     for key, source in projection.items():
         if not key.replace("_", "").isalnum():
             raise ValueError(f"output key {key!r} is not a plain name")
-        if isinstance(source, str):
-            if source not in catalogue:
-                raise ValueError(f"unknown field {source!r}")
-            expr = catalogue[source].format(t=alias)
+        if isinstance(source, (str, Col)):
+            expr = _render(source, catalogue, alias)
         else:
             expr = _json_object(source, catalogue, alias)
             if key in nullable:
-                leaves = [catalogue[f].format(t=alias) for f in source.values() if isinstance(f, str)]
+                leaves = [_render(f, catalogue, alias) for f in source.values() if isinstance(f, (str, Col))]
                 absent = " AND ".join(f"{leaf} IS NULL" for leaf in leaves)
                 expr = f"CASE WHEN {absent} THEN NULL ELSE {expr} END"
         parts.append(f"'{key}', {expr}")
+    # json_build_object takes at most 100 arguments (50 keys); projections stay well below.
+    parts.extend(extras or ())
     return f"json_build_object({', '.join(parts)})"
 
 
 def shape_sql(shape: Shape, alias: str = "c") -> str:
-    """The SQL expression that renders one customer row as a JSON object."""
-    top = _json_object(shape.fields, CUSTOMER_FIELDS, alias)
+    """The SQL expression that renders one customer row as a JSON object (keys in the
+    projection's order, the parent and subscriptions last)."""
     extras: list[str] = []
     if shape.parent_key:
         parent = _json_object(shape.fields, CUSTOMER_FIELDS, "p")
@@ -172,10 +230,7 @@ def shape_sql(shape: Shape, alias: str = "c") -> str:
             f"'{shape.subscriptions_key}', (SELECT coalesce(json_agg({sub} ORDER BY s.created_at, s.id), '[]'::json)"
             f" FROM subscriptions s WHERE s.organization_id = {alias}.organization_id AND s.customer_id = {alias}.id)"
         )
-    if not extras:
-        return top
-    # jsonb concatenation merges the extra keys into the object; the output stays json.
-    return f"({top}::jsonb || jsonb_build_object({', '.join(extras)}))::json"
+    return _json_object(shape.fields, CUSTOMER_FIELDS, alias, extras=extras)
 
 
 def join_sql(shape: Shape, alias: str = "c") -> str:
@@ -199,6 +254,8 @@ class CustomerFilter:
     total_cost_gte: Decimal | None = None
     total_cost_lte: Decimal | None = None
     metadata: tuple[tuple[str, str], ...] = ()
+    # Customers whose current-period usage is at least this share of their period budget.
+    period_budget_share_gte: Decimal | None = None
 
     def fingerprint(self) -> str:
         """A short digest of the filter, so a cursor cannot be replayed against another one."""
@@ -293,6 +350,9 @@ def where_sql(q: ListQuery, p: _Params) -> str:
             clauses.append(f"c.{column} {op} {p(value)}")
     if f.metadata:
         clauses.append(f"c.metadata @> {p(dict(f.metadata), 'jsonb')}")
+    if f.period_budget_share_gte is not None:
+        usage = CUSTOMER_FIELDS["total_period_usage"].format(t="c")
+        clauses.append(f"c.period_budget > 0 AND {usage} >= c.period_budget * {p(f.period_budget_share_gte)}")
     return " AND ".join(clauses)
 
 

@@ -19,7 +19,15 @@ from consumers.consumer import Consumer
 from service.api import appkeys
 from service.settings import Settings
 from tests.conftest import Org, make_org
-from tests.eventkit import Broker, actual, assert_totals, days_ago, expected, usage, wait_until
+from tests.eventkit import (
+    Broker,
+    actual,
+    assert_totals,
+    days_ago,
+    expected,
+    usage,
+    wait_until,
+)
 
 
 @pytest.fixture

@@ -18,7 +18,16 @@ from pydantic import ValidationError
 from service.api.models import CustomerExpanded, CustomerList, UsageSeries
 from service.query import SORT_FIELDS, STATUSES
 from tests.conftest import Org, insert_customer, make_org
-from tests.support import follow, identifiers, ids, list_page, ok_json, problem, rel, uid
+from tests.support import (
+    follow,
+    identifiers,
+    ids,
+    list_page,
+    ok_json,
+    problem,
+    rel,
+    uid,
+)
 
 UTC = timezone.utc
 BASE = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -347,6 +356,12 @@ async def test_cursor_cannot_combine_with_offset_or_page(client: TestClient, twe
 async def test_repeated_scalar_parameter(client: TestClient, org: Org, name: str) -> None:
     values = {"sort_by": ("name", "email"), "environment": ("prod", "test")}.get(name, ("1", "2"))
     resp = await client.get(f"/v1/customers?{name}={values[0]}&{name}={values[1]}", headers=org.headers())
+    await problem(resp, 400, name)
+
+
+@pytest.mark.parametrize("name", ["name", "email", "customer_identifiers", "metadata[plan]", "cursor", "limit"])
+async def test_nul_characters_in_a_query_are_a_400(client: TestClient, org: Org, name: str) -> None:
+    resp = await client.get(f"/v1/customers?{name}=a%00b", headers=org.headers())
     await problem(resp, 400, name)
 
 

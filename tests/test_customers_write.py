@@ -460,3 +460,38 @@ async def test_retrieve(client: TestClient, pool: asyncpg.Pool, org: Org) -> Non
     await problem(await client.get(url(ident) + "?environment=qa", headers=org.headers()), 400, "environment")
     await problem(await client.get(url(ident) + "?fields=name", headers=org.headers()), 400, "fields")
     await problem(await client.get(url(uid()), headers=org.headers()), 404)
+
+
+# ---------------------------------------------------------------------------------------------
+# U+0000 cannot be stored by PostgreSQL: a 400 naming the field (or a 404 for a path), never a 500.
+
+
+@pytest.mark.parametrize(
+    "body, name",
+    [
+        ({"name": "a\x00b"}, "name"),
+        ({"customer_identifier": "a\x00b"}, "customer_identifier"),
+        ({"metadata": {"k": "v\x00"}}, "metadata.k"),
+        ({"metadata": {"k\x00": 1}}, "metadata.k\x00"),
+        ({"metadata": {"list": ["ok", "\x00"]}}, "metadata.list.1"),
+        ({"address": {"city": "\x00"}}, "address.city"),
+    ],
+)
+async def test_nul_characters_in_a_body_are_a_400(client: TestClient, pool: asyncpg.Pool, org: Org, body: dict,
+                                                  name: str) -> None:  # fmt: skip
+    ident = uid()
+    resp = await client.post("/v1/customers", json={"customer_identifier": ident, **body}, headers=org.headers())
+    await problem(resp, 400, name)
+    existing = await create(client, org, name="kept")
+    patch_body = {k: v for k, v in body.items() if k != "customer_identifier"} or {"name": "\x00"}
+    resp = await client.patch(url(existing["customer_identifier"]), json=patch_body, headers=org.headers())
+    await problem(resp, 400)
+    assert (await fetch(client, org, existing["customer_identifier"]))["name"] == "kept"
+
+
+async def test_nul_characters_in_a_path_are_not_found(client: TestClient, org: Org) -> None:
+    path = "/v1/customers/a%00b"
+    await problem(await client.get(path, headers=org.headers()), 404)
+    await problem(await client.patch(path, json={"name": "x"}, headers=org.headers()), 404)
+    await problem(await client.delete(path, headers=org.headers()), 404)
+    await problem(await client.get(path + "/usage?from=2026-01-01&to=2026-01-02", headers=org.headers()), 404)

@@ -12,6 +12,7 @@ from consumers.broker import Names
 from consumers.publisher import Publisher
 from service import __version__
 from service.api import appkeys, customers, events, health, openapi
+from service.api.compat import flexprice, public, respan, v0
 from service.api.models import Health
 from service.api.observability import metrics_endpoint, metrics_middleware
 from service.api.problems import problem_middleware, request_id_middleware
@@ -24,6 +25,10 @@ log = logging.getLogger("tally.api")
 TAGS = {
     "customers": "The canonical customer API.",
     "events": "Publishing events into tally.",
+    respan.TAG: "Drop-in for Respan's users API (seeds 000, 001): base URL /compat/respan.",
+    v0.TAG: "Drop-in for the v0 customers API (seed 002): base URL /compat/v0, x-client-key/x-client-secret.",
+    flexprice.TAG: "Drop-in for Flexprice's customers API (seed 003): base URL /compat/flexprice.",
+    public.TAG: "Drop-in for the public customers API (seed 004): base URL /compat/public.",
     "operations": "Health, readiness, metrics and the API description.",
 }
 
@@ -87,7 +92,10 @@ def base_app(settings, endpoints: list[Endpoint]) -> web.Application:  # type: i
 
 
 def create_app(settings) -> web.Application:  # type: ignore[no-untyped-def]
-    endpoints = [*OPERATIONS, *customers.ENDPOINTS, *events.ENDPOINTS]
+    endpoints = [
+        *OPERATIONS, *customers.ENDPOINTS, *events.ENDPOINTS,
+        *respan.ENDPOINTS, *v0.ENDPOINTS, *flexprice.ENDPOINTS, *public.ENDPOINTS,
+    ]  # fmt: skip
     app = base_app(settings, [*endpoints, *DOCS])
     app.cleanup_ctx.append(publisher)
     app[health.READINESS_CHECKS]["broker"] = broker_check

@@ -5,12 +5,12 @@ from __future__ import annotations
 from functools import cache
 from urllib.parse import quote
 
-import orjson
 from aiohttp import web
 from yarl import URL
 
 from service import customers as core
 from service.api import appkeys
+from service.api.listing import json_with, link, run_list
 from service.api.models import (
     Customer,
     CustomerCreate,
@@ -75,6 +75,7 @@ def build_list_query(principal: Principal, params: ListParams, cursors: CursorCo
             total_cost_gte=params.total_cost_gte,
             total_cost_lte=params.total_cost_lte,
             metadata=tuple(sorted(params.metadata.items())),
+            period_budget_share_gte=params.period_budget_share_gte,
         ),
         sort=Sort.parse(params.sort_by or DEFAULT_SORT),
         limit=limit,
@@ -85,15 +86,6 @@ def build_list_query(principal: Principal, params: ListParams, cursors: CursorCo
     return q
 
 
-def _link(request: web.Request, **changes: object) -> str:
-    query = request.rel_url.query.copy()
-    for key, value in changes.items():
-        query.popall(key, None)
-        if value is not None:
-            query[key] = str(value)
-    return str(request.url.with_query(query))
-
-
 def page_links(
     request: web.Request, params: ListParams, q: ListQuery, page: core.Page, cursors: CursorCodec
 ) -> tuple[str | None, str | None, str | None]:
@@ -102,26 +94,18 @@ def page_links(
     prev_cursor = cursors.encode(q, page.previous_position) if page.previous_position else None
     if params.cursor is not None:
         return (
-            _link(request, cursor=next_cursor) if next_cursor else None,
-            _link(request, cursor=prev_cursor) if prev_cursor else None,
+            link(request, cursor=next_cursor) if next_cursor else None,
+            link(request, cursor=prev_cursor) if prev_cursor else None,
             next_cursor,
         )
     if params.page is not None or params.page_size is not None:
         number = params.page or 1
-        nxt = _link(request, page=number + 1) if next_cursor else None
-        prev = _link(request, page=number - 1) if number > 1 else None
+        nxt = link(request, page=number + 1) if next_cursor else None
+        prev = link(request, page=number - 1) if number > 1 else None
         return nxt, prev, next_cursor
-    nxt = _link(request, offset=q.offset + q.limit) if next_cursor else None
-    prev = _link(request, offset=max(q.offset - q.limit, 0) or None) if q.offset > 0 else None
+    nxt = link(request, offset=q.offset + q.limit) if next_cursor else None
+    prev = link(request, offset=max(q.offset - q.limit, 0) or None) if q.offset > 0 else None
     return nxt, prev, next_cursor
-
-
-def json_with(envelope: dict[str, object], key: str, raw_array: str) -> bytes:
-    """``envelope`` plus ``key`` holding an already-rendered JSON array, spliced in as bytes:
-    the rows PostgreSQL rendered are never parsed back into Python objects."""
-    head = orjson.dumps(envelope)
-    separator = b"," if len(head) > 2 else b""
-    return head[:-1] + separator + b'"' + key.encode() + b'":' + raw_array.encode() + b"}"
 
 
 async def list_customers(request: web.Request) -> web.Response:
@@ -130,11 +114,10 @@ async def list_customers(request: web.Request) -> web.Response:
     cursors = request.app[appkeys.CURSORS]
     q = build_list_query(principal, params, cursors)
     shape = canonical_shape(params.expand == "parent_customer", params.include == "subscriptions")
-    async with request.app[appkeys.READ_POOL].acquire() as conn:
-        page = await core.list_customers(conn, q, shape)
+    page = await run_list(request, q, shape)
     nxt, prev, next_cursor = page_links(request, params, q, page, cursors)
     envelope = {"count": page.count, "next": nxt, "previous": prev, "next_cursor": next_cursor}
-    return web.Response(body=json_with(envelope, "results", "[" + ",".join(page.docs) + "]"), content_type=JSON)
+    return web.Response(body=json_with(envelope, "results", page.docs), content_type=JSON)
 
 
 async def retrieve_customer(request: web.Request) -> web.Response:

@@ -3,14 +3,22 @@ the only source of the OpenAPI document (service/api/openapi.py reads them)."""
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from service.profile import BudgetDuration, Identifier, Money, ProfileUpdate, ShortText, Status, Timestamp
+from service.profile import (
+    BudgetDuration,
+    Identifier,
+    Money,
+    ProfileUpdate,
+    ShortText,
+    Status,
+    Timestamp,
+)
 from service.query import SORT_FIELDS
 
 Environment = Literal["prod", "test"]
@@ -44,6 +52,9 @@ class ListParams(BaseModel):
     last_active_lte: Timestamp | None = None
     total_cost_gte: Money | None = None
     total_cost_lte: Money | None = None
+    period_budget_share_gte: Annotated[Decimal, Field(ge=0, le=1000, max_digits=12, decimal_places=6)] | None = Field(
+        None, description="Customers whose current-period usage is at least this share of period_budget (0.8 = 80%)."
+    )
     metadata: dict[Annotated[str, StringConstraints(max_length=200)], ShortText] = Field(
         default_factory=dict, max_length=20, description="metadata[key]=value: customers whose metadata has key=value."
     )

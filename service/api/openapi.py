@@ -4,6 +4,7 @@ self-contained ``/docs`` page rendered from that document (no external scripts).
 from __future__ import annotations
 
 import html
+import re
 import typing
 from collections.abc import Sequence
 
@@ -64,7 +65,7 @@ def build_openapi(endpoints: Sequence[Endpoint], *, title: str, version: str, ta
     for ep in endpoints:
         op: dict[str, object] = {
             "summary": ep.summary,
-            "operationId": f"{ep.tag}_{ep.handler.__name__}",
+            "operationId": re.sub(r"\W+", "_", f"{ep.tag}_{ep.handler.__name__}").strip("_"),
             "tags": [ep.tag],
         }
         if ep.description:
@@ -89,7 +90,8 @@ def build_openapi(endpoints: Sequence[Endpoint], *, title: str, version: str, ta
             ok["content"] = {ep.content_type: {"schema": {}}}
         responses: dict[str, object] = {str(ep.status): ok}
         problem_ref = refs[(Problem, "serialization")]
-        for code in ep.errors:
+        # Every authenticated route can answer 401 (no valid key) and 403 (missing scope).
+        for code in sorted(set(ep.errors) | ({401, 403} if ep.scope else set())):
             response: dict[str, object] = {
                 "description": ERROR_TEXT.get(code, "Error"),
                 "content": {"application/problem+json": {"schema": problem_ref}},

@@ -54,6 +54,27 @@ def validation_error(exc: ValidationError, location: str, aliases: dict[str, str
     return InvalidInput(summary, errors=errors)
 
 
+# PostgreSQL text and jsonb cannot hold U+0000: refuse it up front (a 400 naming the field),
+# rather than let the database refuse it (a 500).
+NUL = "\x00"
+NUL_DETAIL = "must not contain NUL (U+0000) characters"
+
+
+def _nul_at(value: object, path: str = "") -> str | None:
+    """The dotted path of the first string (or object key) in ``value`` containing NUL."""
+    if isinstance(value, str):
+        return path if NUL in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        here = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and NUL in key:
+            return here
+        found = _nul_at(item, here)
+        if found is not None:
+            return found
+    return None
+
+
 def _is_list(annotation: object) -> bool:
     return typing.get_origin(annotation) is list
 
@@ -71,6 +92,8 @@ def parse_query(request: web.Request, model: type[M], *, aliases: dict[str, str]
     data: dict[str, object] = {}
     for raw_name in set(request.query.keys()):
         values = request.query.getall(raw_name)
+        if any(NUL in value for value in values):
+            raise InvalidInput.for_field(raw_name, NUL_DETAIL)
         name = (aliases or {}).get(raw_name, raw_name)
         if "[" in name and name.endswith("]"):
             outer, _, inner = name[:-1].partition("[")
@@ -107,6 +130,9 @@ async def parse_body(request: web.Request, model: type[M], max_bytes: int = 1_04
         raise InvalidInput("body is not valid JSON", errors=[FieldError("body", str(exc), "body")]) from None
     if not isinstance(data, dict):
         raise InvalidInput("body must be a JSON object", errors=[FieldError("body", "must be an object", "body")])
+    where = _nul_at(data)
+    if where is not None:
+        raise InvalidInput.for_field(where or "body", NUL_DETAIL, "body")
     try:
         return model.model_validate(data)
     except ValidationError as exc:

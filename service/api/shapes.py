@@ -1,5 +1,6 @@
 """Projections derived from response models: a model's fields (by alias) are the output keys,
-and each names the customer field of the same name (a nested model adds its source_prefix)."""
+and each names the customer field of the same name (a nested model adds its source_prefix),
+unless the field's annotation carries a :class:`service.query.Col` saying otherwise."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import typing
 
 from pydantic import BaseModel
 
-from service.query import Projection, Shape
+from service.query import Col, Projection, Shape
 
 
 def _nested_model(annotation: object) -> type[BaseModel] | None:
@@ -18,13 +19,16 @@ def _nested_model(annotation: object) -> type[BaseModel] | None:
 
 
 def projection_of(model: type[BaseModel], prefix: str = "", skip: tuple[str, ...] = ()) -> Projection:
-    out: dict[str, str | Projection] = {}
+    out: dict[str, str | Col | Projection] = {}
     for name, info in model.model_fields.items():
         if name in skip:
             continue
         key = info.serialization_alias or info.alias or name
+        col = next((m for m in info.metadata if isinstance(m, Col)), None)
         nested = _nested_model(info.annotation)
-        if nested is not None:
+        if col is not None:
+            out[key] = col
+        elif nested is not None:
             out[key] = projection_of(nested, prefix + getattr(nested, "source_prefix", ""))
         else:
             out[key] = prefix + name
@@ -40,9 +44,9 @@ def customer_shape(
     skip: tuple[str, ...] = (),
 ) -> Shape:
     sub_fields: Projection = projection_of(subscription_model) if subscription_model else {}
-    nullable = tuple(k for k, v in sub_fields.items() if not isinstance(v, str))
+    nullable = tuple(k for k, v in sub_fields.items() if isinstance(v, dict))
     return Shape(
-        fields=projection_of(model, skip=skip),
+        fields=projection_of(model, skip=(*skip, *(k for k in (parent_key, subscriptions_key) if k))),
         parent_key=parent_key,
         subscriptions_key=subscriptions_key,
         subscription_fields=sub_fields,

@@ -1,0 +1,112 @@
+"""Flexprice (seed 003): ``/compat/flexprice/v1/customers``.
+
+Mapping: ``external_id`` is tally's customer_identifier, ``id`` tally's customer uuid,
+``tenant_id`` the organization id, ``environment_id`` the environment (``prod``/``test``).
+Flexprice's statuses map onto tally's: ``published`` is ``active``; ``draft`` and
+``archived`` are themselves (a blacklisted or deactivated customer shows tally's status).
+``sort`` accepts ``external_id`` and every canonical sort field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.api.listing import json_with, run_list
+from service.api.params import parse_query
+from service.api.routing import PRINCIPAL, Endpoint
+from service.api.shapes import customer_shape
+from service.profile import Identifier, ShortText
+from service.query import SORT_FIELDS, Col, CustomerFilter, ListQuery, Sort
+
+BASE = "/compat/flexprice"
+TAG = "compat: flexprice"
+STATUS_TO_TALLY = {"published": "active", "draft": "draft", "archived": "archived"}
+SortField = Literal[tuple(["external_id", *SORT_FIELDS])]  # type: ignore[misc]
+
+
+class ListParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(50, ge=1, le=1000, description="Customers per page, 1-1000.")
+    offset: int = Field(0, ge=0, le=10_000_000, description="Customers to skip.")
+    sort: SortField = Field("created_at", description="Field to sort by (e.g. created_at, name, email).")
+    order: Literal["asc", "desc"] = Field("desc", description="Sort order.")
+    status: Literal["published", "draft", "archived"] | None = None
+    customer_ids: list[UUID] = Field(default_factory=list, max_length=1000, description="Comma-separated ids.")
+    external_ids: list[Identifier] = Field(default_factory=list, max_length=1000, description="Comma-separated.")
+    external_id: Identifier | None = None
+    email: ShortText | None = None
+    parent_customer_ids: list[UUID] = Field(default_factory=list, max_length=1000)
+    expand: Literal["parent_customer"] | None = None
+
+
+class Customer(BaseModel):
+    id: UUID
+    external_id: Annotated[str, Col("customer_identifier")]
+    name: str | None
+    email: str | None
+    address_line1: str | None
+    address_line2: str | None
+    address_city: str | None
+    address_state: str | None
+    address_postal_code: str | None
+    address_country: str | None
+    parent_customer_id: UUID | None
+    metadata: dict[str, Any]
+    environment_id: Annotated[str, Col("environment")]
+    tenant_id: Annotated[UUID, Col("organization_id")]
+    status: Annotated[str, Col("status", values=(("active", "published"),))]
+    created_at: Annotated[datetime, Col("created_at", "iso_z")]
+    updated_at: Annotated[datetime, Col("updated_at", "iso_z")]
+
+
+class CustomerExpanded(Customer):
+    parent_customer: Customer | None = Field(None, description="With expand=parent_customer.")
+
+
+class Pagination(BaseModel):
+    total: int
+    limit: int
+    offset: int
+
+
+class CustomerList(BaseModel):
+    items: list[CustomerExpanded]
+    pagination: Pagination
+
+
+SHAPES = {False: customer_shape(Customer), True: customer_shape(Customer, parent_key="parent_customer")}
+
+
+async def list_customers(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, ListParams)
+    identifiers = tuple(dict.fromkeys([*params.external_ids, *([params.external_id] if params.external_id else [])]))
+    q = ListQuery(
+        organization_id=principal.organization_id,
+        environment=principal.environment,
+        filter=CustomerFilter(
+            statuses=(STATUS_TO_TALLY[params.status],) if params.status else (),
+            email=params.email,
+            ids=tuple(params.customer_ids),
+            identifiers=identifiers,
+            parent_ids=tuple(params.parent_customer_ids),
+        ),
+        sort=Sort("customer_identifier" if params.sort == "external_id" else params.sort, params.order == "desc"),
+        limit=params.limit,
+        offset=params.offset,
+    )
+    page = await run_list(request, q, SHAPES[params.expand == "parent_customer"])
+    envelope = {"pagination": {"total": page.count, "limit": params.limit, "offset": params.offset}}
+    return web.Response(body=json_with(envelope, "items", page.docs), content_type="application/json")
+
+
+ENDPOINTS = [
+    Endpoint("GET", BASE + "/v1/customers", list_customers, "List customers", TAG, "read",
+             query=ListParams, response=CustomerList, errors=(400, 401, 403, 429)),
+]  # fmt: skip

@@ -1,0 +1,113 @@
+"""The public customers API (seed 004): ``/compat/public/api/public/customers``.
+
+Unstated by the seed and chosen here: customers are sorted newest first (``createdAt``
+descending); ``id`` is tally's customer uuid; ``hasActiveSubscription`` is always computed
+(active or trialing); ``subscriptions`` appears only with ``include_subscriptions=true``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, ClassVar
+from uuid import UUID
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from service.api.listing import json_with, run_list
+from service.api.params import parse_query
+from service.api.routing import PRINCIPAL, Endpoint
+from service.api.shapes import customer_shape
+from service.query import Col, ListQuery, Sort
+
+BASE = "/compat/public"
+TAG = "compat: public"
+CAMEL = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class ListParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(50, ge=1, le=100, description="Maximum customers to return (default 50, max 100).")
+    offset: int = Field(0, ge=0, le=10_000_000, description="Customers to skip.")
+    include_subscriptions: bool = Field(False, description="Include each customer's subscriptions.")
+
+
+class Plan(BaseModel):
+    model_config = CAMEL
+    source_prefix: ClassVar[str] = "plan_"
+
+    stripe_price_id: str | None
+    name: str | None
+    amount: int | None = Field(description="Amount in cents.")
+    currency: str | None
+    interval: str | None
+
+
+class Subscription(BaseModel):
+    model_config = CAMEL
+
+    id: str
+    status: str
+    current_period_start: Annotated[datetime | None, Col("current_period_start", "iso_ms")]
+    current_period_end: Annotated[datetime | None, Col("current_period_end", "iso_ms")]
+    plan: Plan | None
+
+
+class Customer(BaseModel):
+    model_config = CAMEL
+
+    id: UUID
+    email: str | None
+    first_name: str | None
+    last_name: str | None
+    phone: str | None
+    stripe_customer_id: str | None
+    has_active_subscription: bool = Field(description="Any subscription active or trialing.")
+    subscriptions: list[Subscription] | None = Field(None, description="Only with include_subscriptions=true.")
+    created_at: Annotated[datetime, Col("created_at", "iso_ms")]
+    updated_at: Annotated[datetime, Col("updated_at", "iso_ms")]
+
+
+class Pagination(BaseModel):
+    model_config = CAMEL
+
+    total: int
+    limit: int
+    offset: int
+    has_more: bool
+
+
+class CustomerList(BaseModel):
+    data: list[Customer]
+    pagination: Pagination
+
+
+SHAPES = {
+    False: customer_shape(Customer, skip=("subscriptions",)),
+    True: customer_shape(Customer, skip=("subscriptions",), subscriptions_key="subscriptions",
+                         subscription_model=Subscription),
+}  # fmt: skip
+
+
+async def list_customers(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, ListParams)
+    q = ListQuery(
+        organization_id=principal.organization_id,
+        environment=principal.environment,
+        sort=Sort("created_at", descending=True),
+        limit=params.limit,
+        offset=params.offset,
+    )
+    page = await run_list(request, q, SHAPES[params.include_subscriptions])
+    pagination = {"total": page.count, "limit": params.limit, "offset": params.offset,
+                  "hasMore": page.next_position is not None}  # fmt: skip
+    return web.Response(body=json_with({"pagination": pagination}, "data", page.docs), content_type="application/json")
+
+
+ENDPOINTS = [
+    Endpoint("GET", BASE + "/api/public/customers", list_customers, "Get customers list", TAG, "read",
+             query=ListParams, response=CustomerList, errors=(400, 401, 403, 429)),
+]  # fmt: skip

@@ -1,0 +1,162 @@
+"""Respan (seeds 000, 001): ``/compat/respan/api/users/list/`` and ``/api/users/{id}/``.
+
+Unstated by the seed and chosen here: ``page`` is an integer ≥ 1; ``sort_by`` accepts the
+canonical sort fields; the detail route's ``id`` is the customer_identifier (as in the seed's
+example) while the list's ``id`` is customer_identifier + environment + organization uuid.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+from uuid import UUID
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import customers as core
+from service.api import appkeys
+from service.api.listing import json_with, link, run_list
+from service.api.models import Environment, SortBy
+from service.api.params import parse_body, parse_query
+from service.api.routing import PRINCIPAL, Endpoint
+from service.api.shapes import customer_shape
+from service.profile import BudgetDuration, Money, ProfileUpdate, ShortText
+from service.query import Col, ListQuery, Sort
+
+BASE = "/compat/respan"
+TAG = "compat: respan"
+
+
+class ListParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    page: int = Field(1, ge=1, le=10_000_000, description="Page number.")
+    page_size: int = Field(50, ge=1, le=1000, description="Customers per page. Maximum is 1000.")
+    sort_by: SortBy = Field("-first_seen", description="Sort field; prefix '-' for descending.")
+    environment: Environment = Field("prod", description="prod or test.")
+
+
+class DetailParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    environment: Environment | None = Field(None, description="Defaults to the key's environment.")
+
+
+class User(BaseModel):
+    id: Annotated[str, Col("scoped_id")] = Field(description="customer_identifier + environment + organization id")
+    unique_organization_id: Annotated[UUID, Col("organization_id")]
+    customer_identifier: str
+    environment: Environment
+    name: str | None
+    email: str | None
+    first_seen: Annotated[datetime | None, Col("first_seen", "iso_z")]
+    last_active_timeframe: Annotated[datetime | None, Col("last_active", "iso_z")]
+    active_days: int
+    number_of_requests: int
+    total_tokens: int
+    total_cost: Annotated[float, Col("total_cost", "number")]
+    average_latency: float | None
+    average_ttft: float | None
+
+
+class UserList(BaseModel):
+    count: int
+    next: str | None
+    previous: str | None
+    results: list[User]
+
+
+class UserDetail(BaseModel):
+    id: Annotated[str, Col("customer_identifier")]
+    name: str | None
+    email: str | None
+    customer_identifier: str
+    environment: Environment
+    total_budget: Annotated[float | None, Col("total_budget", "number")]
+    period_budget: Annotated[float | None, Col("period_budget", "number")]
+    organization_name: str | None
+    total_period_usage: Annotated[float, Col("total_period_usage", "number")]
+    period_start: Annotated[datetime | None, Col("period_start", "iso_z")]
+    period_end: Annotated[datetime | None, Col("period_end", "iso_z")]
+    budget_duration: BudgetDuration | None
+    updated_at: Annotated[datetime, Col("updated_at", "iso_z")]
+
+
+class UserPatch(BaseModel):
+    """The editable fields of seed 001."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ShortText | None = None
+    email: ShortText | None = None
+    total_budget: Money | None = None
+    period_budget: Money | None = None
+    budget_duration: BudgetDuration | None = None
+
+
+LIST_SHAPE = customer_shape(User)
+DETAIL_SHAPE = customer_shape(UserDetail)
+JSON = "application/json"
+
+
+async def list_users(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, ListParams)
+    q = ListQuery(
+        organization_id=principal.organization_id,
+        environment=params.environment,
+        sort=Sort.parse(params.sort_by),
+        limit=params.page_size,
+        offset=(params.page - 1) * params.page_size,
+    )
+    page = await run_list(request, q, LIST_SHAPE)
+    envelope = {
+        "count": page.count,
+        "next": link(request, page=params.page + 1) if page.next_position else None,
+        "previous": link(request, page=params.page - 1) if params.page > 1 else None,
+    }
+    return web.Response(body=json_with(envelope, "results", page.docs), content_type=JSON)
+
+
+def _where(request: web.Request) -> tuple[object, str, str]:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, DetailParams)
+    return principal.organization_id, params.environment or principal.environment, request.match_info["customer_identifier"]
+
+
+async def retrieve_user(request: web.Request) -> web.Response:
+    org, env, identifier = _where(request)
+    async with request.app[appkeys.READ_POOL].acquire() as conn:
+        doc = await core.get_customer(conn, org, env, identifier, DETAIL_SHAPE)  # type: ignore[arg-type]
+    return web.Response(text=doc, content_type=JSON)
+
+
+async def update_user(request: web.Request) -> web.Response:
+    org, env, identifier = _where(request)
+    body = await parse_body(request, UserPatch, request.app[appkeys.SETTINGS].max_body_bytes)
+    values = ProfileUpdate.model_validate(body.model_dump(exclude_unset=True)).columns()
+    async with request.app[appkeys.POOL].acquire() as conn:
+        doc = await core.update_customer(conn, org, env, identifier, values, DETAIL_SHAPE)  # type: ignore[arg-type]
+    return web.Response(text=doc, content_type=JSON)
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    org, env, identifier = _where(request)
+    async with request.app[appkeys.POOL].acquire() as conn:
+        await core.delete_customer(conn, org, env, identifier)  # type: ignore[arg-type]
+    return web.Response(status=204)
+
+
+IDENTIFIER = {"customer_identifier": "Your unique identifier for this customer."}
+ENDPOINTS = [
+    Endpoint("GET", BASE + "/api/users/list/", list_users, "List customers", TAG, "read",
+             query=ListParams, response=UserList, errors=(400, 401, 429)),
+    Endpoint("GET", BASE + "/api/users/{customer_identifier}/", retrieve_user, "Retrieve a customer", TAG, "read",
+             query=DetailParams, response=UserDetail, errors=(400, 401, 404, 429), path_params=IDENTIFIER),
+    Endpoint("PATCH", BASE + "/api/users/{customer_identifier}/", update_user, "Update a customer", TAG, "write",
+             query=DetailParams, body=UserPatch, response=UserDetail, errors=(400, 401, 404, 429),
+             path_params=IDENTIFIER),
+    Endpoint("DELETE", BASE + "/api/users/{customer_identifier}/", delete_user, "Delete a customer", TAG, "write",
+             query=DetailParams, status=204, errors=(400, 401, 404, 429), path_params=IDENTIFIER),
+]  # fmt: skip

@@ -1,0 +1,92 @@
+"""The v0 customers API (seed 002): ``/compat/v0/api/v0/customers``, authenticated by the
+``x-client-key`` + ``x-client-secret`` header pair (``tally keys create --json`` prints it).
+
+Unstated by the seed and chosen here: the response is
+``{"customers": [...], "total", "skip", "take"}`` where ``take`` is the number of customers
+returned (the seed: "Number of records returned in this response"); customers are sorted
+newest first (``createdAt`` descending); ``status`` is tally's status in upper case, so
+besides ACTIVE, BLACKLISTED and DEACTIVATED a customer may show DRAFT or ARCHIVED.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+from uuid import UUID
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from service.api.listing import json_with, run_list
+from service.api.params import parse_query
+from service.api.routing import PRINCIPAL, Endpoint
+from service.api.shapes import customer_shape
+from service.profile import ShortText
+from service.query import Col, CustomerFilter, ListQuery, Sort
+
+BASE = "/compat/v0"
+TAG = "compat: v0"
+
+
+class ListParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    skip: int = Field(0, ge=0, le=10_000_000, description="Number of records to skip (must be non-negative).")
+    take: int = Field(10, ge=1, le=100, description="Number of records to take (1-100).")
+    status: Literal["ACTIVE", "BLACKLISTED", "DEACTIVATED"] | None = Field(None, description="Customer status.")
+    name: ShortText | None = Field(None, description="Partial match, case-insensitive.")
+    email: ShortText | None = Field(None, description="Exact match, case-insensitive.")
+
+
+class Customer(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    id: UUID
+    first_name: str | None
+    last_name: str | None
+    email: str | None
+    phone: str | None
+    customer_type: str | None
+    status: Annotated[str, Col("status", "upper")]
+    last_transaction_amount: Annotated[float | None, Col("last_transaction_amount", "number")]
+    last_purchase_date: Annotated[datetime | None, Col("last_purchase_date", "iso_ms")]
+    application_id: str | None
+    created_at: Annotated[datetime, Col("created_at", "iso_ms")]
+    updated_at: Annotated[datetime, Col("updated_at", "iso_ms")]
+
+
+class CustomerList(BaseModel):
+    customers: list[Customer]
+    total: int = Field(description="Customers matching the filters.")
+    skip: int = Field(description="Records skipped.")
+    take: int = Field(description="Records returned in this response.")
+
+
+SHAPE = customer_shape(Customer)
+
+
+async def list_customers(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    params = parse_query(request, ListParams)
+    q = ListQuery(
+        organization_id=principal.organization_id,
+        environment=principal.environment,
+        filter=CustomerFilter(
+            statuses=(params.status.lower(),) if params.status else (),
+            name_contains=params.name,
+            email=params.email,
+        ),
+        sort=Sort("created_at", descending=True),
+        limit=params.take,
+        offset=params.skip,
+    )
+    page = await run_list(request, q, SHAPE)
+    envelope = {"total": page.count, "skip": params.skip, "take": len(page.docs)}
+    return web.Response(body=json_with(envelope, "customers", page.docs), content_type="application/json")
+
+
+ENDPOINTS = [
+    Endpoint("GET", BASE + "/api/v0/customers", list_customers, "List customers", TAG, "read",
+             query=ListParams, response=CustomerList, errors=(400, 401, 403, 429)),
+]  # fmt: skip
