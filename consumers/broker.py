@@ -5,6 +5,7 @@ Topology (declared idempotently by whoever connects first)::
 
     exchange <ns>.events (topic) ──usage.# customer.# subscription.#──▶ quorum queue <ns>.ingest
     <ns>.ingest ──rejected / over delivery limit──▶ exchange <ns>.dlx (topic) ──#──▶ queue <ns>.dead
+    exchange <ns>.events ──alert.#──▶ quorum queue <ns>.alerts (budget alerts for downstream services)
 
 ``<ns>`` is ``TALLY_AMQP_NAMESPACE`` (default ``tally``), so tests and several deployments
 can share one broker.
@@ -26,6 +27,8 @@ BINDINGS = ("usage.#", "customer.#", "subscription.#")
 # A message redelivered this many times (a consumer crashing on it over and over) is
 # dead-lettered by the broker itself rather than crash-looping the fleet forever.
 DELIVERY_LIMIT = 20
+
+ALERTS_MAX_LENGTH = 100_000
 
 REASON_HEADER = "x-tally-reason"
 ROUTING_KEY_HEADER = "x-tally-routing-key"
@@ -51,6 +54,10 @@ class Names:
     @property
     def dead(self) -> str:
         return f"{self.namespace}.dead"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.namespace}.alerts"
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,13 @@ async def declare(channel: AbstractChannel, names: Names) -> Topology:
     )
     for key in BINDINGS:
         await ingest.bind(events, key)
+    # Budget alerts are for downstream services, not for tally: kept here until they consume
+    # them (bounded, oldest dropped first, so an unread queue cannot grow without limit).
+    alerts = await channel.declare_queue(
+        names.alerts, durable=True,
+        arguments={"x-queue-type": "quorum", "x-max-length": ALERTS_MAX_LENGTH, "x-overflow": "drop-head"},
+    )  # fmt: skip
+    await alerts.bind(events, "alert.#")
     return Topology(events, dlx, ingest, dead)
 
 

@@ -33,8 +33,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from consumers.broker import Names, Topology, dead_letter_message, declare
 from service import metrics
+from service.alerts import ALERT_ROUTING_KEY, relay_alerts
 from service.events import Event, InvalidEvent, decode_body, validate_event
-from service.fold import Outcome, fold, purge_processed
+from service.fold import Outcome, Outcomes, fold, purge_processed
 from service.settings import Settings
 
 log = logging.getLogger("tally.consumer")
@@ -58,6 +59,9 @@ RETRY_BASE = 0.1
 RETRY_CAP = 5.0
 RECONNECT_CAP = 10.0
 PURGE_EVERY = 600.0
+ALERT_RELAY_CHUNK = 100
+# Alerts recorded by a consumer that crashed before relaying them are picked up this often.
+ALERT_RELAY_EVERY = 5.0
 # On SIGTERM, give a batch whose database is unreachable this long before leaving it unacked
 # (the broker redelivers it to another consumer).
 DRAIN_GRACE = 10.0
@@ -128,6 +132,8 @@ class Consumer:
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
         self._last_purge = 0.0
+        self._last_relay = 0.0
+        self._alerts_pending = False
         # Test hook: a callable run between commit and ack (a crash there must lose nothing).
         self.after_commit_hook = None
 
@@ -253,6 +259,7 @@ class Consumer:
 
         if events:
             outcomes = await self._fold(events)
+            self._alerts_pending |= outcomes.alerts > 0
             applied_at = datetime.now(timezone.utc)
             for event, outcome in zip(events, outcomes):
                 metrics.EVENTS.labels(event.type, outcome.status).inc()
@@ -273,6 +280,26 @@ class Consumer:
             metrics.DEAD_LETTERS.labels(_reason_kind(letter.reason)).inc()
             log.warning("dead-lettered", extra={"reason": letter.reason, "routing_key": letter.routing_key})
         await self._ack(messages)
+        if self._alerts_pending or time.monotonic() - self._last_relay > ALERT_RELAY_EVERY:
+            await self._relay_alerts(topology)
+
+    async def _relay_alerts(self, topology: Topology) -> None:
+        """Publish budget alerts recorded by folds (this one's or a crashed consumer's)."""
+
+        async def publish(event: dict) -> None:
+            await topology.events.publish(
+                aio_pika.Message(orjson.dumps(event), content_type="application/cloudevents+json",
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event["id"]),
+                routing_key=ALERT_ROUTING_KEY, mandatory=True,
+            )  # fmt: skip
+
+        self._last_relay = time.monotonic()
+        try:
+            while await relay_alerts(self.pool, publish, limit=ALERT_RELAY_CHUNK) == ALERT_RELAY_CHUNK:
+                pass
+            self._alerts_pending = False
+        except TRANSIENT_DB_ERRORS as exc:
+            log.warning("alert relay deferred", extra={"error": repr(exc)})
 
     async def _ack(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         # Deliveries arrive in tag order and a batch is a run of consecutive deliveries, so
@@ -285,7 +312,7 @@ class Consumer:
                 await message.ack()
         metrics.IN_FLIGHT.dec(len(batch))
 
-    async def _fold(self, events: list[Event]) -> list[Outcome]:
+    async def _fold(self, events: list[Event]) -> Outcomes:
         """Fold with retries on transient errors; isolate events the database refuses."""
         attempt = 0
         while True:
@@ -304,9 +331,12 @@ class Consumer:
                 # Not transient: some event in the batch makes the database refuse it. Split
                 # until the offender stands alone, so the rest of the batch still applies.
                 if len(events) == 1:
-                    return [Outcome("rejected", f"database refused the event: {type(exc).__name__}")]
+                    return Outcomes([Outcome("rejected", f"database refused the event: {type(exc).__name__}")])
                 middle = len(events) // 2
-                return await self._fold(events[:middle]) + await self._fold(events[middle:])
+                first, second = await self._fold(events[:middle]), await self._fold(events[middle:])
+                both = Outcomes([*first, *second])
+                both.alerts = first.alerts + second.alerts
+                return both
 
     async def _maybe_purge(self) -> None:
         if time.monotonic() - self._last_purge < PURGE_EVERY:

@@ -41,6 +41,12 @@ class Outcome:
     reason: str | None = None
 
 
+class Outcomes(list[Outcome]):
+    """One Outcome per event, in order; ``alerts`` counts budget alerts the batch recorded."""
+
+    alerts: int = 0
+
+
 APPLIED = Outcome("applied")
 DUPLICATE = Outcome("duplicate")
 
@@ -223,6 +229,28 @@ WHERE c.organization_id = d.organization_id AND c.id = d.id
   AND d.deleted_at >= coalesce(greatest(c.last_active, c.profile_event_time), '-infinity'::timestamptz)
 """
 
+# Thresholds reached by customers whose usage this batch changed: recorded once per
+# customer, period and threshold (the primary key), in the batch's own transaction.
+RECORD_ALERTS = """
+INSERT INTO budget_alerts (organization_id, customer_id, threshold, period_start, period_end, budget, usage)
+SELECT c.organization_id, c.id, t.threshold, t.period_start, t.period_end, t.budget, t.usage
+FROM unnest($1::uuid[], $2::uuid[]) AS k(organization_id, id)
+JOIN customers c ON c.organization_id = k.organization_id AND c.id = k.id
+CROSS JOIN LATERAL (
+    SELECT coalesce(tally_period_start(c.budget_duration, now()), '-infinity'::timestamptz) AS start,
+           tally_period_end(c.budget_duration, now()) AS stop,
+           tally_period_usage(c.organization_id, c.id, c.budget_duration, now(), c.total_cost) AS used
+) p
+CROSS JOIN LATERAL (VALUES
+    ('period_80', p.start, p.stop, c.period_budget, p.used, 0.8),
+    ('period_100', p.start, p.stop, c.period_budget, p.used, 1.0),
+    ('total_100', '-infinity'::timestamptz, NULL::timestamptz, c.total_budget, c.total_cost, 1.0)
+) AS t(threshold, period_start, period_end, budget, usage, share)
+WHERE t.budget IS NOT NULL AND t.usage > 0 AND t.usage >= t.budget * t.share
+ORDER BY c.organization_id, c.id, t.threshold
+ON CONFLICT DO NOTHING
+"""
+
 PURGE_PROCESSED = """
 DELETE FROM processed_events
 WHERE ctid = ANY(ARRAY(SELECT ctid FROM processed_events WHERE processed_at < $1 LIMIT $2))
@@ -239,7 +267,7 @@ async def fold(
     *,
     retention: timedelta,
     now: datetime | None = None,
-) -> list[Outcome]:
+) -> Outcomes:
     """Apply ``events`` in one transaction; returns one :class:`Outcome` per event, in order.
 
     An event applies at most once per (organization, source, id): duplicates within the
@@ -250,6 +278,7 @@ async def fold(
     """
     now = now or datetime.now(timezone.utc)
     outcomes: list[Outcome | None] = [None] * len(events)
+    alerts = 0
     async with conn.transaction():
         orgs = {}
         for row in await conn.fetch(SELECT_ORGS, sorted({e.organization for e in events})):
@@ -282,11 +311,14 @@ async def fold(
             else:
                 outcomes[i] = DUPLICATE
         if applied:
-            await _apply(conn, applied)
-    return [o or DUPLICATE for o in outcomes]
+            alerts = await _apply(conn, applied)
+    result = Outcomes(o or DUPLICATE for o in outcomes)
+    result.alerts = alerts
+    return result
 
 
-async def _apply(conn: asyncpg.Connection, applied: list[tuple[UUID, Event]]) -> None:
+async def _apply(conn: asyncpg.Connection, applied: list[tuple[UUID, Event]]) -> int:
+    """Write the batch's new events; returns the number of budget alerts recorded."""
     deltas: dict[tuple[str, str, str], _CustomerDelta] = defaultdict(_CustomerDelta)
     org_of: dict[str, UUID] = {}
     subscriptions: dict[tuple[str, str], tuple[tuple[str, str, str], Event]] = {}
@@ -327,6 +359,11 @@ async def _apply(conn: asyncpg.Connection, applied: list[tuple[UUID, Event]]) ->
 
     new_days = await _upsert_daily(conn, deltas, ids, org_of)
     await _update_customers(conn, deltas, ids, org_of, new_days)
+    spenders = sorted((org_of[k[0]], ids[k]) for k in keys if k in ids and deltas[k].days)
+    alerts = 0
+    if spenders:
+        status = await conn.execute(RECORD_ALERTS, [o for o, _ in spenders], [c for _, c in spenders])
+        alerts = int(status.split()[-1])
     if subscriptions:
         await _upsert_subscriptions(conn, subscriptions, ids, org_of)
     deleting = [k for k in keys if deltas[k].delete_time is not None and k in ids]
@@ -335,6 +372,7 @@ async def _apply(conn: asyncpg.Connection, applied: list[tuple[UUID, Event]]) ->
             DELETE_CUSTOMERS,
             [org_of[k[0]] for k in deleting], [ids[k] for k in deleting], [deltas[k].delete_time for k in deleting],
         )  # fmt: skip
+    return alerts
 
 
 async def _upsert_daily(

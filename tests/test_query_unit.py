@@ -75,19 +75,7 @@ def test_the_api_offers_exactly_the_sort_fields() -> None:
     assert offered == set(SORT_FIELDS) | {"-" + f for f in SORT_FIELDS}
 
 
-# Sort fields the schema has no list index for (reported; the fix is a migration).
-_UNINDEXED = {"status", "prompt_tokens", "completion_tokens", "total_budget", "period_budget"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="no (organization_id, environment, expr, id) index"))
-        if n in _UNINDEXED
-        else n
-        for n in SORT_FIELDS
-    ],
-)
+@pytest.mark.parametrize("name", list(SORT_FIELDS))
 def test_sort_field_has_its_keyset_index(name: str) -> None:
     """query.py: each sort expression has an index (organization_id, environment, expr, id),
     so a page at any depth is an index scan."""
