@@ -59,6 +59,7 @@ RETRY_BASE = 0.1
 RETRY_CAP = 5.0
 RECONNECT_CAP = 10.0
 PURGE_EVERY = 600.0
+QUEUE_POLL_EVERY = 15.0
 ALERT_RELAY_CHUNK = 100
 # Alerts recorded by a consumer that crashed before relaying them are picked up this often.
 ALERT_RELAY_EVERY = 5.0
@@ -133,6 +134,7 @@ class Consumer:
         self._stop_requested_at: float | None = None
         self._last_purge = 0.0
         self._last_relay = 0.0
+        self._last_queue_poll = 0.0
         self._alerts_pending = False
         # Test hook: a callable run between commit and ack (a crash there must lose nothing).
         self.after_commit_hook = None
@@ -190,6 +192,7 @@ class Consumer:
                 if batch:
                     await self._process(batch, topology)
                 await self._maybe_purge()
+                await self._maybe_poll_queues(channel)
             if lost.is_set():
                 raise ConnectionError("broker connection closed")
             # Draining: no new deliveries, then fold what was already received.
@@ -337,6 +340,16 @@ class Consumer:
                 both = Outcomes([*first, *second])
                 both.alerts = first.alerts + second.alerts
                 return both
+
+    async def _maybe_poll_queues(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        """Export queue depths as metrics (every consumer does; they agree)."""
+        if time.monotonic() - self._last_queue_poll < QUEUE_POLL_EVERY:
+            return
+        self._last_queue_poll = time.monotonic()
+        for name in (self.names.ingest, self.names.dead):
+            declared = await channel.declare_queue(name, passive=True)
+            metrics.QUEUE_MESSAGES.labels(name).set(declared.declaration_result.message_count or 0)
+            metrics.QUEUE_CONSUMERS.labels(name).set(declared.declaration_result.consumer_count or 0)
 
     async def _maybe_purge(self) -> None:
         if time.monotonic() - self._last_purge < PURGE_EVERY:

@@ -153,6 +153,70 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                           batch=args.batch, seed=args.seed)  # fmt: skip
 
 
+async def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.broker import Names
+    from consumers.ops import queue_stats
+
+    stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, Names(settings.amqp_namespace))
+    if args.json:
+        _print_json([s.as_dict() for s in stats])
+        return 0
+    print(f"{'queue':<24} {'ready':>9} {'unacked':>9} {'consumers':>9} {'publish/s':>10} {'deliver/s':>10}")
+    for s in stats:
+        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        print(f"{s.name:<24} {s.ready:>9} {fmt(s.unacknowledged, 'd'):>9} {s.consumers:>9} "
+              f"{fmt(s.publish_rate, '.1f'):>10} {fmt(s.deliver_rate, '.1f'):>10}")  # fmt: skip
+    if stats and stats[0].source == "amqp":
+        print("(management API unreachable: unacked and rates need it; see TALLY_AMQP_MANAGEMENT_URL)")
+    return 0
+
+
+def _counter(label: str) -> Callable[[int, int], None]:
+    """Progress on stderr: a rewritten line on a terminal, a line every 100 otherwise."""
+    tty = sys.stderr.isatty()
+
+    def show(done: int, kept: int) -> None:
+        if tty:
+            sys.stderr.write(f"\r{label} {done} (left in queue: {kept})")
+        elif done % 100 == 0:
+            sys.stderr.write(f"{label} {done} (left in queue: {kept})\n")
+        sys.stderr.flush()
+
+    return show
+
+
+async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.broker import Names
+    from consumers.ops import DeadLetters
+
+    async with DeadLetters(settings.amqp_url, Names(settings.amqp_namespace)) as dlq:
+        if args.dlq_command == "list":
+            infos = await dlq.list(limit=args.limit, reason=args.reason)
+            if args.json:
+                _print_json([i.as_dict() for i in infos])
+            else:
+                for i in infos:
+                    print(f"{i.first_death or '-':<32} {i.event_type or '-':<22} {i.event_id or '-':<38} "
+                          f"{i.organization or '-':<20} {i.reason}")  # fmt: skip
+                print(f"{len(infos)} dead letter(s) shown", file=sys.stderr)
+            return 0
+        if args.dlq_command == "replay":
+            replayed, kept = await dlq.replay(reason=args.reason, limit=args.limit, progress=_counter("replayed"))
+            print(f"\nreplayed {replayed}, left {kept} in {dlq.names.dead}", file=sys.stderr)
+            return 0
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print("tally: refusing to purge without --yes (no terminal to ask)", file=sys.stderr)
+                return 2
+            scope = f"matching '{args.reason}'" if args.reason else "ALL"
+            if input(f"Delete {scope} dead letters in {dlq.names.dead}? [y/N] ").strip().lower() not in ("y", "yes"):
+                print("nothing purged")
+                return 1
+        purged, kept = await dlq.purge(reason=args.reason, progress=_counter("purged"))
+        print(f"\npurged {purged}, left {kept} in {dlq.names.dead}", file=sys.stderr)
+        return 0
+
+
 def _install_uvloop() -> None:
     try:
         import uvloop
@@ -183,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=500, help="events per broker message (default 500)")
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(run=cmd_demo)
+
+    queues = sub.add_parser("queues", help="depth, consumers and rates of the ingest and dead-letter queues")
+    queues.add_argument("--json", action="store_true")
+    queues.set_defaults(run=cmd_queues)
+
+    dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge").add_subparsers(dest="dlq_command", required=True)
+    dl = dlq.add_parser("list", help="reason, event type, id, organization, first death time")
+    dl.add_argument("--limit", type=int, default=100)
+    dl.add_argument("--reason", help="only those whose reason contains this text")
+    dl.add_argument("--json", action="store_true")
+    dl.set_defaults(run=cmd_dlq)
+    dr = dlq.add_parser("replay", help="re-publish to the events exchange (deduped: never double counts)")
+    dr.add_argument("--reason", help="only those whose reason contains this text")
+    dr.add_argument("--limit", type=int, help="at most this many")
+    dr.set_defaults(run=cmd_dlq)
+    dp = dlq.add_parser("purge", help="delete dead letters (asks first unless --yes)")
+    dp.add_argument("--reason", help="only those whose reason contains this text")
+    dp.add_argument("--yes", action="store_true")
+    dp.set_defaults(run=cmd_dlq)
 
     orgs = sub.add_parser("orgs", help="organizations").add_subparsers(dest="orgs_command", required=True)
     create = orgs.add_parser("create", help="create an organization")

@@ -44,6 +44,13 @@ EVENT_LAG = Histogram(
 IN_FLIGHT = Gauge("tally_messages_in_flight", "Messages received and not yet acked.", registry=REGISTRY)
 BROKER_CONNECTED = Gauge("tally_broker_connected", "1 while connected to RabbitMQ.", registry=REGISTRY)
 BROKER_RECONNECTS = Counter("tally_broker_reconnects_total", "Reconnections to RabbitMQ.", registry=REGISTRY)
+DB_POOL_IN_USE = Gauge("tally_db_pool_in_use", "Database connections checked out.", registry=REGISTRY)
+DB_POOL_SIZE = Gauge("tally_db_pool_size", "Database connections open.", registry=REGISTRY)
+QUEUE_MESSAGES = Gauge(
+    "tally_queue_messages", "Messages ready in a queue (polled by the consumer).", ["queue"], registry=REGISTRY
+)
+QUEUE_CONSUMERS = Gauge("tally_queue_consumers", "Consumers on a queue (polled by the consumer).", ["queue"],
+                        registry=REGISTRY)  # fmt: skip
 DB_RETRIES = Counter(
     "tally_db_retries_total", "Batches retried after a transient database error.", registry=REGISTRY
 )

@@ -10,8 +10,8 @@ from aiohttp import web
 
 from consumers.broker import Names
 from consumers.publisher import Publisher
-from service import __version__
-from service.api import appkeys, customers, events, health, openapi
+from service import __version__, metrics
+from service.api import appkeys, customers, events, health, openapi, ops
 from service.api.compat import flexprice, public, respan, v0
 from service.api.models import Health
 from service.api.observability import metrics_endpoint, metrics_middleware
@@ -63,6 +63,8 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         if secret is None:
             raise RuntimeError("the database is not migrated: run 'tally migrate' first")
         app[appkeys.CURSORS] = CursorCodec(secret)
+        metrics.DB_POOL_IN_USE.set_function(lambda: pool.get_size() - pool.get_idle_size())
+        metrics.DB_POOL_SIZE.set_function(pool.get_size)
         yield
 
 
@@ -93,7 +95,7 @@ def base_app(settings, endpoints: list[Endpoint]) -> web.Application:  # type: i
 
 def create_app(settings) -> web.Application:  # type: ignore[no-untyped-def]
     endpoints = [
-        *OPERATIONS, *customers.ENDPOINTS, *events.ENDPOINTS,
+        *OPERATIONS, *ops.ENDPOINTS, *customers.ENDPOINTS, *events.ENDPOINTS,
         *respan.ENDPOINTS, *v0.ENDPOINTS, *flexprice.ENDPOINTS, *public.ENDPOINTS,
     ]  # fmt: skip
     app = base_app(settings, [*endpoints, *DOCS])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from aiohttp import web
 
 from service import metrics
+
+access_log = logging.getLogger("tally.access")
 
 
 @web.middleware
@@ -24,8 +27,13 @@ async def metrics_middleware(request: web.Request, handler):  # type: ignore[no-
         resource = request.match_info.route.resource
         # The route template, never the raw path: identifiers would explode the label set.
         route = resource.canonical if resource is not None else "unmatched"
+        elapsed = time.perf_counter() - started
         metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
-        metrics.HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
+        metrics.HTTP_LATENCY.labels(route, request.method).observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            # The path, never the query string or headers: those may carry secrets.
+            access_log.info("request", extra={"method": request.method, "path": request.path, "route": route,
+                                              "status": status, "ms": round(elapsed * 1000, 2)})  # fmt: skip
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from service import logs
 from service.errors import FieldError, TallyError, Unauthenticated, Unavailable
 
 log = logging.getLogger("tally.api")
@@ -62,7 +63,11 @@ def problem(
 async def request_id_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
     incoming = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
-    response = await handler(request)
+    token = logs.REQUEST_ID.set(request[REQUEST_ID])
+    try:
+        response = await handler(request)
+    finally:
+        logs.REQUEST_ID.reset(token)
     response.headers["X-Request-ID"] = request[REQUEST_ID]
     return response
 
