@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -128,6 +129,8 @@ class Consumer:
         self.settings = settings
         self.pool = pool
         self.names = Names(settings.amqp_namespace)
+        # How operators (and the management UI) tell this process's connection apart.
+        self.connection_name = f"{self.names.namespace}-consumer-{os.getpid()}-{id(self):x}"
         self.retention = timedelta(days=settings.dedupe_retention_days)
         self.connected = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -168,7 +171,9 @@ class Consumer:
     # ---- one connection --------------------------------------------------------------
 
     async def _session(self) -> None:
-        connection = await aio_pika.connect(self.settings.amqp_url, timeout=10)
+        connection = await aio_pika.connect(
+            self.settings.amqp_url, timeout=10, client_properties={"connection_name": self.connection_name}
+        )
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         inbox = Inbox()

@@ -15,6 +15,7 @@ which the consumer's dedupe absorbs.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -51,11 +52,12 @@ def _vhost(amqp_url: str) -> str:
 
 async def _management_stats(management_url: str, vhost: str, queue: str) -> QueueStats:
     parts = urlsplit(management_url)
-    auth = aiohttp.BasicAuth(unquote(parts.username or "guest"), unquote(parts.password or "guest"))
+    credentials = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or 'guest')}"
+    headers = {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
     base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}{parts.path.rstrip('/')}"
     url = f"{base}/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
     timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
-    async with aiohttp.ClientSession(auth=auth, timeout=timeout) as session, session.get(url) as response:
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session, session.get(url) as response:
         response.raise_for_status()
         data = await response.json()
     stats = data.get("message_stats") or {}

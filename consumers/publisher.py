@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -38,7 +39,10 @@ class Publisher:
             if not (self.connected and self._topology is not None):
                 await self._close()
                 try:
-                    self._connection = await aio_pika.connect(self.amqp_url, timeout=CONNECT_TIMEOUT)
+                    self._connection = await aio_pika.connect(
+                        self.amqp_url, timeout=CONNECT_TIMEOUT,
+                        client_properties={"connection_name": f"{self.names.namespace}-publisher-{os.getpid()}"},
+                    )  # fmt: skip
                     self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
                     self._topology = await declare(self._channel, self.names)
                 except (aio_pika.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:

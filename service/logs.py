@@ -17,12 +17,25 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
-class RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
+def _install_request_id_factory() -> None:
+    """Stamp the current request's id on every record at creation, whatever handler (or
+    test capture) receives it."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "tally_request_id", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
         request_id = REQUEST_ID.get()
-        if request_id is not None and not hasattr(record, "request_id"):
+        if request_id is not None:
             record.request_id = request_id
-        return True
+        return record
+
+    factory.tally_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+_install_request_id_factory()
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,7 +63,6 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from consumers.broker import Names
 from service import auth
 from service.api.app import create_app
 from service.db import close_pool, create_pool
@@ -36,6 +38,8 @@ def database_name() -> str:
 def settings(database_name: str) -> Settings:
     return Settings(
         database_url=_with_database(BASE_DSN, database_name),
+        # Never the default namespace: a tally running on this machine must not see tests.
+        amqp_namespace=f"tally_test_{database_name}",
         db_pool_min=1,
         db_pool_max=4,
     )
@@ -67,6 +71,26 @@ async def pool(migrated: str, settings: Settings) -> AsyncIterator[asyncpg.Pool]
 async def client(migrated: str, settings: Settings) -> AsyncIterator[TestClient]:
     async with TestClient(TestServer(create_app(settings))) as c:
         yield c
+    await delete_namespace(settings.amqp_namespace)
+
+
+async def delete_namespace(namespace: str) -> None:
+    """Remove a test namespace's queues and exchanges from the broker (if declared)."""
+    names = Names(namespace)
+    connection = await aio_pika.connect(settings_amqp_url())
+    try:
+        for queue in (names.ingest, names.dead, names.alerts):
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+        for exchange in (names.events, names.dlx):
+            channel = await connection.channel()
+            await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
+
+
+def settings_amqp_url() -> str:
+    return os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 @dataclass

@@ -153,7 +153,7 @@ class Broker:
         assert self.connection is not None
         try:
             channel = await self.connection.channel()
-            for queue in (self.names.ingest, self.names.dead):
+            for queue in (self.names.ingest, self.names.dead, self.names.alerts):
                 await channel.queue_delete(queue)
             for exchange in (self.names.events, self.names.dlx):
                 await channel.exchange_delete(exchange)
