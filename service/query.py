@@ -91,7 +91,15 @@ CUSTOMER_FIELDS: dict[str, str] = {
     "budget_duration": "{t}.budget_duration",
     "period_start": f"tally_period_start({_PERIOD})",
     "period_end": f"tally_period_end({_PERIOD})",
-    "total_period_usage": f"tally_period_usage({{t}}.organization_id, {{t}}.id, {_PERIOD}, {{t}}.total_cost)",
+    # Inline rather than tally_period_usage(): a function holding a sub-select cannot be
+    # inlined and costs a function call per row; this is a plain SubPlan, run only for
+    # customers that have a budget duration.
+    "total_period_usage": (
+        "CASE WHEN {t}.budget_duration IS NULL THEN {t}.total_cost ELSE (SELECT coalesce(sum(d.cost), 0)"
+        " FROM daily_usage d WHERE d.organization_id = {t}.organization_id AND d.customer_id = {t}.id"
+        f" AND d.day >= (tally_period_start({_PERIOD}) AT TIME ZONE 'UTC')::date"
+        f" AND d.day < (tally_period_end({_PERIOD}) AT TIME ZONE 'UTC')::date) END"
+    ),
     "first_seen": "{t}.first_seen",
     "last_active": "{t}.last_active",
     "active_days": "{t}.active_days",
@@ -371,11 +379,16 @@ def page_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
         key = f"{p(q.position.key, 'text')}::{sort.sql_type}"
         where += f" AND ({sort.expr}, c.id) {op} ({key}, {p(q.position.id, 'uuid')})"
     direction = "DESC" if descending else "ASC"
+    # The inner query picks the page's rows (an index scan, skipping OFFSET rows cheaply);
+    # the outer one renders only those. Rendering in the inner query would build a JSON
+    # document for every skipped row of a deep OFFSET.
     sql = (
-        f"SELECT {shape_sql(shape)}::text AS doc, ({sort.expr})::text AS k, c.id::text AS kid"
-        f" FROM customers c{join_sql(shape)} WHERE {where}"
+        f"SELECT {shape_sql(shape)}::text AS doc, c.k, c.id::text AS kid FROM ("
+        f"SELECT c.*, {sort.expr} AS sort_key, ({sort.expr})::text AS k"
+        f" FROM customers c WHERE {where}"
         f" ORDER BY {sort.expr} {direction}, c.id {direction}"
         f" LIMIT {p(q.limit + 1)} OFFSET {p(q.offset)}"
+        f") c{join_sql(shape)} ORDER BY c.sort_key {direction}, c.id {direction}"
     )
     return sql, p.values
 
