@@ -36,6 +36,7 @@ from consumers.broker import Names, Topology, dead_letter_message, declare
 from service import metrics
 from service.alerts import ALERT_ROUTING_KEY, relay_alerts
 from service.events import Event, InvalidEvent, decode_body, validate_event
+from service.customers import compact_counts
 from service.fold import Outcome, Outcomes, fold, purge_processed
 from service.settings import Settings
 
@@ -60,6 +61,9 @@ RETRY_BASE = 0.1
 RETRY_CAP = 5.0
 RECONNECT_CAP = 10.0
 PURGE_EVERY = 600.0
+# The count deltas grow by about one row per batch that creates customers; compacting
+# this often keeps a count read to a few hundred rows at most.
+COMPACT_EVERY = 10.0
 QUEUE_POLL_EVERY = 15.0
 ALERT_RELAY_CHUNK = 100
 # Alerts recorded by a consumer that crashed before relaying them are picked up this often.
@@ -137,6 +141,7 @@ class Consumer:
         self._stop_requested_at: float | None = None
         self._last_purge = 0.0
         self._last_relay = 0.0
+        self._last_compact = 0.0
         self._last_queue_poll = 0.0
         self._alerts_pending = False
         # Test hook: a callable run between commit and ack (a crash there must lose nothing).
@@ -357,11 +362,16 @@ class Consumer:
             metrics.QUEUE_CONSUMERS.labels(name).set(declared.declaration_result.consumer_count or 0)
 
     async def _maybe_purge(self) -> None:
-        if time.monotonic() - self._last_purge < PURGE_EVERY:
+        """Housekeeping: compact the count deltas often, purge expired dedupe keys rarely."""
+        if time.monotonic() - self._last_compact < COMPACT_EVERY:
             return
-        self._last_purge = time.monotonic()
+        self._last_compact = time.monotonic()
         try:
             async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+                await compact_counts(conn)
+                if time.monotonic() - self._last_purge < PURGE_EVERY:
+                    return
+                self._last_purge = time.monotonic()
                 purged = await purge_processed(conn, self.retention)
             if purged:
                 log.info("purged expired dedupe keys", extra={"count": purged})

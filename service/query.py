@@ -393,7 +393,17 @@ def page_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
     return sql, p.values
 
 
+COUNTER_SQL = (
+    "SELECT coalesce(sum(delta), 0)::bigint FROM customer_counts"
+    " WHERE organization_id = $1 AND environment = $2 AND (cardinality($3::text[]) = 0 OR status = ANY($3::text[]))"
+)
+
+
 def count_sql(q: ListQuery) -> tuple[str, list[object]]:
+    """The total for ``q``. Unfiltered and status-only lists read the trigger-maintained
+    counters (a few rows); any other filter counts the matching rows."""
+    if replace(q.filter, statuses=()) == CustomerFilter():
+        return COUNTER_SQL, [q.organization_id, q.environment, list(q.filter.statuses)]
     p = _Params()
     return f"SELECT count(*) FROM customers c WHERE {where_sql(q, p)}", p.values
 

@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
 
 import aio_pika
 import asyncpg
@@ -100,7 +99,9 @@ async def test_period_bounds_at_boundaries(pool: asyncpg.Pool, session_zone: str
 async def test_period_bounds_sweep(pool: asyncpg.Pool) -> None:
     """Every 5h17m over 15 months (a leap February and a new year included), at each duration:
     the period matches the oracle and contains the instant."""
-    instants = [datetime(2023, 12, 20, 0, 0, 0, 1, tzinfo=UTC) + i * timedelta(hours=5, minutes=17) for i in range(2100)]
+    instants = [
+        datetime(2023, 12, 20, 0, 0, 0, 1, tzinfo=UTC) + i * timedelta(hours=5, minutes=17) for i in range(2100)
+    ]
     for duration in DURATIONS:
         rows = await pool.fetch(
             "SELECT t, tally_period_start($1, t) AS s, tally_period_end($1, t) AS e FROM unnest($2::timestamptz[]) t",
@@ -157,15 +158,18 @@ async def test_period_usage_counts_the_days_inside_the_period(pool: asyncpg.Pool
             "SELECT tally_period_usage($1, $2, $3, $4, $5)", org.id, me["id"], duration, instant, Decimal("999")
         )
         assert got == want, (duration, instant, got, want)
+
     # Spot checks written out: a boundary's two sides split the days.
-    usage_at = lambda d, i: pool.fetchval("SELECT tally_period_usage($1, $2, $3, $4, 0)", org.id, me["id"], d, at(i))  # noqa: E731
+    async def usage_at(duration: str, instant: str) -> Decimal:
+        return await pool.fetchval(
+            "SELECT tally_period_usage($1, $2, $3, $4, 0)", org.id, me["id"], duration, at(instant)
+        )
+
     assert await usage_at("daily", "2025-03-09T23:59:59.999999Z") == COST[date(2025, 3, 9)]
     assert await usage_at("daily", "2025-03-10T00:00:00Z") == COST[date(2025, 3, 10)]
     assert await usage_at("weekly", "2025-03-09T23:59:59Z") == COST[date(2025, 3, 3)] + COST[date(2025, 3, 9)]
     assert await usage_at("weekly", "2025-03-10T00:00:00Z") == COST[date(2025, 3, 10)] + COST[date(2025, 3, 16)]
-    assert await usage_at("monthly", "2024-02-29T23:59:59Z") == sum(
-        COST[date(2024, 2, d)] for d in (1, 26, 28, 29)
-    )
+    assert await usage_at("monthly", "2024-02-29T23:59:59Z") == sum(COST[date(2024, 2, d)] for d in (1, 26, 28, 29))
     assert await usage_at("monthly", "2024-03-01T00:00:00Z") == sum(COST[date(2024, 3, d)] for d in (1, 3, 4))
     assert await usage_at("yearly", "2024-12-31T23:59:59Z") == sum(c for d, c in COST.items() if d.year == 2024)
     assert await usage_at("yearly", "2025-01-01T00:00:00Z") == sum(c for d, c in COST.items() if d.year == 2025)
@@ -225,41 +229,45 @@ async def test_api_without_duration_uses_lifetime(client: TestClient, pool: asyn
     assert Decimal(doc["total_period_usage"]) == Decimal("42.125")
 
 
+async def _share_customer(pool: asyncpg.Pool, org: Org, start: datetime, key: str, period_cost: str | None, *,
+                          budget: str | None = "100", environment: str = "prod", duration: str | None = "monthly",
+                          total_cost: str = "0", before: str | None = None) -> None:  # fmt: skip
+    row = await insert_customer(
+        pool, org, f"share_{key}", environment=environment, total_cost=Decimal(total_cost),
+        period_budget=None if budget is None else Decimal(budget), budget_duration=duration,
+    )  # fmt: skip
+    costs = {}
+    if period_cost is not None:
+        costs[start.date()] = Decimal(period_cost)  # the current month's first day
+    if before is not None:
+        costs[start.date() - timedelta(days=1)] = Decimal(before)  # the previous month's last day
+    await _daily_rows(pool, org.id, row["id"], costs)
+
+
+async def _share_list(client: TestClient, org: Org, share: str) -> tuple[set[str], int]:
+    body = await ok_json(await client.get("/v1/customers", params={"period_budget_share_gte": share, "limit": "100"},
+                                          headers=org.headers()))  # fmt: skip
+    return {c["customer_identifier"].removeprefix("share_") for c in body["results"]}, body["count"]
+
+
 async def test_period_budget_share_filter(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
-    for _ in range(3):
+    """Monthly period budgets of 100 (unless said otherwise) and usage placed around the month's start."""
+    for _ in range(3):  # the period is read around the requests; retry if a month began meanwhile
         start, end = await current_period(pool, "monthly")
         await pool.execute("DELETE FROM customers WHERE organization_id = $1", org.id)
-        made: dict[str, dict] = {}
-
-        async def customer(key: str, period_cost: str | None, *, budget: str | None = "100", environment="prod",
-                           duration: str | None = "monthly", total_cost: str = "0", before: str | None = None) -> None:  # fmt: skip
-            made[key] = row = await insert_customer(
-                pool, org, f"share_{key}", environment=environment, total_cost=Decimal(total_cost),
-                period_budget=None if budget is None else Decimal(budget), budget_duration=duration,
-            )  # fmt: skip
-            costs = {}
-            if period_cost is not None:
-                costs[start.date()] = Decimal(period_cost)
-            if before is not None:
-                costs[start.date() - timedelta(days=1)] = Decimal(before)  # the previous month
-            await _daily_rows(pool, org.id, row["id"], costs)
-
-        await customer("under", "79.99")
-        await customer("exact", "80")
-        await customer("over", "150")
-        await customer("last_month", "10", before="90")  # 90 % last month, 10 % now
-        await customer("no_budget", "1000", budget=None)
-        await customer("zero_budget", "5", budget="0")
-        await customer("lifetime_in", None, budget="10", duration=None, total_cost="9")  # no duration: lifetime
-        await customer("lifetime_out", "9", budget="10", duration=None, total_cost="7.5")
-        await customer("other_env", "500", environment="test")
-
-        async def who(share: str) -> tuple[set[str], int]:
-            body = await ok_json(await client.get("/v1/customers", params={"period_budget_share_gte": share,
-                                                                           "limit": "100"}, headers=org.headers()))  # fmt: skip
-            return {c["customer_identifier"].removeprefix("share_") for c in body["results"]}, body["count"]
-
-        results = {share: await who(share) for share in ("0.8", "1", "0", "1.5", "1.51")}
+        for key, period_cost, extra in [
+            ("under", "79.99", {}),
+            ("exact", "80", {}),
+            ("over", "150", {}),
+            ("last_month", "10", {"before": "90"}),  # 90 % last month, 10 % now
+            ("no_budget", "1000", {"budget": None}),
+            ("zero_budget", "5", {"budget": "0"}),
+            ("lifetime_in", None, {"budget": "10", "duration": None, "total_cost": "9"}),  # no duration: lifetime
+            ("lifetime_out", "9", {"budget": "10", "duration": None, "total_cost": "7.5"}),
+            ("other_env", "500", {"environment": "test"}),
+        ]:
+            await _share_customer(pool, org, start, key, period_cost, **extra)  # type: ignore[arg-type]
+        results = {share: await _share_list(client, org, share) for share in ("0.8", "1", "0", "1.5", "1.51")}
         if await current_period(pool, "monthly") == (start, end):
             break
     assert results["0.8"] == ({"exact", "over", "lifetime_in"}, 3)
@@ -343,11 +351,17 @@ def check_alert(message: aio_pika.abc.AbstractIncomingMessage, event: dict, org:
         assert data["period_start"] is None and data["period_end"] is None
     else:
         start, end = periods[data["budget_duration"]]
-        assert (datetime.fromisoformat(data["period_start"]), datetime.fromisoformat(data["period_end"])) == (start, end)
+        assert (datetime.fromisoformat(data["period_start"]), datetime.fromisoformat(data["period_end"])) == (
+            start,
+            end,
+        )
 
 
 async def test_threshold_alerts_are_published_once_per_customer_period_and_threshold(
-    settings, pool: asyncpg.Pool, broker: Broker, org: Org  # type: ignore[no-untyped-def]
+    settings,
+    pool: asyncpg.Pool,
+    broker: Broker,
+    org: Org,  # type: ignore[no-untyped-def]
 ) -> None:
     budgets = {  # identifier -> budget columns
         "p": {"period_budget": Decimal("10"), "budget_duration": "monthly"},
@@ -430,7 +444,10 @@ async def test_threshold_alerts_are_published_once_per_customer_period_and_thres
 
 
 async def test_alerts_exactly_once_across_a_crash_after_commit_and_redelivery(
-    settings, pool: asyncpg.Pool, broker: Broker, org: Org  # type: ignore[no-untyped-def]
+    settings,
+    pool: asyncpg.Pool,
+    broker: Broker,
+    org: Org,  # type: ignore[no-untyped-def]
 ) -> None:
     await insert_customer(pool, org, "c1", period_budget=Decimal("10"), budget_duration="monthly",
                           total_budget=Decimal("12"))  # fmt: skip

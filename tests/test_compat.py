@@ -17,6 +17,7 @@ import uuid
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -234,6 +235,14 @@ def assert_kinds(actual: dict[str, Any], kinds: dict[str, str], *, nullable: boo
         assert kind(actual[key]) in allowed, f"{where}.{key}: {actual[key]!r} is not {allowed}"
 
 
+class _AnyLink:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and URL(other).is_absolute()
+
+
+ANY_LINK = _AnyLink()
+
+
 def z(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -407,6 +416,12 @@ async def test_respan_list_replays_the_seed_example(client: TestClient, pool: as
     default = await get_json(client, RESPAN_LIST, org.headers())
     assert {**default, "next": None} == {**body, "next": None}
     assert URL(default["next"]).path == RESPAN_LIST and dict(URL(default["next"]).query) == {"page": "2"}
+    # The seed types page and page_size as numbers ("double"): whole values written as such work.
+    assert await get_json(client, RESPAN_LIST + "?page=1.0&page_size=50.0", org.headers()) == {
+        **default,
+        "next": ANY_LINK,
+    }
+    await problem(await client.get(RESPAN_LIST + "?page=1.5", headers=org.headers()), 400, "page")
 
 
 async def test_respan_list_sorts_by_the_fields_the_seed_names(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
@@ -569,6 +584,19 @@ async def test_respan_detail_without_budget(client: TestClient, pool: asyncpg.Po
     assert body["name"] is None and body["email"] is None  # "string or null"
 
 
+@pytest.mark.parametrize("identifier", ["with space", "q?x=1", "hash#1", "slash/ed", "pct%41", "ünïcode", "dot.s"])
+async def test_respan_detail_for_any_identifier(
+    client: TestClient, pool: asyncpg.Pool, org: Org, identifier: str
+) -> None:
+    ident = uid() + identifier
+    await insert_customer(pool, org, ident, name="Odd")
+    path = RESPAN_USER.format(quote(ident, safe=""))
+    assert (await get_json(client, path, org.headers()))["customer_identifier"] == ident
+    assert (await ok_json(await client.patch(path, json={"name": "Even"}, headers=org.headers())))["name"] == "Even"
+    assert (await client.delete(path, headers=org.headers())).status == 204
+    await problem(await client.get(path, headers=org.headers()), 404)
+
+
 async def test_respan_detail_unknown_customer_and_other_organization(client: TestClient, pool: asyncpg.Pool, org: Org,
                                                                      other_org: Org) -> None:  # fmt: skip
     await insert_customer(pool, org, "user_123", name="Mine")
@@ -633,7 +661,9 @@ async def test_respan_patch_refuses_read_only_and_unknown_fields(client: TestCli
     assert await get_json(client, RESPAN_USER.format(ident), org.headers()) == before  # nothing changed
 
 
-async def test_respan_patch_refuses_bodies_that_are_not_objects(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+async def test_respan_patch_refuses_bodies_that_are_not_objects(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
     ident = uid("body")
     await insert_customer(pool, org, ident)
     for data in (b"[]", b"{", b'"name"'):
@@ -674,7 +704,9 @@ async def _v0_customers(pool: asyncpg.Pool, org: Org, count: int = 25) -> list[d
     """``count`` customers, the first complete (every seed 002 field set), created a minute apart."""
     rows = []
     for i in range(count):
-        row = await insert_customer(pool, org, f"v0_{i:02d}", name=f"Person {i:02d}", email=f"person{i:02d}@example.com")
+        row = await insert_customer(
+            pool, org, f"v0_{i:02d}", name=f"Person {i:02d}", email=f"person{i:02d}@example.com"
+        )
         rows.append(await set_columns(pool, row, created_at=datetime(2024, 3, 1, tzinfo=UTC) + timedelta(minutes=i),
                                       updated_at=datetime(2024, 3, 2, tzinfo=UTC) + timedelta(minutes=i)))  # fmt: skip
     rows[0] = await set_columns(
@@ -762,7 +794,9 @@ async def test_v0_filters(client: TestClient, pool: asyncpg.Pool, org: Org) -> N
     assert await who("status=DEACTIVATED") == {"jane"}
     assert await who("name=John") == {"john", "johnny", "elton", "percent"}  # partial, case-insensitive
     assert await who("name=oHn%20d") == {"john"}
-    assert await who("name=100%25") == {"percent"} and await who("name=h_n") == set()  # wildcards are literal ("Johnny" would match h_n)
+    assert (
+        await who("name=100%25") == {"percent"} and await who("name=h_n") == set()
+    )  # wildcards are literal ("Johnny" would match h_n)
     assert await who("email=john.doe@example.com") == {"john"}  # exact, case-insensitive
     assert await who("email=JOHN.DOE@EXAMPLE.COM") == {"john"}
     assert await who("email=john") == set()
@@ -778,7 +812,9 @@ async def test_v0_filters(client: TestClient, pool: asyncpg.Pool, org: Org) -> N
     [("take=0", "take"), ("take=101", "take"), ("take=-5", "take"), ("take=ten", "take"), ("skip=-1", "skip"),
      ("skip=x", "skip"), ("status=active", "status"), ("status=PENDING", "status"), ("limit=10", "limit")],
 )  # fmt: skip
-async def test_v0_refuses_bad_parameters(client: TestClient, pool: asyncpg.Pool, org: Org, query: str, name: str) -> None:
+async def test_v0_refuses_bad_parameters(
+    client: TestClient, pool: asyncpg.Pool, org: Org, query: str, name: str
+) -> None:
     pair = await client_pair(pool, org)
     await problem(await client.get(f"{V0_LIST}?{query}", headers=pair), 400, name)
 
@@ -1156,8 +1192,10 @@ async def test_no_route_set_shows_another_organizations_customers(client: TestCl
     for o, expect, absent in ((org, mine_ids, {str(theirs["id"])}), (other_org, {str(theirs["id"])}, mine_ids)):
         pair = await client_pair(pool, o)
         seen = {
-            "respan": {r["unique_organization_id"] + r["customer_identifier"]
-                       for r in (await get_json(client, RESPAN_LIST, o.headers()))["results"]},
+            "respan": {
+                r["unique_organization_id"] + r["customer_identifier"]
+                for r in (await get_json(client, RESPAN_LIST, o.headers()))["results"]
+            },
             "v0": {c["id"] for c in (await get_json(client, V0_LIST, pair))["customers"]},
             "flexprice": {i["id"] for i in (await get_json(client, FLEXPRICE_LIST, o.headers()))["items"]},
             "public": {c["id"] for c in (await get_json(client, PUBLIC_LIST, o.headers()))["data"]},

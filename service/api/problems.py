@@ -88,13 +88,13 @@ async def problem_middleware(request: web.Request, handler):  # type: ignore[no-
             raise
         return problem(request, exc.status, exc.reason, exc.text or exc.reason, headers=_allow_header(exc))
     except UNAVAILABLE_ERRORS as exc:
-        log.warning("dependency unavailable: %s", type(exc).__name__, extra={"request_id": request[REQUEST_ID]})
+        log.warning("dependency unavailable: %s", type(exc).__name__)
         return problem(
             request, 503, "Service Unavailable", "a dependency is unavailable; retry shortly",
             slug="unavailable", headers={"Retry-After": "1"},
         )  # fmt: skip
     except Exception:
-        log.exception("unhandled error", extra={"request_id": request[REQUEST_ID], "path": request.path})
+        log.exception("unhandled error", extra={"path": request.path})
         return problem(request, 500, "Internal Server Error", "unexpected error; quote the request_id")
 
 
