@@ -170,6 +170,7 @@ class Consumer:
 
     async def stop(self) -> None:
         """Stop taking messages; the batch in hand is committed and acked first."""
+        log.info("stopping: no new deliveries; finishing the batch in hand")
         self._stop_requested_at = time.monotonic()
         self._stopping.set()
 
@@ -208,8 +209,10 @@ class Consumer:
             # Draining: no new deliveries, then fold what was already received.
             await topology.ingest.cancel(tag)
             rest = list(inbox.items)
+            log.info("draining", extra={"messages": len(rest)})
             if rest:
                 await self._process(rest, topology)
+            log.info("drained; all received messages committed and acked")
         finally:
             self.connected.clear()
             metrics.BROKER_CONNECTED.set(0)
@@ -313,6 +316,8 @@ class Consumer:
             self._alerts_pending = False
         except TRANSIENT_DB_ERRORS as exc:
             log.warning("alert relay deferred", extra={"error": repr(exc)})
+        except asyncpg.PostgresError as exc:
+            log.error("alert relay failed; alerts stay recorded and are retried", extra={"error": repr(exc)})
 
     async def _ack(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         # Deliveries arrive in tag order and a batch is a run of consecutive deliveries, so
@@ -376,7 +381,10 @@ class Consumer:
             if purged:
                 log.info("purged expired dedupe keys", extra={"count": purged})
         except TRANSIENT_DB_ERRORS as exc:
-            log.warning("purge skipped", extra={"error": repr(exc)})
+            log.warning("housekeeping deferred", extra={"error": repr(exc)})
+        except asyncpg.PostgresError as exc:
+            # Housekeeping must never stop ingestion: report it loudly and carry on.
+            log.error("housekeeping failed", extra={"error": repr(exc)})
 
 
 def _reason_kind(reason: str) -> str:

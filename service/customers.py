@@ -20,9 +20,8 @@ from service.query import (
     ListQuery,
     Position,
     Shape,
-    count_sql,
     join_sql,
-    page_sql,
+    list_sql,
     shape_sql,
 )
 
@@ -45,9 +44,12 @@ class Page:
 
 
 async def list_customers(conn: asyncpg.Connection, q: ListQuery, shape: Shape) -> Page:
-    """One page of ``q`` rendered in ``shape``, with the total count when ``q.count``."""
-    sql, args = page_sql(q, shape)
-    rows = await conn.fetch(sql, *args)
+    """One page of ``q`` rendered in ``shape``, with the total count when ``q.count``
+    (one statement, one round trip)."""
+    sql, args = list_sql(q, shape)
+    result = await conn.fetch(sql, *args)
+    count = result[0]["total"] if result else None
+    rows = [r for r in result if r["doc"] is not None]
     more = len(rows) > q.limit
     rows = rows[: q.limit]
     backwards = bool(q.position and q.position.backwards)
@@ -55,10 +57,6 @@ async def list_customers(conn: asyncpg.Connection, q: ListQuery, shape: Shape) -
         rows.reverse()
     has_next = more if not backwards else True
     has_previous = more if backwards else (q.position is not None or q.offset > 0)
-    count = None
-    if q.count:
-        csql, cargs = count_sql(q)
-        count = await conn.fetchval(csql, *cargs)
     return Page(
         docs=[r["doc"] for r in rows],
         count=count,

@@ -142,7 +142,8 @@ class Col:
     """An output value: a catalogue field, optionally formatted.
 
     ``fmt``: ``number`` (money as a JSON number rather than a decimal string), ``iso_z``
-    (``2024-01-15T10:30:00Z``), ``iso_ms`` (``2024-01-15T10:30:00.000Z``), ``upper``.
+    (``2024-01-15T10:30:00Z``), ``iso_ms`` (``2024-01-15T10:30:00.000Z``), ``upper``,
+    ``text`` (a missing value as ``""``, for APIs whose strings are never null).
     ``values`` renames values (``(("active", "published"),)``); others pass through.
     """
 
@@ -156,6 +157,7 @@ _FORMATS = {
     "iso_z": "to_char(({e}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
     "iso_ms": "to_char(({e}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
     "upper": "upper({e})",
+    "text": "coalesce(({e})::text, '')",
 }
 _PLAIN = re.compile(r"^[A-Za-z0-9_ -]*$")
 
@@ -364,10 +366,11 @@ def where_sql(q: ListQuery, p: _Params) -> str:
     return " AND ".join(clauses)
 
 
-def page_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
-    """One statement returning up to ``limit + 1`` rows of (doc, k, kid): the JSON document,
-    and the sort key and id as text for the cursor. The extra row says whether more follow."""
-    p = _Params()
+def page_sql(q: ListQuery, shape: Shape, p: _Params | None = None) -> tuple[str, list[object]]:
+    """One statement returning up to ``limit + 1`` rows of (doc, k, kid, sort_key, id): the
+    JSON document, and the sort key and id as text for the cursor. The extra row says
+    whether more follow."""
+    p = p or _Params()
     sort = SORT_FIELDS[q.sort.field]
     where = where_sql(q, p)
     # Walking backwards reverses the scan; the caller puts the rows back in order.
@@ -383,7 +386,7 @@ def page_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
     # the outer one renders only those. Rendering in the inner query would build a JSON
     # document for every skipped row of a deep OFFSET.
     sql = (
-        f"SELECT {shape_sql(shape)}::text AS doc, c.k, c.id::text AS kid FROM ("
+        f"SELECT {shape_sql(shape)}::text AS doc, c.k, c.id::text AS kid, c.sort_key, c.id FROM ("
         f"SELECT c.*, {sort.expr} AS sort_key, ({sort.expr})::text AS k"
         f" FROM customers c WHERE {where}"
         f" ORDER BY {sort.expr} {direction}, c.id {direction}"
@@ -393,19 +396,36 @@ def page_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
     return sql, p.values
 
 
-COUNTER_SQL = (
-    "SELECT coalesce(sum(delta), 0)::bigint FROM customer_counts"
-    " WHERE organization_id = $1 AND environment = $2 AND (cardinality($3::text[]) = 0 OR status = ANY($3::text[]))"
-)
-
-
-def count_sql(q: ListQuery) -> tuple[str, list[object]]:
+def count_sql(q: ListQuery, p: _Params | None = None) -> tuple[str, list[object]]:
     """The total for ``q``. Unfiltered and status-only lists read the trigger-maintained
     counters (a few rows); any other filter counts the matching rows."""
+    p = p or _Params()
     if replace(q.filter, statuses=()) == CustomerFilter():
-        return COUNTER_SQL, [q.organization_id, q.environment, list(q.filter.statuses)]
-    p = _Params()
+        statuses = f" AND status = ANY({p(list(q.filter.statuses), 'text[]')})" if q.filter.statuses else ""
+        sql = (
+            "SELECT coalesce(sum(delta), 0)::bigint FROM customer_counts"
+            f" WHERE organization_id = {p(q.organization_id)} AND environment = {p(q.environment)}{statuses}"
+        )
+        return sql, p.values
     return f"SELECT count(*) FROM customers c WHERE {where_sql(q, p)}", p.values
+
+
+def list_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
+    """The page and (when ``q.count``) the total in one round trip: rows of
+    (total, doc, k, kid); with no rows on the page, one row whose doc is NULL."""
+    if not q.count:
+        sql, args = page_sql(q, shape)
+        return f"SELECT NULL::bigint AS total, page.doc, page.k, page.kid FROM ({sql}) page", args
+    p = _Params()
+    total, _ = count_sql(q, p)
+    page, _ = page_sql(q, shape, p)
+    descending = q.sort.descending != bool(q.position and q.position.backwards)
+    direction = "DESC" if descending else "ASC"
+    sql = (
+        f"SELECT t.total, page.doc, page.k, page.kid FROM ({total}) t(total)"
+        f" LEFT JOIN LATERAL ({page}) page ON true ORDER BY page.sort_key {direction}, page.id {direction}"
+    )
+    return sql, p.values
 
 
 class CursorCodec:

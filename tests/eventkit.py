@@ -200,5 +200,8 @@ class Broker:
 
 
 def days_ago(n: float, hour: int = 12) -> datetime:
-    base = datetime.now(timezone.utc).replace(hour=hour, minute=0, second=0, microsecond=0)
-    return base - timedelta(days=n)
+    """``n`` days before today at ``hour`` UTC, never later than a minute ago (an event in
+    the future is refused, and tests run at any hour)."""
+    now = datetime.now(timezone.utc)
+    base = now.replace(hour=hour, minute=0, second=0, microsecond=0)
+    return min(base - timedelta(days=n), now - timedelta(minutes=1))

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
+from uuid import UUID
 
 import aio_pika
 import asyncpg
@@ -18,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.alerts import ALERT_ROUTING_KEY, ALERT_TYPE
+from service.settings import Settings
 from tests.conftest import Org, insert_customer, make_org
 from tests.eventkit import Broker, days_ago, usage, wait_until
 from tests.support import ok_json, problem, uid
@@ -131,7 +133,7 @@ USAGE_DAYS = [
 COST = {day: Decimal(2) ** i for i, day in enumerate(USAGE_DAYS)}
 
 
-async def _daily_rows(pool: asyncpg.Pool, org_id, customer_id, costs: dict[date, Decimal]) -> None:  # type: ignore[no-untyped-def]
+async def _daily_rows(pool: asyncpg.Pool, org_id: UUID, customer_id: UUID, costs: dict[date, Decimal]) -> None:
     await pool.executemany(
         "INSERT INTO daily_usage (organization_id, customer_id, day, requests, cost) VALUES ($1, $2, $3, 1, $4)",
         [(org_id, customer_id, day, cost) for day, cost in costs.items()],
@@ -351,17 +353,12 @@ def check_alert(message: aio_pika.abc.AbstractIncomingMessage, event: dict, org:
         assert data["period_start"] is None and data["period_end"] is None
     else:
         start, end = periods[data["budget_duration"]]
-        assert (datetime.fromisoformat(data["period_start"]), datetime.fromisoformat(data["period_end"])) == (
-            start,
-            end,
-        )
+        bounds = datetime.fromisoformat(data["period_start"]), datetime.fromisoformat(data["period_end"])
+        assert bounds == (start, end)
 
 
 async def test_threshold_alerts_are_published_once_per_customer_period_and_threshold(
-    settings,
-    pool: asyncpg.Pool,
-    broker: Broker,
-    org: Org,  # type: ignore[no-untyped-def]
+    settings: Settings, pool: asyncpg.Pool, broker: Broker, org: Org
 ) -> None:
     budgets = {  # identifier -> budget columns
         "p": {"period_budget": Decimal("10"), "budget_duration": "monthly"},
@@ -444,10 +441,7 @@ async def test_threshold_alerts_are_published_once_per_customer_period_and_thres
 
 
 async def test_alerts_exactly_once_across_a_crash_after_commit_and_redelivery(
-    settings,
-    pool: asyncpg.Pool,
-    broker: Broker,
-    org: Org,  # type: ignore[no-untyped-def]
+    settings: Settings, pool: asyncpg.Pool, broker: Broker, org: Org
 ) -> None:
     await insert_customer(pool, org, "c1", period_budget=Decimal("10"), budget_duration="monthly",
                           total_budget=Decimal("12"))  # fmt: skip
@@ -459,7 +453,7 @@ async def test_alerts_exactly_once_across_a_crash_after_commit_and_redelivery(
     crashed = asyncio.Event()
     at_crash: list[asyncpg.Record] = []
 
-    async def crash_once(batch) -> None:  # type: ignore[no-untyped-def]
+    async def crash_once(batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
         if not crashed.is_set():
             at_crash.extend(await alert_rows(pool, org))  # the fold has committed its alerts...
             crashed.set()
@@ -503,7 +497,7 @@ async def test_alerts_exactly_once_across_a_crash_after_commit_and_redelivery(
     assert await broker.queue_depth(broker.names.dead) == 0
 
 
-async def test_alerts_of_other_organizations_stay_apart(settings, pool: asyncpg.Pool, broker: Broker) -> None:  # type: ignore[no-untyped-def]
+async def test_alerts_of_other_organizations_stay_apart(settings: Settings, pool: asyncpg.Pool, broker: Broker) -> None:
     """The same identifier with a budget in two organizations: each alert names its own."""
     a, b = await make_org(pool), await make_org(pool)
     for o in (a, b):

@@ -277,7 +277,7 @@ async def metric_counts(http: aiohttp.ClientSession, p: ConsumerProcess) -> dict
         assert r.status == 200, p.tail()
         text = await r.text()
     out: dict[str, float] = {}
-    for m in re.finditer(r'^tally_events_total\{([^}]*)\} (\S+)$', text, re.M):
+    for m in re.finditer(r"^tally_events_total\{([^}]*)\} (\S+)$", text, re.MULTILINE):
         outcome = re.search(r'outcome="([^"]*)"', m.group(1))
         if outcome:
             out[outcome.group(1)] = out.get(outcome.group(1), 0) + float(m.group(2))

@@ -4,7 +4,9 @@ Mapping: ``external_id`` is tally's customer_identifier, ``id`` tally's customer
 ``tenant_id`` the organization id, ``environment_id`` the environment (``prod``/``test``).
 Flexprice's statuses map onto tally's: ``published`` is ``active``; ``draft`` and
 ``archived`` are themselves (a blacklisted or deactivated customer shows tally's status).
-``sort`` accepts ``external_id`` and every canonical sort field.
+``sort`` accepts ``external_id`` and every canonical sort field. ``name``, ``email`` and the
+address fields are strings, ``""`` when tally has none (as in flexprice: the seed's example shows
+``"address_line2": ""``), never null.
 """
 
 from __future__ import annotations
@@ -48,14 +50,14 @@ class ListParams(BaseModel):
 class Customer(BaseModel):
     id: UUID
     external_id: Annotated[str, Col("customer_identifier")]
-    name: str | None
-    email: str | None
-    address_line1: str | None
-    address_line2: str | None
-    address_city: str | None
-    address_state: str | None
-    address_postal_code: str | None
-    address_country: str | None
+    name: Annotated[str, Col("name", "text")]
+    email: Annotated[str, Col("email", "text")]
+    address_line1: Annotated[str, Col("address_line1", "text")]
+    address_line2: Annotated[str, Col("address_line2", "text")]
+    address_city: Annotated[str, Col("address_city", "text")]
+    address_state: Annotated[str, Col("address_state", "text")]
+    address_postal_code: Annotated[str, Col("address_postal_code", "text")]
+    address_country: Annotated[str, Col("address_country", "text")]
     parent_customer_id: UUID | None
     metadata: dict[str, Any]
     environment_id: Annotated[str, Col("environment")]
