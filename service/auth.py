@@ -22,6 +22,9 @@ from service.errors import Conflict, Forbidden, NotFound, Unauthenticated
 SCOPES = ("read", "write", "admin")
 ENVIRONMENTS = ("prod", "test")
 CLIENT_KEY_PREFIX = "tly_"
+# NOTIFY channel on which a revocation names the client key, so API processes caching
+# verified keys (service/api/keycache.py) drop it as the revocation commits.
+KEYS_CHANNEL = "tally_keys"
 
 # Compared against when a client key is unknown, so that an unknown key and a wrong secret
 # take the same time.
@@ -117,10 +120,13 @@ REVOKE_KEY = "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revok
 
 
 async def revoke_key(conn: asyncpg.Connection, client_key: str) -> None:
-    """Revoke a key by its client key (the part before the dot); NotFound if none is live."""
+    """Revoke a key by its client key (the part before the dot); NotFound if none is live.
+    Listeners on KEYS_CHANNEL hear of it when the revocation commits."""
     client_key = client_key.partition(".")[0]
-    if await conn.execute(REVOKE_KEY, client_key) == "UPDATE 0":
-        raise NotFound(f"no live key {client_key}")
+    async with conn.transaction():
+        if await conn.execute(REVOKE_KEY, client_key) == "UPDATE 0":
+            raise NotFound(f"no live key {client_key}")
+        await conn.execute("SELECT pg_notify($1, $2)", KEYS_CHANNEL, client_key)
 
 
 SELECT_KEY = """

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=2000, ge=1, le=65_535)
     dedupe_retention_days: int = Field(default=35, ge=1)
 
+    # Verified API keys are cached per process; a revocation evicts them at once (NOTIFY),
+    # and this bounds an entry's life should a notification ever be missed. 0 disables.
+    auth_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
+
     # Request bounds for POST /v1/events.
     max_body_bytes: int = 1_048_576
     max_events_per_request: int = 1000

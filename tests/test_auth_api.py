@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from service import auth
 from tests.conftest import Org, insert_customer
+from tests.eventkit import wait_until
 from tests.support import ids, list_page, ok_json, problem, uid
 
 WINDOW = "from=2026-01-01&to=2026-01-02"
@@ -64,6 +65,13 @@ async def test_revoked_key(client: TestClient, pool: asyncpg.Pool, org: Org) -> 
     await ok_json(await client.get("/v1/customers", headers=h))
     async with pool.acquire() as conn:
         await auth.revoke_key(conn, org.read_key)
+
+    # The API caches verified keys for 30 s; the revocation's NOTIFY evicts the key as it
+    # commits, so it takes effect within the notification's delivery, far inside the TTL.
+    async def refused() -> bool:
+        return (await client.get("/v1/customers", headers=h)).status == 401
+
+    await wait_until(refused, timeout=5, interval=0.01, what="revocation to take effect")
     await unauthenticated(await client.get("/v1/customers", headers=h))
     client_key, _, secret = org.read_key.partition(".")
     await unauthenticated(await client.get("/v1/customers", headers={"x-client-key": client_key, "x-client-secret": secret}))

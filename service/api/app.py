@@ -11,8 +11,9 @@ from aiohttp import web
 from consumers.broker import Names
 from consumers.publisher import Publisher
 from service import __version__, metrics
-from service.api import appkeys, customers, events, health, openapi, ops
+from service.api import appkeys, customers, events, health, keycache, openapi, ops
 from service.api.compat import flexprice, public, respan, v0
+from service.api.keycache import KeyCache
 from service.api.models import Health
 from service.api.observability import metrics_endpoint, metrics_middleware
 from service.api.problems import problem_middleware, request_id_middleware
@@ -63,6 +64,9 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         if secret is None:
             raise RuntimeError("the database is not migrated: run 'tally migrate' first")
         app[appkeys.CURSORS] = CursorCodec(secret)
+        app[appkeys.KEY_CACHE] = await stack.enter_async_context(
+            keycache.listening(KeyCache(settings.auth_cache_seconds), settings.database_url, settings.db_connect_timeout)
+        )
         metrics.DB_POOL_IN_USE.set_function(lambda: pool.get_size() - pool.get_idle_size())
         metrics.DB_POOL_SIZE.set_function(pool.get_size)
         yield

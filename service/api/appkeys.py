@@ -6,6 +6,7 @@ import asyncpg
 from aiohttp import web
 
 from consumers.publisher import Publisher
+from service.api.keycache import KeyCache
 from service.query import CursorCodec
 from service.settings import Settings
 
@@ -15,3 +16,4 @@ READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
 CURSORS = web.AppKey("cursors", CursorCodec)
 OPENAPI = web.AppKey("openapi", dict)
 PUBLISHER = web.AppKey("publisher", Publisher)
+KEY_CACHE = web.AppKey("key_cache", KeyCache)

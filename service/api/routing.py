@@ -52,8 +52,13 @@ async def principal_for(request: web.Request) -> Principal:
             raise Unauthenticated("x-client-key needs its x-client-secret")
     else:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    async with request.app[appkeys.POOL].acquire() as conn:
-        return await authenticate(conn, client_key, secret)
+    cache = request.app[appkeys.KEY_CACHE]
+    principal = cache.get(client_key, secret)
+    if principal is None:
+        async with request.app[appkeys.POOL].acquire() as conn:
+            principal = await authenticate(conn, client_key, secret)
+        cache.put(client_key, secret, principal)
+    return principal
 
 
 def _guarded(endpoint: Endpoint) -> Handler:

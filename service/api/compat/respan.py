@@ -8,7 +8,7 @@ example) while the list's ``id`` is customer_identifier + environment + organiza
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 from uuid import UUID
 
 from aiohttp import web
@@ -28,12 +28,17 @@ BASE = "/compat/respan"
 TAG = "compat: respan"
 
 
+# Respan's own name for last_active is accepted too.
+SORT_ALIASES = {"last_active_timeframe": "last_active", "-last_active_timeframe": "-last_active"}
+RespanSortBy = Literal[tuple([*SortBy.__args__, *SORT_ALIASES])]  # type: ignore[misc,attr-defined]
+
+
 class ListParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     page: int = Field(1, ge=1, le=10_000_000, description="Page number.")
     page_size: int = Field(50, ge=1, le=1000, description="Customers per page. Maximum is 1000.")
-    sort_by: SortBy = Field("-first_seen", description="Sort field; prefix '-' for descending.")
+    sort_by: RespanSortBy = Field("-first_seen", description="Sort field; prefix '-' for descending.")
     environment: Environment = Field("prod", description="prod or test.")
 
 
@@ -106,7 +111,7 @@ async def list_users(request: web.Request) -> web.Response:
     q = ListQuery(
         organization_id=principal.organization_id,
         environment=params.environment,
-        sort=Sort.parse(params.sort_by),
+        sort=Sort.parse(SORT_ALIASES.get(params.sort_by, params.sort_by)),
         limit=params.page_size,
         offset=(params.page - 1) * params.page_size,
     )

@@ -1,0 +1,112 @@
+"""A per-process cache of verified API keys, invalidated by PostgreSQL NOTIFY.
+
+Without it every request pays a second database round trip to look its key up. An entry
+holds the SHA-256 of the secret that was verified against the database, so a cached key
+is still checked in constant time against what the caller sends. ``tally keys revoke``
+notifies channel ``tally_keys`` in its transaction; every API process listening evicts
+the key as the revocation commits. Entries also expire after ``ttl`` seconds, which bounds
+the damage if a notification were missed (the listener connection is re-established, and
+the cache emptied, whenever it drops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from service.auth import KEYS_CHANNEL, Principal, hash_secret
+
+log = logging.getLogger("tally.keys")
+
+MAX_ENTRIES = 10_000
+RELISTEN_DELAY = 2.0
+
+
+class KeyCache:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.listening = False  # only a listening cache serves entries
+        self._entries: dict[str, tuple[bytes, Principal, float]] = {}
+
+    def get(self, client_key: str, secret: str) -> Principal | None:
+        if not self.listening or self.ttl <= 0:
+            return None
+        entry = self._entries.get(client_key)
+        if entry is None:
+            return None
+        secret_hash, principal, expires = entry
+        if time.monotonic() > expires:
+            self._entries.pop(client_key, None)
+            return None
+        # A wrong secret for a cached key falls through to the database (and a 401 there).
+        return principal if hmac.compare_digest(secret_hash, hash_secret(secret)) else None
+
+    def put(self, client_key: str, secret: str, principal: Principal) -> None:
+        if not self.listening or self.ttl <= 0:
+            return
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[client_key] = (hash_secret(secret), principal, time.monotonic() + self.ttl)
+
+    def evict(self, client_key: str) -> None:
+        self._entries.pop(client_key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@asynccontextmanager
+async def listening(cache: KeyCache, dsn: str, connect_timeout: float) -> AsyncIterator[KeyCache]:
+    """Keep a LISTEN connection for the cache's lifetime, re-established when it drops."""
+    stop = asyncio.Event()
+
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        cache.evict(payload)
+
+    async def keep_listening() -> None:
+        while not stop.is_set():
+            try:
+                conn = await asyncpg.connect(dsn, timeout=connect_timeout)
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+                log.warning("key cache listener cannot connect; caching off", extra={"error": repr(exc)})
+                await _sleep_or_stop(stop, RELISTEN_DELAY)
+                continue
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c: lost.set())
+            try:
+                await conn.add_listener(KEYS_CHANNEL, on_notify)
+                cache.clear()  # anything cached while not listening may be stale
+                cache.listening = True
+                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())]
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("key cache listener failed", extra={"error": repr(exc)})
+            finally:
+                cache.listening = False
+                cache.clear()
+                if not conn.is_closed():
+                    await conn.close(timeout=connect_timeout)
+            if not stop.is_set():
+                await _sleep_or_stop(stop, RELISTEN_DELAY)
+
+    task = asyncio.create_task(keep_listening(), name="tally-key-cache")
+    try:
+        yield cache
+    finally:
+        stop.set()
+        await task
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
