@@ -27,7 +27,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    Rate, closed_loop, free_port, machine, print_table, start_tally, wait_ready, with_database, write_json,
+    UNLIMITED, Rate, closed_loop, free_port, machine, print_table, start_tally, wait_ready, with_database, write_json,
 )  # fmt: skip
 from service import auth  # noqa: E402
 from service.api.compat import flexprice, public, respan, v0  # noqa: E402
@@ -215,7 +215,7 @@ async def main() -> int:
     port = free_port()
     log = Path(tempfile.mkdtemp()) / "api.log"
     api = start_tally("api", {"TALLY_DATABASE_URL": dsn, "TALLY_HTTP_PORT": str(port), "TALLY_HTTP_HOST": "127.0.0.1",
-                              "TALLY_DB_POOL_MAX": "8", "TALLY_DB_POOL_MIN": "8"}, log, port)  # fmt: skip
+                              "TALLY_DB_POOL_MAX": "8", "TALLY_DB_POOL_MIN": "8", **UNLIMITED}, log, port)  # fmt: skip
     results: dict[str, dict[str, object]] = {}
     try:
         await wait_ready(f"http://127.0.0.1:{port}/healthz", api)

@@ -23,10 +23,13 @@ class TallyError(Exception):
     title = "Internal Server Error"
     slug = "internal"
 
-    def __init__(self, detail: str = "", *, errors: list[FieldError] | None = None) -> None:
+    def __init__(
+        self, detail: str = "", *, errors: list[FieldError] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail or self.title)
         self.detail = detail or self.title
         self.errors = errors or []
+        self.headers = headers or {}
 
 
 class InvalidInput(TallyError):
@@ -67,6 +70,12 @@ class PayloadTooLarge(TallyError):
     status = 413
     title = "Content Too Large"
     slug = "payload-too-large"
+
+
+class RateLimited(TallyError):
+    status = 429
+    title = "Too Many Requests"
+    slug = "rate-limited"
 
 
 class Unavailable(TallyError):

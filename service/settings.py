@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     # and this bounds an entry's life should a notification ever be missed. 0 disables.
     auth_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
 
+    # Per-key token bucket in each API process: `burst` requests at once, refilled at
+    # `rate_limit_per_second`. 0 disables the limit.
+    rate_limit_per_second: float = Field(default=100.0, ge=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+
     # Request bounds for POST /v1/events.
     max_body_bytes: int = 1_048_576
     max_events_per_request: int = 1000

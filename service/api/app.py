@@ -14,6 +14,7 @@ from service import __version__, metrics
 from service.api import appkeys, customers, events, health, keycache, openapi, ops
 from service.api.compat import flexprice, public, respan, v0
 from service.api.keycache import KeyCache
+from service.api.ratelimit import RateLimiter
 from service.api.models import Health
 from service.api.observability import metrics_endpoint, metrics_middleware
 from service.api.problems import problem_middleware, request_id_middleware
@@ -91,6 +92,7 @@ def base_app(settings, endpoints: list[Endpoint]) -> web.Application:  # type: i
         client_max_size=settings.max_body_bytes,
     )
     app[appkeys.SETTINGS] = settings
+    app[appkeys.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     app[health.READINESS_CHECKS] = {"database": health.database_check}
     app.cleanup_ctx.append(database)
     add_endpoints(app, endpoints)

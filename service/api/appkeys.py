@@ -7,6 +7,7 @@ from aiohttp import web
 
 from consumers.publisher import Publisher
 from service.api.keycache import KeyCache
+from service.api.ratelimit import RateLimiter
 from service.query import CursorCodec
 from service.settings import Settings
 
@@ -17,3 +18,4 @@ CURSORS = web.AppKey("cursors", CursorCodec)
 OPENAPI = web.AppKey("openapi", dict)
 PUBLISHER = web.AppKey("publisher", Publisher)
 KEY_CACHE = web.AppKey("key_cache", KeyCache)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)

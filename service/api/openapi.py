@@ -90,8 +90,9 @@ def build_openapi(endpoints: Sequence[Endpoint], *, title: str, version: str, ta
             ok["content"] = {ep.content_type: {"schema": {}}}
         responses: dict[str, object] = {str(ep.status): ok}
         problem_ref = refs[(Problem, "serialization")]
-        # Every authenticated route can answer 401 (no valid key) and 403 (missing scope).
-        for code in sorted(set(ep.errors) | ({401, 403} if ep.scope else set())):
+        # Every authenticated route can answer 401 (no valid key), 403 (missing scope) and
+        # 429 (the key's rate limit).
+        for code in sorted(set(ep.errors) | ({401, 403, 429} if ep.scope else set())):
             response: dict[str, object] = {
                 "description": ERROR_TEXT.get(code, "Error"),
                 "content": {"application/problem+json": {"schema": problem_ref}},

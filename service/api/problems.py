@@ -77,11 +77,11 @@ async def problem_middleware(request: web.Request, handler):  # type: ignore[no-
     try:
         return await handler(request)
     except TallyError as exc:
-        headers = None
+        headers = dict(exc.headers)
         if isinstance(exc, Unavailable):
-            headers = {"Retry-After": "1"}
+            headers.setdefault("Retry-After", "1")
         elif isinstance(exc, Unauthenticated):
-            headers = {"WWW-Authenticate": 'Bearer realm="tally"'}
+            headers["WWW-Authenticate"] = 'Bearer realm="tally"'
         return problem(request, exc.status, exc.title, exc.detail, slug=exc.slug, errors=exc.errors, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from service.api import appkeys
 from service.auth import Principal, authenticate, split_bearer
-from service.errors import Unauthenticated
+from service.errors import RateLimited, TallyError, Unauthenticated
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -68,9 +68,28 @@ def _guarded(endpoint: Endpoint) -> Handler:
 
     async def handler(request: web.Request) -> web.StreamResponse:
         principal = await principal_for(request)
-        principal.require(scope)
-        request[PRINCIPAL] = principal
-        return await endpoint.handler(request)
+        limiter = request.app[appkeys.RATE_LIMITER]
+        if not limiter.enabled:
+            principal.require(scope)
+            request[PRINCIPAL] = principal
+            return await endpoint.handler(request)
+        decision = limiter.take(principal.client_key)
+        headers = limiter.headers(decision)
+        if not decision.allowed:
+            raise RateLimited(
+                f"rate limit of {limiter.burst} requests per {limiter.window} s for this key exceeded; "
+                f"retry in {decision.retry_after} s",
+                headers={**headers, "Retry-After": str(decision.retry_after)},
+            )
+        try:
+            principal.require(scope)
+            request[PRINCIPAL] = principal
+            response = await endpoint.handler(request)
+        except TallyError as exc:
+            exc.headers = {**headers, **exc.headers}
+            raise
+        response.headers.update(headers)
+        return response
 
     handler.__name__ = endpoint.handler.__name__
     return handler
