@@ -190,12 +190,16 @@ UPDATE customers c SET
     {", ".join(_profile_set(col) for col in PATCH_COLUMNS)},
     profile_event_time = CASE WHEN {_NEWER} THEN u.patch_time ELSE c.profile_event_time END,
     updated_at = CASE WHEN {_NEWER} THEN now() ELSE c.updated_at END
-FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[],
-            $8::float8[], $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[],
-            $14::int4[], $15::text[], $16::text[], $17::jsonb[], $18::timestamptz[])
-     AS u(organization_id, id, requests, prompt_tokens, completion_tokens, total_tokens, cost, latency_sum,
-          latency_count, ttft_sum, ttft_count, first_seen, last_active, new_days, hint_name, hint_email, patch,
-          patch_time)
+FROM (
+    -- Patches travel as JSON text: the fold must not depend on a connection's jsonb codec.
+    SELECT k.*, k.patch_json::jsonb AS patch
+    FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[],
+                $8::float8[], $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[],
+                $14::int4[], $15::text[], $16::text[], $17::text[], $18::timestamptz[])
+         AS k(organization_id, id, requests, prompt_tokens, completion_tokens, total_tokens, cost, latency_sum,
+              latency_count, ttft_sum, ttft_count, first_seen, last_active, new_days, hint_name, hint_email,
+              patch_json, patch_time)
+) u
 WHERE c.organization_id = u.organization_id AND c.id = u.id
 """
 
@@ -418,7 +422,7 @@ async def _update_customers(
         for column, value in zip(columns, (
             org_of[k[0]], cid, u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost,
             u.latency_sum, u.latency_count, u.ttft_sum, u.ttft_count, d.first_seen, d.last_active,
-            new_days.get(cid, 0), d.hint_name, d.hint_email, d.patch, d.patch_time,
+            new_days.get(cid, 0), d.hint_name, d.hint_email, _json(d.patch), d.patch_time,
         )):  # fmt: skip
             column.append(value)
     if columns[0]:

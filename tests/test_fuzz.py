@@ -1,0 +1,77 @@
+"""Property-based fuzzing of the whole HTTP API from tally's own OpenAPI document
+(schemathesis): every operation, every check, against a real `tally api` process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import requests
+import pytest
+import schemathesis
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+
+from service import auth
+from service.api import appkeys
+from service.api.app import create_app
+from service.settings import Settings
+from tests.conftest import make_org
+
+# The app factory does no I/O, so the document is built at import, without a server.
+SCHEMA = schemathesis.openapi.from_dict(create_app(Settings())[appkeys.OPENAPI])
+
+
+@dataclass
+class LiveApi:
+    url: str
+    key: str
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+async def live_api(settings, pool, tmp_path_factory) -> Iterator[LiveApi]:
+    org = await make_org(pool)
+    async with pool.acquire() as conn:
+        key = (await auth.create_key(conn, org.name, ("read", "write", "admin"))).key
+    port = _free_port()
+    log = tmp_path_factory.mktemp("fuzz") / "api.log"
+    env = {**os.environ, "TALLY_DATABASE_URL": settings.database_url, "TALLY_HTTP_PORT": str(port),
+           "TALLY_HTTP_HOST": "127.0.0.1", "TALLY_AMQP_NAMESPACE": settings.amqp_namespace,
+           "TALLY_RATE_LIMIT_PER_SECOND": "1000000", "TALLY_RATE_LIMIT_BURST": "1000000"}  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "api"], env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        yield LiveApi(f"http://127.0.0.1:{port}", key)
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+
+
+@SCHEMA.parametrize()
+@hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_api_conforms_to_its_openapi_document(case, live_api: LiveApi) -> None:
+    response = case.call_and_validate(base_url=live_api.url, headers={"Authorization": f"Bearer {live_api.key}"})
+    if response.status_code >= 400:
+        assert response.headers["content-type"][0].startswith("application/problem+json"), response.text
