@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install migrate run api consume demo test bench-ingest bench-read clean
+.PHONY: install migrate run api test test-faults clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ api: migrate
 
 test: install
 	$(BIN)/python -m pytest
+
+# Fault tests stop and restart this machine's PostgreSQL and RabbitMQ (and restore them).
+test-faults: install
+	$(BIN)/python -m pytest -m faults
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -33,7 +33,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumers.broker import Names, Topology, dead_letter_message, declare
-from service import metrics
+from service import failpoints, metrics
 from service.alerts import ALERT_ROUTING_KEY, relay_alerts
 from service.events import Event, InvalidEvent, decode_body, validate_event
 from service.customers import compact_counts
@@ -286,6 +286,7 @@ class Consumer:
             metrics.BATCH_SIZE.observe(len(events))
             metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         messages = [item.message for item in batch]
+        failpoints.hit("consumer.after_commit")
         if self.after_commit_hook is not None:
             await self.after_commit_hook(messages)
         for letter in dead:

@@ -176,14 +176,27 @@ async def delete_customer(conn: asyncpg.Connection, organization_id: UUID, envir
 MAX_SERIES_DAYS = 400
 GRANULARITIES = ("day", "week", "month")
 
-USAGE_SERIES = """
-WITH customer AS (
-    SELECT organization_id, id FROM customers
-    WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3
-), buckets AS (
-    SELECT generate_series(date_trunc($6, $4::date::timestamp), $5::date::timestamp, ('1 ' || $6)::interval)::date AS bucket
+SELECT_CUSTOMER_ID = (
+    "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3"
 )
-SELECT (SELECT id FROM customer) IS NOT NULL AS found, coalesce(json_agg(json_build_object(
+
+# The customer's daily rows in range (a primary-key range scan), summed per bucket, then
+# laid over every bucket of the range so that empty ones read as zeros.
+USAGE_SERIES = """
+WITH usage AS (
+    SELECT date_trunc($5, d.day::timestamp)::date AS bucket,
+           sum(d.requests) AS requests, sum(d.prompt_tokens) AS prompt_tokens,
+           sum(d.completion_tokens) AS completion_tokens, sum(d.total_tokens) AS total_tokens,
+           sum(d.cost) AS cost, sum(d.latency_sum) AS latency_sum, sum(d.latency_count) AS latency_count,
+           sum(d.ttft_sum) AS ttft_sum, sum(d.ttft_count) AS ttft_count
+    FROM daily_usage d
+    WHERE d.organization_id = $1 AND d.customer_id = $2 AND d.day BETWEEN $3::date AND $4::date
+    GROUP BY 1
+), buckets AS (
+    SELECT generate_series(date_trunc($5, $3::date::timestamp), $4::date::timestamp, ('1 ' || $5)::interval)::date
+           AS bucket
+)
+SELECT coalesce(json_agg(json_build_object(
     'start', b.bucket,
     'requests', coalesce(u.requests, 0),
     'prompt_tokens', coalesce(u.prompt_tokens, 0),
@@ -192,17 +205,8 @@ SELECT (SELECT id FROM customer) IS NOT NULL AS found, coalesce(json_agg(json_bu
     'cost', coalesce(u.cost, 0)::text,
     'average_latency', CASE WHEN u.latency_count > 0 THEN u.latency_sum / u.latency_count END,
     'average_ttft', CASE WHEN u.ttft_count > 0 THEN u.ttft_sum / u.ttft_count END
-) ORDER BY b.bucket), '[]')::text AS series
-FROM buckets b LEFT JOIN LATERAL (
-    SELECT sum(d.requests) AS requests, sum(d.prompt_tokens) AS prompt_tokens,
-           sum(d.completion_tokens) AS completion_tokens, sum(d.total_tokens) AS total_tokens,
-           sum(d.cost) AS cost, sum(d.latency_sum) AS latency_sum, sum(d.latency_count) AS latency_count,
-           sum(d.ttft_sum) AS ttft_sum, sum(d.ttft_count) AS ttft_count
-    FROM daily_usage d, customer c
-    WHERE d.organization_id = c.organization_id AND d.customer_id = c.id
-      AND d.day >= greatest(b.bucket, $4::date)
-      AND d.day < least((b.bucket + ('1 ' || $6)::interval)::date, $5::date + 1)
-) u ON true
+) ORDER BY b.bucket), '[]')::text
+FROM buckets b LEFT JOIN usage u ON u.bucket = b.bucket
 """
 
 
@@ -224,10 +228,10 @@ async def usage_series(
         raise InvalidInput.for_field("to", f"a series spans at most {MAX_SERIES_DAYS} days")
     if not storable(identifier):
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
-    row = await conn.fetchrow(USAGE_SERIES, organization_id, environment, identifier, start, end, granularity)
-    if not row["found"]:
+    customer_id = await conn.fetchval(SELECT_CUSTOMER_ID, organization_id, environment, identifier)
+    if customer_id is None:
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
-    return row["series"]
+    return await conn.fetchval(USAGE_SERIES, organization_id, customer_id, start, end, granularity)
 
 
 # Folding the counters' delta rows into one row per key. Concurrent writers only insert

@@ -30,6 +30,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from service import failpoints
 from service.events import Event, ProfileData, SubscriptionData, UsageData
 
 Status = Literal["applied", "duplicate", "rejected"]
@@ -240,6 +241,8 @@ INSERT INTO budget_alerts (organization_id, customer_id, threshold, period_start
 SELECT c.organization_id, c.id, t.threshold, t.period_start, t.period_end, t.budget, t.usage
 FROM unnest($1::uuid[], $2::uuid[]) AS k(organization_id, id)
 JOIN customers c ON c.organization_id = k.organization_id AND c.id = k.id
+    -- Most customers have no budget: skip them before any period arithmetic.
+    AND (c.period_budget IS NOT NULL OR c.total_budget IS NOT NULL)
 CROSS JOIN LATERAL (
     SELECT coalesce(tally_period_start(c.budget_duration, now()), '-infinity'::timestamptz) AS start,
            tally_period_end(c.budget_duration, now()) AS stop,
@@ -284,6 +287,10 @@ async def fold(
     outcomes: list[Outcome | None] = [None] * len(events)
     alerts = 0
     async with conn.transaction():
+        # Plan each statement for this batch's actual arrays and the table's current size:
+        # a generic plan cached while the table was small (nested loops over sequential
+        # scans) was measured at 70x slower once it had grown.
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         orgs = {}
         for row in await conn.fetch(SELECT_ORGS, sorted({e.organization for e in events})):
             orgs[row["name"]] = orgs[str(row["id"])] = row["id"]
@@ -316,6 +323,7 @@ async def fold(
                 outcomes[i] = DUPLICATE
         if applied:
             alerts = await _apply(conn, applied)
+        failpoints.hit("fold.before_commit")
     result = Outcomes(o or DUPLICATE for o in outcomes)
     result.alerts = alerts
     return result

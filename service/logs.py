@@ -59,6 +59,20 @@ class TextFormatter(logging.Formatter):
         return line + ("  " + " ".join(f"{k}={v}" for k, v in extras.items()) if extras else "")
 
 
+class ClientProtocolErrors(logging.Filter):
+    """aiohttp logs a malformed request (a client's fault, answered 400 by aiohttp itself)
+    as an ERROR with a traceback; keep it as a one-line warning without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = f"malformed request refused: {record.exc_info[1]!r}"[:500], ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure(level: str = "INFO", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
@@ -66,5 +80,6 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("aiohttp.server").addFilter(ClientProtocolErrors())
     # aiohttp's access log duplicates what the request metrics and our own lines say.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 Status = Literal["active", "draft", "blacklisted", "deactivated", "archived"]
 BudgetDuration = Literal["daily", "weekly", "monthly", "yearly"]
@@ -19,7 +19,14 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 
-Timestamp = Annotated[datetime, AfterValidator(_utc)]
+def _iso_only(value: object) -> object:
+    """Only ISO 8601 text (as documented), not numbers read as Unix times."""
+    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().lstrip("-").replace(".", "").isdigit()):
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-11-21T10:00:00Z")
+    return value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_utc)]
 ShortText = Annotated[str, StringConstraints(max_length=500)]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 Money = Annotated[Decimal, Field(ge=0, max_digits=20, decimal_places=10, allow_inf_nan=False)]

@@ -14,6 +14,7 @@ import requests
 import pytest
 import schemathesis
 from hypothesis import HealthCheck
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import settings as hypothesis_settings
 
 from service import auth
@@ -69,9 +70,19 @@ async def live_api(settings, pool, tmp_path_factory) -> Iterator[LiveApi]:
     assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
 
 
+# Every check schemathesis has, but one: positive_data_acceptance expects a 2xx for any
+# request the schema admits, and OpenAPI cannot express tally's cross-field rules (one
+# pagination style per request; cursors only as issued by the server; events only for the
+# key's own organization and not from the future). Those requests get a 400 naming the
+# field, which every other check here still verifies is a documented problem+json.
+
+
 @SCHEMA.parametrize()
 @hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_api_conforms_to_its_openapi_document(case, live_api: LiveApi) -> None:
-    response = case.call_and_validate(base_url=live_api.url, headers={"Authorization": f"Bearer {live_api.key}"})
+    response = case.call_and_validate(
+        base_url=live_api.url, headers={"Authorization": f"Bearer {live_api.key}"},
+        excluded_checks=[positive_data_acceptance],
+    )
     if response.status_code >= 400:
         assert response.headers["content-type"][0].startswith("application/problem+json"), response.text

@@ -46,6 +46,8 @@ DOCS = [
     Endpoint("GET", "/docs", openapi.docs_page, "Browsable API docs", "operations", content_type="text/html"),
 ]  # fmt: skip
 
+MAX_REQUEST_LINE = 1_048_576
+
 SELECT_CURSOR_SECRET = "SELECT value FROM instance_secrets WHERE name = 'cursor_hmac'"
 
 
@@ -90,6 +92,9 @@ def base_app(settings, endpoints: list[Endpoint]) -> web.Application:  # type: i
     app = web.Application(
         middlewares=[request_id_middleware, metrics_middleware, problem_middleware],
         client_max_size=settings.max_body_bytes,
+        # Request lines up to 1 MiB (aiohttp's default is 8 KiB): the documented bounds of a list
+        # filter (1000 identifiers of up to 255 characters, percent-encoded) must fit.
+        handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_REQUEST_LINE},
     )
     app[appkeys.SETTINGS] = settings
     app[appkeys.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)

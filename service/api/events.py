@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from aiohttp import web
-from pydantic import BaseModel, Field, RootModel
+from typing import Annotated
+
+from pydantic import BaseModel, Field, RootModel, StringConstraints
 
 from consumers.broker import encode_events, event_message
 from service import metrics
@@ -15,8 +17,14 @@ from service.errors import FieldError, InvalidInput, PayloadTooLarge
 from service.events import CloudEvent, InvalidEvent, decode_body, validate_event
 
 
-class EventsBody(RootModel[CloudEvent | list[CloudEvent]]):
-    """One CloudEvent or an array of them. ``organization`` may be omitted: it is the key's."""
+class HttpCloudEvent(CloudEvent):
+    """A CloudEvent sent over HTTP: ``organization`` may be omitted (it is the key's)."""
+
+    organization: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None  # type: ignore[assignment]
+
+
+class EventsBody(RootModel[HttpCloudEvent | list[HttpCloudEvent]]):
+    """One CloudEvent or an array of them (at most TALLY_MAX_EVENTS_PER_REQUEST)."""
 
 
 class Accepted(BaseModel):
@@ -41,7 +49,8 @@ async def ingest_events(request: web.Request) -> web.Response:
         if not isinstance(raw, dict):
             errors.append(FieldError(where, "must be an object", "body"))
             continue
-        if raw.get("organization", principal.organization_name) not in own:
+        organization = raw.get("organization", principal.organization_name)
+        if not isinstance(organization, str) or organization not in own:
             errors.append(FieldError(f"{where}.organization", "must be your key's organization (or omitted)", "body"))
             continue
         raw["organization"] = str(principal.organization_id)

@@ -106,7 +106,7 @@ def parse_query(request: web.Request, model: type[M], *, aliases: dict[str, str]
                 continue
         info = fields.get(name) or next((f for f in fields.values() if f.alias == name), None)
         if info is not None and _is_list(info.annotation):
-            data[name] = [part for value in values for part in value.split(",") if part != ""]
+            data[name] = [part for value in values for part in value.split(",")]
         elif len(values) > 1:
             raise InvalidInput.for_field(name, "may be given once")
         else:

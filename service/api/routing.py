@@ -34,6 +34,15 @@ class Endpoint:
     query_aliases: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
     description: str = ""
+    # Regular expressions for path variables where the default [^/]+ would be ambiguous.
+    path_patterns: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def route_path(self) -> str:
+        path = self.path
+        for name, pattern in self.path_patterns.items():
+            path = path.replace("{" + name + "}", "{" + name + ":" + pattern + "}")
+        return path
 
 
 async def principal_for(request: web.Request) -> Principal:
@@ -97,4 +106,4 @@ def _guarded(endpoint: Endpoint) -> Handler:
 
 def add_endpoints(app: web.Application, endpoints: Sequence[Endpoint], prefix: str = "") -> None:
     for endpoint in endpoints:
-        app.router.add_route(endpoint.method, prefix + endpoint.path, _guarded(endpoint))
+        app.router.add_route(endpoint.method, prefix + endpoint.route_path, _guarded(endpoint))

@@ -154,14 +154,16 @@ async def delete_user(request: web.Request) -> web.Response:
 
 
 IDENTIFIER = {"customer_identifier": "Your unique identifier for this customer."}
+# /api/users/list/ is the list route, not a customer called "list" (as in Respan's own API).
+NOT_LIST = {"customer_identifier": r"(?!list(?:/|$))[^/]+"}
 ENDPOINTS = [
     Endpoint("GET", BASE + "/api/users/list/", list_users, "List customers", TAG, "read",
              query=ListParams, response=UserList, errors=(400, 401, 429)),
     Endpoint("GET", BASE + "/api/users/{customer_identifier}/", retrieve_user, "Retrieve a customer", TAG, "read",
-             query=DetailParams, response=UserDetail, errors=(400, 401, 404, 429), path_params=IDENTIFIER),
+             query=DetailParams, response=UserDetail, errors=(400, 401, 404, 429), path_params=IDENTIFIER, path_patterns=NOT_LIST),
     Endpoint("PATCH", BASE + "/api/users/{customer_identifier}/", update_user, "Update a customer", TAG, "write",
              query=DetailParams, body=UserPatch, response=UserDetail, errors=(400, 401, 404, 429),
-             path_params=IDENTIFIER),
+             path_params=IDENTIFIER, path_patterns=NOT_LIST),
     Endpoint("DELETE", BASE + "/api/users/{customer_identifier}/", delete_user, "Delete a customer", TAG, "write",
-             query=DetailParams, status=204, errors=(400, 401, 404, 429), path_params=IDENTIFIER),
+             query=DetailParams, status=204, errors=(400, 401, 404, 429), path_params=IDENTIFIER, path_patterns=NOT_LIST),
 ]  # fmt: skip
