@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import aio_pika
+import aiormq
 import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
@@ -56,6 +57,15 @@ TRANSIENT_DB_ERRORS = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
     asyncpg.QueryCanceledError,
+)
+# A lost broker connection surfaces as any of these, depending on where it is noticed
+# (aiormq's ChannelInvalidStateError is a RuntimeError: a closed channel used mid-batch).
+BROKER_ERRORS = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
 )
 RETRY_BASE = 0.1
 RETRY_CAP = 5.0
@@ -156,7 +166,7 @@ class Consumer:
             try:
                 await self._session()
                 attempt = 0
-            except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            except BROKER_ERRORS as exc:
                 if self._stopping.is_set():
                     break
                 delay = _backoff(attempt, RECONNECT_CAP)

@@ -59,7 +59,7 @@ class Publisher:
             await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
         except aio_pika.exceptions.DeliveryError as exc:
             raise Unavailable(f"broker did not route or confirm the message: {exc}") from exc
-        except (aio_pika.exceptions.AMQPError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
+        except (aio_pika.exceptions.AMQPError, OSError, asyncio.TimeoutError, RuntimeError) as exc:  # RuntimeError: aiormq's closed channel
             await self._close()
             raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
 

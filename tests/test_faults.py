@@ -213,7 +213,10 @@ async def test_rabbitmq_restarted_twice_consumers_come_back(pool, broker: Broker
         rabbitmq("start")
         # The test's own broker connection died with the node; reconnect it.
         await broker.__aenter__()
-        await wait_until(lambda: _consumers(broker, 2), timeout=90, what="both consumers back on the queue")
+        try:
+            await wait_until(lambda: _consumers(broker, 2), timeout=90, what="both consumers back on the queue")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{fleet.tails()}") from None
         assert all(c.alive() for c in consumers), fleet.tails()
     await publish_all(broker, messages[2 * third :])
     await wait_applied(pool, orgs, distinct(events), fleet, timeout=180)
