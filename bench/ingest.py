@@ -217,6 +217,7 @@ async def freshness(names: Names, dsn: str, api_port: int, key: str, org: str, r
     connection = await aio_pika.connect(AMQP_URL)
     latencies: list[float] = []
     pollers: list[asyncio.Task[None]] = []
+    publishes: list[asyncio.Future[object]] = []
     try:
         channel = await connection.channel(publisher_confirms=True)
         topology = await declare(channel, names)
@@ -240,12 +241,16 @@ async def freshness(names: Names, dsn: str, api_port: int, key: str, org: str, r
                 if probe:
                     event = {**event, "subject": f"probe_{i}", "time": datetime.now(timezone.utc).isoformat()}
                 sent = time.perf_counter()
-                await topology.events.publish(aio_pika.Message(orjson.dumps(event)), routing_key="usage.recorded")
+                # Confirms are awaited in the background: a steady rate needs many in flight.
+                publishes.append(asyncio.ensure_future(
+                    topology.events.publish(aio_pika.Message(orjson.dumps(event)), routing_key="usage.recorded")
+                ))  # fmt: skip
                 if probe:
                     pollers.append(asyncio.create_task(watch(f"probe_{i}", sent)))
                 delay = started + (i + 1) * interval - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            await asyncio.gather(*publishes)
             achieved = len(background) / (time.perf_counter() - started)
             await asyncio.gather(*pollers)
     finally:

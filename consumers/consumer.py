@@ -83,20 +83,29 @@ ALERT_RELAY_EVERY = 5.0
 DRAIN_GRACE = 10.0
 
 
-@dataclass
 class Received:
-    """A delivery, decoded once on arrival so that batches can be bounded in events."""
+    """A delivery. Its body is decoded when it is taken into a batch (not on arrival), so the
+    prefetched backlog costs its raw bytes only, while batches are still bounded in events."""
 
-    message: AbstractIncomingMessage
-    raws: list[object]
-    error: str | None = None
+    __slots__ = ("message", "_raws", "error")
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self.message = message
+        self._raws: list[object] | None = None
+        self.error: str | None = None
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage) -> "Received":
-        try:
-            return cls(message, decode_body(message.body))
-        except InvalidEvent as exc:
-            return cls(message, [], exc.reason)
+        return cls(message)
+
+    @property
+    def raws(self) -> list[object]:
+        if self._raws is None:
+            try:
+                self._raws = decode_body(self.message.body)
+            except InvalidEvent as exc:
+                self._raws, self.error = [], exc.reason
+        return self._raws
 
     @property
     def size(self) -> int:

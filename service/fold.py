@@ -20,7 +20,7 @@ so two consumers folding overlapping batches wait for each other but never cycle
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -264,6 +264,11 @@ WHERE ctid = ANY(ARRAY(SELECT ctid FROM processed_events WHERE processed_at < $1
 """
 
 
+def _columns(rows: Iterable[tuple[object, ...]]) -> list[list[object]]:
+    """Rows turned into one list per column: the arrays that unnest() zips back into rows."""
+    return [list(column) for column in zip(*rows)]
+
+
 def _json(value: object) -> str:
     return orjson.dumps(value, default=str).decode()
 
@@ -400,13 +405,11 @@ async def _upsert_daily(
     )  # fmt: skip
     if not rows:
         return {}
-    columns: list[list[object]] = [[] for _ in range(12)]
-    for org, cid, day, u in rows:
-        for column, value in zip(columns, (
-            org, cid, day, u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost,
-            u.latency_sum, u.latency_count, u.ttft_sum, u.ttft_count,
-        )):  # fmt: skip
-            column.append(value)
+    columns = _columns(
+        (org, cid, day, u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost,
+         u.latency_sum, u.latency_count, u.ttft_sum, u.ttft_count)
+        for org, cid, day, u in rows
+    )  # fmt: skip
     new_days: dict[UUID, int] = defaultdict(int)
     for r in await conn.fetch(UPSERT_DAILY, *columns):
         if r["inserted"]:
@@ -421,19 +424,14 @@ async def _update_customers(
     org_of: dict[str, UUID],
     new_days: dict[UUID, int],
 ) -> None:
-    columns: list[list[object]] = [[] for _ in range(18)]
-    for k in sorted(deltas):
-        d = deltas[k]
-        if k not in ids or not d.create:
-            continue
-        u, cid = d.usage, ids[k]
-        for column, value in zip(columns, (
-            org_of[k[0]], cid, u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost,
-            u.latency_sum, u.latency_count, u.ttft_sum, u.ttft_count, d.first_seen, d.last_active,
-            new_days.get(cid, 0), d.hint_name, d.hint_email, _json(d.patch), d.patch_time,
-        )):  # fmt: skip
-            column.append(value)
-    if columns[0]:
+    columns = _columns(
+        (org_of[k[0]], ids[k], d.usage.requests, d.usage.prompt_tokens, d.usage.completion_tokens,
+         d.usage.total_tokens, d.usage.cost, d.usage.latency_sum, d.usage.latency_count, d.usage.ttft_sum,
+         d.usage.ttft_count, d.first_seen, d.last_active, new_days.get(ids[k], 0), d.hint_name, d.hint_email,
+         _json(d.patch), d.patch_time)
+        for k, d in sorted(deltas.items()) if k in ids and d.create
+    )  # fmt: skip
+    if columns:
         await conn.execute(UPDATE_CUSTOMERS, *columns)
 
 
@@ -443,18 +441,18 @@ async def _upsert_subscriptions(
     ids: dict[tuple[str, str, str], UUID],
     org_of: dict[str, UUID],
 ) -> None:
-    columns: list[list[object]] = [[] for _ in range(12)]
+    rows = []
     for sub_key in sorted(subscriptions):
         customer_key, e = subscriptions[sub_key]
         data = e.data
         assert isinstance(data, SubscriptionData)
         plan = data.plan
-        for column, value in zip(columns, (
+        rows.append((
             org_of[sub_key[0]], data.id, ids[customer_key], data.status, data.current_period_start,
             data.current_period_end, plan and plan.stripe_price_id, plan and plan.name, plan and plan.amount,
             plan and plan.currency, plan and plan.interval, e.time,
-        )):  # fmt: skip
-            column.append(value)
+        ))  # fmt: skip
+    columns = _columns(rows)
     await conn.execute(UPSERT_SUBSCRIPTIONS, *columns)
 
 
