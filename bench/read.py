@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from uuid import UUID
 
@@ -34,7 +35,7 @@ from service.api.compat import flexprice, public, respan, v0  # noqa: E402
 from service.api.customers import canonical_shape  # noqa: E402
 from service.customers import _get_sql  # noqa: E402
 from service.migrate import migrate  # noqa: E402
-from service.query import CursorCodec, CustomerFilter, ListQuery, Position, Shape, Sort, count_sql, page_sql  # noqa: E402
+from service.query import CursorCodec, CustomerFilter, ListQuery, Position, Shape, Sort, list_sql  # noqa: E402
 
 DATABASE = "tally_bench_read"
 # Organization sizes as shares of M: one big tenant (the deep-page scenarios need >500k
@@ -156,6 +157,20 @@ async def db_rate(pool: asyncpg.Pool, statements: list[tuple[str, list[object]]]
     return await closed_loop(work, concurrency=connections, duration=duration)
 
 
+async def settle(pool: asyncpg.Pool, timeout: float = 60) -> None:
+    """Wait until the previous scenario's queries have finished in PostgreSQL (a client that
+    timed out does not cancel its query), so that no scenario pays for the one before."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active'"
+            " AND pid <> pg_backend_pid()"
+        )
+        if busy == 0:
+            return
+        await asyncio.sleep(0.2)
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--customers", type=int, default=1_000_000)
@@ -193,8 +208,8 @@ async def main() -> int:
     canonical = canonical_shape(False, False)
 
     def stmts(q: ListQuery, shape: Shape, count: bool = True) -> list[tuple[str, list[object]]]:
-        out = [page_sql(q, shape)]
-        return out + [count_sql(q)] if count else out
+        """The statement the API runs for this list (page and count in one round trip)."""
+        return [list_sql(q if count else replace(q, count=False), shape)]
 
     name_q = ListQuery(big, "prod", filter=CustomerFilter(name_contains=last_name), sort=Sort(), limit=50)
     scenarios = [
@@ -225,6 +240,7 @@ async def main() -> int:
         await wait_ready(f"http://127.0.0.1:{port}/healthz", api)
         use_wrk = shutil.which("wrk") is not None
         for name, path, statements in scenarios:
+            await settle(pool)
             # Offsets 500k deep take ~0.5 s each: a shorter run says as much.
             duration = args.duration if "offset" not in name else max(3.0, args.duration / 3)
             db = await db_rate(pool, statements, duration, args.connections)
