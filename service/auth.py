@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -19,7 +20,10 @@ import asyncpg
 
 from service.errors import Conflict, Forbidden, NotFound, Unauthenticated
 
-SCOPES = ("read", "write", "admin")
+SCOPES = ("read", "write", "admin", "ops")
+# 'admin' implies the scopes of its own organization; 'ops' (broker-wide queue statistics,
+# which show every tenant's traffic) is never implied and is granted only explicitly.
+ORGANIZATION_SCOPES = ("read", "write", "admin")
 ENVIRONMENTS = ("prod", "test")
 CLIENT_KEY_PREFIX = "tly_"
 # NOTIFY channel on which a revocation names the client key, so API processes caching
@@ -42,7 +46,8 @@ class Principal:
     environment: str
 
     def require(self, scope: str) -> None:
-        if scope not in self.scopes and "admin" not in self.scopes:
+        implied = "admin" in self.scopes and scope in ORGANIZATION_SCOPES
+        if scope not in self.scopes and not implied:
             raise Forbidden(f"this key lacks the '{scope}' scope")
 
 
@@ -71,23 +76,58 @@ def split_bearer(key: str) -> tuple[str, str]:
     return client_key, secret
 
 
+def as_uuid(text: str) -> UUID | None:
+    """``text`` as a UUID if it reads as one (in any form Python accepts), else None."""
+    try:
+        return UUID(text)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def check_organization_name(name: str) -> None:
+    """Refuse a name that reads as a UUID: wherever an organization is named (events, keys,
+    the CLI), text that reads as a UUID is its id, so such a name could never be addressed
+    and, before ids won, could take over the organization whose id it spells."""
+    if as_uuid(name) is not None:
+        raise ValueError(f"organization name '{name}' reads as a UUID; choose a name that does not")
+    if not 1 <= len(name) <= 200 or not name.strip():
+        raise ValueError("an organization name has 1 to 200 characters, not only spaces")
+
+
 INSERT_ORG = "INSERT INTO organizations (name) VALUES ($1) RETURNING id"
-SELECT_ORG = "SELECT id, name FROM organizations WHERE name = $1 OR id::text = $1"
+# Ids win: a UUID-shaped reference is only ever looked up by id, anything else by name.
+SELECT_ORGS = "SELECT id, name FROM organizations WHERE id = ANY($1::uuid[]) OR name = ANY($2::text[])"
 
 
 async def create_organization(conn: asyncpg.Connection, name: str) -> UUID:
-    """Create an organization; Conflict if the name is taken."""
+    """Create an organization; ValueError for a name that reads as a UUID, Conflict if taken."""
+    check_organization_name(name)
     try:
         return await conn.fetchval(INSERT_ORG, name)
     except asyncpg.UniqueViolationError:
         raise Conflict(f"organization '{name}' already exists") from None
 
 
+async def resolve_organizations(conn: asyncpg.Connection, references: Iterable[str]) -> dict[str, tuple[UUID, str]]:
+    """``{reference: (id, name)}`` for the references that name an organization: a reference
+    that reads as a UUID is an id (never a name), any other is a name."""
+    refs = set(references)
+    by_id = {ref: u for ref in refs if (u := as_uuid(ref)) is not None}
+    names = [ref for ref in refs if ref not in by_id]
+    rows = await conn.fetch(SELECT_ORGS, list(set(by_id.values())), names)
+    ids = {r["id"]: (r["id"], r["name"]) for r in rows}
+    named = {r["name"]: (r["id"], r["name"]) for r in rows}
+    out = {ref: ids[u] for ref, u in by_id.items() if u in ids}
+    out.update({ref: named[ref] for ref in names if ref in named})
+    return out
+
+
 async def find_organization(conn: asyncpg.Connection, name_or_id: str) -> tuple[UUID, str]:
-    row = await conn.fetchrow(SELECT_ORG, name_or_id)
-    if row is None:
+    """The organization named, or with the id given (ids win); NotFound otherwise."""
+    found = (await resolve_organizations(conn, [name_or_id])).get(name_or_id)
+    if found is None:
         raise NotFound(f"no organization named '{name_or_id}'")
-    return row["id"], row["name"]
+    return found
 
 
 INSERT_KEY = """
@@ -104,7 +144,7 @@ async def create_key(
     name: str | None = None,
 ) -> NewKey:
     """Make a key for ``organization`` (name or id). The secret is returned once, never stored."""
-    bad = [s for s in scopes if s not in SCOPES]
+    bad = [scope for scope in scopes if scope not in SCOPES]
     if bad or not scopes:
         raise ValueError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}")
     if environment not in ENVIRONMENTS:

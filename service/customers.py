@@ -7,15 +7,17 @@ envelope.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
 
 from service.errors import Conflict, InvalidInput, NotFound
+from service.fold import PROFILE_COLUMNS, Change, apply_changes
 from service.query import (
     ListQuery,
     Position,
@@ -27,12 +29,7 @@ from service.query import (
 
 # Columns a client may write. Everything else (ids, organization, usage aggregates, derived
 # budget figures, timestamps) is read-only and a write naming it is refused by the edge.
-WRITABLE_COLUMNS = frozenset({
-    "name", "first_name", "last_name", "email", "phone", "customer_type", "status",
-    "parent_customer_id", "address_line1", "address_line2", "address_city", "address_state",
-    "address_postal_code", "address_country", "metadata", "stripe_customer_id", "application_id",
-    "last_transaction_amount", "last_purchase_date", "total_budget", "period_budget", "budget_duration",
-})  # fmt: skip
+WRITABLE_COLUMNS = frozenset(PROFILE_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -106,6 +103,26 @@ def _write_errors() -> Iterator[None]:
         raise InvalidInput.for_field("parent_customer_id", "no such customer in this organization", "body") from None
 
 
+# API writes are changes stamped with the request's time and folded by the same code as
+# events (service/fold.py), under the same per-customer row lock: so a deletion event stamped
+# before a POST or PATCH leaves what they wrote, and a DELETE racing a fold loses nothing.
+INSERT_CUSTOMER = """
+INSERT INTO customers (organization_id, environment, customer_identifier, last_event_at)
+VALUES ($1, $2, $3, NULL)
+ON CONFLICT (organization_id, environment, customer_identifier) DO NOTHING
+RETURNING id
+"""
+LOCK_CUSTOMER = (
+    "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3"
+    " FOR UPDATE"
+)
+SUPERSEDED = "a deletion of this customer stamped after this request has been applied; retry"
+
+
+def _change(key: tuple[UUID, str, str], at: datetime, request_id: str | None, **what: object) -> Change:
+    return Change(key, at, "api", request_id or uuid.uuid4().hex, **what)  # type: ignore[arg-type]
+
+
 async def create_customer(
     conn: asyncpg.Connection,
     organization_id: UUID,
@@ -113,15 +130,22 @@ async def create_customer(
     identifier: str,
     values: dict[str, object],
     shape: Shape,
+    *,
+    at: datetime,
+    request_id: str | None = None,
 ) -> str:
-    """Insert a customer; Conflict if the identifier exists in that environment."""
+    """Create a customer whose fields are written at ``at``; Conflict if the identifier
+    exists in that environment."""
     _check_columns(values)
-    columns = ["organization_id", "environment", "customer_identifier", *values]
-    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
-    sql = f"INSERT INTO customers ({', '.join(columns)}) VALUES ({placeholders})"
+    key = (organization_id, environment, identifier)
     async with conn.transaction():
         with _write_errors():
-            await conn.execute(sql, organization_id, environment, identifier, *values.values())
+            customer_id = await conn.fetchval(INSERT_CUSTOMER, *key)
+            if customer_id is None:
+                raise Conflict("a customer with this customer_identifier already exists in this environment")
+            result = await apply_changes(conn, [_change(key, at, request_id, profile=values)], {key: customer_id})
+        if result.stale[0]:
+            raise Conflict(SUPERSEDED)
         return await get_customer(conn, organization_id, environment, identifier, shape)
 
 
@@ -132,48 +156,55 @@ async def update_customer(
     identifier: str,
     values: dict[str, object],
     shape: Shape,
+    *,
+    at: datetime,
+    request_id: str | None = None,
 ) -> str:
-    """Change only the given writable columns; NotFound if there is no such customer."""
+    """Write the given columns at ``at`` (a field changed by a newer event keeps that value);
+    NotFound if there is no such customer."""
     _check_columns(values)
     if not storable(identifier):
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+    key = (organization_id, environment, identifier)
     async with conn.transaction():
+        customer_id = await conn.fetchval(LOCK_CUSTOMER, *key)
+        if customer_id is None:
+            raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+        if values.get("parent_customer_id") == customer_id:
+            raise InvalidInput.for_field("parent_customer_id", "a customer cannot be its own parent", "body")
         if values:
-            if "parent_customer_id" in values and values["parent_customer_id"] is not None:
-                own = await conn.fetchval(
-                    "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2"
-                    " AND customer_identifier = $3",
-                    organization_id, environment, identifier,
-                )  # fmt: skip
-                if own == values["parent_customer_id"]:
-                    raise InvalidInput.for_field("parent_customer_id", "a customer cannot be its own parent", "body")
-            sets = ", ".join(f"{column} = ${i}" for i, column in enumerate(values, start=4))
-            sql = (
-                f"UPDATE customers SET {sets}, updated_at = now()"
-                " WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3"
-            )
             with _write_errors():
-                status = await conn.execute(sql, organization_id, environment, identifier, *values.values())
-            if status == "UPDATE 0":
-                raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+                result = await apply_changes(conn, [_change(key, at, request_id, profile=values)], {key: customer_id})
+            if result.stale[0]:
+                raise Conflict(SUPERSEDED)
         return await get_customer(conn, organization_id, environment, identifier, shape)
 
 
-DELETE_CUSTOMER = (
-    "DELETE FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3"
-)
-
-
-async def delete_customer(conn: asyncpg.Connection, organization_id: UUID, environment: str, identifier: str) -> None:
-    """Delete a customer with its daily usage and subscriptions; NotFound if absent."""
-    if not storable(identifier) or (
-        await conn.execute(DELETE_CUSTOMER, organization_id, environment, identifier) == "DELETE 0"
-    ):
-        raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+async def delete_customer(
+    conn: asyncpg.Connection,
+    organization_id: UUID,
+    environment: str,
+    identifier: str,
+    *,
+    at: datetime,
+    request_id: str | None = None,
+) -> None:
+    """Delete the customer as of ``at`` (a tombstone, as a ``customer.deleted`` event stamped
+    ``at``): its usage history, fields and subscriptions go, and later-arriving events stamped
+    before ``at`` are stale. NotFound if there is no such customer."""
+    key = (organization_id, environment, identifier)
+    async with conn.transaction():
+        customer_id = await conn.fetchval(LOCK_CUSTOMER, *key) if storable(identifier) else None
+        if customer_id is None:
+            raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+        await apply_changes(conn, [_change(key, at, request_id, delete=True)], {key: customer_id})
 
 
 # A series is one row per bucket in [from, to], zero-filled, so a chart needs no gap logic.
 MAX_SERIES_DAYS = 400
+# Days a series may cover: asyncpg sends date.min and date.max as -infinity and infinity (a
+# series over them never ends), and a month bucket past 9999-12 overflows.
+FIRST_SERIES_DAY, LAST_SERIES_DAY = date(1900, 1, 1), date(9998, 12, 31)
 GRANULARITIES = ("day", "week", "month")
 
 SELECT_CUSTOMER_ID = (
@@ -222,6 +253,9 @@ async def usage_series(
     """Usage per bucket from ``start`` to ``end`` inclusive, as a JSON array (text)."""
     if granularity not in GRANULARITIES:
         raise InvalidInput.for_field("granularity", f"must be one of {', '.join(GRANULARITIES)}")
+    for name, day in (("from", start), ("to", end)):
+        if not FIRST_SERIES_DAY <= day <= LAST_SERIES_DAY:
+            raise InvalidInput.for_field(name, f"must be between {FIRST_SERIES_DAY} and {LAST_SERIES_DAY}")
     if end < start:
         raise InvalidInput.for_field("to", "must not be before 'from'")
     if end - start > timedelta(days=MAX_SERIES_DAYS):

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.profile import Identifier, ProfileUpdate, ShortText, Timestamp
+from service.profile import Identifier, ProfileUpdate, ShortText, Timestamp, exact_decimal, json_fault
 
 EVENT_TYPES = ("usage.recorded", "customer.upserted", "customer.deleted", "subscription.upserted")
 EventType = Literal["usage.recorded", "customer.upserted", "customer.deleted", "subscription.upserted"]
@@ -30,10 +30,14 @@ EVENT_CONTENT_TYPE = "application/cloudevents+json"
 MAX_FUTURE = timedelta(minutes=5)
 # A batch message is capped so one message cannot hold a consumer for long.
 MAX_EVENTS_PER_MESSAGE = 10_000
+# An event nested deeper than this is refused before anything walks it recursively (pydantic,
+# orjson.dumps, which stops at 255 levels, when it is dead-lettered alone); metadata inside it
+# has its own, lower bound (service/profile.py).
+MAX_EVENT_DEPTH = 64
 
 Count = Annotated[int, Field(ge=0, le=10**12)]
 Seconds = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
-Cost = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12, allow_inf_nan=False)]
+Cost = Annotated[Decimal, Field(ge=0, allow_inf_nan=False), exact_decimal(places=12, whole=12)]
 
 
 class CustomerHint(BaseModel):
@@ -143,13 +147,22 @@ def _reason(exc: ValidationError, prefix: str = "") -> str:
     first = exc.errors(include_url=False)[0]
     where = prefix + ".".join(str(p) for p in first["loc"]) if first["loc"] else prefix.rstrip(".") or "event"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"invalid field {where}: {first['msg']}{more}"
+    return f"invalid field {where}: {first['msg'].removeprefix('Value error, ')}{more}"
 
 
-def validate_event(raw: object, now: datetime) -> Event:
-    """One CloudEvent (a decoded JSON object) as an :class:`Event`, or InvalidEvent."""
+def too_old_reason(retention: timedelta) -> str:
+    return f"too old: older than the {retention.days}-day dedupe window"
+
+
+def validate_event(raw: object, now: datetime, *, retention: timedelta | None = None) -> Event:
+    """One CloudEvent (a decoded JSON object) as an :class:`Event`, or InvalidEvent: not an
+    object, nested too deep, a NUL character anywhere, invalid fields, a time in the future
+    or (with ``retention``) older than the dedupe window."""
     if not isinstance(raw, dict):
         raise InvalidEvent("event is not a JSON object", raw)
+    fault = json_fault(raw, max_depth=MAX_EVENT_DEPTH)
+    if fault:
+        raise InvalidEvent(f"invalid event: {fault}", raw)
     try:
         envelope = CloudEvent.model_validate(raw)
     except ValidationError as exc:
@@ -161,6 +174,8 @@ def validate_event(raw: object, now: datetime) -> Event:
         raise InvalidEvent(_reason(exc, "data."), raw) from None
     if envelope.time > now + MAX_FUTURE:
         raise InvalidEvent(f"event time {envelope.time.isoformat()} is in the future", raw)
+    if retention is not None and envelope.time < now - retention:
+        raise InvalidEvent(too_old_reason(retention), raw)
     return Event(
         id=envelope.id,
         source=envelope.source,

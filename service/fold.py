@@ -1,26 +1,50 @@
-"""The event fold: apply a batch of validated events to the read model, exactly once.
+"""The fold: apply changes to the read model exactly once, with a result that does not depend
+on the order in which they arrive.
 
-One transaction per batch. Its steps, and why they are in this order:
+The rules (DESIGN.md, "Order independence"; ``tests/test_order_independence.py`` checks them
+against a reference model on random histories, orders, batch splits and consumers):
 
-1. resolve organizations; refuse unknown ones and events older than the dedupe window;
-2. record each event's dedupe key ``(organization, source, id)``; only keys that were not
-   there before are applied (a redelivered or republished event changes nothing);
-3. fold the new events per customer in memory (sums, min/max times, per-day sums, the
-   newest profile patch), so each customer row is written once per batch;
-4. create missing customers, then lock every touched customer row in one ordered
-   ``SELECT … ORDER BY … FOR UPDATE``;
-5. upsert daily rows (new days raise active_days), update aggregates and profiles,
-   upsert subscriptions, apply deletions.
+- **Usage** adds its amounts once per dedupe key ``(organization, source, id)``; first_seen is
+  the minimum event time, last_active the maximum, each UTC day counted once.
+- **Profile fields** are last-writer-wins per field. Every write carries a version (see
+  :func:`version`): the newest event time wins, a tie goes to the greater ``(source, id)``, and
+  a ``customer.upserted`` or an API write always beats the name/email *hint* of a usage event.
+  A late, older write changes only the fields whose versions are older than its own.
+- **Subscriptions** are last-writer-wins by the same versions, per customer and subscription id.
+- **A deletion at T is a tombstone**: every event for that customer stamped at or before T is
+  stale. Stale events that arrive later are counted and ignored (never dead-lettered); events
+  after T (re)create the customer. A deletion that arrives after newer changes were applied
+  removes only what it predates: usage is recomputed from the journal (the dedupe table keeps
+  each event's time and amounts for the whole retention window, and a deletion older than
+  the window is refused), older fields are cleared, older subscriptions dropped. With nothing
+  newer than T the customer is removed.
+- **API writes** are changes stamped with the time of the request (``service/customers.py``).
 
-Deadlock freedom: every step touches its rows in one global order (dedupe keys and new
-customers in sorted order; existing customers locked in key order before any is written),
-so two consumers folding overlapping batches wait for each other but never cycle.
+One transaction per batch, in this order:
+
+1. resolve organizations (a UUID is an id, never a name); refuse unknown ones and events older
+   than the retention window;
+2. record dedupe keys together with the journal; only events whose key is new apply;
+3. make sure a row exists for every customer the new events touch and lock all of them in one
+   global order (:func:`lock_customers`). The customer row is the per-customer mutex between
+   folds and deletions, also for a customer that does not exist yet: a provisional row,
+   inserted here and removed at step 6 if nothing lives in it;
+4. read the tombstones — after locking, so a deletion committed before the lock is seen;
+5. fold the live changes per customer in memory (:func:`plan`, pure), then write daily rows,
+   aggregates, per-field versions, subscriptions and raised tombstones;
+6. remove customers with nothing newer than their tombstone, recompute those whose tombstone
+   rose past older content, record budget alerts.
+
+Deadlock freedom: dedupe keys and provisional rows are inserted in sorted key order, rows are
+locked in ``(organization_id, id)`` order before any is written, and a tombstone is written only
+by the holder of its customer's row lock; two folds (or a fold and an API write) wait for each
+other but never cycle.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -31,9 +55,12 @@ import asyncpg
 import orjson
 
 from service import failpoints
-from service.events import Event, ProfileData, SubscriptionData, UsageData
+from service.auth import resolve_organizations
+from service.events import Event, ProfileData, SubscriptionData, UsageData, too_old_reason
 
-Status = Literal["applied", "duplicate", "rejected"]
+Status = Literal["applied", "duplicate", "stale", "rejected"]
+# (organization_id, environment, customer_identifier)
+Key = tuple[UUID, str, str]
 
 
 @dataclass(frozen=True)
@@ -50,10 +77,61 @@ class Outcomes(list[Outcome]):
 
 APPLIED = Outcome("applied")
 DUPLICATE = Outcome("duplicate")
+STALE = Outcome("stale")
+
+# ---- versions ---------------------------------------------------------------------------
+
+# A usage event's name/email hint loses to any explicit write, whatever their times.
+HINT, WRITE = 0, 1
+# The profile fields a usage event may hint at (UsageData.customer).
+HINT_COLUMNS = ("name", "email")
+_YEAR_ONE = datetime(1, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def version(kind: int, at: datetime, source: str, change_id: str) -> str:
+    """A write's version: ``'<kind>|<µs since 0001-01-01 UTC, 19 digits>|<source>|<id>'``.
+    Compared as text — by code point in Python, ``COLLATE "C"`` in SQL, the same order — it
+    orders by kind, then time, then source and id (migrations/0006 has the SQL side)."""
+    return f"{kind}|{(at - _YEAR_ONE) // _MICROSECOND:019d}|{source}|{change_id}"
+
+
+# ---- changes and the in-memory fold -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to one customer at one time, from an event or an API write. Exactly one of
+    ``usage``, ``profile`` (writable columns; ``{}`` for a bare creation), ``subscription`` or
+    ``delete`` is set."""
+
+    key: Key
+    time: datetime
+    source: str
+    id: str
+    usage: UsageData | None = None
+    profile: Mapping[str, object] | None = None
+    subscription: SubscriptionData | None = None
+    delete: bool = False
+
+    @classmethod
+    def of(cls, organization_id: UUID, event: Event) -> "Change":
+        key = (organization_id, event.environment, event.subject)
+        base = {"key": key, "time": event.time, "source": event.source, "id": event.id}
+        if isinstance(event.data, UsageData):
+            return cls(**base, usage=event.data)
+        if isinstance(event.data, ProfileData):
+            return cls(**base, profile=event.data.columns())
+        if isinstance(event.data, SubscriptionData):
+            return cls(**base, subscription=event.data)
+        return cls(**base, delete=True)
+
+    def version(self, kind: int = WRITE) -> str:
+        return version(kind, self.time, self.source, self.id)
 
 
 @dataclass
-class _Usage:
+class Usage:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -79,39 +157,97 @@ class _Usage:
 
 
 @dataclass
-class _CustomerDelta:
-    usage: _Usage = field(default_factory=_Usage)
-    days: dict[date, _Usage] = field(default_factory=lambda: defaultdict(_Usage))
+class Delta:
+    """What a batch's live changes do to one customer."""
+
+    usage: Usage = field(default_factory=Usage)
+    days: dict[date, Usage] = field(default_factory=lambda: defaultdict(Usage))
     first_seen: datetime | None = None
     last_active: datetime | None = None
-    hint_name: str | None = None
-    hint_email: str | None = None
-    patch: dict[str, object] = field(default_factory=dict)
-    patch_time: datetime | None = None
-    delete_time: datetime | None = None
-    create: bool = False  # False for a customer only named by customer.deleted
+    fields: dict[str, tuple[str, object]] = field(default_factory=dict)  # column -> (version, value)
+    hints: dict[str, tuple[str, object]] = field(default_factory=dict)  # the best hint per column
+    subscriptions: dict[str, tuple[str, datetime, SubscriptionData]] = field(default_factory=dict)
+    last_event_at: datetime | None = None
+
+    def _write(self, column: str, stamp: str, value: object) -> None:
+        if column not in self.fields or self.fields[column][0] < stamp:
+            self.fields[column] = (stamp, value)
+
+    def add(self, change: Change) -> None:
+        t = change.time
+        self.last_event_at = t if self.last_event_at is None else max(self.last_event_at, t)
+        if change.usage is not None:
+            self.usage.add(change.usage)
+            self.days[t.astimezone(timezone.utc).date()].add(change.usage)
+            self.first_seen = t if self.first_seen is None else min(self.first_seen, t)
+            self.last_active = t if self.last_active is None else max(self.last_active, t)
+            hint = change.usage.customer
+            if hint is not None:
+                stamp = change.version(HINT)
+                for column in HINT_COLUMNS:
+                    value = getattr(hint, column)
+                    if value:
+                        self._write(column, stamp, value)
+                        if column not in self.hints or self.hints[column][0] < stamp:
+                            self.hints[column] = (stamp, value)
+        elif change.profile is not None:
+            stamp = change.version()
+            for column, value in change.profile.items():
+                self._write(column, stamp, value)
+        elif change.subscription is not None:
+            sub, stamp = change.subscription, change.version()
+            if sub.id not in self.subscriptions or self.subscriptions[sub.id][0] < stamp:
+                self.subscriptions[sub.id] = (stamp, t, sub)
 
 
-# Profile columns an event may set, with the SQL that reads each from the jsonb patch ``u.patch``.
-_PATCH_SQL_TYPES = {
-    "metadata": "jsonb",
-    "last_transaction_amount": "numeric",
-    "total_budget": "numeric",
-    "period_budget": "numeric",
-    "last_purchase_date": "timestamptz",
-}
-PATCH_COLUMNS = (
-    "name", "first_name", "last_name", "email", "phone", "customer_type", "status",
-    "address_line1", "address_line2", "address_city", "address_state", "address_postal_code",
-    "address_country", "metadata", "stripe_customer_id", "application_id", "last_transaction_amount",
-    "last_purchase_date", "total_budget", "period_budget", "budget_duration",
-)  # fmt: skip
-# Usage events only fill these when the customer has none yet.
-_HINT_COLUMNS = {"name": "u.hint_name", "email": "u.hint_email"}
+@dataclass
+class Plan:
+    """The in-memory fold of a batch: per customer, the live changes' delta; the tombstones
+    the batch raises; and which changes are stale."""
+
+    deltas: dict[Key, Delta]
+    raised: dict[Key, datetime]  # key -> the new tombstone, where the batch raises it
+    stale: list[bool]
+
+
+def plan(changes: Sequence[Change], tombstones: Mapping[Key, datetime]) -> Plan:
+    """Fold ``changes`` given each customer's current tombstone. Pure: the same changes and
+    tombstones give the same plan in any order. A change at or before its customer's final
+    tombstone (the newer of the stored one and the batch's own deletions) is stale."""
+    final: dict[Key, datetime] = dict(tombstones)
+    raised: dict[Key, datetime] = {}
+    for c in changes:
+        if c.delete and (c.key not in final or c.time > final[c.key]):
+            final[c.key] = raised[c.key] = c.time
+    deltas: dict[Key, Delta] = {}
+    stale = [False] * len(changes)
+    for i, c in enumerate(changes):
+        if c.delete:
+            continue
+        if c.key in final and c.time <= final[c.key]:
+            stale[i] = True
+            continue
+        deltas.setdefault(c.key, Delta()).add(c)
+    return Plan(deltas, raised, stale)
+
+
+# ---- SQL ---------------------------------------------------------------------------------
+
+# Writable profile columns, with the SQL type each is read back as from the JSON patch.
+PROFILE_COLUMNS: dict[str, str] = {
+    "name": "text", "first_name": "text", "last_name": "text", "email": "text", "phone": "text",
+    "customer_type": "text", "status": "text", "parent_customer_id": "uuid", "address_line1": "text",
+    "address_line2": "text", "address_city": "text", "address_state": "text", "address_postal_code": "text",
+    "address_country": "text", "metadata": "jsonb", "stripe_customer_id": "text", "application_id": "text",
+    "last_transaction_amount": "numeric", "last_purchase_date": "timestamptz", "total_budget": "numeric",
+    "period_budget": "numeric", "budget_duration": "text",
+}  # fmt: skip
+# What a field goes back to when the write that set it is undone by a later-arriving deletion.
+_RESET = {"status": "'active'", "metadata": "'{}'::jsonb"}
 
 
 def _patch_value(column: str) -> str:
-    kind = _PATCH_SQL_TYPES.get(column, "text")
+    kind = PROFILE_COLUMNS[column]
     if kind == "jsonb":
         return f"u.patch->'{column}'"
     if kind == "text":
@@ -119,29 +255,24 @@ def _patch_value(column: str) -> str:
     return f"(u.patch->>'{column}')::{kind}"
 
 
-# A profile patch applies only if it is at least as new as the last one applied.
-_NEWER = "(u.patch_time IS NOT NULL AND (c.profile_event_time IS NULL OR u.patch_time >= c.profile_event_time))"
+def _newer(column: str) -> str:
+    return f"(u.versions->>'{column}') COLLATE \"C\" > coalesce(c.profile_versions->>'{column}', '') COLLATE \"C\""
 
-
-def _profile_set(column: str) -> str:
-    fallback = f"coalesce(c.{column}, {_HINT_COLUMNS[column]})" if column in _HINT_COLUMNS else f"c.{column}"
-    return f"{column} = CASE WHEN {_NEWER} AND u.patch ? '{column}' THEN {_patch_value(column)} ELSE {fallback} END"
-
-
-SELECT_ORGS = """
-SELECT id, name FROM organizations WHERE name = ANY($1::text[]) OR id::text = ANY($1::text[])
-"""
 
 INSERT_PROCESSED = """
-INSERT INTO processed_events (organization_id, source, event_id)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
+INSERT INTO processed_events (organization_id, source, event_id, event_time, environment, subject, requests,
+                              prompt_tokens, completion_tokens, total_tokens, cost, latency, ttft)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::int8[],
+                     $8::int8[], $9::int8[], $10::int8[], $11::numeric[], $12::float8[], $13::float8[])
 ON CONFLICT DO NOTHING
 RETURNING organization_id, source, event_id
 """
 
+# last_event_at NULL marks the row provisional (the column's default is the insert time, so a
+# row written by anything else is never taken for one).
 INSERT_CUSTOMERS = """
-INSERT INTO customers (organization_id, environment, customer_identifier)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
+INSERT INTO customers (organization_id, environment, customer_identifier, last_event_at)
+SELECT k.*, NULL FROM unnest($1::uuid[], $2::text[], $3::text[]) AS k
 ON CONFLICT (organization_id, environment, customer_identifier) DO NOTHING
 """
 
@@ -154,6 +285,21 @@ JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(organization_id, environmen
  AND c.customer_identifier = k.customer_identifier
 ORDER BY c.organization_id, c.id
 FOR UPDATE OF c
+"""
+
+SELECT_TOMBSTONES = """
+SELECT t.organization_id, t.environment, t.customer_identifier, t.deleted_at
+FROM customer_tombstones t
+JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(organization_id, environment, customer_identifier)
+  ON t.organization_id = k.organization_id AND t.environment = k.environment
+ AND t.customer_identifier = k.customer_identifier
+"""
+
+UPSERT_TOMBSTONES = """
+INSERT INTO customer_tombstones AS t (organization_id, environment, customer_identifier, deleted_at)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
+ON CONFLICT (organization_id, environment, customer_identifier)
+DO UPDATE SET deleted_at = greatest(t.deleted_at, excluded.deleted_at)
 """
 
 UPSERT_DAILY = """
@@ -174,6 +320,10 @@ ON CONFLICT (organization_id, customer_id, day) DO UPDATE SET
 RETURNING customer_id, (xmax = 0) AS inserted
 """
 
+_FIELD_SETS = ",\n    ".join(
+    f"{col} = CASE WHEN {_newer(col)} THEN {_patch_value(col)} ELSE c.{col} END" for col in PROFILE_COLUMNS
+)
+_MERGED = "tally_merge_versions(c.profile_versions, u.versions)"
 UPDATE_CUSTOMERS = f"""
 UPDATE customers c SET
     number_of_requests = c.number_of_requests + u.requests,
@@ -188,30 +338,31 @@ UPDATE customers c SET
     first_seen = least(c.first_seen, u.first_seen),
     last_active = greatest(c.last_active, u.last_active),
     active_days = c.active_days + u.new_days,
-    {", ".join(_profile_set(col) for col in PATCH_COLUMNS)},
-    profile_event_time = CASE WHEN {_NEWER} THEN u.patch_time ELSE c.profile_event_time END,
-    updated_at = CASE WHEN {_NEWER} THEN now() ELSE c.updated_at END
+    {_FIELD_SETS},
+    profile_versions = CASE WHEN u.versions IS NULL THEN c.profile_versions ELSE {_MERGED} END,
+    profile_hints = CASE WHEN u.hints IS NULL THEN c.profile_hints ELSE tally_merge_hints(c.profile_hints, u.hints) END,
+    last_event_at = greatest(c.last_event_at, u.last_event_at),
+    updated_at = CASE WHEN u.versions IS NOT NULL AND {_MERGED} <> c.profile_versions THEN now() ELSE c.updated_at END
 FROM (
     -- Patches travel as JSON text: the fold must not depend on a connection's jsonb codec.
-    SELECT k.*, k.patch_json::jsonb AS patch
+    SELECT k.*, k.patch_json::jsonb AS patch, k.versions_json::jsonb AS versions, k.hints_json::jsonb AS hints
     FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[],
                 $8::float8[], $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[],
                 $14::int4[], $15::text[], $16::text[], $17::text[], $18::timestamptz[])
          AS k(organization_id, id, requests, prompt_tokens, completion_tokens, total_tokens, cost, latency_sum,
-              latency_count, ttft_sum, ttft_count, first_seen, last_active, new_days, hint_name, hint_email,
-              patch_json, patch_time)
+              latency_count, ttft_sum, ttft_count, first_seen, last_active, new_days, patch_json, versions_json,
+              hints_json, last_event_at)
 ) u
 WHERE c.organization_id = u.organization_id AND c.id = u.id
 """
 
 UPSERT_SUBSCRIPTIONS = """
-INSERT INTO subscriptions AS s (organization_id, id, customer_id, status, current_period_start, current_period_end,
+INSERT INTO subscriptions AS s (organization_id, customer_id, id, status, current_period_start, current_period_end,
                                 plan_stripe_price_id, plan_name, plan_amount, plan_currency, plan_interval,
-                                source_time)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                     $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[], $12::timestamptz[])
-ON CONFLICT (organization_id, id) DO UPDATE SET
-    customer_id = excluded.customer_id,
+                                source_time, source_version)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+                     $7::text[], $8::text[], $9::int8[], $10::text[], $11::text[], $12::timestamptz[], $13::text[])
+ON CONFLICT (organization_id, customer_id, id) DO UPDATE SET
     status = excluded.status,
     current_period_start = excluded.current_period_start,
     current_period_end = excluded.current_period_end,
@@ -221,17 +372,95 @@ ON CONFLICT (organization_id, id) DO UPDATE SET
     plan_currency = excluded.plan_currency,
     plan_interval = excluded.plan_interval,
     source_time = excluded.source_time,
+    source_version = excluded.source_version,
     updated_at = now()
-WHERE s.source_time <= excluded.source_time
+WHERE coalesce(s.source_version, '') COLLATE "C" < excluded.source_version COLLATE "C"
 """
 
-# A deletion older than the newest usage or profile change applied is void: the customer
-# was active again after it.
-DELETE_CUSTOMERS = """
+# A customer lives while something newer than its tombstone was applied to it; a provisional
+# row (step 3) that received nothing has no last_event_at and goes too.
+REMOVE_DEAD = """
 DELETE FROM customers c
-USING unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS d(organization_id, id, deleted_at)
-WHERE c.organization_id = d.organization_id AND c.id = d.id
-  AND d.deleted_at >= coalesce(greatest(c.last_active, c.profile_event_time), '-infinity'::timestamptz)
+USING unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS k(organization_id, id, deleted_at)
+WHERE c.organization_id = k.organization_id AND c.id = k.id
+  AND (c.last_event_at IS NULL OR c.last_event_at <= k.deleted_at)
+RETURNING c.organization_id, c.id
+"""
+
+# A tombstone rose past older content of a customer that lives on: rebuild its usage from the
+# journal rows after the tombstone (every one of them is inside the retention window).
+CLEAR_DAILY = """
+DELETE FROM daily_usage d USING unnest($1::uuid[], $2::uuid[]) AS k(organization_id, id)
+WHERE d.organization_id = k.organization_id AND d.customer_id = k.id
+"""
+
+_JOURNAL_SINCE = """
+p.organization_id = k.organization_id AND p.event_time > k.deleted_at
+AND p.environment = k.environment AND p.subject = k.customer_identifier AND p.requests IS NOT NULL
+"""
+
+REBUILD_DAILY = f"""
+INSERT INTO daily_usage (organization_id, customer_id, day, requests, prompt_tokens, completion_tokens,
+                         total_tokens, cost, latency_sum, latency_count, ttft_sum, ttft_count)
+SELECT k.organization_id, k.id, (p.event_time AT TIME ZONE 'UTC')::date, sum(p.requests), sum(p.prompt_tokens),
+       sum(p.completion_tokens), sum(p.total_tokens), sum(p.cost), coalesce(sum(p.latency), 0), count(p.latency),
+       coalesce(sum(p.ttft), 0), count(p.ttft)
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
+     AS k(organization_id, id, environment, customer_identifier, deleted_at)
+JOIN processed_events p ON {_JOURNAL_SINCE}
+GROUP BY 1, 2, 3
+"""
+
+# An undone field falls back to the newest hint that the tombstone leaves (h.hints), else to
+# its default.
+_RESETS = ",\n    ".join(
+    f"{col} = CASE WHEN tally_version_micros(c.profile_versions->>'{col}') <= tally_micros(k.deleted_at)"
+    f" THEN {_RESET.get(col, f'h.hints->{chr(39)}{col}{chr(39)}->>1' if col in HINT_COLUMNS else 'NULL')}"
+    f" ELSE c.{col} END"
+    for col in PROFILE_COLUMNS
+)
+RECOMPUTE_CUSTOMERS = f"""
+UPDATE customers c SET
+    number_of_requests = coalesce(s.requests, 0),
+    prompt_tokens = coalesce(s.prompt_tokens, 0),
+    completion_tokens = coalesce(s.completion_tokens, 0),
+    total_tokens = coalesce(s.total_tokens, 0),
+    total_cost = coalesce(s.cost, 0),
+    latency_sum = coalesce(s.latency_sum, 0),
+    latency_count = coalesce(s.latency_count, 0),
+    ttft_sum = coalesce(s.ttft_sum, 0),
+    ttft_count = coalesce(s.ttft_count, 0),
+    first_seen = s.first_seen,
+    last_active = s.last_active,
+    active_days = s.days,
+    {_RESETS},
+    profile_versions = h.versions || coalesce((
+        SELECT jsonb_object_agg(x.key, x.value->0) FROM jsonb_each(h.hints) x WHERE NOT h.versions ? x.key), '{{}}'),
+    profile_hints = h.hints,
+    updated_at = now()
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
+     AS k(organization_id, id, environment, customer_identifier, deleted_at)
+JOIN customers c0 ON c0.organization_id = k.organization_id AND c0.id = k.id
+CROSS JOIN LATERAL (
+    SELECT (SELECT coalesce(jsonb_object_agg(v.key, v.value), '{{}}'::jsonb) FROM jsonb_each(c0.profile_versions) v
+            WHERE tally_version_micros(v.value #>> '{{}}') > tally_micros(k.deleted_at)) AS versions,
+           (SELECT coalesce(jsonb_object_agg(v.key, v.value), '{{}}'::jsonb) FROM jsonb_each(c0.profile_hints) v
+            WHERE tally_version_micros(v.value ->> 0) > tally_micros(k.deleted_at)) AS hints
+) h
+CROSS JOIN LATERAL (
+    SELECT sum(p.requests) AS requests, sum(p.prompt_tokens) AS prompt_tokens,
+           sum(p.completion_tokens) AS completion_tokens, sum(p.total_tokens) AS total_tokens, sum(p.cost) AS cost,
+           sum(p.latency) AS latency_sum, count(p.latency) AS latency_count, sum(p.ttft) AS ttft_sum,
+           count(p.ttft) AS ttft_count, min(p.event_time) AS first_seen, max(p.event_time) AS last_active,
+           count(DISTINCT (p.event_time AT TIME ZONE 'UTC')::date) AS days
+    FROM processed_events p WHERE {_JOURNAL_SINCE}
+) s
+WHERE c.organization_id = k.organization_id AND c.id = k.id
+"""
+
+DROP_OLDER_SUBSCRIPTIONS = """
+DELETE FROM subscriptions s USING unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS k(organization_id, id, deleted_at)
+WHERE s.organization_id = k.organization_id AND s.customer_id = k.id AND s.source_time <= k.deleted_at
 """
 
 # Thresholds reached by customers whose usage this batch changed: recorded once per
@@ -258,11 +487,6 @@ ORDER BY c.organization_id, c.id, t.threshold
 ON CONFLICT DO NOTHING
 """
 
-PURGE_PROCESSED = """
-DELETE FROM processed_events
-WHERE ctid = ANY(ARRAY(SELECT ctid FROM processed_events WHERE processed_at < $1 LIMIT $2))
-"""
-
 
 def _columns(rows: Iterable[tuple[object, ...]]) -> list[list[object]]:
     """Rows turned into one list per column: the arrays that unnest() zips back into rows."""
@@ -271,6 +495,9 @@ def _columns(rows: Iterable[tuple[object, ...]]) -> list[list[object]]:
 
 def _json(value: object) -> str:
     return orjson.dumps(value, default=str).decode()
+
+
+# ---- the fold ----------------------------------------------------------------------------
 
 
 async def fold(
@@ -283,10 +510,11 @@ async def fold(
     """Apply ``events`` in one transaction; returns one :class:`Outcome` per event, in order.
 
     An event applies at most once per (organization, source, id): duplicates within the
-    batch, redeliveries and replays come back as ``duplicate``. Unknown organizations and
-    events older than ``retention`` (whose dedupe record may have been purged) come back
-    ``rejected`` with a reason and change nothing. Raises only on database errors, leaving
-    nothing applied: the caller retries the whole batch.
+    batch, redeliveries and replays come back ``duplicate``; an event at or before a deletion
+    of its customer comes back ``stale``. Unknown organizations and events older than
+    ``retention`` (whose dedupe record may have been purged) come back ``rejected`` with a
+    reason and change nothing. Raises only on database errors, leaving nothing applied: the
+    caller retries the whole batch.
     """
     now = now or datetime.now(timezone.utc)
     outcomes: list[Outcome | None] = [None] * len(events)
@@ -296,175 +524,193 @@ async def fold(
         # a generic plan cached while the table was small (nested loops over sequential
         # scans) was measured at 70x slower once it had grown.
         await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-        orgs = {}
-        for row in await conn.fetch(SELECT_ORGS, sorted({e.organization for e in events})):
-            orgs[row["name"]] = orgs[str(row["id"])] = row["id"]
-
+        orgs = await resolve_organizations(conn, {e.organization for e in events})
         oldest = now - retention
-        fresh: dict[tuple[str, str, str], tuple[int, UUID, Event]] = {}
+        fresh: dict[tuple[UUID, str, str], tuple[int, Event]] = {}
         for i, e in enumerate(events):
             org = orgs.get(e.organization)
             if org is None:
                 outcomes[i] = Outcome("rejected", f"unknown organization '{e.organization}'")
             elif e.time < oldest:
-                outcomes[i] = Outcome("rejected", f"too old: older than the {retention.days}-day dedupe window")
-            elif (key := (str(org), e.source, e.id)) in fresh:
+                outcomes[i] = Outcome("rejected", too_old_reason(retention))
+            elif (key := (org[0], e.source, e.id)) in fresh:
                 outcomes[i] = DUPLICATE
             else:
-                fresh[key] = (i, org, e)
+                fresh[key] = (i, e)
 
         keys = sorted(fresh)
-        inserted = await conn.fetch(
-            INSERT_PROCESSED, [fresh[k][1] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
-        )
-        new_keys = {(str(r["organization_id"]), r["source"], r["event_id"]) for r in inserted}
-        applied: list[tuple[UUID, Event]] = []
+        inserted = await conn.fetch(INSERT_PROCESSED, *_columns(_journal_row(k, fresh[k][1]) for k in keys)) if keys else []
+        new_keys = {(r["organization_id"], r["source"], r["event_id"]) for r in inserted}
+        applied: list[tuple[int, Change]] = []
         for key in keys:
-            i, org, e = fresh[key]
+            i, e = fresh[key]
             if key in new_keys:
-                outcomes[i] = APPLIED
-                applied.append((org, e))
+                applied.append((i, Change.of(key[0], e)))
             else:
                 outcomes[i] = DUPLICATE
         if applied:
-            alerts = await _apply(conn, applied)
+            changes = [c for _, c in applied]
+            ids = await lock_customers(conn, sorted({c.key for c in changes}))
+            result = await apply_changes(conn, changes, ids)
+            alerts = result.alerts
+            for (i, _), stale in zip(applied, result.stale):
+                outcomes[i] = STALE if stale else APPLIED
         failpoints.hit("fold.before_commit")
-    result = Outcomes(o or DUPLICATE for o in outcomes)
-    result.alerts = alerts
-    return result
+    out = Outcomes(o or DUPLICATE for o in outcomes)
+    out.alerts = alerts
+    return out
 
 
-async def _apply(conn: asyncpg.Connection, applied: list[tuple[UUID, Event]]) -> int:
-    """Write the batch's new events; returns the number of budget alerts recorded."""
-    deltas: dict[tuple[str, str, str], _CustomerDelta] = defaultdict(_CustomerDelta)
-    org_of: dict[str, UUID] = {}
-    subscriptions: dict[tuple[str, str], tuple[tuple[str, str, str], Event]] = {}
-    # Profile patches merge oldest first, so the newest value of each field wins.
-    for org, e in sorted(applied, key=lambda pair: pair[1].time):
-        org_of[str(org)] = org
-        key = (str(org), e.environment, e.subject)
-        d = deltas[key]
-        if isinstance(e.data, UsageData):
-            d.create = True
-            d.usage.add(e.data)
-            d.days[e.time.astimezone(timezone.utc).date()].add(e.data)
-            d.first_seen = e.time if d.first_seen is None else min(d.first_seen, e.time)
-            d.last_active = e.time if d.last_active is None else max(d.last_active, e.time)
-            if e.data.customer:
-                d.hint_name = e.data.customer.name or d.hint_name
-                d.hint_email = e.data.customer.email or d.hint_email
-        elif isinstance(e.data, ProfileData):
-            d.create = True
-            d.patch.update(e.data.columns())
-            d.patch_time = e.time
-        elif isinstance(e.data, SubscriptionData):
-            d.create = True
-            sub_key = (str(org), e.data.id)
-            if sub_key not in subscriptions or subscriptions[sub_key][1].time <= e.time:
-                subscriptions[sub_key] = (key, e)
-        else:  # customer.deleted
-            d.delete_time = e.time if d.delete_time is None else max(d.delete_time, e.time)
+def _journal_row(key: tuple[UUID, str, str], e: Event) -> tuple[object, ...]:
+    u = e.data if isinstance(e.data, UsageData) else None
+    amounts = (
+        (u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost, u.latency, u.ttft)
+        if u is not None
+        else (None,) * 7
+    )
+    return (*key, e.time, e.environment, e.subject, *amounts)
 
-    keys = sorted(deltas)
-    creating = [k for k in keys if deltas[k].create]
-    if creating:
-        await conn.execute(
-            INSERT_CUSTOMERS, [org_of[k[0]] for k in creating], [k[1] for k in creating], [k[2] for k in creating]
-        )
-    locked = await conn.fetch(LOCK_CUSTOMERS, [org_of[k[0]] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
-    ids = {(str(r["organization_id"]), r["environment"], r["customer_identifier"]): r["id"] for r in locked}
 
-    new_days = await _upsert_daily(conn, deltas, ids, org_of)
-    await _update_customers(conn, deltas, ids, org_of, new_days)
-    spenders = sorted((org_of[k[0]], ids[k]) for k in keys if k in ids and deltas[k].days)
+async def lock_customers(conn: asyncpg.Connection, keys: Sequence[Key]) -> dict[Key, UUID]:
+    """Make sure each customer in ``keys`` (sorted) has a row and lock every row in
+    ``(organization_id, id)`` order; returns their ids. Rows made here are provisional: they
+    hold no change yet (``last_event_at`` NULL) and :func:`apply_changes` removes any that
+    receive none."""
+    ids: dict[Key, UUID] = {}
+    pending = list(keys)
+    # A row can vanish between the insert (which saw it) and the lock (which waited for a
+    # deleter to commit): insert it again. Each round needs a deletion committed meanwhile.
+    while pending:
+        columns = _columns(pending)
+        await conn.execute(INSERT_CUSTOMERS, *columns)
+        for r in await conn.fetch(LOCK_CUSTOMERS, *columns):
+            ids[(r["organization_id"], r["environment"], r["customer_identifier"])] = r["id"]
+        pending = [k for k in pending if k not in ids]
+    return ids
+
+
+@dataclass(frozen=True)
+class Applied:
+    stale: list[bool]  # per change
+    alerts: int  # budget alerts recorded
+    removed: frozenset[UUID]  # customers removed (deleted, or provisional and left empty)
+
+
+async def apply_changes(conn: asyncpg.Connection, changes: Sequence[Change], ids: Mapping[Key, UUID]) -> Applied:
+    """Apply ``changes`` to customers whose rows the caller holds locked (``ids``), inside the
+    caller's transaction: steps 4 to 6 of the module docstring."""
+    keys = sorted(ids)
+    tombstones = {
+        (r["organization_id"], r["environment"], r["customer_identifier"]): r["deleted_at"]
+        for r in await conn.fetch(SELECT_TOMBSTONES, *_columns(keys))
+    }
+    p = plan(changes, tombstones)
+    new_days = await _upsert_daily(conn, p.deltas, ids)
+    await _update_customers(conn, p.deltas, ids, new_days)
+    await _upsert_subscriptions(conn, p.deltas, ids)
+    if p.raised:
+        raised = sorted(p.raised)
+        await conn.execute(UPSERT_TOMBSTONES, *_columns((*k, p.raised[k]) for k in raised))
+    final = {k: p.raised.get(k, tombstones.get(k)) for k in keys}
+    removed = frozenset(
+        r["id"] for r in await conn.fetch(REMOVE_DEAD, *_columns((k[0], ids[k], final[k]) for k in keys))
+    )
+    survivors = [k for k in sorted(p.raised) if ids[k] not in removed]
+    if survivors:
+        await _recompute(conn, [(k, ids[k], p.raised[k]) for k in survivors])
+    spenders = sorted((k[0], ids[k]) for k, d in p.deltas.items() if d.days and ids[k] not in removed)
     alerts = 0
     if spenders:
-        status = await conn.execute(RECORD_ALERTS, [o for o, _ in spenders], [c for _, c in spenders])
+        status = await conn.execute(RECORD_ALERTS, *_columns(spenders))
         alerts = int(status.split()[-1])
-    if subscriptions:
-        await _upsert_subscriptions(conn, subscriptions, ids, org_of)
-    deleting = [k for k in keys if deltas[k].delete_time is not None and k in ids]
-    if deleting:
-        await conn.execute(
-            DELETE_CUSTOMERS,
-            [org_of[k[0]] for k in deleting], [ids[k] for k in deleting], [deltas[k].delete_time for k in deleting],
-        )  # fmt: skip
-    return alerts
+    return Applied(p.stale, alerts, removed)
 
 
-async def _upsert_daily(
-    conn: asyncpg.Connection,
-    deltas: dict[tuple[str, str, str], _CustomerDelta],
-    ids: dict[tuple[str, str, str], UUID],
-    org_of: dict[str, UUID],
-) -> dict[UUID, int]:
+async def _upsert_daily(conn: asyncpg.Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> dict[UUID, int]:
     rows = sorted(
-        (org_of[k[0]], ids[k], day, u)
-        for k, d in deltas.items() if k in ids
+        (k[0], ids[k], day, u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost,
+         u.latency_sum, u.latency_count, u.ttft_sum, u.ttft_count)
+        for k, d in deltas.items()
         for day, u in d.days.items()
     )  # fmt: skip
     if not rows:
         return {}
-    columns = _columns(
-        (org, cid, day, u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost,
-         u.latency_sum, u.latency_count, u.ttft_sum, u.ttft_count)
-        for org, cid, day, u in rows
-    )  # fmt: skip
     new_days: dict[UUID, int] = defaultdict(int)
-    for r in await conn.fetch(UPSERT_DAILY, *columns):
+    for r in await conn.fetch(UPSERT_DAILY, *_columns(rows)):
         if r["inserted"]:
             new_days[r["customer_id"]] += 1
     return new_days
 
 
 async def _update_customers(
-    conn: asyncpg.Connection,
-    deltas: dict[tuple[str, str, str], _CustomerDelta],
-    ids: dict[tuple[str, str, str], UUID],
-    org_of: dict[str, UUID],
-    new_days: dict[UUID, int],
-) -> None:
-    columns = _columns(
-        (org_of[k[0]], ids[k], d.usage.requests, d.usage.prompt_tokens, d.usage.completion_tokens,
-         d.usage.total_tokens, d.usage.cost, d.usage.latency_sum, d.usage.latency_count, d.usage.ttft_sum,
-         d.usage.ttft_count, d.first_seen, d.last_active, new_days.get(ids[k], 0), d.hint_name, d.hint_email,
-         _json(d.patch), d.patch_time)
-        for k, d in sorted(deltas.items()) if k in ids and d.create
-    )  # fmt: skip
-    if columns:
-        await conn.execute(UPDATE_CUSTOMERS, *columns)
-
-
-async def _upsert_subscriptions(
-    conn: asyncpg.Connection,
-    subscriptions: dict[tuple[str, str], tuple[tuple[str, str, str], Event]],
-    ids: dict[tuple[str, str, str], UUID],
-    org_of: dict[str, UUID],
+    conn: asyncpg.Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID], new_days: dict[UUID, int]
 ) -> None:
     rows = []
-    for sub_key in sorted(subscriptions):
-        customer_key, e = subscriptions[sub_key]
-        data = e.data
-        assert isinstance(data, SubscriptionData)
-        plan = data.plan
+    for k, d in sorted(deltas.items()):
+        u, cid = d.usage, ids[k]
+        patch = versions = hints = None
+        if d.fields:
+            patch = _json({column: value for column, (_, value) in d.fields.items()})
+            versions = _json({column: stamp for column, (stamp, _) in d.fields.items()})
+        if d.hints:
+            hints = _json({column: [stamp, value] for column, (stamp, value) in d.hints.items()})
         rows.append((
-            org_of[sub_key[0]], data.id, ids[customer_key], data.status, data.current_period_start,
-            data.current_period_end, plan and plan.stripe_price_id, plan and plan.name, plan and plan.amount,
-            plan and plan.currency, plan and plan.interval, e.time,
+            k[0], cid, u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost, u.latency_sum,
+            u.latency_count, u.ttft_sum, u.ttft_count, d.first_seen, d.last_active, new_days.get(cid, 0),
+            patch, versions, hints, d.last_event_at,
         ))  # fmt: skip
-    columns = _columns(rows)
-    await conn.execute(UPSERT_SUBSCRIPTIONS, *columns)
+    if rows:
+        await conn.execute(UPDATE_CUSTOMERS, *_columns(rows))
+
+
+async def _upsert_subscriptions(conn: asyncpg.Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> None:
+    rows = []
+    for k, d in sorted(deltas.items()):
+        for sub_id, (stamp, at, s) in sorted(d.subscriptions.items()):
+            plan_ = s.plan
+            rows.append((
+                k[0], ids[k], sub_id, s.status, s.current_period_start, s.current_period_end,
+                plan_ and plan_.stripe_price_id, plan_ and plan_.name, plan_ and plan_.amount,
+                plan_ and plan_.currency, plan_ and plan_.interval, at, stamp,
+            ))  # fmt: skip
+    if rows:
+        await conn.execute(UPSERT_SUBSCRIPTIONS, *_columns(rows))
+
+
+async def _recompute(conn: asyncpg.Connection, rows: list[tuple[Key, UUID, datetime]]) -> None:
+    """Undo what the new tombstones predate, for customers that keep newer content."""
+    orgs, customer_ids = [k[0] for k, _, _ in rows], [cid for _, cid, _ in rows]
+    full = [orgs, customer_ids, [k[1] for k, _, _ in rows], [k[2] for k, _, _ in rows], [t for _, _, t in rows]]
+    await conn.execute(CLEAR_DAILY, orgs, customer_ids)
+    await conn.execute(REBUILD_DAILY, *full)
+    await conn.execute(RECOMPUTE_CUSTOMERS, *full)
+    await conn.execute(DROP_OLDER_SUBSCRIPTIONS, orgs, customer_ids, full[4])
+
+
+# ---- housekeeping ------------------------------------------------------------------------
+
+PURGE_PROCESSED = """
+DELETE FROM processed_events
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM processed_events WHERE organization_id = $1 AND event_time < $2 LIMIT $3))
+"""
+PURGE_TOMBSTONES = "DELETE FROM customer_tombstones WHERE deleted_at < $1"
 
 
 async def purge_processed(conn: asyncpg.Connection, retention: timedelta, *, chunk: int = 10_000) -> int:
-    """Forget dedupe keys older than ``retention`` plus a day (the day covers clock skew
-    between consumers and the database: the fold refuses events older than ``retention``,
-    so a purged key can never be applied again). Deletes in chunks to keep locks short."""
+    """Forget dedupe keys (and their journal) and tombstones of events older than
+    ``retention`` plus a day. The fold refuses events older than ``retention``, so a purged
+    key can never be applied again and a purged tombstone can never matter again; the day
+    covers clock skew between consumers and the database. Deletes in chunks, per
+    organization (the index is ``(organization_id, event_time)``), to keep locks short."""
     cutoff = datetime.now(timezone.utc) - retention - timedelta(days=1)
     total = 0
-    while True:
-        status = await conn.execute(PURGE_PROCESSED, cutoff, chunk)
-        deleted = int(status.split()[-1])
-        total += deleted
-        if deleted < chunk:
-            return total
+    for org in await conn.fetch("SELECT id FROM organizations"):
+        while True:
+            status = await conn.execute(PURGE_PROCESSED, org["id"], cutoff, chunk)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < chunk:
+                break
+    await conn.execute(PURGE_TOMBSTONES, cutoff)
+    return total

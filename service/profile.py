@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
@@ -14,9 +15,25 @@ Status = Literal["active", "draft", "blacklisted", "deactivated", "archived"]
 BudgetDuration = Literal["daily", "weekly", "monthly", "yearly"]
 
 
+# The instants asyncpg reads and writes as -infinity/infinity: never a real time.
+_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+_LATEST = datetime.max.replace(tzinfo=timezone.utc)
+TIME_RANGE = "between 0001-01-01 and 9999-12-31 in UTC"
+
+
 def _utc(value: datetime) -> datetime:
-    """Naive times are taken as UTC, so a bare '2026-01-01T00:00:00' means what it says."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    """In UTC. Naive times are taken as UTC, so a bare '2026-01-01T00:00:00' means what it
+    says; an offset that carries the time past year 1 or 9999 (``0001-01-01T00:00:00+05:00``)
+    is refused here rather than by the database driver."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    try:
+        value = value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"must be {TIME_RANGE}") from None
+    if not _EARLIEST < value < _LATEST:
+        raise ValueError(f"must be {TIME_RANGE}")
+    return value
 
 
 def _iso_only(value: object) -> object:
@@ -26,10 +43,85 @@ def _iso_only(value: object) -> object:
     return value
 
 
+def exact_decimal(places: int, whole: int) -> AfterValidator:
+    """A decimal with at most ``places`` digits after the point and ``whole`` before it, each
+    limit named in its own message (``1e-30`` has too many decimal places, not too many
+    digits). Trailing zeros do not count: ``1.500`` has one decimal place."""
+
+    def check(value: Decimal) -> Decimal:
+        normalized = value.normalize()
+        exponent = normalized.as_tuple().exponent
+        if isinstance(exponent, int) and -exponent > places:
+            raise ValueError(f"has more than {places} decimal places")
+        if normalized and normalized.adjusted() + 1 > whole:
+            raise ValueError(f"has more than {whole} digits before the decimal point")
+        return value
+
+    return AfterValidator(check)
+
+
+# JSON numbers past ±2**53 are not exact in every client (RFC 7493, I-JSON) and a JSON
+# parser may already have rounded them: refused rather than stored changed.
+MAX_EXACT_NUMBER = 2**53
+MAX_METADATA_DEPTH = 32
+NUL = "\x00"
+
+
+@dataclass(frozen=True)
+class JsonFault:
+    path: str  # dotted, "" for the value itself; long paths are cut short
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.path} {self.detail}" if self.path else self.detail
+
+
+def json_fault(value: object, *, max_depth: int, numbers: bool = False) -> JsonFault | None:
+    """What makes a decoded JSON value unfit to store, or None: nesting deeper than
+    ``max_depth`` containers, a NUL character (PostgreSQL text and jsonb cannot hold U+0000)
+    in a string or key, and with ``numbers`` a number beyond ±2**53. Iterative, so no input
+    can exhaust the stack."""
+    stack: list[tuple[object, int, tuple[object, ...]]] = [(value, 0, ())]
+    while stack:
+        item, depth, path = stack.pop()
+        fault = None
+        if isinstance(item, str):
+            fault = "must not contain NUL (U+0000) characters" if NUL in item else None
+        elif isinstance(item, (dict, list)):
+            if depth >= max_depth:
+                fault = f"is nested deeper than {max_depth} levels"
+            else:
+                pairs = item.items() if isinstance(item, dict) else enumerate(item)
+                for key, child in pairs:
+                    if isinstance(key, str) and NUL in key:
+                        return _at(path, "has a key containing NUL (U+0000)")
+                    stack.append((child, depth + 1, (*path, key)))
+        elif numbers and isinstance(item, (int, float)) and not isinstance(item, bool):
+            fault = f"holds a number beyond ±2^53 ({MAX_EXACT_NUMBER}); send it as a string" if abs(item) > MAX_EXACT_NUMBER else None
+        if fault:
+            return _at(path, fault)
+    return None
+
+
+def _at(path: tuple[object, ...], detail: str) -> JsonFault:
+    where = ".".join(str(p) for p in path)
+    if len(where) > 80:  # a path 1,000 levels deep says no more than its start
+        where = where[:80] + "…"
+    return JsonFault(where, detail)
+
+
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    fault = json_fault(value, max_depth=MAX_METADATA_DEPTH, numbers=True)
+    if fault:
+        raise ValueError(str(fault))
+    return value
+
+
 Timestamp = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_utc)]
 ShortText = Annotated[str, StringConstraints(max_length=500)]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255)]
-Money = Annotated[Decimal, Field(ge=0, max_digits=20, decimal_places=10, allow_inf_nan=False)]
+Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False), exact_decimal(places=10, whole=10)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
 
 
 class AddressIn(BaseModel):
@@ -58,10 +150,15 @@ class ProfileUpdate(BaseModel):
     status: Status | None = None
     parent_customer_id: UUID | None = None
     address: AddressIn | None = None
-    metadata: dict[str, Any] | None = Field(None, description="Replaces the whole metadata object.")
+    metadata: Metadata | None = Field(
+        None, description=f"Replaces the whole metadata object (nested at most {MAX_METADATA_DEPTH} levels; "
+        "numbers within ±2^53)."
+    )
     stripe_customer_id: ShortText | None = None
     application_id: ShortText | None = None
-    last_transaction_amount: Decimal | None = Field(None, max_digits=20, decimal_places=10, allow_inf_nan=False)
+    last_transaction_amount: Annotated[Decimal, exact_decimal(places=10, whole=10)] | None = Field(
+        None, allow_inf_nan=False
+    )
     last_purchase_date: Timestamp | None = None
     total_budget: Money | None = Field(None, description="Lifetime budget (USD).")
     period_budget: Money | None = Field(None, description="Budget per budget_duration period (USD).")

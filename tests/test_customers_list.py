@@ -780,8 +780,8 @@ async def test_usage_weekly_and_monthly_buckets(client: TestClient, usage_custom
 @pytest.mark.parametrize(
     "params, name",
     [
-        ({"to": "2026-01-10"}, "from"),
-        ({"from": "2026-01-10"}, "to"),
+        ({"from": "2999-01-10"}, "to"),  # 'to' defaults to today: before 'from'
+        ({"to": "1900-01-01"}, "from"),  # 'from' defaults to 29 days before 'to': out of range
         ({"from": "2026-01-10", "to": "2026-01-09"}, "to"),
         ({"from": "2026-01-xx", "to": "2026-01-09"}, "from"),
         ({"from": "2024-01-01", "to": "2026-01-01"}, "to"),
@@ -792,6 +792,13 @@ async def test_usage_weekly_and_monthly_buckets(client: TestClient, usage_custom
 async def test_usage_invalid_parameters(client: TestClient, usage_customer, params: dict, name: str) -> None:
     org, ident = usage_customer
     await problem(await client.get(f"/v1/customers/{ident}/usage", params=params, headers=org.headers()), 400, name)
+
+
+async def test_usage_window_defaults_around_the_day_given(client: TestClient, usage_customer) -> None:
+    org, ident = usage_customer
+    body = await ok_json(await client.get(f"/v1/customers/{ident}/usage", params={"to": "2026-01-10"},
+                                          headers=org.headers()))  # fmt: skip
+    assert (body["from"], body["to"], len(body["results"])) == ("2025-12-12", "2026-01-10", 30)
 
 
 async def test_usage_unknown_or_foreign_customer_is_404(client: TestClient, usage_customer, other_org: Org) -> None:

@@ -472,7 +472,7 @@ async def test_retrieve(client: TestClient, pool: asyncpg.Pool, org: Org) -> Non
         ({"name": "a\x00b"}, "name"),
         ({"customer_identifier": "a\x00b"}, "customer_identifier"),
         ({"metadata": {"k": "v\x00"}}, "metadata.k"),
-        ({"metadata": {"k\x00": 1}}, "metadata.k\x00"),
+        ({"metadata": {"k\x00": 1}}, "metadata"),  # the key itself is never echoed
         ({"metadata": {"list": ["ok", "\x00"]}}, "metadata.list.1"),
         ({"address": {"city": "\x00"}}, "address.city"),
     ],

@@ -126,17 +126,20 @@ async def test_tally_queues_cli_and_ops_route(pool, client, broker: Broker, org:
     assert by_name[broker.names.ingest]["ready"] == 3 and by_name[broker.names.dead]["ready"] == 0
 
     async with pool.acquire() as conn:
+        operator = await auth.create_key(conn, org.name, ("ops",))
         admin = await auth.create_key(conn, org.name, ("admin",))
     settings = client.app[appkeys.SETTINGS]
     saved = settings.amqp_namespace, settings.amqp_management_url
     settings.amqp_namespace, settings.amqp_management_url = broker.names.namespace, NO_MANAGEMENT
     try:
-        r = await client.get("/v1/ops/queues", headers={"Authorization": f"Bearer {admin.key}"})
+        r = await client.get("/v1/ops/queues", headers={"Authorization": f"Bearer {operator.key}"})
         assert r.status == 200
         queues = {q["name"]: q for q in (await r.json())["queues"]}
         assert queues[broker.names.ingest]["ready"] == 3
         r = await client.get("/v1/ops/queues", headers=org.headers())
         assert r.status == 403  # read/write keys are not operators
+        r = await client.get("/v1/ops/queues", headers={"Authorization": f"Bearer {admin.key}"})
+        assert r.status == 403  # nor is an organization's admin: queues carry every tenant's traffic
     finally:
         settings.amqp_namespace, settings.amqp_management_url = saved
 

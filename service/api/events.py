@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 from typing import Annotated
@@ -43,6 +43,9 @@ async def ingest_events(request: web.Request) -> web.Response:
         raise PayloadTooLarge(f"at most {settings.max_events_per_request} events per request")
     own = {principal.organization_name, str(principal.organization_id)}
     now = datetime.now(timezone.utc)
+    # The consumer's own rules, the dedupe window included: what it could never apply is
+    # refused here at once rather than accepted and dead-lettered later.
+    retention = timedelta(days=settings.dedupe_retention_days)
     errors: list[FieldError] = []
     for i, raw in enumerate(raws):
         where = f"[{i}]" if len(raws) > 1 else "event"
@@ -55,7 +58,7 @@ async def ingest_events(request: web.Request) -> web.Response:
             continue
         raw["organization"] = str(principal.organization_id)
         try:
-            validate_event(raw, now)
+            validate_event(raw, now, retention=retention)
         except InvalidEvent as exc:
             errors.append(FieldError(where, exc.reason, "body"))
     if errors:

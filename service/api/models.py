@@ -19,6 +19,7 @@ from service.profile import (
     Status,
     Timestamp,
 )
+from service.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY
 from service.query import SORT_FIELDS
 
 Environment = Literal["prod", "test"]
@@ -70,11 +71,14 @@ class RetrieveParams(BaseModel):
     include: Literal["subscriptions"] | None = None
 
 
+SeriesDay = Annotated[date, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
+
+
 class UsageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    from_: date = Field(alias="from", description="First day (UTC), inclusive.")
-    to: date = Field(description="Last day (UTC), inclusive.")
+    from_: SeriesDay | None = Field(None, alias="from", description="First day (UTC), inclusive; default 29 days before 'to'.")
+    to: SeriesDay | None = Field(None, description="Last day (UTC), inclusive; default today.")
     granularity: Literal["day", "week", "month"] = "day"
     environment: Environment | None = None
 
@@ -183,6 +187,8 @@ class UsagePoint(BaseModel):
 class UsageSeries(BaseModel):
     customer_identifier: str
     granularity: str
+    from_: date = Field(alias="from", description="First day of the series (UTC).")
+    to: date = Field(description="Last day of the series (UTC).")
     results: list[UsagePoint]
 
 

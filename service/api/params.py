@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from service.errors import FieldError, InvalidInput, PayloadTooLarge
+from service.profile import json_fault
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -48,7 +49,7 @@ def validation_error(exc: ValidationError, location: str, aliases: dict[str, str
             else:
                 detail = "is not a known field"
         else:
-            detail = err["msg"]
+            detail = err["msg"].removeprefix("Value error, ")
         errors.append(FieldError(name, detail, location))
     summary = "; ".join(f"{e.name}: {e.detail}" for e in errors)
     return InvalidInput(summary, errors=errors)
@@ -58,21 +59,9 @@ def validation_error(exc: ValidationError, location: str, aliases: dict[str, str
 # rather than let the database refuse it (a 500).
 NUL = "\x00"
 NUL_DETAIL = "must not contain NUL (U+0000) characters"
-
-
-def _nul_at(value: object, path: str = "") -> str | None:
-    """The dotted path of the first string (or object key) in ``value`` containing NUL."""
-    if isinstance(value, str):
-        return path if NUL in value else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        here = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and NUL in key:
-            return here
-        found = _nul_at(item, here)
-        if found is not None:
-            return found
-    return None
+# A body nested deeper than this is refused before pydantic or orjson walk it recursively
+# (orjson.dumps stops at 255 levels); metadata has its own lower bound (service/profile.py).
+MAX_BODY_DEPTH = 64
 
 
 def _is_list(annotation: object) -> bool:
@@ -130,9 +119,9 @@ async def parse_body(request: web.Request, model: type[M], max_bytes: int = 1_04
         raise InvalidInput("body is not valid JSON", errors=[FieldError("body", str(exc), "body")]) from None
     if not isinstance(data, dict):
         raise InvalidInput("body must be a JSON object", errors=[FieldError("body", "must be an object", "body")])
-    where = _nul_at(data)
-    if where is not None:
-        raise InvalidInput.for_field(where or "body", NUL_DETAIL, "body")
+    fault = json_fault(data, max_depth=MAX_BODY_DEPTH)
+    if fault is not None:
+        raise InvalidInput.for_field(fault.path or "body", fault.detail, "body")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
