@@ -71,15 +71,15 @@ FROM (
 """
 
 
-async def load(dsn: str, customers: int, reload: bool) -> dict[str, UUID]:
+async def load(dsn: str, customers: int, reload: bool, database: str = DATABASE) -> dict[str, UUID]:
     """Create, migrate and fill the benchmark database (skipped when already filled)."""
     admin = await asyncpg.connect(with_database(dsn, "postgres"))
     try:
         if reload:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     finally:
         await admin.close()
-    bench_dsn = with_database(dsn, DATABASE)
+    bench_dsn = with_database(dsn, database)
     await migrate(bench_dsn, Path(__file__).resolve().parent.parent / "migrations")
     conn = await asyncpg.connect(bench_dsn)
     try:
@@ -90,7 +90,7 @@ async def load(dsn: str, customers: int, reload: bool) -> dict[str, UUID]:
                 await auth.create_organization(conn, name)
             )
         if existing == customers:
-            print(f"reusing {existing:,} customers in {DATABASE}", file=sys.stderr)
+            print(f"reusing {existing:,} customers in {database}", file=sys.stderr)
             return orgs
         await conn.execute("TRUNCATE customers CASCADE")
         start = 1

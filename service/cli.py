@@ -115,25 +115,26 @@ async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_conn(settings, work)
 
 
-def _serve(app, host: str, port: int) -> int:  # type: ignore[no-untyped-def]
-    from aiohttp import web
+def _serve(app, settings: Settings, host: str, port: int) -> int:  # type: ignore[no-untyped-def]
+    """Serve until SIGTERM, then drain (service/api/server.py: tally's limits on aiohttp)."""
+    from service.api.server import serve
 
     _install_uvloop()
-    web.run_app(app, host=host, port=port, access_log=None, print=lambda line: print(line, file=sys.stderr))
+    serve(app, settings, host, port)
     return 0
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from service.api.app import create_app
 
-    return _serve(create_app(settings), settings.http_host, settings.http_port)
+    return _serve(create_app(settings), settings, settings.http_host, settings.http_port)
 
 
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     """The consumer, with /healthz, /readyz and /metrics on TALLY_CONSUMER_HTTP_PORT."""
     from consumers.app import create_consumer_app
 
-    return _serve(create_consumer_app(settings), settings.http_host, settings.consumer_http_port)
+    return _serve(create_consumer_app(settings), settings, settings.http_host, settings.consumer_http_port)
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -143,7 +144,7 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
     app = create_app(settings)
     add_consumer(app)
-    return _serve(app, settings.http_host, settings.http_port)
+    return _serve(app, settings, settings.http_host, settings.http_port)
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -50,8 +50,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(typename, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
-async def create_pool(dsn: str, settings: Settings, *, name: str = "primary") -> asyncpg.Pool:
-    """A pool whose sessions run in UTC, that has answered ``SELECT 1`` (fail fast)."""
+async def create_pool(
+    dsn: str, settings: Settings, *, name: str = "primary", statement_timeout: float | None = None
+) -> asyncpg.Pool:
+    """A pool whose sessions run in UTC, that has answered ``SELECT 1`` (fail fast).
+    With ``statement_timeout`` (seconds), PostgreSQL cancels any statement of the pool's
+    sessions that runs longer: asyncpg's client-side command timeout gives up waiting, but
+    only the server's own timeout is sure to stop the work."""
+    server_settings = {"timezone": "UTC", "application_name": f"tally-{name}"}
+    if statement_timeout is not None:
+        server_settings["statement_timeout"] = str(max(1, round(statement_timeout * 1000)))  # milliseconds
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min(settings.db_pool_min, settings.db_pool_max),
@@ -60,7 +68,7 @@ async def create_pool(dsn: str, settings: Settings, *, name: str = "primary") ->
         timeout=settings.db_connect_timeout,
         init=_init_connection,
         connection_class=TallyConnection,
-        server_settings={"timezone": "UTC", "application_name": f"tally-{name}"},
+        server_settings=server_settings,
     )
     await pool.fetchval("SELECT 1")
     log.info("database pool ready", extra={"pool": name, "dsn": redact_dsn(dsn)})
@@ -76,8 +84,10 @@ async def close_pool(pool: asyncpg.Pool) -> None:
 
 
 @asynccontextmanager
-async def pool_context(dsn: str, settings: Settings, *, name: str = "primary") -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(dsn, settings, name=name)
+async def pool_context(
+    dsn: str, settings: Settings, *, name: str = "primary", statement_timeout: float | None = None
+) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(dsn, settings, name=name, statement_timeout=statement_timeout)
     try:
         yield pool
     finally:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The migrations live beside the packages in a source checkout (and in the Docker image,
 # which installs the checkout in place); TALLY_MIGRATIONS_DIR overrides it elsewhere.
@@ -29,6 +29,20 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"
     http_port: int = 8080
     consumer_http_port: int = 8081
+    # Seconds a request's head (request line and headers) may take to arrive, counted from
+    # its first byte; past it the connection is closed (408). aiohttp has no such timer of
+    # its own, so without it a client trickling headers holds a connection indefinitely.
+    http_header_timeout: float = Field(default=10.0, gt=0, le=600)
+    # Seconds an idle keep-alive connection stays open (aiohttp's run_app default, said out loud).
+    http_keepalive_timeout: float = Field(default=75.0, gt=0, le=3600)
+
+    # The base of the absolute links the API builds (list next/previous, Location), e.g.
+    # https://api.example.com/tally; its path is a prefix. Unset: links use the request's
+    # Host if it is allowed below, and are relative (path and query) otherwise.
+    public_url: str | None = None
+    # Hosts a request's Host header may name for links to follow it: exact names,
+    # '*.example.com' (any subdomain), or '*' (any host: an explicit opt-in). Comma-separated.
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ("localhost", "127.0.0.1", "[::1]")
 
     # The asyncpg pool: 2 cores serve best with a small pool (more connections only queue
     # inside PostgreSQL). Every statement is bounded so a stuck database never hangs a caller.
@@ -36,6 +50,13 @@ class Settings(BaseSettings):
     db_pool_max: int = 8
     db_command_timeout: float = 10.0
     db_connect_timeout: float = 5.0
+    # Fair sharing of the API's pool: an organization's requests hold at most this many
+    # connections at once in each API process (unset: half the pool, at least 1), so one
+    # tenant's slow queries leave the rest of the pool to everyone else.
+    db_org_concurrency: int | None = Field(default=None, ge=1)
+    # Seconds an API request waits for its organization's turn and a pool connection
+    # together; past it the answer is 503 with Retry-After instead of an endless queue.
+    db_acquire_timeout: float = Field(default=2.0, gt=0, le=60)
 
     # Consumer batching: a batch closes at batch_size messages or batch_max_wait seconds
     # after its first message, whichever comes first.
@@ -52,6 +73,11 @@ class Settings(BaseSettings):
     # `rate_limit_per_second`. 0 disables the limit.
     rate_limit_per_second: float = Field(default=100.0, ge=0)
     rate_limit_burst: int = Field(default=200, ge=1)
+    # Per-client-IP token bucket for requests no key vouches for: public routes (health,
+    # metrics, docs) and requests whose key fails authentication. An empty bucket answers
+    # 429 before any database lookup, so guessing keys costs the database nothing. 0 disables.
+    ip_rate_limit_per_second: float = Field(default=20.0, ge=0)
+    ip_rate_limit_burst: int = Field(default=100, ge=1)
 
     # Request bounds for POST /v1/events.
     max_body_bytes: int = 1_048_576
@@ -61,6 +87,30 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["json", "text", "auto"] = "auto"
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(h.strip().lower() for h in value.split(",") if h.strip())
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is None or not value.strip():
+            return None
+        url = urlsplit(value.strip())
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise ValueError("must be an absolute http(s) URL without query or fragment")
+        return url.geturl().rstrip("/")
+
+    @property
+    def db_org_limit(self) -> int:
+        """Connections one organization may hold at once per API process."""
+        return self.db_org_concurrency or max(1, self.db_pool_max // 2)
 
 
 def redact_dsn(dsn: str) -> str:

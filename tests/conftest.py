@@ -43,6 +43,8 @@ def settings(database_name: str) -> Settings:
         # The suite hammers the API with few keys; rate limiting has its own test app.
         rate_limit_per_second=1_000_000,
         rate_limit_burst=1_000_000,
+        ip_rate_limit_per_second=1_000_000,
+        ip_rate_limit_burst=1_000_000,
         db_pool_min=1,
         db_pool_max=4,
     )

@@ -50,7 +50,8 @@ async def live_api(settings, pool, tmp_path_factory) -> Iterator[LiveApi]:
     log = tmp_path_factory.mktemp("fuzz") / "api.log"
     env = {**os.environ, "TALLY_DATABASE_URL": settings.database_url, "TALLY_HTTP_PORT": str(port),
            "TALLY_HTTP_HOST": "127.0.0.1", "TALLY_AMQP_NAMESPACE": settings.amqp_namespace,
-           "TALLY_RATE_LIMIT_PER_SECOND": "1000000", "TALLY_RATE_LIMIT_BURST": "1000000"}  # fmt: skip
+           "TALLY_RATE_LIMIT_PER_SECOND": "1000000", "TALLY_RATE_LIMIT_BURST": "1000000",
+           "TALLY_IP_RATE_LIMIT_PER_SECOND": "1000000", "TALLY_IP_RATE_LIMIT_BURST": "1000000"}  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "service.cli", "api"], env=env, stdout=out, stderr=out)
     try:

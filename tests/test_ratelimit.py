@@ -46,3 +46,14 @@ async def test_over_limit_requests_get_429_and_other_keys_do_not(settings, migra
         # Another organization's traffic is unaffected.
         r = await client.get("/v1/customers", headers=other_org.headers())
         assert r.status == 200
+
+
+def test_peek_spends_nothing_and_policies_are_named() -> None:
+    limiter = RateLimiter(rate=1, burst=2, policy="per-ip")
+    assert limiter.peek("10.0.0.1", now=0.0).allowed
+    assert [limiter.take("10.0.0.1", now=0.0).allowed for _ in range(3)] == [True, True, False]
+    refused = limiter.peek("10.0.0.1", now=0.0)
+    assert not refused.allowed and refused.retry_after == 1
+    assert limiter.peek("10.0.0.1", now=1.0).allowed  # refilled, and peeking took nothing:
+    assert limiter.take("10.0.0.1", now=1.0).allowed
+    assert limiter.headers(refused)["RateLimit-Policy"] == '"per-ip";q=2;w=2'

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 
 from aiohttp import web
@@ -11,8 +11,9 @@ from aiohttp import web
 from consumers.broker import Names
 from consumers.publisher import Publisher
 from service import __version__, metrics
-from service.api import appkeys, customers, events, health, keycache, openapi, ops
+from service.api import appkeys, customers, dbaccess, events, health, keycache, openapi, ops, server
 from service.api.compat import flexprice, public, respan, v0
+from service.api.dbaccess import DatabaseGate
 from service.api.keycache import KeyCache
 from service.api.ratelimit import RateLimiter
 from service.api.models import Health
@@ -46,33 +47,38 @@ DOCS = [
     Endpoint("GET", "/docs", openapi.docs_page, "Browsable API docs", "operations", content_type="text/html"),
 ]  # fmt: skip
 
-MAX_REQUEST_LINE = 1_048_576
-
 SELECT_CURSOR_SECRET = "SELECT value FROM instance_secrets WHERE name = 'cursor_hmac'"
 
 
-async def database(app: web.Application) -> AsyncIterator[None]:
-    """The primary pool (and the read replica's, if configured) and the cursor key."""
-    settings = app[appkeys.SETTINGS]
-    async with AsyncExitStack() as stack:
-        pool = await stack.enter_async_context(pool_context(settings.database_url, settings))
-        app[appkeys.POOL] = pool
-        if settings.database_read_url:
-            app[appkeys.READ_POOL] = await stack.enter_async_context(
-                pool_context(settings.database_read_url, settings, name="replica")
+def database(statement_timeout: float | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The cleanup context of the primary pool (and the read replica's, if configured) and
+    the cursor key; ``statement_timeout`` (seconds) is set on the pools' sessions if given."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[appkeys.SETTINGS]
+        async with AsyncExitStack() as stack:
+            pool = await stack.enter_async_context(
+                pool_context(settings.database_url, settings, statement_timeout=statement_timeout)
             )
-        else:
-            app[appkeys.READ_POOL] = pool
-        secret = await pool.fetchval(SELECT_CURSOR_SECRET)
-        if secret is None:
-            raise RuntimeError("the database is not migrated: run 'tally migrate' first")
-        app[appkeys.CURSORS] = CursorCodec(secret)
-        app[appkeys.KEY_CACHE] = await stack.enter_async_context(
-            keycache.listening(KeyCache(settings.auth_cache_seconds), settings.database_url, settings.db_connect_timeout)
-        )
-        metrics.DB_POOL_IN_USE.set_function(lambda: pool.get_size() - pool.get_idle_size())
-        metrics.DB_POOL_SIZE.set_function(pool.get_size)
-        yield
+            app[appkeys.POOL] = pool
+            if settings.database_read_url:
+                app[appkeys.READ_POOL] = await stack.enter_async_context(
+                    pool_context(settings.database_read_url, settings, name="replica", statement_timeout=statement_timeout)
+                )
+            else:
+                app[appkeys.READ_POOL] = pool
+            secret = await pool.fetchval(SELECT_CURSOR_SECRET)
+            if secret is None:
+                raise RuntimeError("the database is not migrated: run 'tally migrate' first")
+            app[appkeys.CURSORS] = CursorCodec(secret)
+            app[appkeys.KEY_CACHE] = await stack.enter_async_context(
+                keycache.listening(KeyCache(settings.auth_cache_seconds), settings.database_url, settings.db_connect_timeout)
+            )
+            metrics.DB_POOL_IN_USE.set_function(lambda: pool.get_size() - pool.get_idle_size())
+            metrics.DB_POOL_SIZE.set_function(pool.get_size)
+            yield
+
+    return context
 
 
 async def publisher(app: web.Application) -> AsyncIterator[None]:
@@ -87,19 +93,26 @@ async def broker_check(app: web.Application) -> None:
     await app[appkeys.PUBLISHER].topology()
 
 
-def base_app(settings, endpoints: list[Endpoint]) -> web.Application:  # type: ignore[no-untyped-def]
-    """An application with tally's middlewares, settings and database; no I/O yet."""
+def base_app(  # type: ignore[no-untyped-def]
+    settings, endpoints: list[Endpoint], *, statement_timeout: float | None = None
+) -> web.Application:
+    """An application with tally's middlewares, settings, limits and database; no I/O yet.
+    ``statement_timeout``: seconds after which PostgreSQL itself stops any statement of
+    the app's pools (None: only the client-side command timeout applies)."""
     app = web.Application(
         middlewares=[request_id_middleware, metrics_middleware, problem_middleware],
         client_max_size=settings.max_body_bytes,
-        # Request lines up to 1 MiB (aiohttp's default is 8 KiB): the documented bounds of a list
-        # filter (1000 identifiers of up to 255 characters, percent-encoded) must fit.
-        handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_REQUEST_LINE},
+        # Request line, header and keep-alive limits (service/api/server.py says why each).
+        handler_args=server.handler_args(settings),
     )
     app[appkeys.SETTINGS] = settings
     app[appkeys.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    app[appkeys.IP_RATE_LIMITER] = RateLimiter(
+        settings.ip_rate_limit_per_second, settings.ip_rate_limit_burst, policy="per-ip"
+    )
+    app[dbaccess.GATE] = DatabaseGate(settings.db_org_limit, settings.db_acquire_timeout)
     app[health.READINESS_CHECKS] = {"database": health.database_check}
-    app.cleanup_ctx.append(database)
+    app.cleanup_ctx.append(database(statement_timeout))
     add_endpoints(app, endpoints)
     return app
 
@@ -109,7 +122,9 @@ def create_app(settings) -> web.Application:  # type: ignore[no-untyped-def]
         *OPERATIONS, *ops.ENDPOINTS, *customers.ENDPOINTS, *events.ENDPOINTS,
         *respan.ENDPOINTS, *v0.ENDPOINTS, *flexprice.ENDPOINTS, *public.ENDPOINTS,
     ]  # fmt: skip
-    app = base_app(settings, [*endpoints, *DOCS])
+    # API statements stop in PostgreSQL too when the client gives up on them: a request shed
+    # after TALLY_DB_COMMAND_TIMEOUT must not leave its query burning a backend.
+    app = base_app(settings, [*endpoints, *DOCS], statement_timeout=settings.db_command_timeout)
     app.cleanup_ctx.append(publisher)
     app[health.READINESS_CHECKS]["broker"] = broker_check
     app[appkeys.OPENAPI] = openapi.build_openapi([*endpoints, *DOCS], title="tally", version=__version__, tags=TAGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from functools import cache
 from urllib.parse import quote
 
@@ -9,8 +10,8 @@ from aiohttp import web
 from yarl import URL
 
 from service import customers as core
-from service.api import appkeys
-from service.api.listing import json_with, link, run_list
+from service.api import appkeys, dbaccess
+from service.api.listing import client_link, json_with, link, run_list
 from service.api.models import (
     Customer,
     CustomerCreate,
@@ -24,6 +25,7 @@ from service.api.models import (
     UsageSeries,
 )
 from service.api.params import parse_body, parse_query
+from service.api.problems import REQUEST_ID
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
 from service.auth import Principal
@@ -31,6 +33,8 @@ from service.errors import InvalidInput
 from service.query import CursorCodec, CustomerFilter, ListQuery, Shape, Sort, resume
 
 DEFAULT_LIMIT = 50
+# Without from/to a usage series covers the last 30 UTC days, today included.
+DEFAULT_SERIES_DAYS = 30
 DEFAULT_SORT = "-first_seen"
 JSON = "application/json"
 
@@ -124,12 +128,18 @@ async def retrieve_customer(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     params = parse_query(request, RetrieveParams)
     shape = canonical_shape(params.expand == "parent_customer", params.include == "subscriptions")
-    async with request.app[appkeys.READ_POOL].acquire() as conn:
+    async with dbaccess.connection(request, read=True) as conn:
         doc = await core.get_customer(
             conn, principal.organization_id, params.environment or principal.environment,
             request.match_info["customer_identifier"], shape,
         )  # fmt: skip
     return web.Response(text=doc, content_type=JSON)
+
+
+def write_stamp(request: web.Request) -> dict[str, object]:
+    """An API write is a change at the time of its request (ties broken by its request id),
+    ordered against events by the same rules (service/fold.py)."""
+    return {"at": datetime.now(timezone.utc), "request_id": request.get(REQUEST_ID)}
 
 
 async def create_customer(request: web.Request) -> web.Response:
@@ -139,28 +149,29 @@ async def create_customer(request: web.Request) -> web.Response:
     values.pop("customer_identifier", None)
     values.pop("environment", None)
     environment = body.environment or principal.environment
-    async with request.app[appkeys.POOL].acquire() as conn:
+    async with dbaccess.connection(request) as conn:
         doc = await core.create_customer(
             conn, principal.organization_id, environment,
-            body.customer_identifier, values, canonical_shape(False, False),
+            body.customer_identifier, values, canonical_shape(False, False), **write_stamp(request),
         )  # fmt: skip
     # The identifier is one path segment whatever it contains ('/', '?', '#', '%'), and a
     # customer made outside the key's default environment is found there.
     target = "/v1/customers/" + quote(body.customer_identifier, safe="")
     if environment != principal.environment:
         target += "?environment=" + environment
-    location = request.url.join(URL(target, encoded=True))
-    return web.Response(text=doc, status=201, content_type=JSON, headers={"Location": str(location)})
+    location = client_link(request, URL(target, encoded=True))
+    return web.Response(text=doc, status=201, content_type=JSON, headers={"Location": location})
 
 
 async def update_customer(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     params = parse_query(request, RetrieveParams)
     body = await parse_body(request, CustomerPatch, request.app[appkeys.SETTINGS].max_body_bytes)
-    async with request.app[appkeys.POOL].acquire() as conn:
+    async with dbaccess.connection(request) as conn:
         doc = await core.update_customer(
             conn, principal.organization_id, params.environment or principal.environment,
             request.match_info["customer_identifier"], body.columns(), canonical_shape(False, False),
+            **write_stamp(request),
         )  # fmt: skip
     return web.Response(text=doc, content_type=JSON)
 
@@ -168,10 +179,10 @@ async def update_customer(request: web.Request) -> web.Response:
 async def delete_customer(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     params = parse_query(request, RetrieveParams)
-    async with request.app[appkeys.POOL].acquire() as conn:
+    async with dbaccess.connection(request) as conn:
         await core.delete_customer(
             conn, principal.organization_id, params.environment or principal.environment,
-            request.match_info["customer_identifier"],
+            request.match_info["customer_identifier"], **write_stamp(request),
         )  # fmt: skip
     return web.Response(status=204)
 
@@ -180,12 +191,15 @@ async def customer_usage(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     params = parse_query(request, UsageParams)
     identifier = request.match_info["customer_identifier"]
-    async with request.app[appkeys.READ_POOL].acquire() as conn:
+    end = params.to or datetime.now(timezone.utc).date()
+    start = params.from_ or end - timedelta(days=DEFAULT_SERIES_DAYS - 1)
+    async with dbaccess.connection(request, read=True) as conn:
         series = await core.usage_series(
             conn, principal.organization_id, params.environment or principal.environment,
-            identifier, params.from_, params.to, params.granularity,
+            identifier, start, end, params.granularity,
         )  # fmt: skip
-    envelope = {"customer_identifier": identifier, "granularity": params.granularity}
+    envelope = {"customer_identifier": identifier, "granularity": params.granularity,
+                "from": start.isoformat(), "to": end.isoformat()}  # fmt: skip
     return web.Response(body=json_with(envelope, "results", series), content_type=JSON)
 
 
@@ -209,5 +223,6 @@ ENDPOINTS = [
              query=RetrieveParams, status=204, errors=(400, 401, 403, 404), path_params=IDENTIFIER),
     Endpoint("GET", "/v1/customers/{customer_identifier}/usage", customer_usage, "Usage time series", TAG, "read",
              query=UsageParams, response=UsageSeries, errors=(400, 401, 403, 404), path_params=IDENTIFIER,
-             description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC, inclusive)."),
+             description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC, inclusive); "
+                         "without them, the last 30 days up to today."),
 ]  # fmt: skip

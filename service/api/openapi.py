@@ -26,7 +26,8 @@ ERROR_TEXT = {
     409: "Conflicts with an existing resource",
     413: "Body or batch too large",
     429: "Rate limited; retry after Retry-After seconds",
-    503: "A dependency is unavailable; retry",
+    503: "A dependency is unavailable or this organization's share of the database is busy; retry after "
+         "Retry-After seconds",
 }
 
 
@@ -90,14 +91,15 @@ def build_openapi(endpoints: Sequence[Endpoint], *, title: str, version: str, ta
             ok["content"] = {ep.content_type: {"schema": {}}}
         responses: dict[str, object] = {str(ep.status): ok}
         problem_ref = refs[(Problem, "serialization")]
-        # Every authenticated route can answer 401 (no valid key), 403 (missing scope) and
-        # 429 (the key's rate limit).
-        for code in sorted(set(ep.errors) | ({401, 403, 429} if ep.scope else set())):
+        # Every authenticated route can answer 401 (no valid key), 403 (missing scope), 429
+        # (the key's rate limit, or its address's for failed keys) and 503 (bounded waits for
+        # the database); a public route 429 (its address's rate limit).
+        for code in sorted(set(ep.errors) | ({401, 403, 429, 503} if ep.scope else {429})):
             response: dict[str, object] = {
                 "description": ERROR_TEXT.get(code, "Error"),
                 "content": {"application/problem+json": {"schema": problem_ref}},
             }
-            if code == 429:
+            if code in (429, 503):
                 response["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
             responses[str(code)] = response
         op["responses"] = responses

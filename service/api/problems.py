@@ -17,20 +17,53 @@ from service.errors import FieldError, TallyError, Unauthenticated, Unavailable
 log = logging.getLogger("tally.api")
 
 PROBLEM_TYPE_BASE = "https://tally.dev/problems/"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
 REQUEST_ID = web.RequestKey("request_id", str)
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 # A dependency we cannot reach: the caller should retry, so 503 with Retry-After, not 500.
+# QueryCanceledError is the server's statement_timeout (the API's pool sets it to
+# TALLY_DB_COMMAND_TIMEOUT): the same overrun as the client-side timeout, seen from the server.
 UNAVAILABLE_ERRORS = (
     OSError,
     asyncio.TimeoutError,
+    asyncpg.QueryCanceledError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
 
-_STATUS_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large", 429: "rate-limited"}
+_STATUS_SLUGS = {
+    400: "bad-request", 404: "not-found", 405: "method-not-allowed", 408: "request-timeout", 413: "payload-too-large",
+    414: "uri-too-long", 429: "rate-limited", 431: "header-fields-too-large",
+}  # fmt: skip
+
+
+def problem_body(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    instance: str | None,
+    request_id: str,
+    slug: str | None = None,
+    errors: list[FieldError] | None = None,
+    extra: dict[str, object] | None = None,
+) -> bytes:
+    """The RFC 9457 document every refusal carries (``instance`` is None when the request
+    was too malformed to have a path)."""
+    body: dict[str, object] = {
+        "type": PROBLEM_TYPE_BASE + (slug or _STATUS_SLUGS.get(status, "error")),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+        "request_id": request_id,
+        "errors": [e.as_dict() for e in errors or []],
+        **(extra or {}),
+    }
+    return orjson.dumps(body)
 
 
 def problem(
@@ -44,19 +77,11 @@ def problem(
     headers: dict[str, str] | None = None,
     extra: dict[str, object] | None = None,
 ) -> web.Response:
-    body: dict[str, object] = {
-        "type": PROBLEM_TYPE_BASE + (slug or _STATUS_SLUGS.get(status, "error")),
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "instance": request.path,
-        "request_id": request.get(REQUEST_ID, ""),
-        "errors": [e.as_dict() for e in errors or []],
-        **(extra or {}),
-    }
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/problem+json", headers=headers
-    )
+    body = problem_body(
+        status, title, detail, instance=request.path, request_id=request.get(REQUEST_ID, ""), slug=slug,
+        errors=errors, extra=extra,
+    )  # fmt: skip
+    return web.Response(body=body, status=status, content_type=PROBLEM_CONTENT_TYPE, headers=headers)
 
 
 @web.middleware
@@ -87,6 +112,11 @@ async def problem_middleware(request: web.Request, handler):  # type: ignore[no-
         if exc.status < 400:
             raise
         return problem(request, exc.status, exc.reason, exc.text or exc.reason, headers=_allow_header(exc))
+    except web.RequestPayloadError as exc:
+        # The client's body could not be decoded (a bad chunk, a Content-Encoding that is not
+        # what it says): its fault, one warning line, never an error with a traceback.
+        log.warning("refused a malformed request body", extra={"path": request.path, "reason": _reason(exc)})
+        return problem(request, 400, "Bad Request", f"malformed request body: {_reason(exc)}", slug="invalid-body")
     except UNAVAILABLE_ERRORS as exc:
         log.warning("dependency unavailable: %s", type(exc).__name__)
         return problem(
@@ -96,6 +126,13 @@ async def problem_middleware(request: web.Request, handler):  # type: ignore[no-
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
         return problem(request, 500, "Internal Server Error", "unexpected error; quote the request_id")
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an aiohttp payload error's message, ASCII and bounded."""
+    cause = exc.__cause__ or exc
+    message = str(getattr(cause, "message", "") or cause).strip().splitlines()
+    return (message[0] if message else type(cause).__name__).encode("ascii", "backslashreplace").decode()[:200]
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:

@@ -1,4 +1,5 @@
-"""Per-key rate limiting: a token bucket per API key, in each API process.
+"""Rate limiting: a token bucket per API key (and, for requests no key vouches for, per
+client IP), in each API process.
 
 Each key may burst ``burst`` requests and is refilled at ``rate`` per second. The limit is
 per process: with N API replicas a key's effective limit is up to N times higher, which
@@ -6,6 +7,11 @@ keeps the check free of any shared state on the hot path. Responses carry the IE
 RateLimit headers (draft-ietf-httpapi-ratelimit-headers): ``RateLimit-Policy`` (quota and
 window) and ``RateLimit`` (remaining and seconds until a full bucket); a refused request
 is 429 with ``Retry-After``.
+
+The per-IP bucket (policy ``per-ip``) is charged by public routes and by requests whose key
+fails authentication; a request that would need a database lookup to authenticate is
+refused while its IP's bucket is empty, so guessing keys costs the database nothing. Behind
+a reverse proxy every client shares the proxy's address: size the bucket for that.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import math
 import time
 from dataclasses import dataclass
 
-POLICY = "per-key"
 MAX_BUCKETS = 100_000
 
 
@@ -27,9 +32,10 @@ class Decision:
 
 
 class RateLimiter:
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, policy: str = "per-key") -> None:
         self.rate = rate
         self.burst = max(1, burst)
+        self.policy = policy
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
 
     @property
@@ -42,15 +48,27 @@ class RateLimiter:
         return max(1, math.ceil(self.burst / self.rate))
 
     def take(self, key: str, now: float | None = None) -> Decision:
+        """Spend one token of ``key``'s bucket if it has one."""
         now = time.monotonic() if now is None else now
-        tokens, last = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        tokens = self._refilled(key, now)
         allowed = tokens >= 1
         if allowed:
             tokens -= 1
         if len(self._buckets) >= MAX_BUCKETS and key not in self._buckets:
             self._buckets.clear()  # bounded memory; forgetting buckets only forgives
         self._buckets[key] = (tokens, now)
+        return self._decision(allowed, tokens)
+
+    def peek(self, key: str, now: float | None = None) -> Decision:
+        """Whether ``key``'s bucket has a token, spending none."""
+        tokens = self._refilled(key, time.monotonic() if now is None else now)
+        return self._decision(tokens >= 1, tokens)
+
+    def _refilled(self, key: str, now: float) -> float:
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - last) * self.rate)
+
+    def _decision(self, allowed: bool, tokens: float) -> Decision:
         return Decision(
             allowed=allowed,
             remaining=int(tokens),
@@ -60,6 +78,6 @@ class RateLimiter:
 
     def headers(self, decision: Decision) -> dict[str, str]:
         return {
-            "RateLimit-Policy": f'"{POLICY}";q={self.burst};w={self.window}',
-            "RateLimit": f'"{POLICY}";r={decision.remaining};t={decision.reset_seconds}',
+            "RateLimit-Policy": f'"{self.policy}";q={self.burst};w={self.window}',
+            "RateLimit": f'"{self.policy}";r={decision.remaining};t={decision.reset_seconds}',
         }

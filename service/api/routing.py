@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from pydantic import BaseModel
 
-from service.api import appkeys
+from service import metrics
+from service.api import appkeys, dbaccess
+from service.api.ratelimit import Decision, RateLimiter
 from service.auth import Principal, authenticate, split_bearer
 from service.errors import RateLimited, TallyError, Unauthenticated
 
@@ -45,9 +47,9 @@ class Endpoint:
         return path
 
 
-async def principal_for(request: web.Request) -> Principal:
-    """Resolve the caller from ``Authorization: Bearer <key>`` or the header pair
-    ``x-client-key`` + ``x-client-secret``; Unauthenticated otherwise."""
+def credentials(request: web.Request) -> tuple[str, str]:
+    """``(client_key, secret)`` from ``Authorization: Bearer <key>`` or the header pair
+    ``x-client-key`` + ``x-client-secret``; Unauthenticated if missing or malformed."""
     header = request.headers.get("Authorization")
     if header is not None:
         scheme, _, token = header.partition(" ")
@@ -61,22 +63,82 @@ async def principal_for(request: web.Request) -> Principal:
             raise Unauthenticated("x-client-key needs its x-client-secret")
     else:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+    # Keys are printable ASCII. aiohttp decodes header bytes that are not UTF-8 as lone
+    # surrogates, which no hash can encode: refuse them here, as the malformed keys they are.
+    if not _printable_ascii(client_key) or not _printable_ascii(secret):
+        raise Unauthenticated("malformed API key")
+    return client_key, secret
+
+
+def _printable_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
+async def principal_for(request: web.Request) -> Principal:
+    """The caller's principal: from the cache of verified keys, else from the database.
+    Unauthenticated for a missing, malformed, unknown or revoked key; RateLimited (before
+    any database lookup) while the client's address has no unauthenticated-request tokens."""
+    client_key, secret = credentials(request)
     cache = request.app[appkeys.KEY_CACHE]
     principal = cache.get(client_key, secret)
     if principal is None:
-        async with request.app[appkeys.POOL].acquire() as conn:
+        limiter = request.app[appkeys.IP_RATE_LIMITER]
+        if limiter.enabled:
+            decision = limiter.peek(client_address(request))
+            if not decision.allowed:
+                raise _ip_limited(limiter, decision)
+        # Noted before the lookup: if a revocation's notification is handled while the
+        # lookup runs, put() declines to cache what may have been read before it committed.
+        generation = cache.generation
+        async with dbaccess.connection(request) as conn:
             principal = await authenticate(conn, client_key, secret)
-        cache.put(client_key, secret, principal)
+        cache.put(client_key, secret, principal, generation)
     return principal
+
+
+def client_address(request: web.Request) -> str:
+    """The peer's address (behind a reverse proxy, the proxy's: X-Forwarded-For is not trusted)."""
+    return request.remote or "unknown"
+
+
+def _charge_unauthenticated(request: web.Request) -> None:
+    """Spend a token of the client address's unauthenticated bucket; RateLimited if none is left."""
+    limiter = request.app[appkeys.IP_RATE_LIMITER]
+    if not limiter.enabled:
+        return
+    decision = limiter.take(client_address(request))
+    if not decision.allowed:
+        raise _ip_limited(limiter, decision)
+
+
+def _ip_limited(limiter: RateLimiter, decision: Decision) -> RateLimited:
+    metrics.HTTP_REFUSED.labels("ip_rate_limited").inc()
+    return RateLimited(
+        f"too many unauthenticated requests from this address (at most {limiter.burst} per {limiter.window} s); "
+        f"retry in {decision.retry_after} s",
+        headers={**limiter.headers(decision), "Retry-After": str(decision.retry_after)},
+    )
 
 
 def _guarded(endpoint: Endpoint) -> Handler:
     if endpoint.scope is None:
-        return endpoint.handler
+        public = endpoint.handler
+
+        async def public_handler(request: web.Request) -> web.StreamResponse:
+            _charge_unauthenticated(request)
+            return await public(request)
+
+        public_handler.__name__ = public.__name__
+        return public_handler
     scope = endpoint.scope
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        principal = await principal_for(request)
+        try:
+            principal = await principal_for(request)
+        except Unauthenticated:
+            _charge_unauthenticated(request)
+            raise
+        request[dbaccess.ORGANIZATION] = principal.organization_id
         limiter = request.app[appkeys.RATE_LIMITER]
         if not limiter.enabled:
             principal.require(scope)

@@ -15,7 +15,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import customers as core
-from service.api import appkeys
+from service.api import appkeys, dbaccess
+from service.api.customers import write_stamp
 from service.api.listing import json_with, link, run_list
 from service.api.models import Environment, SortBy
 from service.api.params import parse_body, parse_query
@@ -132,7 +133,7 @@ def _where(request: web.Request) -> tuple[object, str, str]:
 
 async def retrieve_user(request: web.Request) -> web.Response:
     org, env, identifier = _where(request)
-    async with request.app[appkeys.READ_POOL].acquire() as conn:
+    async with dbaccess.connection(request, read=True) as conn:
         doc = await core.get_customer(conn, org, env, identifier, DETAIL_SHAPE)  # type: ignore[arg-type]
     return web.Response(text=doc, content_type=JSON)
 
@@ -141,15 +142,17 @@ async def update_user(request: web.Request) -> web.Response:
     org, env, identifier = _where(request)
     body = await parse_body(request, UserPatch, request.app[appkeys.SETTINGS].max_body_bytes)
     values = ProfileUpdate.model_validate(body.model_dump(exclude_unset=True)).columns()
-    async with request.app[appkeys.POOL].acquire() as conn:
-        doc = await core.update_customer(conn, org, env, identifier, values, DETAIL_SHAPE)  # type: ignore[arg-type]
+    async with dbaccess.connection(request) as conn:
+        doc = await core.update_customer(
+            conn, org, env, identifier, values, DETAIL_SHAPE, **write_stamp(request)  # type: ignore[arg-type]
+        )
     return web.Response(text=doc, content_type=JSON)
 
 
 async def delete_user(request: web.Request) -> web.Response:
     org, env, identifier = _where(request)
-    async with request.app[appkeys.POOL].acquire() as conn:
-        await core.delete_customer(conn, org, env, identifier)  # type: ignore[arg-type]
+    async with dbaccess.connection(request) as conn:
+        await core.delete_customer(conn, org, env, identifier, **write_stamp(request))  # type: ignore[arg-type]
     return web.Response(status=204)
 
 

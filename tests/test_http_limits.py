@@ -1,0 +1,255 @@
+"""The HTTP edge of a real `tally api` process against hostile connections (issue 10,
+defects 12 and 14): oversized and endless headers, malformed request lines, credentials
+that are not UTF-8, and floods of requests no key vouches for. Every refusal is a problem
+document, and none of them is logged as an error."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+
+from service import auth
+from tests.conftest import make_org
+from tests.eventkit import wait_until
+from tests.test_consumer_processes import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAD_TIMEOUT = 1  # seconds, TALLY_HTTP_HEADER_TIMEOUT of the process under test
+IP_BURST = 20  # TALLY_IP_RATE_LIMIT_BURST of the process under test
+# Bounds on waits (never sleeps): a refusal or a close that takes longer has failed.
+ANSWER_TIMEOUT = 10
+MB = 1_000_000
+
+
+@dataclass
+class Api:
+    process: subprocess.Popen
+    port: int
+    log: Path
+    key: str  # read
+    write_key: str
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def log_lines(self) -> list[dict]:
+        return [orjson.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+async def api(settings, pool, tmp_path_factory) -> AsyncIterator[Api]:
+    org = await make_org(pool)
+    async with pool.acquire() as conn:
+        key = (await auth.create_key(conn, org.name, ("read",))).key
+        write_key = (await auth.create_key(conn, org.name, ("read", "write"))).key
+    port = free_port()
+    log = tmp_path_factory.mktemp("edge") / "api.log"
+    env = {**os.environ, "TALLY_DATABASE_URL": settings.database_url, "TALLY_HTTP_PORT": str(port),
+           "TALLY_HTTP_HOST": "127.0.0.1", "TALLY_AMQP_NAMESPACE": settings.amqp_namespace,
+           "TALLY_LOG_FORMAT": "json", "TALLY_HTTP_HEADER_TIMEOUT": str(HEAD_TIMEOUT),
+           "TALLY_IP_RATE_LIMIT_BURST": str(IP_BURST), "TALLY_IP_RATE_LIMIT_PER_SECOND": "0.5"}  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "api"], cwd=ROOT, env=env, stdout=out,
+                                   stderr=out)  # fmt: skip
+
+    async def serving() -> bool:
+        assert process.poll() is None, log.read_text()[-2000:]
+        return "Running on" in log.read_text()
+
+    try:
+        await wait_until(serving, timeout=30, what="tally api to listen")
+        yield Api(process, port, log, key, write_key)
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert process.returncode == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    assert "Traceback" not in text, text[-4000:]
+
+
+async def exchange(api: Api, *chunks: bytes) -> bytes:
+    """Send ``chunks`` on a fresh connection while reading; everything the server sent
+    before it closed (the server may close before it has read all of it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+
+    async def send() -> None:
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+        except ConnectionError:
+            pass  # refused mid-send: the answer is what was read
+
+    sending = asyncio.ensure_future(send())
+    received = bytearray()
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            while chunk := await reader.read(65536):
+                received += chunk
+    except ConnectionError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"not answered and closed within {ANSWER_TIMEOUT} s: {bytes(received[:300])!r}") from None
+    finally:
+        sending.cancel()
+        writer.close()
+    return bytes(received)
+
+
+def response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return status, headers, body
+
+
+def assert_problem(raw: bytes, status: int) -> dict:
+    assert raw, "the connection closed without an answer"
+    got, headers, body = response(raw)
+    assert got == status, raw[:500]
+    assert headers["content-type"].startswith("application/problem+json"), raw[:500]
+    problem = orjson.loads(body)
+    assert problem["status"] == status and problem["type"].startswith("https://")
+    assert problem["title"] and problem["detail"] and problem["request_id"]
+    assert problem["errors"] == []
+    return problem
+
+
+def assert_no_errors_logged(api: Api) -> None:
+    errors = [line for line in api.log_lines() if line.get("level") in ("error", "critical")]
+    assert not errors, errors
+
+
+async def test_sixty_headers_of_a_megabyte_are_refused_and_memory_stays_bounded(api: Api) -> None:
+    """The probe: 60 headers of 1 MB to /healthz took RSS from 60 to 184 MB, five connections
+    to 637 MB. Now the first oversized field is refused (431) and nothing more is parsed."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    headers = [b"X-Pad-%d: " % i + b"a" * MB + b"\r\n" for i in range(60)]
+    before = api.rss_kb()
+    answers = await asyncio.gather(*(exchange(api, head, *headers, b"\r\n") for _ in range(5)))
+    for raw in answers:
+        assert_problem(raw, 431)
+    grown_mb = (api.rss_kb() - before) / 1024
+    assert grown_mb < 32, f"RSS grew by {grown_mb:.0f} MB"
+    assert_no_errors_logged(api)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        pytest.param(b"GET /healthz HTTP/1.1 trailing\r\nHost: a\r\n\r\n", 400, id="malformed-request-line"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\nNo colon here\r\n\r\n", 400, id="malformed-header"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, id="field-too-large"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(100))
+                     + b"\r\n", 431, id="too-many-headers"),
+        pytest.param(b"GET /healthz?" + b"q" * 1_100_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, id="request-line-too-long"),
+    ],
+)  # fmt: skip
+async def test_protocol_refusals_are_problem_documents(api: Api, raw: bytes, status: int) -> None:
+    before = len(api.log_lines())
+    assert_problem(await exchange(api, raw), status)
+
+    async def logged() -> bool:
+        return len(api.log_lines()) > before
+
+    await wait_until(logged, timeout=ANSWER_TIMEOUT, what="the refusal's log line")
+    refusals = [line for line in api.log_lines()[before:] if line["message"] == "refused a malformed request"]
+    assert [(line["level"], line["status"]) for line in refusals] == [("warning", status)]
+    assert_no_errors_logged(api)
+
+
+async def test_a_body_that_cannot_be_decoded_is_a_problem_400(api: Api) -> None:
+    """A Content-Encoding the body does not match was a 500 and two ERROR tracebacks."""
+    raw = await exchange(api, b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                              b"Authorization: Bearer " + api.write_key.encode() + b"\r\nContent-Type: application/json\r\n"
+                              b"Content-Encoding: gzip\r\nContent-Length: 10\r\n\r\n0123456789")  # fmt: skip
+    problem = assert_problem(raw, 400)
+    assert problem["detail"].startswith("malformed request body")
+    assert_no_errors_logged(api)
+
+
+async def test_a_partial_head_is_closed_after_the_header_timeout(api: Api) -> None:
+    """The probe held 300 connections for 80 s by never finishing their headers."""
+    raw = await exchange(api, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
+    problem = assert_problem(raw, 408)
+    assert f"{HEAD_TIMEOUT} s" in problem["detail"]
+    assert response(raw)[1]["connection"] == "close"
+
+
+async def test_a_keep_alive_connection_serves_request_after_request(api: Api) -> None:
+    """The header timer runs from a head's first byte, not from the connection's start:
+    a keep-alive connection serves a second request sent after a first one."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+    try:
+        for _ in range(2):
+            writer.write(request)
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                status_line = await reader.readline()
+                assert status_line.startswith(b"HTTP/1.1 200"), status_line
+                length = 0
+                while (line := await reader.readline()) != b"\r\n":
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        pytest.param(b"Authorization: Bearer tly_0123456789ab.\xff\xfe\xfd", id="bearer"),
+        pytest.param(b"x-client-key: tly_\xc3\x28\xa0\xa1\r\nx-client-secret: abc", id="x-client-key"),
+        pytest.param(b"x-client-key: tly_0123456789ab\r\nx-client-secret: \xff\xfe\xfd", id="x-client-secret"),
+    ],
+)
+async def test_credentials_that_are_not_utf8_are_a_401_not_a_500(api: Api, credentials: bytes) -> None:
+    raw = await exchange(api, b"GET /v1/customers HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                              + credentials + b"\r\n\r\n")  # fmt: skip
+    got, _, body = response(raw)
+    assert got == 401, raw[:500]
+    problem = orjson.loads(body)
+    assert problem["status"] == 401 and problem["detail"] == "malformed API key"
+    assert_no_errors_logged(api)
+
+
+async def test_failed_authentication_from_one_address_is_rate_limited(api: Api) -> None:
+    """Guessing keys is limited per client address before any database lookup; a key
+    already verified (cached) keeps working from the same address."""
+    good = f"Authorization: Bearer {api.key}\r\n".encode()
+    bad = b"Authorization: Bearer tly_000000000000.not-a-secret\r\n"
+
+    async def get(credentials: bytes) -> bytes:
+        return await exchange(api, b"GET /v1/customers HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                                   + credentials + b"\r\n")  # fmt: skip
+
+    assert response(await get(good))[0] == 200
+    statuses = []
+    for _ in range(IP_BURST + 5):
+        raw = await get(bad)
+        statuses.append(response(raw)[0])
+    assert statuses[0] == 401 and statuses[-1] == 429, statuses
+    assert set(statuses) == {401, 429}
+    problem = assert_problem(raw, 429)
+    _, headers, _ = response(raw)
+    assert int(headers["retry-after"]) >= 1
+    assert headers["ratelimit-policy"].startswith('"per-ip"')
+    assert "unauthenticated" in problem["detail"]
+    # Public routes draw on the same bucket.
+    assert response(await get(b""))[0] == 429
+    assert response(await exchange(api, b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))[0] == 429
+    # The verified key is not a guess.
+    assert response(await get(good))[0] == 200
