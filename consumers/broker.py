@@ -33,6 +33,15 @@ ALERTS_MAX_LENGTH = 100_000
 REASON_HEADER = "x-tally-reason"
 ROUTING_KEY_HEADER = "x-tally-routing-key"
 DEATH_TIME_HEADER = "x-tally-dead-at"
+# The delivery on which the consumer dead-lettered the message: 1 unless the broker had
+# delivered it before (a consumer died or lost its connection holding it). Poison is
+# refused on its first delivery, so anything else here means a consumer crashed on it.
+ATTEMPT_HEADER = "x-tally-attempt"
+# The header RabbitMQ's quorum queues put on a redelivered message: earlier failed deliveries.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+# Dead-letter reasons are truncated to this many characters: they quote field names and
+# organizations taken from the event, which may be of any length.
+MAX_REASON_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -107,17 +116,33 @@ def event_message(body: bytes, *, batch: bool, message_id: str | None = None) ->
     )
 
 
-def dead_letter_message(body: bytes, reason: str, routing_key: str, content_type: str | None) -> aio_pika.Message:
+def dead_letter_message(
+    body: bytes, reason: str, routing_key: str, content_type: str | None, *, message_id: str | None = None,
+    attempt: int = 1,
+) -> aio_pika.Message:  # fmt: skip
+    """A dead letter: the message (or one event of a batch) with why it died. It keeps the
+    original message's id, so the letters of one message can be found together, and
+    ``routing_key`` must be the original message's (the broker accepted it, so it is a valid
+    routing key), which replay publishes it with again."""
     return aio_pika.Message(
         body,
         content_type=content_type or "application/cloudevents+json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
         headers={
-            REASON_HEADER: reason[:1000],
+            REASON_HEADER: reason[:MAX_REASON_CHARS],
             ROUTING_KEY_HEADER: routing_key,
             DEATH_TIME_HEADER: datetime.now(timezone.utc).isoformat(),
+            ATTEMPT_HEADER: attempt,
         },
     )
+
+
+def delivery_attempt(headers: dict[str, object] | None, redelivered: bool | None) -> int:
+    """Which delivery of a message this is (1 = the first), from the broker's own account."""
+    count = (headers or {}).get(DELIVERY_COUNT_HEADER)
+    earlier = count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
+    return 1 + max(earlier, 1 if redelivered else 0)
 
 
 def encode_events(events: list[dict]) -> bytes:

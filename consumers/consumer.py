@@ -33,10 +33,10 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from consumers.broker import Names, Topology, dead_letter_message, declare
+from consumers.broker import Names, Topology, dead_letter_message, declare, delivery_attempt
 from service import failpoints, metrics
 from service.alerts import ALERT_ROUTING_KEY, relay_alerts
-from service.events import Event, InvalidEvent, decode_body, validate_event
+from service.events import EVENT_CONTENT_TYPE, Event, InvalidEvent, decode_body, validate_event
 from service.customers import compact_counts
 from service.fold import Outcome, Outcomes, fold, purge_processed
 from service.settings import Settings
@@ -81,6 +81,13 @@ ALERT_RELAY_EVERY = 5.0
 # On SIGTERM, give a batch whose database is unreachable this long before leaving it unacked
 # (the broker redelivers it to another consumer).
 DRAIN_GRACE = 10.0
+# asyncpg raises a plain InterfaceError both for a connection lost mid-query (transient) and
+# for a statement tally built wrong (a bug: the server expects other arguments, say). After
+# this many failed tries in a row while the database answers a probe, it is the batch that
+# fails, not the database: the batch is split like a refused one rather than retried forever
+# (a consumer stuck on one batch stops ingestion as surely as one that exits).
+CLIENT_ERROR_TRIES = 3
+PROBE_TIMEOUT = 2.0
 
 
 class Received:
@@ -105,6 +112,10 @@ class Received:
                 self._raws = decode_body(self.message.body)
             except InvalidEvent as exc:
                 self._raws, self.error = [], exc.reason
+            except Exception as exc:  # a bug, brought out by this message: it dies alone
+                self._raws, self.error = [], internal_error("decoding the message", exc)
+                log.error("bug: decoding a message raised; dead-lettering it", exc_info=exc,
+                          extra={"routing_key": self.message.routing_key, "bytes": len(self.message.body)})  # fmt: skip
         return self._raws
 
     @property
@@ -139,8 +150,54 @@ class Inbox:
 class DeadLetter:
     body: bytes
     reason: str
-    routing_key: str
-    content_type: str | None = "application/cloudevents+json"
+    # The delivery it came from. Its routing key is the dead letter's (and replay's): the
+    # broker accepted it, so it is a valid routing key, whereas anything taken from the
+    # event itself (its `type`, of any length) may not be one and would fail the publish.
+    message: AbstractIncomingMessage
+    content_type: str | None = EVENT_CONTENT_TYPE
+
+
+def internal_error(doing: str, exc: BaseException) -> str:
+    """A dead-letter reason for a bug that one input brought out (the exception's type only:
+    its message may quote the input)."""
+    return f"internal error while {doing}: {type(exc).__name__}"
+
+
+def encode_event(raw: object) -> bytes:
+    """One decoded event back as JSON, to dead-letter it alone. orjson refuses nesting past
+    255 levels and the decoder accepts 1024, so deeper values take a slower path that never
+    recurses: no event can make dead-lettering it fail."""
+    try:
+        return orjson.dumps(raw)
+    except orjson.JSONEncodeError:
+        return _encode_deep(raw)
+
+
+def _encode_deep(value: object) -> bytes:
+    # An explicit stack of values still to write, and of bytes already rendered (punctuation):
+    # decoded JSON holds no bytes, so a bytes item on the stack is always output.
+    out: list[bytes] = []
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bytes):
+            out.append(item)
+        elif isinstance(item, dict):
+            parts: list[object] = [b"{"]
+            for i, (key, child) in enumerate(item.items()):
+                parts += [(b"," if i else b"") + orjson.dumps(str(key)) + b":", child]
+            parts.append(b"}")
+            stack.extend(reversed(parts))
+        elif isinstance(item, list):
+            parts = [b"["]
+            for i, child in enumerate(item):
+                parts += [b","] if i else []
+                parts.append(child)
+            parts.append(b"]")
+            stack.extend(reversed(parts))
+        else:
+            out.append(orjson.dumps(item))
+    return b"".join(out)
 
 
 def _backoff(attempt: int, cap: float) -> float:
@@ -214,6 +271,9 @@ class Consumer:
                 metrics.IN_FLIGHT.inc()
 
             tag = await topology.ingest.consume(on_message, no_ack=False)
+            # Queue gauges from the start (then every QUEUE_POLL_EVERY), not only once the
+            # first batch is done: a scrape right after connecting sees this consumer counted.
+            await self._maybe_poll_queues(channel)
             self.connected.set()
             metrics.BROKER_CONNECTED.set(1)
             log.info("consuming", extra={"queue": self.names.ingest, "prefetch": self.settings.prefetch})
@@ -274,32 +334,43 @@ class Consumer:
         started = time.perf_counter()
         now = datetime.now(timezone.utc)
         events: list[Event] = []
+        # Per event: the delivery it came in, and that delivery's body when it held this
+        # event alone (then its dead letter is the message as received, byte for byte).
+        origins: list[tuple[AbstractIncomingMessage, bytes | None]] = []
         dead: list[DeadLetter] = []
         for item in batch:
             message, raws = item.message, item.raws
-            routing_key = message.routing_key or ""
             if item.error is not None:
-                dead.append(DeadLetter(message.body, item.error, routing_key, message.content_type))
-                metrics.EVENTS.labels("unknown", "invalid").inc()
+                dead.append(DeadLetter(message.body, item.error, message, message.content_type))
+                metrics.EVENTS.labels(metrics.OTHER_TYPE, "invalid").inc()
                 continue
+            alone = message.body if len(raws) == 1 else None
             for raw in raws:
                 try:
                     events.append(validate_event(raw, now))
+                    origins.append((message, alone))
+                    continue
                 except InvalidEvent as exc:
-                    body = message.body if len(raws) == 1 else orjson.dumps(raw)
-                    event_type = raw.get("type") if isinstance(raw, dict) else None
-                    key = routing_key if len(raws) == 1 else str(event_type or routing_key)
-                    dead.append(DeadLetter(body, exc.reason, key))
-                    metrics.EVENTS.labels(str(event_type or "unknown")[:40], "invalid").inc()
+                    reason = exc.reason
+                except Exception as exc:  # a bug, brought out by this event: it dies alone
+                    reason = internal_error("validating the event", exc)
+                    log.error("bug: validating an event raised; dead-lettering it", exc_info=exc,
+                              extra={"routing_key": message.routing_key})  # fmt: skip
+                event_type = raw.get("type") if isinstance(raw, dict) else None
+                dead.append(DeadLetter(alone if alone is not None else encode_event(raw), reason, message))
+                metrics.EVENTS.labels(metrics.event_type_label(event_type), "invalid").inc()
 
         if events:
             outcomes = await self._fold(events)
             self._alerts_pending |= outcomes.alerts > 0
             applied_at = datetime.now(timezone.utc)
-            for event, outcome in zip(events, outcomes):
-                metrics.EVENTS.labels(event.type, outcome.status).inc()
+            for event, (message, alone), outcome in zip(events, origins, outcomes):
+                metrics.EVENTS.labels(metrics.event_type_label(event.type), outcome.status).inc()
+                # duplicate and stale (older than a deletion of its customer) are counted and
+                # acked like applied ones: only a rejected event can never apply.
                 if outcome.status == "rejected":
-                    dead.append(DeadLetter(orjson.dumps(event.raw), outcome.reason or "rejected", event.type))
+                    body = alone if alone is not None else encode_event(event.raw)
+                    dead.append(DeadLetter(body, outcome.reason or "rejected", message))
                 elif outcome.status == "applied":
                     metrics.EVENT_LAG.observe(max(0.0, (applied_at - event.time).total_seconds()))
             metrics.BATCH_SIZE.observe(len(events))
@@ -309,12 +380,17 @@ class Consumer:
         if self.after_commit_hook is not None:
             await self.after_commit_hook(messages)
         for letter in dead:
+            origin = letter.message
+            routing_key = origin.routing_key or ""
             await topology.dlx.publish(
-                dead_letter_message(letter.body, letter.reason, letter.routing_key, letter.content_type),
-                routing_key=letter.routing_key or "unrouted",
-            )
+                dead_letter_message(
+                    letter.body, letter.reason, routing_key, letter.content_type, message_id=origin.message_id,
+                    attempt=delivery_attempt(origin.headers, origin.redelivered),
+                ),
+                routing_key=routing_key or "unrouted",
+            )  # fmt: skip
             metrics.DEAD_LETTERS.labels(_reason_kind(letter.reason)).inc()
-            log.warning("dead-lettered", extra={"reason": letter.reason, "routing_key": letter.routing_key})
+            log.warning("dead-lettered", extra={"reason": letter.reason[:200], "routing_key": routing_key})
         await self._ack(messages)
         if self._alerts_pending or time.monotonic() - self._last_relay > ALERT_RELAY_EVERY:
             await self._relay_alerts(topology)
@@ -351,7 +427,9 @@ class Consumer:
         metrics.IN_FLIGHT.dec(len(batch))
 
     async def _fold(self, events: list[Event]) -> Outcomes:
-        """Fold with retries on transient errors; isolate events the database refuses."""
+        """Fold with retries on transient errors; isolate events the database refuses, and
+        events that bring out a bug in the fold, so one event can neither stop the batch nor
+        make the consumer exit (and crash-loop the fleet on its redelivery)."""
         attempt = 0
         while True:
             try:
@@ -360,21 +438,45 @@ class Consumer:
             except TRANSIENT_DB_ERRORS as exc:
                 if self._stopping.is_set() and time.monotonic() - (self._stop_requested_at or 0) > DRAIN_GRACE:
                     raise ConnectionAbortedError("stopping with the database unreachable; batch left unacked") from exc
+                if attempt + 1 >= CLIENT_ERROR_TRIES and _client_error(exc) and await self._database_answers():
+                    return await self._isolate(events, exc, internal_error("folding the event", exc), bug=True)
                 delay = _backoff(attempt, RETRY_CAP)
                 attempt += 1
                 metrics.DB_RETRIES.inc()
                 log.warning("database error; retrying batch", extra={"error": repr(exc), "in_s": round(delay, 2)})
                 await asyncio.sleep(delay)
             except asyncpg.PostgresError as exc:
-                # Not transient: some event in the batch makes the database refuse it. Split
-                # until the offender stands alone, so the rest of the batch still applies.
-                if len(events) == 1:
-                    return Outcomes([Outcome("rejected", f"database refused the event: {type(exc).__name__}")])
-                middle = len(events) // 2
-                first, second = await self._fold(events[:middle]), await self._fold(events[middle:])
-                both = Outcomes([*first, *second])
-                both.alerts = first.alerts + second.alerts
-                return both
+                # Not transient: some event in the batch makes the database refuse it.
+                return await self._isolate(events, exc, f"database refused the event: {type(exc).__name__}")
+            except Exception as exc:
+                # Neither the database nor the broker failing (those are caught above or
+                # never raised by the fold): a bug, brought out by some event. Isolated the
+                # same way, dead-lettered with an internal-error reason and logged as a bug.
+                return await self._isolate(events, exc, internal_error("folding the event", exc), bug=True)
+
+    async def _database_answers(self) -> bool:
+        try:
+            async with self.pool.acquire(timeout=PROBE_TIMEOUT) as conn:
+                return await conn.fetchval("SELECT 1", timeout=PROBE_TIMEOUT) == 1
+        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+            return False
+
+    async def _isolate(self, events: list[Event], exc: Exception, reason: str, *, bug: bool = False) -> Outcomes:
+        """Split the batch until the offender stands alone, so the rest still applies: each
+        half is folded (and retried, or split again) on its own. A batch of n events with one
+        offender costs about 2·log2(n) more folds."""
+        if len(events) == 1:
+            if bug:
+                e = events[0]
+                # Identifiers are the event's own: cut, so one event cannot blow up the log.
+                where = {"event_id": e.id[:100], "type": e.type, "organization": e.organization[:100]}
+                log.error("bug: folding an event raised; dead-lettering it", exc_info=exc, extra=where)
+            return Outcomes([Outcome("rejected", reason)])
+        middle = len(events) // 2
+        first, second = await self._fold(events[:middle]), await self._fold(events[middle:])
+        both = Outcomes([*first, *second])
+        both.alerts = first.alerts + second.alerts
+        return both
 
     async def _maybe_poll_queues(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Export queue depths as metrics (every consumer does; they agree)."""
@@ -407,16 +509,32 @@ class Consumer:
             log.error("housekeeping failed", extra={"error": repr(exc)})
 
 
+def _client_error(exc: BaseException) -> bool:
+    """An asyncpg error raised on the client side that is not a lost connection."""
+    return (
+        isinstance(exc, asyncpg.InterfaceError)
+        and not isinstance(exc, asyncpg.ConnectionDoesNotExistError)
+        and "connection is closed" not in str(exc)
+    )
+
+
+# Dead-letter reasons by their opening words, onto the closed set of label codes in
+# service.metrics.DEAD_LETTER_REASONS (a reason itself quotes the event: never a label).
+_REASON_KINDS = (
+    ("unknown organization", "unknown_organization"),
+    ("too old", "too_old"),
+    ("event time", "future"),
+    ("invalid field", "invalid_field"),
+    ("invalid event", "invalid_field"),
+    ("body is not valid JSON", "not_json"),
+    ("database refused", "database_refused"),
+    ("internal error", "internal_error"),
+)
+
+
 def _reason_kind(reason: str) -> str:
-    """A low-cardinality label for a dead-letter reason."""
-    for prefix, kind in (
-        ("unknown organization", "unknown_organization"),
-        ("too old", "too_old"),
-        ("event time", "future"),
-        ("invalid field", "invalid_field"),
-        ("body is not valid JSON", "not_json"),
-        ("database refused", "database_refused"),
-    ):
+    """A low-cardinality label for a dead-letter reason: one of DEAD_LETTER_REASONS."""
+    for prefix, kind in _REASON_KINDS:
         if reason.startswith(prefix):
             return kind
     return "malformed"

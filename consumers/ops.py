@@ -10,6 +10,11 @@ replay is acked after the broker confirmed the re-publish), and everything else 
 to the queue when the tool's channel closes — also when the tool is interrupted. Nothing is
 lost; at worst a message interrupted between its re-publish and its ack is replayed twice,
 which the consumer's dedupe absorbs.
+
+Each run (a list, a replay, a purge) takes at most the letters that were in the queue when
+it began, and each of them once, so it always ends: a letter the consumer dead-letters
+again during a replay (its cause is not fixed yet) is a new message at the queue's tail,
+left for the next run rather than replayed again and again by this one.
 """
 
 from __future__ import annotations
@@ -138,12 +143,24 @@ def describe(message: AbstractIncomingMessage) -> DeadLetterInfo:
         items = decoded if isinstance(decoded, list) else [decoded]
         events = len(items)
         if items and isinstance(items[0], dict):
-            event_type, event_id, organization = (
-                str(items[0][k]) if k in items[0] else None for k in ("type", "id", "organization")
-            )
+            event_type, event_id, organization = (_shown(items[0].get(k)) for k in ("type", "id", "organization"))
     except orjson.JSONDecodeError:
         pass
     return DeadLetterInfo(reason, event_type, event_id, organization, first, routing_key, events)
+
+
+# A dead letter holds whatever was refused: a field shown in a listing is cut to this many
+# characters, and a nested value is named, not rendered (str() of a value nested 1,000
+# levels deep would exhaust the stack).
+SHOWN_CHARS = 200
+
+
+def _shown(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        return f"<{'object' if isinstance(value, dict) else 'array'}>"
+    return str(value)[:SHOWN_CHARS]
 
 
 def _matches(info: DeadLetterInfo, reason: str | None) -> bool:
@@ -168,13 +185,27 @@ class DeadLetters:
         # Closing returns every message still unacked to the queue, in any outcome.
         await self.connection.close()
 
+    async def depth(self) -> int:
+        """Letters ready in the queue now (not counting those this session holds)."""
+        declared = await self.channel.declare_queue(self.names.dead, passive=True)
+        return declared.declaration_result.message_count or 0
+
     async def messages(self, limit: int | None = None):  # type: ignore[no-untyped-def]
-        taken = 0
-        while limit is None or taken < limit:
+        """The letters in the queue when the run began, oldest first, each once (held
+        unacked by this session until it settles them or closes)."""
+        # The bound is what makes a run end, and take each letter once. The queue is FIFO;
+        # every letter taken stays unacked in this session, so the broker does not hand it
+        # out again; letters dead-lettered while the run goes on (a replayed event refused
+        # again) are published to the tail, behind the ones counted here. Without the bound
+        # a replay of letters that fail again takes back its own re-dead-lettered copies
+        # and never ends.
+        bound = await self.depth()
+        if limit is not None:
+            bound = min(bound, limit)
+        for _ in range(bound):
             message = await self.queue.get(no_ack=False, fail=False)
             if message is None:
-                return
-            taken += 1
+                return  # fewer than counted: another session took or purged some meanwhile
             yield message
 
     async def list(self, limit: int | None = None, reason: str | None = None) -> list[DeadLetterInfo]:
@@ -184,7 +215,9 @@ class DeadLetters:
         self, reason: str | None = None, limit: int | None = None, progress: Callable[[int, int], None] | None = None
     ) -> tuple[int, int]:
         """Re-publish matching dead letters to the events exchange with their original
-        routing key; returns (replayed, left in the queue)."""
+        routing key, each at most once, then end; returns (replayed, left in the queue) out
+        of the letters the queue held when the run began. A replayed event the consumer
+        refuses again comes back as a new dead letter, for a later run."""
         replayed = kept = 0
         async for message in self.messages():
             info = describe(message)
@@ -211,7 +244,8 @@ class DeadLetters:
         return replayed, kept
 
     async def purge(self, reason: str | None = None, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
-        """Delete matching dead letters; returns (purged, left in the queue)."""
+        """Delete matching dead letters among those in the queue when the run began (a
+        letter arriving meanwhile is not deleted unseen); returns (purged, left in the queue)."""
         purged = kept = 0
         async for message in self.messages():
             if not _matches(describe(message), reason):

@@ -12,6 +12,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service.events import EVENT_TYPES
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 HTTP_REQUESTS = Counter(
@@ -21,14 +23,39 @@ HTTP_LATENCY = Histogram(
     "tally_http_request_duration_seconds", "HTTP request latency.", ["route", "method"], registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )  # fmt: skip
+# Requests tally refused to protect itself or others, by a closed set of reasons:
+# db_org_busy, db_pool_timeout (503: fair sharing of the database), ip_rate_limited (429:
+# unauthenticated requests), header_timeout (408), bad_request (malformed or oversized head).
+HTTP_REFUSED = Counter(
+    "tally_http_refused_total", "Requests refused to protect the service, by reason.", ["reason"], registry=REGISTRY
+)
 EVENTS = Counter(
     "tally_events_total", "Events seen by the consumer, by type and outcome "
-    "(applied, duplicate, rejected, invalid).", ["type", "outcome"], registry=REGISTRY,
+    "(applied, duplicate, stale, rejected, invalid).", ["type", "outcome"], registry=REGISTRY,
 )  # fmt: skip
 DEAD_LETTERS = Counter(
     "tally_dead_letters_total", "Messages or events the consumer dead-lettered, by reason.", ["reason"],
     registry=REGISTRY,
 )  # fmt: skip
+
+# Label values come from closed sets, never from a message: every distinct label value is a
+# new time series kept for the life of the process, so a label copied from an untrusted
+# event (a `type` of 300 random bytes, a new one per event) would grow memory and every
+# scrape without bound.
+EVENT_TYPE_LABELS = frozenset(EVENT_TYPES)
+OTHER_TYPE = "other"
+# The codes of tally_dead_letters_total{reason}; consumers.consumer maps each reason onto one.
+DEAD_LETTER_REASONS = (
+    "unknown_organization", "too_old", "future", "invalid_field", "not_json", "malformed",
+    "database_refused", "internal_error",
+)  # fmt: skip
+
+
+def event_type_label(value: object) -> str:
+    """The `type` label for an event: one of the known event types, else ``other``."""
+    return value if isinstance(value, str) and value in EVENT_TYPE_LABELS else OTHER_TYPE
+
+
 BATCH_SIZE = Histogram(
     "tally_batch_events", "Events per folded batch.", registry=REGISTRY,
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
