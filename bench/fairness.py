@@ -7,6 +7,10 @@ A's requests the API shed (503: its organization's database share or the pool wa
 
     python bench/fairness.py [--customers 1000000] [--duration 10] [--json bench/results/fairness.json]
 
+Each scenario runs twice, against an API with fair sharing (the defaults) and against one
+without it (one organization may take the whole pool, a minute's wait: tally before issue
+10), so both stand in one run; ratios are to the victim alone on the default API.
+
 It uses read.py's dataset (database ``tally_bench_read``, loaded once and reused while its
 size matches; ``--database`` picks another): A is the 600k-customer ``bench-big``, the
 victim ``bench-mid``. A's load runs in a separate process so that its responses (up to
@@ -110,6 +114,7 @@ async def main() -> int:
     parser.add_argument("--dsn", default=os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
     parser.add_argument("--reload", action="store_true", help="drop and reload the dataset")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--only-default", action="store_true", help="skip the uncapped baseline configuration")
     parser.add_argument("--abuse", help=argparse.SUPPRESS)  # child mode: the URL to hammer
     parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,36 +139,49 @@ async def main() -> int:
         (f"(c) A: {args.abusers} x period_budget_share_gte=0&limit=10", "/v1/customers?period_budget_share_gte=0&limit=10"),
     ]  # fmt: skip
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = Path(tempfile.mkdtemp()) / "api.log"
     # The API as deployed by default (pool of 8, so 4 per organization, 2 s bounded waits),
-    # but with rate limits no client here reaches: what is measured is the database share.
-    api = start_tally("api", {"TALLY_DATABASE_URL": dsn, "TALLY_HTTP_PORT": str(port), "TALLY_HTTP_HOST": "127.0.0.1",
-                              "TALLY_DB_POOL_MAX": "8", "TALLY_DB_POOL_MIN": "8", **UNLIMITED}, log, port)  # fmt: skip
+    # and, as the baseline of the same run, without fair sharing (one organization may hold
+    # the whole pool; waits of a minute): how tally behaved before. Rate limits are set
+    # beyond any client here in both: what is measured is the database share.
+    configs = {
+        "fair (default)": {},
+        "uncapped (before)": {"TALLY_DB_ORG_CONCURRENCY": "8", "TALLY_DB_ACQUIRE_TIMEOUT": "60"},
+    }
+    if args.only_default:
+        del configs["uncapped (before)"]
     results: dict[str, dict[str, object]] = {}
+    api_rss = 0.0
     try:
-        await wait_ready(f"{base}/healthz", api)
-        victim_url = f"{base}/v1/customers/{retrieve_id}"
-        for name, path in scenarios:
-            await settle(pool)
-            child = None
-            if path is not None:
-                child = await abusing(base + path, big_key, args.abusers, ABUSE_LEAD + args.duration)
-                await asyncio.sleep(ABUSE_LEAD)  # a benchmark's warm-up, not a wait for a condition
-            rate = await victim(victim_url, mid_key, args.connections, args.duration)
-            entry: dict[str, object] = {"victim_retrieve": rate.as_dict()}
-            if child is not None:
-                out, _ = await child.communicate()
-                entry["abuser"] = orjson.loads(out)
-            results[name] = entry
-            print(f"  {name}: {entry}", file=sys.stderr)
-        api_rss = api.peak_rss_mb()
+        for config, overrides in configs.items():
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            log = Path(tempfile.mkdtemp()) / "api.log"
+            api = start_tally("api", {"TALLY_DATABASE_URL": dsn, "TALLY_HTTP_PORT": str(port),
+                                      "TALLY_HTTP_HOST": "127.0.0.1", "TALLY_DB_POOL_MAX": "8",
+                                      "TALLY_DB_POOL_MIN": "8", **UNLIMITED, **overrides}, log, port)  # fmt: skip
+            try:
+                await wait_ready(f"{base}/healthz", api)
+                victim_url = f"{base}/v1/customers/{retrieve_id}"
+                for name, path in scenarios:
+                    await settle(pool)
+                    child = None
+                    if path is not None:
+                        child = await abusing(base + path, big_key, args.abusers, ABUSE_LEAD + args.duration)
+                        await asyncio.sleep(ABUSE_LEAD)  # a benchmark's warm-up, not a wait for a condition
+                    rate = await victim(victim_url, mid_key, args.connections, args.duration)
+                    entry: dict[str, object] = {"victim_retrieve": rate.as_dict()}
+                    if child is not None:
+                        out, _ = await child.communicate()
+                        entry["abuser"] = orjson.loads(out)
+                    results[f"{config}: {name}"] = entry
+                    print(f"  {config}: {name}: {entry}", file=sys.stderr)
+                api_rss = max(api_rss, api.peak_rss_mb())
+            finally:
+                api.stop()
     finally:
-        api.stop()
         await pool.close()
 
-    baseline = results[scenarios[0][0]]["victim_retrieve"]
+    baseline = results[f"fair (default): {scenarios[0][0]}"]["victim_retrieve"]
     rows = []
     for name, entry in results.items():
         v = entry["victim_retrieve"]
