@@ -39,7 +39,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )  # fmt: skip
 from bench.read import DATABASE, load, settle  # noqa: E402
-from service import auth  # noqa: E402
+from service.core import auth  # noqa: E402
 
 # A's abuse starts this long before the victim is measured, so that it is in full effect.
 ABUSE_LEAD = 3.0

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     UNLIMITED, Rate, free_port, machine, percentile, print_table, start_tally, wait_ready, with_database, write_json,
 )  # fmt: skip
-from consumers.broker import Names, declare  # noqa: E402
-from service import auth  # noqa: E402
-from service.events import validate_event  # noqa: E402
-from service.fold import fold  # noqa: E402
-from service.migrate import migrate  # noqa: E402
+from service.infra.broker import Names, declare  # noqa: E402
+from service.core import auth  # noqa: E402
+from service.core.events import validate_event  # noqa: E402
+from service.core.fold import fold  # noqa: E402
+from service.infra.migrate import migrate  # noqa: E402
 
 AMQP_URL = os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RETENTION = timedelta(days=35)

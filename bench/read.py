@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     UNLIMITED, Rate, closed_loop, free_port, machine, print_table, start_tally, wait_ready, with_database, write_json,
 )  # fmt: skip
-from service import auth  # noqa: E402
+from service.core import auth  # noqa: E402
 from service.api.compat import flexprice, public, respan, v0  # noqa: E402
 from service.api.customers import canonical_shape  # noqa: E402
-from service.customers import _get_sql  # noqa: E402
-from service.migrate import migrate  # noqa: E402
-from service.query import CursorCodec, CustomerFilter, ListQuery, Position, Shape, Sort, list_sql  # noqa: E402
+from service.core.customers import _get_sql  # noqa: E402
+from service.infra.migrate import migrate  # noqa: E402
+from service.core.query import CursorCodec, CustomerFilter, ListQuery, Position, Shape, Sort, list_sql  # noqa: E402
 
 DATABASE = "tally_bench_read"
 # Organization sizes as shares of M: one big tenant (the deep-page scenarios need >500k

@@ -1,5 +1,7 @@
-"""The consumer process: a tiny aiohttp app (health, readiness, metrics) with the consumer
-as a cleanup context, so SIGTERM handling and shutdown are aiohttp's, as for the API."""
+"""The consumer process: a tiny aiohttp app (health, readiness, metrics) with the ingest loop
+and the housekeeping jobs as cleanup contexts, so SIGTERM handling and shutdown are aiohttp's,
+as for the API. Shutdown runs in reverse: the ingest loop drains (commits and acks the batch
+in hand) before housekeeping stops."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from consumers.consumer import DRAIN_GRACE, Consumer
-from service.api import appkeys
-from service.api.app import OPERATIONS, base_app
-from service.api.health import READINESS_CHECKS
-from service.settings import Settings
+from consumers.housekeeping import Housekeeping
+from consumers.ingest import DRAIN_GRACE, Consumer
+from service.infra.settings import Settings
+from service.web.app import add_operations, base_app
+from service.web.appkeys import POOL, READINESS_CHECKS, SETTINGS
 
 log = logging.getLogger("tally.consumer")
 
@@ -25,7 +27,7 @@ EXIT_CONSUMER_CRASHED = 70
 
 
 async def consumer_context(app: web.Application) -> AsyncIterator[None]:
-    consumer = Consumer(app[appkeys.SETTINGS], app[appkeys.POOL])
+    consumer = Consumer(app[SETTINGS], app[POOL])
     app[CONSUMER] = consumer
     task = asyncio.create_task(consumer.run(), name="tally-consumer")
 
@@ -45,6 +47,15 @@ async def consumer_context(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
 
 
+async def housekeeping_context(app: web.Application) -> AsyncIterator[None]:
+    consumer = app[CONSUMER]
+    housekeeping = Housekeeping(app[SETTINGS], app[POOL], alerts_recorded=consumer.alerts_recorded,
+                                started_consuming=consumer.started_consuming)  # fmt: skip
+    housekeeping.start()
+    yield
+    await housekeeping.stop()
+
+
 async def broker_check(app: web.Application) -> None:
     if not app[CONSUMER].connected.is_set():
         raise ConnectionError("consumer is not connected to the broker")
@@ -52,10 +63,12 @@ async def broker_check(app: web.Application) -> None:
 
 def add_consumer(app: web.Application) -> None:
     app.cleanup_ctx.append(consumer_context)
+    app.cleanup_ctx.append(housekeeping_context)
     app[READINESS_CHECKS]["consumer"] = broker_check
 
 
 def create_consumer_app(settings: Settings) -> web.Application:
-    app = base_app(settings, OPERATIONS)
+    app = base_app(settings)
+    add_operations(app)
     add_consumer(app)
     return app

@@ -16,11 +16,11 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
-from consumers.broker import Names, encode_events, event_message
-from consumers.publisher import Publisher
-from service import auth
-from service.errors import NotFound
-from service.settings import Settings
+from service.infra.broker import Names, encode_events, event_message
+from service.infra.publisher import Publisher
+from service.core import auth
+from service.core.errors import NotFound
+from service.infra.settings import Settings
 
 FIRST = ("Ada", "Grace", "Linus", "Margaret", "Ken", "Barbara", "Dennis", "Frances", "Edsger", "Radia", "Alan",
          "Katherine", "John", "Joan", "Donald", "Hedy", "Tim", "Sophie", "Guido", "Anita")  # fmt: skip

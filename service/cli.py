@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import orjson
 
-from service import __version__, auth, logs
-from service.errors import TallyError
-from service.migrate import MigrationError, migrate
-from service.settings import Settings
+from service import __version__
+from service.core import auth
+from service.infra import logs
+from service.core.errors import DomainError
+from service.infra.migrate import MigrationError, migrate
+from service.infra.settings import Settings
 
 
 def _run(coro: Awaitable[int]) -> int:
@@ -117,7 +119,7 @@ async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def _serve(app, settings: Settings, host: str, port: int) -> int:  # type: ignore[no-untyped-def]
     """Serve until SIGTERM, then drain (service/api/server.py: tally's limits on aiohttp)."""
-    from service.api.server import serve
+    from service.web.server import serve
 
     _install_uvloop()
     serve(app, settings, host, port)
@@ -155,12 +157,12 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers.broker import Names
-    from consumers.ops import queue_stats
+    from service.infra.broker import Names
+    from service.infra.queues import queue_stats
 
     stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, Names(settings.amqp_namespace))
     if args.json:
-        _print_json([s.as_dict() for s in stats])
+        _print_json([s.model_dump() for s in stats])
         return 0
     print(f"{'queue':<24} {'ready':>9} {'unacked':>9} {'consumers':>9} {'publish/s':>10} {'deliver/s':>10}")
     for s in stats:
@@ -187,8 +189,8 @@ def _counter(label: str) -> Callable[[int, int], None]:
 
 
 async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers.broker import Names
-    from consumers.ops import DeadLetters
+    from service.infra.broker import Names
+    from consumers.deadletters import DeadLetters
 
     async with DeadLetters(settings.amqp_url, Names(settings.amqp_namespace)) as dlq:
         if args.dlq_command == "list":
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "sync"):
             return args.sync(args, settings)
         return _run(args.run(args, settings))
-    except (TallyError, MigrationError, ValueError) as exc:
+    except (DomainError, MigrationError, ValueError) as exc:
         print(f"tally: {exc}", file=sys.stderr)
         return 2
     except (OSError, asyncpg.PostgresError) as exc:

@@ -15,12 +15,12 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from consumers.broker import Names
-from service import auth
+from service.infra.broker import Names
+from service.core import auth
 from service.api.app import create_app
-from service.db import close_pool, create_pool
-from service.migrate import migrate
-from service.settings import Settings
+from service.infra.db import close_pool, create_pool
+from service.infra.migrate import migrate
+from service.infra.settings import Settings
 
 BASE_DSN = os.environ.get("TALLY_TEST_DATABASE_URL", os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
 

@@ -17,7 +17,7 @@ import aio_pika
 import asyncpg
 import orjson
 
-from consumers.broker import Names
+from service.infra.broker import Names
 
 AMQP_URL = os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -142,7 +142,7 @@ class Broker:
         self.channel: aio_pika.abc.AbstractChannel | None = None
 
     async def __aenter__(self) -> "Broker":
-        from consumers.broker import declare
+        from service.infra.broker import declare
 
         self.connection = await aio_pika.connect(AMQP_URL)
         self.channel = await self.connection.channel(publisher_confirms=True)

@@ -18,8 +18,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.alerts import ALERT_ROUTING_KEY, ALERT_TYPE
-from service.settings import Settings
+from service.core import failpoints
+from service.core.alerts import ALERT_ROUTING_KEY, ALERT_TYPE
+from service.infra.settings import Settings
 from tests.conftest import Org, insert_customer, make_org
 from tests.eventkit import Broker, days_ago, usage, wait_until
 from tests.support import ok_json, problem, uid
@@ -453,31 +454,30 @@ async def test_alerts_exactly_once_across_a_crash_after_commit_and_redelivery(
     crashed = asyncio.Event()
     at_crash: list[asyncpg.Record] = []
 
-    async def crash_once(batch: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
+    async def crash_once() -> None:
         if not crashed.is_set():
             at_crash.extend(await alert_rows(pool, org))  # the fold has committed its alerts...
             crashed.set()
-            await batch[0].channel.close()  # ...and the connection dies before the ack and the relay
-            raise ConnectionError("simulated crash after commit")
+            raise ConnectionError("simulated crash after commit")  # ...and dies before the ack and the relay
 
     async def is_crashed() -> bool:
         return crashed.is_set()
 
-    async with running_consumer(settings, pool, broker) as consumer:
-        consumer.after_commit_hook = crash_once
-        await broker.publish(events)  # one message: one batch
-        await wait_until(is_crashed, what="the crash")
-        assert {(r["customer_identifier"], r["threshold"]) for r in at_crash} == expected
-        assert all(r["published_at"] is None for r in at_crash)
-        # The redelivered batch is all duplicates; the relay publishes what the crash left behind.
-        await wait_until(lambda: all_published(pool, org, len(expected)), what="alerts published after the crash")
-        # The same events again as new messages, one by one and as a batch: all duplicates.
-        for e in events:
-            await broker.publish(e)
-        await broker.publish(events)
-        await barrier(pool, broker, org)
-        await wait_until(lambda: drained(broker))
-        await wait_until(lambda: all_published(pool, org, len(expected)), what="alerts published")
+    with failpoints.arm("consumer.after_commit", crash_once):
+        async with running_consumer(settings, pool, broker):
+            await broker.publish(events)  # one message: one batch
+            await wait_until(is_crashed, what="the crash")
+            assert {(r["customer_identifier"], r["threshold"]) for r in at_crash} == expected
+            assert all(r["published_at"] is None for r in at_crash)
+            # The redelivered batch is all duplicates; the relay publishes what the crash left behind.
+            await wait_until(lambda: all_published(pool, org, len(expected)), what="alerts published after the crash")
+            # The same events again as new messages, one by one and as a batch: all duplicates.
+            for e in events:
+                await broker.publish(e)
+            await broker.publish(events)
+            await barrier(pool, broker, org)
+            await wait_until(lambda: drained(broker))
+            await wait_until(lambda: all_published(pool, org, len(expected)), what="alerts published")
     if await current_period(pool, "monthly") != period:
         pytest.skip("a budget period ended during the test")
 

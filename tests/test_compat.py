@@ -24,7 +24,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from service import auth
+from service.core import auth
 from service.api.compat import flexprice, public, respan, v0
 from tests.conftest import Org, insert_customer, make_org
 from tests.support import follow, ok_json, problem, rel, uid

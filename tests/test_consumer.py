@@ -14,10 +14,12 @@ import asyncpg
 import orjson
 import pytest
 
-from consumers.broker import REASON_HEADER, ROUTING_KEY_HEADER
-from consumers.consumer import Consumer
+from service.core import failpoints
+from service.infra.broker import REASON_HEADER, ROUTING_KEY_HEADER
+from consumers.housekeeping import Housekeeping
+from consumers.ingest import Consumer
 from service.api import appkeys
-from service.settings import Settings
+from service.infra.settings import Settings
 from tests.conftest import Org, make_org
 from tests.eventkit import (
     Broker,
@@ -41,6 +43,10 @@ async def running_consumer(settings: Settings, pool: asyncpg.Pool, broker: Broke
     s = settings.model_copy(update={"amqp_namespace": broker.names.namespace, "batch_max_wait": 0.02, **overrides})
     consumer = Consumer(s, pool)
     task = asyncio.create_task(consumer.run())
+    # As in the process (consumers/app.py): the periodic jobs run beside the ingest loop.
+    housekeeping = Housekeeping(s, pool, alerts_recorded=consumer.alerts_recorded,
+                                started_consuming=consumer.started_consuming)  # fmt: skip
+    housekeeping.start()
 
     async def connected() -> bool:
         if task.done():
@@ -53,6 +59,7 @@ async def running_consumer(settings: Settings, pool: asyncpg.Pool, broker: Broke
     finally:
         await consumer.stop()
         await asyncio.wait_for(task, 30)
+        await housekeeping.stop()
 
 
 async def drained(broker: Broker) -> bool:
@@ -250,19 +257,18 @@ async def test_crash_between_commit_and_ack_is_absorbed(settings, pool, broker, 
     events = [usage(org.name, f"c{i % 3}") for i in range(30)]
     crashed = asyncio.Event()
 
-    async def crash_once(batch) -> None:  # type: ignore[no-untyped-def]
+    async def crash_once() -> None:
         if not crashed.is_set():
             crashed.set()
             # The batch is committed; the connection dies before any ack.
-            await batch[0].channel.close()
             raise ConnectionError("simulated crash after commit")
 
-    async with running_consumer(settings, pool, broker) as consumer:
-        consumer.after_commit_hook = crash_once
-        await broker.publish(events)
-        await wait_until(lambda: _event_set(crashed))
-        await settle(pool, broker, [org.name], events)
-        await wait_until(lambda: drained(broker))
+    with failpoints.arm("consumer.after_commit", crash_once):
+        async with running_consumer(settings, pool, broker):
+            await broker.publish(events)
+            await wait_until(lambda: _event_set(crashed))
+            await settle(pool, broker, [org.name], events)
+            await wait_until(lambda: drained(broker))
     assert_totals(expected(events), await actual(pool, [org.name]))
 
 

@@ -43,9 +43,9 @@ from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from consumers.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, declare
-from service import auth
-from service.settings import Settings
+from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, declare
+from service.core import auth
+from service.infra.settings import Settings
 from tests.eventkit import AMQP_URL, Broker, usage, wait_until
 from tests.test_consumer_processes import ConsumerProcess
 

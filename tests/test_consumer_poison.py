@@ -13,10 +13,10 @@ import asyncpg
 import orjson
 import pytest
 
-import consumers.consumer as consumer_module
-from consumers.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER
-from service import metrics
-from service.settings import Settings
+import consumers.ingest as consumer_module
+from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER
+from service.infra import metrics
+from service.infra.settings import Settings
 from tests.conftest import Org
 from tests.eventkit import Broker, actual, assert_totals, expected, usage, wait_until
 from tests.test_consumer import running_consumer

@@ -24,9 +24,9 @@ import asyncpg
 import orjson
 import pytest
 
-from service.events import Event, validate_event
-from service.fold import fold
-from service.settings import Settings
+from service.core.events import Event, validate_event
+from service.core.fold import fold
+from service.infra.settings import Settings
 from tests.conftest import Org
 from tests.eventkit import Broker, actual, assert_totals, expected, usage, wait_until
 
@@ -518,7 +518,7 @@ async def test_concurrent_folds_on_hot_customers_never_deadlock(pool, org: Org, 
         async with pool.acquire() as conn:
             while not work.empty():
                 result = await fold(conn, work.get_nowait(), retention=RETENTION)
-                outcomes.extend(o.status for o in result)
+                outcomes.extend(o.status for o in result.outcomes)
 
     workers = 4
     assert pool.get_max_size() >= workers

@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
-from service.customers import compact_counts
-from service.events import validate_event
-from service.fold import fold
+from service.core.customers import compact_counts
+from service.core.events import validate_event
+from service.core.fold import fold
 from tests.conftest import Org, insert_customer
 from tests.eventkit import usage
 

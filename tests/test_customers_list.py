@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestClient
 from pydantic import ValidationError
 
 from service.api.models import CustomerExpanded, CustomerList, UsageSeries
-from service.query import SORT_FIELDS, STATUSES
+from service.core.query import SORT_FIELDS
+from service.core.vocabulary import STATUSES
 from tests.conftest import Org, insert_customer, make_org
 from tests.support import (
     follow,

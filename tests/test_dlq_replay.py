@@ -15,10 +15,10 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from consumers.broker import ATTEMPT_HEADER
-from consumers.ops import DeadLetters
-from service import metrics
-from service.settings import Settings
+from service.infra.broker import ATTEMPT_HEADER
+from consumers.deadletters import DeadLetters
+from service.infra import metrics
+from service.infra.settings import Settings
 from tests.conftest import Org
 from tests.eventkit import AMQP_URL, Broker, usage, wait_until
 from tests.test_consumer import barrier, running_consumer

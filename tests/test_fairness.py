@@ -13,8 +13,9 @@ import asyncpg
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.api import appkeys
-from service.api.app import base_app, create_app
-from service.settings import Settings
+from service.api.app import create_app
+from service.web.app import base_app
+from service.infra.settings import Settings
 from tests.conftest import Org, insert_customer
 from tests.eventkit import wait_until
 from tests.support import ok_json, problem, uid
@@ -128,6 +129,6 @@ async def test_the_api_pool_stops_statements_in_postgresql(
             await problem(resp, 503)
             assert resp.headers["Retry-After"]
             await no_lock_waiters(pool)  # the backend stopped: nothing is left behind while the lock is held
-    consumer_like = base_app(quick, [])
+    consumer_like = base_app(quick)
     async with TestClient(TestServer(consumer_like)):
         assert await consumer_like[appkeys.POOL].fetchval("SHOW statement_timeout") == "0"

@@ -19,8 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from consumers.ops import DeadLetters
-from service.failpoints import EXIT_CODE
+from consumers.deadletters import DeadLetters
+from service.core.failpoints import EXIT_CODE
 from tests.conftest import Org
 from tests.eventkit import AMQP_URL, Broker, actual, assert_totals, expected, wait_until
 from tests.test_consumer_processes import (  # noqa: F401 (fixtures)

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import settings as hypothesis_settings
 
-from service import auth
+from service.core import auth
 from service.api import appkeys
 from service.api.app import create_app
-from service.settings import Settings
+from service.infra.settings import Settings
 from tests.conftest import make_org
 
 # The app factory does no I/O, so the document is built at import, without a server.

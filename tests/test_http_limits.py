@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from service import auth
+from service.core import auth
 from tests.conftest import make_org
 from tests.eventkit import wait_until
 from tests.test_consumer_processes import free_port

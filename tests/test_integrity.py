@@ -17,10 +17,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service import auth
-from service.events import InvalidEvent, validate_event
-from service.fold import Outcomes, fold
-from service.settings import Settings
+from service.core import auth
+from service.core.events import InvalidEvent, validate_event
+from service.core.fold import FoldResult, Outcome, fold
+from service.infra.settings import Settings
 from tests.conftest import Org, make_org
 from tests.support import ok_json, problem, uid
 
@@ -42,8 +42,9 @@ def event(org: Org | str, subject: str, kind: str = "usage.recorded", *, at: dat
     }  # fmt: skip
 
 
-async def fold_raw(conn: asyncpg.Connection, *raws: dict) -> Outcomes:
-    return await fold(conn, [validate_event(r, now()) for r in raws], retention=RETENTION)
+async def fold_raw(conn: asyncpg.Connection, *raws: dict) -> list[Outcome]:
+    result: FoldResult = await fold(conn, [validate_event(r, now()) for r in raws], retention=RETENTION)
+    return result.outcomes
 
 
 # ---- 1. an organization named like another organization's id ----------------------------
@@ -311,7 +312,7 @@ async def test_queue_statistics_need_the_ops_scope(client: TestClient, pool: asy
 async def test_a_batch_with_nothing_to_apply_folds(pool: asyncpg.Pool, org: Org) -> None:
     """Every event rejected (unknown organization, too old): nothing to record, no error."""
     async with pool.acquire() as conn:
-        outcomes = await fold(conn, [validate_event(event("no-such-org", "x"), now()),
-                                     validate_event(event(org, "y", at=now() - timedelta(days=40)), now())],
-                              retention=RETENTION)  # fmt: skip
-    assert [o.status for o in outcomes] == ["rejected", "rejected"]
+        result = await fold(conn, [validate_event(event("no-such-org", "x"), now()),
+                                   validate_event(event(org, "y", at=now() - timedelta(days=40)), now())],
+                            retention=RETENTION)  # fmt: skip
+    assert [o.status for o in result.outcomes] == ["rejected", "rejected"]

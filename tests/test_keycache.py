@@ -11,11 +11,11 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from service import auth
+from service.core import auth
 from service.api import appkeys, keycache
 from service.api.app import create_app
 from service.api.keycache import KeyCache
-from service.errors import Unauthenticated
+from service.core.errors import Unauthenticated
 from tests.conftest import Org
 from tests.eventkit import wait_until
 

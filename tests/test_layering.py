@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CORE = ["service.query", "service.customers", "service.fold", "service.events", "service.auth",
-        "service.profile", "service.errors", "service.migrate", "service.db", "service.settings"]  # fmt: skip
+CORE = ["service.core.query", "service.core.customers", "service.core.fold", "service.core.events", "service.core.auth",
+        "service.core.profile", "service.core.errors", "service.infra.migrate", "service.infra.db", "service.infra.settings"]  # fmt: skip
 
 PROBE = """
 import sys

@@ -10,7 +10,7 @@ from yarl import URL
 
 from service.api.app import create_app
 from service.api.listing import host_allowed
-from service.settings import Settings
+from service.infra.settings import Settings
 from tests.conftest import Org, insert_customer
 from tests.support import ok_json, rel, uid
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from service.migrate import MigrationError, migrate
-from service.settings import DEFAULT_MIGRATIONS_DIR
+from service.infra.migrate import MigrationError, migrate
+from service.infra.settings import DEFAULT_MIGRATIONS_DIR
 from tests.conftest import BASE_DSN, _with_database
 
 

@@ -20,8 +20,10 @@ import orjson
 import pytest
 import yaml
 
-from consumers.ops import DeadLetters, queue_stats
-from service import auth, metrics
+from consumers.deadletters import DeadLetters
+from service.infra.queues import queue_stats
+from service.core import auth
+from service.infra import metrics
 from service.api import appkeys
 from service.cli import build_parser
 from tests.conftest import Org

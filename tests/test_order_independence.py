@@ -29,9 +29,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from service import auth
-from service.events import validate_event
-from service.fold import fold
+from service.core import auth
+from service.core.events import validate_event
+from service.core.fold import fold
 
 RETENTION = timedelta(days=35)
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -249,8 +249,8 @@ async def _run(dsn: str, history: list[dict], schedule: list[tuple[list[dict], i
             for raws, refold in batches:
                 events = [validate_event(raw, NOW) for raw in raws]
                 for _ in range(2 if refold else 1):  # a crash between commit and ack redelivers
-                    outcomes = await fold(conn, events, retention=RETENTION, now=NOW)
-                    assert {o.status for o in outcomes} <= {"applied", "duplicate", "stale"}, outcomes
+                    result = await fold(conn, events, retention=RETENTION, now=NOW)
+                    assert {o.status for o in result.outcomes} <= {"applied", "duplicate", "stale"}, result
 
         await asyncio.gather(*(consume(c, q) for c, q in zip(conns, queues)))
         assert_matches(model(history), await observed(conns[0], org))

@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 from aiohttp import web
 
-from consumers.broker import Names
-from consumers.publisher import Publisher
-from service import __version__, metrics
-from service.api import appkeys, customers, dbaccess, events, health, keycache, openapi, ops, server
+from service import __version__
+from service.api import appkeys, customers, dbaccess, events, keycache, openapi, ops
 from service.api.compat import flexprice, public, respan, v0
 from service.api.dbaccess import DatabaseGate
 from service.api.keycache import KeyCache
-from service.api.ratelimit import RateLimiter
 from service.api.models import Health
-from service.api.observability import metrics_endpoint, metrics_middleware
-from service.api.problems import problem_middleware, request_id_middleware
+from service.api.ratelimit import RateLimiter
 from service.api.routing import Endpoint, add_endpoints
-from service.db import pool_context
-from service.query import CursorCodec
+from service.core.query import CursorCodec
+from service.infra.broker import Names
+from service.infra.db import pool_context
+from service.infra.publisher import Publisher
+from service.infra.settings import Settings
+from service.web import health
+from service.web.app import base_app
+from service.web.observability import metrics_endpoint
 
 log = logging.getLogger("tally.api")
 
@@ -50,35 +52,26 @@ DOCS = [
 SELECT_CURSOR_SECRET = "SELECT value FROM instance_secrets WHERE name = 'cursor_hmac'"
 
 
-def database(statement_timeout: float | None) -> Callable[[web.Application], AsyncIterator[None]]:
-    """The cleanup context of the primary pool (and the read replica's, if configured) and
-    the cursor key; ``statement_timeout`` (seconds) is set on the pools' sessions if given."""
-
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        settings = app[appkeys.SETTINGS]
-        async with AsyncExitStack() as stack:
-            pool = await stack.enter_async_context(
-                pool_context(settings.database_url, settings, statement_timeout=statement_timeout)
-            )
-            app[appkeys.POOL] = pool
-            if settings.database_read_url:
-                app[appkeys.READ_POOL] = await stack.enter_async_context(
-                    pool_context(settings.database_read_url, settings, name="replica", statement_timeout=statement_timeout)
-                )
-            else:
-                app[appkeys.READ_POOL] = pool
-            secret = await pool.fetchval(SELECT_CURSOR_SECRET)
-            if secret is None:
-                raise RuntimeError("the database is not migrated: run 'tally migrate' first")
-            app[appkeys.CURSORS] = CursorCodec(secret)
-            app[appkeys.KEY_CACHE] = await stack.enter_async_context(
-                keycache.listening(KeyCache(settings.auth_cache_seconds), settings.database_url, settings.db_connect_timeout)
-            )
-            metrics.DB_POOL_IN_USE.set_function(lambda: pool.get_size() - pool.get_idle_size())
-            metrics.DB_POOL_SIZE.set_function(pool.get_size)
-            yield
-
-    return context
+async def api_resources(app: web.Application) -> AsyncIterator[None]:
+    """The read pool (the replica's, if configured), the cursor key and the key cache."""
+    settings = app[appkeys.SETTINGS]
+    pool = app[appkeys.POOL]
+    async with AsyncExitStack() as stack:
+        if settings.database_read_url:
+            app[appkeys.READ_POOL] = await stack.enter_async_context(
+                pool_context(settings.database_read_url, settings, name="replica",
+                             statement_timeout=settings.db_command_timeout)
+            )  # fmt: skip
+        else:
+            app[appkeys.READ_POOL] = pool
+        secret = await pool.fetchval(SELECT_CURSOR_SECRET)
+        if secret is None:
+            raise RuntimeError("the database is not migrated: run 'tally migrate' first")
+        app[appkeys.CURSORS] = CursorCodec(secret)
+        app[appkeys.KEY_CACHE] = await stack.enter_async_context(
+            keycache.listening(KeyCache(settings.auth_cache_seconds), settings.database_url, settings.db_connect_timeout)
+        )
+        yield
 
 
 async def publisher(app: web.Application) -> AsyncIterator[None]:
@@ -93,39 +86,23 @@ async def broker_check(app: web.Application) -> None:
     await app[appkeys.PUBLISHER].topology()
 
 
-def base_app(  # type: ignore[no-untyped-def]
-    settings, endpoints: list[Endpoint], *, statement_timeout: float | None = None
-) -> web.Application:
-    """An application with tally's middlewares, settings, limits and database; no I/O yet.
-    ``statement_timeout``: seconds after which PostgreSQL itself stops any statement of
-    the app's pools (None: only the client-side command timeout applies)."""
-    app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware, problem_middleware],
-        client_max_size=settings.max_body_bytes,
-        # Request line, header and keep-alive limits (service/api/server.py says why each).
-        handler_args=server.handler_args(settings),
-    )
-    app[appkeys.SETTINGS] = settings
-    app[appkeys.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-    app[appkeys.IP_RATE_LIMITER] = RateLimiter(
-        settings.ip_rate_limit_per_second, settings.ip_rate_limit_burst, policy="per-ip"
-    )
-    app[dbaccess.GATE] = DatabaseGate(settings.db_org_limit, settings.db_acquire_timeout)
-    app[health.READINESS_CHECKS] = {"database": health.database_check}
-    app.cleanup_ctx.append(database(statement_timeout))
-    add_endpoints(app, endpoints)
-    return app
-
-
-def create_app(settings) -> web.Application:  # type: ignore[no-untyped-def]
+def create_app(settings: Settings) -> web.Application:
+    """The HTTP API; no I/O until it starts."""
     endpoints = [
         *OPERATIONS, *ops.ENDPOINTS, *customers.ENDPOINTS, *events.ENDPOINTS,
         *respan.ENDPOINTS, *v0.ENDPOINTS, *flexprice.ENDPOINTS, *public.ENDPOINTS,
     ]  # fmt: skip
     # API statements stop in PostgreSQL too when the client gives up on them: a request shed
     # after TALLY_DB_COMMAND_TIMEOUT must not leave its query burning a backend.
-    app = base_app(settings, [*endpoints, *DOCS], statement_timeout=settings.db_command_timeout)
+    app = base_app(settings, statement_timeout=settings.db_command_timeout)
+    app[appkeys.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    app[appkeys.IP_RATE_LIMITER] = RateLimiter(
+        settings.ip_rate_limit_per_second, settings.ip_rate_limit_burst, policy="per-ip"
+    )
+    app[dbaccess.GATE] = DatabaseGate(settings.db_org_limit, settings.db_acquire_timeout)
+    app.cleanup_ctx.append(api_resources)
     app.cleanup_ctx.append(publisher)
-    app[health.READINESS_CHECKS]["broker"] = broker_check
+    app[appkeys.READINESS_CHECKS]["broker"] = broker_check
+    add_endpoints(app, [*endpoints, *DOCS])
     app[appkeys.OPENAPI] = openapi.build_openapi([*endpoints, *DOCS], title="tally", version=__version__, tags=TAGS)
     return app

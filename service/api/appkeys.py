@@ -1,18 +1,20 @@
-"""Typed application keys: every resource an app holds, in one place."""
+"""Typed application keys of the API's resources (the shared ones, settings and the primary
+pool, are service/web/appkeys.py's and re-exported here)."""
 
 from __future__ import annotations
 
 import asyncpg
 from aiohttp import web
 
-from consumers.publisher import Publisher
 from service.api.keycache import KeyCache
 from service.api.ratelimit import RateLimiter
-from service.query import CursorCodec
-from service.settings import Settings
+from service.core.query import CursorCodec
+from service.infra.publisher import Publisher
+from service.web.appkeys import POOL, READINESS_CHECKS, SETTINGS
 
-SETTINGS = web.AppKey("settings", Settings)
-POOL = web.AppKey("pool", asyncpg.Pool)
+__all__ = ["POOL", "READINESS_CHECKS", "SETTINGS", "READ_POOL", "CURSORS", "OPENAPI", "PUBLISHER", "KEY_CACHE",
+           "RATE_LIMITER", "IP_RATE_LIMITER"]  # fmt: skip
+
 READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
 CURSORS = web.AppKey("cursors", CursorCodec)
 OPENAPI = web.AppKey("openapi", dict)

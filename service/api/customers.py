@@ -9,7 +9,7 @@ from urllib.parse import quote
 from aiohttp import web
 from yarl import URL
 
-from service import customers as core
+from service.core import customers as core
 from service.api import appkeys, dbaccess
 from service.api.listing import client_link, json_with, link, run_list
 from service.api.models import (
@@ -25,12 +25,12 @@ from service.api.models import (
     UsageSeries,
 )
 from service.api.params import parse_body, parse_query
-from service.api.problems import REQUEST_ID
+from service.web.problems import REQUEST_ID
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.auth import Principal
-from service.errors import InvalidInput
-from service.query import CursorCodec, CustomerFilter, ListQuery, Shape, Sort, resume
+from service.core.auth import Principal
+from service.api.errors import invalid
+from service.core.query import CursorCodec, CustomerFilter, ListQuery, Shape, Sort, resume
 
 DEFAULT_LIMIT = 50
 # Without from/to a usage series covers the last 30 UTC days, today included.
@@ -53,9 +53,9 @@ def build_list_query(principal: Principal, params: ListParams, cursors: CursorCo
     """The core query for canonical list parameters (pagination styles checked here)."""
     paged = params.page is not None or params.page_size is not None
     if paged and (params.limit is not None or params.offset is not None):
-        raise InvalidInput.for_field("page", "use page/page_size or limit/offset, not both")
+        raise invalid("page", "use page/page_size or limit/offset, not both")
     if params.cursor is not None and (paged or params.offset is not None):
-        raise InvalidInput.for_field("cursor", "cannot be combined with offset or page")
+        raise invalid("cursor", "cannot be combined with offset or page")
     if paged:
         limit = params.page_size or DEFAULT_LIMIT
         offset = ((params.page or 1) - 1) * limit

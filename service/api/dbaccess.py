@@ -27,11 +27,11 @@ from uuid import UUID
 import asyncpg
 from aiohttp import web
 
-from service import metrics
+from service.infra import metrics
 from service.api import appkeys
-from service.errors import Unavailable
+from service.infra.errors import Unavailable
 
-RETRY_AFTER = "1"
+RETRY_AFTER = 1  # seconds
 
 
 @dataclass
@@ -68,7 +68,7 @@ class DatabaseGate:
                 metrics.HTTP_REFUSED.labels("db_pool_timeout").inc()
                 raise Unavailable(
                     f"no database connection came free within {self.timeout:g} s; retry shortly",
-                    headers={"Retry-After": RETRY_AFTER},
+                    retry_after=RETRY_AFTER,
                 ) from None
             try:
                 yield conn
@@ -94,7 +94,7 @@ class DatabaseGate:
                     raise Unavailable(
                         f"this organization already runs {self.per_organization} database requests at once in "
                         f"this process and none finished within {self.timeout:g} s; retry shortly",
-                        headers={"Retry-After": RETRY_AFTER},
+                        retry_after=RETRY_AFTER,
                     ) from None
             else:
                 await semaphore.acquire()  # free: returns at once, no timer needed

@@ -9,12 +9,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, RootModel, StringConstraints
 
-from consumers.broker import encode_events, event_message
-from service import metrics
+from service.infra.broker import encode_events, event_message
+from service.infra import metrics
 from service.api import appkeys
 from service.api.routing import PRINCIPAL, Endpoint
-from service.errors import FieldError, InvalidInput, PayloadTooLarge
-from service.events import CloudEvent, InvalidEvent, decode_body, validate_event
+from service.api.errors import bad_request, payload_too_large
+from service.web.problems import ProblemField
+from service.core.events import CloudEvent, InvalidEvent, decode_body, validate_event
 
 
 class HttpCloudEvent(CloudEvent):
@@ -38,31 +39,31 @@ async def ingest_events(request: web.Request) -> web.Response:
     try:
         raws = decode_body(raw_body)
     except InvalidEvent as exc:
-        raise InvalidInput(exc.reason, errors=[FieldError("body", exc.reason, "body")]) from None
+        raise bad_request([ProblemField("body", exc.reason, "body")]) from None
     if len(raws) > settings.max_events_per_request:
-        raise PayloadTooLarge(f"at most {settings.max_events_per_request} events per request")
+        raise payload_too_large(f"at most {settings.max_events_per_request} events per request")
     own = {principal.organization_name, str(principal.organization_id)}
     now = datetime.now(timezone.utc)
     # The consumer's own rules, the dedupe window included: what it could never apply is
     # refused here at once rather than accepted and dead-lettered later.
     retention = timedelta(days=settings.dedupe_retention_days)
-    errors: list[FieldError] = []
+    errors: list[ProblemField] = []
     for i, raw in enumerate(raws):
         where = f"[{i}]" if len(raws) > 1 else "event"
         if not isinstance(raw, dict):
-            errors.append(FieldError(where, "must be an object", "body"))
+            errors.append(ProblemField(where, "must be an object", "body"))
             continue
         organization = raw.get("organization", principal.organization_name)
         if not isinstance(organization, str) or organization not in own:
-            errors.append(FieldError(f"{where}.organization", "must be your key's organization (or omitted)", "body"))
+            errors.append(ProblemField(f"{where}.organization", "must be your key's organization (or omitted)", "body"))
             continue
         raw["organization"] = str(principal.organization_id)
         try:
             validate_event(raw, now, retention=retention)
         except InvalidEvent as exc:
-            errors.append(FieldError(where, exc.reason, "body"))
+            errors.append(ProblemField(where, exc.reason, "body"))
     if errors:
-        raise InvalidInput("; ".join(f"{e.name}: {e.detail}" for e in errors[:5]), errors=errors)
+        raise bad_request(errors)
     message = event_message(encode_events(raws), batch=len(raws) > 1)
     await request.app[appkeys.PUBLISHER].publish(message, routing_key=str(raws[0]["type"]))
     metrics.PUBLISHED.inc(len(raws))

@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from service.auth import KEYS_CHANNEL, Principal, hash_secret
+from service.core.auth import KEYS_CHANNEL, Principal, hash_secret
 
 log = logging.getLogger("tally.keys")
 

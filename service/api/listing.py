@@ -9,9 +9,9 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from service import customers as core
+from service.core import customers as core
 from service.api import appkeys, dbaccess
-from service.query import ListQuery, Shape
+from service.core.query import ListQuery, Shape
 
 
 async def run_list(request: web.Request, q: ListQuery, shape: Shape) -> core.Page:

@@ -3,27 +3,36 @@ the only source of the OpenAPI document (service/api/openapi.py reads them)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
-from service.profile import (
-    BudgetDuration,
-    Identifier,
-    Money,
-    ProfileUpdate,
-    ShortText,
-    Status,
-    Timestamp,
-)
-from service.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY
-from service.query import SORT_FIELDS
+from service.core.profile import Identifier, Money, ProfileUpdate, ShortText, Timestamp
+from service.core.vocabulary import BudgetDuration, Environment, Status
+from service.core.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY
+from service.core.query import SORT_FIELDS
 
-Environment = Literal["prod", "test"]
-SortBy = Literal[tuple(name for field in SORT_FIELDS for name in (field, "-" + field))]  # type: ignore[misc]
+def choice(values: Sequence[str], example: str) -> tuple[AfterValidator, WithJsonSchema]:
+    """Validation and schema of a string parameter with a fixed, long list of values: the
+    document lists them (an enum), and a wrong one is named with an example of a right one
+    rather than answered with the whole list."""
+    allowed = frozenset(values)
+
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"'{value}' is not one of this parameter's values (listed in /docs), e.g. {example}")
+        return value
+
+    return AfterValidator(check), WithJsonSchema({"type": "string", "enum": list(values)})
+
+
+SORT_CHOICES = tuple(name for field in SORT_FIELDS for name in (field, "-" + field))
+_SORT = choice(SORT_CHOICES, "-total_cost")
+SortBy = Annotated[str, _SORT[0], _SORT[1]]
 
 
 class ListParams(BaseModel):

@@ -1,29 +1,19 @@
-"""Operator routes (admin scope)."""
+"""Operator routes (the ops scope)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from consumers.broker import Names
-from consumers.ops import queue_stats
 from service.api import appkeys
 from service.api.routing import Endpoint
-from service.errors import Unavailable
-
-
-class QueueStatsOut(BaseModel):
-    name: str
-    ready: int
-    unacknowledged: int | None
-    consumers: int
-    publish_rate: float | None
-    deliver_rate: float | None
-    source: str
+from service.infra.broker import Names
+from service.infra.errors import Unavailable
+from service.infra.queues import QueueStats, queue_stats
 
 
 class QueuesOut(BaseModel):
-    queues: list[QueueStatsOut]
+    queues: list[QueueStats]
 
 
 async def queues(request: web.Request) -> web.Response:
@@ -32,7 +22,7 @@ async def queues(request: web.Request) -> web.Response:
         stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, Names(settings.amqp_namespace))
     except (OSError, ConnectionError) as exc:
         raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
-    return web.json_response({"queues": [s.as_dict() for s in stats]})
+    return web.Response(body=QueuesOut(queues=stats).model_dump_json(), content_type="application/json")
 
 
 ENDPOINTS = [

@@ -9,19 +9,22 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from service.errors import FieldError, InvalidInput, PayloadTooLarge
-from service.profile import json_fault
+from service.api.errors import bad_request, invalid, payload_too_large
+from service.web.problems import Problem, ProblemField
+from service.api.models import CustomerExpanded
+from service.core.profile import json_fault
+from service.core.query import CUSTOMER_FIELDS
+from service.core.vocabulary import WRITABLE_COLUMNS
 
 M = TypeVar("M", bound=BaseModel)
 
-# Fields clients send but may never write: named in the 400 so the caller knows why.
-READ_ONLY_FIELDS = frozenset({
-    "id", "organization_id", "environment", "customer_identifier", "first_seen", "last_active", "active_days",
-    "number_of_requests", "prompt_tokens", "completion_tokens", "total_tokens", "total_cost",
-    "average_latency", "average_ttft", "latency_sum", "latency_count", "ttft_sum", "ttft_count",
-    "total_period_usage", "period_start", "period_end", "created_at", "updated_at", "subscriptions",
-    "parent_customer", "organization_name", "unique_organization_id",
-})  # fmt: skip
+# Fields a client sees (any customer field, and what responses nest or name differently) but
+# may never write: a body naming one gets "is read-only" rather than "is not a known field".
+READ_ONLY_FIELDS = (
+    frozenset(CUSTOMER_FIELDS) | frozenset(CustomerExpanded.model_fields)
+    # the stored sums behind the averages, and Respan's name for the organization id
+    | {"latency_sum", "latency_count", "ttft_sum", "ttft_count", "unique_organization_id"}
+) - WRITABLE_COLUMNS - {"address"}
 
 
 def _query_name(loc: tuple[int | str, ...], aliases: dict[str, str]) -> str:
@@ -34,7 +37,7 @@ def _query_name(loc: tuple[int | str, ...], aliases: dict[str, str]) -> str:
     return name
 
 
-def validation_error(exc: ValidationError, location: str, aliases: dict[str, str] | None = None) -> InvalidInput:
+def validation_error(exc: ValidationError, location: str, aliases: dict[str, str] | None = None) -> Problem:
     errors = []
     for err in exc.errors(include_url=False):
         if location == "query" and err["loc"]:
@@ -50,9 +53,8 @@ def validation_error(exc: ValidationError, location: str, aliases: dict[str, str
                 detail = "is not a known field"
         else:
             detail = err["msg"].removeprefix("Value error, ")
-        errors.append(FieldError(name, detail, location))
-    summary = "; ".join(f"{e.name}: {e.detail}" for e in errors)
-    return InvalidInput(summary, errors=errors)
+        errors.append(ProblemField(name, detail, location))
+    return bad_request(errors)
 
 
 # PostgreSQL text and jsonb cannot hold U+0000: refuse it up front (a 400 naming the field),
@@ -82,13 +84,13 @@ def parse_query(request: web.Request, model: type[M], *, aliases: dict[str, str]
     for raw_name in set(request.query.keys()):
         values = request.query.getall(raw_name)
         if any(NUL in value for value in values):
-            raise InvalidInput.for_field(raw_name, NUL_DETAIL)
+            raise invalid(raw_name, NUL_DETAIL)
         name = (aliases or {}).get(raw_name, raw_name)
         if "[" in name and name.endswith("]"):
             outer, _, inner = name[:-1].partition("[")
             if outer in fields and _is_dict(fields[outer].annotation):
                 if len(values) > 1:
-                    raise InvalidInput.for_field(name, "may be given once")
+                    raise invalid(name, "may be given once")
                 bucket = data.setdefault(outer, {})
                 assert isinstance(bucket, dict)
                 bucket[inner] = values[0]
@@ -97,7 +99,7 @@ def parse_query(request: web.Request, model: type[M], *, aliases: dict[str, str]
         if info is not None and _is_list(info.annotation):
             data[name] = [part for value in values for part in value.split(",")]
         elif len(values) > 1:
-            raise InvalidInput.for_field(name, "may be given once")
+            raise invalid(name, "may be given once")
         else:
             data[name] = values[0]
     try:
@@ -109,19 +111,19 @@ def parse_query(request: web.Request, model: type[M], *, aliases: dict[str, str]
 async def parse_body(request: web.Request, model: type[M], max_bytes: int = 1_048_576) -> M:
     """Validate a JSON body into ``model``; 413 past ``max_bytes``, 400 for anything malformed."""
     if request.content_length is not None and request.content_length > max_bytes:
-        raise PayloadTooLarge(f"body exceeds {max_bytes} bytes")
+        raise payload_too_large(f"body exceeds {max_bytes} bytes")
     raw = await request.read()
     if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"body exceeds {max_bytes} bytes")
+        raise payload_too_large(f"body exceeds {max_bytes} bytes")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput("body is not valid JSON", errors=[FieldError("body", str(exc), "body")]) from None
+        raise bad_request([ProblemField("body", str(exc), "body")], "body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise InvalidInput("body must be a JSON object", errors=[FieldError("body", "must be an object", "body")])
+        raise invalid("body", "must be a JSON object", "body")
     fault = json_fault(data, max_depth=MAX_BODY_DEPTH)
     if fault is not None:
-        raise InvalidInput.for_field(fault.path or "body", fault.detail, "body")
+        raise invalid(fault.path or "body", fault.detail, "body")
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from pydantic import BaseModel
 
-from service import metrics
+from service.infra import metrics
 from service.api import appkeys, dbaccess
 from service.api.ratelimit import Decision, RateLimiter
-from service.auth import Principal, authenticate, split_bearer
-from service.errors import RateLimited, TallyError, Unauthenticated
+from service.core.auth import Principal, authenticate, split_bearer
+from service.api.errors import from_domain, rate_limited
+from service.core.errors import DomainError, Unauthenticated
+from service.web.problems import Problem
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -111,59 +113,64 @@ def _charge_unauthenticated(request: web.Request) -> None:
         raise _ip_limited(limiter, decision)
 
 
-def _ip_limited(limiter: RateLimiter, decision: Decision) -> RateLimited:
+def _ip_limited(limiter: RateLimiter, decision: Decision) -> Problem:
     metrics.HTTP_REFUSED.labels("ip_rate_limited").inc()
-    return RateLimited(
+    return rate_limited(
         f"too many unauthenticated requests from this address (at most {limiter.burst} per {limiter.window} s); "
         f"retry in {decision.retry_after} s",
-        headers={**limiter.headers(decision), "Retry-After": str(decision.retry_after)},
+        {**limiter.headers(decision), "Retry-After": str(decision.retry_after)},
     )
 
 
 def _guarded(endpoint: Endpoint) -> Handler:
-    if endpoint.scope is None:
-        public = endpoint.handler
+    """The endpoint's handler behind its guards (unauthenticated-request limit for public
+    routes; key, per-key rate limit and scope for the others), with the domain's errors
+    turned into problems (an invalid field in the body if the body model has it)."""
+    body_fields = frozenset(endpoint.body.model_fields) if endpoint.body else frozenset()
 
-        async def public_handler(request: web.Request) -> web.StreamResponse:
-            _charge_unauthenticated(request)
-            return await public(request)
-
-        public_handler.__name__ = public.__name__
-        return public_handler
-    scope = endpoint.scope
+    async def public_handler(request: web.Request) -> web.StreamResponse:
+        _charge_unauthenticated(request)
+        try:
+            return await endpoint.handler(request)
+        except DomainError as exc:
+            raise from_domain(exc, body_fields) from None
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        assert endpoint.scope is not None
+        headers: dict[str, str] = {}
         try:
-            principal = await principal_for(request)
-        except Unauthenticated:
-            _charge_unauthenticated(request)
-            raise
-        request[dbaccess.ORGANIZATION] = principal.organization_id
-        limiter = request.app[appkeys.RATE_LIMITER]
-        if not limiter.enabled:
-            principal.require(scope)
-            request[PRINCIPAL] = principal
-            return await endpoint.handler(request)
-        decision = limiter.take(principal.client_key)
-        headers = limiter.headers(decision)
-        if not decision.allowed:
-            raise RateLimited(
-                f"rate limit of {limiter.burst} requests per {limiter.window} s for this key exceeded; "
-                f"retry in {decision.retry_after} s",
-                headers={**headers, "Retry-After": str(decision.retry_after)},
-            )
-        try:
-            principal.require(scope)
+            try:
+                principal = await principal_for(request)
+            except Unauthenticated:
+                _charge_unauthenticated(request)
+                raise
+            request[dbaccess.ORGANIZATION] = principal.organization_id
+            limiter = request.app[appkeys.RATE_LIMITER]
+            if limiter.enabled:
+                decision = limiter.take(principal.client_key)
+                headers = limiter.headers(decision)
+                if not decision.allowed:
+                    raise rate_limited(
+                        f"rate limit of {limiter.burst} requests per {limiter.window} s for this key exceeded; "
+                        f"retry in {decision.retry_after} s",
+                        {**headers, "Retry-After": str(decision.retry_after)},
+                    )
+            principal.require(endpoint.scope)
             request[PRINCIPAL] = principal
             response = await endpoint.handler(request)
-        except TallyError as exc:
+        except DomainError as exc:
+            problem = from_domain(exc, body_fields)
+            problem.headers = {**headers, **problem.headers}
+            raise problem from None
+        except Problem as exc:
             exc.headers = {**headers, **exc.headers}
             raise
         response.headers.update(headers)
         return response
 
-    handler.__name__ = endpoint.handler.__name__
-    return handler
+    chosen = handler if endpoint.scope is not None else public_handler
+    chosen.__name__ = endpoint.handler.__name__
+    return chosen
 
 
 def add_endpoints(app: web.Application, endpoints: Sequence[Endpoint], prefix: str = "") -> None:

@@ -19,16 +19,18 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.listing import json_with, run_list
+from service.api.models import choice
 from service.api.params import parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.profile import Identifier, ShortText
-from service.query import SORT_FIELDS, Col, CustomerFilter, ListQuery, Sort
+from service.core.profile import Identifier, ShortText
+from service.core.query import SORT_FIELDS, Col, CustomerFilter, ListQuery, Sort
 
 BASE = "/compat/flexprice"
 TAG = "compat: flexprice"
 STATUS_TO_TALLY = {"published": "active", "draft": "draft", "archived": "archived"}
-SortField = Literal[tuple(["external_id", *SORT_FIELDS])]  # type: ignore[misc]
+_SORT = choice(["external_id", *SORT_FIELDS], "created_at")
+SortField = Annotated[str, _SORT[0], _SORT[1]]
 
 
 class ListParams(BaseModel):

@@ -19,7 +19,7 @@ from service.api.listing import json_with, run_list
 from service.api.params import parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.query import Col, ListQuery, Sort
+from service.core.query import Col, ListQuery, Sort
 
 BASE = "/compat/public"
 TAG = "compat: public"

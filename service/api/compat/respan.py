@@ -14,16 +14,17 @@ from uuid import UUID
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from service import customers as core
+from service.core import customers as core
 from service.api import appkeys, dbaccess
 from service.api.customers import write_stamp
 from service.api.listing import json_with, link, run_list
-from service.api.models import Environment, SortBy
+from service.api.models import SORT_CHOICES, choice
 from service.api.params import parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.profile import BudgetDuration, Money, ProfileUpdate, ShortText
-from service.query import Col, ListQuery, Sort
+from service.core.profile import Money, ProfileUpdate, ShortText
+from service.core.vocabulary import BudgetDuration, Environment
+from service.core.query import Col, ListQuery, Sort
 
 BASE = "/compat/respan"
 TAG = "compat: respan"
@@ -31,7 +32,8 @@ TAG = "compat: respan"
 
 # Respan's own name for last_active is accepted too.
 SORT_ALIASES = {"last_active_timeframe": "last_active", "-last_active_timeframe": "-last_active"}
-RespanSortBy = Literal[tuple([*SortBy.__args__, *SORT_ALIASES])]  # type: ignore[misc,attr-defined]
+_SORT = choice([*SORT_CHOICES, *SORT_ALIASES], "-first_seen")
+RespanSortBy = Annotated[str, _SORT[0], _SORT[1]]
 
 
 class ListParams(BaseModel):

@@ -22,8 +22,8 @@ from service.api.listing import json_with, run_list
 from service.api.params import parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.profile import ShortText
-from service.query import Col, CustomerFilter, ListQuery, Sort
+from service.core.profile import ShortText
+from service.core.query import Col, CustomerFilter, ListQuery, Sort
 
 BASE = "/compat/v0"
 TAG = "compat: v0"

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
-Status = Literal["active", "draft", "blacklisted", "deactivated", "archived"]
-BudgetDuration = Literal["daily", "weekly", "monthly", "yearly"]
+from service.core.vocabulary import ADDRESS_PREFIX, BudgetDuration, Status
+
 
 
 # The instants asyncpg reads and writes as -infinity/infinity: never a real time.
@@ -126,7 +126,7 @@ Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
 
 class AddressIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source_prefix: ClassVar[str] = "address_"
+    source_prefix: ClassVar[str] = ADDRESS_PREFIX
 
     line1: ShortText | None = None
     line2: ShortText | None = None
@@ -171,9 +171,9 @@ class ProfileUpdate(BaseModel):
             value = getattr(self, name)
             if name == "address":
                 if value is None:
-                    values.update({f"address_{k}": None for k in AddressIn.model_fields})
+                    values.update({ADDRESS_PREFIX + k: None for k in AddressIn.model_fields})
                 else:
-                    values.update({f"address_{k}": getattr(value, k) for k in value.model_fields_set})
+                    values.update({ADDRESS_PREFIX + k: getattr(value, k) for k in value.model_fields_set})
             elif name == "status" and value is None:
                 continue  # status is NOT NULL; sending null leaves it unchanged
             elif name == "metadata" and value is None:

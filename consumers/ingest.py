@@ -33,13 +33,12 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from consumers.broker import Names, Topology, dead_letter_message, declare, delivery_attempt
-from service import failpoints, metrics
-from service.alerts import ALERT_ROUTING_KEY, relay_alerts
-from service.events import EVENT_CONTENT_TYPE, Event, InvalidEvent, decode_body, validate_event
-from service.customers import compact_counts
-from service.fold import Outcome, Outcomes, fold, purge_processed
-from service.settings import Settings
+from service.core import failpoints
+from service.core.events import EVENT_CONTENT_TYPE, Event, InvalidEvent, Rejection, decode_body, validate_event
+from service.core.fold import FoldResult, Outcome, fold
+from service.infra import metrics
+from service.infra.broker import Names, Topology, dead_letter_message, declare, delivery_attempt
+from service.infra.settings import Settings
 
 log = logging.getLogger("tally.consumer")
 
@@ -70,14 +69,6 @@ BROKER_ERRORS = (
 RETRY_BASE = 0.1
 RETRY_CAP = 5.0
 RECONNECT_CAP = 10.0
-PURGE_EVERY = 600.0
-# The count deltas grow by about one row per batch that creates customers; compacting
-# this often keeps a count read to a few hundred rows at most.
-COMPACT_EVERY = 10.0
-QUEUE_POLL_EVERY = 15.0
-ALERT_RELAY_CHUNK = 100
-# Alerts recorded by a consumer that crashed before relaying them are picked up this often.
-ALERT_RELAY_EVERY = 5.0
 # On SIGTERM, give a batch whose database is unreachable this long before leaving it unacked
 # (the broker redelivers it to another consumer).
 DRAIN_GRACE = 10.0
@@ -99,7 +90,7 @@ class Received:
     def __init__(self, message: AbstractIncomingMessage) -> None:
         self.message = message
         self._raws: list[object] | None = None
-        self.error: str | None = None
+        self.error: tuple[Rejection, str] | None = None
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage) -> "Received":
@@ -111,9 +102,9 @@ class Received:
             try:
                 self._raws = decode_body(self.message.body)
             except InvalidEvent as exc:
-                self._raws, self.error = [], exc.reason
+                self._raws, self.error = [], (exc.code, exc.reason)
             except Exception as exc:  # a bug, brought out by this message: it dies alone
-                self._raws, self.error = [], internal_error("decoding the message", exc)
+                self._raws, self.error = [], (Rejection.INTERNAL_ERROR, internal_error("decoding the message", exc))
                 log.error("bug: decoding a message raised; dead-lettering it", exc_info=exc,
                           extra={"routing_key": self.message.routing_key, "bytes": len(self.message.body)})  # fmt: skip
         return self._raws
@@ -149,6 +140,7 @@ class Inbox:
 @dataclass
 class DeadLetter:
     body: bytes
+    code: Rejection
     reason: str
     # The delivery it came from. Its routing key is the dead letter's (and replay's): the
     # broker accepted it, so it is a valid routing key, whereas anything taken from the
@@ -205,6 +197,10 @@ def _backoff(attempt: int, cap: float) -> float:
 
 
 class Consumer:
+    """The ingest loop of one process: collect a batch, validate, fold, dead-letter what can
+    never apply, ack. Nothing else runs on its timers (housekeeping is its own tasks:
+    consumers/housekeeping.py), so no periodic job ever delays a batch."""
+
     def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
         self.settings = settings
         self.pool = pool
@@ -215,13 +211,10 @@ class Consumer:
         self.connected = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
-        self._last_purge = 0.0
-        self._last_relay = 0.0
-        self._last_compact = 0.0
-        self._last_queue_poll = 0.0
-        self._alerts_pending = False
-        # Test hook: a callable run between commit and ack (a crash there must lose nothing).
-        self.after_commit_hook = None
+        # Set when a batch recorded budget alerts, or when consuming (re)starts: the
+        # housekeeping jobs that relay alerts and poll the queues act on it at once.
+        self.alerts_recorded = asyncio.Event()
+        self.started_consuming = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -271,9 +264,7 @@ class Consumer:
                 metrics.IN_FLIGHT.inc()
 
             tag = await topology.ingest.consume(on_message, no_ack=False)
-            # Queue gauges from the start (then every QUEUE_POLL_EVERY), not only once the
-            # first batch is done: a scrape right after connecting sees this consumer counted.
-            await self._maybe_poll_queues(channel)
+            self.started_consuming.set()
             self.connected.set()
             metrics.BROKER_CONNECTED.set(1)
             log.info("consuming", extra={"queue": self.names.ingest, "prefetch": self.settings.prefetch})
@@ -281,8 +272,6 @@ class Consumer:
                 batch = await self._collect(inbox, lost)
                 if batch:
                     await self._process(batch, topology)
-                await self._maybe_purge()
-                await self._maybe_poll_queues(channel)
             if lost.is_set():
                 raise ConnectionError("broker connection closed")
             # Draining: no new deliveries, then fold what was already received.
@@ -341,7 +330,7 @@ class Consumer:
         for item in batch:
             message, raws = item.message, item.raws
             if item.error is not None:
-                dead.append(DeadLetter(message.body, item.error, message, message.content_type))
+                dead.append(DeadLetter(message.body, *item.error, message, message.content_type))
                 metrics.EVENTS.labels(metrics.OTHER_TYPE, "invalid").inc()
                 continue
             alone = message.body if len(raws) == 1 else None
@@ -351,69 +340,47 @@ class Consumer:
                     origins.append((message, alone))
                     continue
                 except InvalidEvent as exc:
-                    reason = exc.reason
+                    code, reason = exc.code, exc.reason
                 except Exception as exc:  # a bug, brought out by this event: it dies alone
-                    reason = internal_error("validating the event", exc)
+                    code, reason = Rejection.INTERNAL_ERROR, internal_error("validating the event", exc)
                     log.error("bug: validating an event raised; dead-lettering it", exc_info=exc,
                               extra={"routing_key": message.routing_key})  # fmt: skip
                 event_type = raw.get("type") if isinstance(raw, dict) else None
-                dead.append(DeadLetter(alone if alone is not None else encode_event(raw), reason, message))
+                dead.append(DeadLetter(alone if alone is not None else encode_event(raw), code, reason, message))
                 metrics.EVENTS.labels(metrics.event_type_label(event_type), "invalid").inc()
 
         if events:
-            outcomes = await self._fold(events)
-            self._alerts_pending |= outcomes.alerts > 0
+            result = await self._fold(events)
+            if result.alerts:
+                self.alerts_recorded.set()
             applied_at = datetime.now(timezone.utc)
-            for event, (message, alone), outcome in zip(events, origins, outcomes):
+            for event, (message, alone), outcome in zip(events, origins, result.outcomes):
                 metrics.EVENTS.labels(metrics.event_type_label(event.type), outcome.status).inc()
                 # duplicate and stale (older than a deletion of its customer) are counted and
                 # acked like applied ones: only a rejected event can never apply.
                 if outcome.status == "rejected":
                     body = alone if alone is not None else encode_event(event.raw)
-                    dead.append(DeadLetter(body, outcome.reason or "rejected", message))
+                    dead.append(DeadLetter(body, outcome.code or Rejection.MALFORMED, outcome.reason or "rejected", message))
                 elif outcome.status == "applied":
                     metrics.EVENT_LAG.observe(max(0.0, (applied_at - event.time).total_seconds()))
             metrics.BATCH_SIZE.observe(len(events))
             metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         messages = [item.message for item in batch]
-        failpoints.hit("consumer.after_commit")
-        if self.after_commit_hook is not None:
-            await self.after_commit_hook(messages)
+        await failpoints.hit("consumer.after_commit")
         for letter in dead:
             origin = letter.message
             routing_key = origin.routing_key or ""
             await topology.dlx.publish(
                 dead_letter_message(
-                    letter.body, letter.reason, routing_key, letter.content_type, message_id=origin.message_id,
+                    letter.body, letter.code, letter.reason, routing_key, letter.content_type,
+                    message_id=origin.message_id,
                     attempt=delivery_attempt(origin.headers, origin.redelivered),
                 ),
                 routing_key=routing_key or "unrouted",
             )  # fmt: skip
-            metrics.DEAD_LETTERS.labels(_reason_kind(letter.reason)).inc()
+            metrics.DEAD_LETTERS.labels(letter.code.value).inc()
             log.warning("dead-lettered", extra={"reason": letter.reason[:200], "routing_key": routing_key})
         await self._ack(messages)
-        if self._alerts_pending or time.monotonic() - self._last_relay > ALERT_RELAY_EVERY:
-            await self._relay_alerts(topology)
-
-    async def _relay_alerts(self, topology: Topology) -> None:
-        """Publish budget alerts recorded by folds (this one's or a crashed consumer's)."""
-
-        async def publish(event: dict) -> None:
-            await topology.events.publish(
-                aio_pika.Message(orjson.dumps(event), content_type="application/cloudevents+json",
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event["id"]),
-                routing_key=ALERT_ROUTING_KEY, mandatory=True,
-            )  # fmt: skip
-
-        self._last_relay = time.monotonic()
-        try:
-            while await relay_alerts(self.pool, publish, limit=ALERT_RELAY_CHUNK) == ALERT_RELAY_CHUNK:
-                pass
-            self._alerts_pending = False
-        except TRANSIENT_DB_ERRORS as exc:
-            log.warning("alert relay deferred", extra={"error": repr(exc)})
-        except asyncpg.PostgresError as exc:
-            log.error("alert relay failed; alerts stay recorded and are retried", extra={"error": repr(exc)})
 
     async def _ack(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         # Deliveries arrive in tag order and a batch is a run of consecutive deliveries, so
@@ -426,7 +393,7 @@ class Consumer:
                 await message.ack()
         metrics.IN_FLIGHT.dec(len(batch))
 
-    async def _fold(self, events: list[Event]) -> Outcomes:
+    async def _fold(self, events: list[Event]) -> FoldResult:
         """Fold with retries on transient errors; isolate events the database refuses, and
         events that bring out a bug in the fold, so one event can neither stop the batch nor
         make the consumer exit (and crash-loop the fleet on its redelivery)."""
@@ -439,7 +406,8 @@ class Consumer:
                 if self._stopping.is_set() and time.monotonic() - (self._stop_requested_at or 0) > DRAIN_GRACE:
                     raise ConnectionAbortedError("stopping with the database unreachable; batch left unacked") from exc
                 if attempt + 1 >= CLIENT_ERROR_TRIES and _client_error(exc) and await self._database_answers():
-                    return await self._isolate(events, exc, internal_error("folding the event", exc), bug=True)
+                    return await self._isolate(events, exc, Rejection.INTERNAL_ERROR,
+                                               internal_error("folding the event", exc), bug=True)  # fmt: skip
                 delay = _backoff(attempt, RETRY_CAP)
                 attempt += 1
                 metrics.DB_RETRIES.inc()
@@ -447,12 +415,14 @@ class Consumer:
                 await asyncio.sleep(delay)
             except asyncpg.PostgresError as exc:
                 # Not transient: some event in the batch makes the database refuse it.
-                return await self._isolate(events, exc, f"database refused the event: {type(exc).__name__}")
+                return await self._isolate(events, exc, Rejection.DATABASE_REFUSED,
+                                           f"database refused the event: {type(exc).__name__}")  # fmt: skip
             except Exception as exc:
                 # Neither the database nor the broker failing (those are caught above or
                 # never raised by the fold): a bug, brought out by some event. Isolated the
                 # same way, dead-lettered with an internal-error reason and logged as a bug.
-                return await self._isolate(events, exc, internal_error("folding the event", exc), bug=True)
+                return await self._isolate(events, exc, Rejection.INTERNAL_ERROR,
+                                           internal_error("folding the event", exc), bug=True)  # fmt: skip
 
     async def _database_answers(self) -> bool:
         try:
@@ -461,7 +431,9 @@ class Consumer:
         except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
             return False
 
-    async def _isolate(self, events: list[Event], exc: Exception, reason: str, *, bug: bool = False) -> Outcomes:
+    async def _isolate(
+        self, events: list[Event], exc: Exception, code: Rejection, reason: str, *, bug: bool = False
+    ) -> FoldResult:
         """Split the batch until the offender stands alone, so the rest still applies: each
         half is folded (and retried, or split again) on its own. A batch of n events with one
         offender costs about 2·log2(n) more folds."""
@@ -471,42 +443,10 @@ class Consumer:
                 # Identifiers are the event's own: cut, so one event cannot blow up the log.
                 where = {"event_id": e.id[:100], "type": e.type, "organization": e.organization[:100]}
                 log.error("bug: folding an event raised; dead-lettering it", exc_info=exc, extra=where)
-            return Outcomes([Outcome("rejected", reason)])
+            return FoldResult([Outcome("rejected", code, reason)])
         middle = len(events) // 2
         first, second = await self._fold(events[:middle]), await self._fold(events[middle:])
-        both = Outcomes([*first, *second])
-        both.alerts = first.alerts + second.alerts
-        return both
-
-    async def _maybe_poll_queues(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        """Export queue depths as metrics (every consumer does; they agree)."""
-        if time.monotonic() - self._last_queue_poll < QUEUE_POLL_EVERY:
-            return
-        self._last_queue_poll = time.monotonic()
-        for name in (self.names.ingest, self.names.dead):
-            declared = await channel.declare_queue(name, passive=True)
-            metrics.QUEUE_MESSAGES.labels(name).set(declared.declaration_result.message_count or 0)
-            metrics.QUEUE_CONSUMERS.labels(name).set(declared.declaration_result.consumer_count or 0)
-
-    async def _maybe_purge(self) -> None:
-        """Housekeeping: compact the count deltas often, purge expired dedupe keys rarely."""
-        if time.monotonic() - self._last_compact < COMPACT_EVERY:
-            return
-        self._last_compact = time.monotonic()
-        try:
-            async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
-                await compact_counts(conn)
-                if time.monotonic() - self._last_purge < PURGE_EVERY:
-                    return
-                self._last_purge = time.monotonic()
-                purged = await purge_processed(conn, self.retention)
-            if purged:
-                log.info("purged expired dedupe keys", extra={"count": purged})
-        except TRANSIENT_DB_ERRORS as exc:
-            log.warning("housekeeping deferred", extra={"error": repr(exc)})
-        except asyncpg.PostgresError as exc:
-            # Housekeeping must never stop ingestion: report it loudly and carry on.
-            log.error("housekeeping failed", extra={"error": repr(exc)})
+        return FoldResult([*first.outcomes, *second.outcomes], first.alerts + second.alerts)
 
 
 def _client_error(exc: BaseException) -> bool:
@@ -516,25 +456,3 @@ def _client_error(exc: BaseException) -> bool:
         and not isinstance(exc, asyncpg.ConnectionDoesNotExistError)
         and "connection is closed" not in str(exc)
     )
-
-
-# Dead-letter reasons by their opening words, onto the closed set of label codes in
-# service.metrics.DEAD_LETTER_REASONS (a reason itself quotes the event: never a label).
-_REASON_KINDS = (
-    ("unknown organization", "unknown_organization"),
-    ("too old", "too_old"),
-    ("event time", "future"),
-    ("invalid field", "invalid_field"),
-    ("invalid event", "invalid_field"),
-    ("body is not valid JSON", "not_json"),
-    ("database refused", "database_refused"),
-    ("internal error", "internal_error"),
-)
-
-
-def _reason_kind(reason: str) -> str:
-    """A low-cardinality label for a dead-letter reason: one of DEAD_LETTER_REASONS."""
-    for prefix, kind in _REASON_KINDS:
-        if reason.startswith(prefix):
-            return kind
-    return "malformed"

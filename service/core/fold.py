@@ -45,33 +45,37 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
-from decimal import Decimal
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Literal
 from uuid import UUID
 
 import asyncpg
 import orjson
 
-from service import failpoints
-from service.auth import resolve_organizations
-from service.events import Event, ProfileData, SubscriptionData, UsageData, too_old_reason
+from service.core import failpoints
+from service.core.auth import resolve_organizations
+from service.core.changes import HINT_COLUMNS, Change, Delta, Key, plan
+from service.core.events import Event, Rejection, UsageData, too_old_reason
+from service.core.vocabulary import PROFILE_COLUMNS
 
 Status = Literal["applied", "duplicate", "stale", "rejected"]
-# (organization_id, environment, customer_identifier)
-Key = tuple[UUID, str, str]
 
 
 @dataclass(frozen=True)
 class Outcome:
+    """What became of one event; a rejected one says why (``code``) and how (``reason``)."""
+
     status: Status
+    code: Rejection | None = None
     reason: str | None = None
 
 
-class Outcomes(list[Outcome]):
-    """One Outcome per event, in order; ``alerts`` counts budget alerts the batch recorded."""
+@dataclass(frozen=True)
+class FoldResult:
+    """One Outcome per event, in the batch's order, and the budget alerts the batch recorded."""
 
+    outcomes: list[Outcome]
     alerts: int = 0
 
 
@@ -79,169 +83,8 @@ APPLIED = Outcome("applied")
 DUPLICATE = Outcome("duplicate")
 STALE = Outcome("stale")
 
-# ---- versions ---------------------------------------------------------------------------
-
-# A usage event's name/email hint loses to any explicit write, whatever their times.
-HINT, WRITE = 0, 1
-# The profile fields a usage event may hint at (UsageData.customer).
-HINT_COLUMNS = ("name", "email")
-_YEAR_ONE = datetime(1, 1, 1, tzinfo=timezone.utc)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def version(kind: int, at: datetime, source: str, change_id: str) -> str:
-    """A write's version: ``'<kind>|<µs since 0001-01-01 UTC, 19 digits>|<source>|<id>'``.
-    Compared as text — by code point in Python, ``COLLATE "C"`` in SQL, the same order — it
-    orders by kind, then time, then source and id (migrations/0006 has the SQL side)."""
-    return f"{kind}|{(at - _YEAR_ONE) // _MICROSECOND:019d}|{source}|{change_id}"
-
-
-# ---- changes and the in-memory fold -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Change:
-    """One change to one customer at one time, from an event or an API write. Exactly one of
-    ``usage``, ``profile`` (writable columns; ``{}`` for a bare creation), ``subscription`` or
-    ``delete`` is set."""
-
-    key: Key
-    time: datetime
-    source: str
-    id: str
-    usage: UsageData | None = None
-    profile: Mapping[str, object] | None = None
-    subscription: SubscriptionData | None = None
-    delete: bool = False
-
-    @classmethod
-    def of(cls, organization_id: UUID, event: Event) -> "Change":
-        key = (organization_id, event.environment, event.subject)
-        base = {"key": key, "time": event.time, "source": event.source, "id": event.id}
-        if isinstance(event.data, UsageData):
-            return cls(**base, usage=event.data)
-        if isinstance(event.data, ProfileData):
-            return cls(**base, profile=event.data.columns())
-        if isinstance(event.data, SubscriptionData):
-            return cls(**base, subscription=event.data)
-        return cls(**base, delete=True)
-
-    def version(self, kind: int = WRITE) -> str:
-        return version(kind, self.time, self.source, self.id)
-
-
-@dataclass
-class Usage:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cost: Decimal = Decimal(0)
-    latency_sum: float = 0.0
-    latency_count: int = 0
-    ttft_sum: float = 0.0
-    ttft_count: int = 0
-
-    def add(self, u: UsageData) -> None:
-        self.requests += u.requests
-        self.prompt_tokens += u.prompt_tokens
-        self.completion_tokens += u.completion_tokens
-        self.total_tokens += u.total_tokens or 0
-        self.cost += u.cost
-        if u.latency is not None:
-            self.latency_sum += u.latency
-            self.latency_count += 1
-        if u.ttft is not None:
-            self.ttft_sum += u.ttft
-            self.ttft_count += 1
-
-
-@dataclass
-class Delta:
-    """What a batch's live changes do to one customer."""
-
-    usage: Usage = field(default_factory=Usage)
-    days: dict[date, Usage] = field(default_factory=lambda: defaultdict(Usage))
-    first_seen: datetime | None = None
-    last_active: datetime | None = None
-    fields: dict[str, tuple[str, object]] = field(default_factory=dict)  # column -> (version, value)
-    hints: dict[str, tuple[str, object]] = field(default_factory=dict)  # the best hint per column
-    subscriptions: dict[str, tuple[str, datetime, SubscriptionData]] = field(default_factory=dict)
-    last_event_at: datetime | None = None
-
-    def _write(self, column: str, stamp: str, value: object) -> None:
-        if column not in self.fields or self.fields[column][0] < stamp:
-            self.fields[column] = (stamp, value)
-
-    def add(self, change: Change) -> None:
-        t = change.time
-        self.last_event_at = t if self.last_event_at is None else max(self.last_event_at, t)
-        if change.usage is not None:
-            self.usage.add(change.usage)
-            self.days[t.astimezone(timezone.utc).date()].add(change.usage)
-            self.first_seen = t if self.first_seen is None else min(self.first_seen, t)
-            self.last_active = t if self.last_active is None else max(self.last_active, t)
-            hint = change.usage.customer
-            if hint is not None:
-                stamp = change.version(HINT)
-                for column in HINT_COLUMNS:
-                    value = getattr(hint, column)
-                    if value:
-                        self._write(column, stamp, value)
-                        if column not in self.hints or self.hints[column][0] < stamp:
-                            self.hints[column] = (stamp, value)
-        elif change.profile is not None:
-            stamp = change.version()
-            for column, value in change.profile.items():
-                self._write(column, stamp, value)
-        elif change.subscription is not None:
-            sub, stamp = change.subscription, change.version()
-            if sub.id not in self.subscriptions or self.subscriptions[sub.id][0] < stamp:
-                self.subscriptions[sub.id] = (stamp, t, sub)
-
-
-@dataclass
-class Plan:
-    """The in-memory fold of a batch: per customer, the live changes' delta; the tombstones
-    the batch raises; and which changes are stale."""
-
-    deltas: dict[Key, Delta]
-    raised: dict[Key, datetime]  # key -> the new tombstone, where the batch raises it
-    stale: list[bool]
-
-
-def plan(changes: Sequence[Change], tombstones: Mapping[Key, datetime]) -> Plan:
-    """Fold ``changes`` given each customer's current tombstone. Pure: the same changes and
-    tombstones give the same plan in any order. A change at or before its customer's final
-    tombstone (the newer of the stored one and the batch's own deletions) is stale."""
-    final: dict[Key, datetime] = dict(tombstones)
-    raised: dict[Key, datetime] = {}
-    for c in changes:
-        if c.delete and (c.key not in final or c.time > final[c.key]):
-            final[c.key] = raised[c.key] = c.time
-    deltas: dict[Key, Delta] = {}
-    stale = [False] * len(changes)
-    for i, c in enumerate(changes):
-        if c.delete:
-            continue
-        if c.key in final and c.time <= final[c.key]:
-            stale[i] = True
-            continue
-        deltas.setdefault(c.key, Delta()).add(c)
-    return Plan(deltas, raised, stale)
-
-
 # ---- SQL ---------------------------------------------------------------------------------
 
-# Writable profile columns, with the SQL type each is read back as from the JSON patch.
-PROFILE_COLUMNS: dict[str, str] = {
-    "name": "text", "first_name": "text", "last_name": "text", "email": "text", "phone": "text",
-    "customer_type": "text", "status": "text", "parent_customer_id": "uuid", "address_line1": "text",
-    "address_line2": "text", "address_city": "text", "address_state": "text", "address_postal_code": "text",
-    "address_country": "text", "metadata": "jsonb", "stripe_customer_id": "text", "application_id": "text",
-    "last_transaction_amount": "numeric", "last_purchase_date": "timestamptz", "total_budget": "numeric",
-    "period_budget": "numeric", "budget_duration": "text",
-}  # fmt: skip
 # What a field goes back to when the write that set it is undone by a later-arriving deletion.
 _RESET = {"status": "'active'", "metadata": "'{}'::jsonb"}
 
@@ -506,7 +349,7 @@ async def fold(
     *,
     retention: timedelta,
     now: datetime | None = None,
-) -> Outcomes:
+) -> FoldResult:
     """Apply ``events`` in one transaction; returns one :class:`Outcome` per event, in order.
 
     An event applies at most once per (organization, source, id): duplicates within the
@@ -530,9 +373,10 @@ async def fold(
         for i, e in enumerate(events):
             org = orgs.get(e.organization)
             if org is None:
-                outcomes[i] = Outcome("rejected", f"unknown organization '{e.organization}'")
+                reason = f"unknown organization '{e.organization}'"
+                outcomes[i] = Outcome("rejected", Rejection.UNKNOWN_ORGANIZATION, reason)
             elif e.time < oldest:
-                outcomes[i] = Outcome("rejected", too_old_reason(retention))
+                outcomes[i] = Outcome("rejected", Rejection.TOO_OLD, too_old_reason(retention))
             elif (key := (org[0], e.source, e.id)) in fresh:
                 outcomes[i] = DUPLICATE
             else:
@@ -555,10 +399,8 @@ async def fold(
             alerts = result.alerts
             for (i, _), stale in zip(applied, result.stale):
                 outcomes[i] = STALE if stale else APPLIED
-        failpoints.hit("fold.before_commit")
-    out = Outcomes(o or DUPLICATE for o in outcomes)
-    out.alerts = alerts
-    return out
+        await failpoints.hit("fold.before_commit")
+    return FoldResult([o or DUPLICATE for o in outcomes], alerts)
 
 
 def _journal_row(key: tuple[UUID, str, str], e: Event) -> tuple[object, ...]:

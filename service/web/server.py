@@ -34,9 +34,9 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_runner import GracefulExit
 
-from service import metrics
-from service.api.problems import PROBLEM_CONTENT_TYPE, REQUEST_ID, problem_body
-from service.settings import Settings
+from service.infra import metrics
+from service.web.problems import PROBLEM_CONTENT_TYPE, REQUEST_ID, problem_body
+from service.infra.settings import Settings
 
 log = logging.getLogger("tally.http")
 

@@ -1,7 +1,7 @@
 """The customer list query: one object built from validated parameters, one SQL statement.
 
 Every list route (canonical or compatibility) builds a ``ListQuery`` and a ``Projection``
-(which output key is which customer field) and calls :func:`service.customers.list_customers`.
+(which output key is which customer field) and calls :func:`service.core.customers.list_customers`.
 Only names from the allow-lists below ever reach SQL text; every value is a ``$n`` parameter.
 
 Sorting is keyset-friendly: each sort field is a NOT NULL expression (missing values sort
@@ -24,7 +24,7 @@ from uuid import UUID
 
 import orjson
 
-from service.errors import InvalidInput
+from service.core.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,6 @@ SORT_FIELDS: dict[str, SortField] = {
     "period_budget": SortField("coalesce(c.period_budget, '-infinity'::numeric)", "numeric"),
 }
 
-STATUSES = ("active", "draft", "blacklisted", "deactivated", "archived")
-ENVIRONMENTS = ("prod", "test")
 MAX_LIMIT = 1000
 
 # Output fields: name -> SQL over a customers alias ``{t}``, rendered into JSON by
@@ -282,7 +280,7 @@ class Sort:
     def parse(cls, text: str, param: str = "sort_by") -> "Sort":
         name = text[1:] if text.startswith("-") else text
         if name not in SORT_FIELDS:
-            raise InvalidInput.for_field(param, f"cannot sort by '{name}'; choose one of {', '.join(SORT_FIELDS)}")
+            raise InvalidInput(param, f"cannot sort by '{name}'")
         return cls(name, text.startswith("-"))
 
     def __str__(self) -> str:
@@ -311,11 +309,11 @@ class ListQuery:
 
     def __post_init__(self) -> None:
         if not 1 <= self.limit <= MAX_LIMIT:
-            raise InvalidInput.for_field("limit", f"must be between 1 and {MAX_LIMIT}")
+            raise InvalidInput("limit", f"must be between 1 and {MAX_LIMIT}")
         if self.offset < 0:
-            raise InvalidInput.for_field("offset", "must be 0 or more")
+            raise InvalidInput("offset", "must be 0 or more")
         if self.position and self.offset:
-            raise InvalidInput.for_field("cursor", "cannot be combined with an offset")
+            raise InvalidInput("cursor", "cannot be combined with an offset")
 
 
 class _Params:
@@ -450,7 +448,7 @@ class CursorCodec:
     def decode(self, token: str) -> "CursorClaims":
         """Verify a cursor's signature and return what it claims; :func:`resume` checks the
         claims against the request."""
-        invalid = InvalidInput.for_field("cursor", "is not a cursor this server issued")
+        invalid = InvalidInput("cursor", "is not a cursor this server issued")
         body, dot, sig = token.partition(".")
         try:
             payload, signature = _unb64(body), _unb64(sig)
@@ -480,11 +478,11 @@ def resume(q: ListQuery, claims: CursorClaims, explicit_sort: bool) -> ListQuery
     """``q`` continued from a cursor. The cursor must have been made for this organization,
     environment and filter; its sort applies unless the request named the same one."""
     if claims.organization_id != str(q.organization_id) or claims.environment != q.environment:
-        raise InvalidInput.for_field("cursor", "was not issued for this organization and environment")
+        raise InvalidInput("cursor", "was not issued for this organization and environment")
     if claims.fingerprint != q.filter.fingerprint():
-        raise InvalidInput.for_field("cursor", "was issued for different filters; repeat the original filters")
+        raise InvalidInput("cursor", "was issued for different filters; repeat the original filters")
     if explicit_sort and str(q.sort) != claims.sort:
-        raise InvalidInput.for_field("cursor", f"was issued for sort_by={claims.sort}")
+        raise InvalidInput("cursor", f"was issued for sort_by={claims.sort}")
     return replace(q, sort=Sort.parse(claims.sort, "cursor"), position=claims.position, offset=0)
 
 

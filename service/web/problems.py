@@ -6,13 +6,14 @@ import asyncio
 import logging
 import re
 import uuid
+from dataclasses import dataclass
 
 import asyncpg
 import orjson
 from aiohttp import web
 
-from service import logs
-from service.errors import FieldError, TallyError, Unauthenticated, Unavailable
+from service.infra import logs
+from service.infra.errors import Unavailable
 
 log = logging.getLogger("tally.api")
 
@@ -34,6 +35,37 @@ UNAVAILABLE_ERRORS = (
     asyncpg.AdminShutdownError,
 )
 
+@dataclass(frozen=True)
+class ProblemField:
+    """One offending parameter: its name as the client wrote it, where, and what is wrong."""
+
+    name: str
+    detail: str
+    location: str = "query"  # query, body, path, header
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "in": self.location, "detail": self.detail}
+
+
+class Problem(Exception):
+    """An HTTP refusal, answered as RFC 9457 problem+json by :func:`problem_middleware`."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        slug: str | None = None,
+        errors: list[ProblemField] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.slug = status, title, detail, slug
+        self.errors = errors or []
+        self.headers = headers or {}
+
+
 _STATUS_SLUGS = {
     400: "bad-request", 404: "not-found", 405: "method-not-allowed", 408: "request-timeout", 413: "payload-too-large",
     414: "uri-too-long", 429: "rate-limited", 431: "header-fields-too-large",
@@ -48,7 +80,7 @@ def problem_body(
     instance: str | None,
     request_id: str,
     slug: str | None = None,
-    errors: list[FieldError] | None = None,
+    errors: list[ProblemField] | None = None,
     extra: dict[str, object] | None = None,
 ) -> bytes:
     """The RFC 9457 document every refusal carries (``instance`` is None when the request
@@ -73,7 +105,7 @@ def problem(
     detail: str,
     *,
     slug: str | None = None,
-    errors: list[FieldError] | None = None,
+    errors: list[ProblemField] | None = None,
     headers: dict[str, str] | None = None,
     extra: dict[str, object] | None = None,
 ) -> web.Response:
@@ -101,13 +133,11 @@ async def request_id_middleware(request: web.Request, handler):  # type: ignore[
 async def problem_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
     try:
         return await handler(request)
-    except TallyError as exc:
-        headers = dict(exc.headers)
-        if isinstance(exc, Unavailable):
-            headers.setdefault("Retry-After", "1")
-        elif isinstance(exc, Unauthenticated):
-            headers["WWW-Authenticate"] = 'Bearer realm="tally"'
-        return problem(request, exc.status, exc.title, exc.detail, slug=exc.slug, errors=exc.errors, headers=headers)
+    except Problem as exc:
+        return problem(request, exc.status, exc.title, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers)
+    except Unavailable as exc:
+        return problem(request, 503, "Service Unavailable", exc.detail, slug="unavailable",
+                       headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -31,6 +31,7 @@ DELIVERY_LIMIT = 20
 ALERTS_MAX_LENGTH = 100_000
 
 REASON_HEADER = "x-tally-reason"
+REASON_CODE_HEADER = "x-tally-reason-code"
 ROUTING_KEY_HEADER = "x-tally-routing-key"
 DEATH_TIME_HEADER = "x-tally-dead-at"
 # The delivery on which the consumer dead-lettered the message: 1 unless the broker had
@@ -117,13 +118,14 @@ def event_message(body: bytes, *, batch: bool, message_id: str | None = None) ->
 
 
 def dead_letter_message(
-    body: bytes, reason: str, routing_key: str, content_type: str | None, *, message_id: str | None = None,
-    attempt: int = 1,
+    body: bytes, code: str, reason: str, routing_key: str, content_type: str | None, *,
+    message_id: str | None = None, attempt: int = 1,
 ) -> aio_pika.Message:  # fmt: skip
     """A dead letter: the message (or one event of a batch) with why it died. It keeps the
     original message's id, so the letters of one message can be found together, and
     ``routing_key`` must be the original message's (the broker accepted it, so it is a valid
-    routing key), which replay publishes it with again."""
+    routing key), which replay publishes it with again. ``code`` is the reason's closed-set
+    code (service.core.events.Rejection), ``reason`` its text."""
     return aio_pika.Message(
         body,
         content_type=content_type or "application/cloudevents+json",
@@ -131,6 +133,7 @@ def dead_letter_message(
         message_id=message_id,
         headers={
             REASON_HEADER: reason[:MAX_REASON_CHARS],
+            REASON_CODE_HEADER: code,
             ROUTING_KEY_HEADER: routing_key,
             DEATH_TIME_HEADER: datetime.now(timezone.utc).isoformat(),
             ATTEMPT_HEADER: attempt,

@@ -7,7 +7,7 @@ import time
 
 from aiohttp import web
 
-from service import metrics
+from service.infra import metrics
 
 access_log = logging.getLogger("tally.access")
 

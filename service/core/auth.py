@@ -18,13 +18,13 @@ from uuid import UUID
 
 import asyncpg
 
-from service.errors import Conflict, Forbidden, NotFound, Unauthenticated
+from service.core.vocabulary import ENVIRONMENTS
+from service.core.errors import Conflict, Forbidden, NotFound, Unauthenticated
 
 SCOPES = ("read", "write", "admin", "ops")
 # 'admin' implies the scopes of its own organization; 'ops' (broker-wide queue statistics,
 # which show every tenant's traffic) is never implied and is granted only explicitly.
 ORGANIZATION_SCOPES = ("read", "write", "admin")
-ENVIRONMENTS = ("prod", "test")
 CLIENT_KEY_PREFIX = "tly_"
 # NOTIFY channel on which a revocation names the client key, so API processes caching
 # verified keys (service/api/keycache.py) drop it as the revocation commits.

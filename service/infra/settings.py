@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The migrations live beside the packages in a source checkout (and in the Docker image,
 # which installs the checkout in place); TALLY_MIGRATIONS_DIR overrides it elsewhere.
-DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
 class Settings(BaseSettings):

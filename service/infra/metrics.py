@@ -12,7 +12,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from service.events import EVENT_TYPES
+from service.core.events import EVENT_TYPES, Rejection
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -44,11 +44,8 @@ DEAD_LETTERS = Counter(
 # scrape without bound.
 EVENT_TYPE_LABELS = frozenset(EVENT_TYPES)
 OTHER_TYPE = "other"
-# The codes of tally_dead_letters_total{reason}; consumers.consumer maps each reason onto one.
-DEAD_LETTER_REASONS = (
-    "unknown_organization", "too_old", "future", "invalid_field", "not_json", "malformed",
-    "database_refused", "internal_error",
-)  # fmt: skip
+# The codes of tally_dead_letters_total{reason}: the closed set of rejection codes.
+DEAD_LETTER_REASONS = tuple(code.value for code in Rejection)
 
 
 def event_type_label(value: object) -> str:

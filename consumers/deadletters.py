@@ -1,10 +1,6 @@
-"""Operator tooling over the broker: queue statistics and dead-letter list, replay, purge.
+"""Dead-letter tools: list, replay, purge (``tally dlq``).
 
-Queue statistics come from the RabbitMQ management API when it is reachable (ready,
-unacknowledged, consumers, publish and deliver rates) and degrade to what AMQP alone can
-tell (ready and consumers) when it is not.
-
-Dead-letter tools read ``<ns>.dead`` with basic.get and *hold* every message unacked until
+They read ``<ns>.dead`` with basic.get and *hold* every message unacked until
 they are done: a replayed or purged message is acked only after its fate is settled (a
 replay is acked after the broker confirmed the re-publish), and everything else goes back
 to the queue when the tool's channel closes — also when the tool is interrupted. Nothing is
@@ -19,88 +15,15 @@ left for the next run rather than replayed again and again by this one.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from urllib.parse import quote, unquote, urlsplit
 
 import aio_pika
-import aiohttp
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from consumers.broker import DEATH_TIME_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, Names
-
-MANAGEMENT_TIMEOUT = 3.0
-
-
-@dataclass
-class QueueStats:
-    name: str
-    ready: int
-    unacknowledged: int | None
-    consumers: int
-    publish_rate: float | None
-    deliver_rate: float | None
-    source: str  # "management" or "amqp"
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-def _vhost(amqp_url: str) -> str:
-    path = urlsplit(amqp_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
-async def _management_stats(management_url: str, vhost: str, queue: str) -> QueueStats:
-    parts = urlsplit(management_url)
-    credentials = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or 'guest')}"
-    headers = {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
-    base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}{parts.path.rstrip('/')}"
-    url = f"{base}/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
-    timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session, session.get(url) as response:
-        response.raise_for_status()
-        data = await response.json()
-    stats = data.get("message_stats") or {}
-    return QueueStats(
-        name=queue,
-        ready=int(data.get("messages_ready", 0)),
-        unacknowledged=int(data.get("messages_unacknowledged", 0)),
-        consumers=int(data.get("consumers", 0)),
-        publish_rate=float((stats.get("publish_details") or {}).get("rate", 0.0)),
-        deliver_rate=float((stats.get("deliver_get_details") or {}).get("rate", 0.0)),
-        source="management",
-    )
-
-
-async def queue_stats(amqp_url: str, management_url: str | None, names: Names) -> list[QueueStats]:
-    """Statistics of the ingest and dead-letter queues."""
-    queues = (names.ingest, names.dead)
-    if management_url:
-        try:
-            return [await _management_stats(management_url, _vhost(amqp_url), q) for q in queues]
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-            pass  # degrade to AMQP
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    try:
-        out = []
-        for queue in queues:
-            channel = await connection.channel()
-            try:
-                declared = await channel.declare_queue(queue, passive=True)
-                result = declared.declaration_result
-                out.append(QueueStats(queue, result.message_count or 0, None, result.consumer_count or 0,
-                                      None, None, "amqp"))  # fmt: skip
-            except aio_pika.exceptions.ChannelClosed:  # not declared yet: nothing in it
-                out.append(QueueStats(queue, 0, None, 0, None, None, "amqp"))
-        return out
-    finally:
-        await connection.close()
-
+from service.infra.broker import DEATH_TIME_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, Names
 
 @dataclass
 class DeadLetterInfo:

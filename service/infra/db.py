@@ -11,7 +11,7 @@ from decimal import Decimal
 import asyncpg
 import orjson
 
-from service.settings import Settings, redact_dsn
+from service.infra.settings import Settings, redact_dsn
 
 log = logging.getLogger("tally.db")
 

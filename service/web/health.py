@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from service.api import appkeys
-from service.api.models import Health
-from service.api.problems import problem
+from service.web.appkeys import POOL, READINESS_CHECKS
+from service.web.problems import problem
 
 # A readiness probe must answer fast even when a dependency hangs.
 CHECK_TIMEOUT = 2.0
 
-ReadinessCheck = Callable[[web.Application], Awaitable[None]]
-READINESS_CHECKS = web.AppKey("readiness_checks", dict)
-
 
 async def database_check(app: web.Application) -> None:
-    await app[appkeys.POOL].fetchval("SELECT 1", timeout=CHECK_TIMEOUT)
+    await app[POOL].fetchval("SELECT 1", timeout=CHECK_TIMEOUT)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -27,9 +22,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks: dict[str, ReadinessCheck] = request.app[READINESS_CHECKS]
     results: dict[str, str] = {}
-    for name, check in checks.items():
+    for name, check in request.app[READINESS_CHECKS].items():
         try:
             await asyncio.wait_for(check(request.app), CHECK_TIMEOUT)
             results[name] = "ok"
@@ -42,5 +36,3 @@ async def readyz(request: web.Request) -> web.Response:
         request, 503, "Service Unavailable", f"not ready: {', '.join(down)} unreachable",
         slug="unavailable", headers={"Retry-After": "1"}, extra={"checks": results},
     )  # fmt: skip
-
-__all__ = ["Health", "database_check", "healthz", "readyz", "READINESS_CHECKS"]

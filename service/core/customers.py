@@ -16,9 +16,11 @@ from uuid import UUID
 
 import asyncpg
 
-from service.errors import Conflict, InvalidInput, NotFound
-from service.fold import PROFILE_COLUMNS, Change, apply_changes
-from service.query import (
+from service.core.errors import Conflict, InvalidInput, NotFound
+from service.core.changes import Change
+from service.core.fold import apply_changes
+from service.core.vocabulary import WRITABLE_COLUMNS
+from service.core.query import (
     ListQuery,
     Position,
     Shape,
@@ -26,11 +28,6 @@ from service.query import (
     list_sql,
     shape_sql,
 )
-
-# Columns a client may write. Everything else (ids, organization, usage aggregates, derived
-# budget figures, timestamps) is read-only and a write naming it is refused by the edge.
-WRITABLE_COLUMNS = frozenset(PROFILE_COLUMNS)
-
 
 @dataclass(frozen=True)
 class Page:
@@ -100,7 +97,7 @@ def _write_errors() -> Iterator[None]:
     except asyncpg.UniqueViolationError:
         raise Conflict("a customer with this customer_identifier already exists in this environment") from None
     except asyncpg.ForeignKeyViolationError:
-        raise InvalidInput.for_field("parent_customer_id", "no such customer in this organization", "body") from None
+        raise InvalidInput("parent_customer_id", "no such customer in this organization") from None
 
 
 # API writes are changes stamped with the request's time and folded by the same code as
@@ -171,7 +168,7 @@ async def update_customer(
         if customer_id is None:
             raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
         if values.get("parent_customer_id") == customer_id:
-            raise InvalidInput.for_field("parent_customer_id", "a customer cannot be its own parent", "body")
+            raise InvalidInput("parent_customer_id", "a customer cannot be its own parent")
         if values:
             with _write_errors():
                 result = await apply_changes(conn, [_change(key, at, request_id, profile=values)], {key: customer_id})
@@ -252,14 +249,14 @@ async def usage_series(
 ) -> str:
     """Usage per bucket from ``start`` to ``end`` inclusive, as a JSON array (text)."""
     if granularity not in GRANULARITIES:
-        raise InvalidInput.for_field("granularity", f"must be one of {', '.join(GRANULARITIES)}")
+        raise InvalidInput("granularity", f"must be one of {', '.join(GRANULARITIES)}")
     for name, day in (("from", start), ("to", end)):
         if not FIRST_SERIES_DAY <= day <= LAST_SERIES_DAY:
-            raise InvalidInput.for_field(name, f"must be between {FIRST_SERIES_DAY} and {LAST_SERIES_DAY}")
+            raise InvalidInput(name, f"must be between {FIRST_SERIES_DAY} and {LAST_SERIES_DAY}")
     if end < start:
-        raise InvalidInput.for_field("to", "must not be before 'from'")
+        raise InvalidInput("to", "must not be before 'from'")
     if end - start > timedelta(days=MAX_SERIES_DAYS):
-        raise InvalidInput.for_field("to", f"a series spans at most {MAX_SERIES_DAYS} days")
+        raise InvalidInput("to", f"a series spans at most {MAX_SERIES_DAYS} days")
     if not storable(identifier):
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
     customer_id = await conn.fetchval(SELECT_CUSTOMER_ID, organization_id, environment, identifier)

@@ -10,8 +10,8 @@ import os
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from consumers.broker import Names, Topology, declare
-from service.errors import Unavailable
+from service.infra.broker import Names, Topology, declare
+from service.infra.errors import Unavailable
 
 log = logging.getLogger("tally.publisher")
 

@@ -5,9 +5,10 @@ the dead-letter replay and the benchmarks alike."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -19,10 +20,10 @@ from pydantic import (
     model_validator,
 )
 
-from service.profile import Identifier, ProfileUpdate, ShortText, Timestamp, exact_decimal, json_fault
+from service.core.profile import Identifier, ProfileUpdate, ShortText, Timestamp, exact_decimal, json_fault
 
-EVENT_TYPES = ("usage.recorded", "customer.upserted", "customer.deleted", "subscription.upserted")
 EventType = Literal["usage.recorded", "customer.upserted", "customer.deleted", "subscription.upserted"]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 EVENT_CONTENT_TYPE = "application/cloudevents+json"
 
@@ -126,11 +127,28 @@ class Event:
     raw: dict[str, Any]  # the event as received, for dead-lettering it alone
 
 
-class InvalidEvent(Exception):
-    """An event that can never be applied; ``reason`` goes on its dead letter."""
+class Rejection(StrEnum):
+    """Why an event can never apply, as a code: the dead letter's ``x-tally-reason-code``
+    header and the ``reason`` label of tally_dead_letters_total (the text beside it names
+    the detail, and may quote the event: never a label)."""
 
-    def __init__(self, reason: str, raw: object = None) -> None:
+    NOT_JSON = "not_json"
+    MALFORMED = "malformed"  # valid JSON, but not an event or a batch of events
+    INVALID_FIELD = "invalid_field"
+    FUTURE = "future"
+    TOO_OLD = "too_old"
+    UNKNOWN_ORGANIZATION = "unknown_organization"
+    DATABASE_REFUSED = "database_refused"
+    INTERNAL_ERROR = "internal_error"  # a bug that one input brought out
+
+
+class InvalidEvent(Exception):
+    """An event (or message) that can never be applied: ``code`` says why, ``reason`` how;
+    both go on its dead letter."""
+
+    def __init__(self, code: Rejection, reason: str, raw: object = None) -> None:
         super().__init__(reason)
+        self.code = code
         self.reason = reason
         self.raw = raw
 
@@ -159,23 +177,23 @@ def validate_event(raw: object, now: datetime, *, retention: timedelta | None = 
     object, nested too deep, a NUL character anywhere, invalid fields, a time in the future
     or (with ``retention``) older than the dedupe window."""
     if not isinstance(raw, dict):
-        raise InvalidEvent("event is not a JSON object", raw)
+        raise InvalidEvent(Rejection.MALFORMED, "event is not a JSON object", raw)
     fault = json_fault(raw, max_depth=MAX_EVENT_DEPTH)
     if fault:
-        raise InvalidEvent(f"invalid event: {fault}", raw)
+        raise InvalidEvent(Rejection.INVALID_FIELD, f"invalid event: {fault}", raw)
     try:
         envelope = CloudEvent.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidEvent(_reason(exc), raw) from None
+        raise InvalidEvent(Rejection.INVALID_FIELD, _reason(exc), raw) from None
     model = _DATA_MODELS[envelope.type]
     try:
         data = model.model_validate(envelope.data) if model else None
     except ValidationError as exc:
-        raise InvalidEvent(_reason(exc, "data."), raw) from None
+        raise InvalidEvent(Rejection.INVALID_FIELD, _reason(exc, "data."), raw) from None
     if envelope.time > now + MAX_FUTURE:
-        raise InvalidEvent(f"event time {envelope.time.isoformat()} is in the future", raw)
+        raise InvalidEvent(Rejection.FUTURE, f"event time {envelope.time.isoformat()} is in the future", raw)
     if retention is not None and envelope.time < now - retention:
-        raise InvalidEvent(too_old_reason(retention), raw)
+        raise InvalidEvent(Rejection.TOO_OLD, too_old_reason(retention), raw)
     return Event(
         id=envelope.id,
         source=envelope.source,
@@ -195,13 +213,13 @@ def decode_body(body: bytes) -> list[object]:
     try:
         decoded = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise InvalidEvent("body is not valid JSON") from None
+        raise InvalidEvent(Rejection.NOT_JSON, "body is not valid JSON") from None
     if isinstance(decoded, list):
         if not decoded:
-            raise InvalidEvent("batch is empty")
+            raise InvalidEvent(Rejection.MALFORMED, "batch is empty")
         if len(decoded) > MAX_EVENTS_PER_MESSAGE:
-            raise InvalidEvent(f"batch holds more than {MAX_EVENTS_PER_MESSAGE} events")
+            raise InvalidEvent(Rejection.MALFORMED, f"batch holds more than {MAX_EVENTS_PER_MESSAGE} events")
         return decoded
     if isinstance(decoded, dict):
         return [decoded]
-    raise InvalidEvent("body is neither an event object nor an array of events")
+    raise InvalidEvent(Rejection.MALFORMED, "body is neither an event object nor an array of events")

@@ -1,0 +1,134 @@
+"""The consumer process's periodic jobs, each its own task beside the ingest loop (never on
+its timers, so no job delays a batch):
+
+- **compact counts**: fold the customer-count delta rows (service/core/customers.py);
+- **purge**: forget dedupe keys, journal rows and tombstones older than the retention window;
+- **relay alerts**: publish budget alerts recorded by folds (this process's, at once, or a
+  crashed one's, within ALERT_RELAY_EVERY);
+- **poll queues**: export the ingest and dead-letter queues' depth and consumers as gauges.
+
+A job that fails is logged and tried again at its next turn: housekeeping never stops
+ingestion and never ends the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import aio_pika
+import asyncpg
+import orjson
+
+from service.core.alerts import ALERT_ROUTING_KEY, relay_alerts
+from service.core.customers import compact_counts
+from service.core.events import EVENT_CONTENT_TYPE
+from service.core.fold import purge_processed
+from service.infra import metrics
+from service.infra.broker import Names
+from service.infra.errors import Unavailable
+from service.infra.publisher import Publisher
+from service.infra.settings import Settings
+
+log = logging.getLogger("tally.housekeeping")
+
+# The count deltas grow by about one row per batch that creates customers; compacting this
+# often keeps a count read to a few hundred rows at most.
+COMPACT_EVERY = 10.0
+PURGE_EVERY = 600.0
+# Alerts recorded by a consumer that crashed before relaying them are picked up this often.
+ALERT_RELAY_EVERY = 5.0
+ALERT_RELAY_CHUNK = 100
+QUEUE_POLL_EVERY = 15.0
+# Database and broker trouble a job waits out (logged as a warning, retried next turn).
+TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+             asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, Unavailable,
+             aio_pika.exceptions.AMQPError)  # fmt: skip
+
+
+@dataclass
+class Job:
+    name: str
+    every: float
+    run: Callable[[], Awaitable[None]]
+    # Set to run the job at once rather than at its next turn (cleared when it runs).
+    nudge: asyncio.Event | None = None
+
+
+class Housekeeping:
+    """The jobs of one consumer process, started with :meth:`start` and stopped with
+    :meth:`stop` (a job in progress is cancelled: each is safe to cut short)."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, alerts_recorded: asyncio.Event,
+                 started_consuming: asyncio.Event) -> None:  # fmt: skip
+        self.settings = settings
+        self.pool = pool
+        self.names = Names(settings.amqp_namespace)
+        self.retention = timedelta(days=settings.dedupe_retention_days)
+        # Its own broker connection (publisher confirms), apart from the ingest channel.
+        self.publisher = Publisher(settings.amqp_url, self.names)
+        self.jobs = [
+            Job("compact counts", COMPACT_EVERY, self.compact_counts),
+            Job("purge", PURGE_EVERY, self.purge),
+            Job("relay alerts", ALERT_RELAY_EVERY, self.relay_alerts, alerts_recorded),
+            Job("poll queues", QUEUE_POLL_EVERY, self.poll_queues, started_consuming),
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._loop(job), name=f"tally-{job.name}") for job in self.jobs]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.publisher.close()
+
+    async def _loop(self, job: Job) -> None:
+        while True:
+            try:
+                await job.run()
+            except TRANSIENT as exc:
+                log.warning("%s deferred", job.name, extra={"error": repr(exc)})
+            except Exception:  # a job's bug must not end ingestion: report it loudly, carry on
+                log.exception("%s failed", job.name)
+            if job.nudge is None:
+                await asyncio.sleep(job.every)
+                continue
+            try:
+                await asyncio.wait_for(job.nudge.wait(), job.every)
+            except asyncio.TimeoutError:
+                pass
+            job.nudge.clear()
+
+    async def compact_counts(self) -> None:
+        async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+            await compact_counts(conn)
+
+    async def purge(self) -> None:
+        async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+            purged = await purge_processed(conn, self.retention)
+        if purged:
+            log.info("purged expired dedupe keys", extra={"count": purged})
+
+    async def relay_alerts(self) -> None:
+        """Publish recorded budget alerts until none is left (chunks of ALERT_RELAY_CHUNK)."""
+
+        async def publish(event: dict[str, object]) -> None:
+            message = aio_pika.Message(orjson.dumps(event), content_type=EVENT_CONTENT_TYPE,
+                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(event["id"]))  # fmt: skip
+            await self.publisher.publish(message, ALERT_ROUTING_KEY)
+
+        while await relay_alerts(self.pool, publish, limit=ALERT_RELAY_CHUNK) == ALERT_RELAY_CHUNK:
+            pass
+
+    async def poll_queues(self) -> None:
+        """Queue depths and consumers as metrics (every consumer exports them; they agree)."""
+        topology = await self.publisher.topology()
+        for queue in (topology.ingest, topology.dead):
+            declared = await queue.declare()
+            metrics.QUEUE_MESSAGES.labels(queue.name).set(declared.message_count or 0)
+            metrics.QUEUE_CONSUMERS.labels(queue.name).set(declared.consumer_count or 0)

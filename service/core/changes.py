@@ -1,0 +1,173 @@
+"""Changes to customers and the in-memory fold: pure, no I/O (unit tested without a
+database in tests/test_changes.py). ``service.core.fold`` writes what :func:`plan` decides.
+
+A change is one event (or API write) for one customer; :func:`plan` folds a batch of them,
+given each customer's tombstone, into one :class:`Delta` per customer — sums, days, the
+newest value of each field — and says which changes are stale. The rules are the module
+docstring of ``service.core.fold``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from uuid import UUID
+
+from service.core.events import Event, ProfileData, SubscriptionData, UsageData
+
+# (organization_id, environment, customer_identifier)
+Key = tuple[UUID, str, str]
+
+# ---- versions ---------------------------------------------------------------------------
+
+# A usage event's name/email hint loses to any explicit write, whatever their times.
+HINT, WRITE = 0, 1
+# The profile fields a usage event may hint at (UsageData.customer).
+HINT_COLUMNS = ("name", "email")
+_YEAR_ONE = datetime(1, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def version(kind: int, at: datetime, source: str, change_id: str) -> str:
+    """A write's version: ``'<kind>|<µs since 0001-01-01 UTC, 19 digits>|<source>|<id>'``.
+    Compared as text — by code point in Python, ``COLLATE "C"`` in SQL, the same order — it
+    orders by kind, then time, then source and id (migrations/0006 has the SQL side)."""
+    return f"{kind}|{(at - _YEAR_ONE) // _MICROSECOND:019d}|{source}|{change_id}"
+
+
+# ---- changes and the in-memory fold -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to one customer at one time, from an event or an API write. Exactly one of
+    ``usage``, ``profile`` (writable columns; ``{}`` for a bare creation), ``subscription`` or
+    ``delete`` is set."""
+
+    key: Key
+    time: datetime
+    source: str
+    id: str
+    usage: UsageData | None = None
+    profile: Mapping[str, object] | None = None
+    subscription: SubscriptionData | None = None
+    delete: bool = False
+
+    @classmethod
+    def of(cls, organization_id: UUID, event: Event) -> "Change":
+        key = (organization_id, event.environment, event.subject)
+        base = {"key": key, "time": event.time, "source": event.source, "id": event.id}
+        if isinstance(event.data, UsageData):
+            return cls(**base, usage=event.data)
+        if isinstance(event.data, ProfileData):
+            return cls(**base, profile=event.data.columns())
+        if isinstance(event.data, SubscriptionData):
+            return cls(**base, subscription=event.data)
+        return cls(**base, delete=True)
+
+    def version(self, kind: int = WRITE) -> str:
+        return version(kind, self.time, self.source, self.id)
+
+
+@dataclass
+class Usage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    latency_sum: float = 0.0
+    latency_count: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+
+    def add(self, u: UsageData) -> None:
+        self.requests += u.requests
+        self.prompt_tokens += u.prompt_tokens
+        self.completion_tokens += u.completion_tokens
+        self.total_tokens += u.total_tokens or 0
+        self.cost += u.cost
+        if u.latency is not None:
+            self.latency_sum += u.latency
+            self.latency_count += 1
+        if u.ttft is not None:
+            self.ttft_sum += u.ttft
+            self.ttft_count += 1
+
+
+@dataclass
+class Delta:
+    """What a batch's live changes do to one customer."""
+
+    usage: Usage = field(default_factory=Usage)
+    days: dict[date, Usage] = field(default_factory=lambda: defaultdict(Usage))
+    first_seen: datetime | None = None
+    last_active: datetime | None = None
+    fields: dict[str, tuple[str, object]] = field(default_factory=dict)  # column -> (version, value)
+    hints: dict[str, tuple[str, object]] = field(default_factory=dict)  # the best hint per column
+    subscriptions: dict[str, tuple[str, datetime, SubscriptionData]] = field(default_factory=dict)
+    last_event_at: datetime | None = None
+
+    def _write(self, column: str, stamp: str, value: object) -> None:
+        if column not in self.fields or self.fields[column][0] < stamp:
+            self.fields[column] = (stamp, value)
+
+    def add(self, change: Change) -> None:
+        t = change.time
+        self.last_event_at = t if self.last_event_at is None else max(self.last_event_at, t)
+        if change.usage is not None:
+            self.usage.add(change.usage)
+            self.days[t.astimezone(timezone.utc).date()].add(change.usage)
+            self.first_seen = t if self.first_seen is None else min(self.first_seen, t)
+            self.last_active = t if self.last_active is None else max(self.last_active, t)
+            hint = change.usage.customer
+            if hint is not None:
+                stamp = change.version(HINT)
+                for column in HINT_COLUMNS:
+                    value = getattr(hint, column)
+                    if value:
+                        self._write(column, stamp, value)
+                        if column not in self.hints or self.hints[column][0] < stamp:
+                            self.hints[column] = (stamp, value)
+        elif change.profile is not None:
+            stamp = change.version()
+            for column, value in change.profile.items():
+                self._write(column, stamp, value)
+        elif change.subscription is not None:
+            sub, stamp = change.subscription, change.version()
+            if sub.id not in self.subscriptions or self.subscriptions[sub.id][0] < stamp:
+                self.subscriptions[sub.id] = (stamp, t, sub)
+
+
+@dataclass
+class Plan:
+    """The in-memory fold of a batch: per customer, the live changes' delta; the tombstones
+    the batch raises; and which changes are stale."""
+
+    deltas: dict[Key, Delta]
+    raised: dict[Key, datetime]  # key -> the new tombstone, where the batch raises it
+    stale: list[bool]
+
+
+def plan(changes: Sequence[Change], tombstones: Mapping[Key, datetime]) -> Plan:
+    """Fold ``changes`` given each customer's current tombstone. Pure: the same changes and
+    tombstones give the same plan in any order. A change at or before its customer's final
+    tombstone (the newer of the stored one and the batch's own deletions) is stale."""
+    final: dict[Key, datetime] = dict(tombstones)
+    raised: dict[Key, datetime] = {}
+    for c in changes:
+        if c.delete and (c.key not in final or c.time > final[c.key]):
+            final[c.key] = raised[c.key] = c.time
+    deltas: dict[Key, Delta] = {}
+    stale = [False] * len(changes)
+    for i, c in enumerate(changes):
+        if c.delete:
+            continue
+        if c.key in final and c.time <= final[c.key]:
+            stale[i] = True
+            continue
+        deltas.setdefault(c.key, Delta()).add(c)
+    return Plan(deltas, raised, stale)

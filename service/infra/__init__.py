@@ -1,0 +1,2 @@
+"""Shared infrastructure: settings, database pools, the broker topology and publisher,
+logs, metrics, migrations."""

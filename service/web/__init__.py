@@ -1,0 +1,1 @@
+"""The aiohttp base both processes share: server, middlewares, health and metrics."""
