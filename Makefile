@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install migrate run api test test-faults clean
+.PHONY: install migrate run api test test-faults lint format clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,18 @@ api: migrate
 
 test: install
 	$(BIN)/python -m pytest
+
+# The gates CI runs before the tests: lint, format, types (strict on service/core), and the
+# import contracts (edges never import each other; the domain imports no edge library).
+lint: install
+	$(BIN)/ruff check service consumers tests bench
+	$(BIN)/ruff format --check service consumers tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: install
+	$(BIN)/ruff check --fix service consumers tests bench
+	$(BIN)/ruff format service consumers tests bench
 
 # Fault tests stop and restart this machine's PostgreSQL and RabbitMQ (and restore them).
 test-faults: install

@@ -46,8 +46,13 @@ def machine() -> dict[str, object]:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(),
-            "kernel": platform.release()}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem / 2**30, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
 
 
 @dataclass
@@ -82,8 +87,9 @@ class Process:
 def start_tally(command: str, env: dict[str, str], log: Path, port: int | None = None) -> Process:
     full_env = {**os.environ, "TALLY_LOG_LEVEL": "WARNING", "TALLY_LOG_FORMAT": "json", **env}
     handle = log.open("wb")
-    popen = subprocess.Popen([sys.executable, "-m", "service.cli", command], env=full_env, stdout=handle,
-                             stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", command], env=full_env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT
+    )
     return Process(popen, log, port)
 
 
@@ -114,8 +120,12 @@ class Rate:
     extra: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
-        out = {"per_second": round(self.per_second, 1), "p50_ms": _r(self.p50_ms), "p99_ms": _r(self.p99_ms),
-               "errors": self.errors}  # fmt: skip
+        out = {
+            "per_second": round(self.per_second, 1),
+            "p50_ms": _r(self.p50_ms),
+            "p99_ms": _r(self.p99_ms),
+            "errors": self.errors,
+        }
         out.update(self.extra)
         return out
 
@@ -132,8 +142,9 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[index]
 
 
-async def closed_loop(work: Callable[[], Awaitable[None]], *, concurrency: int, duration: float,
-                      warmup: float = 1.0) -> Rate:  # fmt: skip
+async def closed_loop(
+    work: Callable[[], Awaitable[None]], *, concurrency: int, duration: float, warmup: float = 1.0
+) -> Rate:
     """Run ``work`` from ``concurrency`` tasks back to back for ``duration`` seconds."""
     latencies: list[float] = []
     errors = 0
@@ -164,10 +175,10 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
     table = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
     print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for row in table:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
 def write_json(path: str | None, document: dict[str, object]) -> None:

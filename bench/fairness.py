@@ -35,9 +35,18 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    UNLIMITED, Rate, closed_loop, free_port, machine, percentile, print_table, start_tally, wait_ready, with_database,
+    UNLIMITED,
+    Rate,
+    closed_loop,
+    free_port,
+    machine,
+    percentile,
+    print_table,
+    start_tally,
+    wait_ready,
+    with_database,
     write_json,
-)  # fmt: skip
+)
 from bench.read import DATABASE, load, settle  # noqa: E402
 from service.core import auth  # noqa: E402
 
@@ -52,8 +61,9 @@ async def abuse(url: str, key: str, concurrency: int, duration: float) -> dict[s
     latencies: list[float] = []
     stop_at = time.perf_counter() + duration
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}, timeout=timeout,
-                                     connector=aiohttp.TCPConnector(limit=concurrency)) as session:  # fmt: skip
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {key}"}, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)
+    ) as session:
 
         async def client() -> None:
             while (started := time.perf_counter()) < stop_at:
@@ -61,28 +71,40 @@ async def abuse(url: str, key: str, concurrency: int, duration: float) -> dict[s
                     async with session.get(url) as r:
                         await r.read()
                         statuses[str(r.status)] += 1
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     statuses[type(exc).__name__] += 1
                 latencies.append((time.perf_counter() - started) * 1000)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
-    return {"statuses": dict(statuses), "p50_ms": round(percentile(latencies, 50), 3),
-            "p99_ms": round(percentile(latencies, 99), 3)}  # fmt: skip
+    return {
+        "statuses": dict(statuses),
+        "p50_ms": round(percentile(latencies, 50), 3),
+        "p99_ms": round(percentile(latencies, 99), 3),
+    }
 
 
 async def abusing(url: str, key: str, concurrency: int, duration: float) -> asyncio.subprocess.Process:
     """Start :func:`abuse` in a child process (this file with ``--abuse``); it prints JSON."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--abuse", url, "--concurrency", str(concurrency), "--duration", str(duration),
-        env={**os.environ, KEY_ENV: key}, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        __file__,
+        "--abuse",
+        url,
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(duration),
+        env={**os.environ, KEY_ENV: key},
+        stdout=asyncio.subprocess.PIPE,
+    )
 
 
 async def victim(url: str, key: str, connections: int, duration: float) -> Rate:
     """The other organization's retrieves, closed loop; non-200 answers count as errors."""
     refused: Counter[int] = Counter()
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"},
-                                     connector=aiohttp.TCPConnector(limit=connections)) as session:  # fmt: skip
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {key}"}, connector=aiohttp.TCPConnector(limit=connections)
+    ) as session:
 
         async def retrieve() -> None:
             async with session.get(url) as r:
@@ -136,8 +158,11 @@ async def main() -> int:
     scenarios = [
         ("(a) alone", None),
         (f"(b) A: {args.abusers} x offset={args.offset}&limit=1000", f"/v1/customers?offset={args.offset}&limit=1000"),
-        (f"(c) A: {args.abusers} x period_budget_share_gte=0&limit=10", "/v1/customers?period_budget_share_gte=0&limit=10"),
-    ]  # fmt: skip
+        (
+            f"(c) A: {args.abusers} x period_budget_share_gte=0&limit=10",
+            "/v1/customers?period_budget_share_gte=0&limit=10",
+        ),
+    ]
 
     # The API as deployed by default (pool of 8, so 4 per organization, 2 s bounded waits),
     # and, as the baseline of the same run, without fair sharing (one organization may hold
@@ -156,9 +181,20 @@ async def main() -> int:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             log = Path(tempfile.mkdtemp()) / "api.log"
-            api = start_tally("api", {"TALLY_DATABASE_URL": dsn, "TALLY_HTTP_PORT": str(port),
-                                      "TALLY_HTTP_HOST": "127.0.0.1", "TALLY_DB_POOL_MAX": "8",
-                                      "TALLY_DB_POOL_MIN": "8", **UNLIMITED, **overrides}, log, port)  # fmt: skip
+            api = start_tally(
+                "api",
+                {
+                    "TALLY_DATABASE_URL": dsn,
+                    "TALLY_HTTP_PORT": str(port),
+                    "TALLY_HTTP_HOST": "127.0.0.1",
+                    "TALLY_DB_POOL_MAX": "8",
+                    "TALLY_DB_POOL_MIN": "8",
+                    **UNLIMITED,
+                    **overrides,
+                },
+                log,
+                port,
+            )
             try:
                 await wait_ready(f"{base}/healthz", api)
                 victim_url = f"{base}/v1/customers/{retrieve_id}"
@@ -192,17 +228,49 @@ async def main() -> int:
         abuser = entry.get("abuser")
         served, s503, s429, other = shed(abuser["statuses"]) if abuser else (None, None, None, None)  # type: ignore[index]
         entry["abuser_shed"] = {"served": served, "503": s503, "429": s429, "other": other}
-        rows.append([name, v["per_second"], v["p50_ms"], v["p99_ms"], v["errors"],  # type: ignore[index]
-                     entry["p50_over_alone"], entry["p99_over_alone"], served, s503, s429, other])
-    document = {"benchmark": "fairness", "customers": args.customers, "duration_s": args.duration,
-                "victim_connections": args.connections, "abusers": args.abusers, "machine": machine(),
-                "scenarios": results, "api_peak_rss_mb": round(api_rss, 1)}  # fmt: skip
+        rows.append(
+            [
+                name,
+                v["per_second"],
+                v["p50_ms"],
+                v["p99_ms"],
+                v["errors"],  # type: ignore[index]
+                entry["p50_over_alone"],
+                entry["p99_over_alone"],
+                served,
+                s503,
+                s429,
+                other,
+            ]
+        )
+    document = {
+        "benchmark": "fairness",
+        "customers": args.customers,
+        "duration_s": args.duration,
+        "victim_connections": args.connections,
+        "abusers": args.abusers,
+        "machine": machine(),
+        "scenarios": results,
+        "api_peak_rss_mb": round(api_rss, 1),
+    }
     print_table(
         f"Fairness: bench-mid's retrieve while bench-big abuses the API ({args.customers:,} customers, "
         f"victim {args.connections} connections, {args.duration:g}s per scenario)",
-        ["scenario", "victim req/s", "p50 ms", "p99 ms", "victim errors", "p50 / alone", "p99 / alone",
-         "A served", "A 503", "A 429", "A other"], rows,
-    )  # fmt: skip
+        [
+            "scenario",
+            "victim req/s",
+            "p50 ms",
+            "p99 ms",
+            "victim errors",
+            "p50 / alone",
+            "p99 / alone",
+            "A served",
+            "A 503",
+            "A 429",
+            "A other",
+        ],
+        rows,
+    )
     write_json(args.json, document)
     return 0
 

@@ -18,7 +18,7 @@ import secrets
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aio_pika
@@ -29,12 +29,21 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    UNLIMITED, Rate, free_port, machine, percentile, print_table, start_tally, wait_ready, with_database, write_json,
-)  # fmt: skip
-from service.infra.broker import Names, declare  # noqa: E402
+    UNLIMITED,
+    Rate,
+    free_port,
+    machine,
+    percentile,
+    print_table,
+    start_tally,
+    wait_ready,
+    with_database,
+    write_json,
+)
 from service.core import auth  # noqa: E402
 from service.core.events import validate_event  # noqa: E402
 from service.core.fold import fold  # noqa: E402
+from service.infra.broker import Names, declare  # noqa: E402
 from service.infra.migrate import migrate  # noqa: E402
 
 AMQP_URL = os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -44,17 +53,29 @@ RETENTION = timedelta(days=35)
 def generate(org: str, n: int, customers: int, seed: int) -> list[dict]:
     """n usage events over ``customers`` customers with Zipf-like activity, 20 days of history."""
     rng = random.Random(seed)
-    now = datetime.now(timezone.utc) - timedelta(minutes=1)
+    now = datetime.now(UTC) - timedelta(minutes=1)
     weights = [1 / (rank + 1) ** 1.1 for rank in range(customers)]
     who = rng.choices(range(customers), weights=weights, k=n)
     return [
-        {"specversion": "1.0", "id": f"e{seed}-{i}", "source": "bench", "type": "usage.recorded",
-         "time": (now - timedelta(seconds=rng.random() * 20 * 86400)).isoformat(), "subject": f"user_{c}",
-         "organization": org, "data": {"requests": 1, "prompt_tokens": rng.randint(10, 2000),
-                                       "completion_tokens": rng.randint(5, 800), "cost": f"{rng.random() / 100:.6f}",
-                                       "latency": round(rng.random() * 3, 3), "ttft": round(rng.random(), 3)}}
+        {
+            "specversion": "1.0",
+            "id": f"e{seed}-{i}",
+            "source": "bench",
+            "type": "usage.recorded",
+            "time": (now - timedelta(seconds=rng.random() * 20 * 86400)).isoformat(),
+            "subject": f"user_{c}",
+            "organization": org,
+            "data": {
+                "requests": 1,
+                "prompt_tokens": rng.randint(10, 2000),
+                "completion_tokens": rng.randint(5, 800),
+                "cost": f"{rng.random() / 100:.6f}",
+                "latency": round(rng.random() * 3, 3),
+                "ttft": round(rng.random(), 3),
+            },
+        }
         for i, c in enumerate(who)
-    ]  # fmt: skip
+    ]
 
 
 def bodies(events: list[dict], per_message: int) -> list[bytes]:
@@ -71,13 +92,21 @@ async def preload(names: Names, messages: list[bytes], label: str) -> None:
         topology = await declare(channel, names)
         window = 2000
         for start in range(0, len(messages), window):
-            await asyncio.gather(*(
-                topology.events.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                                        routing_key="usage.recorded")
-                for body in messages[start : start + window]
-            ))  # fmt: skip
-            print(f"\rpreloading {label}: {min(start + window, len(messages)):,}/{len(messages):,} messages",
-                  end="", file=sys.stderr, flush=True)  # fmt: skip
+            await asyncio.gather(
+                *(
+                    topology.events.publish(
+                        aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key="usage.recorded",
+                    )
+                    for body in messages[start : start + window]
+                )
+            )
+            print(
+                f"\rpreloading {label}: {min(start + window, len(messages)):,}/{len(messages):,} messages",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         print(file=sys.stderr)
     finally:
         await connection.close()
@@ -140,7 +169,7 @@ async def naive_consumer(names: Names, dsn: str, n_events: int) -> Rate:
             nonlocal seen, first
             first = first or time.perf_counter()
             decoded = orjson.loads(message.body)
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             async with lock, pool.acquire() as conn:
                 for raw in decoded if isinstance(decoded, list) else [decoded]:
                     await fold(conn, [validate_event(raw, now)], retention=RETENTION)
@@ -160,7 +189,7 @@ async def naive_consumer(names: Names, dsn: str, n_events: int) -> Rate:
 
 async def fold_direct(dsn: str, events: list[dict], batch_size: int) -> Rate:
     """(c) the fold alone: validated events in memory, one transaction per batch."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     validated = [validate_event(e, now) for e in events]
     conn = await asyncpg.connect(dsn, server_settings={"timezone": "UTC"})
     try:
@@ -186,9 +215,17 @@ async def applied(session: aiohttp.ClientSession, port: int) -> float:
 async def tally_consumer(names: Names, dsn: str, n_events: int, workdir: Path) -> tuple[Rate, object]:
     """(d) tally's consumer process on the preloaded queue: events/s, CPU and peak RSS."""
     port = free_port()
-    process = start_tally("consume", {"TALLY_DATABASE_URL": dsn, "TALLY_AMQP_NAMESPACE": names.namespace,
-                                      "TALLY_CONSUMER_HTTP_PORT": str(port), "TALLY_HTTP_HOST": "127.0.0.1"},
-                          workdir / "consumer.log", port)  # fmt: skip
+    process = start_tally(
+        "consume",
+        {
+            "TALLY_DATABASE_URL": dsn,
+            "TALLY_AMQP_NAMESPACE": names.namespace,
+            "TALLY_CONSUMER_HTTP_PORT": str(port),
+            "TALLY_HTTP_HOST": "127.0.0.1",
+        },
+        workdir / "consumer.log",
+        port,
+    )
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(f"http://127.0.0.1:{port}/healthz", process)
@@ -203,8 +240,14 @@ async def tally_consumer(names: Names, dsn: str, n_events: int, workdir: Path) -
                 await asyncio.sleep(0.02)
             elapsed = now - started  # type: ignore[operator]
             cpu = process.cpu_seconds() - cpu_start  # type: ignore[operator]
-        rate = Rate(n_events / elapsed, extra={"cpu_seconds": round(cpu, 2), "cores_used": round(cpu / elapsed, 2),
-                                               "peak_rss_mb": round(process.peak_rss_mb(), 1)})  # fmt: skip
+        rate = Rate(
+            n_events / elapsed,
+            extra={
+                "cpu_seconds": round(cpu, 2),
+                "cores_used": round(cpu / elapsed, 2),
+                "peak_rss_mb": round(process.peak_rss_mb(), 1),
+            },
+        )
         return rate, process
     except BaseException:
         process.stop()
@@ -239,12 +282,14 @@ async def freshness(names: Names, dsn: str, api_port: int, key: str, org: str, r
             for i, event in enumerate(background):
                 probe = i % 100 == 0
                 if probe:
-                    event = {**event, "subject": f"probe_{i}", "time": datetime.now(timezone.utc).isoformat()}
+                    event = {**event, "subject": f"probe_{i}", "time": datetime.now(UTC).isoformat()}
                 sent = time.perf_counter()
                 # Confirms are awaited in the background: a steady rate needs many in flight.
-                publishes.append(asyncio.ensure_future(
-                    topology.events.publish(aio_pika.Message(orjson.dumps(event)), routing_key="usage.recorded")
-                ))  # fmt: skip
+                publishes.append(
+                    asyncio.ensure_future(
+                        topology.events.publish(aio_pika.Message(orjson.dumps(event)), routing_key="usage.recorded")
+                    )
+                )
                 if probe:
                     pollers.append(asyncio.create_task(watch(f"probe_{i}", sent)))
                 delay = started + (i + 1) * interval - time.perf_counter()
@@ -255,8 +300,13 @@ async def freshness(names: Names, dsn: str, api_port: int, key: str, org: str, r
             await asyncio.gather(*pollers)
     finally:
         await connection.close()
-    return Rate(achieved, percentile(latencies, 50), percentile(latencies, 99),
-                errors=len(pollers) - len(latencies), extra={"probes": len(latencies)})  # fmt: skip
+    return Rate(
+        achieved,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        errors=len(pollers) - len(latencies),
+        extra={"probes": len(latencies)},
+    )
 
 
 async def main() -> int:
@@ -309,12 +359,23 @@ async def main() -> int:
 
         # Freshness: a consumer and the API running, events published at a steady rate.
         port = free_port()
-        api = start_tally("api", {"TALLY_DATABASE_URL": dsn, "TALLY_HTTP_PORT": str(port),
-                                  "TALLY_HTTP_HOST": "127.0.0.1", **UNLIMITED}, workdir / "api.log", port)  # fmt: skip
+        api = start_tally(
+            "api",
+            {"TALLY_DATABASE_URL": dsn, "TALLY_HTTP_PORT": str(port), "TALLY_HTTP_HOST": "127.0.0.1", **UNLIMITED},
+            workdir / "api.log",
+            port,
+        )
         processes.append(api)
-        live = start_tally("consume", {"TALLY_DATABASE_URL": dsn, "TALLY_AMQP_NAMESPACE": names["fresh"].namespace,
-                                       "TALLY_CONSUMER_HTTP_PORT": str(free_port()), "TALLY_HTTP_HOST": "127.0.0.1"},
-                           workdir / "live.log")  # fmt: skip
+        live = start_tally(
+            "consume",
+            {
+                "TALLY_DATABASE_URL": dsn,
+                "TALLY_AMQP_NAMESPACE": names["fresh"].namespace,
+                "TALLY_CONSUMER_HTTP_PORT": str(free_port()),
+                "TALLY_HTTP_HOST": "127.0.0.1",
+            },
+            workdir / "live.log",
+        )
         processes.append(live)
         await wait_ready(f"http://127.0.0.1:{port}/healthz", api)
         await asyncio.sleep(1)  # the consumer declares its queue before we publish into it
@@ -337,26 +398,39 @@ async def main() -> int:
         "b_naive_consumer": naive.as_dict(),
         "c_fold_alone": direct.as_dict(),
         "d_tally_consumer": consumer_rate.as_dict(),
-        "ratios": {"d_over_a": round(d / bare.per_second, 3), "d_over_b": round(d / naive.per_second, 2),
-                   "d_over_c": round(d / direct.per_second, 3)},  # fmt: skip
+        "ratios": {
+            "d_over_a": round(d / bare.per_second, 3),
+            "d_over_b": round(d / naive.per_second, 2),
+            "d_over_c": round(d / direct.per_second, 3),
+        },
         "freshness": {**fresh.as_dict(), "target_rate": args.rate},
         "api_peak_rss_mb_during_freshness": round(api_rss, 1),
     }
-    document = {"benchmark": "ingest", "events": args.events, "events_per_message": args.batch,
-                "customers": args.customers, "naive_events": args.naive_events, "machine": machine(),
-                "results": results}  # fmt: skip
+    document = {
+        "benchmark": "ingest",
+        "events": args.events,
+        "events_per_message": args.batch,
+        "customers": args.customers,
+        "naive_events": args.naive_events,
+        "machine": machine(),
+        "results": results,
+    }
     print_table(
         f"Ingest: {args.events:,} events, {args.batch} per message, {args.customers:,} customers",
         ["consumer", "events/s", "vs tally"],
-        [["(a) bare: decode + ack", bare.per_second, round(d / bare.per_second, 2)],
-         ["(b) naive: 1 transaction/event", naive.per_second, round(d / naive.per_second, 2)],
-         ["(c) fold alone (database share)", direct.per_second, round(d / direct.per_second, 2)],
-         ["(d) tally consumer", d, 1.0]],
-    )  # fmt: skip
+        [
+            ["(a) bare: decode + ack", bare.per_second, round(d / bare.per_second, 2)],
+            ["(b) naive: 1 transaction/event", naive.per_second, round(d / naive.per_second, 2)],
+            ["(c) fold alone (database share)", direct.per_second, round(d / direct.per_second, 2)],
+            ["(d) tally consumer", d, 1.0],
+        ],
+    )
     extra = consumer_rate.extra
     print(f"\ntally consumer: {extra['cores_used']} cores busy, peak RSS {extra['peak_rss_mb']} MB")
-    print(f"freshness at {fresh.per_second:,.0f} events/s: publish→visible p50 {fresh.p50_ms:.0f} ms,"
-          f" p99 {fresh.p99_ms:.0f} ms over {fresh.extra['probes']} probes ({fresh.errors} never visible)")  # fmt: skip
+    print(
+        f"freshness at {fresh.per_second:,.0f} events/s: publish→visible p50 {fresh.p50_ms:.0f} ms,"
+        f" p99 {fresh.p99_ms:.0f} ms over {fresh.extra['probes']} probes ({fresh.errors} never visible)"
+    )
     write_json(args.json, document)
     return 0
 

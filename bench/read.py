@@ -28,14 +28,23 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    UNLIMITED, Rate, closed_loop, free_port, machine, print_table, start_tally, wait_ready, with_database, write_json,
-)  # fmt: skip
-from service.core import auth  # noqa: E402
+    UNLIMITED,
+    Rate,
+    closed_loop,
+    free_port,
+    machine,
+    print_table,
+    start_tally,
+    wait_ready,
+    with_database,
+    write_json,
+)
 from service.api.compat import flexprice, public, respan, v0  # noqa: E402
 from service.api.customers import canonical_shape  # noqa: E402
+from service.core import auth  # noqa: E402
 from service.core.customers import _get_sql  # noqa: E402
-from service.infra.migrate import migrate  # noqa: E402
 from service.core.query import CursorCodec, CustomerFilter, ListQuery, Position, Shape, Sort, list_sql  # noqa: E402
+from service.infra.migrate import migrate  # noqa: E402
 
 DATABASE = "tally_bench_read"
 # Organization sizes as shares of M: one big tenant (the deep-page scenarios need >500k
@@ -53,7 +62,8 @@ SELECT $1, 'prod', 'user_' || g,
        initcap(syl[1 + (g * 7) % 24] || syl[1 + (g * 13) % 23]) || ' ' ||
        initcap(syl[1 + (g * 17) % 24] || syl[1 + (g * 29) % 23] || syl[1 + (g * 31) % 25]),
        'user' || g || '@example.com',
-       (ARRAY['active','active','active','active','active','active','draft','blacklisted','deactivated','archived'])[1 + g % 10],
+       (ARRAY['active','active','active','active','active','active','draft','blacklisted','deactivated',
+              'archived'])[1 + g % 10],
        jsonb_build_object('plan_tier', (ARRAY['free','growth','enterprise'])[1 + g % 3]),
        fs, fs + random() * interval '30 days', ad, req, req * 300, req * 120, req * 420,
        round((req * (0.0005 + random() * 0.02))::numeric, 6), req * (0.3 + random() * 2), req, req * 0.4, req,
@@ -102,8 +112,12 @@ async def load(dsn: str, customers: int, reload: bool, database: str = DATABASE)
                 high = min(low + step, start + count) - 1
                 await conn.execute(LOAD, orgs[name], low, high)
                 done = high - 1
-                print(f"\rloading customers {done:,}/{customers:,} ({done / (time.perf_counter() - started):,.0f}/s)",
-                      end="", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"\rloading customers {done:,}/{customers:,} ({done / (time.perf_counter() - started):,.0f}/s)",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
             start += count
         print(file=sys.stderr)
         await conn.execute("VACUUM ANALYZE customers")
@@ -115,9 +129,20 @@ async def load(dsn: str, customers: int, reload: bool, database: str = DATABASE)
 def wrk(url: str, key: str, duration: float, connections: int) -> Rate:
     """requests/s and latency percentiles from wrk (Debian package 'wrk')."""
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-H", f"Authorization: Bearer {key}", url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {key}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()  # type: ignore[union-attr]
@@ -136,8 +161,10 @@ async def python_load(url: str, key: str, duration: float, connections: int) -> 
     """Fallback load generator when wrk is not installed (it may itself be the bottleneck)."""
     import aiohttp
 
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"},
-                                     connector=aiohttp.TCPConnector(limit=connections)) as session:  # fmt: skip
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {key}"}, connector=aiohttp.TCPConnector(limit=connections)
+    ) as session:
+
         async def hit() -> None:
             async with session.get(url) as r:
                 await r.read()
@@ -147,8 +174,9 @@ async def python_load(url: str, key: str, duration: float, connections: int) -> 
         return await closed_loop(hit, concurrency=connections, duration=duration)
 
 
-async def db_rate(pool: asyncpg.Pool, statements: list[tuple[str, list[object]]], duration: float,
-                  connections: int) -> Rate:  # fmt: skip
+async def db_rate(
+    pool: asyncpg.Pool, statements: list[tuple[str, list[object]]], duration: float, connections: int
+) -> Rate:
     async def work() -> None:
         async with pool.acquire() as conn:
             for sql, args in statements:
@@ -193,12 +221,16 @@ async def main() -> int:
         sort = Sort("total_cost", descending=True)
         deep_row = await conn.fetchrow(
             "SELECT total_cost::text AS k, id::text AS kid FROM customers WHERE organization_id = $1"
-            " AND environment = 'prod' ORDER BY total_cost DESC, id DESC OFFSET $2 LIMIT 1", big, deep - 1,
-        )  # fmt: skip
+            " AND environment = 'prod' ORDER BY total_cost DESC, id DESC OFFSET $2 LIMIT 1",
+            big,
+            deep - 1,
+        )
         # A partial-name search for one (realistic) last name, lower-cased: ~40 matches.
-        last_name = (await conn.fetchval(
-            "SELECT split_part(name, ' ', 2) FROM customers WHERE organization_id = $1 LIMIT 1", big
-        )).lower()
+        last_name = (
+            await conn.fetchval(
+                "SELECT split_part(name, ' ', 2) FROM customers WHERE organization_id = $1 LIMIT 1", big
+            )
+        ).lower()
         retrieve_id = await conn.fetchval(
             "SELECT customer_identifier FROM customers WHERE organization_id = $1 ORDER BY total_cost DESC LIMIT 1", big
         )
@@ -215,26 +247,55 @@ async def main() -> int:
     scenarios = [
         ("first page, -total_cost", "/v1/customers?sort_by=-total_cost&limit=50", stmts(first, canonical)),
         ("first page, no count (db)", None, stmts(first, canonical, count=False)),
-        ("500k deep, cursor", f"/v1/customers?cursor={cursor}&limit=50",
-         stmts(ListQuery(big, "prod", sort=sort, limit=50, position=position), canonical)),
-        ("500k deep, offset", f"/v1/customers?sort_by=-total_cost&limit=50&offset={deep}",
-         stmts(ListQuery(big, "prod", sort=sort, limit=50, offset=deep), canonical)),
+        (
+            "500k deep, cursor",
+            f"/v1/customers?cursor={cursor}&limit=50",
+            stmts(ListQuery(big, "prod", sort=sort, limit=50, position=position), canonical),
+        ),
+        (
+            "500k deep, offset",
+            f"/v1/customers?sort_by=-total_cost&limit=50&offset={deep}",
+            stmts(ListQuery(big, "prod", sort=sort, limit=50, offset=deep), canonical),
+        ),
         ("name filter (partial)", f"/v1/customers?name={last_name}&limit=50", stmts(name_q, canonical)),
         ("retrieve", f"/v1/customers/{retrieve_id}", [(_get_sql(canonical), [big, "prod", retrieve_id])]),
-        ("respan list", "/compat/respan/api/users/list/?page=1&page_size=50&sort_by=-total_cost&environment=prod",
-         stmts(ListQuery(big, "prod", sort=sort, limit=50), respan.LIST_SHAPE)),
-        ("v0 list", "/compat/v0/api/v0/customers?skip=0&take=50",
-         stmts(ListQuery(big, "prod", sort=Sort("created_at"), limit=50), v0.SHAPE)),
-        ("flexprice list", "/compat/flexprice/v1/customers?limit=50&offset=0&order=desc",
-         stmts(ListQuery(big, "prod", sort=Sort("created_at"), limit=50), flexprice.SHAPES[False])),
-        ("public list", "/compat/public/api/public/customers?limit=50&offset=0",
-         stmts(ListQuery(big, "prod", sort=Sort("created_at"), limit=50), public.SHAPES[False])),
-    ]  # fmt: skip
+        (
+            "respan list",
+            "/compat/respan/api/users/list/?page=1&page_size=50&sort_by=-total_cost&environment=prod",
+            stmts(ListQuery(big, "prod", sort=sort, limit=50), respan.LIST_SHAPE),
+        ),
+        (
+            "v0 list",
+            "/compat/v0/api/v0/customers?skip=0&take=50",
+            stmts(ListQuery(big, "prod", sort=Sort("created_at"), limit=50), v0.SHAPE),
+        ),
+        (
+            "flexprice list",
+            "/compat/flexprice/v1/customers?limit=50&offset=0&order=desc",
+            stmts(ListQuery(big, "prod", sort=Sort("created_at"), limit=50), flexprice.SHAPES[False]),
+        ),
+        (
+            "public list",
+            "/compat/public/api/public/customers?limit=50&offset=0",
+            stmts(ListQuery(big, "prod", sort=Sort("created_at"), limit=50), public.SHAPES[False]),
+        ),
+    ]
 
     port = free_port()
     log = Path(tempfile.mkdtemp()) / "api.log"
-    api = start_tally("api", {"TALLY_DATABASE_URL": dsn, "TALLY_HTTP_PORT": str(port), "TALLY_HTTP_HOST": "127.0.0.1",
-                              "TALLY_DB_POOL_MAX": "8", "TALLY_DB_POOL_MIN": "8", **UNLIMITED}, log, port)  # fmt: skip
+    api = start_tally(
+        "api",
+        {
+            "TALLY_DATABASE_URL": dsn,
+            "TALLY_HTTP_PORT": str(port),
+            "TALLY_HTTP_HOST": "127.0.0.1",
+            "TALLY_DB_POOL_MAX": "8",
+            "TALLY_DB_POOL_MIN": "8",
+            **UNLIMITED,
+        },
+        log,
+        port,
+    )
     results: dict[str, dict[str, object]] = {}
     try:
         await wait_ready(f"http://127.0.0.1:{port}/healthz", api)
@@ -247,8 +308,11 @@ async def main() -> int:
             entry: dict[str, object] = {"db": db.as_dict()}
             if path is not None:
                 url = f"http://127.0.0.1:{port}{path}"
-                http = wrk(url, key, duration, args.connections) if use_wrk else await python_load(
-                    url, key, duration, args.connections)  # fmt: skip
+                http = (
+                    wrk(url, key, duration, args.connections)
+                    if use_wrk
+                    else await python_load(url, key, duration, args.connections)
+                )
                 entry["api"] = http.as_dict()
                 entry["api_over_db"] = round(http.per_second / db.per_second, 3) if db.per_second else None
             results[name] = entry
@@ -260,27 +324,55 @@ async def main() -> int:
 
     first_page = results["first page, -total_cost"]
     derived = {
-        "count_overhead": round(results["first page, no count (db)"]["db"]["per_second"]  # type: ignore[index]
-                                / first_page["db"]["per_second"] - 1, 3),  # type: ignore[index]
-        "deep_cursor_over_first_page_p50": round(results["500k deep, cursor"]["api"]["p50_ms"]  # type: ignore[index]
-                                                 / first_page["api"]["p50_ms"], 3),  # type: ignore[index]
+        "count_overhead": round(
+            results["first page, no count (db)"]["db"]["per_second"]  # type: ignore[index]
+            / first_page["db"]["per_second"]
+            - 1,
+            3,
+        ),  # type: ignore[index]
+        "deep_cursor_over_first_page_p50": round(
+            results["500k deep, cursor"]["api"]["p50_ms"]  # type: ignore[index]
+            / first_page["api"]["p50_ms"],
+            3,
+        ),  # type: ignore[index]
         "api_peak_rss_mb": round(api_rss, 1),
         "load_generator": "wrk" if shutil.which("wrk") else "python (may be the bottleneck)",
-    }  # fmt: skip
-    document = {"benchmark": "read", "customers": args.customers, "connections": args.connections,
-                "duration_s": args.duration, "machine": machine(), "scenarios": results, "derived": derived}  # fmt: skip
+    }
+    document = {
+        "benchmark": "read",
+        "customers": args.customers,
+        "connections": args.connections,
+        "duration_s": args.duration,
+        "machine": machine(),
+        "scenarios": results,
+        "derived": derived,
+    }
     rows = []
     for name, entry in results.items():
         a, d = entry.get("api", {}), entry["db"]
-        rows.append([name, a.get("per_second"), a.get("p50_ms"), a.get("p99_ms"), a.get("errors"),  # type: ignore[union-attr]
-                     d["per_second"], d["p50_ms"], d["p99_ms"], entry.get("api_over_db")])  # type: ignore[index]
+        rows.append(
+            [
+                name,
+                a.get("per_second"),
+                a.get("p50_ms"),
+                a.get("p99_ms"),
+                a.get("errors"),  # type: ignore[union-attr]
+                d["per_second"],
+                d["p50_ms"],
+                d["p99_ms"],
+                entry.get("api_over_db"),
+            ]
+        )  # type: ignore[index]
     print_table(
         f"Reads: {args.customers:,} customers, {args.connections} connections, {args.duration:g}s per scenario",
-        ["scenario", "api req/s", "p50 ms", "p99 ms", "errors", "db q/s", "db p50", "db p99", "api/db"], rows,
-    )  # fmt: skip
-    print(f"\ncount() adds {derived['count_overhead']:.0%} to a first-page list (db);"
-          f" 500k-deep cursor p50 = {derived['deep_cursor_over_first_page_p50']}x the first page;"
-          f" API peak RSS {derived['api_peak_rss_mb']} MB")  # fmt: skip
+        ["scenario", "api req/s", "p50 ms", "p99 ms", "errors", "db q/s", "db p50", "db p99", "api/db"],
+        rows,
+    )
+    print(
+        f"\ncount() adds {derived['count_overhead']:.0%} to a first-page list (db);"
+        f" 500k-deep cursor p50 = {derived['deep_cursor_over_first_page_p50']}x the first page;"
+        f" API peak RSS {derived['api_peak_rss_mb']} MB"
+    )
     write_json(args.json, document)
     return 0
 

@@ -42,15 +42,16 @@ async def consumer_context(app: web.Application) -> AsyncIterator[None]:
     await consumer.stop()
     try:
         await asyncio.wait_for(task, DRAIN_GRACE + 5)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.error("consumer did not drain in time; unacked messages will be redelivered")
         task.cancel()
 
 
 async def housekeeping_context(app: web.Application) -> AsyncIterator[None]:
     consumer = app[CONSUMER]
-    housekeeping = Housekeeping(app[SETTINGS], app[POOL], alerts_recorded=consumer.alerts_recorded,
-                                started_consuming=consumer.started_consuming)  # fmt: skip
+    housekeeping = Housekeeping(
+        app[SETTINGS], app[POOL], alerts_recorded=consumer.alerts_recorded, started_consuming=consumer.started_consuming
+    )
     housekeeping.start()
     yield
     await housekeeping.stop()

@@ -15,7 +15,7 @@ left for the next run rather than replayed again and again by this one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -24,6 +24,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from service.infra.broker import DEATH_TIME_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, Names
+
 
 @dataclass
 class DeadLetterInfo:
@@ -46,19 +47,24 @@ def _header(message: AbstractIncomingMessage, name: str) -> str | None:
     return None if value is None else str(value)
 
 
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def describe(message: AbstractIncomingMessage) -> DeadLetterInfo:
     """What a dead letter is and why it died: tally's own headers when the consumer
     dead-lettered it, the broker's x-death record when the broker did (delivery limit)."""
-    deaths = (message.headers or {}).get("x-death") or []
-    death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
-    reason = _header(message, REASON_HEADER) or f"broker: {death.get('reason', 'unknown')}"
+    deaths = (message.headers or {}).get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    reason = _header(message, REASON_HEADER) or f"broker: {_text(death.get('reason', 'unknown'))}"
     routing_key = _header(message, ROUTING_KEY_HEADER)
     if routing_key is None:
-        keys = death.get("routing-keys") or [message.routing_key or ""]
-        routing_key = keys[0].decode() if isinstance(keys[0], bytes) else str(keys[0])
+        keys = death.get("routing-keys")
+        routing_key = _text(keys[0]) if isinstance(keys, list) and keys else message.routing_key or ""
     first = _header(message, DEATH_TIME_HEADER)
-    if first is None and isinstance(death.get("time"), datetime):
-        first = death["time"].isoformat()
+    died = death.get("time")
+    if first is None and isinstance(died, datetime):
+        first = died.isoformat()
     event_type = event_id = organization = None
     events = 0
     try:
@@ -97,7 +103,7 @@ class DeadLetters:
         self.amqp_url = amqp_url
         self.names = names
 
-    async def __aenter__(self) -> "DeadLetters":
+    async def __aenter__(self) -> DeadLetters:
         self.connection = await aio_pika.connect(self.amqp_url, timeout=10)
         self.channel = await self.connection.channel(publisher_confirms=True)
         self.queue = await self.channel.declare_queue(self.names.dead, passive=True)
@@ -113,7 +119,7 @@ class DeadLetters:
         declared = await self.channel.declare_queue(self.names.dead, passive=True)
         return declared.declaration_result.message_count or 0
 
-    async def messages(self, limit: int | None = None):  # type: ignore[no-untyped-def]
+    async def messages(self, limit: int | None = None) -> AsyncIterator[AbstractIncomingMessage]:
         """The letters in the queue when the run began, oldest first, each once (held
         unacked by this session until it settles them or closes)."""
         # The bound is what makes a run end, and take each letter once. The queue is FIFO;
@@ -151,12 +157,15 @@ class DeadLetters:
             try:
                 await self.events.publish(
                     aio_pika.Message(
-                        message.body, content_type=message.content_type, headers=headers,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message.message_id,
+                        message.body,
+                        content_type=message.content_type,
+                        headers=headers,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=message.message_id,
                     ),
                     routing_key=info.routing_key,
                     mandatory=True,
-                )  # fmt: skip
+                )
             except aio_pika.exceptions.DeliveryError:
                 kept += 1  # its routing key reaches no queue: leave it where it is
                 continue
@@ -166,7 +175,9 @@ class DeadLetters:
                 progress(replayed, kept)
         return replayed, kept
 
-    async def purge(self, reason: str | None = None, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    async def purge(
+        self, reason: str | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[int, int]:
         """Delete matching dead letters among those in the queue when the run began (a
         letter arriving meanwhile is not deleted unseen); returns (purged, left in the queue)."""
         purged = kept = 0

@@ -12,21 +12,60 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from service.infra.broker import Names, encode_events, event_message
-from service.infra.publisher import Publisher
 from service.core import auth
 from service.core.errors import NotFound
+from service.infra.broker import Names, encode_events, event_message
+from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 
-FIRST = ("Ada", "Grace", "Linus", "Margaret", "Ken", "Barbara", "Dennis", "Frances", "Edsger", "Radia", "Alan",
-         "Katherine", "John", "Joan", "Donald", "Hedy", "Tim", "Sophie", "Guido", "Anita")  # fmt: skip
-LAST = ("Lovelace", "Hopper", "Torvalds", "Hamilton", "Thompson", "Liskov", "Ritchie", "Allen", "Dijkstra",
-        "Perlman", "Turing", "Johnson", "Backus", "Clarke", "Knuth", "Lamarr", "Berners-Lee", "Wilson", "Rossum",
-        "Borg")  # fmt: skip
+FIRST = (
+    "Ada",
+    "Grace",
+    "Linus",
+    "Margaret",
+    "Ken",
+    "Barbara",
+    "Dennis",
+    "Frances",
+    "Edsger",
+    "Radia",
+    "Alan",
+    "Katherine",
+    "John",
+    "Joan",
+    "Donald",
+    "Hedy",
+    "Tim",
+    "Sophie",
+    "Guido",
+    "Anita",
+)
+LAST = (
+    "Lovelace",
+    "Hopper",
+    "Torvalds",
+    "Hamilton",
+    "Thompson",
+    "Liskov",
+    "Ritchie",
+    "Allen",
+    "Dijkstra",
+    "Perlman",
+    "Turing",
+    "Johnson",
+    "Backus",
+    "Clarke",
+    "Knuth",
+    "Lamarr",
+    "Berners-Lee",
+    "Wilson",
+    "Rossum",
+    "Borg",
+)
 MODELS = (("small", 0.0000004, 0.0000016, 0.4), ("medium", 0.000003, 0.000015, 1.1), ("large", 0.000015, 0.000075, 2.6))
 PLANS = (("price_starter", "Starter", 900), ("price_pro", "Pro", 4999), ("price_team", "Team", 19900))
 
@@ -58,30 +97,53 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def generate(orgs: list[str], customers: int, events: int, days: int, seed: int) -> Iterator[dict]:
+def generate(orgs: list[str], customers: int, events: int, days: int, seed: int) -> Iterator[dict[str, object]]:
     """Yield ``events`` events (profiles and subscriptions first, then usage)."""
     rng = random.Random(seed)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     people = []
     for i in range(customers):
         org = orgs[i % len(orgs)]
         first, last = rng.choice(FIRST), rng.choice(LAST)
         ident = f"user_{i:05d}"
         people.append((org, ident))
-        yield _event(org, ident, "customer.upserted", now - timedelta(days=days, hours=rng.random()), "crm", {
-            "name": f"{first} {last}", "first_name": first, "last_name": last,
-            "email": f"{first}.{last}.{i}@example.com".lower(),
-            "metadata": {"plan_tier": rng.choice(("free", "growth", "enterprise"))},
-        })  # fmt: skip
+        yield _event(
+            org,
+            ident,
+            "customer.upserted",
+            now - timedelta(days=days, hours=rng.random()),
+            "crm",
+            {
+                "name": f"{first} {last}",
+                "first_name": first,
+                "last_name": last,
+                "email": f"{first}.{last}.{i}@example.com".lower(),
+                "metadata": {"plan_tier": rng.choice(("free", "growth", "enterprise"))},
+            },
+        )
         if rng.random() < 0.3:
             price, name, amount = rng.choice(PLANS)
             start = now - timedelta(days=rng.randint(0, 27))
-            yield _event(org, ident, "subscription.upserted", start, "billing", {
-                "id": f"sub_{uuid.UUID(int=rng.getrandbits(128)).hex[:14]}",
-                "status": rng.choice(("active", "active", "active", "trialing", "past_due", "canceled")),
-                "current_period_start": start.isoformat(), "current_period_end": (start + timedelta(days=30)).isoformat(),
-                "plan": {"stripe_price_id": price, "name": name, "amount": amount, "currency": "usd", "interval": "month"},
-            })  # fmt: skip
+            yield _event(
+                org,
+                ident,
+                "subscription.upserted",
+                start,
+                "billing",
+                {
+                    "id": f"sub_{uuid.UUID(int=rng.getrandbits(128)).hex[:14]}",
+                    "status": rng.choice(("active", "active", "active", "trialing", "past_due", "canceled")),
+                    "current_period_start": start.isoformat(),
+                    "current_period_end": (start + timedelta(days=30)).isoformat(),
+                    "plan": {
+                        "stripe_price_id": price,
+                        "name": name,
+                        "amount": amount,
+                        "currency": "usd",
+                        "interval": "month",
+                    },
+                },
+            )
     # Zipf-like weights: a few customers make most of the traffic, as in real gateways.
     weights = [1 / (rank + 1) ** 1.1 for rank in range(customers)]
     for org, ident in rng.choices(people, weights=weights, k=events):
@@ -89,18 +151,38 @@ def generate(orgs: list[str], customers: int, events: int, days: int, seed: int)
         prompt, completion = rng.randint(20, 4000), rng.randint(5, 1500)
         age = days * rng.random() ** 2  # recent days busier
         cost = prompt * prompt_price + completion * completion_price
-        yield _event(org, ident, "usage.recorded", now - timedelta(days=age), "llm-gateway", {
-            "requests": 1, "prompt_tokens": prompt, "completion_tokens": completion, "cost": f"{cost:.8f}",
-            "latency": round(latency * rng.lognormvariate(0, 0.4), 4), "ttft": round(0.25 * rng.lognormvariate(0, 0.5), 4),
-            "model": model,
-        })  # fmt: skip
+        yield _event(
+            org,
+            ident,
+            "usage.recorded",
+            now - timedelta(days=age),
+            "llm-gateway",
+            {
+                "requests": 1,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "cost": f"{cost:.8f}",
+                "latency": round(latency * rng.lognormvariate(0, 0.4), 4),
+                "ttft": round(0.25 * rng.lognormvariate(0, 0.5), 4),
+                "model": model,
+            },
+        )
 
 
-def _event(org: str, subject: str, kind: str, when: datetime, source: str, data: dict) -> dict:
+def _event(
+    org: str, subject: str, kind: str, when: datetime, source: str, data: dict[str, object]
+) -> dict[str, object]:
     return {
-        "specversion": "1.0", "id": f"evt_{uuid.uuid4().hex}", "source": source, "type": kind,
-        "time": when.isoformat(), "subject": subject, "organization": org, "environment": "prod", "data": data,
-    }  # fmt: skip
+        "specversion": "1.0",
+        "id": f"evt_{uuid.uuid4().hex}",
+        "source": source,
+        "type": kind,
+        "time": when.isoformat(),
+        "subject": subject,
+        "organization": org,
+        "environment": "prod",
+        "data": data,
+    }
 
 
 async def ensure_orgs(settings: Settings, names: list[str]) -> str:
@@ -118,12 +200,13 @@ async def ensure_orgs(settings: Settings, names: list[str]) -> str:
         await conn.close()
 
 
-async def run_demo(settings: Settings, *, orgs: int, customers: int, events: int, days: int, batch: int,
-                   seed: int) -> int:  # fmt: skip
+async def run_demo(
+    settings: Settings, *, orgs: int, customers: int, events: int, days: int, batch: int, seed: int
+) -> int:
     org_names = [f"demo-{n}" for n in ("acme", "globex", "initech", "umbrella", "hooli")[: max(1, min(orgs, 5))]]
     key = await ensure_orgs(settings, org_names)
     publisher = Publisher(settings.amqp_url, Names(settings.amqp_namespace))
-    pending: list[dict] = []
+    pending: list[dict[str, object]] = []
     progress = Progress(events, "publishing usage")
     try:
         for event in generate(org_names, customers, events, days, seed):
@@ -137,13 +220,16 @@ async def run_demo(settings: Settings, *, orgs: int, customers: int, events: int
         await publisher.close()
     print(f"published to {settings.amqp_namespace}.events for {', '.join(org_names)}", file=sys.stderr)
     print("the consumer folds them within seconds; try:", file=sys.stderr)
-    print(f"  curl -H 'Authorization: Bearer {key}' "
-          f"'http://localhost:{settings.http_port}/v1/customers?sort_by=-total_cost&limit=5'", file=sys.stderr)  # fmt: skip
+    print(
+        f"  curl -H 'Authorization: Bearer {key}' "
+        f"'http://localhost:{settings.http_port}/v1/customers?sort_by=-total_cost&limit=5'",
+        file=sys.stderr,
+    )
     print(key)
     return 0
 
 
-async def _flush(publisher: Publisher, pending: list[dict], progress: Progress) -> None:
+async def _flush(publisher: Publisher, pending: list[dict[str, object]], progress: Progress) -> None:
     await publisher.publish(event_message(encode_events(pending), batch=len(pending) > 1), routing_key="usage.recorded")
     progress.advance(sum(1 for e in pending if e["type"] == "usage.recorded"))
     pending.clear()

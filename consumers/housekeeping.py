@@ -32,6 +32,7 @@ from service.infra.broker import Names
 from service.infra.errors import Unavailable
 from service.infra.publisher import Publisher
 from service.infra.settings import Settings
+from service.infra.waits import wait_event
 
 log = logging.getLogger("tally.housekeeping")
 
@@ -44,9 +45,16 @@ ALERT_RELAY_EVERY = 5.0
 ALERT_RELAY_CHUNK = 100
 QUEUE_POLL_EVERY = 15.0
 # Database and broker trouble a job waits out (logged as a warning, retried next turn).
-TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-             asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, Unavailable,
-             aio_pika.exceptions.AMQPError)  # fmt: skip
+TRANSIENT = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    Unavailable,
+    aio_pika.exceptions.AMQPError,
+)
 
 
 @dataclass
@@ -62,8 +70,14 @@ class Housekeeping:
     """The jobs of one consumer process, started with :meth:`start` and stopped with
     :meth:`stop` (a job in progress is cancelled: each is safe to cut short)."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, alerts_recorded: asyncio.Event,
-                 started_consuming: asyncio.Event) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        *,
+        alerts_recorded: asyncio.Event,
+        started_consuming: asyncio.Event,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.names = Names(settings.amqp_namespace)
@@ -98,10 +112,7 @@ class Housekeeping:
             if job.nudge is None:
                 await asyncio.sleep(job.every)
                 continue
-            try:
-                await asyncio.wait_for(job.nudge.wait(), job.every)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(job.nudge, job.every)
             job.nudge.clear()
 
     async def compact_counts(self) -> None:
@@ -118,8 +129,12 @@ class Housekeeping:
         """Publish recorded budget alerts until none is left (chunks of ALERT_RELAY_CHUNK)."""
 
         async def publish(event: dict[str, object]) -> None:
-            message = aio_pika.Message(orjson.dumps(event), content_type=EVENT_CONTENT_TYPE,
-                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(event["id"]))  # fmt: skip
+            message = aio_pika.Message(
+                orjson.dumps(event),
+                content_type=EVENT_CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(event["id"]),
+            )
             await self.publisher.publish(message, ALERT_ROUTING_KEY)
 
         while await relay_alerts(self.pool, publish, limit=ALERT_RELAY_CHUNK) == ALERT_RELAY_CHUNK:

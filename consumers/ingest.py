@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import aiormq
@@ -39,6 +39,7 @@ from service.core.fold import FoldResult, Outcome, fold
 from service.infra import metrics
 from service.infra.broker import Names, Topology, dead_letter_message, declare, delivery_attempt
 from service.infra.settings import Settings
+from service.infra.waits import wait_event
 
 log = logging.getLogger("tally.consumer")
 
@@ -93,7 +94,7 @@ class Received:
         self.error: tuple[Rejection, str] | None = None
 
     @classmethod
-    def of(cls, message: AbstractIncomingMessage) -> "Received":
+    def of(cls, message: AbstractIncomingMessage) -> Received:
         return cls(message)
 
     @property
@@ -105,8 +106,11 @@ class Received:
                 self._raws, self.error = [], (exc.code, exc.reason)
             except Exception as exc:  # a bug, brought out by this message: it dies alone
                 self._raws, self.error = [], (Rejection.INTERNAL_ERROR, internal_error("decoding the message", exc))
-                log.error("bug: decoding a message raised; dead-lettering it", exc_info=exc,
-                          extra={"routing_key": self.message.routing_key, "bytes": len(self.message.body)})  # fmt: skip
+                log.error(
+                    "bug: decoding a message raised; dead-lettering it",
+                    exc_info=exc,
+                    extra={"routing_key": self.message.routing_key, "bytes": len(self.message.body)},
+                )
         return self._raws
 
     @property
@@ -130,10 +134,7 @@ class Inbox:
         if self.items:
             return True
         self.arrived.clear()
-        try:
-            await asyncio.wait_for(self.arrived.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self.arrived, timeout)
         return bool(self.items)
 
 
@@ -193,7 +194,7 @@ def _encode_deep(value: object) -> bytes:
 
 
 def _backoff(attempt: int, cap: float) -> float:
-    return min(cap, RETRY_BASE * 2**attempt) * (0.5 + random.random() / 2)
+    return float(min(cap, RETRY_BASE * 2.0**attempt) * (0.5 + random.random() / 2))
 
 
 class Consumer:
@@ -232,10 +233,7 @@ class Consumer:
                 attempt += 1
                 log.warning("broker connection lost; reconnecting", extra={"error": repr(exc), "in_s": round(delay, 2)})
                 metrics.BROKER_RECONNECTS.inc()
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(self._stopping, delay)
 
     async def stop(self) -> None:
         """Stop taking messages; the batch in hand is committed and acked first."""
@@ -321,7 +319,7 @@ class Consumer:
 
     async def _process(self, batch: Sequence[Received], topology: Topology) -> None:
         started = time.perf_counter()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         events: list[Event] = []
         # Per event: the delivery it came in, and that delivery's body when it held this
         # event alone (then its dead letter is the message as received, byte for byte).
@@ -343,8 +341,11 @@ class Consumer:
                     code, reason = exc.code, exc.reason
                 except Exception as exc:  # a bug, brought out by this event: it dies alone
                     code, reason = Rejection.INTERNAL_ERROR, internal_error("validating the event", exc)
-                    log.error("bug: validating an event raised; dead-lettering it", exc_info=exc,
-                              extra={"routing_key": message.routing_key})  # fmt: skip
+                    log.error(
+                        "bug: validating an event raised; dead-lettering it",
+                        exc_info=exc,
+                        extra={"routing_key": message.routing_key},
+                    )
                 event_type = raw.get("type") if isinstance(raw, dict) else None
                 dead.append(DeadLetter(alone if alone is not None else encode_event(raw), code, reason, message))
                 metrics.EVENTS.labels(metrics.event_type_label(event_type), "invalid").inc()
@@ -353,14 +354,16 @@ class Consumer:
             result = await self._fold(events)
             if result.alerts:
                 self.alerts_recorded.set()
-            applied_at = datetime.now(timezone.utc)
-            for event, (message, alone), outcome in zip(events, origins, result.outcomes):
+            applied_at = datetime.now(UTC)
+            for event, (message, alone), outcome in zip(events, origins, result.outcomes, strict=True):
                 metrics.EVENTS.labels(metrics.event_type_label(event.type), outcome.status).inc()
                 # duplicate and stale (older than a deletion of its customer) are counted and
                 # acked like applied ones: only a rejected event can never apply.
                 if outcome.status == "rejected":
                     body = alone if alone is not None else encode_event(event.raw)
-                    dead.append(DeadLetter(body, outcome.code or Rejection.MALFORMED, outcome.reason or "rejected", message))
+                    dead.append(
+                        DeadLetter(body, outcome.code or Rejection.MALFORMED, outcome.reason or "rejected", message)
+                    )
                 elif outcome.status == "applied":
                     metrics.EVENT_LAG.observe(max(0.0, (applied_at - event.time).total_seconds()))
             metrics.BATCH_SIZE.observe(len(events))
@@ -372,12 +375,16 @@ class Consumer:
             routing_key = origin.routing_key or ""
             await topology.dlx.publish(
                 dead_letter_message(
-                    letter.body, letter.code, letter.reason, routing_key, letter.content_type,
+                    letter.body,
+                    letter.code,
+                    letter.reason,
+                    routing_key,
+                    letter.content_type,
                     message_id=origin.message_id,
                     attempt=delivery_attempt(origin.headers, origin.redelivered),
                 ),
                 routing_key=routing_key or "unrouted",
-            )  # fmt: skip
+            )
             metrics.DEAD_LETTERS.labels(letter.code.value).inc()
             log.warning("dead-lettered", extra={"reason": letter.reason[:200], "routing_key": routing_key})
         await self._ack(messages)
@@ -386,7 +393,9 @@ class Consumer:
         # Deliveries arrive in tag order and a batch is a run of consecutive deliveries, so
         # one multiple-ack of the last tag covers it; if that ever did not hold, ack each.
         tags = [m.delivery_tag for m in batch]
-        if tags == list(range(tags[0], tags[0] + len(tags))) and all(m.channel is batch[0].channel for m in batch):
+        first = tags[0]
+        consecutive = first is not None and tags == list(range(first, first + len(tags)))
+        if consecutive and all(m.channel is batch[0].channel for m in batch):
             await batch[-1].ack(multiple=True)
         else:
             for message in batch:
@@ -406,8 +415,9 @@ class Consumer:
                 if self._stopping.is_set() and time.monotonic() - (self._stop_requested_at or 0) > DRAIN_GRACE:
                     raise ConnectionAbortedError("stopping with the database unreachable; batch left unacked") from exc
                 if attempt + 1 >= CLIENT_ERROR_TRIES and _client_error(exc) and await self._database_answers():
-                    return await self._isolate(events, exc, Rejection.INTERNAL_ERROR,
-                                               internal_error("folding the event", exc), bug=True)  # fmt: skip
+                    return await self._isolate(
+                        events, exc, Rejection.INTERNAL_ERROR, internal_error("folding the event", exc), bug=True
+                    )
                 delay = _backoff(attempt, RETRY_CAP)
                 attempt += 1
                 metrics.DB_RETRIES.inc()
@@ -415,19 +425,21 @@ class Consumer:
                 await asyncio.sleep(delay)
             except asyncpg.PostgresError as exc:
                 # Not transient: some event in the batch makes the database refuse it.
-                return await self._isolate(events, exc, Rejection.DATABASE_REFUSED,
-                                           f"database refused the event: {type(exc).__name__}")  # fmt: skip
+                return await self._isolate(
+                    events, exc, Rejection.DATABASE_REFUSED, f"database refused the event: {type(exc).__name__}"
+                )
             except Exception as exc:
                 # Neither the database nor the broker failing (those are caught above or
                 # never raised by the fold): a bug, brought out by some event. Isolated the
                 # same way, dead-lettered with an internal-error reason and logged as a bug.
-                return await self._isolate(events, exc, Rejection.INTERNAL_ERROR,
-                                           internal_error("folding the event", exc), bug=True)  # fmt: skip
+                return await self._isolate(
+                    events, exc, Rejection.INTERNAL_ERROR, internal_error("folding the event", exc), bug=True
+                )
 
     async def _database_answers(self) -> bool:
         try:
             async with self.pool.acquire(timeout=PROBE_TIMEOUT) as conn:
-                return await conn.fetchval("SELECT 1", timeout=PROBE_TIMEOUT) == 1
+                return bool(await conn.fetchval("SELECT 1", timeout=PROBE_TIMEOUT) == 1)
         except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
             return False
 

@@ -1,6 +1,6 @@
 -- Order independence: the state after a set of events does not depend on the order in which
 -- they arrive, how they are batched, or how many consumers fold them (DESIGN.md, "Order
--- independence"; service/fold.py states the rules and how each is kept).
+-- independence"; service/core/fold.py states the rules and how each is kept).
 
 -- 1. Organizations are resolved by id whenever the text reads as a UUID, so a name that reads
 --    as one could never be addressed by name and could once shadow another organization's id.

@@ -5,26 +5,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 
 from service import __version__
 from service.core import auth
-from service.infra import logs
+from service.core.db import Connection
 from service.core.errors import DomainError
+from service.core.vocabulary import ENVIRONMENTS
+from service.infra import logs
 from service.infra.migrate import MigrationError, migrate
 from service.infra.settings import Settings
 
+if TYPE_CHECKING:  # the web stack loads only for the commands that serve
+    from aiohttp import web
 
-def _run(coro: Awaitable[int]) -> int:
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
-
-        return uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
+    result: int = uvloop.run(coro)
+    return result
 
 
 def _print_json(value: object) -> None:
@@ -45,7 +51,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_orgs_create(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(conn: asyncpg.Connection) -> int:
+    async def work(conn: Connection) -> int:
         org_id = await auth.create_organization(conn, args.name)
         if args.json:
             _print_json({"id": org_id, "name": args.name})
@@ -57,7 +63,7 @@ async def cmd_orgs_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_orgs_list(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(conn: asyncpg.Connection) -> int:
+    async def work(conn: Connection) -> int:
         rows = await conn.fetch("SELECT id, name, created_at FROM organizations ORDER BY name")
         if args.json:
             _print_json([dict(r) for r in rows])
@@ -72,14 +78,19 @@ async def cmd_orgs_list(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
 
-    async def work(conn: asyncpg.Connection) -> int:
+    async def work(conn: Connection) -> int:
         key = await auth.create_key(conn, args.org, scopes, args.environment, args.name)
         if args.json:
-            _print_json({
-                "key": key.key, "client_key": key.client_key, "client_secret": key.client_secret,
-                "organization_id": key.organization_id, "scopes": list(key.scopes),
-                "environment": key.environment,
-            })  # fmt: skip
+            _print_json(
+                {
+                    "key": key.key,
+                    "client_key": key.client_key,
+                    "client_secret": key.client_secret,
+                    "organization_id": key.organization_id,
+                    "scopes": list(key.scopes),
+                    "environment": key.environment,
+                }
+            )
         else:
             print(f"organization {args.org}, scopes {','.join(scopes)}, environment {args.environment}")
             print(f"client key {key.client_key} (x-client-key); the key is shown once, store it now:")
@@ -90,7 +101,7 @@ async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(conn: asyncpg.Connection) -> int:
+    async def work(conn: Connection) -> int:
         await auth.revoke_key(conn, args.client_key)
         print(f"revoked {args.client_key.partition('.')[0]}")
         return 0
@@ -99,7 +110,7 @@ async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(conn: asyncpg.Connection) -> int:
+    async def work(conn: Connection) -> int:
         org_id, _ = await auth.find_organization(conn, args.org)
         rows = await conn.fetch(
             "SELECT prefix AS client_key, scopes, environment, name, created_at, revoked_at"
@@ -117,8 +128,8 @@ async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_conn(settings, work)
 
 
-def _serve(app, settings: Settings, host: str, port: int) -> int:  # type: ignore[no-untyped-def]
-    """Serve until SIGTERM, then drain (service/api/server.py: tally's limits on aiohttp)."""
+def _serve(app: web.Application, settings: Settings, host: str, port: int) -> int:
+    """Serve until SIGTERM, then drain (service/web/server.py: tally's limits on aiohttp)."""
     from service.web.server import serve
 
     _install_uvloop()
@@ -152,8 +163,15 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.demo import run_demo
 
-    return await run_demo(settings, orgs=args.orgs, customers=args.customers, events=args.events, days=args.days,
-                          batch=args.batch, seed=args.seed)  # fmt: skip
+    return await run_demo(
+        settings,
+        orgs=args.orgs,
+        customers=args.customers,
+        events=args.events,
+        days=args.days,
+        batch=args.batch,
+        seed=args.seed,
+    )
 
 
 async def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,12 +184,17 @@ async def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     print(f"{'queue':<24} {'ready':>9} {'unacked':>9} {'consumers':>9} {'publish/s':>10} {'deliver/s':>10}")
     for s in stats:
-        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-        print(f"{s.name:<24} {s.ready:>9} {fmt(s.unacknowledged, 'd'):>9} {s.consumers:>9} "
-              f"{fmt(s.publish_rate, '.1f'):>10} {fmt(s.deliver_rate, '.1f'):>10}")  # fmt: skip
+        print(
+            f"{s.name:<24} {s.ready:>9} {_cell(s.unacknowledged, 'd'):>9} {s.consumers:>9} "
+            f"{_cell(s.publish_rate, '.1f'):>10} {_cell(s.deliver_rate, '.1f'):>10}"
+        )
     if stats and stats[0].source == "amqp":
         print("(management API unreachable: unacked and rates need it; see TALLY_AMQP_MANAGEMENT_URL)")
     return 0
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _counter(label: str) -> Callable[[int, int], None]:
@@ -189,8 +212,8 @@ def _counter(label: str) -> Callable[[int, int], None]:
 
 
 async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from service.infra.broker import Names
     from consumers.deadletters import DeadLetters
+    from service.infra.broker import Names
 
     async with DeadLetters(settings.amqp_url, Names(settings.amqp_namespace)) as dlq:
         if args.dlq_command == "list":
@@ -199,8 +222,10 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
                 _print_json([i.as_dict() for i in infos])
             else:
                 for i in infos:
-                    print(f"{i.first_death or '-':<32} {i.event_type or '-':<22} {i.event_id or '-':<38} "
-                          f"{i.organization or '-':<20} {i.reason}")  # fmt: skip
+                    print(
+                        f"{i.first_death or '-':<32} {i.event_type or '-':<22} {i.event_id or '-':<38} "
+                        f"{i.organization or '-':<20} {i.reason}"
+                    )
                 print(f"{len(infos)} dead letter(s) shown", file=sys.stderr)
             return 0
         if args.dlq_command == "replay":
@@ -233,9 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("migrate", help="create the database if missing and apply migrations").set_defaults(
-        run=cmd_migrate
-    )
+    sub.add_parser("migrate", help="create the database if missing and apply migrations").set_defaults(run=cmd_migrate)
     sub.add_parser("api", help="serve the HTTP API").set_defaults(sync=cmd_api)
     sub.add_parser("consume", help="run the event consumer (health on TALLY_CONSUMER_HTTP_PORT)").set_defaults(
         sync=cmd_consume
@@ -255,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     queues.add_argument("--json", action="store_true")
     queues.set_defaults(run=cmd_queues)
 
-    dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge").add_subparsers(dest="dlq_command", required=True)
+    dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge").add_subparsers(
+        dest="dlq_command", required=True
+    )
     dl = dlq.add_parser("list", help="reason, event type, id, organization, first death time")
     dl.add_argument("--limit", type=int, default=100)
     dl.add_argument("--reason", help="only those whose reason contains this text")
@@ -283,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     kc = keys.add_parser("create", help="create a key; it is printed once, on the last line")
     kc.add_argument("--org", required=True, help="organization name or id")
     kc.add_argument("--scopes", default="read", help="comma-separated: read,write,admin (default read)")
-    kc.add_argument("--environment", default="prod", choices=auth.ENVIRONMENTS)
+    kc.add_argument("--environment", default="prod", choices=ENVIRONMENTS)
     kc.add_argument("--name", help="a label for the key")
     kc.add_argument("--json", action="store_true", help="print one JSON object (key, client_key, client_secret)")
     kc.set_defaults(run=cmd_keys_create)
@@ -303,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     try:
         if hasattr(args, "sync"):
-            return args.sync(args, settings)
+            result: int = args.sync(args, settings)
+            return result
         return _run(args.run(args, settings))
     except (DomainError, MigrationError, ValueError) as exc:
         print(f"tally: {exc}", file=sys.stderr)

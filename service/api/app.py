@@ -39,15 +39,15 @@ TAGS = {
 
 OPERATIONS = [
     Endpoint("GET", "/healthz", health.healthz, "Process is alive", "operations", response=Health),
-    Endpoint("GET", "/readyz", health.readyz, "Database and broker reachable", "operations",
-             response=Health, errors=(503,)),
-    Endpoint("GET", "/metrics", metrics_endpoint, "Prometheus metrics", "operations",
-             content_type="text/plain"),
-]  # fmt: skip
+    Endpoint(
+        "GET", "/readyz", health.readyz, "Database and broker reachable", "operations", response=Health, errors=(503,)
+    ),
+    Endpoint("GET", "/metrics", metrics_endpoint, "Prometheus metrics", "operations", content_type="text/plain"),
+]
 DOCS = [
     Endpoint("GET", "/openapi.json", openapi.openapi_json, "This document", "operations"),
     Endpoint("GET", "/docs", openapi.docs_page, "Browsable API docs", "operations", content_type="text/html"),
-]  # fmt: skip
+]
 
 SELECT_CURSOR_SECRET = "SELECT value FROM instance_secrets WHERE name = 'cursor_hmac'"
 
@@ -59,9 +59,10 @@ async def api_resources(app: web.Application) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         if settings.database_read_url:
             app[appkeys.READ_POOL] = await stack.enter_async_context(
-                pool_context(settings.database_read_url, settings, name="replica",
-                             statement_timeout=settings.db_command_timeout)
-            )  # fmt: skip
+                pool_context(
+                    settings.database_read_url, settings, name="replica", statement_timeout=settings.db_command_timeout
+                )
+            )
         else:
             app[appkeys.READ_POOL] = pool
         secret = await pool.fetchval(SELECT_CURSOR_SECRET)
@@ -69,7 +70,9 @@ async def api_resources(app: web.Application) -> AsyncIterator[None]:
             raise RuntimeError("the database is not migrated: run 'tally migrate' first")
         app[appkeys.CURSORS] = CursorCodec(secret)
         app[appkeys.KEY_CACHE] = await stack.enter_async_context(
-            keycache.listening(KeyCache(settings.auth_cache_seconds), settings.database_url, settings.db_connect_timeout)
+            keycache.listening(
+                KeyCache(settings.auth_cache_seconds), settings.database_url, settings.db_connect_timeout
+            )
         )
         yield
 
@@ -89,9 +92,15 @@ async def broker_check(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     """The HTTP API; no I/O until it starts."""
     endpoints = [
-        *OPERATIONS, *ops.ENDPOINTS, *customers.ENDPOINTS, *events.ENDPOINTS,
-        *respan.ENDPOINTS, *v0.ENDPOINTS, *flexprice.ENDPOINTS, *public.ENDPOINTS,
-    ]  # fmt: skip
+        *OPERATIONS,
+        *ops.ENDPOINTS,
+        *customers.ENDPOINTS,
+        *events.ENDPOINTS,
+        *respan.ENDPOINTS,
+        *v0.ENDPOINTS,
+        *flexprice.ENDPOINTS,
+        *public.ENDPOINTS,
+    ]
     # API statements stop in PostgreSQL too when the client gives up on them: a request shed
     # after TALLY_DB_COMMAND_TIMEOUT must not leave its query burning a backend.
     app = base_app(settings, statement_timeout=settings.db_command_timeout)

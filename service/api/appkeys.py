@@ -12,8 +12,18 @@ from service.core.query import CursorCodec
 from service.infra.publisher import Publisher
 from service.web.appkeys import POOL, READINESS_CHECKS, SETTINGS
 
-__all__ = ["POOL", "READINESS_CHECKS", "SETTINGS", "READ_POOL", "CURSORS", "OPENAPI", "PUBLISHER", "KEY_CACHE",
-           "RATE_LIMITER", "IP_RATE_LIMITER"]  # fmt: skip
+__all__ = [
+    "POOL",
+    "READINESS_CHECKS",
+    "SETTINGS",
+    "READ_POOL",
+    "CURSORS",
+    "OPENAPI",
+    "PUBLISHER",
+    "KEY_CACHE",
+    "RATE_LIMITER",
+    "IP_RATE_LIMITER",
+]
 
 READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
 CURSORS = web.AppKey("cursors", CursorCodec)

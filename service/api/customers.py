@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import cache
+from typing import TypedDict
 from urllib.parse import quote
 
 from aiohttp import web
 from yarl import URL
 
-from service.core import customers as core
 from service.api import appkeys, dbaccess
+from service.api.errors import invalid
 from service.api.listing import client_link, json_with, link, run_list
 from service.api.models import (
     Customer,
@@ -25,12 +26,12 @@ from service.api.models import (
     UsageSeries,
 )
 from service.api.params import parse_body, parse_query
-from service.web.problems import REQUEST_ID
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
+from service.core import customers as core
 from service.core.auth import Principal
-from service.api.errors import invalid
 from service.core.query import CursorCodec, CustomerFilter, ListQuery, Shape, Sort, resume
+from service.web.problems import REQUEST_ID
 
 DEFAULT_LIMIT = 50
 # Without from/to a usage series covers the last 30 UTC days, today included.
@@ -130,16 +131,24 @@ async def retrieve_customer(request: web.Request) -> web.Response:
     shape = canonical_shape(params.expand == "parent_customer", params.include == "subscriptions")
     async with dbaccess.connection(request, read=True) as conn:
         doc = await core.get_customer(
-            conn, principal.organization_id, params.environment or principal.environment,
-            request.match_info["customer_identifier"], shape,
-        )  # fmt: skip
+            conn,
+            principal.organization_id,
+            params.environment or principal.environment,
+            request.match_info["customer_identifier"],
+            shape,
+        )
     return web.Response(text=doc, content_type=JSON)
 
 
-def write_stamp(request: web.Request) -> dict[str, object]:
+class WriteStamp(TypedDict):
+    at: datetime
+    request_id: str | None
+
+
+def write_stamp(request: web.Request) -> WriteStamp:
     """An API write is a change at the time of its request (ties broken by its request id),
-    ordered against events by the same rules (service/fold.py)."""
-    return {"at": datetime.now(timezone.utc), "request_id": request.get(REQUEST_ID)}
+    ordered against events by the same rules (service/core/fold.py)."""
+    return {"at": datetime.now(UTC), "request_id": request.get(REQUEST_ID)}
 
 
 async def create_customer(request: web.Request) -> web.Response:
@@ -151,9 +160,14 @@ async def create_customer(request: web.Request) -> web.Response:
     environment = body.environment or principal.environment
     async with dbaccess.connection(request) as conn:
         doc = await core.create_customer(
-            conn, principal.organization_id, environment,
-            body.customer_identifier, values, canonical_shape(False, False), **write_stamp(request),
-        )  # fmt: skip
+            conn,
+            principal.organization_id,
+            environment,
+            body.customer_identifier,
+            values,
+            canonical_shape(False, False),
+            **write_stamp(request),
+        )
     # The identifier is one path segment whatever it contains ('/', '?', '#', '%'), and a
     # customer made outside the key's default environment is found there.
     target = "/v1/customers/" + quote(body.customer_identifier, safe="")
@@ -169,10 +183,14 @@ async def update_customer(request: web.Request) -> web.Response:
     body = await parse_body(request, CustomerPatch, request.app[appkeys.SETTINGS].max_body_bytes)
     async with dbaccess.connection(request) as conn:
         doc = await core.update_customer(
-            conn, principal.organization_id, params.environment or principal.environment,
-            request.match_info["customer_identifier"], body.columns(), canonical_shape(False, False),
+            conn,
+            principal.organization_id,
+            params.environment or principal.environment,
+            request.match_info["customer_identifier"],
+            body.columns(),
+            canonical_shape(False, False),
             **write_stamp(request),
-        )  # fmt: skip
+        )
     return web.Response(text=doc, content_type=JSON)
 
 
@@ -181,9 +199,12 @@ async def delete_customer(request: web.Request) -> web.Response:
     params = parse_query(request, RetrieveParams)
     async with dbaccess.connection(request) as conn:
         await core.delete_customer(
-            conn, principal.organization_id, params.environment or principal.environment,
-            request.match_info["customer_identifier"], **write_stamp(request),
-        )  # fmt: skip
+            conn,
+            principal.organization_id,
+            params.environment or principal.environment,
+            request.match_info["customer_identifier"],
+            **write_stamp(request),
+        )
     return web.Response(status=204)
 
 
@@ -191,15 +212,24 @@ async def customer_usage(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     params = parse_query(request, UsageParams)
     identifier = request.match_info["customer_identifier"]
-    end = params.to or datetime.now(timezone.utc).date()
+    end = params.to or datetime.now(UTC).date()
     start = params.from_ or end - timedelta(days=DEFAULT_SERIES_DAYS - 1)
     async with dbaccess.connection(request, read=True) as conn:
         series = await core.usage_series(
-            conn, principal.organization_id, params.environment or principal.environment,
-            identifier, start, end, params.granularity,
-        )  # fmt: skip
-    envelope = {"customer_identifier": identifier, "granularity": params.granularity,
-                "from": start.isoformat(), "to": end.isoformat()}  # fmt: skip
+            conn,
+            principal.organization_id,
+            params.environment or principal.environment,
+            identifier,
+            start,
+            end,
+            params.granularity,
+        )
+    envelope = {
+        "customer_identifier": identifier,
+        "granularity": params.granularity,
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+    }
     return web.Response(body=json_with(envelope, "results", series), content_type=JSON)
 
 
@@ -207,22 +237,81 @@ IDENTIFIER = {"customer_identifier": "Your identifier for the customer (unique p
 TAG = "customers"
 
 ENDPOINTS = [
-    Endpoint("GET", "/v1/customers", list_customers, "List customers", TAG, "read",
-             query=ListParams, response=CustomerList, errors=(400, 401, 403, 429),
-             description="Paged, sorted, filtered list. count is over all pages; next/previous keep the "
-                         "pagination style of the request; next_cursor continues at constant cost."),
-    Endpoint("POST", "/v1/customers", create_customer, "Create a customer", TAG, "write",
-             body=CustomerCreate, response=Customer, status=201, errors=(400, 401, 403, 409, 413)),
-    Endpoint("GET", "/v1/customers/{customer_identifier}", retrieve_customer, "Retrieve a customer", TAG, "read",
-             query=RetrieveParams, response=CustomerExpanded, errors=(400, 401, 403, 404), path_params=IDENTIFIER),
-    Endpoint("PATCH", "/v1/customers/{customer_identifier}", update_customer, "Update a customer", TAG, "write",
-             query=RetrieveParams, body=CustomerPatch, response=Customer, errors=(400, 401, 403, 404, 413),
-             path_params=IDENTIFIER,
-             description="Only the fields sent change. Read-only or unknown fields are a 400 naming them."),
-    Endpoint("DELETE", "/v1/customers/{customer_identifier}", delete_customer, "Delete a customer", TAG, "write",
-             query=RetrieveParams, status=204, errors=(400, 401, 403, 404), path_params=IDENTIFIER),
-    Endpoint("GET", "/v1/customers/{customer_identifier}/usage", customer_usage, "Usage time series", TAG, "read",
-             query=UsageParams, response=UsageSeries, errors=(400, 401, 403, 404), path_params=IDENTIFIER,
-             description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC, inclusive); "
-                         "without them, the last 30 days up to today."),
-]  # fmt: skip
+    Endpoint(
+        "GET",
+        "/v1/customers",
+        list_customers,
+        "List customers",
+        TAG,
+        "read",
+        query=ListParams,
+        response=CustomerList,
+        errors=(400, 401, 403, 429),
+        description="Paged, sorted, filtered list. count is over all pages; next/previous keep the "
+        "pagination style of the request; next_cursor continues at constant cost.",
+    ),
+    Endpoint(
+        "POST",
+        "/v1/customers",
+        create_customer,
+        "Create a customer",
+        TAG,
+        "write",
+        body=CustomerCreate,
+        response=Customer,
+        status=201,
+        errors=(400, 401, 403, 409, 413),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/customers/{customer_identifier}",
+        retrieve_customer,
+        "Retrieve a customer",
+        TAG,
+        "read",
+        query=RetrieveParams,
+        response=CustomerExpanded,
+        errors=(400, 401, 403, 404),
+        path_params=IDENTIFIER,
+    ),
+    Endpoint(
+        "PATCH",
+        "/v1/customers/{customer_identifier}",
+        update_customer,
+        "Update a customer",
+        TAG,
+        "write",
+        query=RetrieveParams,
+        body=CustomerPatch,
+        response=Customer,
+        errors=(400, 401, 403, 404, 413),
+        path_params=IDENTIFIER,
+        description="Only the fields sent change. Read-only or unknown fields are a 400 naming them.",
+    ),
+    Endpoint(
+        "DELETE",
+        "/v1/customers/{customer_identifier}",
+        delete_customer,
+        "Delete a customer",
+        TAG,
+        "write",
+        query=RetrieveParams,
+        status=204,
+        errors=(400, 401, 403, 404),
+        path_params=IDENTIFIER,
+    ),
+    Endpoint(
+        "GET",
+        "/v1/customers/{customer_identifier}/usage",
+        customer_usage,
+        "Usage time series",
+        TAG,
+        "read",
+        query=UsageParams,
+        response=UsageSeries,
+        errors=(400, 401, 403, 404),
+        path_params=IDENTIFIER,
+        description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC, inclusive); "
+        "without them, the last 30 days up to today.",
+    ),
+]

@@ -27,8 +27,9 @@ from uuid import UUID
 import asyncpg
 from aiohttp import web
 
-from service.infra import metrics
 from service.api import appkeys
+from service.core.db import Connection
+from service.infra import metrics
 from service.infra.errors import Unavailable
 
 RETRY_AFTER = 1  # seconds
@@ -52,7 +53,7 @@ class DatabaseGate:
         self._turns: dict[UUID, _Turns] = {}
 
     @asynccontextmanager
-    async def connection(self, pool: asyncpg.Pool, organization_id: UUID | None) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self, pool: asyncpg.Pool, organization_id: UUID | None) -> AsyncIterator[Connection]:
         """A connection from ``pool`` for work on behalf of ``organization_id`` (None: no
         organization yet, as for a key lookup); Unavailable (503) when the organization's
         turn and a free connection do not both come within ``timeout`` seconds."""
@@ -62,9 +63,9 @@ class DatabaseGate:
             remaining = deadline - loop.time()
             try:
                 if remaining <= 0:
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
                 conn = await pool.acquire(timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 metrics.HTTP_REFUSED.labels("db_pool_timeout").inc()
                 raise Unavailable(
                     f"no database connection came free within {self.timeout:g} s; retry shortly",
@@ -89,7 +90,7 @@ class DatabaseGate:
             if semaphore.locked():
                 try:
                     await asyncio.wait_for(semaphore.acquire(), max(0.0, deadline - asyncio.get_running_loop().time()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     metrics.HTTP_REFUSED.labels("db_org_busy").inc()
                     raise Unavailable(
                         f"this organization already runs {self.per_organization} database requests at once in "
@@ -113,7 +114,7 @@ GATE = web.AppKey("database_gate", DatabaseGate)
 ORGANIZATION = web.RequestKey("organization_id", UUID)
 
 
-def connection(request: web.Request, *, read: bool = False) -> AbstractAsyncContextManager[asyncpg.Connection]:
+def connection(request: web.Request, *, read: bool = False) -> AbstractAsyncContextManager[Connection]:
     """The request's database connection (from the read pool with ``read=True``), taken on
     behalf of the request's organization if it is known yet:
     ``async with connection(request) as conn: ...``."""

@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from service.core.auth import KEYS_CHANNEL, Principal, hash_secret
+from service.infra.waits import wait_event
 
 log = logging.getLogger("tally.keys")
 
@@ -120,19 +121,19 @@ async def listening(cache: KeyCache, dsn: str, connect_timeout: float) -> AsyncI
     """Keep a LISTEN connection for the cache's lifetime, re-established when it drops."""
     stop = asyncio.Event()
 
-    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-        cache.revoked(payload)
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: object, /) -> None:
+        cache.revoked(str(payload))
 
     async def keep_listening() -> None:
         while not stop.is_set():
             try:
                 conn = await asyncpg.connect(dsn, timeout=connect_timeout)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 log.warning("key cache listener cannot connect; caching off", extra={"error": repr(exc)})
                 await _sleep_or_stop(stop, RELISTEN_DELAY)
                 continue
             lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c: lost.set())
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
             try:
                 await conn.add_listener(KEYS_CHANNEL, on_notify)
                 cache.clear()  # anything cached while not listening may be stale
@@ -160,7 +161,4 @@ async def listening(cache: KeyCache, dsn: str, connect_timeout: float) -> AsyncI
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
-        pass
+    await wait_event(stop, seconds)

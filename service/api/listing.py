@@ -3,14 +3,15 @@ splicing PostgreSQL-rendered rows into a JSON envelope without parsing them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 
 import orjson
 from aiohttp import web
 from yarl import URL
 
-from service.core import customers as core
 from service.api import appkeys, dbaccess
+from service.core import customers as core
 from service.core.query import ListQuery, Shape
 
 
@@ -75,7 +76,7 @@ def _hostname(host: str) -> str:
     return name if colon and port.isdigit() else host
 
 
-def json_with(envelope: dict[str, object], key: str, rows: list[str] | str) -> bytes:
+def json_with(envelope: Mapping[str, object], key: str, rows: list[str] | str) -> bytes:
     """``envelope`` plus ``key`` holding ``rows`` (JSON documents, or one JSON array as text),
     spliced in as bytes: the rows PostgreSQL rendered are never parsed back into Python."""
     array = rows if isinstance(rows, str) else "[" + ",".join(rows) + "]"

@@ -11,10 +11,11 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
-from service.core.profile import Identifier, Money, ProfileUpdate, ShortText, Timestamp
-from service.core.vocabulary import BudgetDuration, Environment, Status
 from service.core.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY
+from service.core.profile import Identifier, Money, ProfileUpdate, ShortText, Timestamp
 from service.core.query import SORT_FIELDS
+from service.core.vocabulary import BudgetDuration, Environment, Status
+
 
 def choice(values: Sequence[str], example: str) -> tuple[AfterValidator, WithJsonSchema]:
     """Validation and schema of a string parameter with a fixed, long list of values: the
@@ -86,7 +87,9 @@ SeriesDay = Annotated[date, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
 class UsageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    from_: SeriesDay | None = Field(None, alias="from", description="First day (UTC), inclusive; default 29 days before 'to'.")
+    from_: SeriesDay | None = Field(
+        None, alias="from", description="First day (UTC), inclusive; default 29 days before 'to'."
+    )
     to: SeriesDay | None = Field(None, description="Last day (UTC), inclusive; default today.")
     granularity: Literal["day", "week", "month"] = "day"
     environment: Environment | None = None

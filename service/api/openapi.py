@@ -27,7 +27,7 @@ ERROR_TEXT = {
     413: "Body or batch too large",
     429: "Rate limited; retry after Retry-After seconds",
     503: "A dependency is unavailable or this organization's share of the database is busy; retry after "
-         "Retry-After seconds",
+    "Retry-After seconds",
 }
 
 
@@ -54,7 +54,9 @@ def _query_parameters(model: type[BaseModel], aliases: dict[str, str]) -> list[d
     return params
 
 
-def build_openapi(endpoints: Sequence[Endpoint], *, title: str, version: str, tags: dict[str, str]) -> dict:
+def build_openapi(
+    endpoints: Sequence[Endpoint], *, title: str, version: str, tags: dict[str, str]
+) -> dict[str, typing.Any]:
     models: list[tuple[type[BaseModel], typing.Literal["validation", "serialization"]]] = [(Problem, "serialization")]
     for ep in endpoints:
         if ep.body:
@@ -127,7 +129,7 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app[appkeys.OPENAPI]), content_type="application/json")
 
 
-def render_docs(doc: dict) -> str:
+def render_docs(doc: dict[str, typing.Any]) -> str:
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>" + esc(doc["info"]["title"]) + " API</title>",

@@ -26,8 +26,16 @@ async def queues(request: web.Request) -> web.Response:
 
 
 ENDPOINTS = [
-    Endpoint("GET", "/v1/ops/queues", queues, "Queue depths, consumers and rates", "operations", "ops",
-             response=QueuesOut, errors=(503,),
-             description="Ingest and dead-letter queues. Unacknowledged counts and rates come from the RabbitMQ "
-                         "management API and are null when it is unreachable."),
-]  # fmt: skip
+    Endpoint(
+        "GET",
+        "/v1/ops/queues",
+        queues,
+        "Queue depths, consumers and rates",
+        "operations",
+        "ops",
+        response=QueuesOut,
+        errors=(503,),
+        description="Ingest and dead-letter queues. Unacknowledged counts and rates come from the RabbitMQ "
+        "management API and are null when it is unreachable.",
+    ),
+]

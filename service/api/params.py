@@ -10,21 +10,26 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from service.api.errors import bad_request, invalid, payload_too_large
-from service.web.problems import Problem, ProblemField
 from service.api.models import CustomerExpanded
 from service.core.profile import json_fault
 from service.core.query import CUSTOMER_FIELDS
 from service.core.vocabulary import WRITABLE_COLUMNS
+from service.web.problems import Problem, ProblemField
 
 M = TypeVar("M", bound=BaseModel)
 
 # Fields a client sees (any customer field, and what responses nest or name differently) but
 # may never write: a body naming one gets "is read-only" rather than "is not a known field".
 READ_ONLY_FIELDS = (
-    frozenset(CUSTOMER_FIELDS) | frozenset(CustomerExpanded.model_fields)
-    # the stored sums behind the averages, and Respan's name for the organization id
-    | {"latency_sum", "latency_count", "ttft_sum", "ttft_count", "unique_organization_id"}
-) - WRITABLE_COLUMNS - {"address"}
+    (
+        frozenset(CUSTOMER_FIELDS)
+        | frozenset(CustomerExpanded.model_fields)
+        # the stored sums behind the averages, and Respan's name for the organization id
+        | {"latency_sum", "latency_count", "ttft_sum", "ttft_count", "unique_organization_id"}
+    )
+    - WRITABLE_COLUMNS
+    - {"address"}
+)
 
 
 def _query_name(loc: tuple[int | str, ...], aliases: dict[str, str]) -> str:
@@ -62,7 +67,7 @@ def validation_error(exc: ValidationError, location: str, aliases: dict[str, str
 NUL = "\x00"
 NUL_DETAIL = "must not contain NUL (U+0000) characters"
 # A body nested deeper than this is refused before pydantic or orjson walk it recursively
-# (orjson.dumps stops at 255 levels); metadata has its own lower bound (service/profile.py).
+# (orjson.dumps stops at 255 levels); metadata has its own lower bound (service/core/profile.py).
 MAX_BODY_DEPTH = 64
 
 

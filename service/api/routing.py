@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from pydantic import BaseModel
 
-from service.infra import metrics
 from service.api import appkeys, dbaccess
+from service.api.errors import from_domain, rate_limited
 from service.api.ratelimit import Decision, RateLimiter
 from service.core.auth import Principal, authenticate, split_bearer
-from service.api.errors import from_domain, rate_limited
 from service.core.errors import DomainError, Unauthenticated
+from service.infra import metrics
 from service.web.problems import Problem
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -1,4 +1,4 @@
-"""Budget threshold alerts: the outbox side. The fold records them (service/fold.py); this
+"""Budget threshold alerts: the outbox side. The fold records them (service/core/fold.py); this
 module claims unpublished ones and turns each into a ``budget.threshold_crossed`` CloudEvent.
 
 Publishing is at-least-once (a crash after the broker's confirm and before the mark
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+
 import asyncpg
 
 ALERT_ROUTING_KEY = "alert.budget"
@@ -35,7 +36,7 @@ WHERE (organization_id, customer_id, threshold, period_start) IN (
 """
 
 
-def alert_event(row: asyncpg.Record) -> dict:
+def alert_event(row: asyncpg.Record) -> dict[str, object]:
     key = f"{row['organization_id']}/{row['customer_id']}/{row['threshold']}/{row['period_start']}"
     # A lifetime budget, or a period budget without a duration, has no period bounds.
     lifetime = row["threshold"] == "total_100" or row["budget_duration"] is None
@@ -63,7 +64,11 @@ def alert_event(row: asyncpg.Record) -> dict:
 
 
 async def relay_alerts(
-    pool: asyncpg.Pool, publish: Callable[[dict], Awaitable[None]], *, limit: int = 100, timeout: float = 10.0
+    pool: asyncpg.Pool,
+    publish: Callable[[dict[str, object]], Awaitable[None]],
+    *,
+    limit: int = 100,
+    timeout: float = 10.0,
 ) -> int:
     """Publish up to ``limit`` unpublished alerts with ``publish`` (which must return only
     once the broker confirmed) and mark them. Returns how many were published. If a publish
@@ -76,7 +81,9 @@ async def relay_alerts(
         if rows:
             await conn.execute(
                 MARK_PUBLISHED,
-                [r["organization_id"] for r in rows], [r["customer_id"] for r in rows],
-                [r["threshold"] for r in rows], [r["period_start"] for r in rows],
-            )  # fmt: skip
+                [r["organization_id"] for r in rows],
+                [r["customer_id"] for r in rows],
+                [r["threshold"] for r in rows],
+                [r["period_start"] for r in rows],
+            )
     return len(rows)

@@ -18,8 +18,9 @@ from uuid import UUID
 
 import asyncpg
 
-from service.core.vocabulary import ENVIRONMENTS
+from service.core.db import Connection
 from service.core.errors import Conflict, Forbidden, NotFound, Unauthenticated
+from service.core.vocabulary import ENVIRONMENTS
 
 SCOPES = ("read", "write", "admin", "ops")
 # 'admin' implies the scopes of its own organization; 'ops' (broker-wide queue statistics,
@@ -99,16 +100,17 @@ INSERT_ORG = "INSERT INTO organizations (name) VALUES ($1) RETURNING id"
 SELECT_ORGS = "SELECT id, name FROM organizations WHERE id = ANY($1::uuid[]) OR name = ANY($2::text[])"
 
 
-async def create_organization(conn: asyncpg.Connection, name: str) -> UUID:
+async def create_organization(conn: Connection, name: str) -> UUID:
     """Create an organization; ValueError for a name that reads as a UUID, Conflict if taken."""
     check_organization_name(name)
     try:
-        return await conn.fetchval(INSERT_ORG, name)
+        org_id: UUID = await conn.fetchval(INSERT_ORG, name)
     except asyncpg.UniqueViolationError:
         raise Conflict(f"organization '{name}' already exists") from None
+    return org_id
 
 
-async def resolve_organizations(conn: asyncpg.Connection, references: Iterable[str]) -> dict[str, tuple[UUID, str]]:
+async def resolve_organizations(conn: Connection, references: Iterable[str]) -> dict[str, tuple[UUID, str]]:
     """``{reference: (id, name)}`` for the references that name an organization: a reference
     that reads as a UUID is an id (never a name), any other is a name."""
     refs = set(references)
@@ -122,7 +124,7 @@ async def resolve_organizations(conn: asyncpg.Connection, references: Iterable[s
     return out
 
 
-async def find_organization(conn: asyncpg.Connection, name_or_id: str) -> tuple[UUID, str]:
+async def find_organization(conn: Connection, name_or_id: str) -> tuple[UUID, str]:
     """The organization named, or with the id given (ids win); NotFound otherwise."""
     found = (await resolve_organizations(conn, [name_or_id])).get(name_or_id)
     if found is None:
@@ -137,7 +139,7 @@ VALUES ($1, $2, $3, $4, $5, $6)
 
 
 async def create_key(
-    conn: asyncpg.Connection,
+    conn: Connection,
     organization: str,
     scopes: tuple[str, ...],
     environment: str = "prod",
@@ -159,7 +161,7 @@ async def create_key(
 REVOKE_KEY = "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL"
 
 
-async def revoke_key(conn: asyncpg.Connection, client_key: str) -> None:
+async def revoke_key(conn: Connection, client_key: str) -> None:
     """Revoke a key by its client key (the part before the dot); NotFound if none is live.
     Listeners on KEYS_CHANNEL hear of it when the revocation commits."""
     client_key = client_key.partition(".")[0]
@@ -176,7 +178,7 @@ WHERE k.prefix = $1 AND k.revoked_at IS NULL
 """
 
 
-async def authenticate(conn: asyncpg.Connection, client_key: str, secret: str) -> Principal:
+async def authenticate(conn: Connection, client_key: str, secret: str) -> Principal:
     """The principal of a live key; Unauthenticated for unknown, revoked or wrong secrets."""
     row = await conn.fetchrow(SELECT_KEY, client_key) if client_key.startswith(CLIENT_KEY_PREFIX) else None
     stored = row["secret_hash"] if row else _DUMMY_HASH

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
@@ -27,7 +27,7 @@ Key = tuple[UUID, str, str]
 HINT, WRITE = 0, 1
 # The profile fields a usage event may hint at (UsageData.customer).
 HINT_COLUMNS = ("name", "email")
-_YEAR_ONE = datetime(1, 1, 1, tzinfo=timezone.utc)
+_YEAR_ONE = datetime(1, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
@@ -57,16 +57,19 @@ class Change:
     delete: bool = False
 
     @classmethod
-    def of(cls, organization_id: UUID, event: Event) -> "Change":
+    def of(cls, organization_id: UUID, event: Event) -> Change:
         key = (organization_id, event.environment, event.subject)
-        base = {"key": key, "time": event.time, "source": event.source, "id": event.id}
-        if isinstance(event.data, UsageData):
-            return cls(**base, usage=event.data)
-        if isinstance(event.data, ProfileData):
-            return cls(**base, profile=event.data.columns())
-        if isinstance(event.data, SubscriptionData):
-            return cls(**base, subscription=event.data)
-        return cls(**base, delete=True)
+        data = event.data
+        return cls(
+            key,
+            event.time,
+            event.source,
+            event.id,
+            usage=data if isinstance(data, UsageData) else None,
+            profile=data.columns() if isinstance(data, ProfileData) else None,
+            subscription=data if isinstance(data, SubscriptionData) else None,
+            delete=data is None,
+        )
 
     def version(self, kind: int = WRITE) -> str:
         return version(kind, self.time, self.source, self.id)
@@ -120,7 +123,7 @@ class Delta:
         self.last_event_at = t if self.last_event_at is None else max(self.last_event_at, t)
         if change.usage is not None:
             self.usage.add(change.usage)
-            self.days[t.astimezone(timezone.utc).date()].add(change.usage)
+            self.days[t.astimezone(UTC).date()].add(change.usage)
             self.first_seen = t if self.first_seen is None else min(self.first_seen, t)
             self.last_active = t if self.last_active is None else max(self.last_active, t)
             hint = change.usage.customer

@@ -16,10 +16,10 @@ from uuid import UUID
 
 import asyncpg
 
-from service.core.errors import Conflict, InvalidInput, NotFound
 from service.core.changes import Change
+from service.core.db import Connection
+from service.core.errors import Conflict, InvalidInput, NotFound
 from service.core.fold import apply_changes
-from service.core.vocabulary import WRITABLE_COLUMNS
 from service.core.query import (
     ListQuery,
     Position,
@@ -28,6 +28,8 @@ from service.core.query import (
     list_sql,
     shape_sql,
 )
+from service.core.vocabulary import WRITABLE_COLUMNS
+
 
 @dataclass(frozen=True)
 class Page:
@@ -37,7 +39,7 @@ class Page:
     previous_position: Position | None  # set when rows precede it
 
 
-async def list_customers(conn: asyncpg.Connection, q: ListQuery, shape: Shape) -> Page:
+async def list_customers(conn: Connection, q: ListQuery, shape: Shape) -> Page:
     """One page of ``q`` rendered in ``shape``, with the total count when ``q.count``
     (one statement, one round trip)."""
     sql, args = list_sql(q, shape)
@@ -72,11 +74,9 @@ def _get_sql(shape: Shape) -> str:
     )
 
 
-async def get_customer(
-    conn: asyncpg.Connection, organization_id: UUID, environment: str, identifier: str, shape: Shape
-) -> str:
+async def get_customer(conn: Connection, organization_id: UUID, environment: str, identifier: str, shape: Shape) -> str:
     """The customer as JSON text in ``shape``; NotFound (also for other organizations')."""
-    doc = None
+    doc: str | None = None
     if storable(identifier):
         doc = await conn.fetchval(_get_sql(shape), organization_id, environment, identifier)
     if doc is None:
@@ -101,7 +101,7 @@ def _write_errors() -> Iterator[None]:
 
 
 # API writes are changes stamped with the request's time and folded by the same code as
-# events (service/fold.py), under the same per-customer row lock: so a deletion event stamped
+# events (service/core/fold.py), under the same per-customer row lock: so a deletion event stamped
 # before a POST or PATCH leaves what they wrote, and a DELETE racing a fold loses nothing.
 INSERT_CUSTOMER = """
 INSERT INTO customers (organization_id, environment, customer_identifier, last_event_at)
@@ -110,18 +110,24 @@ ON CONFLICT (organization_id, environment, customer_identifier) DO NOTHING
 RETURNING id
 """
 LOCK_CUSTOMER = (
-    "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3"
-    " FOR UPDATE"
+    "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3 FOR UPDATE"
 )
 SUPERSEDED = "a deletion of this customer stamped after this request has been applied; retry"
 
 
-def _change(key: tuple[UUID, str, str], at: datetime, request_id: str | None, **what: object) -> Change:
-    return Change(key, at, "api", request_id or uuid.uuid4().hex, **what)  # type: ignore[arg-type]
+def _change(
+    key: tuple[UUID, str, str],
+    at: datetime,
+    request_id: str | None,
+    *,
+    profile: dict[str, object] | None = None,
+    delete: bool = False,
+) -> Change:
+    return Change(key, at, "api", request_id or uuid.uuid4().hex, profile=profile, delete=delete)
 
 
 async def create_customer(
-    conn: asyncpg.Connection,
+    conn: Connection,
     organization_id: UUID,
     environment: str,
     identifier: str,
@@ -147,7 +153,7 @@ async def create_customer(
 
 
 async def update_customer(
-    conn: asyncpg.Connection,
+    conn: Connection,
     organization_id: UUID,
     environment: str,
     identifier: str,
@@ -178,7 +184,7 @@ async def update_customer(
 
 
 async def delete_customer(
-    conn: asyncpg.Connection,
+    conn: Connection,
     organization_id: UUID,
     environment: str,
     identifier: str,
@@ -239,7 +245,7 @@ FROM buckets b LEFT JOIN usage u ON u.bucket = b.bucket
 
 
 async def usage_series(
-    conn: asyncpg.Connection,
+    conn: Connection,
     organization_id: UUID,
     environment: str,
     identifier: str,
@@ -262,7 +268,8 @@ async def usage_series(
     customer_id = await conn.fetchval(SELECT_CUSTOMER_ID, organization_id, environment, identifier)
     if customer_id is None:
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
-    return await conn.fetchval(USAGE_SERIES, organization_id, customer_id, start, end, granularity)
+    series: str = await conn.fetchval(USAGE_SERIES, organization_id, customer_id, start, end, granularity)
+    return series
 
 
 # Folding the counters' delta rows into one row per key. Concurrent writers only insert
@@ -275,6 +282,6 @@ SELECT organization_id, environment, status, sum(delta) FROM gone GROUP BY 1, 2,
 """
 
 
-async def compact_counts(conn: asyncpg.Connection) -> None:
+async def compact_counts(conn: Connection) -> None:
     """Fold the customer-count deltas (run periodically by consumers)."""
     await conn.execute(COMPACT_COUNTS)

@@ -5,9 +5,9 @@ the dead-letter replay and the benchmarks alike."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from datetime import datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
 import orjson
@@ -63,7 +63,7 @@ class UsageData(BaseModel):
     customer: CustomerHint | None = None
 
     @model_validator(mode="after")
-    def _total(self) -> "UsageData":
+    def _total(self) -> UsageData:
         if self.total_tokens is None:
             self.total_tokens = self.prompt_tokens + self.completion_tokens
         return self
@@ -153,7 +153,8 @@ class InvalidEvent(Exception):
         self.raw = raw
 
 
-_DATA_MODELS: dict[str, type[BaseModel] | None] = {
+EventData = UsageData | ProfileData | SubscriptionData
+_DATA_MODELS: dict[str, type[UsageData] | type[ProfileData] | type[SubscriptionData] | None] = {
     "usage.recorded": UsageData,
     "customer.upserted": ProfileData,
     "customer.deleted": None,
@@ -187,7 +188,7 @@ def validate_event(raw: object, now: datetime, *, retention: timedelta | None = 
         raise InvalidEvent(Rejection.INVALID_FIELD, _reason(exc), raw) from None
     model = _DATA_MODELS[envelope.type]
     try:
-        data = model.model_validate(envelope.data) if model else None
+        data: EventData | None = model.model_validate(envelope.data) if model else None
     except ValidationError as exc:
         raise InvalidEvent(Rejection.INVALID_FIELD, _reason(exc, "data."), raw) from None
     if envelope.time > now + MAX_FUTURE:

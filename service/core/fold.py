@@ -18,7 +18,7 @@ against a reference model on random histories, orders, batch splits and consumer
   each event's time and amounts for the whole retention window, and a deletion older than
   the window is refused), older fields are cleared, older subscriptions dropped. With nothing
   newer than T the customer is removed.
-- **API writes** are changes stamped with the time of the request (``service/customers.py``).
+- **API writes** are changes stamped with the time of the request (``service/core/customers.py``).
 
 One transaction per batch, in this order:
 
@@ -46,16 +46,16 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 from uuid import UUID
 
-import asyncpg
 import orjson
 
 from service.core import failpoints
 from service.core.auth import resolve_organizations
 from service.core.changes import HINT_COLUMNS, Change, Delta, Key, plan
+from service.core.db import Connection
 from service.core.events import Event, Rejection, UsageData, too_old_reason
 from service.core.vocabulary import PROFILE_COLUMNS
 
@@ -302,7 +302,8 @@ WHERE c.organization_id = k.organization_id AND c.id = k.id
 """
 
 DROP_OLDER_SUBSCRIPTIONS = """
-DELETE FROM subscriptions s USING unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS k(organization_id, id, deleted_at)
+DELETE FROM subscriptions s
+USING unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS k(organization_id, id, deleted_at)
 WHERE s.organization_id = k.organization_id AND s.customer_id = k.id AND s.source_time <= k.deleted_at
 """
 
@@ -333,7 +334,7 @@ ON CONFLICT DO NOTHING
 
 def _columns(rows: Iterable[tuple[object, ...]]) -> list[list[object]]:
     """Rows turned into one list per column: the arrays that unnest() zips back into rows."""
-    return [list(column) for column in zip(*rows)]
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _json(value: object) -> str:
@@ -344,7 +345,7 @@ def _json(value: object) -> str:
 
 
 async def fold(
-    conn: asyncpg.Connection,
+    conn: Connection,
     events: Sequence[Event],
     *,
     retention: timedelta,
@@ -359,7 +360,7 @@ async def fold(
     reason and change nothing. Raises only on database errors, leaving nothing applied: the
     caller retries the whole batch.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     outcomes: list[Outcome | None] = [None] * len(events)
     alerts = 0
     async with conn.transaction():
@@ -383,7 +384,9 @@ async def fold(
                 fresh[key] = (i, e)
 
         keys = sorted(fresh)
-        inserted = await conn.fetch(INSERT_PROCESSED, *_columns(_journal_row(k, fresh[k][1]) for k in keys)) if keys else []
+        inserted = (
+            await conn.fetch(INSERT_PROCESSED, *_columns(_journal_row(k, fresh[k][1]) for k in keys)) if keys else []
+        )
         new_keys = {(r["organization_id"], r["source"], r["event_id"]) for r in inserted}
         applied: list[tuple[int, Change]] = []
         for key in keys:
@@ -397,7 +400,7 @@ async def fold(
             ids = await lock_customers(conn, sorted({c.key for c in changes}))
             result = await apply_changes(conn, changes, ids)
             alerts = result.alerts
-            for (i, _), stale in zip(applied, result.stale):
+            for (i, _), stale in zip(applied, result.stale, strict=True):
                 outcomes[i] = STALE if stale else APPLIED
         await failpoints.hit("fold.before_commit")
     return FoldResult([o or DUPLICATE for o in outcomes], alerts)
@@ -413,7 +416,7 @@ def _journal_row(key: tuple[UUID, str, str], e: Event) -> tuple[object, ...]:
     return (*key, e.time, e.environment, e.subject, *amounts)
 
 
-async def lock_customers(conn: asyncpg.Connection, keys: Sequence[Key]) -> dict[Key, UUID]:
+async def lock_customers(conn: Connection, keys: Sequence[Key]) -> dict[Key, UUID]:
     """Make sure each customer in ``keys`` (sorted) has a row and lock every row in
     ``(organization_id, id)`` order; returns their ids. Rows made here are provisional: they
     hold no change yet (``last_event_at`` NULL) and :func:`apply_changes` removes any that
@@ -438,7 +441,7 @@ class Applied:
     removed: frozenset[UUID]  # customers removed (deleted, or provisional and left empty)
 
 
-async def apply_changes(conn: asyncpg.Connection, changes: Sequence[Change], ids: Mapping[Key, UUID]) -> Applied:
+async def apply_changes(conn: Connection, changes: Sequence[Change], ids: Mapping[Key, UUID]) -> Applied:
     """Apply ``changes`` to customers whose rows the caller holds locked (``ids``), inside the
     caller's transaction: steps 4 to 6 of the module docstring."""
     keys = sorted(ids)
@@ -468,13 +471,25 @@ async def apply_changes(conn: asyncpg.Connection, changes: Sequence[Change], ids
     return Applied(p.stale, alerts, removed)
 
 
-async def _upsert_daily(conn: asyncpg.Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> dict[UUID, int]:
+async def _upsert_daily(conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> dict[UUID, int]:
     rows = sorted(
-        (k[0], ids[k], day, u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost,
-         u.latency_sum, u.latency_count, u.ttft_sum, u.ttft_count)
+        (
+            k[0],
+            ids[k],
+            day,
+            u.requests,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.total_tokens,
+            u.cost,
+            u.latency_sum,
+            u.latency_count,
+            u.ttft_sum,
+            u.ttft_count,
+        )
         for k, d in deltas.items()
         for day, u in d.days.items()
-    )  # fmt: skip
+    )
     if not rows:
         return {}
     new_days: dict[UUID, int] = defaultdict(int)
@@ -485,7 +500,7 @@ async def _upsert_daily(conn: asyncpg.Connection, deltas: dict[Key, Delta], ids:
 
 
 async def _update_customers(
-    conn: asyncpg.Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID], new_days: dict[UUID, int]
+    conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID], new_days: dict[UUID, int]
 ) -> None:
     rows = []
     for k, d in sorted(deltas.items()):
@@ -496,30 +511,59 @@ async def _update_customers(
             versions = _json({column: stamp for column, (stamp, _) in d.fields.items()})
         if d.hints:
             hints = _json({column: [stamp, value] for column, (stamp, value) in d.hints.items()})
-        rows.append((
-            k[0], cid, u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost, u.latency_sum,
-            u.latency_count, u.ttft_sum, u.ttft_count, d.first_seen, d.last_active, new_days.get(cid, 0),
-            patch, versions, hints, d.last_event_at,
-        ))  # fmt: skip
+        rows.append(
+            (
+                k[0],
+                cid,
+                u.requests,
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.total_tokens,
+                u.cost,
+                u.latency_sum,
+                u.latency_count,
+                u.ttft_sum,
+                u.ttft_count,
+                d.first_seen,
+                d.last_active,
+                new_days.get(cid, 0),
+                patch,
+                versions,
+                hints,
+                d.last_event_at,
+            )
+        )
     if rows:
         await conn.execute(UPDATE_CUSTOMERS, *_columns(rows))
 
 
-async def _upsert_subscriptions(conn: asyncpg.Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> None:
+async def _upsert_subscriptions(conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> None:
     rows = []
     for k, d in sorted(deltas.items()):
         for sub_id, (stamp, at, s) in sorted(d.subscriptions.items()):
             plan_ = s.plan
-            rows.append((
-                k[0], ids[k], sub_id, s.status, s.current_period_start, s.current_period_end,
-                plan_ and plan_.stripe_price_id, plan_ and plan_.name, plan_ and plan_.amount,
-                plan_ and plan_.currency, plan_ and plan_.interval, at, stamp,
-            ))  # fmt: skip
+            rows.append(
+                (
+                    k[0],
+                    ids[k],
+                    sub_id,
+                    s.status,
+                    s.current_period_start,
+                    s.current_period_end,
+                    plan_ and plan_.stripe_price_id,
+                    plan_ and plan_.name,
+                    plan_ and plan_.amount,
+                    plan_ and plan_.currency,
+                    plan_ and plan_.interval,
+                    at,
+                    stamp,
+                )
+            )
     if rows:
         await conn.execute(UPSERT_SUBSCRIPTIONS, *_columns(rows))
 
 
-async def _recompute(conn: asyncpg.Connection, rows: list[tuple[Key, UUID, datetime]]) -> None:
+async def _recompute(conn: Connection, rows: list[tuple[Key, UUID, datetime]]) -> None:
     """Undo what the new tombstones predate, for customers that keep newer content."""
     orgs, customer_ids = [k[0] for k, _, _ in rows], [cid for _, cid, _ in rows]
     full = [orgs, customer_ids, [k[1] for k, _, _ in rows], [k[2] for k, _, _ in rows], [t for _, _, t in rows]]
@@ -539,13 +583,13 @@ WHERE ctid = ANY(ARRAY(
 PURGE_TOMBSTONES = "DELETE FROM customer_tombstones WHERE deleted_at < $1"
 
 
-async def purge_processed(conn: asyncpg.Connection, retention: timedelta, *, chunk: int = 10_000) -> int:
+async def purge_processed(conn: Connection, retention: timedelta, *, chunk: int = 10_000) -> int:
     """Forget dedupe keys (and their journal) and tombstones of events older than
     ``retention`` plus a day. The fold refuses events older than ``retention``, so a purged
     key can never be applied again and a purged tombstone can never matter again; the day
     covers clock skew between consumers and the database. Deletes in chunks, per
     organization (the index is ``(organization_id, event_time)``), to keep locks short."""
-    cutoff = datetime.now(timezone.utc) - retention - timedelta(days=1)
+    cutoff = datetime.now(UTC) - retention - timedelta(days=1)
     total = 0
     for org in await conn.fetch("SELECT id FROM organizations"):
         while True:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar
 from uuid import UUID
@@ -13,11 +13,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from service.core.vocabulary import ADDRESS_PREFIX, BudgetDuration, Status
 
-
-
 # The instants asyncpg reads and writes as -infinity/infinity: never a real time.
-_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
-_LATEST = datetime.max.replace(tzinfo=timezone.utc)
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
 TIME_RANGE = "between 0001-01-01 and 9999-12-31 in UTC"
 
 
@@ -26,9 +24,9 @@ def _utc(value: datetime) -> datetime:
     says; an offset that carries the time past year 1 or 9999 (``0001-01-01T00:00:00+05:00``)
     is refused here rather than by the database driver."""
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
+        value = value.replace(tzinfo=UTC)
     try:
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
     except OverflowError:
         raise ValueError(f"must be {TIME_RANGE}") from None
     if not _EARLIEST < value < _LATEST:
@@ -38,7 +36,9 @@ def _utc(value: datetime) -> datetime:
 
 def _iso_only(value: object) -> object:
     """Only ISO 8601 text (as documented), not numbers read as Unix times."""
-    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().lstrip("-").replace(".", "").isdigit()):
+    if isinstance(value, (int, float)) or (
+        isinstance(value, str) and value.strip().lstrip("-").replace(".", "").isdigit()
+    ):
         raise ValueError("must be an ISO 8601 date-time, e.g. 2026-11-21T10:00:00Z")
     return value
 
@@ -97,7 +97,11 @@ def json_fault(value: object, *, max_depth: int, numbers: bool = False) -> JsonF
                         return _at(path, "has a key containing NUL (U+0000)")
                     stack.append((child, depth + 1, (*path, key)))
         elif numbers and isinstance(item, (int, float)) and not isinstance(item, bool):
-            fault = f"holds a number beyond ±2^53 ({MAX_EXACT_NUMBER}); send it as a string" if abs(item) > MAX_EXACT_NUMBER else None
+            fault = (
+                f"holds a number beyond ±2^53 ({MAX_EXACT_NUMBER}); send it as a string"
+                if abs(item) > MAX_EXACT_NUMBER
+                else None
+            )
         if fault:
             return _at(path, fault)
     return None
@@ -151,8 +155,9 @@ class ProfileUpdate(BaseModel):
     parent_customer_id: UUID | None = None
     address: AddressIn | None = None
     metadata: Metadata | None = Field(
-        None, description=f"Replaces the whole metadata object (nested at most {MAX_METADATA_DEPTH} levels; "
-        "numbers within ±2^53)."
+        None,
+        description=f"Replaces the whole metadata object (nested at most {MAX_METADATA_DEPTH} levels; "
+        "numbers within ±2^53).",
     )
     stripe_customer_id: ShortText | None = None
     application_id: ShortText | None = None

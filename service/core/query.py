@@ -119,7 +119,9 @@ CUSTOMER_FIELDS: dict[str, str] = {
     ),
 }
 # Money renders as a decimal string unless a projection asks for a JSON number.
-MONEY_FIELDS = frozenset({"total_cost", "total_budget", "period_budget", "last_transaction_amount", "total_period_usage"})
+MONEY_FIELDS = frozenset(
+    {"total_cost", "total_budget", "period_budget", "last_transaction_amount", "total_period_usage"}
+)
 
 SUBSCRIPTION_FIELDS: dict[str, str] = {
     "id": "s.id",
@@ -134,6 +136,7 @@ SUBSCRIPTION_FIELDS: dict[str, str] = {
     "created_at": "s.created_at",
     "updated_at": "s.updated_at",
 }
+
 
 @dataclass(frozen=True)
 class Col:
@@ -244,7 +247,9 @@ def shape_sql(shape: Shape, alias: str = "c") -> str:
 def join_sql(shape: Shape, alias: str = "c") -> str:
     if not shape.parent_key:
         return ""
-    return f" LEFT JOIN customers p ON p.organization_id = {alias}.organization_id AND p.id = {alias}.parent_customer_id"
+    return (
+        f" LEFT JOIN customers p ON p.organization_id = {alias}.organization_id AND p.id = {alias}.parent_customer_id"
+    )
 
 
 @dataclass(frozen=True)
@@ -277,7 +282,7 @@ class Sort:
     descending: bool = True
 
     @classmethod
-    def parse(cls, text: str, param: str = "sort_by") -> "Sort":
+    def parse(cls, text: str, param: str = "sort_by") -> Sort:
         name = text[1:] if text.startswith("-") else text
         if name not in SORT_FIELDS:
             raise InvalidInput(param, f"cannot sort by '{name}'")
@@ -440,12 +445,20 @@ class CursorCodec:
 
     def encode(self, q: ListQuery, position: Position) -> str:
         payload = orjson.dumps(
-            [self.VERSION, str(q.organization_id), q.environment, str(q.sort), q.filter.fingerprint(),
-             position.key, position.id, position.backwards]
+            [
+                self.VERSION,
+                str(q.organization_id),
+                q.environment,
+                str(q.sort),
+                q.filter.fingerprint(),
+                position.key,
+                position.id,
+                position.backwards,
+            ]
         )
         return _b64(payload) + "." + _b64(self._sign(payload))
 
-    def decode(self, token: str) -> "CursorClaims":
+    def decode(self, token: str) -> CursorClaims:
         """Verify a cursor's signature and return what it claims; :func:`resume` checks the
         claims against the request."""
         invalid = InvalidInput("cursor", "is not a cursor this server issued")

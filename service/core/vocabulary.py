@@ -19,13 +19,29 @@ BUDGET_DURATIONS: tuple[str, ...] = get_args(BudgetDuration)
 # The customer columns a client may write (POST/PATCH, customer.upserted), with the SQL type
 # each is read back as from a JSON patch. Every other customer field is read-only.
 PROFILE_COLUMNS: dict[str, str] = {
-    "name": "text", "first_name": "text", "last_name": "text", "email": "text", "phone": "text",
-    "customer_type": "text", "status": "text", "parent_customer_id": "uuid", "address_line1": "text",
-    "address_line2": "text", "address_city": "text", "address_state": "text", "address_postal_code": "text",
-    "address_country": "text", "metadata": "jsonb", "stripe_customer_id": "text", "application_id": "text",
-    "last_transaction_amount": "numeric", "last_purchase_date": "timestamptz", "total_budget": "numeric",
-    "period_budget": "numeric", "budget_duration": "text",
-}  # fmt: skip
+    "name": "text",
+    "first_name": "text",
+    "last_name": "text",
+    "email": "text",
+    "phone": "text",
+    "customer_type": "text",
+    "status": "text",
+    "parent_customer_id": "uuid",
+    "address_line1": "text",
+    "address_line2": "text",
+    "address_city": "text",
+    "address_state": "text",
+    "address_postal_code": "text",
+    "address_country": "text",
+    "metadata": "jsonb",
+    "stripe_customer_id": "text",
+    "application_id": "text",
+    "last_transaction_amount": "numeric",
+    "last_purchase_date": "timestamptz",
+    "total_budget": "numeric",
+    "period_budget": "numeric",
+    "budget_duration": "text",
+}
 WRITABLE_COLUMNS = frozenset(PROFILE_COLUMNS)
 # An event names customers by identifier, not by tally's ids: it cannot set a parent.
 EVENT_WRITABLE_COLUMNS = WRITABLE_COLUMNS - {"parent_customer_id"}

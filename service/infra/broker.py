@@ -14,8 +14,9 @@ can share one broker.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import aio_pika
 import orjson
@@ -101,9 +102,10 @@ async def declare(channel: AbstractChannel, names: Names) -> Topology:
     # Budget alerts are for downstream services, not for tally: kept here until they consume
     # them (bounded, oldest dropped first, so an unread queue cannot grow without limit).
     alerts = await channel.declare_queue(
-        names.alerts, durable=True,
+        names.alerts,
+        durable=True,
         arguments={"x-queue-type": "quorum", "x-max-length": ALERTS_MAX_LENGTH, "x-overflow": "drop-head"},
-    )  # fmt: skip
+    )
     await alerts.bind(events, "alert.#")
     return Topology(events, dlx, ingest, dead)
 
@@ -118,9 +120,15 @@ def event_message(body: bytes, *, batch: bool, message_id: str | None = None) ->
 
 
 def dead_letter_message(
-    body: bytes, code: str, reason: str, routing_key: str, content_type: str | None, *,
-    message_id: str | None = None, attempt: int = 1,
-) -> aio_pika.Message:  # fmt: skip
+    body: bytes,
+    code: str,
+    reason: str,
+    routing_key: str,
+    content_type: str | None,
+    *,
+    message_id: str | None = None,
+    attempt: int = 1,
+) -> aio_pika.Message:
     """A dead letter: the message (or one event of a batch) with why it died. It keeps the
     original message's id, so the letters of one message can be found together, and
     ``routing_key`` must be the original message's (the broker accepted it, so it is a valid
@@ -135,18 +143,18 @@ def dead_letter_message(
             REASON_HEADER: reason[:MAX_REASON_CHARS],
             REASON_CODE_HEADER: code,
             ROUTING_KEY_HEADER: routing_key,
-            DEATH_TIME_HEADER: datetime.now(timezone.utc).isoformat(),
+            DEATH_TIME_HEADER: datetime.now(UTC).isoformat(),
             ATTEMPT_HEADER: attempt,
         },
     )
 
 
-def delivery_attempt(headers: dict[str, object] | None, redelivered: bool | None) -> int:
+def delivery_attempt(headers: Mapping[str, object] | None, redelivered: bool | None) -> int:
     """Which delivery of a message this is (1 = the first), from the broker's own account."""
     count = (headers or {}).get(DELIVERY_COUNT_HEADER)
     earlier = count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 0
     return 1 + max(earlier, 1 if redelivered else 0)
 
 
-def encode_events(events: list[dict]) -> bytes:
+def encode_events(events: Sequence[object]) -> bytes:
     return orjson.dumps(events if len(events) != 1 else events[0])

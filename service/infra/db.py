@@ -78,7 +78,7 @@ async def create_pool(
 async def close_pool(pool: asyncpg.Pool) -> None:
     try:
         await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("database pool did not close in time; terminating connections")
         pool.terminate()
 

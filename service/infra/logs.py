@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 
@@ -17,11 +18,15 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
+# The factories installed here: installing is idempotent (modules may be reloaded by tests).
+_FACTORIES: set[Callable[..., logging.LogRecord]] = set()
+
+
 def _install_request_id_factory() -> None:
     """Stamp the current request's id on every record at creation, whatever handler (or
     test capture) receives it."""
     previous = logging.getLogRecordFactory()
-    if getattr(previous, "tally_request_id", False):
+    if previous in _FACTORIES:
         return
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
@@ -31,7 +36,7 @@ def _install_request_id_factory() -> None:
             record.request_id = request_id
         return record
 
-    factory.tally_request_id = True  # type: ignore[attr-defined]
+    _FACTORIES.add(factory)
     logging.setLogRecordFactory(factory)
 
 
@@ -41,7 +46,7 @@ _install_request_id_factory()
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -76,7 +81,9 @@ class ClientProtocolErrors(logging.Filter):
 def configure(level: str = "INFO", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if use_json else TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if use_json else TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -20,9 +20,12 @@ HTTP_REQUESTS = Counter(
     "tally_http_requests_total", "HTTP requests served.", ["route", "method", "status"], registry=REGISTRY
 )
 HTTP_LATENCY = Histogram(
-    "tally_http_request_duration_seconds", "HTTP request latency.", ["route", "method"], registry=REGISTRY,
+    "tally_http_request_duration_seconds",
+    "HTTP request latency.",
+    ["route", "method"],
+    registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)  # fmt: skip
+)
 # Requests tally refused to protect itself or others, by a closed set of reasons:
 # db_org_busy, db_pool_timeout (503: fair sharing of the database), ip_rate_limited (429:
 # unauthenticated requests), header_timeout (408), bad_request (malformed or oversized head).
@@ -30,13 +33,17 @@ HTTP_REFUSED = Counter(
     "tally_http_refused_total", "Requests refused to protect the service, by reason.", ["reason"], registry=REGISTRY
 )
 EVENTS = Counter(
-    "tally_events_total", "Events seen by the consumer, by type and outcome "
-    "(applied, duplicate, stale, rejected, invalid).", ["type", "outcome"], registry=REGISTRY,
-)  # fmt: skip
-DEAD_LETTERS = Counter(
-    "tally_dead_letters_total", "Messages or events the consumer dead-lettered, by reason.", ["reason"],
+    "tally_events_total",
+    "Events seen by the consumer, by type and outcome (applied, duplicate, stale, rejected, invalid).",
+    ["type", "outcome"],
     registry=REGISTRY,
-)  # fmt: skip
+)
+DEAD_LETTERS = Counter(
+    "tally_dead_letters_total",
+    "Messages or events the consumer dead-lettered, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 # Label values come from closed sets, never from a message: every distinct label value is a
 # new time series kept for the life of the process, so a label copied from an untrusted
@@ -54,17 +61,23 @@ def event_type_label(value: object) -> str:
 
 
 BATCH_SIZE = Histogram(
-    "tally_batch_events", "Events per folded batch.", registry=REGISTRY,
+    "tally_batch_events",
+    "Events per folded batch.",
+    registry=REGISTRY,
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
-)  # fmt: skip
+)
 BATCH_SECONDS = Histogram(
-    "tally_batch_apply_seconds", "Time to fold and commit one batch.", registry=REGISTRY,
+    "tally_batch_apply_seconds",
+    "Time to fold and commit one batch.",
+    registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)  # fmt: skip
+)
 EVENT_LAG = Histogram(
-    "tally_event_lag_seconds", "Apply time minus event time, per applied event.", registry=REGISTRY,
+    "tally_event_lag_seconds",
+    "Apply time minus event time, per applied event.",
+    registry=REGISTRY,
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
-)  # fmt: skip
+)
 IN_FLIGHT = Gauge("tally_messages_in_flight", "Messages received and not yet acked.", registry=REGISTRY)
 BROKER_CONNECTED = Gauge("tally_broker_connected", "1 while connected to RabbitMQ.", registry=REGISTRY)
 BROKER_RECONNECTS = Counter("tally_broker_reconnects_total", "Reconnections to RabbitMQ.", registry=REGISTRY)
@@ -73,15 +86,15 @@ DB_POOL_SIZE = Gauge("tally_db_pool_size", "Database connections open.", registr
 QUEUE_MESSAGES = Gauge(
     "tally_queue_messages", "Messages ready in a queue (polled by the consumer).", ["queue"], registry=REGISTRY
 )
-QUEUE_CONSUMERS = Gauge("tally_queue_consumers", "Consumers on a queue (polled by the consumer).", ["queue"],
-                        registry=REGISTRY)  # fmt: skip
-DB_RETRIES = Counter(
-    "tally_db_retries_total", "Batches retried after a transient database error.", registry=REGISTRY
+QUEUE_CONSUMERS = Gauge(
+    "tally_queue_consumers", "Consumers on a queue (polled by the consumer).", ["queue"], registry=REGISTRY
 )
+DB_RETRIES = Counter("tally_db_retries_total", "Batches retried after a transient database error.", registry=REGISTRY)
 PUBLISHED = Counter(
-    "tally_events_published_total", "Events accepted by POST /v1/events and confirmed by the broker.",
+    "tally_events_published_total",
+    "Events accepted by POST /v1/events and confirmed by the broker.",
     registry=REGISTRY,
-)  # fmt: skip
+)
 
 
 def render() -> tuple[bytes, str]:

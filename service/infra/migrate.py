@@ -80,9 +80,7 @@ async def ensure_database(dsn: str) -> bool:
     return True
 
 
-async def migrate(
-    dsn: str, directory: Path, report: Callable[[str], None] = lambda _line: None
-) -> list[str]:
+async def migrate(dsn: str, directory: Path, report: Callable[[str], None] = lambda _line: None) -> list[str]:
     """Bring the database at ``dsn`` up to date. Returns the versions applied by this call."""
     migrations = load_migrations(directory)
     if await ensure_database(dsn):

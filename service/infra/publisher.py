@@ -40,12 +40,13 @@ class Publisher:
                 await self._close()
                 try:
                     self._connection = await aio_pika.connect(
-                        self.amqp_url, timeout=CONNECT_TIMEOUT,
+                        self.amqp_url,
+                        timeout=CONNECT_TIMEOUT,
                         client_properties={"connection_name": f"{self.names.namespace}-publisher-{os.getpid()}"},
-                    )  # fmt: skip
+                    )
                     self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
                     self._topology = await declare(self._channel, self.names)
-                except (aio_pika.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as exc:
                     await self._close()
                     raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
             assert self._topology is not None
@@ -59,7 +60,12 @@ class Publisher:
             await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
         except aio_pika.exceptions.DeliveryError as exc:
             raise Unavailable(f"broker did not route or confirm the message: {exc}") from exc
-        except (aio_pika.exceptions.AMQPError, OSError, asyncio.TimeoutError, RuntimeError) as exc:  # RuntimeError: aiormq's closed channel
+        except (
+            TimeoutError,
+            aio_pika.exceptions.AMQPError,
+            OSError,
+            RuntimeError,
+        ) as exc:  # RuntimeError: aiormq's closed channel
             await self._close()
             raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
 

@@ -4,7 +4,6 @@ can tell (ready and consumers) when it is not."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Literal
 from urllib.parse import quote, unquote, urlsplit
@@ -63,7 +62,7 @@ async def queue_stats(amqp_url: str, management_url: str | None, names: Names) -
     if management_url:
         try:
             return [await _management_stats(management_url, _vhost(amqp_url), q) for q in queues]
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             pass  # degrade to AMQP
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
@@ -76,8 +75,17 @@ async def queue_stats(amqp_url: str, management_url: str | None, names: Names) -
                 ready, consumers = result.message_count or 0, result.consumer_count or 0
             except aio_pika.exceptions.ChannelClosed:  # not declared yet: nothing in it
                 ready = consumers = 0
-            out.append(QueueStats(name=queue, ready=ready, unacknowledged=None, consumers=consumers,
-                                  publish_rate=None, deliver_rate=None, source="amqp"))  # fmt: skip
+            out.append(
+                QueueStats(
+                    name=queue,
+                    ready=ready,
+                    unacknowledged=None,
+                    consumers=consumers,
+                    publish_rate=None,
+                    deliver_rate=None,
+                    source="amqp",
+                )
+            )
         return out
     finally:
         await connection.close()

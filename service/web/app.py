@@ -13,7 +13,7 @@ from service.infra import metrics
 from service.infra.db import pool_context
 from service.infra.settings import Settings
 from service.web import health, server
-from service.web.appkeys import POOL, READINESS_CHECKS, SETTINGS
+from service.web.appkeys import POOL, READINESS_CHECKS, SETTINGS, ReadinessCheck
 from service.web.observability import metrics_endpoint, metrics_middleware
 from service.web.problems import problem_middleware, request_id_middleware
 
@@ -43,7 +43,8 @@ def base_app(settings: Settings, *, statement_timeout: float | None = None) -> w
         handler_args=server.handler_args(settings),
     )
     app[SETTINGS] = settings
-    app[READINESS_CHECKS] = {"database": health.database_check}
+    checks: dict[str, ReadinessCheck] = {"database": health.database_check}
+    app[READINESS_CHECKS] = checks
     app.cleanup_ctx.append(primary_pool(statement_timeout))
     return app
 

@@ -33,6 +33,11 @@ async def readyz(request: web.Request) -> web.Response:
     if not down:
         return web.json_response({"status": "ok", "checks": results})
     return problem(
-        request, 503, "Service Unavailable", f"not ready: {', '.join(down)} unreachable",
-        slug="unavailable", headers={"Retry-After": "1"}, extra={"checks": results},
-    )  # fmt: skip
+        request,
+        503,
+        "Service Unavailable",
+        f"not ready: {', '.join(down)} unreachable",
+        slug="unavailable",
+        headers={"Retry-After": "1"},
+        extra={"checks": results},
+    )

@@ -6,6 +6,7 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from service.infra import metrics
 
@@ -13,7 +14,7 @@ access_log = logging.getLogger("tally.access")
 
 
 @web.middleware
-async def metrics_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
     try:
@@ -32,8 +33,16 @@ async def metrics_middleware(request: web.Request, handler):  # type: ignore[no-
         metrics.HTTP_LATENCY.labels(route, request.method).observe(elapsed)
         if access_log.isEnabledFor(logging.INFO):
             # The path, never the query string or headers: those may carry secrets.
-            access_log.info("request", extra={"method": request.method, "path": request.path, "route": route,
-                                              "status": status, "ms": round(elapsed * 1000, 2)})  # fmt: skip
+            access_log.info(
+                "request",
+                extra={
+                    "method": request.method,
+                    "path": request.path,
+                    "route": route,
+                    "status": status,
+                    "ms": round(elapsed * 1000, 2),
+                },
+            )
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

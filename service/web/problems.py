@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import asyncpg
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from service.infra import logs
 from service.infra.errors import Unavailable
@@ -34,6 +35,7 @@ UNAVAILABLE_ERRORS = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
+
 
 @dataclass(frozen=True)
 class ProblemField:
@@ -67,9 +69,15 @@ class Problem(Exception):
 
 
 _STATUS_SLUGS = {
-    400: "bad-request", 404: "not-found", 405: "method-not-allowed", 408: "request-timeout", 413: "payload-too-large",
-    414: "uri-too-long", 429: "rate-limited", 431: "header-fields-too-large",
-}  # fmt: skip
+    400: "bad-request",
+    404: "not-found",
+    405: "method-not-allowed",
+    408: "request-timeout",
+    413: "payload-too-large",
+    414: "uri-too-long",
+    429: "rate-limited",
+    431: "header-fields-too-large",
+}
 
 
 def problem_body(
@@ -110,14 +118,20 @@ def problem(
     extra: dict[str, object] | None = None,
 ) -> web.Response:
     body = problem_body(
-        status, title, detail, instance=request.path, request_id=request.get(REQUEST_ID, ""), slug=slug,
-        errors=errors, extra=extra,
-    )  # fmt: skip
+        status,
+        title,
+        detail,
+        instance=request.path,
+        request_id=request.get(REQUEST_ID, ""),
+        slug=slug,
+        errors=errors,
+        extra=extra,
+    )
     return web.Response(body=body, status=status, content_type=PROBLEM_CONTENT_TYPE, headers=headers)
 
 
 @web.middleware
-async def request_id_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
     token = logs.REQUEST_ID.set(request[REQUEST_ID])
@@ -130,14 +144,22 @@ async def request_id_middleware(request: web.Request, handler):  # type: ignore[
 
 
 @web.middleware
-async def problem_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except Problem as exc:
-        return problem(request, exc.status, exc.title, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers)
+        return problem(
+            request, exc.status, exc.title, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers
+        )
     except Unavailable as exc:
-        return problem(request, 503, "Service Unavailable", exc.detail, slug="unavailable",
-                       headers={"Retry-After": str(exc.retry_after)})  # fmt: skip
+        return problem(
+            request,
+            503,
+            "Service Unavailable",
+            exc.detail,
+            slug="unavailable",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -150,9 +172,13 @@ async def problem_middleware(request: web.Request, handler):  # type: ignore[no-
     except UNAVAILABLE_ERRORS as exc:
         log.warning("dependency unavailable: %s", type(exc).__name__)
         return problem(
-            request, 503, "Service Unavailable", "a dependency is unavailable; retry shortly",
-            slug="unavailable", headers={"Retry-After": "1"},
-        )  # fmt: skip
+            request,
+            503,
+            "Service Unavailable",
+            "a dependency is unavailable; retry shortly",
+            slug="unavailable",
+            headers={"Retry-After": "1"},
+        )
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
         return problem(request, 500, "Internal Server Error", "unexpected error; quote the request_id")

@@ -35,8 +35,8 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_runner import GracefulExit
 
 from service.infra import metrics
-from service.web.problems import PROBLEM_CONTENT_TYPE, REQUEST_ID, problem_body
 from service.infra.settings import Settings
+from service.web.problems import PROBLEM_CONTENT_TYPE, REQUEST_ID, problem_body
 
 log = logging.getLogger("tally.http")
 
@@ -128,19 +128,28 @@ class TallyRequestHandler(web.RequestHandler):
         if self.transport is None or self._force_close:
             return
         metrics.HTTP_REFUSED.labels("header_timeout").inc()
-        log.warning("closed a connection whose request head was incomplete after %gs", self._head_timeout,
-                    extra={"remote": _remote(self.peername)})  # fmt: skip
+        log.warning(
+            "closed a connection whose request head was incomplete after %gs",
+            self._head_timeout,
+            extra={"remote": _remote(self.peername)},
+        )
         if not self._request_in_progress and not self._messages:
             # Idle between requests: nothing else is being written, so say why before closing.
             body = problem_body(
-                408, "Request Timeout",
+                408,
+                "Request Timeout",
                 f"the request line and headers did not arrive within {self._head_timeout:g} s",
-                instance=None, request_id=uuid.uuid4().hex,
-            )  # fmt: skip
+                instance=None,
+                request_id=uuid.uuid4().hex,
+            )
             self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: " + PROBLEM_CONTENT_TYPE.encode()
-                + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
-            )  # fmt: skip
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: "
+                + PROBLEM_CONTENT_TYPE.encode()
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
         self.force_close()
 
     def handle_error(
@@ -171,8 +180,11 @@ class TallyRequestHandler(web.RequestHandler):
             # One line, no traceback, no request bytes (a header value may be a key). Non-HTTP
             # traffic on the port (TLS, scanners) is routine: debug, as aiohttp does.
             level = logging.DEBUG if self._request_count == 1 and isinstance(exc, BadHttpMethod) else logging.WARNING
-            log.log(level, "refused a malformed request", extra={"status": status, "reason": reason,
-                                                                 "remote": request.remote})  # fmt: skip
+            log.log(
+                level,
+                "refused a malformed request",
+                extra={"status": status, "reason": reason, "remote": request.remote},
+            )
         body = problem_body(status, title, detail, instance=instance, request_id=request_id)
         response = web.Response(
             body=body, status=status, content_type=PROBLEM_CONTENT_TYPE, headers={"X-Request-ID": request_id}
@@ -191,7 +203,11 @@ class TallyRequestHandler(web.RequestHandler):
     def _refusal(self, status: int, exc: BaseException | None) -> tuple[int, str, str]:
         if isinstance(exc, LineTooLong):
             if exc.args[1] == self.max_field_size:
-                return 431, "Request Header Fields Too Large", f"a header field is longer than {self.max_field_size} bytes"
+                return (
+                    431,
+                    "Request Header Fields Too Large",
+                    f"a header field is longer than {self.max_field_size} bytes",
+                )
             return 414, "URI Too Long", f"the request line is longer than {self.max_line_size} bytes"
         if isinstance(exc, HttpProcessingError) and "Too many headers" in exc.message:
             return 431, "Request Header Fields Too Large", f"more than {self.max_headers} header fields"
@@ -230,23 +246,35 @@ class TallyRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs the app's startup and cleanup contexts' first half
         return TallyServer(
-            server.request_handler, request_factory=server.request_factory, loop=server._loop,
-            handler_cancellation=server.handler_cancellation, head_timeout=self._head_timeout, **server._kwargs,
-        )  # fmt: skip
+            server.request_handler,
+            request_factory=server.request_factory,
+            loop=server._loop,
+            handler_cancellation=server.handler_cancellation,
+            head_timeout=self._head_timeout,
+            **server._kwargs,
+        )
 
 
 def handler_args(settings: Settings) -> dict[str, Any]:
     """The protocol limits every tally server uses (``web.Application(handler_args=...)``)."""
-    return {"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_FIELD_SIZE, "max_headers": MAX_HEADERS,
-            "keepalive_timeout": settings.http_keepalive_timeout}  # fmt: skip
+    return {
+        "max_line_size": MAX_REQUEST_LINE,
+        "max_field_size": MAX_FIELD_SIZE,
+        "max_headers": MAX_HEADERS,
+        "keepalive_timeout": settings.http_keepalive_timeout,
+    }
 
 
 def runner(app: web.Application, settings: Settings, *, handle_signals: bool = False) -> TallyRunner:
     """A runner for ``app`` with tally's limits (tests start one without signal handlers)."""
     return TallyRunner(
-        app, head_timeout=settings.http_header_timeout, handle_signals=handle_signals, access_log=None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT, **handler_args(settings),
-    )  # fmt: skip
+        app,
+        head_timeout=settings.http_header_timeout,
+        handle_signals=handle_signals,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        **handler_args(settings),
+    )
 
 
 async def _serve(app: web.Application, settings: Settings, host: str, port: int, say: Callable[[str], None]) -> None:

@@ -111,6 +111,15 @@ async def list_customers(request: web.Request) -> web.Response:
 
 
 ENDPOINTS = [
-    Endpoint("GET", BASE + "/v1/customers", list_customers, "List customers", TAG, "read",
-             query=ListParams, response=CustomerList, errors=(400, 401, 403, 429)),
-]  # fmt: skip
+    Endpoint(
+        "GET",
+        BASE + "/v1/customers",
+        list_customers,
+        "List customers",
+        TAG,
+        "read",
+        query=ListParams,
+        response=CustomerList,
+        errors=(400, 401, 403, 429),
+    ),
+]

@@ -86,9 +86,10 @@ class CustomerList(BaseModel):
 
 SHAPES = {
     False: customer_shape(Customer, skip=("subscriptions",)),
-    True: customer_shape(Customer, skip=("subscriptions",), subscriptions_key="subscriptions",
-                         subscription_model=Subscription),
-}  # fmt: skip
+    True: customer_shape(
+        Customer, skip=("subscriptions",), subscriptions_key="subscriptions", subscription_model=Subscription
+    ),
+}
 
 
 async def list_customers(request: web.Request) -> web.Response:
@@ -102,12 +103,25 @@ async def list_customers(request: web.Request) -> web.Response:
         offset=params.offset,
     )
     page = await run_list(request, q, SHAPES[params.include_subscriptions])
-    pagination = {"total": page.count, "limit": params.limit, "offset": params.offset,
-                  "hasMore": page.next_position is not None}  # fmt: skip
+    pagination = {
+        "total": page.count,
+        "limit": params.limit,
+        "offset": params.offset,
+        "hasMore": page.next_position is not None,
+    }
     return web.Response(body=json_with({"pagination": pagination}, "data", page.docs), content_type="application/json")
 
 
 ENDPOINTS = [
-    Endpoint("GET", BASE + "/api/public/customers", list_customers, "Get customers list", TAG, "read",
-             query=ListParams, response=CustomerList, errors=(400, 401, 403, 429)),
-]  # fmt: skip
+    Endpoint(
+        "GET",
+        BASE + "/api/public/customers",
+        list_customers,
+        "Get customers list",
+        TAG,
+        "read",
+        query=ListParams,
+        response=CustomerList,
+        errors=(400, 401, 403, 429),
+    ),
+]

@@ -8,13 +8,12 @@ example) while the list's ``id`` is customer_identifier + environment + organiza
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 from uuid import UUID
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.core import customers as core
 from service.api import appkeys, dbaccess
 from service.api.customers import write_stamp
 from service.api.listing import json_with, link, run_list
@@ -22,9 +21,10 @@ from service.api.models import SORT_CHOICES, choice
 from service.api.params import parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
+from service.core import customers as core
 from service.core.profile import Money, ProfileUpdate, ShortText
-from service.core.vocabulary import BudgetDuration, Environment
 from service.core.query import Col, ListQuery, Sort
+from service.core.vocabulary import BudgetDuration, Environment
 
 BASE = "/compat/respan"
 TAG = "compat: respan"
@@ -127,16 +127,20 @@ async def list_users(request: web.Request) -> web.Response:
     return web.Response(body=json_with(envelope, "results", page.docs), content_type=JSON)
 
 
-def _where(request: web.Request) -> tuple[object, str, str]:
+def _where(request: web.Request) -> tuple[UUID, str, str]:
     principal = request[PRINCIPAL]
     params = parse_query(request, DetailParams)
-    return principal.organization_id, params.environment or principal.environment, request.match_info["customer_identifier"]
+    return (
+        principal.organization_id,
+        params.environment or principal.environment,
+        request.match_info["customer_identifier"],
+    )
 
 
 async def retrieve_user(request: web.Request) -> web.Response:
     org, env, identifier = _where(request)
     async with dbaccess.connection(request, read=True) as conn:
-        doc = await core.get_customer(conn, org, env, identifier, DETAIL_SHAPE)  # type: ignore[arg-type]
+        doc = await core.get_customer(conn, org, env, identifier, DETAIL_SHAPE)
     return web.Response(text=doc, content_type=JSON)
 
 
@@ -146,7 +150,13 @@ async def update_user(request: web.Request) -> web.Response:
     values = ProfileUpdate.model_validate(body.model_dump(exclude_unset=True)).columns()
     async with dbaccess.connection(request) as conn:
         doc = await core.update_customer(
-            conn, org, env, identifier, values, DETAIL_SHAPE, **write_stamp(request)  # type: ignore[arg-type]
+            conn,
+            org,
+            env,
+            identifier,
+            values,
+            DETAIL_SHAPE,
+            **write_stamp(request),
         )
     return web.Response(text=doc, content_type=JSON)
 
@@ -154,7 +164,7 @@ async def update_user(request: web.Request) -> web.Response:
 async def delete_user(request: web.Request) -> web.Response:
     org, env, identifier = _where(request)
     async with dbaccess.connection(request) as conn:
-        await core.delete_customer(conn, org, env, identifier, **write_stamp(request))  # type: ignore[arg-type]
+        await core.delete_customer(conn, org, env, identifier, **write_stamp(request))
     return web.Response(status=204)
 
 
@@ -162,13 +172,55 @@ IDENTIFIER = {"customer_identifier": "Your unique identifier for this customer."
 # /api/users/list/ is the list route, not a customer called "list" (as in Respan's own API).
 NOT_LIST = {"customer_identifier": r"(?!list(?:/|$))[^/]+"}
 ENDPOINTS = [
-    Endpoint("GET", BASE + "/api/users/list/", list_users, "List customers", TAG, "read",
-             query=ListParams, response=UserList, errors=(400, 401, 429)),
-    Endpoint("GET", BASE + "/api/users/{customer_identifier}/", retrieve_user, "Retrieve a customer", TAG, "read",
-             query=DetailParams, response=UserDetail, errors=(400, 401, 404, 429), path_params=IDENTIFIER, path_patterns=NOT_LIST),
-    Endpoint("PATCH", BASE + "/api/users/{customer_identifier}/", update_user, "Update a customer", TAG, "write",
-             query=DetailParams, body=UserPatch, response=UserDetail, errors=(400, 401, 404, 429),
-             path_params=IDENTIFIER, path_patterns=NOT_LIST),
-    Endpoint("DELETE", BASE + "/api/users/{customer_identifier}/", delete_user, "Delete a customer", TAG, "write",
-             query=DetailParams, status=204, errors=(400, 401, 404, 429), path_params=IDENTIFIER, path_patterns=NOT_LIST),
-]  # fmt: skip
+    Endpoint(
+        "GET",
+        BASE + "/api/users/list/",
+        list_users,
+        "List customers",
+        TAG,
+        "read",
+        query=ListParams,
+        response=UserList,
+        errors=(400, 401, 429),
+    ),
+    Endpoint(
+        "GET",
+        BASE + "/api/users/{customer_identifier}/",
+        retrieve_user,
+        "Retrieve a customer",
+        TAG,
+        "read",
+        query=DetailParams,
+        response=UserDetail,
+        errors=(400, 401, 404, 429),
+        path_params=IDENTIFIER,
+        path_patterns=NOT_LIST,
+    ),
+    Endpoint(
+        "PATCH",
+        BASE + "/api/users/{customer_identifier}/",
+        update_user,
+        "Update a customer",
+        TAG,
+        "write",
+        query=DetailParams,
+        body=UserPatch,
+        response=UserDetail,
+        errors=(400, 401, 404, 429),
+        path_params=IDENTIFIER,
+        path_patterns=NOT_LIST,
+    ),
+    Endpoint(
+        "DELETE",
+        BASE + "/api/users/{customer_identifier}/",
+        delete_user,
+        "Delete a customer",
+        TAG,
+        "write",
+        query=DetailParams,
+        status=204,
+        errors=(400, 401, 404, 429),
+        path_params=IDENTIFIER,
+        path_patterns=NOT_LIST,
+    ),
+]

@@ -87,6 +87,15 @@ async def list_customers(request: web.Request) -> web.Response:
 
 
 ENDPOINTS = [
-    Endpoint("GET", BASE + "/api/v0/customers", list_customers, "List customers", TAG, "read",
-             query=ListParams, response=CustomerList, errors=(400, 401, 403, 429)),
-]  # fmt: skip
+    Endpoint(
+        "GET",
+        BASE + "/api/v0/customers",
+        list_customers,
+        "List customers",
+        TAG,
+        "read",
+        query=ListParams,
+        response=CustomerList,
+        errors=(400, 401, 403, 429),
+    ),
+]
