@@ -1,32 +1,39 @@
-"""Fixtures against the real PostgreSQL (and RabbitMQ): a fresh database per test session,
-migrated by the real migrator; unique organizations per test so tests need no cleanup."""
+"""Every fixture shared by more than one test module, registered once, here: a fresh database
+per test session against the real PostgreSQL, migrated by the real migrator; the API under
+a test client; unique organizations per test so tests need no cleanup; a private namespace
+on the real RabbitMQ per test, the consumer processes a test starts, an HTTP session for
+them; and the read-only data the compatibility tests share.
+
+Helpers live in modules of their own, never in a test module: factories.py (rows),
+support.py (API responses, databases), schemacheck.py, eventkit.py (events, the broker),
+consumerkit.py (the consumer in-process), processes.py (consumer processes), compatkit.py
+(the vendors' docs). Fixtures used by one module only stay in that module."""
 
 from __future__ import annotations
 
 import os
 import secrets
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
-import aio_pika
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.infra.broker import Names
-from service.core import auth
 from service.api.app import create_app
 from service.infra.db import close_pool, create_pool
 from service.infra.migrate import migrate
 from service.infra.settings import Settings
+from tests.compatkit import CROWD_BASE, CROWD_SIZE, Crowd, get_json
+from tests.eventkit import Broker, delete_namespace
+from tests.factories import Org, insert_customer, make_org, set_columns
+from tests.processes import Fleet
+from tests.support import BASE_DSN, with_database
 
-BASE_DSN = os.environ.get("TALLY_TEST_DATABASE_URL", os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
-
-
-def _with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+# ---- the database, the API, organizations --------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +44,7 @@ def database_name() -> str:
 @pytest.fixture(scope="session")
 def settings(database_name: str) -> Settings:
     return Settings(
-        database_url=_with_database(BASE_DSN, database_name),
+        database_url=with_database(BASE_DSN, database_name),
         # Never the default namespace: a tally running on this machine must not see tests.
         amqp_namespace=f"tally_test_{database_name}",
         # The suite hammers the API with few keys; rate limiting has its own test app.
@@ -54,7 +61,7 @@ def settings(database_name: str) -> Settings:
 async def migrated(settings: Settings, database_name: str) -> AsyncIterator[str]:
     await migrate(settings.database_url, settings.migrations_dir)
     yield settings.database_url
-    admin = await asyncpg.connect(_with_database(BASE_DSN, "postgres"))
+    admin = await asyncpg.connect(with_database(BASE_DSN, "postgres"))
     try:
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
@@ -79,47 +86,6 @@ async def client(migrated: str, settings: Settings) -> AsyncIterator[TestClient]
     await delete_namespace(settings.amqp_namespace)
 
 
-async def delete_namespace(namespace: str) -> None:
-    """Remove a test namespace's queues and exchanges from the broker (if declared)."""
-    names = Names(namespace)
-    connection = await aio_pika.connect(settings_amqp_url())
-    try:
-        for queue in (names.ingest, names.dead, names.alerts):
-            channel = await connection.channel()
-            await channel.queue_delete(queue)
-        for exchange in (names.events, names.dlx):
-            channel = await connection.channel()
-            await channel.exchange_delete(exchange)
-    finally:
-        await connection.close()
-
-
-def settings_amqp_url() -> str:
-    return os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-@dataclass
-class Org:
-    id: uuid.UUID
-    name: str
-    key: str  # read, write (prod)
-    read_key: str
-    test_key: str  # read, write (test environment)
-
-    def headers(self, key: str | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {key or self.key}"}
-
-
-async def make_org(pool: asyncpg.Pool) -> Org:
-    name = f"org-{uuid.uuid4().hex[:10]}"
-    async with pool.acquire() as conn:
-        org_id = await auth.create_organization(conn, name)
-        key = await auth.create_key(conn, name, ("read", "write"))
-        read = await auth.create_key(conn, name, ("read",))
-        test = await auth.create_key(conn, name, ("read", "write"), environment="test")
-    return Org(org_id, name, key.key, read.key, test.key)
-
-
 @pytest.fixture
 async def org(pool: asyncpg.Pool) -> Org:
     return await make_org(pool)
@@ -130,29 +96,58 @@ async def other_org(pool: asyncpg.Pool) -> Org:
     return await make_org(pool)
 
 
-INSERT_CUSTOMER_COLUMNS = (
-    "organization_id", "environment", "customer_identifier", "name", "email", "status", "metadata",
-    "parent_customer_id", "first_seen", "last_active", "active_days", "number_of_requests", "prompt_tokens",
-    "completion_tokens", "total_tokens", "total_cost", "latency_sum", "latency_count", "ttft_sum", "ttft_count",
-    "total_budget", "period_budget", "budget_duration",
-)  # fmt: skip
+# ---- the broker and the consumer processes -------------------------------------------------
 
 
-async def insert_customer(pool: asyncpg.Pool, org: Org, identifier: str | None = None, **fields: object) -> dict:
-    """Insert one customer row directly (a factory for read tests); returns the row."""
-    row = {
-        "organization_id": org.id,
-        "environment": "prod",
-        "customer_identifier": identifier or f"cust_{uuid.uuid4().hex[:8]}",
-        "status": "active",
-        "metadata": {},
-        **fields,
-    }
-    columns = [c for c in INSERT_CUSTOMER_COLUMNS if c in row]
-    unknown = set(row) - set(INSERT_CUSTOMER_COLUMNS)
-    assert not unknown, unknown
-    sql = (
-        f"INSERT INTO customers ({', '.join(columns)}) VALUES ({', '.join(f'${i + 1}' for i in range(len(columns)))})"
-        " RETURNING *"
-    )
-    return dict(await pool.fetchrow(sql, *(row[c] for c in columns)))
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    """A private namespace on the real RabbitMQ (its queues, the alerts queue included, and
+    exchanges deleted afterwards)."""
+    async with Broker() as b:
+        yield b
+
+
+@pytest.fixture
+def fleet(migrated: str, settings: Settings, broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(settings, broker, tmp_path)
+    try:
+        yield f
+    finally:
+        f.close()  # before the broker fixture deletes the namespace
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        yield s
+
+
+# ---- the compatibility route sets ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+async def openapi_doc(client: TestClient) -> dict[str, Any]:
+    return await get_json(client, "/openapi.json", {})
+
+
+@pytest.fixture(scope="session")
+async def crowd(pool: asyncpg.Pool) -> Crowd:
+    """A read-only organization of 150 prod customers (and 3 test ones) shared by the
+    pagination walks: created_at ties in threes, first_seen ties and missing values, so that
+    only a stable tie-break pages without loss or repetition. No test writes to it."""
+    org = await make_org(pool)
+    rows = []
+    async with pool.acquire() as conn, conn.transaction():
+        for i in range(CROWD_SIZE):
+            row = await insert_customer(
+                conn,
+                org,
+                f"crowd{i:03d}",
+                name=f"Crowd {i:03d}",
+                email=f"crowd{i:03d}@example.com",
+                first_seen=None if i % 10 == 0 else CROWD_BASE + timedelta(hours=i % 40),
+            )
+            rows.append(await set_columns(conn, row, created_at=CROWD_BASE + timedelta(minutes=i // 3)))
+        for i in range(3):
+            await insert_customer(conn, org, f"crowdtest{i}", environment="test")
+    return org, rows

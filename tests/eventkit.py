@@ -1,16 +1,18 @@
-"""Helpers for event tests: a private broker namespace per test, event builders, the
-expected aggregates computed independently of tally's fold, and condition waits."""
+"""Helpers for event tests: a private broker namespace per test, event builders and event
+streams, the expected aggregates computed independently of tally's fold, and condition waits
+(no fixtures here: those live in conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import aio_pika
@@ -18,15 +20,26 @@ import asyncpg
 import orjson
 
 from service.infra.broker import Names
+from tests.factories import Org
 
 AMQP_URL = os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 def usage(
-    org: str, subject: str, *, when: datetime | None = None, requests: int = 1, prompt: int = 10,
-    completion: int = 5, cost: str = "0.0010", latency: float | None = 1.0, ttft: float | None = 0.5,
-    source: str = "llm-gateway", event_id: str | None = None, environment: str = "prod",
-) -> dict:  # fmt: skip
+    org: str,
+    subject: str,
+    *,
+    when: datetime | None = None,
+    requests: int = 1,
+    prompt: int = 10,
+    completion: int = 5,
+    cost: str = "0.0010",
+    latency: float | None = 1.0,
+    ttft: float | None = 0.5,
+    source: str = "llm-gateway",
+    event_id: str | None = None,
+    environment: str = "prod",
+) -> dict:
     data: dict = {"requests": requests, "prompt_tokens": prompt, "completion_tokens": completion, "cost": cost}
     if latency is not None:
         data["latency"] = latency
@@ -37,7 +50,7 @@ def usage(
         "id": event_id or f"evt_{uuid.uuid4().hex}",
         "source": source,
         "type": "usage.recorded",
-        "time": (when or datetime.now(timezone.utc)).isoformat(),
+        "time": (when or datetime.now(UTC)).isoformat(),
         "subject": subject,
         "organization": org,
         "environment": environment,
@@ -81,7 +94,7 @@ def expected(events: Iterable[dict]) -> dict[tuple[str, str, str], Totals]:
             t.latency_count += 1
         t.first_seen = when if t.first_seen is None else min(t.first_seen, when)
         t.last_active = when if t.last_active is None else max(t.last_active, when)
-        t.days.add(when.astimezone(timezone.utc).date())
+        t.days.add(when.astimezone(UTC).date())
     return out
 
 
@@ -98,11 +111,17 @@ async def actual(pool: asyncpg.Pool, orgs: Iterable[str]) -> dict[tuple[str, str
     out: dict[tuple[str, str, str], Totals] = {}
     for r in await pool.fetch(SELECT_TOTALS, sorted(set(orgs))):
         out[(r["organization"], r["environment"], r["customer_identifier"])] = Totals(
-            requests=r["number_of_requests"], prompt_tokens=r["prompt_tokens"],
-            completion_tokens=r["completion_tokens"], total_tokens=r["total_tokens"], cost=r["total_cost"],
-            latency_sum=r["latency_sum"], latency_count=r["latency_count"], first_seen=r["first_seen"],
-            last_active=r["last_active"], days=set(range(r["active_days"])),  # compared by count below
-        )  # fmt: skip
+            requests=r["number_of_requests"],
+            prompt_tokens=r["prompt_tokens"],
+            completion_tokens=r["completion_tokens"],
+            total_tokens=r["total_tokens"],
+            cost=r["total_cost"],
+            latency_sum=r["latency_sum"],
+            latency_count=r["latency_count"],
+            first_seen=r["first_seen"],
+            last_active=r["last_active"],
+            days=set(range(r["active_days"])),  # compared by count below
+        )
     return out
 
 
@@ -113,8 +132,13 @@ def assert_totals(want: dict[tuple[str, str, str], Totals], got: dict[tuple[str,
     for key, w in want.items():
         g = got[key]
         assert (g.requests, g.prompt_tokens, g.completion_tokens, g.total_tokens, g.cost, g.latency_count) == (
-            w.requests, w.prompt_tokens, w.completion_tokens, w.total_tokens, w.cost, w.latency_count,
-        ), key  # fmt: skip
+            w.requests,
+            w.prompt_tokens,
+            w.completion_tokens,
+            w.total_tokens,
+            w.cost,
+            w.latency_count,
+        ), key
         assert abs(g.latency_sum - w.latency_sum) < 1e-6, key
         assert (g.first_seen, g.last_active) == (w.first_seen, w.last_active), key
         assert len(g.days) == len(w.days), key
@@ -141,7 +165,7 @@ class Broker:
         self.connection: aio_pika.abc.AbstractConnection | None = None
         self.channel: aio_pika.abc.AbstractChannel | None = None
 
-    async def __aenter__(self) -> "Broker":
+    async def __aenter__(self) -> Broker:
         from service.infra.broker import declare
 
         self.connection = await aio_pika.connect(AMQP_URL)
@@ -199,9 +223,90 @@ class Broker:
         return out
 
 
-def days_ago(n: float, hour: int = 12) -> datetime:
-    """``n`` days before today at ``hour`` UTC, never later than a minute ago (an event in
-    the future is refused, and tests run at any hour)."""
-    now = datetime.now(timezone.utc)
+def days_ago(n: float, hour: int = 12, *, now: datetime | None = None) -> datetime:
+    """``n`` days before today (the day of ``now``, by default the time now) at ``hour`` UTC,
+    never later than a minute before ``now`` (an event in the future is refused, and tests
+    run at any hour)."""
+    now = now or datetime.now(UTC)
     base = now.replace(hour=hour, minute=0, second=0, microsecond=0)
     return min(base - timedelta(days=n), now - timedelta(minutes=1))
+
+
+async def delete_namespace(namespace: str) -> None:
+    """Remove a test namespace's queues and exchanges from the broker (if declared)."""
+    names = Names(namespace)
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        for queue in (names.ingest, names.dead, names.alerts):
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+        for exchange in (names.events, names.dlx):
+            channel = await connection.channel()
+            await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
+
+
+# ---- event streams: many events over hot and cold customers, published concurrently ------
+
+
+def recent(rng: random.Random, days: float = 20) -> datetime:
+    """A time within the last ``days`` (never in the future, well inside the dedupe window)."""
+    return datetime.now(UTC) - timedelta(seconds=rng.uniform(60, days * 86_400))
+
+
+def make_events(rng: random.Random, subjects: list[tuple[str, str]], weights: list[float], n: int) -> list[dict]:
+    """``n`` usage events over (organization, subject) pairs, one request each."""
+    out = []
+    for org, subject in rng.choices(subjects, weights, k=n):
+        out.append(
+            usage(
+                org,
+                subject,
+                when=recent(rng),
+                prompt=rng.randint(0, 500),
+                completion=rng.randint(0, 500),
+                cost=f"{rng.randint(0, 10**6) / 10**6:.6f}",
+                latency=rng.choice([None, round(rng.uniform(0, 5), 3)]),
+                ttft=rng.choice([None, round(rng.uniform(0, 1), 3)]),
+            )
+        )
+    return out
+
+
+def hot_and_cold(orgs: list[Org], hot: int, cold: int) -> tuple[list[tuple[str, str]], list[float]]:
+    """``hot`` customers that get ~85% of the traffic, ``cold`` that share the rest."""
+    hot_subjects = [(orgs[i % len(orgs)].name, f"hot{i}") for i in range(hot)]
+    cold_subjects = [(orgs[i % len(orgs)].name, f"cold{i}") for i in range(cold)]
+    return hot_subjects + cold_subjects, [0.85 / hot] * hot + [0.15 / cold] * cold
+
+
+def in_messages(rng: random.Random, events: list[dict], single_share: float, batch: int) -> list[dict | list[dict]]:
+    """Split events into single-event messages (about ``single_share`` of them) and batch
+    messages of ``batch`` events."""
+    singles = [e for e in events if rng.random() < single_share]
+    single_ids = {id(e) for e in singles}
+    rest = [e for e in events if id(e) not in single_ids]
+    return [*singles, *(rest[i : i + batch] for i in range(0, len(rest), batch))]
+
+
+async def publish_all(broker: Broker, messages: list, concurrency: int = 64) -> None:
+    """Publish every message with confirms, several in flight at once."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(message: object) -> None:
+        async with gate:
+            await broker.publish(message)
+
+    await asyncio.gather(*(one(m) for m in messages))
+
+
+async def applied(pool: asyncpg.Pool, orgs: list[Org]) -> int:
+    """Events applied so far for these organizations (their dedupe keys)."""
+    return await pool.fetchval(
+        "SELECT count(*) FROM processed_events WHERE organization_id = ANY($1::uuid[])", [o.id for o in orgs]
+    )
+
+
+def distinct(events: list[dict]) -> int:
+    return len({(e["organization"], e["source"], e["id"]) for e in events})

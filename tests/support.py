@@ -1,15 +1,26 @@
-"""Small helpers shared by the API tests (no fixtures here: those live in conftest.py)."""
+"""Small helpers shared by the tests: where the test databases live, and what the API
+tests ask of responses (no fixtures here: those live in conftest.py)."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
+BASE_DSN = os.environ.get(
+    "TALLY_TEST_DATABASE_URL", os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally")
+)
 PROBLEM = "application/problem+json"
+
+
+def with_database(dsn: str, name: str) -> str:
+    """``dsn`` with its database replaced by ``name``."""
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
 def uid(prefix: str = "c") -> str:

@@ -10,14 +10,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.core import auth
-from tests.conftest import Org, insert_customer
 from tests.eventkit import wait_until
+from tests.factories import Org, insert_customer
 from tests.support import ids, list_page, ok_json, problem, uid
 
 WINDOW = "from=2026-01-01&to=2026-01-02"
 
 
-async def unauthenticated(resp) -> dict:  # type: ignore[no-untyped-def]
+async def unauthenticated(resp) -> dict:
     body = await problem(resp, 401)
     assert resp.headers["WWW-Authenticate"].lower().startswith("bearer")
     return body
@@ -74,7 +74,9 @@ async def test_revoked_key(client: TestClient, pool: asyncpg.Pool, org: Org) -> 
     await wait_until(refused, timeout=5, interval=0.01, what="revocation to take effect")
     await unauthenticated(await client.get("/v1/customers", headers=h))
     client_key, _, secret = org.read_key.partition(".")
-    await unauthenticated(await client.get("/v1/customers", headers={"x-client-key": client_key, "x-client-secret": secret}))
+    await unauthenticated(
+        await client.get("/v1/customers", headers={"x-client-key": client_key, "x-client-secret": secret})
+    )
     # other keys of the organization still work
     await ok_json(await client.get("/v1/customers", headers=org.headers()))
 
@@ -86,14 +88,21 @@ async def test_bearer_scheme_is_case_insensitive(client: TestClient, org: Org) -
 async def test_client_key_header_pair(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
     row = await insert_customer(pool, org, uid())
     client_key, _, secret = org.key.partition(".")
-    page = await ok_json(await client.get("/v1/customers", headers={"x-client-key": client_key, "x-client-secret": secret}))
+    page = await ok_json(
+        await client.get("/v1/customers", headers={"x-client-key": client_key, "x-client-secret": secret})
+    )
     assert ids(page) == [str(row["id"])]
     # the pair can write too (it is the same credential)
-    resp = await client.post("/v1/customers", json={"customer_identifier": uid()},
-                             headers={"x-client-key": client_key, "x-client-secret": secret})  # fmt: skip
+    resp = await client.post(
+        "/v1/customers",
+        json={"customer_identifier": uid()},
+        headers={"x-client-key": client_key, "x-client-secret": secret},
+    )
     await ok_json(resp, 201)
     await unauthenticated(await client.get("/v1/customers", headers={"x-client-key": client_key}))
-    await unauthenticated(await client.get("/v1/customers", headers={"x-client-key": client_key, "x-client-secret": ""}))
+    await unauthenticated(
+        await client.get("/v1/customers", headers={"x-client-key": client_key, "x-client-secret": ""})
+    )
     await unauthenticated(
         await client.get("/v1/customers", headers={"x-client-key": client_key, "x-client-secret": secret + "x"})
     )
@@ -127,12 +136,16 @@ async def test_test_environment_key_sees_only_its_environment(client: TestClient
     await ok_json(await client.get(f"/v1/customers/{test['customer_identifier']}", headers=h))
 
 
-async def test_another_organizations_customer_is_404(client: TestClient, pool: asyncpg.Pool, org: Org,
-                                                     other_org: Org) -> None:  # fmt: skip
+async def test_another_organizations_customer_is_404(
+    client: TestClient, pool: asyncpg.Pool, org: Org, other_org: Org
+) -> None:
     ident = uid("a")
     mine = await insert_customer(pool, org, ident, name="A's", total_cost=Decimal("3"))
-    await pool.execute("INSERT INTO daily_usage (organization_id, customer_id, day, cost) VALUES ($1, $2, '2026-01-01', 1)",
-                       org.id, mine["id"])  # fmt: skip
+    await pool.execute(
+        "INSERT INTO daily_usage (organization_id, customer_id, day, cost) VALUES ($1, $2, '2026-01-01', 1)",
+        org.id,
+        mine["id"],
+    )
     theirs = await insert_customer(pool, other_org, uid("b"))
     b = other_org.headers()
     for key in (other_org.key, other_org.read_key):
@@ -146,8 +159,13 @@ async def test_another_organizations_customer_is_404(client: TestClient, pool: a
     # and never appears in B's lists, whatever B filters on
     page = await list_page(client, b, limit=1000)
     assert ids(page) == [str(theirs["id"])] and page["count"] == 1
-    for params in ({"customer_ids": str(mine["id"])}, {"customer_identifiers": ident}, {"name": "A's"},
-                   {"environment": "prod"}, {"total_cost_gte": "3"}):  # fmt: skip
+    for params in (
+        {"customer_ids": str(mine["id"])},
+        {"customer_identifiers": ident},
+        {"name": "A's"},
+        {"environment": "prod"},
+        {"total_cost_gte": "3"},
+    ):
         page = await list_page(client, b, **params)
         assert str(mine["id"]) not in ids(page)
     # B creating the same identifier makes B's own customer
@@ -157,8 +175,9 @@ async def test_another_organizations_customer_is_404(client: TestClient, pool: a
     assert (await ok_json(await client.get(f"/v1/customers/{ident}", headers=org.headers())))["name"] == "A's"
 
 
-async def test_a_foreign_parent_is_never_embedded(client: TestClient, pool: asyncpg.Pool, org: Org,
-                                                  other_org: Org) -> None:  # fmt: skip
+async def test_a_foreign_parent_is_never_embedded(
+    client: TestClient, pool: asyncpg.Pool, org: Org, other_org: Org
+) -> None:
     foreign = await insert_customer(pool, other_org, uid())
     # A row pointing at another organization's id cannot even be stored (the key includes the tenant)
     with pytest.raises(asyncpg.ForeignKeyViolationError):

@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
-import pytest
 
+from service.api import appkeys
 from service.core import failpoints
 from service.infra.broker import REASON_HEADER, ROUTING_KEY_HEADER
-from consumers.housekeeping import Housekeeping
-from consumers.ingest import Consumer
-from service.api import appkeys
-from service.infra.settings import Settings
-from tests.conftest import Org, make_org
+from tests.consumerkit import barrier, drained, running_consumer
 from tests.eventkit import (
     Broker,
     actual,
@@ -30,40 +23,7 @@ from tests.eventkit import (
     usage,
     wait_until,
 )
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    async with Broker() as b:
-        yield b
-
-
-@asynccontextmanager
-async def running_consumer(settings: Settings, pool: asyncpg.Pool, broker: Broker, **overrides: object):
-    s = settings.model_copy(update={"amqp_namespace": broker.names.namespace, "batch_max_wait": 0.02, **overrides})
-    consumer = Consumer(s, pool)
-    task = asyncio.create_task(consumer.run())
-    # As in the process (consumers/app.py): the periodic jobs run beside the ingest loop.
-    housekeeping = Housekeeping(s, pool, alerts_recorded=consumer.alerts_recorded,
-                                started_consuming=consumer.started_consuming)  # fmt: skip
-    housekeeping.start()
-
-    async def connected() -> bool:
-        if task.done():
-            task.result()
-        return consumer.connected.is_set()
-
-    await wait_until(connected, what="consumer connected")
-    try:
-        yield consumer
-    finally:
-        await consumer.stop()
-        await asyncio.wait_for(task, 30)
-        await housekeeping.stop()
-
-
-async def drained(broker: Broker) -> bool:
-    return await broker.queue_depth(broker.names.ingest) == 0
+from tests.factories import Org, make_org
 
 
 async def settle(pool: asyncpg.Pool, broker: Broker, orgs: list[str], events: list[dict]) -> None:
@@ -95,7 +55,7 @@ async def test_duplicates_redeliveries_and_out_of_order(settings, pool, broker, 
 
 
 async def test_batch_messages_and_days_across_utc_midnight(settings, pool, broker, org: Org) -> None:
-    midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
     events = [
         usage(org.name, "night_owl", when=midnight - timedelta(seconds=1)),
         usage(org.name, "night_owl", when=midnight),
@@ -124,8 +84,9 @@ async def test_same_identifier_in_several_organizations_and_environments(setting
     events += [usage(str(b.id), "shared", cost="0.25")]  # organization given by id
     async with running_consumer(settings, pool, broker):
         await broker.publish(events)
-        want = expected([{**e, "organization": b.name if e["organization"] == str(b.id) else e["organization"]}
-                         for e in events])  # fmt: skip
+        want = expected(
+            [{**e, "organization": b.name if e["organization"] == str(b.id) else e["organization"]} for e in events]
+        )
 
         async def done() -> bool:
             got = await actual(pool, [a.name, b.name])
@@ -142,9 +103,9 @@ POISON = [
     (orjson.dumps({"specversion": "1.0", "id": "x", "type": "usage.recorded"}), "invalid field source"),
     (orjson.dumps(usage("ORG", "p", requests=-1)), "invalid field data.requests"),
     (orjson.dumps({**usage("ORG", "p"), "type": "usage.deleted"}), "invalid field type"),
-    (orjson.dumps(usage("ORG", "p", when=datetime.now(timezone.utc) + timedelta(hours=1))), "in the future"),
+    (orjson.dumps(usage("ORG", "p", when=datetime.now(UTC) + timedelta(hours=1))), "in the future"),
     (orjson.dumps(usage("no-such-org-anywhere", "p")), "unknown organization"),
-    (orjson.dumps(usage("ORG", "p", when=datetime.now(timezone.utc) - timedelta(days=400))), "too old"),
+    (orjson.dumps(usage("ORG", "p", when=datetime.now(UTC) - timedelta(days=400))), "too old"),
     (orjson.dumps({**usage("ORG", "p"), "data": {"cost": "abc"}}), "invalid field data.cost"),
 ]
 
@@ -155,7 +116,7 @@ async def test_every_kind_of_poison_is_dead_lettered_with_its_reason(settings, p
         for i, (body, _) in enumerate(POISON):
             await broker.publish(body.replace(b'"ORG"', f'"{org.name}"'.encode()))
             await broker.publish(good[i])
-        for e in good[len(POISON):]:
+        for e in good[len(POISON) :]:
             await broker.publish(e)
         await settle(pool, broker, [org.name], good)
         letters = await broker.dead_letters(len(POISON))
@@ -179,29 +140,65 @@ async def test_bad_event_inside_a_batch_is_dead_lettered_alone(settings, pool, b
 async def test_profile_subscription_and_delete_events(settings, pool, broker, org: Org) -> None:
     t0 = days_ago(3)
     base = {"specversion": "1.0", "source": "crm", "organization": org.name, "subject": "vip"}
-    upsert_new = {**base, "id": "p2", "type": "customer.upserted", "time": (t0 + timedelta(hours=2)).isoformat(),
-                  "data": {"name": "New Name", "status": "blacklisted", "total_budget": "100.50",
-                           "metadata": {"tier": "gold"}, "address": {"city": "Lyon"}}}  # fmt: skip
-    upsert_old = {**base, "id": "p1", "type": "customer.upserted", "time": t0.isoformat(),
-                  "data": {"name": "Old Name", "email": "vip@example.com"}}  # fmt: skip
-    sub_old = {**base, "source": "billing", "id": "s1", "type": "subscription.upserted", "time": t0.isoformat(),
-               "data": {"id": "sub_1", "status": "trialing", "plan": None}}  # fmt: skip
-    sub_new = {**base, "source": "billing", "id": "s2", "type": "subscription.upserted",
-               "time": (t0 + timedelta(hours=1)).isoformat(),
-               "data": {"id": "sub_1", "status": "active",
-                        "plan": {"stripe_price_id": "price_1", "name": "Pro", "amount": 4999, "currency": "usd",
-                                 "interval": "month"}}}  # fmt: skip
+    upsert_new = {
+        **base,
+        "id": "p2",
+        "type": "customer.upserted",
+        "time": (t0 + timedelta(hours=2)).isoformat(),
+        "data": {
+            "name": "New Name",
+            "status": "blacklisted",
+            "total_budget": "100.50",
+            "metadata": {"tier": "gold"},
+            "address": {"city": "Lyon"},
+        },
+    }
+    upsert_old = {
+        **base,
+        "id": "p1",
+        "type": "customer.upserted",
+        "time": t0.isoformat(),
+        "data": {"name": "Old Name", "email": "vip@example.com"},
+    }
+    sub_old = {
+        **base,
+        "source": "billing",
+        "id": "s1",
+        "type": "subscription.upserted",
+        "time": t0.isoformat(),
+        "data": {"id": "sub_1", "status": "trialing", "plan": None},
+    }
+    sub_new = {
+        **base,
+        "source": "billing",
+        "id": "s2",
+        "type": "subscription.upserted",
+        "time": (t0 + timedelta(hours=1)).isoformat(),
+        "data": {
+            "id": "sub_1",
+            "status": "active",
+            "plan": {
+                "stripe_price_id": "price_1",
+                "name": "Pro",
+                "amount": 4999,
+                "currency": "usd",
+                "interval": "month",
+            },
+        },
+    }
     async with running_consumer(settings, pool, broker):
         # Newest first: the late, older profile change must not overwrite the newer one.
         await broker.publish(upsert_new, "customer.upserted")
         await broker.publish(sub_new, "subscription.upserted")
 
         async def applied() -> bool:
-            return await pool.fetchval(
-                "SELECT count(*) FROM subscriptions WHERE organization_id = $1", org.id
-            ) == 1 and await pool.fetchval(
-                "SELECT count(*) FROM customers WHERE organization_id = $1 AND name = 'New Name'", org.id
-            ) == 1  # fmt: skip
+            return (
+                await pool.fetchval("SELECT count(*) FROM subscriptions WHERE organization_id = $1", org.id) == 1
+                and await pool.fetchval(
+                    "SELECT count(*) FROM customers WHERE organization_id = $1 AND name = 'New Name'", org.id
+                )
+                == 1
+            )
 
         await wait_until(applied)
         await broker.publish([upsert_old, sub_old])
@@ -212,8 +209,14 @@ async def test_profile_subscription_and_delete_events(settings, pool, broker, or
             org.id,
         )
         # Last writer wins per field: the late, older upsert loses 'name' but its 'email' applies.
-        assert dict(row) == {"name": "New Name", "email": "vip@example.com", "status": "blacklisted",
-                             "total_budget": "100.50", "metadata": {"tier": "gold"}, "address_city": "Lyon"}  # fmt: skip
+        assert dict(row) == {
+            "name": "New Name",
+            "email": "vip@example.com",
+            "status": "blacklisted",
+            "total_budget": "100.50",
+            "metadata": {"tier": "gold"},
+            "address_city": "Lyon",
+        }
         sub = await pool.fetchrow("SELECT status, plan_amount FROM subscriptions WHERE organization_id = $1", org.id)
         assert (sub["status"], sub["plan_amount"]) == ("active", 4999)
 
@@ -226,31 +229,19 @@ async def test_profile_subscription_and_delete_events(settings, pool, broker, or
             "SELECT name, email FROM customers WHERE organization_id = $1 AND customer_identifier = 'vip'", org.id
         )
         assert dict(row) == {"name": "New Name", "email": None}
-        delete = {**base, "id": "d2", "type": "customer.deleted", "time": days_ago(0, hour=0).isoformat(),
-                  "data": {}}  # fmt: skip
+        delete = {**base, "id": "d2", "type": "customer.deleted", "time": days_ago(0, hour=0).isoformat(), "data": {}}
         await broker.publish(delete, "customer.deleted")
 
         async def gone() -> bool:
-            return await pool.fetchval(
-                "SELECT count(*) FROM customers WHERE organization_id = $1 AND customer_identifier = 'vip'", org.id
-            ) == 0
+            return (
+                await pool.fetchval(
+                    "SELECT count(*) FROM customers WHERE organization_id = $1 AND customer_identifier = 'vip'", org.id
+                )
+                == 0
+            )
 
         await wait_until(gone)
         assert await pool.fetchval("SELECT count(*) FROM subscriptions WHERE organization_id = $1", org.id) == 0
-
-
-async def barrier(pool: asyncpg.Pool, broker: Broker, org: Org) -> None:
-    """Publish a marker event and wait until it is applied: one in-process consumer folds
-    messages in order, so everything published before it has been applied too."""
-    marker = f"barrier_{uuid.uuid4().hex[:8]}"
-    await broker.publish(usage(org.name, marker))
-
-    async def applied() -> bool:
-        return bool(await pool.fetchval(
-            "SELECT count(*) FROM customers WHERE organization_id = $1 AND customer_identifier = $2", org.id, marker
-        ))  # fmt: skip
-
-    await wait_until(applied, what="barrier event applied")
 
 
 async def test_crash_between_commit_and_ack_is_absorbed(settings, pool, broker, org: Org) -> None:

@@ -31,7 +31,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,11 +43,11 @@ from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, declare
 from service.core import auth
+from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, declare
 from service.infra.settings import Settings
 from tests.eventkit import AMQP_URL, Broker, usage, wait_until
-from tests.test_consumer_processes import ConsumerProcess
+from tests.processes import ConsumerProcess
 
 # Modest, and derandomized, so that CI runs the same examples every time (each example is
 # a few hundred milliseconds of real broker and database work).
@@ -62,11 +62,24 @@ ROUTING_PREFIXES = ("usage.", "customer.", "subscription.", "usage", "customer")
 # The broker refuses routing keys over 255 bytes at publish: the longest one it can carry.
 MAX_ROUTING_KEY_BYTES = 255
 EXTREME_TIMES = (
-    "0001-01-01T00:00:00Z", "0001-01-01T00:00:00+05:00", "0001-01-01T00:00:00-05:00", "0001-01-01",
-    "9999-12-31T23:59:59-14:00", "9999-12-31T23:59:59+14:00", "9999-12-31T23:59:59.999999Z", "9999-12-31",
-    "0000-01-01T00:00:00Z", "2026-02-30T00:00:00Z", "1970-01-01T00:00:00Z", "+275760-09-13T00:00:00Z",
-    "2026-11-21T10:00:00+24:00", "2026-11-21T24:00:00Z", "", "now", "1e10",
-)  # fmt: skip
+    "0001-01-01T00:00:00Z",
+    "0001-01-01T00:00:00+05:00",
+    "0001-01-01T00:00:00-05:00",
+    "0001-01-01",
+    "9999-12-31T23:59:59-14:00",
+    "9999-12-31T23:59:59+14:00",
+    "9999-12-31T23:59:59.999999Z",
+    "9999-12-31",
+    "0000-01-01T00:00:00Z",
+    "2026-02-30T00:00:00Z",
+    "1970-01-01T00:00:00Z",
+    "+275760-09-13T00:00:00Z",
+    "2026-11-21T10:00:00+24:00",
+    "2026-11-21T24:00:00Z",
+    "",
+    "now",
+    "1e10",
+)
 # A placeholder for a value nested ``depth`` levels deep, spliced into the JSON text after
 # encoding (json.dumps would recurse past Python's stack limit for the deepest ones).
 DEEP = re.compile(r'"\\u0001deep(\d+)([aon])\\u0001"')
@@ -93,42 +106,77 @@ def times() -> st.SearchStrategy[str]:
     return st.one_of(
         st.sampled_from(EXTREME_TIMES),
         st.datetimes(timezones=offsets).map(lambda d: d.isoformat()),  # year 1 to 9999, any offset
-        st.integers(60, 40 * 86_400).map(lambda s: (datetime.now(timezone.utc) - timedelta(seconds=s)).isoformat()),
+        st.integers(60, 40 * 86_400).map(lambda s: (datetime.now(UTC) - timedelta(seconds=s)).isoformat()),
     )
 
 
 HUGE_INTEGERS = st.one_of(
-    st.integers(10**29, 10**30 - 1), st.integers(-(10**30) + 1, -(10**29)),
+    st.integers(10**29, 10**30 - 1),
+    st.integers(-(10**30) + 1, -(10**29)),
     st.sampled_from([2**53 + 1, 2**63, -(2**63) - 1, 2**64]),
-)  # fmt: skip
+)
 # Nesting depths: anywhere in 0-1,100, and often at the edges that matter (a validation
 # bound, orjson.dumps' 255 levels, the decoder's 1,024).
 DEPTHS = st.one_of(st.integers(0, 1100), st.sampled_from([63, 64, 65, 254, 255, 256, 300, 1000, 1019, 1024, 1100]))
 DEEP_VALUES = st.builds(lambda d, shape: f"\x01deep{d}{shape}\x01", DEPTHS, st.sampled_from("oona"))
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), HUGE_INTEGERS,
-    st.floats(allow_nan=False, allow_infinity=False), nul_texts(), times(),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    HUGE_INTEGERS,
+    st.floats(allow_nan=False, allow_infinity=False),
+    nul_texts(),
+    times(),
+)
 JSON_VALUES = st.recursive(
-    SCALARS, lambda children: st.lists(children, max_size=4) | st.dictionaries(nul_texts(10), children, max_size=4),
+    SCALARS,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(nul_texts(10), children, max_size=4),
     max_leaves=10,
-)  # fmt: skip
+)
 FIELD_VALUES = st.one_of(JSON_VALUES, times(), HUGE_INTEGERS, long_texts(), DEEP_VALUES)
 TYPES = st.one_of(
-    st.sampled_from(EVENT_TYPES), nul_texts(),
+    st.sampled_from(EVENT_TYPES),
+    nul_texts(),
     st.integers(250, 70_000).map(lambda n: "usage." + "x" * n),  # past a routing key's 255 bytes
-)  # fmt: skip
+)
 # Where a mutation lands: every envelope field, and data fields of every event type.
 PATHS = (
-    ("specversion",), ("id",), ("source",), ("type",), ("time",), ("subject",), ("organization",),
-    ("environment",), ("data",), ("data", "requests"), ("data", "prompt_tokens"), ("data", "total_tokens"),
-    ("data", "cost"), ("data", "latency"), ("data", "ttft"), ("data", "customer"), ("data", "customer", "name"),
-    ("data", "name"), ("data", "email"), ("data", "status"), ("data", "metadata"), ("data", "metadata", "k"),
-    ("data", "address"), ("data", "address", "city"), ("data", "last_purchase_date"), ("data", "total_budget"),
-    ("data", "period_budget"), ("data", "budget_duration"), ("data", "last_transaction_amount"), ("data", "id"),
-    ("data", "current_period_start"), ("data", "current_period_end"), ("data", "plan"),
-    ("data", "plan", "amount"), ("data", "plan", "name"),
-)  # fmt: skip
+    ("specversion",),
+    ("id",),
+    ("source",),
+    ("type",),
+    ("time",),
+    ("subject",),
+    ("organization",),
+    ("environment",),
+    ("data",),
+    ("data", "requests"),
+    ("data", "prompt_tokens"),
+    ("data", "total_tokens"),
+    ("data", "cost"),
+    ("data", "latency"),
+    ("data", "ttft"),
+    ("data", "customer"),
+    ("data", "customer", "name"),
+    ("data", "name"),
+    ("data", "email"),
+    ("data", "status"),
+    ("data", "metadata"),
+    ("data", "metadata", "k"),
+    ("data", "address"),
+    ("data", "address", "city"),
+    ("data", "last_purchase_date"),
+    ("data", "total_budget"),
+    ("data", "period_budget"),
+    ("data", "budget_duration"),
+    ("data", "last_transaction_amount"),
+    ("data", "id"),
+    ("data", "current_period_start"),
+    ("data", "current_period_end"),
+    ("data", "plan"),
+    ("data", "plan", "amount"),
+    ("data", "plan", "name"),
+)
 
 
 @dataclass
@@ -148,24 +196,57 @@ class Fuzzed:
 
     def __repr__(self) -> str:  # what hypothesis prints for a failing example: keep it legible
         body = self.body if len(self.body) <= 600 else self.body[:300] + b"..." + self.body[-100:]
-        return (f"Fuzzed({self.kind}: body={body!r} ({len(self.body)} bytes), content_type={self.content_type!r}, "
-                f"routing_key={self.routing_key!r})")  # fmt: skip
+        return (
+            f"Fuzzed({self.kind}: body={body!r} ({len(self.body)} bytes), content_type={self.content_type!r}, "
+            f"routing_key={self.routing_key!r})"
+        )
 
 
 def template(kind: str, org: str, subject: str, event_id: str, when: str) -> dict:
     """A valid event of each type, to mutate."""
-    base = {"specversion": "1.0", "id": event_id, "source": "fuzz", "type": kind, "time": when,
-            "subject": subject, "organization": org, "environment": "prod"}  # fmt: skip
+    base = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": "fuzz",
+        "type": kind,
+        "time": when,
+        "subject": subject,
+        "organization": org,
+        "environment": "prod",
+    }
     data: dict[str, Any] = {
-        "usage.recorded": {"requests": 1, "prompt_tokens": 12, "completion_tokens": 3, "cost": "0.0012",
-                           "latency": 0.5, "ttft": 0.1, "customer": {"name": "Ann", "email": "ann@example.com"}},
-        "customer.upserted": {"name": "Ann", "email": "ann@example.com", "status": "active",
-                              "metadata": {"tier": "gold"}, "address": {"city": "Lyon"}, "total_budget": "10"},
+        "usage.recorded": {
+            "requests": 1,
+            "prompt_tokens": 12,
+            "completion_tokens": 3,
+            "cost": "0.0012",
+            "latency": 0.5,
+            "ttft": 0.1,
+            "customer": {"name": "Ann", "email": "ann@example.com"},
+        },
+        "customer.upserted": {
+            "name": "Ann",
+            "email": "ann@example.com",
+            "status": "active",
+            "metadata": {"tier": "gold"},
+            "address": {"city": "Lyon"},
+            "total_budget": "10",
+        },
         "customer.deleted": {},
-        "subscription.upserted": {"id": "sub_1", "status": "active", "current_period_start": when,
-                                  "current_period_end": when, "plan": {"stripe_price_id": "price_1", "name": "Pro",
-                                  "amount": 4999, "currency": "usd", "interval": "month"}},
-    }[kind]  # fmt: skip
+        "subscription.upserted": {
+            "id": "sub_1",
+            "status": "active",
+            "current_period_start": when,
+            "current_period_end": when,
+            "plan": {
+                "stripe_price_id": "price_1",
+                "name": "Pro",
+                "amount": 4999,
+                "currency": "usd",
+                "interval": "month",
+            },
+        },
+    }[kind]
     return {**base, "data": data}
 
 
@@ -210,7 +291,7 @@ def events(draw: st.DrawFn, org: str, org_id: str) -> dict:
     site = draw(st.sampled_from(["data", "data", "data", "envelope", "none"]))
     kind = draw(st.sampled_from(EVENT_TYPES))
     owner, subject, event_id = org, draw(st.sampled_from(["fz_a", "fz_b", "fz_c"])), f"fz_{uuid.uuid4().hex}"
-    when = (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat()
+    when = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
     paths = [p for p in PATHS if (p[0] == "data") == (site == "data")]
     if site == "envelope":
         owner = draw(st.sampled_from([org, org_id, "no-such-org-anywhere"]))
@@ -236,11 +317,21 @@ def good_event(org: str) -> dict:
 
 @st.composite
 def messages(draw: st.DrawFn, org: str, org_id: str) -> Fuzzed:
-    content_type = draw(st.one_of(
-        st.none(), st.sampled_from(["application/cloudevents+json", "application/cloudevents-batch+json",
-                                    "application/json", "text/plain", ""]),
-        st.text(max_size=40),
-    ))  # fmt: skip
+    content_type = draw(
+        st.one_of(
+            st.none(),
+            st.sampled_from(
+                [
+                    "application/cloudevents+json",
+                    "application/cloudevents-batch+json",
+                    "application/json",
+                    "text/plain",
+                    "",
+                ]
+            ),
+            st.text(max_size=40),
+        )
+    )
     if draw(st.booleans()):
         routing_key = draw(st.sampled_from(EVENT_TYPES))
     else:
@@ -252,8 +343,11 @@ def messages(draw: st.DrawFn, org: str, org_id: str) -> Fuzzed:
     ascii_only = draw(st.booleans())
     # Weighted by repetition: single events and batches are where the faults are; huge and
     # large batches cost a second or more each and hold one fault at most.
-    kind = draw(st.sampled_from(["event", "event", "event", "batch", "batch", "batch", "deep", "deep", "bytes",
-                                 "value", "huge", "large"]))  # fmt: skip
+    kind = draw(
+        st.sampled_from(
+            ["event", "event", "event", "batch", "batch", "batch", "deep", "deep", "bytes", "value", "huge", "large"]
+        )
+    )
     good: list[dict] = []
     if kind == "bytes":
         body = draw(st.binary(max_size=2_000))
@@ -279,8 +373,9 @@ def messages(draw: st.DrawFn, org: str, org_id: str) -> Fuzzed:
         if where == "body":
             body = encode(hole, ascii_only)
         else:
-            event = template("customer.upserted", org, "fz_deep", f"fz_{uuid.uuid4().hex}",
-                             datetime.now(timezone.utc).isoformat())  # fmt: skip
+            event = template(
+                "customer.upserted", org, "fz_deep", f"fz_{uuid.uuid4().hex}", datetime.now(UTC).isoformat()
+            )
             event["data"] = {"metadata": hole} if where != "data" else hole
             if where == "batch":
                 good.append(good_event(org))
@@ -298,7 +393,7 @@ def messages(draw: st.DrawFn, org: str, org_id: str) -> Fuzzed:
 def known_cases(org: str) -> list[list[Fuzzed]]:
     """Inputs found by hand or by this test before, run first on every run (explicit
     examples): each in a batch between good events, so the batch's fate is judged too."""
-    now = (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat()
+    now = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
 
     def event(kind: str, **changes: object) -> dict:
         e = template(kind, org, "fz_known", f"fz_{uuid.uuid4().hex}", now)
@@ -326,23 +421,35 @@ def known_cases(org: str) -> list[list[Fuzzed]]:
         batch(event("customer.upserted", data__metadata={"k\x00": 1}), "NUL in a metadata key"),
         batch(event("customer.upserted", data__metadata={"k": "v\x00"}), "NUL in a metadata value"),
         batch(event("customer.upserted", data__name="Ann\x00"), "NUL in a profile field"),
-        batch(event("subscription.upserted", data__current_period_end="0001-01-01T00:00:00+05:00"),
-              "period end at year 1, +05:00"),  # fmt: skip
-        batch(event("subscription.upserted", data__current_period_start="9999-12-31T23:59:59-14:00"),
-              "period start at year 9999, -14:00"),  # fmt: skip
-        batch(event("customer.upserted", data__last_purchase_date="9999-12-31T23:59:59-14:00"),
-              "last purchase at year 9999, -14:00"),  # fmt: skip
-        batch(event("customer.upserted", data__last_purchase_date="0001-01-01T00:00:00+01:00"),
-              "last purchase at year 1, +01:00"),  # fmt: skip
+        batch(
+            event("subscription.upserted", data__current_period_end="0001-01-01T00:00:00+05:00"),
+            "period end at year 1, +05:00",
+        ),
+        batch(
+            event("subscription.upserted", data__current_period_start="9999-12-31T23:59:59-14:00"),
+            "period start at year 9999, -14:00",
+        ),
+        batch(
+            event("customer.upserted", data__last_purchase_date="9999-12-31T23:59:59-14:00"),
+            "last purchase at year 9999, -14:00",
+        ),
+        batch(
+            event("customer.upserted", data__last_purchase_date="0001-01-01T00:00:00+01:00"),
+            "last purchase at year 1, +01:00",
+        ),
         batch(event("usage.recorded", time="0001-01-01T00:00:00+05:00"), "event time at year 1, +05:00"),
         batch(event("usage.recorded", time="9999-12-31T23:59:59-14:00"), "event time at year 9999, -14:00"),
-        batch(event("customer.upserted", data__metadata={"n": 123456789012345678901234567890}),
-              "30-digit integer in metadata"),  # fmt: skip
-        batch(event("customer.upserted", data__last_transaction_amount=123456789012345678901234567890),
-              "30-digit amount"),  # fmt: skip
+        batch(
+            event("customer.upserted", data__metadata={"n": 123456789012345678901234567890}),
+            "30-digit integer in metadata",
+        ),
+        batch(
+            event("customer.upserted", data__last_transaction_amount=123456789012345678901234567890), "30-digit amount"
+        ),
         batch(event("usage.recorded", data__prompt_tokens=123456789012345678901234567890), "30-digit count"),
-        batch(event("subscription.upserted", data__plan__amount=123456789012345678901234567890),
-              "30-digit plan amount"),  # fmt: skip
+        batch(
+            event("subscription.upserted", data__plan__amount=123456789012345678901234567890), "30-digit plan amount"
+        ),
         batch(event("usage.recorded", data__cost="1e-30"), "cost 1e-30"),
     ]
 
@@ -403,8 +510,9 @@ class Harness:
                 await (await channel.declare_queue(queue, passive=True)).purge()
         finally:
             await connection.close()
-        self.process = ConsumerProcess(f"fuzz{self.restarts}", self.settings, self.broker, self.log_dir,
-                                       {"TALLY_DB_POOL_MAX": "4"})  # fmt: skip
+        self.process = ConsumerProcess(
+            f"fuzz{self.restarts}", self.settings, self.broker, self.log_dir, {"TALLY_DB_POOL_MAX": "4"}
+        )
         self.first_pid = self.first_pid or self.process.proc.pid
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             await self.process.wait_ready(http)
@@ -453,10 +561,15 @@ class Harness:
 
             async def publish(body: bytes, content_type: str | None, routing_key: str, message_id: str) -> None:
                 await topology.events.publish(
-                    aio_pika.Message(body, content_type=content_type, message_id=message_id,
-                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                    routing_key=routing_key, mandatory=True,  # an unroutable message would vanish unseen
-                )  # fmt: skip
+                    aio_pika.Message(
+                        body,
+                        content_type=content_type,
+                        message_id=message_id,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=routing_key,
+                    mandatory=True,  # an unroutable message would vanish unseen
+                )
 
             if not alone:
                 await publish(orjson.dumps(before), "application/cloudevents+json", "usage.recorded", "good-before")
@@ -505,8 +618,9 @@ class Harness:
             found = await db.fetchval(
                 "SELECT count(*) FROM processed_events WHERE organization_id = $1 AND source = 'fuzz-good'"
                 " AND event_id = ANY($2::text[])",
-                uuid.UUID(self.org_id), ids,
-            )  # fmt: skip
+                uuid.UUID(self.org_id),
+                ids,
+            )
             return found == len(set(ids))
 
         await wait_until(applied, timeout=EXAMPLE_TIMEOUT, what=f"{len(ids)} good events applied")
@@ -526,10 +640,14 @@ class Harness:
                 f"dead-lettered after more than one delivery: {headers!r}, from {origin!r}"
             )
             assert letter.routing_key == origin.routing_key == headers.get(ROUTING_KEY_HEADER), (
-                letter.routing_key, headers.get(ROUTING_KEY_HEADER), origin,
-            )  # fmt: skip
+                letter.routing_key,
+                headers.get(ROUTING_KEY_HEADER),
+                origin,
+            )
         for message in case:
-            await self.check_accounted(db, message, [l for l in letters if l.message_id == message.message_id])
+            await self.check_accounted(
+                db, message, [letter for letter in letters if letter.message_id == message.message_id]
+            )
 
     async def check_accounted(self, db: asyncpg.Connection, message: Fuzzed, letters: list) -> None:
         """Every event of the message was applied (its dedupe key is recorded, as for a
@@ -553,9 +671,11 @@ class Harness:
             for r in await db.fetch(
                 "SELECT source, event_id FROM processed_events WHERE organization_id = $1"
                 " AND (source, event_id) IN (SELECT * FROM unnest($2::text[], $3::text[]))",
-                uuid.UUID(self.org_id), [k[0] for k in keys], [k[1] for k in keys],
+                uuid.UUID(self.org_id),
+                [k[0] for k in keys],
+                [k[1] for k in keys],
             )
-        }  # fmt: skip
+        }
         unmatched = list(range(len(dead)))
         for item in items:
             match = next((i for i in unmatched if same_json(dead[i], item)), None)
@@ -619,7 +739,7 @@ def same_json(a: object, b: object) -> bool:
         elif isinstance(x, list) and isinstance(y, list):
             if len(x) != len(y):
                 return False
-            stack.extend(zip(x, y))
+            stack.extend(zip(x, y, strict=True))
         elif type(x) is not type(y) or x != y:
             return False
     return True
@@ -634,13 +754,20 @@ def test_no_message_makes_the_consumer_exit(settings: Settings, migrated: str, t
     try:
 
         @hypothesis_settings(
-            max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=False,
+            max_examples=MAX_EXAMPLES,
+            derandomize=True,
+            deadline=None,
+            database=None,
+            print_blob=False,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-        )  # fmt: skip
+        )
         # Messages of different kinds in one example (hypothesis likes to repeat a value).
-        @given(case=st.lists(messages(harness.org, harness.org_id), min_size=1, max_size=4,
-                             unique_by=lambda m: m.kind.split(" ")[0]),
-               alone=st.booleans())  # fmt: skip
+        @given(
+            case=st.lists(
+                messages(harness.org, harness.org_id), min_size=1, max_size=4, unique_by=lambda m: m.kind.split(" ")[0]
+            ),
+            alone=st.booleans(),
+        )
         def check_example(case: list[Fuzzed], alone: bool) -> None:
             harness.example(case, alone)
 

@@ -14,24 +14,18 @@ import orjson
 import pytest
 
 import consumers.ingest as consumer_module
-from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER
 from service.infra import metrics
+from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER
 from service.infra.settings import Settings
-from tests.conftest import Org
+from tests.consumerkit import running_consumer
 from tests.eventkit import Broker, actual, assert_totals, expected, usage, wait_until
-from tests.test_consumer import running_consumer
-from tests.test_consumer_processes import (  # noqa: F401 (fixtures)
-    ConsumerProcess,
-    Fleet,
-    broker,
-    fleet,
-    http,
-    wait_applied,
-)  # fmt: skip
+from tests.factories import Org
+from tests.processes import ConsumerProcess, Fleet, wait_applied
 
 
-async def dead_letters_while_alive(broker: Broker, n: int, process: ConsumerProcess | None = None,
-                                   timeout: float = 30.0) -> list:  # fmt: skip
+async def dead_letters_while_alive(
+    broker: Broker, n: int, process: ConsumerProcess | None = None, timeout: float = 30.0
+) -> list:
     """Take ``n`` dead letters, failing at once if the consumer process dies meanwhile."""
     assert broker.channel is not None
     queue = await broker.channel.declare_queue(broker.names.dead, passive=True)
@@ -116,8 +110,9 @@ async def test_events_nested_past_the_encoders_depth_are_dead_lettered_alone(
     for depth in (300, 1000):
         event = {**usage(org.name, f"deep{depth}"), "type": "customer.upserted", "data": {"metadata": "HOLE"}}
         deep.append(orjson.dumps(event).replace(b'"HOLE"', b'{"a":' * depth + b"1" + b"}" * depth))
-    body = b"[" + b",".join([orjson.dumps(good[0]), deep[0], orjson.dumps(good[1]), deep[1],
-                             orjson.dumps(good[2])]) + b"]"  # fmt: skip
+    body = (
+        b"[" + b",".join([orjson.dumps(good[0]), deep[0], orjson.dumps(good[1]), deep[1], orjson.dumps(good[2])]) + b"]"
+    )
     await broker.publish(body)
     letters = await dead_letters_while_alive(broker, 2, p)
     await wait_applied(pool, [org], 3, fleet)
@@ -141,31 +136,31 @@ def _sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-@pytest.fixture
-async def private_broker():
-    async with Broker() as b:
-        yield b
-
-
-async def _still_consuming(consumer, pool, broker: Broker, org: Org) -> None:  # type: ignore[no-untyped-def]
+async def _still_consuming(consumer, pool, broker: Broker, org: Org) -> None:
     marker = usage(org.name, f"still_{uuid.uuid4().hex[:8]}")
     await broker.publish(marker)
     await wait_until(lambda: _applied(pool, org, marker["subject"]), what="a later event applied")
     assert consumer.connected.is_set()
 
 
-async def _applied(pool, org: Org, subject: str) -> bool:  # type: ignore[no-untyped-def]
-    return bool(await pool.fetchval(
-        "SELECT count(*) FROM customers WHERE organization_id = $1 AND customer_identifier = $2", org.id, subject
-    ))  # fmt: skip
+async def _applied(pool, org: Org, subject: str) -> bool:
+    return bool(
+        await pool.fetchval(
+            "SELECT count(*) FROM customers WHERE organization_id = $1 AND customer_identifier = $2", org.id, subject
+        )
+    )
 
 
 @pytest.mark.parametrize("stage", ["decoding", "validating", "folding", "folding-client-error"])
 async def test_a_bug_one_input_brings_out_dead_letters_it_alone(
-    settings: Settings, pool, private_broker: Broker, org: Org, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture, stage: str,
-) -> None:  # fmt: skip
-    broker = private_broker
+    settings: Settings,
+    pool,
+    broker: Broker,
+    org: Org,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    stage: str,
+) -> None:
     marked = {**usage(org.name, "explodes"), "data": {"requests": 1, "marker": "explodes"}}
     good = [usage(org.name, f"safe{i}") for i in range(5)]
 
@@ -184,7 +179,7 @@ async def test_a_bug_one_input_brings_out_dead_letters_it_alone(
     elif stage == "validating":
         real_validate = consumer_module.validate_event
 
-        def validate_event(raw, now):  # type: ignore[no-untyped-def]
+        def validate_event(raw, now):
             if is_marked(raw):
                 raise RecursionError("simulated bug in validation")
             return real_validate(raw, now)
@@ -193,7 +188,7 @@ async def test_a_bug_one_input_brings_out_dead_letters_it_alone(
     else:
         real_fold = consumer_module.fold
 
-        async def fold(conn, events, **kwargs):  # type: ignore[no-untyped-def]
+        async def fold(conn, events, **kwargs):
             if any(e.subject == "explodes" for e in events):
                 if stage == "folding-client-error":  # a statement built wrong: retrying never helps
                     raise asyncpg.InterfaceError("the server expects 13 arguments for this query, 0 were passed")
@@ -223,10 +218,9 @@ async def test_a_bug_one_input_brings_out_dead_letters_it_alone(
         "validating": ("validating the event", "RecursionError"),
         "folding": ("folding the event", "KeyError"),
         "folding-client-error": ("folding the event", "InterfaceError"),
-    }[stage]  # fmt: skip
+    }[stage]
     assert letter.headers[REASON_HEADER] == f"internal error while {doing}: {exception}"
     assert letter.headers[ROUTING_KEY_HEADER] == "usage.recorded" and letter.headers[ATTEMPT_HEADER] == 1
     assert _sample("tally_dead_letters_total", reason="internal_error") - dead_before == 1
     bugs = [r for r in caplog.records if r.name == "tally.consumer" and r.levelno == logging.ERROR]
     assert len(bugs) == 1 and bugs[0].exc_info and "bug" in bugs[0].getMessage(), bugs
-

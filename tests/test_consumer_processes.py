@@ -8,267 +8,36 @@ independently from the events published: nothing lost, nothing counted twice."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
-import asyncpg
-import orjson
-import pytest
 
 from service.core.events import Event, validate_event
 from service.core.fold import fold
-from service.infra.settings import Settings
-from tests.conftest import Org
-from tests.eventkit import Broker, actual, assert_totals, expected, usage, wait_until
+from tests.eventkit import (
+    Broker,
+    actual,
+    applied,
+    assert_totals,
+    distinct,
+    expected,
+    hot_and_cold,
+    in_messages,
+    make_events,
+    publish_all,
+    usage,
+    wait_until,
+)
+from tests.factories import Org
+from tests.processes import ConsumerProcess, Fleet, terminate_all, wait_applied, wait_drained
 
-ROOT = Path(__file__).resolve().parent.parent
 RETENTION = timedelta(days=35)
 
 
-# ---- processes -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ConsumerProcess:
-    """One `tally consume` subprocess; its stderr (and stdout) go to a log file."""
-
-    def __init__(self, name: str, settings: Settings, broker: Broker, log_dir: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.port = free_port()
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "consume"],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "TALLY_DATABASE_URL": settings.database_url,
-                "TALLY_AMQP_NAMESPACE": broker.names.namespace,
-                "TALLY_CONSUMER_HTTP_PORT": str(self.port),
-                "TALLY_HTTP_HOST": "127.0.0.1",
-                "TALLY_BATCH_MAX_WAIT": "0.02",
-                "TALLY_LOG_FORMAT": "json",
-                **env,
-            },
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def tail(self, lines: int = 30) -> str:
-        return f"--- {self.name} (pid {self.proc.pid}, rc {self.proc.poll()}) log tail ---\n" + "\n".join(
-            self.log_text().splitlines()[-lines:]
-        )
-
-    def log_entries(self) -> list[dict]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                entry = {"level": "raw", "message": line}
-            out.append(entry if isinstance(entry, dict) else {"level": "raw", "message": line})
-        return out
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def check_alive(self) -> None:
-        assert self.alive(), f"consumer {self.name} exited unexpectedly\n{self.tail()}"
-
-    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> None:
-        async def ready() -> bool:
-            self.check_alive()
-            try:
-                async with session.get(self.url + "/readyz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        try:
-            await wait_until(ready, timeout=timeout, what=f"{self.name} /readyz 200")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.tail()}") from None
-
-    async def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then wait (bounded) for the exit; returns the exit code."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            await wait_until(self._exited, timeout=timeout, interval=0.05, what=f"{self.name} exit after SIGTERM")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.tail()}") from None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no ack, no clean disconnect."""
-        if self.alive():
-            self.proc.kill()
-        self.proc.wait(10)
-
-    async def _exited(self) -> bool:
-        return self.proc.poll() is not None
-
-    def close(self) -> None:
-        if self.alive():
-            self.proc.kill()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        self._log.close()
-
-    def deadlock_lines(self) -> list[str]:
-        return [line for line in self.log_text().splitlines() if "deadlock" in line.lower()]
-
-    def assert_no_errors(self) -> None:
-        """No error or critical log line, and no deadlock mentioned anywhere."""
-        bad = [e for e in self.log_entries() if e.get("level") in ("error", "critical")]
-        assert not bad, f"{self.name} logged errors: {bad}\n{self.tail()}"
-        assert not self.deadlock_lines(), f"{self.name} hit a deadlock\n" + "\n".join(self.deadlock_lines())
-
-
-class Fleet:
-    """Consumer processes started by one test; every one is killed at teardown."""
-
-    def __init__(self, settings: Settings, broker: Broker, log_dir: Path) -> None:
-        self.settings, self.broker, self.log_dir = settings, broker, log_dir
-        self.processes: list[ConsumerProcess] = []
-
-    def start(self, name: str, **env: str) -> ConsumerProcess:
-        p = ConsumerProcess(name, self.settings, self.broker, self.log_dir, {k.upper(): v for k, v in env.items()})
-        self.processes.append(p)
-        return p
-
-    def tails(self) -> str:
-        return "\n".join(p.tail() for p in self.processes)
-
-    def close(self) -> None:
-        for p in self.processes:
-            p.close()
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    async with Broker() as b:
-        yield b
-
-
-@pytest.fixture
-def fleet(migrated: str, settings: Settings, broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(settings, broker, tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()  # before the broker fixture deletes the namespace
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-        yield s
-
-
-# ---- events and database ---------------------------------------------------------------
-
-
-def recent(rng: random.Random, days: float = 20) -> datetime:
-    """A time within the last ``days`` (never in the future, well inside the dedupe window)."""
-    return datetime.now(timezone.utc) - timedelta(seconds=rng.uniform(60, days * 86_400))
-
-
-def make_events(rng: random.Random, subjects: list[tuple[str, str]], weights: list[float], n: int) -> list[dict]:
-    """``n`` usage events over (organization, subject) pairs, one request each."""
-    out = []
-    for org, subject in rng.choices(subjects, weights, k=n):
-        out.append(usage(
-            org, subject, when=recent(rng), prompt=rng.randint(0, 500), completion=rng.randint(0, 500),
-            cost=f"{rng.randint(0, 10**6) / 10**6:.6f}", latency=rng.choice([None, round(rng.uniform(0, 5), 3)]),
-            ttft=rng.choice([None, round(rng.uniform(0, 1), 3)]),
-        ))  # fmt: skip
-    return out
-
-
-def hot_and_cold(orgs: list[Org], hot: int, cold: int) -> tuple[list[tuple[str, str]], list[float]]:
-    """``hot`` customers that get ~85% of the traffic, ``cold`` that share the rest."""
-    hot_subjects = [(orgs[i % len(orgs)].name, f"hot{i}") for i in range(hot)]
-    cold_subjects = [(orgs[i % len(orgs)].name, f"cold{i}") for i in range(cold)]
-    return hot_subjects + cold_subjects, [0.85 / hot] * hot + [0.15 / cold] * cold
-
-
-def in_messages(rng: random.Random, events: list[dict], single_share: float, batch: int) -> list[dict | list[dict]]:
-    """Split events into single-event messages (about ``single_share`` of them) and batch
-    messages of ``batch`` events."""
-    singles = [e for e in events if rng.random() < single_share]
-    single_ids = {id(e) for e in singles}
-    rest = [e for e in events if id(e) not in single_ids]
-    return [*singles, *(rest[i : i + batch] for i in range(0, len(rest), batch))]
-
-
-async def publish_all(broker: Broker, messages: list, concurrency: int = 64) -> None:
-    """Publish every message with confirms, several in flight at once."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(message: object) -> None:
-        async with gate:
-            await broker.publish(message)  # type: ignore[arg-type]
-
-    await asyncio.gather(*(one(m) for m in messages))
-
-
-async def applied(pool: asyncpg.Pool, orgs: list[Org]) -> int:
-    """Events applied so far for these organizations (their dedupe keys)."""
-    return await pool.fetchval(
-        "SELECT count(*) FROM processed_events WHERE organization_id = ANY($1::uuid[])", [o.id for o in orgs]
-    )
-
-
-def distinct(events: list[dict]) -> int:
-    return len({(e["organization"], e["source"], e["id"]) for e in events})
-
-
-async def wait_applied(pool: asyncpg.Pool, orgs: list[Org], n: int, fleet: Fleet, timeout: float = 60.0) -> None:
-    async def done() -> bool:
-        for p in fleet.processes:
-            if p.proc.returncode is None and p.proc.poll() is not None:
-                raise AssertionError(f"consumer {p.name} died\n{p.tail()}")
-        return await applied(pool, orgs) >= n
-
-    try:
-        await wait_until(done, timeout=timeout, what=f"{n} events applied")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc} (applied {await applied(pool, orgs)})\n{fleet.tails()}") from None
-
-
-async def wait_drained(broker: Broker, fleet: Fleet, timeout: float = 30.0) -> None:
-    async def empty() -> bool:
-        return await broker.queue_depth(broker.names.ingest) == 0
-
-    try:
-        await wait_until(empty, timeout=timeout, what="ingest queue empty")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{fleet.tails()}") from None
+# ---- what the processes report -------------------------------------------------------------
 
 
 async def metric_counts(http: aiohttp.ClientSession, p: ConsumerProcess) -> dict[str, float]:
@@ -282,17 +51,6 @@ async def metric_counts(http: aiohttp.ClientSession, p: ConsumerProcess) -> dict
         if outcome:
             out[outcome.group(1)] = out.get(outcome.group(1), 0) + float(m.group(2))
     return out
-
-
-async def terminate_all(fleet: Fleet, processes: list[ConsumerProcess], timeout: float = 30.0) -> None:
-    for p in processes:
-        p.proc.send_signal(signal.SIGTERM)
-    for p in processes:
-        try:
-            await wait_until(p._exited, timeout=timeout, what=f"{p.name} exit after SIGTERM")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{fleet.tails()}") from None
-        assert p.proc.returncode == 0, f"{p.name} exited {p.proc.returncode} on SIGTERM\n{p.tail()}"
 
 
 # ---- 1. competing processes on hot customers ------------------------------------------
@@ -508,7 +266,7 @@ async def test_concurrent_folds_on_hot_customers_never_deadlock(pool, org: Org, 
     rng.shuffle(batches)
 
     # Validated up front, so the workers spend their time in the database, side by side.
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     work: asyncio.Queue[list[Event]] = asyncio.Queue()
     for b in batches:
         work.put_nowait([validate_event(raw, now) for raw in b])

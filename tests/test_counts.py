@@ -4,17 +4,20 @@ write, concurrent writers and compaction."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from service.core.customers import compact_counts
 from service.core.events import validate_event
 from service.core.fold import fold
-from tests.conftest import Org, insert_customer
 from tests.eventkit import usage
+from tests.factories import Org, insert_customer
 
-COUNTED = "SELECT status, coalesce(sum(delta), 0)::bigint AS n FROM customer_counts WHERE organization_id = $1 AND environment = $2 GROUP BY status HAVING sum(delta) <> 0"
+COUNTED = (
+    "SELECT status, coalesce(sum(delta), 0)::bigint AS n FROM customer_counts"
+    " WHERE organization_id = $1 AND environment = $2 GROUP BY status HAVING sum(delta) <> 0"
+)
 ACTUAL = "SELECT status, count(*) AS n FROM customers WHERE organization_id = $1 AND environment = $2 GROUP BY status"
 
 
@@ -42,15 +45,34 @@ async def test_counts_follow_api_writes(client, pool, org: Org) -> None:
 
 
 async def test_counts_follow_concurrent_folds_and_compaction(pool, org: Org) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def batch(start: int) -> list:
         raws = [usage(org.name, f"f{(start + i) % 40}") for i in range(60)]
-        raws += [{"specversion": "1.0", "id": f"s{start}-{i}", "source": "crm", "type": "customer.upserted",
-                  "time": now.isoformat(), "subject": f"f{i}", "organization": org.name,
-                  "data": {"status": "deactivated" if (start + i) % 2 else "active"}} for i in range(5)]  # fmt: skip
-        raws += [{"specversion": "1.0", "id": f"d{start}", "source": "crm", "type": "customer.deleted",
-                  "time": now.isoformat(), "subject": f"f{start % 40}", "organization": org.name}]  # fmt: skip
+        raws += [
+            {
+                "specversion": "1.0",
+                "id": f"s{start}-{i}",
+                "source": "crm",
+                "type": "customer.upserted",
+                "time": now.isoformat(),
+                "subject": f"f{i}",
+                "organization": org.name,
+                "data": {"status": "deactivated" if (start + i) % 2 else "active"},
+            }
+            for i in range(5)
+        ]
+        raws += [
+            {
+                "specversion": "1.0",
+                "id": f"d{start}",
+                "source": "crm",
+                "type": "customer.deleted",
+                "time": now.isoformat(),
+                "subject": f"f{start % 40}",
+                "organization": org.name,
+            }
+        ]
         return [validate_event(r, now) for r in raws]
 
     async def run(start: int) -> None:

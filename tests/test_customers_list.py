@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from service.api.models import CustomerExpanded, CustomerList, UsageSeries
 from service.core.query import SORT_FIELDS
 from service.core.vocabulary import STATUSES
-from tests.conftest import Org, insert_customer, make_org
+from tests.factories import Org, add_daily_usage, add_subscription, insert_customer, make_org
 from tests.support import (
     follow,
     identifiers,
@@ -30,7 +30,7 @@ from tests.support import (
     uid,
 )
 
-UTC = timezone.utc
+UTC = UTC
 BASE = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 COSTS = (Decimal("0"), Decimal("9.5"), Decimal("10.25"))  # text order differs from numeric order
 NAMES = (None, "alpha", "bravo", "charlie", "")
@@ -111,7 +111,9 @@ def expected_ids(rows: list[dict[str, Any]], field: str, descending: bool) -> li
     return [str(r["id"]) for r in ordered]
 
 
-SORTS = [pytest.param(("-" if desc else "") + f, id=("-" if desc else "") + f) for f in SORT_FIELDS for desc in (False, True)]
+SORTS = [
+    pytest.param(("-" if desc else "") + f, id=("-" if desc else "") + f) for f in SORT_FIELDS for desc in (False, True)
+]
 
 
 def test_the_big_set_has_ties_and_missing_values() -> None:
@@ -122,7 +124,9 @@ def test_the_big_set_has_ties_and_missing_values() -> None:
 
 
 @pytest.mark.parametrize("sort_by", SORTS)
-async def test_every_sort_field_orders_with_missing_lowest_and_ties_by_id(client: TestClient, big, sort_by: str) -> None:
+async def test_every_sort_field_orders_with_missing_lowest_and_ties_by_id(
+    client: TestClient, big, sort_by: str
+) -> None:
     org, rows = big
     field, descending = sort_by.lstrip("-"), sort_by.startswith("-")
     page = await list_page(client, org.headers(), sort_by=sort_by, limit=1000)
@@ -133,7 +137,7 @@ async def test_every_sort_field_orders_with_missing_lowest_and_ties_by_id(client
     if field in ("first_seen", "average_latency", "total_budget"):
         nulls = [c for c in page["results"] if c[field] is None]
         assert nulls, field
-        edge = page["results"][-len(nulls):] if descending else page["results"][: len(nulls)]
+        edge = page["results"][-len(nulls) :] if descending else page["results"][: len(nulls)]
         assert edge == nulls
 
 
@@ -162,7 +166,9 @@ async def test_cursor_walk_equals_offset_order_and_walks_back(client: TestClient
     assert ids(again) == ids(pages[1])
 
 
-@pytest.mark.parametrize("sort_by", ["-first_seen", "total_cost", "-total_cost", "name", "-average_latency", "created_at"])
+@pytest.mark.parametrize(
+    "sort_by", ["-first_seen", "total_cost", "-total_cost", "name", "-average_latency", "created_at"]
+)
 async def test_offset_page_and_cursor_walks_agree(client: TestClient, big, sort_by: str) -> None:
     org, rows = big
     h = org.headers()
@@ -353,7 +359,9 @@ async def test_cursor_cannot_combine_with_offset_or_page(client: TestClient, twe
     await problem(resp, 400, "cursor")
 
 
-@pytest.mark.parametrize("name", ["limit", "offset", "page", "page_size", "sort_by", "name", "email", "cursor", "environment"])
+@pytest.mark.parametrize(
+    "name", ["limit", "offset", "page", "page_size", "sort_by", "name", "email", "cursor", "environment"]
+)
 async def test_repeated_scalar_parameter(client: TestClient, org: Org, name: str) -> None:
     values = {"sort_by": ("name", "email"), "environment": ("prod", "test")}.get(name, ("1", "2"))
     resp = await client.get(f"/v1/customers?{name}={values[0]}&{name}={values[1]}", headers=org.headers())
@@ -375,7 +383,13 @@ async def test_unknown_parameters_are_named(client: TestClient, org: Org) -> Non
 
 async def test_pagination_bounds_that_are_allowed(client: TestClient, org: Org) -> None:
     h = org.headers()
-    for params in ({"limit": 1}, {"limit": 1000}, {"page_size": 1000, "page": 1}, {"offset": 0}, {"limit": 1000, "offset": 0}):
+    for params in (
+        {"limit": 1},
+        {"limit": 1000},
+        {"page_size": 1000, "page": 1},
+        {"offset": 0},
+        {"limit": 1000, "offset": 0},
+    ):
         page = await list_page(client, h, **params)
         assert page["count"] == 0 and page["results"] == []
 
@@ -411,7 +425,9 @@ async def test_status_filter(client: TestClient, pool: asyncpg.Pool, org: Org) -
     assert set(ids(await list_page(client, h))) == of(*STATUSES)
 
 
-async def test_name_filter_is_partial_case_insensitive_and_literal(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+async def test_name_filter_is_partial_case_insensitive_and_literal(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
     names = ["Alice Smith", "ALICIA keys", "Bob", "50% off", "50 off", "a_b", "axb", "back\\slash", None]
     made = {n: await insert_customer(pool, org, uid("n"), name=n) for n in names}
     h = org.headers()
@@ -442,7 +458,9 @@ async def test_email_filter_is_exact_and_case_insensitive(client: TestClient, po
     assert ids(await list_page(client, h, email="%@example.com")) == []
 
 
-async def test_id_identifier_and_parent_filters(client: TestClient, pool: asyncpg.Pool, org: Org, other_org: Org) -> None:
+async def test_id_identifier_and_parent_filters(
+    client: TestClient, pool: asyncpg.Pool, org: Org, other_org: Org
+) -> None:
     parent = await insert_customer(pool, org, uid("parent"))
     parent2 = await insert_customer(pool, org, uid("parent"))
     kids = [await insert_customer(pool, org, uid("kid"), parent_customer_id=parent["id"]) for _ in range(2)]
@@ -462,7 +480,9 @@ async def test_id_identifier_and_parent_filters(client: TestClient, pool: asyncp
     assert ids(await list_page(client, h, customer_ids=str(foreign["id"]))) == []
     assert ids(await list_page(client, h, customer_ids=str(uuid.uuid4()))) == []
 
-    page = await list_page(client, h, customer_identifiers=f"{loner['customer_identifier']},{parent['customer_identifier']}")
+    page = await list_page(
+        client, h, customer_identifiers=f"{loner['customer_identifier']},{parent['customer_identifier']}"
+    )
     assert set(ids(page)) == idset(loner, parent)
     resp = await client.get(
         f"/v1/customers?customer_identifiers={kid2['customer_identifier']}"
@@ -554,13 +574,8 @@ async def test_count_is_over_all_pages_of_the_filter(client: TestClient, pool: a
 
 
 async def _subscription(pool: asyncpg.Pool, org: Org, customer_id: uuid.UUID, sub_id: str, **plan: Any) -> None:
-    await pool.execute(
-        "INSERT INTO subscriptions (organization_id, id, customer_id, status, current_period_start, current_period_end,"
-        " plan_stripe_price_id, plan_name, plan_amount, plan_currency, plan_interval, source_time)"
-        " VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9, $10, now())",
-        org.id, sub_id, customer_id, BASE, BASE + timedelta(days=30),
-        plan.get("stripe_price_id"), plan.get("name"), plan.get("amount"), plan.get("currency"), plan.get("interval"),
-    )  # fmt: skip
+    """An active subscription for the 30 days from BASE."""
+    await add_subscription(pool, org, customer_id, sub_id, "active", BASE, BASE + timedelta(days=30), plan)
 
 
 async def test_expand_parent_customer(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
@@ -588,8 +603,17 @@ async def test_include_subscriptions(client: TestClient, pool: asyncpg.Pool, org
     with_subs = await insert_customer(pool, org, uid("subs"))
     without = await insert_customer(pool, org, uid("nosubs"))
     first, second, third = uid("sub"), uid("sub"), uid("sub")
-    await _subscription(pool, org, with_subs["id"], first, stripe_price_id="price_1", name="Pro", amount=4999,
-                        currency="usd", interval="month")  # fmt: skip
+    await _subscription(
+        pool,
+        org,
+        with_subs["id"],
+        first,
+        stripe_price_id="price_1",
+        name="Pro",
+        amount=4999,
+        currency="usd",
+        interval="month",
+    )
     await _subscription(pool, org, with_subs["id"], second)  # no plan
     await _subscription(pool, org, with_subs["id"], third, name="Free tier", amount=0, currency="usd")  # no price id
     h = org.headers()
@@ -599,13 +623,23 @@ async def test_include_subscriptions(client: TestClient, pool: asyncpg.Pool, org
     assert by_id[str(without["id"])]["subscriptions"] == []
     subs = {s["id"]: s for s in by_id[str(with_subs["id"])]["subscriptions"]}
     assert set(subs) == {first, second, third}
-    assert subs[first]["plan"] == {"stripe_price_id": "price_1", "name": "Pro", "amount": 4999, "currency": "usd",
-                                   "interval": "month"}  # fmt: skip
+    assert subs[first]["plan"] == {
+        "stripe_price_id": "price_1",
+        "name": "Pro",
+        "amount": 4999,
+        "currency": "usd",
+        "interval": "month",
+    }
     assert subs[first]["status"] == "active"
     assert datetime.fromisoformat(subs[first]["current_period_start"]) == BASE
     assert subs[second]["plan"] is None
-    assert subs[third]["plan"] == {"stripe_price_id": None, "name": "Free tier", "amount": 0, "currency": "usd",
-                                   "interval": None}  # fmt: skip
+    assert subs[third]["plan"] == {
+        "stripe_price_id": None,
+        "name": "Free tier",
+        "amount": 0,
+        "currency": "usd",
+        "interval": None,
+    }
     resp = await client.get(f"/v1/customers/{with_subs['customer_identifier']}?include=subscriptions", headers=h)
     assert len((await ok_json(resp))["subscriptions"]) == 3
     both = await list_page(client, h, include="subscriptions", expand="parent_customer")
@@ -616,7 +650,7 @@ async def test_include_subscriptions(client: TestClient, pool: asyncpg.Pool, org
 # Cursors that must be refused.
 
 
-def _tamper_payload(cursor: str, edit) -> str:  # type: ignore[no-untyped-def]
+def _tamper_payload(cursor: str, edit) -> str:
     body, _, sig = cursor.partition(".")
     payload = orjson.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     edited = orjson.dumps(edit(payload))
@@ -629,7 +663,7 @@ async def cursor_page(client: TestClient, twenty) -> tuple[Org, dict[str, Any]]:
     return org, await list_page(client, org.headers(), limit=5, sort_by="total_cost", status="active")
 
 
-def _set(index: int, value: Any):  # type: ignore[no-untyped-def]
+def _set(index: int, value: Any):
     def edit(payload: list) -> list:
         payload[index] = value
         return payload
@@ -643,7 +677,9 @@ def _set(index: int, value: Any):  # type: ignore[no-untyped-def]
         pytest.param(lambda c: _tamper_payload(c, _set(5, "0")), id="payload-key"),
         pytest.param(lambda c: _tamper_payload(c, _set(3, "-total_cost")), id="payload-sort"),
         pytest.param(lambda c: _tamper_payload(c, _set(1, str(uuid.uuid4()))), id="payload-org"),
-        pytest.param(lambda c: c.split(".")[0] + "." + ("A" if c[-1] != "A" else "B") + c.split(".")[1][1:], id="signature"),
+        pytest.param(
+            lambda c: c.split(".")[0] + "." + ("A" if c[-1] != "A" else "B") + c.split(".")[1][1:], id="signature"
+        ),
         pytest.param(lambda c: c.split(".")[0], id="no-signature"),
         pytest.param(lambda c: c + "x", id="appended"),
         pytest.param(lambda c: c[1:], id="truncated"),
@@ -653,7 +689,7 @@ def _set(index: int, value: Any):  # type: ignore[no-untyped-def]
         pytest.param(lambda c: "é.é", id="non-ascii"),
     ],
 )
-async def test_tampered_cursor_is_refused(client: TestClient, cursor_page, tamper) -> None:  # type: ignore[no-untyped-def]
+async def test_tampered_cursor_is_refused(client: TestClient, cursor_page, tamper) -> None:
     org, page = cursor_page
     bad = tamper(page["next_cursor"])
     assert bad != page["next_cursor"]
@@ -664,8 +700,9 @@ async def test_tampered_cursor_is_refused(client: TestClient, cursor_page, tampe
 async def test_foreign_cursor_is_refused_without_data(client: TestClient, cursor_page, other_org: Org, pool) -> None:
     org, page = cursor_page
     await insert_customer(pool, other_org, uid(), status="active")
-    resp = await client.get("/v1/customers", params={"cursor": page["next_cursor"], "status": "active"},
-                            headers=other_org.headers())  # fmt: skip
+    resp = await client.get(
+        "/v1/customers", params={"cursor": page["next_cursor"], "status": "active"}, headers=other_org.headers()
+    )
     body = await problem(resp, 400, "cursor")
     assert "results" not in body
     # nor in another environment of the same organization
@@ -687,7 +724,7 @@ async def test_foreign_cursor_is_refused_without_data(client: TestClient, cursor
         {"status": "active", "sort_by": "name"},
     ],
 )
-async def test_cursor_reused_with_other_filters_or_sort_is_refused(client: TestClient, cursor_page, params) -> None:  # type: ignore[no-untyped-def]
+async def test_cursor_reused_with_other_filters_or_sort_is_refused(client: TestClient, cursor_page, params) -> None:
     org, page = cursor_page
     resp = await client.get("/v1/customers", params={"cursor": page["next_cursor"], **params}, headers=org.headers())
     await problem(resp, 400, "cursor")
@@ -710,16 +747,6 @@ async def test_cursor_with_same_filters_in_another_order_is_accepted(client: Tes
 # Usage series.
 
 
-async def _usage(pool: asyncpg.Pool, org: Org, customer_id: uuid.UUID, day: date, cost: str, requests: int,
-                 latency: tuple[float, int] = (0.0, 0)) -> None:  # fmt: skip
-    await pool.execute(
-        "INSERT INTO daily_usage (organization_id, customer_id, day, requests, prompt_tokens, completion_tokens,"
-        " total_tokens, cost, latency_sum, latency_count) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        org.id, customer_id, day, requests, requests * 10, requests * 5, requests * 15, Decimal(cost),
-        latency[0], latency[1],
-    )  # fmt: skip
-
-
 @pytest.fixture
 async def usage_customer(pool: asyncpg.Pool, org: Org) -> tuple[Org, str]:
     row = await insert_customer(pool, org, uid("usage"))
@@ -735,9 +762,9 @@ async def usage_customer(pool: asyncpg.Pool, org: Org) -> tuple[Org, str]:
         (date(2026, 3, 10), "5", 7),
         (date(2026, 3, 11), "50", 8),  # after every window below
     ]:
-        await _usage(pool, org, row["id"], day, cost, requests, latency=(requests * 1.5, requests))
+        await add_daily_usage(pool, org, row["id"], day, cost, requests, latency=(requests * 1.5, requests))
     other = await insert_customer(pool, org, uid("usage-other"))
-    await _usage(pool, org, other["id"], date(2026, 1, 7), "999", 999)
+    await add_daily_usage(pool, org, other["id"], date(2026, 1, 7), "999", 999)
     return org, row["customer_identifier"]
 
 
@@ -797,8 +824,9 @@ async def test_usage_invalid_parameters(client: TestClient, usage_customer, para
 
 async def test_usage_window_defaults_around_the_day_given(client: TestClient, usage_customer) -> None:
     org, ident = usage_customer
-    body = await ok_json(await client.get(f"/v1/customers/{ident}/usage", params={"to": "2026-01-10"},
-                                          headers=org.headers()))  # fmt: skip
+    body = await ok_json(
+        await client.get(f"/v1/customers/{ident}/usage", params={"to": "2026-01-10"}, headers=org.headers())
+    )
     assert (body["from"], body["to"], len(body["results"])) == ("2025-12-12", "2026-01-10", 30)
 
 
@@ -807,12 +835,15 @@ async def test_usage_unknown_or_foreign_customer_is_404(client: TestClient, usag
     window = {"from": "2026-01-01", "to": "2026-01-02"}
     await problem(await client.get(f"/v1/customers/{uid()}/usage", params=window, headers=org.headers()), 404)
     await problem(await client.get(f"/v1/customers/{ident}/usage", params=window, headers=other_org.headers()), 404)
-    resp = await client.get(f"/v1/customers/{ident}/usage", params={**window, "environment": "test"}, headers=org.headers())
+    resp = await client.get(
+        f"/v1/customers/{ident}/usage", params={**window, "environment": "test"}, headers=org.headers()
+    )
     await problem(resp, 404)
 
 
 def test_models_reject_a_wrong_document() -> None:
     """The response models are strict enough for the checks above to mean something."""
     with pytest.raises(ValidationError):
-        CustomerList.model_validate({"count": 1, "next": None, "previous": None, "next_cursor": None,
-                                     "results": [{"id": "x"}]})  # fmt: skip
+        CustomerList.model_validate(
+            {"count": 1, "next": None, "previous": None, "next_cursor": None, "results": [{"id": "x"}]}
+        )

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.api.models import Customer, CustomerExpanded
-from tests.conftest import Org, insert_customer
+from tests.factories import Org, insert_customer
 from tests.support import ok_json, problem, rel, uid
 
 FULL = {
@@ -24,8 +24,14 @@ FULL = {
     "phone": "+44 20 7946 0000",
     "customer_type": "business",
     "status": "draft",
-    "address": {"line1": "1 Analytical Way", "line2": "Floor 2", "city": "London", "state": "LDN",
-                "postal_code": "N1 9GU", "country": "GB"},
+    "address": {
+        "line1": "1 Analytical Way",
+        "line2": "Floor 2",
+        "city": "London",
+        "state": "LDN",
+        "postal_code": "N1 9GU",
+        "country": "GB",
+    },
     "metadata": {"plan": "pro", "seats": 5, "tags": ["a", "b"]},
     "stripe_customer_id": "cus_123",
     "application_id": "app_9",
@@ -34,7 +40,7 @@ FULL = {
     "total_budget": "1000.50",
     "period_budget": "100",
     "budget_duration": "monthly",
-}  # fmt: skip
+}
 
 READ_ONLY = [
     ("id", str(uuid.uuid4())),
@@ -73,8 +79,10 @@ async def fetch(client: TestClient, org: Org, identifier: str, key: str | None =
 async def db_row(pool: asyncpg.Pool, org: Org, identifier: str, environment: str = "prod") -> dict | None:
     row = await pool.fetchrow(
         "SELECT * FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3",
-        org.id, environment, identifier,
-    )  # fmt: skip
+        org.id,
+        environment,
+        identifier,
+    )
     return dict(row) if row else None
 
 
@@ -99,7 +107,9 @@ async def test_create_returns_201_location_and_the_customer(client: TestClient, 
     assert doc["total_cost"] == "0" and doc["number_of_requests"] == 0 and doc["first_seen"] is None
     location = resp.headers["Location"]
     assert location.endswith(f"/v1/customers/{ident}")
-    assert await fetch(client, org, ident) == doc == await ok_json(await client.get(rel(location), headers=org.headers()))
+    assert (
+        await fetch(client, org, ident) == doc == await ok_json(await client.get(rel(location), headers=org.headers()))
+    )
     row = await db_row(pool, org, ident)
     assert row is not None and row["organization_id"] == org.id
 
@@ -133,10 +143,13 @@ async def test_create_in_the_test_environment(client: TestClient, pool: asyncpg.
     assert (await fetch(client, org, ident, environment="test"))["id"] == by_test_key["id"]
     # a prod key naming the environment; its Location finds the customer with the same key
     other = uid()
-    resp = await client.post("/v1/customers", json={"customer_identifier": other, "environment": "test"},
-                             headers=org.headers())  # fmt: skip
+    resp = await client.post(
+        "/v1/customers", json={"customer_identifier": other, "environment": "test"}, headers=org.headers()
+    )
     assert (await ok_json(resp, 201))["environment"] == "test"
-    assert (await ok_json(await client.get(rel(resp.headers["Location"]), headers=org.headers())))["environment"] == "test"
+    assert (await ok_json(await client.get(rel(resp.headers["Location"]), headers=org.headers())))[
+        "environment"
+    ] == "test"
     assert await db_row(pool, org, other, "test") is not None
     assert await db_row(pool, org, other, "prod") is None
 
@@ -144,7 +157,9 @@ async def test_create_in_the_test_environment(client: TestClient, pool: asyncpg.
 async def test_duplicate_identifier_is_409(client: TestClient, org: Org, other_org: Org) -> None:
     doc = await create(client, org, name="first")
     ident = doc["customer_identifier"]
-    resp = await client.post("/v1/customers", json={"customer_identifier": ident, "name": "second"}, headers=org.headers())
+    resp = await client.post(
+        "/v1/customers", json={"customer_identifier": ident, "name": "second"}, headers=org.headers()
+    )
     await problem(resp, 409)
     assert (await fetch(client, org, ident))["name"] == "first"
     # unique per organization and environment only
@@ -153,11 +168,13 @@ async def test_duplicate_identifier_is_409(client: TestClient, org: Org, other_o
 
 
 @pytest.mark.parametrize("field, value", READ_ONLY)
-async def test_create_with_a_read_only_field_is_refused(client: TestClient, pool: asyncpg.Pool, org: Org, field: str,
-                                                        value: Any) -> None:  # fmt: skip
+async def test_create_with_a_read_only_field_is_refused(
+    client: TestClient, pool: asyncpg.Pool, org: Org, field: str, value: Any
+) -> None:
     ident = uid()
-    resp = await client.post("/v1/customers", json={"customer_identifier": ident, "name": "x", field: value},
-                             headers=org.headers())  # fmt: skip
+    resp = await client.post(
+        "/v1/customers", json={"customer_identifier": ident, "name": "x", field: value}, headers=org.headers()
+    )
     body = await problem(resp, 400, field)
     error = next(e for e in body["errors"] if e["name"] == field)
     assert error["in"] == "body" and "read-only" in error["detail"]
@@ -186,7 +203,9 @@ async def test_create_with_a_read_only_field_is_refused(client: TestClient, pool
         ({"environment": "staging"}, "environment"),
     ],
 )
-async def test_create_with_an_invalid_field(client: TestClient, pool: asyncpg.Pool, org: Org, body: dict, name: str) -> None:
+async def test_create_with_an_invalid_field(
+    client: TestClient, pool: asyncpg.Pool, org: Org, body: dict, name: str
+) -> None:
     ident = uid()
     resp = await client.post("/v1/customers", json={"customer_identifier": ident, **body}, headers=org.headers())
     await problem(resp, 400, name)
@@ -243,11 +262,18 @@ async def test_patch_changes_only_the_fields_sent(client: TestClient, org: Org) 
     assert await fetch(client, org, ident) == after
     # each writable field on its own
     changes = {
-        "first_name": "A.", "last_name": "King", "email": "countess@example.org", "phone": "1",
-        "customer_type": "individual", "status": "blacklisted", "stripe_customer_id": "cus_999",
-        "application_id": "app_1", "last_transaction_amount": "-3.5", "last_purchase_date": "2026-02-01T00:00:00Z",
+        "first_name": "A.",
+        "last_name": "King",
+        "email": "countess@example.org",
+        "phone": "1",
+        "customer_type": "individual",
+        "status": "blacklisted",
+        "stripe_customer_id": "cus_999",
+        "application_id": "app_1",
+        "last_transaction_amount": "-3.5",
+        "last_purchase_date": "2026-02-01T00:00:00Z",
         "metadata": {"only": "this"},
-    }  # fmt: skip
+    }
     current = after
     for field, value in changes.items():
         updated = await patch(client, org, ident, {field: value})
@@ -288,8 +314,9 @@ async def test_patch_address_partially(client: TestClient, org: Org) -> None:
 
 
 @pytest.mark.parametrize("field, value", [*READ_ONLY, ("customer_identifier", "renamed"), ("environment", "test")])
-async def test_patch_with_a_read_only_field_changes_nothing(client: TestClient, pool: asyncpg.Pool, org: Org,
-                                                            field: str, value: Any) -> None:  # fmt: skip
+async def test_patch_with_a_read_only_field_changes_nothing(
+    client: TestClient, pool: asyncpg.Pool, org: Org, field: str, value: Any
+) -> None:
     ident = uid()
     await insert_customer(pool, org, ident, name="orig", total_cost=Decimal("7.5"), number_of_requests=3)
     before_doc = await fetch(client, org, ident)
@@ -326,25 +353,36 @@ async def _today(pool: asyncpg.Pool) -> date:
 
 
 @pytest.mark.parametrize("duration, length", [("daily", 1), ("weekly", 7), ("monthly", None), ("yearly", None)])
-async def test_budgets_are_writable_and_period_figures_computed(client: TestClient, pool: asyncpg.Pool, org: Org,
-                                                                duration: str, length: int | None) -> None:  # fmt: skip
+async def test_budgets_are_writable_and_period_figures_computed(
+    client: TestClient, pool: asyncpg.Pool, org: Org, duration: str, length: int | None
+) -> None:
     ident = uid("budget")
     row = await insert_customer(pool, org, ident, total_cost=Decimal("1111.1111"))
     today = await _today(pool)
-    costs = {today: Decimal("1.25"), today - timedelta(days=1): Decimal("10"), today - timedelta(days=6): Decimal("100"),
-             today - timedelta(days=40): Decimal("1000"), today - timedelta(days=400): Decimal("0.1111")}  # fmt: skip
+    costs = {
+        today: Decimal("1.25"),
+        today - timedelta(days=1): Decimal("10"),
+        today - timedelta(days=6): Decimal("100"),
+        today - timedelta(days=40): Decimal("1000"),
+        today - timedelta(days=400): Decimal("0.1111"),
+    }
     for day, cost in costs.items():
         await pool.execute(
             "INSERT INTO daily_usage (organization_id, customer_id, day, cost) VALUES ($1, $2, $3, $4)",
-            org.id, row["id"], day, cost,
-        )  # fmt: skip
+            org.id,
+            row["id"],
+            day,
+            cost,
+        )
     # without a duration the period is the customer's life
     doc = await fetch(client, org, ident)
     assert doc["period_start"] is None and doc["period_end"] is None
     assert Decimal(doc["total_period_usage"]) == Decimal("1111.1111")
 
     doc = await patch(client, org, ident, {"total_budget": "500.25", "period_budget": 50, "budget_duration": duration})
-    assert doc["total_budget"] == "500.25" and Decimal(doc["period_budget"]) == 50 and doc["budget_duration"] == duration
+    assert (
+        doc["total_budget"] == "500.25" and Decimal(doc["period_budget"]) == 50 and doc["budget_duration"] == duration
+    )
     start = datetime.fromisoformat(doc["period_start"])
     end = datetime.fromisoformat(doc["period_end"])
     assert start.utcoffset() == timedelta(0) and (start.hour, start.minute, start.second) == (0, 0, 0)
@@ -362,7 +400,9 @@ async def test_budgets_are_writable_and_period_figures_computed(client: TestClie
     assert Decimal(doc["total_period_usage"]) >= Decimal("1.25")
     assert (await fetch(client, org, ident))["total_period_usage"] == doc["total_period_usage"]
     # the same figures in a list
-    listed = await ok_json(await client.get("/v1/customers", params={"customer_identifiers": ident}, headers=org.headers()))
+    listed = await ok_json(
+        await client.get("/v1/customers", params={"customer_identifiers": ident}, headers=org.headers())
+    )
     assert listed["results"][0]["total_period_usage"] == doc["total_period_usage"]
     # removing the duration goes back to the lifetime figure
     doc = await patch(client, org, ident, {"budget_duration": None})
@@ -375,13 +415,17 @@ async def test_parent_customer(client: TestClient, pool: asyncpg.Pool, org: Org,
     foreign = await create(client, other_org, name="foreign parent")
     # POST with a foreign parent: 400, nothing created
     ident = uid()
-    resp = await client.post("/v1/customers", json={"customer_identifier": ident, "parent_customer_id": foreign["id"]},
-                             headers=org.headers())  # fmt: skip
+    resp = await client.post(
+        "/v1/customers", json={"customer_identifier": ident, "parent_customer_id": foreign["id"]}, headers=org.headers()
+    )
     await problem(resp, 400, "parent_customer_id")
     assert await db_row(pool, org, ident) is None
     # ... or a parent that does not exist
-    resp = await client.post("/v1/customers", json={"customer_identifier": ident, "parent_customer_id": str(uuid.uuid4())},
-                             headers=org.headers())  # fmt: skip
+    resp = await client.post(
+        "/v1/customers",
+        json={"customer_identifier": ident, "parent_customer_id": str(uuid.uuid4())},
+        headers=org.headers(),
+    )
     await problem(resp, 400, "parent_customer_id")
     child = await create(client, org, customer_identifier=ident, parent_customer_id=parent["id"])
     assert child["parent_customer_id"] == parent["id"]
@@ -392,7 +436,9 @@ async def test_parent_customer(client: TestClient, pool: asyncpg.Pool, org: Org,
         assert await fetch(client, org, ident) == child
     # moving to another parent of the same organization, then to none
     parent2 = await create(client, org)
-    assert (await patch(client, org, ident, {"parent_customer_id": parent2["id"]}))["parent_customer_id"] == parent2["id"]
+    assert (await patch(client, org, ident, {"parent_customer_id": parent2["id"]}))["parent_customer_id"] == parent2[
+        "id"
+    ]
     expanded = CustomerExpanded.model_validate(await fetch(client, org, ident, expand="parent_customer"))
     assert expanded.parent_customer is not None and str(expanded.parent_customer.id) == parent2["id"]
     assert (await patch(client, org, ident, {"parent_customer_id": None}))["parent_customer_id"] is None
@@ -406,20 +452,36 @@ async def test_delete_then_404(client: TestClient, pool: asyncpg.Pool, org: Org)
     doc = await create(client, org)
     ident = doc["customer_identifier"]
     cid = uuid.UUID(doc["id"])
-    await pool.execute("INSERT INTO daily_usage (organization_id, customer_id, day, cost) VALUES ($1, $2, '2026-01-01', 1)",
-                       org.id, cid)  # fmt: skip
     await pool.execute(
-        "INSERT INTO subscriptions (organization_id, id, customer_id, status, source_time) VALUES ($1, $2, $3, 'active', now())",
-        org.id, uid("sub"), cid,
-    )  # fmt: skip
+        "INSERT INTO daily_usage (organization_id, customer_id, day, cost) VALUES ($1, $2, '2026-01-01', 1)",
+        org.id,
+        cid,
+    )
+    await pool.execute(
+        "INSERT INTO subscriptions (organization_id, id, customer_id, status, source_time)"
+        " VALUES ($1, $2, $3, 'active', now())",
+        org.id,
+        uid("sub"),
+        cid,
+    )
     resp = await client.delete(url(ident), headers=org.headers())
     assert resp.status == 204 and await resp.read() == b""
     await problem(await client.get(url(ident), headers=org.headers()), 404)
     await problem(await client.delete(url(ident), headers=org.headers()), 404)
     await problem(await client.patch(url(ident), json={"name": "x"}, headers=org.headers()), 404)
     assert await db_row(pool, org, ident) is None
-    assert await pool.fetchval("SELECT count(*) FROM daily_usage WHERE organization_id = $1 AND customer_id = $2", org.id, cid) == 0
-    assert await pool.fetchval("SELECT count(*) FROM subscriptions WHERE organization_id = $1 AND customer_id = $2", org.id, cid) == 0
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM daily_usage WHERE organization_id = $1 AND customer_id = $2", org.id, cid
+        )
+        == 0
+    )
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM subscriptions WHERE organization_id = $1 AND customer_id = $2", org.id, cid
+        )
+        == 0
+    )
     # the identifier can be used again
     await create(client, org, customer_identifier=ident)
 
@@ -450,8 +512,9 @@ async def test_delete_in_another_environment(client: TestClient, org: Org) -> No
 
 async def test_retrieve(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
     ident = uid()
-    await insert_customer(pool, org, ident, total_cost=Decimal("12.3456789"), latency_sum=3.0, latency_count=2,
-                          number_of_requests=2)  # fmt: skip
+    await insert_customer(
+        pool, org, ident, total_cost=Decimal("12.3456789"), latency_sum=3.0, latency_count=2, number_of_requests=2
+    )
     doc = await fetch(client, org, ident)
     CustomerExpanded.model_validate(doc)
     assert set(doc) == set(Customer.model_fields)
@@ -477,8 +540,9 @@ async def test_retrieve(client: TestClient, pool: asyncpg.Pool, org: Org) -> Non
         ({"address": {"city": "\x00"}}, "address.city"),
     ],
 )
-async def test_nul_characters_in_a_body_are_a_400(client: TestClient, pool: asyncpg.Pool, org: Org, body: dict,
-                                                  name: str) -> None:  # fmt: skip
+async def test_nul_characters_in_a_body_are_a_400(
+    client: TestClient, pool: asyncpg.Pool, org: Org, body: dict, name: str
+) -> None:
     ident = uid()
     resp = await client.post("/v1/customers", json={"customer_identifier": ident, **body}, headers=org.headers())
     await problem(resp, 400, name)

@@ -8,32 +8,25 @@ import os
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 
 import aio_pika
 import orjson
-import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.infra.broker import ATTEMPT_HEADER
 from consumers.deadletters import DeadLetters
 from service.infra import metrics
+from service.infra.broker import ATTEMPT_HEADER
 from service.infra.settings import Settings
-from tests.conftest import Org
-from tests.eventkit import AMQP_URL, Broker, usage, wait_until
-from tests.test_consumer import barrier, running_consumer
-from tests.test_consumer_processes import ROOT, publish_all
+from tests.consumerkit import barrier, running_consumer
+from tests.eventkit import AMQP_URL, Broker, publish_all, usage, wait_until
+from tests.factories import Org
+from tests.processes import ROOT
 
 LETTERS = 200
 # Far more than a bounded run needs (about a second here); an unbounded one, taking back
 # the copies the consumer keeps dead-lettering, never ends and fails on it.
 RUN_TIMEOUT = 60.0
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    async with Broker() as b:
-        yield b
 
 
 def _refused_again() -> float:
@@ -77,9 +70,17 @@ async def test_replay_takes_each_letter_once_and_ends_while_they_fail_again(
         # The CLI: progress while it runs, then the totals, and it ends.
         env = {**os.environ, "TALLY_AMQP_URL": AMQP_URL, "TALLY_AMQP_NAMESPACE": broker.names.namespace}
         cli = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service.cli", "dlq", "replay", cwd=ROOT, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "service.cli",
+            "dlq",
+            "replay",
+            cwd=ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             _, err = await asyncio.wait_for(cli.communicate(), RUN_TIMEOUT)
         finally:
@@ -111,8 +112,9 @@ async def test_a_run_leaves_letters_that_arrive_after_it_began(broker: Broker, o
     events = [usage(org.name, f"late{i}") for i in range(4)]
 
     async def dead_letter(event: dict) -> None:
-        await dlx.publish(aio_pika.Message(orjson.dumps(event), headers={"x-tally-reason": "test"}),
-                          routing_key="usage.recorded")  # fmt: skip
+        await dlx.publish(
+            aio_pika.Message(orjson.dumps(event), headers={"x-tally-reason": "test"}), routing_key="usage.recorded"
+        )
 
     for event in events[:3]:
         await dead_letter(event)

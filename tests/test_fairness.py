@@ -14,10 +14,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from service.api import appkeys
 from service.api.app import create_app
-from service.web.app import base_app
 from service.infra.settings import Settings
-from tests.conftest import Org, insert_customer
+from service.web.app import base_app
 from tests.eventkit import wait_until
+from tests.factories import Org, insert_customer
 from tests.support import ok_json, problem, uid
 
 LOCK_ROW = (
@@ -93,8 +93,9 @@ async def test_waiting_for_a_pool_connection_is_bounded(
 ) -> None:
     """Every pooled connection is held by slow work: a request gets a 503 with Retry-After
     after TALLY_DB_ACQUIRE_TIMEOUT, rather than waiting without end."""
-    tiny = settings.model_copy(update={"db_pool_min": 1, "db_pool_max": 2, "db_org_concurrency": 2,
-                                       "db_acquire_timeout": 0.5})  # fmt: skip
+    tiny = settings.model_copy(
+        update={"db_pool_min": 1, "db_pool_max": 2, "db_org_concurrency": 2, "db_acquire_timeout": 0.5}
+    )
     first, second = uid("a"), uid("a")
     for identifier in (first, second):
         await insert_customer(pool, org, identifier)

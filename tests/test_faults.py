@@ -21,23 +21,22 @@ import pytest
 
 from consumers.deadletters import DeadLetters
 from service.core.failpoints import EXIT_CODE
-from tests.conftest import Org
-from tests.eventkit import AMQP_URL, Broker, actual, assert_totals, expected, wait_until
-from tests.test_consumer_processes import (  # noqa: F401 (fixtures)
-    Fleet,
+from tests.eventkit import (
+    AMQP_URL,
+    Broker,
+    actual,
     applied,
-    broker,
+    assert_totals,
     distinct,
-    fleet,
+    expected,
     hot_and_cold,
-    http,
     in_messages,
     make_events,
     publish_all,
-    terminate_all,
-    wait_applied,
-    wait_drained,
-)  # fmt: skip
+    wait_until,
+)
+from tests.factories import Org
+from tests.processes import Fleet, free_port, terminate_all, wait_applied, wait_drained
 
 pytestmark = pytest.mark.faults
 
@@ -84,8 +83,9 @@ needs_services = pytest.mark.skipif(
 # ---- 1. SIGKILL five times --------------------------------------------------------------
 
 
-async def test_sigkill_five_times_while_50k_events_flow(pool, broker: Broker, fleet: Fleet, org: Org,
-                                                        other_org: Org) -> None:  # fmt: skip
+async def test_sigkill_five_times_while_50k_events_flow(
+    pool, broker: Broker, fleet: Fleet, org: Org, other_org: Org
+) -> None:
     rng = random.Random(11)
     orgs = [org, other_org]
     subjects, weights = hot_and_cold(orgs, hot=5, cold=200)
@@ -112,8 +112,9 @@ async def test_sigkill_five_times_while_50k_events_flow(pool, broker: Broker, fl
 
 
 @pytest.mark.parametrize("failpoint", ["fold.before_commit", "consumer.after_commit"])
-async def test_crash_at_a_failpoint_then_recover_exactly_once(pool, broker: Broker, fleet: Fleet, org: Org,
-                                                              failpoint: str) -> None:  # fmt: skip
+async def test_crash_at_a_failpoint_then_recover_exactly_once(
+    pool, broker: Broker, fleet: Fleet, org: Org, failpoint: str
+) -> None:
     rng = random.Random(5)
     events = make_events(rng, [(org.name, f"f{i}") for i in range(20)], [1.0] * 20, 2_000)
     await publish_all(broker, in_messages(rng, events, single_share=0.5, batch=50))
@@ -132,7 +133,7 @@ async def test_crash_at_a_failpoint_then_recover_exactly_once(pool, broker: Brok
     await terminate_all(fleet, [healthy])
 
 
-async def _exited(process) -> bool:  # type: ignore[no-untyped-def]
+async def _exited(process) -> bool:
     return process.proc.poll() is not None
 
 
@@ -150,8 +151,9 @@ async def test_crash_loop_beyond_the_delivery_limit_dead_letters_then_replays_ex
     for run in range(25):
         if await broker.queue_depth(broker.names.ingest) == 0 and await broker.queue_depth(broker.names.dead) >= 10:
             break
-        crashing = fleet.start(f"loop{run}", tally_failpoints="fold.before_commit", tally_prefetch="10",
-                               tally_batch_size="1000")  # fmt: skip
+        crashing = fleet.start(
+            f"loop{run}", tally_failpoints="fold.before_commit", tally_prefetch="10", tally_batch_size="1000"
+        )
         await wait_until(lambda p=crashing: _exited(p), timeout=60, what="the crash")
     await wait_until(lambda: _depth(broker, broker.names.dead, 10), timeout=60, what="all ten messages dead-lettered")
     assert await applied(pool, [org]) == 0
@@ -197,8 +199,9 @@ async def _no_unacked(broker: Broker) -> bool:
 
 
 @needs_services
-async def test_rabbitmq_restarted_twice_consumers_come_back(pool, broker: Broker, fleet: Fleet, org: Org,
-                                                           other_org: Org, restores_services: None) -> None:  # fmt: skip
+async def test_rabbitmq_restarted_twice_consumers_come_back(
+    pool, broker: Broker, fleet: Fleet, org: Org, other_org: Org, restores_services: None
+) -> None:
     rng = random.Random(13)
     orgs = [org, other_org]
     subjects, weights = hot_and_cold(orgs, hot=3, cold=100)
@@ -208,7 +211,7 @@ async def test_rabbitmq_restarted_twice_consumers_come_back(pool, broker: Broker
     third = len(messages) // 3
     for restart in range(2):
         await publish_all(broker, messages[restart * third : (restart + 1) * third])
-        await wait_applied(pool, orgs, distinct(events[: 1]), fleet)
+        await wait_applied(pool, orgs, distinct(events[:1]), fleet)
         rabbitmq("stop")
         rabbitmq("start")
         # The test's own broker connection died with the node; reconnect it.
@@ -238,11 +241,15 @@ async def _consumers(broker: Broker, n: int) -> bool:
 
 @needs_services
 async def test_postgres_restarted_api_answers_503_and_consumer_loses_nothing(
-    settings, pool, broker: Broker, fleet: Fleet, org: Org, http: aiohttp.ClientSession, restores_services: None,
+    settings,
+    pool,
+    broker: Broker,
+    fleet: Fleet,
+    org: Org,
+    http: aiohttp.ClientSession,
+    restores_services: None,
     tmp_path: Path,
 ) -> None:
-    from tests.test_consumer_processes import free_port
-
     rng = random.Random(17)
     events = make_events(rng, [(org.name, f"p{i}") for i in range(50)], [1.0] * 50, 8_000)
     messages = in_messages(rng, events, single_share=0.3, batch=40)
@@ -253,11 +260,19 @@ async def test_postgres_restarted_api_answers_503_and_consumer_loses_nothing(
     import sys
 
     api = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "api"], stdout=api_log, stderr=subprocess.STDOUT,
-        env={**os.environ, "TALLY_DATABASE_URL": settings.database_url, "TALLY_HTTP_PORT": str(port),
-             "TALLY_HTTP_HOST": "127.0.0.1", "TALLY_AMQP_NAMESPACE": broker.names.namespace,
-             "TALLY_DB_COMMAND_TIMEOUT": "3", "TALLY_DB_CONNECT_TIMEOUT": "2"},
-    )  # fmt: skip
+        [sys.executable, "-m", "service.cli", "api"],
+        stdout=api_log,
+        stderr=subprocess.STDOUT,
+        env={
+            **os.environ,
+            "TALLY_DATABASE_URL": settings.database_url,
+            "TALLY_HTTP_PORT": str(port),
+            "TALLY_HTTP_HOST": "127.0.0.1",
+            "TALLY_AMQP_NAMESPACE": broker.names.namespace,
+            "TALLY_DB_COMMAND_TIMEOUT": "3",
+            "TALLY_DB_CONNECT_TIMEOUT": "2",
+        },
+    )
     url = f"http://127.0.0.1:{port}/v1/customers"
     headers = org.headers()
     try:

@@ -10,18 +10,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import requests
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import settings as hypothesis_settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from service.core import auth
 from service.api import appkeys
 from service.api.app import create_app
+from service.core import auth
 from service.infra.settings import Settings
-from tests.conftest import make_org
+from tests.factories import make_org
 
 # The app factory does no I/O, so the document is built at import, without a server.
 SCHEMA = schemathesis.openapi.from_dict(create_app(Settings())[appkeys.OPENAPI])
@@ -48,10 +48,17 @@ async def live_api(settings, pool, tmp_path_factory) -> Iterator[LiveApi]:
         key = (await auth.create_key(conn, org.name, ("read", "write", "admin"))).key
     port = _free_port()
     log = tmp_path_factory.mktemp("fuzz") / "api.log"
-    env = {**os.environ, "TALLY_DATABASE_URL": settings.database_url, "TALLY_HTTP_PORT": str(port),
-           "TALLY_HTTP_HOST": "127.0.0.1", "TALLY_AMQP_NAMESPACE": settings.amqp_namespace,
-           "TALLY_RATE_LIMIT_PER_SECOND": "1000000", "TALLY_RATE_LIMIT_BURST": "1000000",
-           "TALLY_IP_RATE_LIMIT_PER_SECOND": "1000000", "TALLY_IP_RATE_LIMIT_BURST": "1000000"}  # fmt: skip
+    env = {
+        **os.environ,
+        "TALLY_DATABASE_URL": settings.database_url,
+        "TALLY_HTTP_PORT": str(port),
+        "TALLY_HTTP_HOST": "127.0.0.1",
+        "TALLY_AMQP_NAMESPACE": settings.amqp_namespace,
+        "TALLY_RATE_LIMIT_PER_SECOND": "1000000",
+        "TALLY_RATE_LIMIT_BURST": "1000000",
+        "TALLY_IP_RATE_LIMIT_PER_SECOND": "1000000",
+        "TALLY_IP_RATE_LIMIT_BURST": "1000000",
+    }
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "service.cli", "api"], env=env, stdout=out, stderr=out)
     try:
@@ -82,7 +89,8 @@ async def live_api(settings, pool, tmp_path_factory) -> Iterator[LiveApi]:
 @hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_api_conforms_to_its_openapi_document(case, live_api: LiveApi) -> None:
     response = case.call_and_validate(
-        base_url=live_api.url, headers={"Authorization": f"Bearer {live_api.key}"},
+        base_url=live_api.url,
+        headers={"Authorization": f"Bearer {live_api.key}"},
         excluded_checks=[positive_data_acceptance],
     )
     if response.status_code >= 400:

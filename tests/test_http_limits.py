@@ -17,11 +17,10 @@ import orjson
 import pytest
 
 from service.core import auth
-from tests.conftest import make_org
 from tests.eventkit import wait_until
-from tests.test_consumer_processes import free_port
+from tests.factories import make_org
+from tests.processes import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 HEAD_TIMEOUT = 1  # seconds, TALLY_HTTP_HEADER_TIMEOUT of the process under test
 IP_BURST = 20  # TALLY_IP_RATE_LIMIT_BURST of the process under test
 # Bounds on waits (never sleeps): a refusal or a close that takes longer has failed.
@@ -55,13 +54,21 @@ async def api(settings, pool, tmp_path_factory) -> AsyncIterator[Api]:
         write_key = (await auth.create_key(conn, org.name, ("read", "write"))).key
     port = free_port()
     log = tmp_path_factory.mktemp("edge") / "api.log"
-    env = {**os.environ, "TALLY_DATABASE_URL": settings.database_url, "TALLY_HTTP_PORT": str(port),
-           "TALLY_HTTP_HOST": "127.0.0.1", "TALLY_AMQP_NAMESPACE": settings.amqp_namespace,
-           "TALLY_LOG_FORMAT": "json", "TALLY_HTTP_HEADER_TIMEOUT": str(HEAD_TIMEOUT),
-           "TALLY_IP_RATE_LIMIT_BURST": str(IP_BURST), "TALLY_IP_RATE_LIMIT_PER_SECOND": "0.5"}  # fmt: skip
+    env = {
+        **os.environ,
+        "TALLY_DATABASE_URL": settings.database_url,
+        "TALLY_HTTP_PORT": str(port),
+        "TALLY_HTTP_HOST": "127.0.0.1",
+        "TALLY_AMQP_NAMESPACE": settings.amqp_namespace,
+        "TALLY_LOG_FORMAT": "json",
+        "TALLY_HTTP_HEADER_TIMEOUT": str(HEAD_TIMEOUT),
+        "TALLY_IP_RATE_LIMIT_BURST": str(IP_BURST),
+        "TALLY_IP_RATE_LIMIT_PER_SECOND": "0.5",
+    }
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "api"], cwd=ROOT, env=env, stdout=out,
-                                   stderr=out)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "api"], cwd=ROOT, env=env, stdout=out, stderr=out
+        )
 
     async def serving() -> bool:
         assert process.poll() is None, log.read_text()[-2000:]
@@ -151,12 +158,19 @@ async def test_sixty_headers_of_a_megabyte_are_refused_and_memory_stays_bounded(
     [
         pytest.param(b"GET /healthz HTTP/1.1 trailing\r\nHost: a\r\n\r\n", 400, id="malformed-request-line"),
         pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\nNo colon here\r\n\r\n", 400, id="malformed-header"),
-        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, id="field-too-large"),
-        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(100))
-                     + b"\r\n", 431, id="too-many-headers"),
-        pytest.param(b"GET /healthz?" + b"q" * 1_100_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, id="request-line-too-long"),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, id="field-too-large"
+        ),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(100)) + b"\r\n",
+            431,
+            id="too-many-headers",
+        ),
+        pytest.param(
+            b"GET /healthz?" + b"q" * 1_100_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, id="request-line-too-long"
+        ),
     ],
-)  # fmt: skip
+)
 async def test_protocol_refusals_are_problem_documents(api: Api, raw: bytes, status: int) -> None:
     before = len(api.log_lines())
     assert_problem(await exchange(api, raw), status)
@@ -172,9 +186,12 @@ async def test_protocol_refusals_are_problem_documents(api: Api, raw: bytes, sta
 
 async def test_a_body_that_cannot_be_decoded_is_a_problem_400(api: Api) -> None:
     """A Content-Encoding the body does not match was a 500 and two ERROR tracebacks."""
-    raw = await exchange(api, b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                              b"Authorization: Bearer " + api.write_key.encode() + b"\r\nContent-Type: application/json\r\n"
-                              b"Content-Encoding: gzip\r\nContent-Length: 10\r\n\r\n0123456789")  # fmt: skip
+    raw = await exchange(
+        api,
+        b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + api.write_key.encode() + b"\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: gzip\r\nContent-Length: 10\r\n\r\n0123456789",
+    )
     problem = assert_problem(raw, 400)
     assert problem["detail"].startswith("malformed request body")
     assert_no_errors_logged(api)
@@ -217,8 +234,9 @@ async def test_a_keep_alive_connection_serves_request_after_request(api: Api) ->
     ],
 )
 async def test_credentials_that_are_not_utf8_are_a_401_not_a_500(api: Api, credentials: bytes) -> None:
-    raw = await exchange(api, b"GET /v1/customers HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                              + credentials + b"\r\n\r\n")  # fmt: skip
+    raw = await exchange(
+        api, b"GET /v1/customers HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + credentials + b"\r\n\r\n"
+    )
     got, _, body = response(raw)
     assert got == 401, raw[:500]
     problem = orjson.loads(body)
@@ -233,8 +251,9 @@ async def test_failed_authentication_from_one_address_is_rate_limited(api: Api) 
     bad = b"Authorization: Bearer tly_000000000000.not-a-secret\r\n"
 
     async def get(credentials: bytes) -> bytes:
-        return await exchange(api, b"GET /v1/customers HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                                   + credentials + b"\r\n")  # fmt: skip
+        return await exchange(
+            api, b"GET /v1/customers HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + credentials + b"\r\n"
+        )
 
     assert response(await get(good))[0] == 200
     statuses = []

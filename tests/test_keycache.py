@@ -11,13 +11,13 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.core import auth
 from service.api import appkeys, keycache
 from service.api.app import create_app
 from service.api.keycache import KeyCache
+from service.core import auth
 from service.core.errors import Unauthenticated
-from tests.conftest import Org
 from tests.eventkit import wait_until
+from tests.factories import Org
 
 # How long a notification may take to reach the listener before the test gives up (a bound
 # on a wait, never a sleep).
@@ -72,8 +72,11 @@ async def test_a_key_revoked_during_its_first_concurrent_uses_is_refused_once_th
     requests in flight finished, every new request with that key is a 401."""
     rng = random.Random(10)
     # Database turns generous enough that no first use is shed (fair sharing has its own tests).
-    app = create_app(settings.model_copy(update={"auth_cache_seconds": 30.0, "db_org_concurrency": settings.db_pool_max,
-                                                 "db_acquire_timeout": 30.0}))  # fmt: skip
+    app = create_app(
+        settings.model_copy(
+            update={"auth_cache_seconds": 30.0, "db_org_concurrency": settings.db_pool_max, "db_acquire_timeout": 30.0}
+        )
+    )
     async with TestClient(TestServer(app)) as client:
         cache = app[appkeys.KEY_CACHE]
 
@@ -87,7 +90,7 @@ async def test_a_key_revoked_during_its_first_concurrent_uses_is_refused_once_th
                 key = (await auth.create_key(conn, org.name, ("read",))).key
             headers = {"Authorization": f"Bearer {key}"}
 
-            async def first_use() -> int:
+            async def first_use(headers: dict[str, str] = headers) -> int:
                 async with client.get("/v1/customers?limit=1", headers=headers) as r:
                     return r.status
 

@@ -11,7 +11,7 @@ from yarl import URL
 from service.api.app import create_app
 from service.api.listing import host_allowed
 from service.infra.settings import Settings
-from tests.conftest import Org, insert_customer
+from tests.factories import Org, insert_customer
 from tests.support import ok_json, rel, uid
 
 EVIL = {"Host": "evil.example"}
@@ -32,8 +32,9 @@ async def test_a_host_not_allowed_gets_relative_links(client: TestClient, pool: 
     nxt = await ok_json(await client.get(page["next"], headers=org.headers()))
     assert nxt["results"]
 
-    respan = await ok_json(await client.get("/compat/respan/api/users/list/?page=2&page_size=1",
-                                            headers={**org.headers(), **EVIL}))  # fmt: skip
+    respan = await ok_json(
+        await client.get("/compat/respan/api/users/list/?page=2&page_size=1", headers={**org.headers(), **EVIL})
+    )
     assert respan["next"].startswith("/compat/respan/api/users/list/?") and "evil" not in respan["previous"]
 
     created = await client.post("/v1/customers", json={"customer_identifier": uid()}, headers={**org.headers(), **EVIL})
@@ -62,8 +63,13 @@ async def test_wildcard_hosts(settings: Settings, migrated, pool: asyncpg.Pool, 
     wildcard = settings.model_copy(update={"allowed_hosts": ("*.example.com",)})
     await three_customers(pool, org)
     async with TestClient(TestServer(create_app(wildcard))) as c:
-        for host, absolute in (("api.example.com", True), ("api.example.com:8443", True), ("example.com", False),
-                               ("evil.example", False), ("127.0.0.1", False)):  # fmt: skip
+        for host, absolute in (
+            ("api.example.com", True),
+            ("api.example.com:8443", True),
+            ("example.com", False),
+            ("evil.example", False),
+            ("127.0.0.1", False),
+        ):
             page = await ok_json(await c.get("/v1/customers?limit=1", headers={**org.headers(), "Host": host}))
             assert URL(page["next"]).is_absolute() == absolute, (host, page["next"])
 

@@ -12,14 +12,14 @@ import pytest
 
 from service.infra.migrate import MigrationError, migrate
 from service.infra.settings import DEFAULT_MIGRATIONS_DIR
-from tests.conftest import BASE_DSN, _with_database
+from tests.support import BASE_DSN, with_database
 
 
 @pytest.fixture
 async def empty_dsn():
     name = f"tally_migrate_{uuid.uuid4().hex[:10]}"
-    yield _with_database(BASE_DSN, name)
-    admin = await asyncpg.connect(_with_database(BASE_DSN, "postgres"))
+    yield with_database(BASE_DSN, name)
+    admin = await asyncpg.connect(with_database(BASE_DSN, "postgres"))
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import aio_pika
 import aiohttp
@@ -21,24 +20,18 @@ import pytest
 import yaml
 
 from consumers.deadletters import DeadLetters
-from service.infra.queues import queue_stats
-from service.core import auth
-from service.infra import metrics
 from service.api import appkeys
 from service.cli import build_parser
-from tests.conftest import Org
+from service.core import auth
+from service.infra import metrics
+from service.infra.queues import queue_stats
+from tests.consumerkit import barrier, running_consumer
 from tests.eventkit import AMQP_URL, Broker, actual, assert_totals, expected, usage, wait_until
-from tests.test_consumer import barrier, running_consumer
+from tests.factories import Org
+from tests.processes import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 MANAGEMENT_URL = os.environ.get("TALLY_AMQP_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672/")
 NO_MANAGEMENT = "http://guest:guest@127.0.0.1:1/"  # nothing listens on port 1
-
-
-@pytest.fixture
-async def broker():
-    async with Broker() as b:
-        yield b
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -62,12 +55,16 @@ async def test_http_metrics_move_with_requests(client, org: Org) -> None:
     assert (await client.get("/v1/customers?limit=0", headers=org.headers())).status == 400
     after = await (await client.get("/metrics")).text()
     labels = {"route": "/v1/customers", "method": "GET"}
-    assert metric(after, "tally_http_requests_total", **labels, status="200") - metric(
-        before, "tally_http_requests_total", **labels, status="200"
-    ) == 3
-    assert metric(after, "tally_http_requests_total", **labels, status="400") - metric(
-        before, "tally_http_requests_total", **labels, status="400"
-    ) == 1
+    assert (
+        metric(after, "tally_http_requests_total", **labels, status="200")
+        - metric(before, "tally_http_requests_total", **labels, status="200")
+        == 3
+    )
+    assert (
+        metric(after, "tally_http_requests_total", **labels, status="400")
+        - metric(before, "tally_http_requests_total", **labels, status="400")
+        == 1
+    )
     assert metric(after, "tally_http_request_duration_seconds_count", **labels) >= 4
     assert "tally_db_pool_in_use" in after
 
@@ -119,10 +116,10 @@ async def test_queue_stats_report_true_depths(broker: Broker, org: Org, manageme
 async def test_tally_queues_cli_and_ops_route(pool, client, broker: Broker, org: Org) -> None:
     for i in range(3):
         await broker.publish(usage(org.name, f"cli{i}"))
-    env = {**os.environ, "TALLY_AMQP_NAMESPACE": broker.names.namespace,
-           "TALLY_AMQP_MANAGEMENT_URL": NO_MANAGEMENT}  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "service.cli", "queues", "--json"], env=env,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    env = {**os.environ, "TALLY_AMQP_NAMESPACE": broker.names.namespace, "TALLY_AMQP_MANAGEMENT_URL": NO_MANAGEMENT}
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "queues", "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     by_name = {q["name"]: q for q in json.loads(result.stdout)}
     assert by_name[broker.names.ingest]["ready"] == 3 and by_name[broker.names.dead]["ready"] == 0
@@ -214,11 +211,22 @@ async def test_interrupted_dead_letter_session_loses_nothing(broker: Broker, org
 
 async def test_dlq_cli_purge_refuses_without_yes(broker: Broker) -> None:
     env = {**os.environ, "TALLY_AMQP_NAMESPACE": broker.names.namespace}
-    result = subprocess.run([sys.executable, "-m", "service.cli", "dlq", "purge"], env=env, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "dlq", "purge"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "--yes" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "service.cli", "dlq", "list", "--json"], env=env,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "dlq", "list", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0 and json.loads(result.stdout) == []
 
 
@@ -245,8 +253,9 @@ async def test_readyz_reports_the_broker_down_and_recovers(client) -> None:
     assert (await client.get("/readyz")).status == 200
 
 
-async def test_consumer_reconnects_after_the_broker_cuts_its_connection(settings, pool, broker: Broker,
-                                                                        org: Org) -> None:  # fmt: skip
+async def test_consumer_reconnects_after_the_broker_cuts_its_connection(
+    settings, pool, broker: Broker, org: Org
+) -> None:
     reconnects = metrics.REGISTRY.get_sample_value("tally_broker_reconnects_total") or 0
     async with running_consumer(settings, pool, broker) as consumer:
         await barrier(pool, broker, org)
@@ -271,16 +280,20 @@ async def _close_connection_by_name(name: str) -> None:
     try:
         headers = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
         async with aiohttp.ClientSession(headers=headers) as session:
+
             async def listed() -> bool:
                 async with session.get("http://127.0.0.1:15672/api/connections") as r:
                     return any(c.get("client_properties", {}).get("connection_name") == name for c in await r.json())
 
             await wait_until(listed, timeout=30, interval=0.5, what="connection visible to management")
             async with session.get("http://127.0.0.1:15672/api/connections") as r:
-                conns = [c["name"] for c in await r.json()
-                         if c.get("client_properties", {}).get("connection_name") == name]  # fmt: skip
+                conns = [
+                    c["name"] for c in await r.json() if c.get("client_properties", {}).get("connection_name") == name
+                ]
             for conn_name in conns:
-                async with session.delete(f"http://127.0.0.1:15672/api/connections/{aiohttp.helpers.quote(conn_name, safe='')}"):
+                async with session.delete(
+                    f"http://127.0.0.1:15672/api/connections/{aiohttp.helpers.quote(conn_name, safe='')}"
+                ):
                     pass
     except aiohttp.ClientConnectorError:
         proc = await asyncio.create_subprocess_exec(
@@ -312,9 +325,7 @@ async def test_logs_never_contain_keys(client, org: Org, caplog: pytest.LogCaptu
 
 async def test_keys_are_stored_hashed(pool: asyncpg.Pool, org: Org) -> None:
     secret = org.key.partition(".")[2]
-    dump = await pool.fetchval(
-        "SELECT string_agg(k::text, ' ') FROM api_keys k WHERE organization_id = $1", org.id
-    )
+    dump = await pool.fetchval("SELECT string_agg(k::text, ' ') FROM api_keys k WHERE organization_id = $1", org.id)
     assert secret not in dump and org.key not in dump
 
 

@@ -19,7 +19,7 @@ import asyncio
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -34,7 +34,7 @@ from service.core.events import validate_event
 from service.core.fold import fold
 
 RETENTION = timedelta(days=35)
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
+NOW = datetime.now(UTC).replace(microsecond=0)
 BASE = NOW - timedelta(days=4)
 SUBJECTS = ("alice", "bob", "carol")
 STATUSES = ("active", "draft", "blacklisted", "archived")
@@ -77,7 +77,9 @@ subscription_data = st.fixed_dictionaries(
         "plan": st.sampled_from([None, {"name": "Pro", "amount": 4999}, {"name": "Team", "amount": 9999}]),
     }
 )
-kinds = st.sampled_from(["usage.recorded"] * 4 + ["customer.upserted"] * 2 + ["customer.deleted", "subscription.upserted"])
+kinds = st.sampled_from(
+    ["usage.recorded"] * 4 + ["customer.upserted"] * 2 + ["customer.deleted", "subscription.upserted"]
+)
 
 
 @st.composite
@@ -92,9 +94,15 @@ def event(draw: st.DrawFn, index: int) -> dict[str, Any]:
     elif kind == "subscription.upserted":
         data = draw(subscription_data)
     return {
-        "specversion": "1.0", "id": f"e{index}", "source": draw(st.sampled_from(["gateway", "crm"])), "type": kind,
-        "time": draw(times).isoformat(), "subject": subject, "environment": environment, "data": data,
-    }  # fmt: skip
+        "specversion": "1.0",
+        "id": f"e{index}",
+        "source": draw(st.sampled_from(["gateway", "crm"])),
+        "type": kind,
+        "time": draw(times).isoformat(),
+        "subject": subject,
+        "environment": environment,
+        "data": data,
+    }
 
 
 @st.composite
@@ -105,7 +113,7 @@ def schedules(draw: st.DrawFn) -> tuple[list[dict], list[tuple[list[dict], int, 
     copies = draw(st.lists(st.sampled_from(history), max_size=4))  # duplicates sent again
     arrivals = draw(st.permutations(history + copies))
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(arrivals) - 1)), max_size=6)))
-    batches = [arrivals[a:b] for a, b in zip([0, *cuts], [*cuts, len(arrivals)]) if arrivals[a:b]]
+    batches = [arrivals[a:b] for a, b in zip([0, *cuts], [*cuts, len(arrivals)], strict=True) if arrivals[a:b]]
     plan = [(b, draw(st.integers(0, 1)), draw(st.booleans())) for b in batches]
     return history, plan
 
@@ -149,8 +157,11 @@ def model(history: list[dict]) -> dict[tuple[str, str], State]:
     for key, events in by_key.items():
         deletions = [datetime.fromisoformat(e["time"]) for e in events if e["type"] == "customer.deleted"]
         tombstone = max(deletions, default=None)
-        live = [e for e in events if e["type"] != "customer.deleted"
-                and (tombstone is None or datetime.fromisoformat(e["time"]) > tombstone)]  # fmt: skip
+        live = [
+            e
+            for e in events
+            if e["type"] != "customer.deleted" and (tombstone is None or datetime.fromisoformat(e["time"]) > tombstone)
+        ]
         if not live:
             continue
         s = State()
@@ -166,7 +177,7 @@ def model(history: list[dict]) -> dict[tuple[str, str], State]:
                     s.latency.append(d["latency"])
                 s.first_seen = t if s.first_seen is None else min(s.first_seen, t)
                 s.last_active = t if s.last_active is None else max(s.last_active, t)
-                day = t.astimezone(timezone.utc).date()
+                day = t.astimezone(UTC).date()
                 requests, cost = s.days.get(day, (0, Decimal(0)))
                 s.days[day] = (requests + d["requests"], cost + Decimal(d["cost"]))
                 for column, value in (d.get("customer") or {}).items():
@@ -199,17 +210,21 @@ async def observed(conn: asyncpg.Connection, org: Any) -> dict[tuple[str, str], 
     for r in await conn.fetch(
         "SELECT c.environment, c.customer_identifier, d.day, d.requests, d.cost FROM daily_usage d"
         " JOIN customers c ON c.organization_id = d.organization_id AND c.id = d.customer_id"
-        " WHERE d.organization_id = $1", org,
-    ):  # fmt: skip
+        " WHERE d.organization_id = $1",
+        org,
+    ):
         out[(r["environment"], r["customer_identifier"])]["days"][r["day"]] = (r["requests"], r["cost"])
     for r in await conn.fetch(
         "SELECT c.environment, c.customer_identifier, s.id, s.status, s.plan_name, s.plan_amount FROM subscriptions s"
         " JOIN customers c ON c.organization_id = s.organization_id AND c.id = s.customer_id"
-        " WHERE s.organization_id = $1", org,
-    ):  # fmt: skip
+        " WHERE s.organization_id = $1",
+        org,
+    ):
         out[(r["environment"], r["customer_identifier"])]["subscriptions"][r["id"]] = (
-            r["status"], r["plan_name"], r["plan_amount"],
-        )  # fmt: skip
+            r["status"],
+            r["plan_name"],
+            r["plan_amount"],
+        )
     return out
 
 
@@ -218,8 +233,11 @@ def assert_matches(want: dict[tuple[str, str], State], got: dict[tuple[str, str]
     for key, w in want.items():
         g = got[key]
         assert (g["number_of_requests"], g["prompt_tokens"], g["completion_tokens"], g["total_cost"]) == (
-            w.requests, w.prompt_tokens, w.completion_tokens, w.cost,
-        ), key  # fmt: skip
+            w.requests,
+            w.prompt_tokens,
+            w.completion_tokens,
+            w.cost,
+        ), key
         assert g["total_tokens"] == w.prompt_tokens + w.completion_tokens, key
         assert g["latency_count"] == len(w.latency) and abs(g["latency_sum"] - sum(w.latency)) < 1e-9, key
         assert (g["first_seen"], g["last_active"]) == (w.first_seen, w.last_active), key
@@ -252,14 +270,16 @@ async def _run(dsn: str, history: list[dict], schedule: list[tuple[list[dict], i
                     result = await fold(conn, events, retention=RETENTION, now=NOW)
                     assert {o.status for o in result.outcomes} <= {"applied", "duplicate", "stale"}, result
 
-        await asyncio.gather(*(consume(c, q) for c, q in zip(conns, queues)))
+        await asyncio.gather(*(consume(c, q) for c, q in zip(conns, queues, strict=True)))
         assert_matches(model(history), await observed(conns[0], org))
         counts = await conns[0].fetch(
             "SELECT environment, status, sum(delta)::int AS n FROM customer_counts WHERE organization_id = $1"
-            " GROUP BY 1, 2 HAVING sum(delta) <> 0", org,
-        )  # fmt: skip
+            " GROUP BY 1, 2 HAVING sum(delta) <> 0",
+            org,
+        )
         rows = await conns[0].fetch(
-            "SELECT environment, status, count(*)::int AS n FROM customers WHERE organization_id = $1 GROUP BY 1, 2", org
+            "SELECT environment, status, count(*)::int AS n FROM customers WHERE organization_id = $1 GROUP BY 1, 2",
+            org,
         )
         assert {tuple(r) for r in counts} == {tuple(r) for r in rows}
     finally:
@@ -273,9 +293,14 @@ PHASES = [p for p in Phase if p is not Phase.shrink or os.environ.get("TALLY_PRO
 
 
 @given(schedules())
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("TALLY_PROPERTY_RANDOM"), suppress_health_check=list(HealthCheck),
-          phases=PHASES)  # fmt: skip
-def test_any_order_batching_and_consumers_end_in_the_models_state(migrated: str, schedule) -> None:  # type: ignore[no-untyped-def]
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not os.environ.get("TALLY_PROPERTY_RANDOM"),
+    suppress_health_check=list(HealthCheck),
+    phases=PHASES,
+)
+def test_any_order_batching_and_consumers_end_in_the_models_state(migrated: str, schedule) -> None:
     history, plan = schedule
     note(f"history={history!r}")
     note(f"schedule={[([e['id'] for e in b], consumer, refold) for b, consumer, refold in plan]!r}")
@@ -286,9 +311,22 @@ def test_any_order_batching_and_consumers_end_in_the_models_state(migrated: str,
 def test_late_usage_before_a_deletion_is_stale_either_way(migrated: str, order: str) -> None:
     """The probe's reproduction: usage at t-60 and a deletion at t-30 give no customer in
     either order (before: usage first → 404, delete first → 200 with the cost)."""
-    usage = {"specversion": "1.0", "id": "u", "source": "gw", "type": "usage.recorded", "subject": "x",
-             "environment": "prod", "time": (NOW - timedelta(minutes=60)).isoformat(), "data": {"cost": "3"}}  # fmt: skip
-    delete = {**usage, "id": "d", "type": "customer.deleted", "time": (NOW - timedelta(minutes=30)).isoformat(), "data": {}}
+    usage = {
+        "specversion": "1.0",
+        "id": "u",
+        "source": "gw",
+        "type": "usage.recorded",
+        "subject": "x",
+        "environment": "prod",
+        "time": (NOW - timedelta(minutes=60)).isoformat(),
+        "data": {"cost": "3"},
+    }
+    delete = {
+        **usage,
+        "id": "d",
+        "type": "customer.deleted",
+        "time": (NOW - timedelta(minutes=30)).isoformat(),
+        "data": {},
+    }
     batches = [[delete], [usage]] if order == "delete first" else [[usage], [delete]]
     asyncio.run(_run(migrated, [usage, delete], [(b, 0, False) for b in batches]))
-

@@ -6,7 +6,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from service.api.app import create_app
 from service.api.ratelimit import RateLimiter
-from tests.conftest import Org
+from tests.factories import Org
 
 
 def test_bucket_allows_a_burst_then_refills_at_the_rate() -> None:

@@ -308,7 +308,9 @@ WHERE s.organization_id = k.organization_id AND s.customer_id = k.id AND s.sourc
 """
 
 # Thresholds reached by customers whose usage this batch changed: recorded once per
-# customer, period and threshold (the primary key), in the batch's own transaction.
+# customer, period and threshold (the primary key), in the batch's own transaction. The
+# periods are those containing the fold's clock ($3): the transaction's time unless the
+# caller gives one (tests pin it, so that no period ends while they run).
 RECORD_ALERTS = """
 INSERT INTO budget_alerts (organization_id, customer_id, threshold, period_start, period_end, budget, usage)
 SELECT c.organization_id, c.id, t.threshold, t.period_start, t.period_end, t.budget, t.usage
@@ -317,9 +319,10 @@ JOIN customers c ON c.organization_id = k.organization_id AND c.id = k.id
     -- Most customers have no budget: skip them before any period arithmetic.
     AND (c.period_budget IS NOT NULL OR c.total_budget IS NOT NULL)
 CROSS JOIN LATERAL (
-    SELECT coalesce(tally_period_start(c.budget_duration, now()), '-infinity'::timestamptz) AS start,
-           tally_period_end(c.budget_duration, now()) AS stop,
-           tally_period_usage(c.organization_id, c.id, c.budget_duration, now(), c.total_cost) AS used
+    SELECT coalesce(tally_period_start(c.budget_duration, clock.at), '-infinity'::timestamptz) AS start,
+           tally_period_end(c.budget_duration, clock.at) AS stop,
+           tally_period_usage(c.organization_id, c.id, c.budget_duration, clock.at, c.total_cost) AS used
+    FROM (SELECT coalesce($3::timestamptz, now()) AS at) AS clock
 ) p
 CROSS JOIN LATERAL (VALUES
     ('period_80', p.start, p.stop, c.period_budget, p.used, 0.8),
@@ -359,7 +362,12 @@ async def fold(
     ``retention`` (whose dedupe record may have been purged) come back ``rejected`` with a
     reason and change nothing. Raises only on database errors, leaving nothing applied: the
     caller retries the whole batch.
+
+    ``now`` is the fold's clock: the retention cutoff and, when given, the instant whose
+    budget periods alerts are recorded in (by default the time now, and the transaction's
+    time for the periods).
     """
+    clock = now
     now = now or datetime.now(UTC)
     outcomes: list[Outcome | None] = [None] * len(events)
     alerts = 0
@@ -398,7 +406,7 @@ async def fold(
         if applied:
             changes = [c for _, c in applied]
             ids = await lock_customers(conn, sorted({c.key for c in changes}))
-            result = await apply_changes(conn, changes, ids)
+            result = await apply_changes(conn, changes, ids, now=clock)
             alerts = result.alerts
             for (i, _), stale in zip(applied, result.stale, strict=True):
                 outcomes[i] = STALE if stale else APPLIED
@@ -441,9 +449,12 @@ class Applied:
     removed: frozenset[UUID]  # customers removed (deleted, or provisional and left empty)
 
 
-async def apply_changes(conn: Connection, changes: Sequence[Change], ids: Mapping[Key, UUID]) -> Applied:
+async def apply_changes(
+    conn: Connection, changes: Sequence[Change], ids: Mapping[Key, UUID], *, now: datetime | None = None
+) -> Applied:
     """Apply ``changes`` to customers whose rows the caller holds locked (``ids``), inside the
-    caller's transaction: steps 4 to 6 of the module docstring."""
+    caller's transaction: steps 4 to 6 of the module docstring. Budget alerts are recorded
+    for the periods containing ``now`` (by default the transaction's time)."""
     keys = sorted(ids)
     tombstones = {
         (r["organization_id"], r["environment"], r["customer_identifier"]): r["deleted_at"]
@@ -466,7 +477,7 @@ async def apply_changes(conn: Connection, changes: Sequence[Change], ids: Mappin
     spenders = sorted((k[0], ids[k]) for k, d in p.deltas.items() if d.days and ids[k] not in removed)
     alerts = 0
     if spenders:
-        status = await conn.execute(RECORD_ALERTS, *_columns(spenders))
+        status = await conn.execute(RECORD_ALERTS, *_columns(spenders), now)
         alerts = int(status.split()[-1])
     return Applied(p.stale, alerts, removed)
 
