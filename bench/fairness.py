@@ -221,12 +221,12 @@ async def main() -> int:
     rows = []
     for name, entry in results.items():
         v = entry["victim_retrieve"]
-        p50_ratio = v["p50_ms"] / baseline["p50_ms"] if baseline["p50_ms"] else None  # type: ignore[index,operator]
-        p99_ratio = v["p99_ms"] / baseline["p99_ms"] if baseline["p99_ms"] else None  # type: ignore[index,operator]
+        p50_ratio = v["p50_ms"] / baseline["p50_ms"] if baseline["p50_ms"] else None
+        p99_ratio = v["p99_ms"] / baseline["p99_ms"] if baseline["p99_ms"] else None
         entry["p50_over_alone"] = None if p50_ratio is None else round(p50_ratio, 2)
         entry["p99_over_alone"] = None if p99_ratio is None else round(p99_ratio, 2)
         abuser = entry.get("abuser")
-        served, s503, s429, other = shed(abuser["statuses"]) if abuser else (None, None, None, None)  # type: ignore[index]
+        served, s503, s429, other = shed(abuser["statuses"]) if abuser else (None, None, None, None)
         entry["abuser_shed"] = {"served": served, "503": s503, "429": s429, "other": other}
         rows.append(
             [
@@ -234,7 +234,7 @@ async def main() -> int:
                 v["per_second"],
                 v["p50_ms"],
                 v["p99_ms"],
-                v["errors"],  # type: ignore[index]
+                v["errors"],
                 entry["p50_over_alone"],
                 entry["p99_over_alone"],
                 served,

@@ -238,8 +238,8 @@ async def tally_consumer(names: Names, dsn: str, n_events: int, workdir: Path) -
                 if count >= n_events:
                     break
                 await asyncio.sleep(0.02)
-            elapsed = now - started  # type: ignore[operator]
-            cpu = process.cpu_seconds() - cpu_start  # type: ignore[operator]
+            elapsed = now - started
+            cpu = process.cpu_seconds() - cpu_start
         rate = Rate(
             n_events / elapsed,
             extra={

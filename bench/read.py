@@ -145,10 +145,10 @@ def wrk(url: str, key: str, duration: float, connections: int) -> Rate:
     ).stdout
 
     def ms(label: str) -> float:
-        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()  # type: ignore[union-attr]
+        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = int(bad.group(1)) if bad else 0
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
@@ -325,16 +325,13 @@ async def main() -> int:
     first_page = results["first page, -total_cost"]
     derived = {
         "count_overhead": round(
-            results["first page, no count (db)"]["db"]["per_second"]  # type: ignore[index]
-            / first_page["db"]["per_second"]
-            - 1,
+            results["first page, no count (db)"]["db"]["per_second"] / first_page["db"]["per_second"] - 1,
             3,
-        ),  # type: ignore[index]
+        ),
         "deep_cursor_over_first_page_p50": round(
-            results["500k deep, cursor"]["api"]["p50_ms"]  # type: ignore[index]
-            / first_page["api"]["p50_ms"],
+            results["500k deep, cursor"]["api"]["p50_ms"] / first_page["api"]["p50_ms"],
             3,
-        ),  # type: ignore[index]
+        ),
         "api_peak_rss_mb": round(api_rss, 1),
         "load_generator": "wrk" if shutil.which("wrk") else "python (may be the bottleneck)",
     }
@@ -356,13 +353,13 @@ async def main() -> int:
                 a.get("per_second"),
                 a.get("p50_ms"),
                 a.get("p99_ms"),
-                a.get("errors"),  # type: ignore[union-attr]
+                a.get("errors"),
                 d["per_second"],
                 d["p50_ms"],
                 d["p99_ms"],
                 entry.get("api_over_db"),
             ]
-        )  # type: ignore[index]
+        )
     print_table(
         f"Reads: {args.customers:,} customers, {args.connections} connections, {args.duration:g}s per scenario",
         ["scenario", "api req/s", "p50 ms", "p99 ms", "errors", "db q/s", "db p50", "db p99", "api/db"],

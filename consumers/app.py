@@ -65,7 +65,11 @@ async def broker_check(app: web.Application) -> None:
 def add_consumer(app: web.Application) -> None:
     app.cleanup_ctx.append(consumer_context)
     app.cleanup_ctx.append(housekeeping_context)
-    app[READINESS_CHECKS]["consumer"] = broker_check
+    # "consumer": connected to the broker and consuming; it is also the process's "broker"
+    # entry, except in `tally dev`, where the API's own broker check (its publisher) has it.
+    checks = app[READINESS_CHECKS]
+    checks["consumer"] = broker_check
+    checks.setdefault("broker", broker_check)
 
 
 def create_consumer_app(settings: Settings) -> web.Application:

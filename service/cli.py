@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -18,7 +21,7 @@ from service.core.errors import DomainError
 from service.core.vocabulary import ENVIRONMENTS
 from service.infra import logs
 from service.infra.migrate import MigrationError, migrate
-from service.infra.settings import Settings
+from service.infra.settings import Settings, redact_dsn
 
 if TYPE_CHECKING:  # the web stack loads only for the commands that serve
     from aiohttp import web
@@ -37,12 +40,80 @@ def _print_json(value: object) -> None:
     sys.stdout.write(orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
+def _table(header: list[str], rows: list[list[object]]) -> None:
+    """Rows under a header, columns aligned (``-`` for a missing value)."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+class Unreachable(Exception):
+    """A dependency tally could not use, said the way an operator can act on: what, where,
+    which setting points at it, and what to do."""
+
+
+def _address(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or ''}".rstrip(":")
+
+
+def database_problem(exc: BaseException, settings: Settings) -> Unreachable | None:
+    """``exc`` as an :class:`Unreachable` if it says the database is missing or unreachable."""
+    where, name = _address(settings.database_url), urlsplit(settings.database_url).path.lstrip("/")
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return Unreachable(
+            f"database '{name}' does not exist on PostgreSQL at {where} (TALLY_DATABASE_URL): "
+            "run 'tally migrate' to create it"
+        )
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return Unreachable(f"database '{name}' at {where} has no tally schema, or an old one: run 'tally migrate'")
+    if isinstance(
+        exc, (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.InvalidAuthorizationSpecificationError)
+    ):
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        return Unreachable(
+            f"cannot reach PostgreSQL at {where} ({reason}; TALLY_DATABASE_URL="
+            f"{redact_dsn(settings.database_url)}): is it running? Start it, or point "
+            "TALLY_DATABASE_URL at it"
+        )
+    return None
+
+
+def broker_problem(exc: BaseException, settings: Settings) -> Unreachable:
+    return Unreachable(
+        f"cannot reach RabbitMQ at {_address(settings.amqp_url)} ({type(exc).__name__}; "
+        f"TALLY_AMQP_URL={redact_dsn(settings.amqp_url)}): is it running? Start it, or point "
+        "TALLY_AMQP_URL at it"
+    )
+
+
 async def _with_conn(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[int]]) -> int:
-    conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    except Exception as exc:
+        problem = database_problem(exc, settings)
+        if problem is None:
+            raise
+        raise problem from exc
     try:
         return await work(conn)
+    except asyncpg.UndefinedTableError as exc:
+        raise database_problem(exc, settings) or exc from exc
     finally:
         await conn.close()
+
+
+@asynccontextmanager
+async def _broker(settings: Settings) -> AsyncIterator[None]:
+    """Broker failures in the block as :class:`Unreachable`."""
+    import aio_pika
+
+    try:
+        yield
+    except (OSError, TimeoutError, aio_pika.exceptions.AMQPConnectionError) as exc:
+        raise broker_problem(exc, settings) from exc
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -62,14 +133,24 @@ async def cmd_orgs_create(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_conn(settings, work)
 
 
+ORGANIZATIONS = """
+SELECT o.id, o.name, o.created_at,
+       (SELECT coalesce(sum(delta), 0)::bigint FROM customer_counts n WHERE n.organization_id = o.id) AS customers,
+       (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id AND k.revoked_at IS NULL) AS keys
+FROM organizations o ORDER BY o.name
+"""
+
+
 async def cmd_orgs_list(args: argparse.Namespace, settings: Settings) -> int:
     async def work(conn: Connection) -> int:
-        rows = await conn.fetch("SELECT id, name, created_at FROM organizations ORDER BY name")
+        rows = await conn.fetch(ORGANIZATIONS)
         if args.json:
             _print_json([dict(r) for r in rows])
         else:
-            for r in rows:
-                print(f"{r['name']}\t{r['id']}\t{r['created_at']:%Y-%m-%d}")
+            _table(
+                ["NAME", "CUSTOMERS", "LIVE KEYS", "CREATED", "ID"],
+                [[r["name"], r["customers"], r["keys"], f"{r['created_at']:%Y-%m-%d}", r["id"]] for r in rows],
+            )
         return 0
 
     return await _with_conn(settings, work)
@@ -111,7 +192,7 @@ async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     async def work(conn: Connection) -> int:
-        org_id, _ = await auth.find_organization(conn, args.org)
+        org_id, org_name = await auth.find_organization(conn, args.org)
         rows = await conn.fetch(
             "SELECT prefix AS client_key, scopes, environment, name, created_at, revoked_at"
             " FROM api_keys WHERE organization_id = $1 ORDER BY created_at",
@@ -120,34 +201,89 @@ async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             _print_json([dict(r) for r in rows])
         else:
-            for r in rows:
-                state = "revoked" if r["revoked_at"] else "live"
-                print(f"{r['client_key']}\t{','.join(r['scopes'])}\t{r['environment']}\t{state}\t{r['name'] or ''}")
+            print(f"keys of {org_name} ({org_id}); secrets are never shown again")
+            _table(
+                ["CLIENT KEY", "SCOPES", "ENVIRONMENT", "STATE", "CREATED", "NAME"],
+                [
+                    [
+                        r["client_key"],
+                        ",".join(r["scopes"]),
+                        r["environment"],
+                        "revoked" if r["revoked_at"] else "live",
+                        f"{r['created_at']:%Y-%m-%d}",
+                        r["name"],
+                    ]
+                    for r in rows
+                ],
+            )
         return 0
 
     return await _with_conn(settings, work)
 
 
-def _serve(app: web.Application, settings: Settings, host: str, port: int) -> int:
-    """Serve until SIGTERM, then drain (service/web/server.py: tally's limits on aiohttp)."""
+def _serve(app: web.Application, settings: Settings, host: str, port: int, setting: str, banner: list[str]) -> int:
+    """Serve until SIGTERM, then drain (service/web/server.py: tally's limits on aiohttp).
+    ``setting`` names the port's variable, for the message when the port is taken."""
     from service.web.server import serve
 
     _install_uvloop()
-    serve(app, settings, host, port)
+    try:
+        serve(app, settings, host, port, banner)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise Unreachable(
+                f"port {port} on {host} is in use ({setting}): stop what holds it, or set {setting} to a free port"
+            ) from exc
+        raise database_problem(exc, settings) or exc from exc
+    except asyncpg.PostgresError as exc:
+        raise database_problem(exc, settings) or exc from exc
     return 0
+
+
+def _base_url(settings: Settings, port: int) -> str:
+    host = settings.http_host if settings.http_host not in ("0.0.0.0", "::", "") else "localhost"
+    return settings.public_url.rstrip("/") if settings.public_url else f"http://{host}:{port}"
+
+
+def _api_banner(settings: Settings, dev: bool) -> list[str]:
+    base = _base_url(settings, settings.http_port)
+    lines = [f"tally API: {base} — interactive docs at {base}/docs, OpenAPI at {base}/openapi.json"]
+    if dev:
+        lines.append(f"consumer (in this process): health, readiness and metrics at {base}/healthz, /readyz, /metrics")
+    lines += [
+        "next: 'tally orgs create NAME', then 'tally keys create --org NAME --scopes read,write' for a key,",
+        "      or 'tally demo' for data at once; 'tally status' shows the queues and dead letters",
+    ]
+    return lines
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from service.api.app import create_app
 
-    return _serve(create_app(settings), settings, settings.http_host, settings.http_port)
+    return _serve(
+        create_app(settings),
+        settings,
+        settings.http_host,
+        settings.http_port,
+        "TALLY_HTTP_PORT",
+        _api_banner(settings, dev=False),
+    )
 
 
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     """The consumer, with /healthz, /readyz and /metrics on TALLY_CONSUMER_HTTP_PORT."""
     from consumers.app import create_consumer_app
 
-    return _serve(create_consumer_app(settings), settings, settings.http_host, settings.consumer_http_port)
+    base = _base_url(settings, settings.consumer_http_port)
+    banner = [f"tally consumer: health, readiness and metrics at {base}/healthz, /readyz, /metrics"]
+    return _serve(
+        create_consumer_app(settings),
+        settings,
+        settings.http_host,
+        settings.consumer_http_port,
+        "TALLY_CONSUMER_HTTP_PORT",
+        banner,
+    )
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -157,7 +293,9 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
     app = create_app(settings)
     add_consumer(app)
-    return _serve(app, settings, settings.http_host, settings.http_port)
+    return _serve(
+        app, settings, settings.http_host, settings.http_port, "TALLY_HTTP_PORT", _api_banner(settings, dev=True)
+    )
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -178,7 +316,8 @@ async def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     from service.infra.broker import Names
     from service.infra.queues import queue_stats
 
-    stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, Names(settings.amqp_namespace))
+    async with _broker(settings):
+        stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, Names(settings.amqp_namespace))
     if args.json:
         _print_json([s.model_dump() for s in stats])
         return 0
@@ -212,6 +351,26 @@ def _counter(label: str) -> Callable[[int, int], None]:
 
 
 async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    async with _broker(settings):
+        return await _dlq(args, settings)
+
+
+async def _organization_names(settings: Settings) -> dict[str, str]:
+    """Organization id → name, to show names where messages carry ids (empty if the
+    database cannot be reached: the broker tools work without it)."""
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        return {}
+    try:
+        return {str(r["id"]): r["name"] for r in await conn.fetch("SELECT id, name FROM organizations")}
+    except asyncpg.PostgresError:
+        return {}
+    finally:
+        await conn.close()
+
+
+async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.deadletters import DeadLetters
     from service.infra.broker import Names
 
@@ -221,28 +380,141 @@ async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
             if args.json:
                 _print_json([i.as_dict() for i in infos])
             else:
-                for i in infos:
-                    print(
-                        f"{i.first_death or '-':<32} {i.event_type or '-':<22} {i.event_id or '-':<38} "
-                        f"{i.organization or '-':<20} {i.reason}"
-                    )
+                names = await _organization_names(settings) if infos else {}
+                _table(
+                    ["DIED AT", "TYPE", "EVENT ID", "ORGANIZATION", "REASON"],
+                    [
+                        [
+                            i.first_death,
+                            i.event_type,
+                            i.event_id,
+                            names.get(i.organization or "", i.organization),
+                            i.reason,
+                        ]
+                        for i in infos
+                    ],
+                )
                 print(f"{len(infos)} dead letter(s) shown", file=sys.stderr)
             return 0
         if args.dlq_command == "replay":
             replayed, kept = await dlq.replay(reason=args.reason, limit=args.limit, progress=_counter("replayed"))
             print(f"\nreplayed {replayed}, left {kept} in {dlq.names.dead}", file=sys.stderr)
             return 0
-        if not args.yes:
-            if not sys.stdin.isatty():
-                print("tally: refusing to purge without --yes (no terminal to ask)", file=sys.stderr)
-                return 2
-            scope = f"matching '{args.reason}'" if args.reason else "ALL"
-            if input(f"Delete {scope} dead letters in {dlq.names.dead}? [y/N] ").strip().lower() not in ("y", "yes"):
-                print("nothing purged")
-                return 1
+        scope = f"matching '{args.reason}'" if args.reason else "ALL"
+        if not _confirmed(args.yes, f"Delete {scope} dead letters in {dlq.names.dead}? [y/N] ", "purge"):
+            print("nothing purged")
+            return 1
         purged, kept = await dlq.purge(reason=args.reason, progress=_counter("purged"))
         print(f"\npurged {purged}, left {kept} in {dlq.names.dead}", file=sys.stderr)
         return 0
+
+
+async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """One screen: can tally reach its database (migrated?) and broker; queue depths,
+    consumers and rates; how long the backlog takes to drain; dead letters."""
+    from service.infra.broker import Names
+    from service.infra.migrate import pending
+    from service.infra.queues import queue_stats
+
+    names = Names(settings.amqp_namespace)
+    checks: dict[str, str] = {}
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+        try:
+            waiting = await pending(conn, settings.migrations_dir)
+        finally:
+            await conn.close()
+        checks["database"] = "ok" if not waiting else f"{len(waiting)} migration(s) pending: run 'tally migrate'"
+    except Exception as exc:
+        checks["database"] = f"down: {database_problem(exc, settings) or exc}"
+    stats = []
+    try:
+        stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, names)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"down: {broker_problem(exc, settings)}"
+    notes = []
+    by_name = {q.name: q for q in stats}
+    ingest, dead = by_name.get(names.ingest), by_name.get(names.dead)
+    if ingest is not None:
+        if ingest.consumers == 0:
+            notes.append(f"no consumer on {names.ingest}: start 'tally consume' (or 'tally dev')")
+        if ingest.ready and ingest.deliver_rate:
+            notes.append(
+                f"backlog: {ingest.ready} ready, draining at {ingest.deliver_rate:.0f}/s "
+                f"(~{ingest.ready / ingest.deliver_rate:.0f} s)"
+            )
+        elif ingest.ready:
+            notes.append(f"backlog: {ingest.ready} ready and not draining")
+    if dead is not None and dead.ready:
+        notes.append(f"{dead.ready} dead letter(s) in {names.dead}: 'tally dlq list' says why")
+    healthy = all(state == "ok" for state in checks.values())
+    if args.json:
+        _print_json({"checks": checks, "queues": [q.model_dump() for q in stats], "notes": notes, "ok": healthy})
+    else:
+        _table(["CHECK", "STATE"], [[name, state] for name, state in checks.items()])
+        if stats:
+            print()
+            _table(
+                ["QUEUE", "READY", "UNACKED", "CONSUMERS", "PUBLISH/S", "DELIVER/S"],
+                [
+                    [
+                        q.name,
+                        q.ready,
+                        _cell(q.unacknowledged, "d"),
+                        q.consumers,
+                        _cell(q.publish_rate, ".1f"),
+                        _cell(q.deliver_rate, ".1f"),
+                    ]
+                    for q in stats
+                ],
+            )
+        if notes:
+            print()
+            for note in notes:
+                print(f"- {note}")
+    return 0 if healthy else 1
+
+
+async def cmd_namespace_delete(args: argparse.Namespace, settings: Settings) -> int:
+    """Delete a namespace's queues and exchanges (messages in them are lost), after asking."""
+    import aio_pika
+
+    from service.infra.broker import Names
+    from service.infra.queues import queue_stats
+
+    names = Names(args.namespace or settings.amqp_namespace)
+    async with _broker(settings):
+        stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, names)
+        held = ", ".join(f"{q.name}: {q.ready} message(s), {q.consumers} consumer(s)" for q in stats)
+        question = (
+            f"Delete namespace '{names.namespace}' ({names.events}, {names.dlx}, {names.ingest}, "
+            f"{names.dead}, {names.alerts}; {held})? Messages in it are lost. [y/N] "
+        )
+        if not _confirmed(args.yes, question, "delete a namespace"):
+            print("nothing deleted")
+            return 1
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+        try:
+            for queue in (names.ingest, names.dead, names.alerts):
+                channel = await connection.channel()
+                await channel.queue_delete(queue)
+            for exchange in (names.events, names.dlx):
+                channel = await connection.channel()
+                await channel.exchange_delete(exchange)
+        finally:
+            await connection.close()
+    print(f"deleted namespace '{names.namespace}'")
+    return 0
+
+
+def _confirmed(yes: bool, question: str, what: str) -> bool:
+    """True with --yes, or when the person at the terminal says so; refuses without one."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ValueError(f"refusing to {what} without --yes (no terminal to ask)")
+    return input(question).strip().lower() in ("y", "yes")
 
 
 def _install_uvloop() -> None:
@@ -253,17 +525,31 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tally", description="Customer read-model service.")
-    parser.add_argument("--version", action="version", version=f"tally {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+JSON_HELP = "print JSON instead of a table"
 
-    sub.add_parser("migrate", help="create the database if missing and apply migrations").set_defaults(run=cmd_migrate)
-    sub.add_parser("api", help="serve the HTTP API").set_defaults(sync=cmd_api)
-    sub.add_parser("consume", help="run the event consumer (health on TALLY_CONSUMER_HTTP_PORT)").set_defaults(
-        sync=cmd_consume
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tally",
+        description="tally: a customer read-model service (events in over RabbitMQ, customer lists out over HTTP).",
+        epilog="Start with 'tally migrate', then 'tally dev' (API and consumer in one process) and 'tally demo'. "
+        "Settings come from TALLY_* environment variables (README, Configuration).",
     )
-    sub.add_parser("dev", help="API and consumer in one process (laptop default)").set_defaults(sync=cmd_dev)
+    parser.add_argument("--version", action="version", version=f"tally {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    migrate_ = sub.add_parser("migrate", help="create the database if missing and apply migrations")
+    migrate_.set_defaults(run=cmd_migrate)
+    sub.add_parser("api", help="serve the HTTP API (TALLY_HTTP_PORT)").set_defaults(sync=cmd_api)
+    sub.add_parser(
+        "consume", help="run the event consumer (health and metrics on TALLY_CONSUMER_HTTP_PORT)"
+    ).set_defaults(sync=cmd_consume)
+    sub.add_parser("dev", help="API and consumer in one process, all on TALLY_HTTP_PORT (laptop default)").set_defaults(
+        sync=cmd_dev
+    )
+    status = sub.add_parser("status", help="database, broker, queues, backlog and dead letters on one screen")
+    status.add_argument("--json", action="store_true", help=JSON_HELP)
+    status.set_defaults(run=cmd_status)
 
     demo = sub.add_parser("demo", help="publish a realistic synthetic event stream (prints a read key)")
     demo.add_argument("--orgs", type=int, default=3, help="organizations, 1-5 (default 3)")
@@ -271,59 +557,76 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--events", type=int, default=100_000, help="usage events (default 100000)")
     demo.add_argument("--days", type=int, default=21, help="days of history (default 21)")
     demo.add_argument("--batch", type=int, default=500, help="events per broker message (default 500)")
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument(
+        "--seed", type=int, default=7, help="random seed: the same seed gives the same stream (default 7)"
+    )
     demo.set_defaults(run=cmd_demo)
 
     queues = sub.add_parser("queues", help="depth, consumers and rates of the ingest and dead-letter queues")
-    queues.add_argument("--json", action="store_true")
+    queues.add_argument("--json", action="store_true", help=JSON_HELP)
     queues.set_defaults(run=cmd_queues)
 
     dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge").add_subparsers(
-        dest="dlq_command", required=True
+        dest="dlq_command", required=True, metavar="ACTION"
     )
-    dl = dlq.add_parser("list", help="reason, event type, id, organization, first death time")
-    dl.add_argument("--limit", type=int, default=100)
-    dl.add_argument("--reason", help="only those whose reason contains this text")
-    dl.add_argument("--json", action="store_true")
+    reason_help = "only letters whose reason contains this text (case-insensitive)"
+    dl = dlq.add_parser("list", help="reason, event type, id, organization, time of death")
+    dl.add_argument("--limit", type=int, default=100, help="show at most this many (default 100)")
+    dl.add_argument("--reason", help=reason_help)
+    dl.add_argument("--json", action="store_true", help=JSON_HELP)
     dl.set_defaults(run=cmd_dlq)
     dr = dlq.add_parser("replay", help="re-publish to the events exchange (deduped: never double counts)")
-    dr.add_argument("--reason", help="only those whose reason contains this text")
-    dr.add_argument("--limit", type=int, help="at most this many")
+    dr.add_argument("--reason", help=reason_help)
+    dr.add_argument("--limit", type=int, help="replay at most this many")
     dr.set_defaults(run=cmd_dlq)
     dp = dlq.add_parser("purge", help="delete dead letters (asks first unless --yes)")
-    dp.add_argument("--reason", help="only those whose reason contains this text")
-    dp.add_argument("--yes", action="store_true")
+    dp.add_argument("--reason", help=reason_help)
+    dp.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     dp.set_defaults(run=cmd_dlq)
 
-    orgs = sub.add_parser("orgs", help="organizations").add_subparsers(dest="orgs_command", required=True)
+    namespace = sub.add_parser("namespace", help="the broker namespace (TALLY_AMQP_NAMESPACE)").add_subparsers(
+        dest="namespace_command", required=True, metavar="ACTION"
+    )
+    nd = namespace.add_parser("delete", help="delete a namespace's queues and exchanges (asks first unless --yes)")
+    nd.add_argument("--namespace", help="which one (default: TALLY_AMQP_NAMESPACE)")
+    nd.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    nd.set_defaults(run=cmd_namespace_delete)
+
+    orgs = sub.add_parser("orgs", help="organizations").add_subparsers(
+        dest="orgs_command", required=True, metavar="ACTION"
+    )
     create = orgs.add_parser("create", help="create an organization")
-    create.add_argument("name")
-    create.add_argument("--json", action="store_true")
+    create.add_argument("name", help="its name (1-200 characters, not a UUID)")
+    create.add_argument("--json", action="store_true", help="print the new organization as JSON")
     create.set_defaults(run=cmd_orgs_create)
-    listing = orgs.add_parser("list", help="list organizations")
-    listing.add_argument("--json", action="store_true")
+    listing = orgs.add_parser("list", help="organizations with their customers and live keys")
+    listing.add_argument("--json", action="store_true", help=JSON_HELP)
     listing.set_defaults(run=cmd_orgs_list)
 
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     kc = keys.add_parser("create", help="create a key; it is printed once, on the last line")
     kc.add_argument("--org", required=True, help="organization name or id")
-    kc.add_argument("--scopes", default="read", help="comma-separated: read,write,admin (default read)")
-    kc.add_argument("--environment", default="prod", choices=ENVIRONMENTS)
+    kc.add_argument("--scopes", default="read", help="comma-separated: read, write, admin, ops (default read)")
+    kc.add_argument("--environment", default="prod", choices=ENVIRONMENTS, help="the key's default environment")
     kc.add_argument("--name", help="a label for the key")
     kc.add_argument("--json", action="store_true", help="print one JSON object (key, client_key, client_secret)")
     kc.set_defaults(run=cmd_keys_create)
     kr = keys.add_parser("revoke", help="revoke a key by its client key (tly_…)")
-    kr.add_argument("client_key")
+    kr.add_argument("client_key", help="the key's client key (tly_ and 12 hex digits) or the whole key")
     kr.set_defaults(run=cmd_keys_revoke)
-    kl = keys.add_parser("list", help="list an organization's keys (never the secrets)")
-    kl.add_argument("--org", required=True)
-    kl.add_argument("--json", action="store_true")
+    kl = keys.add_parser("list", help="an organization's keys (never the secrets)")
+    kl.add_argument("--org", required=True, help="organization name or id")
+    kl.add_argument("--json", action="store_true", help=JSON_HELP)
     kl.set_defaults(run=cmd_keys_list)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     settings = Settings()
     logs.configure(settings.log_level, settings.log_format)
     try:
@@ -334,8 +637,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DomainError, MigrationError, ValueError) as exc:
         print(f"tally: {exc}", file=sys.stderr)
         return 2
+    except Unreachable as exc:
+        print(f"tally: {exc}", file=sys.stderr)
+        return 1
     except (OSError, asyncpg.PostgresError) as exc:
-        print(f"tally: cannot reach a dependency: {exc}", file=sys.stderr)
+        problem = database_problem(exc, settings)
+        print(f"tally: {problem or exc}", file=sys.stderr)
         return 1
 
 

@@ -15,10 +15,11 @@ from service.api.dbaccess import DatabaseGate
 from service.api.keycache import KeyCache
 from service.api.models import Health
 from service.api.ratelimit import RateLimiter
-from service.api.routing import Endpoint, add_endpoints
+from service.api.routing import OPERATIONS_TAG, Endpoint, add_endpoints
 from service.core.query import CursorCodec
 from service.infra.broker import Names
 from service.infra.db import pool_context
+from service.infra.migrate import NotMigrated
 from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 from service.web import health
@@ -28,25 +29,27 @@ from service.web.observability import metrics_endpoint
 log = logging.getLogger("tally.api")
 
 TAGS = {
-    "customers": "The canonical customer API.",
-    "events": "Publishing events into tally.",
-    respan.TAG: "Drop-in for Respan's users API (seeds 000, 001): base URL /compat/respan.",
-    v0.TAG: "Drop-in for the v0 customers API (seed 002): base URL /compat/v0, x-client-key/x-client-secret.",
-    flexprice.TAG: "Drop-in for Flexprice's customers API (seed 003): base URL /compat/flexprice.",
-    public.TAG: "Drop-in for the public customers API (seed 004): base URL /compat/public.",
-    "operations": "Health, readiness, metrics and the API description.",
+    customers.TAG: "tally's own customer API: list (paged, sorted, filtered), retrieve, create, update, delete, "
+    "usage series.",
+    events.TAG: "Publish usage and customer events (CloudEvents 1.0); tally folds each exactly once.",
+    respan.TAG: "For Respan clients: change only the base URL to <this server>/compat/respan.",
+    v0.TAG: "For clients of the v0 customers API: base URL <this server>/compat/v0; authenticate with the "
+    "x-client-key and x-client-secret headers.",
+    flexprice.TAG: "For Flexprice clients: change only the base URL to <this server>/compat/flexprice.",
+    public.TAG: "For clients of the public customers API: base URL <this server>/compat/public.",
+    OPERATIONS_TAG: "Health, readiness, metrics, queue statistics and this API description.",
 }
 
 OPERATIONS = [
-    Endpoint("GET", "/healthz", health.healthz, "Process is alive", "operations", response=Health),
+    Endpoint("GET", "/healthz", health.healthz, "Process is alive", OPERATIONS_TAG, response=Health),
     Endpoint(
-        "GET", "/readyz", health.readyz, "Database and broker reachable", "operations", response=Health, errors=(503,)
+        "GET", "/readyz", health.readyz, "Database and broker reachable", OPERATIONS_TAG, response=Health, errors=(503,)
     ),
-    Endpoint("GET", "/metrics", metrics_endpoint, "Prometheus metrics", "operations", content_type="text/plain"),
+    Endpoint("GET", "/metrics", metrics_endpoint, "Prometheus metrics", OPERATIONS_TAG, content_type="text/plain"),
 ]
 DOCS = [
-    Endpoint("GET", "/openapi.json", openapi.openapi_json, "This document", "operations"),
-    Endpoint("GET", "/docs", openapi.docs_page, "Browsable API docs", "operations", content_type="text/html"),
+    Endpoint("GET", "/openapi.json", openapi.openapi_json, "This document", OPERATIONS_TAG),
+    Endpoint("GET", "/docs", openapi.docs_page, "Interactive API docs", OPERATIONS_TAG, content_type="text/html"),
 ]
 
 SELECT_CURSOR_SECRET = "SELECT value FROM instance_secrets WHERE name = 'cursor_hmac'"
@@ -67,7 +70,7 @@ async def api_resources(app: web.Application) -> AsyncIterator[None]:
             app[appkeys.READ_POOL] = pool
         secret = await pool.fetchval(SELECT_CURSOR_SECRET)
         if secret is None:
-            raise RuntimeError("the database is not migrated: run 'tally migrate' first")
+            raise NotMigrated("the database is not migrated: run 'tally migrate' first")
         app[appkeys.CURSORS] = CursorCodec(secret)
         app[appkeys.KEY_CACHE] = await stack.enter_async_context(
             keycache.listening(
@@ -113,5 +116,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(publisher)
     app[appkeys.READINESS_CHECKS]["broker"] = broker_check
     add_endpoints(app, [*endpoints, *DOCS])
-    app[appkeys.OPENAPI] = openapi.build_openapi([*endpoints, *DOCS], title="tally", version=__version__, tags=TAGS)
+    app.router.add_get("/", openapi.root)
+    app.router.add_static("/docs-assets", openapi.swagger_ui_static())
+    app[appkeys.OPENAPI] = openapi.build_openapi(
+        [*endpoints, *DOCS], title="tally", version=__version__, tags=TAGS, server=settings.public_url or "/"
+    )
     return app

@@ -234,7 +234,7 @@ async def customer_usage(request: web.Request) -> web.Response:
 
 
 IDENTIFIER = {"customer_identifier": "Your identifier for the customer (unique per environment)."}
-TAG = "customers"
+TAG = "Customers"
 
 ENDPOINTS = [
     Endpoint(

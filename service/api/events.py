@@ -6,15 +6,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import BaseModel, Field, RootModel, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints
 
-from service.api import appkeys
+from service.api import appkeys, examples
 from service.api.errors import bad_request, payload_too_large
 from service.api.routing import PRINCIPAL, Endpoint
-from service.core.events import CloudEvent, InvalidEvent, decode_body, validate_event
+from service.core.events import CloudEvent, FieldProblem, InvalidEvent, decode_body, validate_event
 from service.infra import metrics
 from service.infra.broker import encode_events, event_message
-from service.web.problems import ProblemField
+from service.web.problems import ProblemField, json_response
 
 
 class HttpCloudEvent(CloudEvent):
@@ -27,9 +27,18 @@ class HttpCloudEvent(CloudEvent):
 class EventsBody(RootModel[HttpCloudEvent | list[HttpCloudEvent]]):
     """One CloudEvent or an array of them (at most TALLY_MAX_EVENTS_PER_REQUEST)."""
 
+    # Stamped when the document is built (at start), so the example is never too old to apply.
+    model_config = ConfigDict(json_schema_extra=lambda schema: schema.update(examples=[examples.events()]))
+
 
 class Accepted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"accepted": 2}]})
+
     accepted: int = Field(description="Events accepted and confirmed by the broker.")
+
+
+def _at(where: str, path: str) -> str:
+    return f"{where}.{path}" if path else where
 
 
 async def ingest_events(request: web.Request) -> web.Response:
@@ -49,19 +58,23 @@ async def ingest_events(request: web.Request) -> web.Response:
     retention = timedelta(days=settings.dedupe_retention_days)
     errors: list[ProblemField] = []
     for i, raw in enumerate(raws):
+        # Every problem of every event, by its path: "[3].data.requests" in a batch,
+        # "event.data.requests" for a single event.
         where = f"[{i}]" if len(raws) > 1 else "event"
         if not isinstance(raw, dict):
             errors.append(ProblemField(where, "must be an object", "body"))
             continue
         organization = raw.get("organization", principal.organization_name)
         if not isinstance(organization, str) or organization not in own:
-            errors.append(ProblemField(f"{where}.organization", "must be your key's organization (or omitted)", "body"))
+            detail = "must be your key's organization (or omitted)"
+            errors.append(ProblemField(_at(where, "organization"), detail, "body"))
             continue
         raw["organization"] = str(principal.organization_id)
         try:
             validate_event(raw, now, retention=retention)
         except InvalidEvent as exc:
-            errors.append(ProblemField(where, exc.reason, "body"))
+            problems = exc.fields or [FieldProblem("", exc.reason)]
+            errors.extend(ProblemField(_at(where, p.path), p.detail, "body") for p in problems)
     if errors:
         raise bad_request(errors)
     # Every event is a valid event of a known type by now: the first one's routes the message.
@@ -70,8 +83,10 @@ async def ingest_events(request: web.Request) -> web.Response:
     message = event_message(encode_events(raws), batch=len(raws) > 1)
     await request.app[appkeys.PUBLISHER].publish(message, routing_key=str(first["type"]))
     metrics.PUBLISHED.inc(len(raws))
-    return web.json_response({"accepted": len(raws)}, status=202)
+    return json_response({"accepted": len(raws)}, status=202)
 
+
+TAG = "Events"
 
 ENDPOINTS = [
     Endpoint(
@@ -79,7 +94,7 @@ ENDPOINTS = [
         "/v1/events",
         ingest_events,
         "Publish usage and customer events",
-        "events",
+        TAG,
         "write",
         body=EventsBody,
         response=Accepted,

@@ -11,8 +11,9 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
+from service.api import examples
 from service.core.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY
-from service.core.profile import Identifier, Money, ProfileUpdate, ShortText, Timestamp
+from service.core.profile import Day, Identifier, Money, ProfileUpdate, ShortText, Timestamp
 from service.core.query import SORT_FIELDS
 from service.core.vocabulary import BudgetDuration, Environment, Status
 
@@ -81,7 +82,7 @@ class RetrieveParams(BaseModel):
     include: Literal["subscriptions"] | None = None
 
 
-SeriesDay = Annotated[date, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
+SeriesDay = Annotated[Day, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
 
 
 class UsageParams(BaseModel):
@@ -95,10 +96,15 @@ class UsageParams(BaseModel):
     environment: Environment | None = None
 
 
-CustomerPatch = ProfileUpdate
+class CustomerPatch(ProfileUpdate):
+    """The fields to change; any other field is refused (read-only ones by name)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.CUSTOMER_PATCH]})
 
 
 class CustomerCreate(CustomerPatch):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.CUSTOMER_CREATE]})
+
     customer_identifier: Identifier
     environment: Environment | None = Field(None, description="Defaults to the API key's environment.")
 
@@ -116,6 +122,8 @@ class Address(BaseModel):
 
 class Customer(BaseModel):
     """A customer: profile, budget, and usage aggregates. Money is a decimal string."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.CUSTOMER]})
 
     id: UUID
     customer_identifier: str
@@ -178,6 +186,8 @@ class CustomerExpanded(Customer):
 
 
 class CustomerList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.CUSTOMER_LIST]})
+
     count: int = Field(description="Customers matching the filters, over all pages.")
     next: str | None = Field(description="URL of the next page, or null.")
     previous: str | None = Field(description="URL of the previous page, or null.")
@@ -197,6 +207,8 @@ class UsagePoint(BaseModel):
 
 
 class UsageSeries(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.USAGE_SERIES]})
+
     customer_identifier: str
     granularity: str
     from_: date = Field(alias="from", description="First day of the series (UTC).")

@@ -1,12 +1,14 @@
-"""The OpenAPI 3.1 document, generated from the Endpoint list and its pydantic models, and a
-self-contained ``/docs`` page rendered from that document (no external scripts)."""
+"""The OpenAPI 3.1 document, generated from the Endpoint list and its pydantic models, and the
+interactive ``/docs`` page (Swagger UI, served from the installed package: no CDN)."""
 
 from __future__ import annotations
 
 import html
-import re
+import importlib.util
 import typing
 from collections.abc import Sequence
+from http import HTTPStatus
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -55,8 +57,11 @@ def _query_parameters(model: type[BaseModel], aliases: dict[str, str]) -> list[d
 
 
 def build_openapi(
-    endpoints: Sequence[Endpoint], *, title: str, version: str, tags: dict[str, str]
+    endpoints: Sequence[Endpoint], *, title: str, version: str, tags: dict[str, str], server: str = "/"
 ) -> dict[str, typing.Any]:
+    """The document: every endpoint with its parameters, request and response schemas (each
+    model once, under its own class name), examples from the models (the first one also as
+    the media type's example, which Swagger UI offers in "Try it out"), errors, security."""
     models: list[tuple[type[BaseModel], typing.Literal["validation", "serialization"]]] = [(Problem, "serialization")]
     for ep in endpoints:
         if ep.body:
@@ -68,7 +73,8 @@ def build_openapi(
     for ep in endpoints:
         op: dict[str, object] = {
             "summary": ep.summary,
-            "operationId": re.sub(r"\W+", "_", f"{ep.tag}_{ep.handler.__name__}").strip("_"),
+            # The handler's module and name: stable whatever the tags are called.
+            "operationId": f"{ep.handler.__module__.rsplit('.', 1)[-1]}_{ep.handler.__name__}",
             "tags": [ep.tag],
         }
         if ep.description:
@@ -84,11 +90,11 @@ def build_openapi(
         if ep.body:
             op["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": refs[(ep.body, "validation")]}},
+                "content": {"application/json": _media(refs[(ep.body, "validation")], defs)},
             }
-        ok: dict[str, object] = {"description": "OK" if ep.status < 300 else "Done"}
+        ok: dict[str, object] = {"description": HTTPStatus(ep.status).phrase}
         if ep.response:
-            ok["content"] = {ep.content_type: {"schema": refs[(ep.response, "serialization")]}}
+            ok["content"] = {ep.content_type: _media(refs[(ep.response, "serialization")], defs)}
         elif ep.status != 204:
             ok["content"] = {ep.content_type: {"schema": {}}}
         responses: dict[str, object] = {str(ep.status): ok}
@@ -111,7 +117,14 @@ def build_openapi(
         paths.setdefault(ep.path, {})[ep.method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": title, "version": version},
+        "info": {
+            "title": title,
+            "version": version,
+            "description": "Customer read model: paged, sorted, filtered customers with usage aggregates, "
+            "fed by usage and customer events. Authorize with an API key (`tally keys create`); every error is "
+            "RFC 9457 problem+json naming the offending parameter.",
+        },
+        "servers": [{"url": server, "description": "this tally"}],
         "tags": [{"name": name, "description": text} for name, text in tags.items()],
         "paths": paths,
         "components": {
@@ -125,50 +138,66 @@ def build_openapi(
     }
 
 
+def _media(ref: dict[str, str], defs: dict[str, typing.Any]) -> dict[str, object]:
+    """A media type object: the schema, and the model's first example as ``example``."""
+    media: dict[str, object] = {"schema": ref}
+    name = ref["$ref"].rsplit("/", 1)[-1]
+    examples = defs.get("$defs", {}).get(name, {}).get("examples")
+    if examples:
+        media["example"] = examples[0]
+    return media
+
+
 async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app[appkeys.OPENAPI]), content_type="application/json")
 
 
-def render_docs(doc: dict[str, typing.Any]) -> str:
-    esc = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>" + esc(doc["info"]["title"]) + " API</title>",
-        "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
-        "code,td.n{font-family:ui-monospace,monospace}table{border-collapse:collapse;width:100%;margin:.5rem 0}"
-        "td,th{border-bottom:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}"
-        "h3{margin:1.5rem 0 .25rem}.m{display:inline-block;min-width:4.5rem;font-weight:700}"
-        "section{border-left:3px solid #4a7;padding-left:1rem;margin:1rem 0}</style></head><body>",
-        f"<h1>{esc(doc['info']['title'])} <small>{esc(doc['info']['version'])}</small></h1>",
-        "<p>Machine-readable: <a href='/openapi.json'>/openapi.json</a> (OpenAPI 3.1). "
-        "Authenticate with <code>Authorization: Bearer &lt;key&gt;</code>. Errors are "
-        "<code>application/problem+json</code> (RFC 9457).</p>",
-    ]
-    for tag in doc.get("tags", []):
-        parts.append(f"<h2>{esc(tag['name'])}</h2><p>{esc(tag['description'])}</p>")
-        for path, ops in doc["paths"].items():
-            for method, op in ops.items():
-                if tag["name"] not in op.get("tags", []):
-                    continue
-                parts.append(f"<section><h3><span class='m'>{method.upper()}</span><code>{esc(path)}</code></h3>")
-                parts.append(f"<p><b>{esc(op['summary'])}</b>. {esc(op.get('description', ''))}")
-                if "x-required-scope" in op:
-                    parts.append(f" Scope: <code>{esc(op['x-required-scope'])}</code>.")
-                parts.append("</p>")
-                if op.get("parameters"):
-                    parts.append("<table><tr><th>parameter</th><th>in</th><th>schema</th><th>description</th></tr>")
-                    for p in op["parameters"]:
-                        schema = esc(orjson.dumps(p.get("schema", {})).decode())
-                        parts.append(
-                            f"<tr><td class='n'>{esc(p['name'])}{'*' if p.get('required') else ''}</td>"
-                            f"<td>{esc(p['in'])}</td><td><code>{schema}</code></td>"
-                            f"<td>{esc(str(p.get('description', '')))}</td></tr>"
-                        )
-                    parts.append("</table>")
-                codes = ", ".join(f"{c} {esc(r['description'])}" for c, r in op["responses"].items())
-                parts.append(f"<p>Responses: {codes}</p></section>")
-    parts.append("</body></html>")
-    return "".join(parts)
+def swagger_ui_static() -> Path:
+    """Swagger UI's own files, from the swagger-ui-py distribution (found without importing
+    the package, whose handlers tally does not use): served at ``/docs-assets``, never from a
+    CDN, so the docs work offline."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-py is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+# Relative URLs: the page works at /docs on any host, and under a proxy's path prefix.
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>{title} API</title>
+  <link rel="stylesheet" href="docs-assets/swagger-ui.css">
+  <link rel="icon" href="docs-assets/favicon-32x32.png">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="docs-assets/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({{
+      url: "openapi.json",
+      dom_id: "#swagger-ui",
+      deepLinking: true,
+      docExpansion: "list",
+      tryItOutEnabled: true,
+      persistAuthorization: true,
+      displayRequestDuration: true,
+      defaultModelsExpandDepth: 0,
+    }});
+  </script>
+</body>
+</html>
+"""
 
 
 async def docs_page(request: web.Request) -> web.Response:
-    return web.Response(text=render_docs(request.app[appkeys.OPENAPI]), content_type="text/html")
+    """Interactive docs (Swagger UI): every operation with its parameters, request and response
+    schemas and examples; "Authorize" takes a key, "Try it out" sends real requests."""
+    title = html.escape(str(request.app[appkeys.OPENAPI]["info"]["title"]))
+    return web.Response(text=DOCS_PAGE.format(title=title), content_type="text/html")
+
+
+async def root(request: web.Request) -> web.Response:
+    """``GET /`` leads to the docs."""
+    raise web.HTTPFound("docs")

@@ -6,7 +6,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from service.api import appkeys
-from service.api.routing import Endpoint
+from service.api.routing import OPERATIONS_TAG, Endpoint
 from service.infra.broker import Names
 from service.infra.errors import Unavailable
 from service.infra.queues import QueueStats, queue_stats
@@ -31,7 +31,7 @@ ENDPOINTS = [
         "/v1/ops/queues",
         queues,
         "Queue depths, consumers and rates",
-        "operations",
+        OPERATIONS_TAG,
         "ops",
         response=QueuesOut,
         errors=(503,),

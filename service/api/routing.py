@@ -18,6 +18,7 @@ from service.infra import metrics
 from service.web.problems import Problem
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPERATIONS_TAG = "Operations"
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 

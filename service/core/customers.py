@@ -230,17 +230,18 @@ WITH usage AS (
     SELECT generate_series(date_trunc($5, $3::date::timestamp), $4::date::timestamp, ('1 ' || $5)::interval)::date
            AS bucket
 )
-SELECT coalesce(json_agg(json_build_object(
-    'start', b.bucket,
-    'requests', coalesce(u.requests, 0),
-    'prompt_tokens', coalesce(u.prompt_tokens, 0),
-    'completion_tokens', coalesce(u.completion_tokens, 0),
-    'total_tokens', coalesce(u.total_tokens, 0),
-    'cost', coalesce(u.cost, 0)::text,
-    'average_latency', CASE WHEN u.latency_count > 0 THEN u.latency_sum / u.latency_count END,
-    'average_ttft', CASE WHEN u.ttft_count > 0 THEN u.ttft_sum / u.ttft_count END
-) ORDER BY b.bucket), '[]')::text
-FROM buckets b LEFT JOIN usage u ON u.bucket = b.bucket
+SELECT coalesce('[' || string_agg(row_to_json(p)::text, ',' ORDER BY p.start) || ']', '[]')
+FROM (
+    SELECT b.bucket AS start,
+           coalesce(u.requests, 0) AS requests,
+           coalesce(u.prompt_tokens, 0) AS prompt_tokens,
+           coalesce(u.completion_tokens, 0) AS completion_tokens,
+           coalesce(u.total_tokens, 0) AS total_tokens,
+           coalesce(u.cost, 0)::text AS cost,
+           CASE WHEN u.latency_count > 0 THEN u.latency_sum / u.latency_count END AS average_latency,
+           CASE WHEN u.ttft_count > 0 THEN u.ttft_sum / u.ttft_count END AS average_ttft
+    FROM buckets b LEFT JOIN usage u ON u.bucket = b.bucket
+) p
 """
 
 

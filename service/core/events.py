@@ -142,15 +142,24 @@ class Rejection(StrEnum):
     INTERNAL_ERROR = "internal_error"  # a bug that one input brought out
 
 
-class InvalidEvent(Exception):
-    """An event (or message) that can never be applied: ``code`` says why, ``reason`` how;
-    both go on its dead letter."""
+@dataclass(frozen=True)
+class FieldProblem:
+    path: str  # dotted, from the event's top: "data.requests"
+    detail: str
 
-    def __init__(self, code: Rejection, reason: str, raw: object = None) -> None:
+
+class InvalidEvent(Exception):
+    """An event (or message) that can never be applied: ``code`` says why, ``reason`` how
+    (both go on its dead letter); ``fields`` lists every invalid field, where known."""
+
+    def __init__(
+        self, code: Rejection, reason: str, raw: object = None, fields: list[FieldProblem] | None = None
+    ) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
         self.raw = raw
+        self.fields = fields or []
 
 
 EventData = UsageData | ProfileData | SubscriptionData
@@ -162,11 +171,17 @@ _DATA_MODELS: dict[str, type[UsageData] | type[ProfileData] | type[SubscriptionD
 }
 
 
-def _reason(exc: ValidationError, prefix: str = "") -> str:
-    first = exc.errors(include_url=False)[0]
-    where = prefix + ".".join(str(p) for p in first["loc"]) if first["loc"] else prefix.rstrip(".") or "event"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"invalid field {where}: {first['msg'].removeprefix('Value error, ')}{more}"
+def _path(loc: tuple[int | str, ...], prefix: str) -> str:
+    return prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "event"
+
+
+def _invalid(exc: ValidationError, raw: object, prefix: str = "") -> InvalidEvent:
+    """Every field pydantic refused, by path; the reason names the first and counts the rest."""
+    errors = exc.errors(include_url=False)
+    fields = [FieldProblem(_path(e["loc"], prefix), e["msg"].removeprefix("Value error, ")) for e in errors]
+    more = f" (+{len(fields) - 1} more)" if len(fields) > 1 else ""
+    reason = f"invalid field {fields[0].path}: {fields[0].detail}{more}"
+    return InvalidEvent(Rejection.INVALID_FIELD, reason, raw, fields)
 
 
 def too_old_reason(retention: timedelta) -> str:
@@ -185,12 +200,12 @@ def validate_event(raw: object, now: datetime, *, retention: timedelta | None = 
     try:
         envelope = CloudEvent.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidEvent(Rejection.INVALID_FIELD, _reason(exc), raw) from None
+        raise _invalid(exc, raw) from None
     model = _DATA_MODELS[envelope.type]
     try:
         data: EventData | None = model.model_validate(envelope.data) if model else None
     except ValidationError as exc:
-        raise InvalidEvent(Rejection.INVALID_FIELD, _reason(exc, "data."), raw) from None
+        raise _invalid(exc, raw, "data.") from None
     if envelope.time > now + MAX_FUTURE:
         raise InvalidEvent(Rejection.FUTURE, f"event time {envelope.time.isoformat()} is in the future", raw)
     if retention is not None and envelope.time < now - retention:

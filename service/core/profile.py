@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar
 from uuid import UUID
@@ -34,12 +35,42 @@ def _utc(value: datetime) -> datetime:
     return value
 
 
-def _iso_only(value: object) -> object:
-    """Only ISO 8601 text (as documented), not numbers read as Unix times."""
-    if isinstance(value, (int, float)) or (
-        isinstance(value, str) and value.strip().lstrip("-").replace(".", "").isdigit()
-    ):
-        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-11-21T10:00:00Z")
+TIME_FORMAT = "an ISO 8601 date or date-time, e.g. 2026-11-21 or 2026-11-21T10:00:00Z"
+
+
+def _iso_time(value: object) -> object:
+    """ISO 8601 text, a date (midnight) or a date-time — what the message says, no more: not
+    numbers read as Unix times, not words."""
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"must be {TIME_FORMAT}")
+
+
+def _iso_date(value: object) -> object:
+    """An ISO 8601 date (``2026-11-21``) and nothing else: no number read as a Unix time."""
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise ValueError("must be an ISO 8601 date, e.g. 2026-11-21")
+
+
+# Deliberately loose (RFC 5322 allows almost anything before the @): it catches what is plainly
+# not an address, without refusing real ones.
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def _email(value: str) -> str:
+    if not _EMAIL.match(value):
+        raise ValueError("must be an email address, e.g. ada@example.com")
     return value
 
 
@@ -121,8 +152,10 @@ def _metadata(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-Timestamp = Annotated[datetime, BeforeValidator(_iso_only), AfterValidator(_utc)]
+Timestamp = Annotated[datetime, BeforeValidator(_iso_time), AfterValidator(_utc)]
+Day = Annotated[date, BeforeValidator(_iso_date)]
 ShortText = Annotated[str, StringConstraints(max_length=500)]
+Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(_email)]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False), exact_decimal(places=10, whole=10)]
 Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
@@ -148,7 +181,7 @@ class ProfileUpdate(BaseModel):
     name: ShortText | None = None
     first_name: ShortText | None = None
     last_name: ShortText | None = None
-    email: ShortText | None = None
+    email: Email | None = None
     phone: ShortText | None = None
     customer_type: ShortText | None = None
     status: Status | None = None

@@ -58,7 +58,7 @@ SORT_FIELDS: dict[str, SortField] = {
 MAX_LIMIT = 1000
 
 # Output fields: name -> SQL over a customers alias ``{t}``, rendered into JSON by
-# json_build_object. Money is text so that no client parses it into a float by accident.
+# row_to_json. Money is text so that no client parses it into a float by accident.
 _PERIOD = "{t}.budget_duration, now()"
 CUSTOMER_FIELDS: dict[str, str] = {
     "id": "{t}.id",
@@ -208,9 +208,13 @@ def _json_object(
     catalogue: Mapping[str, str],
     alias: str,
     nullable: tuple[str, ...] = (),
-    extras: list[str] | None = None,
+    extras: list[tuple[str, str]] | None = None,
 ) -> str:
-    parts: list[str] = []
+    """A JSON object of the projection's keys, in order. ``row_to_json`` of a one-row
+    sub-select writes compact JSON (``{"a":1}``, the style of every other body tally sends;
+    ``json_build_object`` writes ``{"a" : 1}``) and was measured faster as well. Only a
+    jsonb value inside (metadata) keeps PostgreSQL's own spacing."""
+    columns: list[tuple[str, str]] = []
     for key, source in projection.items():
         if not key.replace("_", "").isalnum():
             raise ValueError(f"output key {key!r} is not a plain name")
@@ -222,25 +226,32 @@ def _json_object(
                 leaves = [_render(f, catalogue, alias) for f in source.values() if isinstance(f, (str, Col))]
                 absent = " AND ".join(f"{leaf} IS NULL" for leaf in leaves)
                 expr = f"CASE WHEN {absent} THEN NULL ELSE {expr} END"
-        parts.append(f"'{key}', {expr}")
-    # json_build_object takes at most 100 arguments (50 keys); projections stay well below.
-    parts.extend(extras or ())
-    return f"json_build_object({', '.join(parts)})"
+        columns.append((key, expr))
+    columns.extend(extras or ())
+    # Keys are plain names (checked above), quoted so that camelCase keys keep their case.
+    selected = ", ".join(f'{expr} AS "{key}"' for key, expr in columns)
+    return f"(SELECT row_to_json(o) FROM (SELECT {selected}) o)"
+
+
+def json_array(element: str, order_by: str, source: str) -> str:
+    """A compact JSON array of ``element`` per row of ``source`` (``[]`` when none)."""
+    elements = f"string_agg(({element})::text, ',' ORDER BY {order_by})"
+    return f"(SELECT coalesce('[' || {elements} || ']', '[]')::json {source})"
 
 
 def shape_sql(shape: Shape, alias: str = "c") -> str:
     """The SQL expression that renders one customer row as a JSON object (keys in the
     projection's order, the parent and subscriptions last)."""
-    extras: list[str] = []
+    extras: list[tuple[str, str]] = []
     if shape.parent_key:
         parent = _json_object(shape.fields, CUSTOMER_FIELDS, "p")
-        extras.append(f"'{shape.parent_key}', CASE WHEN p.id IS NULL THEN NULL ELSE {parent} END")
+        extras.append((shape.parent_key, f"CASE WHEN p.id IS NULL THEN NULL ELSE {parent} END"))
     if shape.subscriptions_key:
         sub = _json_object(shape.subscription_fields, SUBSCRIPTION_FIELDS, "s", shape.null_when_absent)
-        extras.append(
-            f"'{shape.subscriptions_key}', (SELECT coalesce(json_agg({sub} ORDER BY s.created_at, s.id), '[]'::json)"
-            f" FROM subscriptions s WHERE s.organization_id = {alias}.organization_id AND s.customer_id = {alias}.id)"
+        source = (
+            f"FROM subscriptions s WHERE s.organization_id = {alias}.organization_id AND s.customer_id = {alias}.id"
         )
+        extras.append((shape.subscriptions_key, json_array(sub, "s.created_at, s.id", source)))
     return _json_object(shape.fields, CUSTOMER_FIELDS, alias, extras=extras)
 
 

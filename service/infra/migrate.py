@@ -37,6 +37,10 @@ class MigrationError(Exception):
     """The migrations on disk and the database disagree; nothing further was applied."""
 
 
+class NotMigrated(MigrationError):
+    """The database has no tally schema yet: run ``tally migrate``."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: str
@@ -54,6 +58,16 @@ def load_migrations(directory: Path) -> list[Migration]:
         raise MigrationError(f"migrations directory not found: {directory}")
     files = sorted(directory.glob("*.sql"))
     return [Migration(version=p.stem, path=p, sql=p.read_text(encoding="utf-8")) for p in files]
+
+
+async def pending(conn: asyncpg.Connection, directory: Path) -> list[str]:
+    """The migrations on disk that the database has not applied yet (all of them on a
+    database without tally's ledger)."""
+    migrations = load_migrations(directory)
+    if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        return [m.version for m in migrations]
+    applied = {r["version"] for r in await conn.fetch(SELECT_APPLIED)}
+    return [m.version for m in migrations if m.version not in applied]
 
 
 async def ensure_database(dsn: str) -> bool:

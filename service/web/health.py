@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from service.web.appkeys import POOL, READINESS_CHECKS
-from service.web.problems import problem
+from service.web.problems import json_response, problem
 
 # A readiness probe must answer fast even when a dependency hangs.
 CHECK_TIMEOUT = 2.0
@@ -18,7 +18,7 @@ async def database_check(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -31,7 +31,7 @@ async def readyz(request: web.Request) -> web.Response:
             results[name] = f"down: {type(exc).__name__}"
     down = [name for name, state in results.items() if state != "ok"]
     if not down:
-        return web.json_response({"status": "ok", "checks": results})
+        return json_response({"status": "ok", "checks": results})
     return problem(
         request,
         503,

@@ -163,7 +163,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return problem(request, exc.status, exc.reason, exc.text or exc.reason, headers=_allow_header(exc))
+        return problem(request, exc.status, exc.reason, _detail(request, exc), headers=_allow_header(exc))
     except web.RequestPayloadError as exc:
         # The client's body could not be decoded (a bad chunk, a Content-Encoding that is not
         # what it says): its fault, one warning line, never an error with a traceback.
@@ -191,6 +191,22 @@ def _reason(exc: BaseException) -> str:
     return (message[0] if message else type(cause).__name__).encode("ascii", "backslashreplace").decode()[:200]
 
 
+def _detail(request: web.Request, exc: web.HTTPException) -> str:
+    """What to do about a refusal aiohttp's router made (its own text is "405: Method Not Allowed")."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+    if isinstance(exc, web.HTTPNotFound) and exc.text in (None, "", "404: Not Found"):
+        return f"no route {request.method} {request.path}; the routes are listed at /docs"
+    return exc.text or exc.reason
+
+
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
     allow = exc.headers.get("Allow")
     return {"Allow": allow} if allow else None
+
+
+def json_response(value: object, status: int = 200) -> web.Response:
+    """A JSON body in the one style every tally response uses: orjson's compact form (the
+    same as PostgreSQL's row_to_json, which renders customers)."""
+    return web.Response(body=orjson.dumps(value), status=status, content_type="application/json")

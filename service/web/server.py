@@ -277,24 +277,32 @@ def runner(app: web.Application, settings: Settings, *, handle_signals: bool = F
     )
 
 
-async def _serve(app: web.Application, settings: Settings, host: str, port: int, say: Callable[[str], None]) -> None:
+async def _serve(
+    app: web.Application, settings: Settings, host: str, port: int, say: Callable[[str], None], banner: list[str]
+) -> None:
     app_runner = runner(app, settings, handle_signals=True)
     await app_runner.setup()
     try:
         site = web.TCPSite(app_runner, host, port)
         await site.start()
         say(f"======== Running on {site.name} ========")
+        for line in banner:
+            say(line)
         await asyncio.Event().wait()  # until SIGINT/SIGTERM raise GracefulExit
     finally:
         await app_runner.cleanup()
 
 
-def serve(app: web.Application, settings: Settings, host: str, port: int) -> None:
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def serve(app: web.Application, settings: Settings, host: str, port: int, banner: list[str] | None = None) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then drain and clean up (``web.run_app``'s
-    lifecycle, with tally's runner)."""
+    lifecycle, with tally's runner); ``banner`` lines are printed once it listens."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_serve(app, settings, host, port, lambda line: print(line, file=sys.stderr)))
+    main = loop.create_task(_serve(app, settings, host, port, _say, banner or []))
     try:
         loop.run_until_complete(main)
     except (GracefulExit, KeyboardInterrupt):

@@ -18,6 +18,7 @@ from uuid import UUID
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api import examples
 from service.api.listing import json_with, run_list
 from service.api.models import choice
 from service.api.params import parse_query
@@ -27,7 +28,7 @@ from service.core.profile import Identifier, ShortText
 from service.core.query import SORT_FIELDS, Col, CustomerFilter, ListQuery, Sort
 
 BASE = "/compat/flexprice"
-TAG = "compat: flexprice"
+TAG = "Flexprice customers API"
 STATUS_TO_TALLY = {"published": "active", "draft": "draft", "archived": "archived"}
 _SORT = choice(["external_id", *SORT_FIELDS], "created_at")
 SortField = Annotated[str, _SORT[0], _SORT[1]]
@@ -49,7 +50,7 @@ class ListParams(BaseModel):
     expand: Literal["parent_customer"] | None = None
 
 
-class Customer(BaseModel):
+class FlexpriceCustomer(BaseModel):
     id: UUID
     external_id: Annotated[str, Col("customer_identifier")]
     name: Annotated[str, Col("name", "text")]
@@ -69,22 +70,27 @@ class Customer(BaseModel):
     updated_at: Annotated[datetime, Col("updated_at", "iso_z")]
 
 
-class CustomerExpanded(Customer):
-    parent_customer: Customer | None = Field(None, description="With expand=parent_customer.")
+class FlexpriceCustomerExpanded(FlexpriceCustomer):
+    parent_customer: FlexpriceCustomer | None = Field(None, description="With expand=parent_customer.")
 
 
-class Pagination(BaseModel):
+class FlexpricePagination(BaseModel):
     total: int
     limit: int
     offset: int
 
 
-class CustomerList(BaseModel):
-    items: list[CustomerExpanded]
-    pagination: Pagination
+class FlexpriceCustomerList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.FLEXPRICE_CUSTOMER_LIST]})
+
+    items: list[FlexpriceCustomerExpanded]
+    pagination: FlexpricePagination
 
 
-SHAPES = {False: customer_shape(Customer), True: customer_shape(Customer, parent_key="parent_customer")}
+SHAPES = {
+    False: customer_shape(FlexpriceCustomer),
+    True: customer_shape(FlexpriceCustomer, parent_key="parent_customer"),
+}
 
 
 async def list_customers(request: web.Request) -> web.Response:
@@ -119,7 +125,7 @@ ENDPOINTS = [
         TAG,
         "read",
         query=ListParams,
-        response=CustomerList,
+        response=FlexpriceCustomerList,
         errors=(400, 401, 403, 429),
     ),
 ]

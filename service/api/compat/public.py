@@ -15,6 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from service.api import examples
 from service.api.listing import json_with, run_list
 from service.api.params import parse_query
 from service.api.routing import PRINCIPAL, Endpoint
@@ -22,7 +23,7 @@ from service.api.shapes import customer_shape
 from service.core.query import Col, ListQuery, Sort
 
 BASE = "/compat/public"
-TAG = "compat: public"
+TAG = "Public customers API"
 CAMEL = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
@@ -34,7 +35,7 @@ class ListParams(BaseModel):
     include_subscriptions: bool = Field(False, description="Include each customer's subscriptions.")
 
 
-class Plan(BaseModel):
+class PublicPlan(BaseModel):
     model_config = CAMEL
     source_prefix: ClassVar[str] = "plan_"
 
@@ -45,17 +46,17 @@ class Plan(BaseModel):
     interval: str | None
 
 
-class Subscription(BaseModel):
+class PublicSubscription(BaseModel):
     model_config = CAMEL
 
     id: str
     status: str
     current_period_start: Annotated[datetime | None, Col("current_period_start", "iso_ms")]
     current_period_end: Annotated[datetime | None, Col("current_period_end", "iso_ms")]
-    plan: Plan | None
+    plan: PublicPlan | None
 
 
-class Customer(BaseModel):
+class PublicCustomer(BaseModel):
     model_config = CAMEL
 
     id: UUID
@@ -65,12 +66,12 @@ class Customer(BaseModel):
     phone: str | None
     stripe_customer_id: str | None
     has_active_subscription: bool = Field(description="Any subscription active or trialing.")
-    subscriptions: list[Subscription] | None = Field(None, description="Only with include_subscriptions=true.")
+    subscriptions: list[PublicSubscription] | None = Field(None, description="Only with include_subscriptions=true.")
     created_at: Annotated[datetime, Col("created_at", "iso_ms")]
     updated_at: Annotated[datetime, Col("updated_at", "iso_ms")]
 
 
-class Pagination(BaseModel):
+class PublicPagination(BaseModel):
     model_config = CAMEL
 
     total: int
@@ -79,15 +80,20 @@ class Pagination(BaseModel):
     has_more: bool
 
 
-class CustomerList(BaseModel):
-    data: list[Customer]
-    pagination: Pagination
+class PublicCustomerList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.PUBLIC_CUSTOMER_LIST]})
+
+    data: list[PublicCustomer]
+    pagination: PublicPagination
 
 
 SHAPES = {
-    False: customer_shape(Customer, skip=("subscriptions",)),
+    False: customer_shape(PublicCustomer, skip=("subscriptions",)),
     True: customer_shape(
-        Customer, skip=("subscriptions",), subscriptions_key="subscriptions", subscription_model=Subscription
+        PublicCustomer,
+        skip=("subscriptions",),
+        subscriptions_key="subscriptions",
+        subscription_model=PublicSubscription,
     ),
 }
 
@@ -121,7 +127,7 @@ ENDPOINTS = [
         TAG,
         "read",
         query=ListParams,
-        response=CustomerList,
+        response=PublicCustomerList,
         errors=(400, 401, 403, 429),
     ),
 ]

@@ -14,7 +14,7 @@ from uuid import UUID
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api import appkeys, dbaccess
+from service.api import appkeys, dbaccess, examples
 from service.api.customers import write_stamp
 from service.api.listing import json_with, link, run_list
 from service.api.models import SORT_CHOICES, choice
@@ -22,12 +22,12 @@ from service.api.params import parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
 from service.core import customers as core
-from service.core.profile import Money, ProfileUpdate, ShortText
+from service.core.profile import Email, Money, ProfileUpdate, ShortText
 from service.core.query import Col, ListQuery, Sort
 from service.core.vocabulary import BudgetDuration, Environment
 
 BASE = "/compat/respan"
-TAG = "compat: respan"
+TAG = "Respan users API"
 
 
 # Respan's own name for last_active is accepted too.
@@ -51,7 +51,7 @@ class DetailParams(BaseModel):
     environment: Environment | None = Field(None, description="Defaults to the key's environment.")
 
 
-class User(BaseModel):
+class RespanUser(BaseModel):
     id: Annotated[str, Col("scoped_id")] = Field(description="customer_identifier + environment + organization id")
     unique_organization_id: Annotated[UUID, Col("organization_id")]
     customer_identifier: str
@@ -68,14 +68,18 @@ class User(BaseModel):
     average_ttft: float | None
 
 
-class UserList(BaseModel):
+class RespanUserList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.RESPAN_USER_LIST]})
+
     count: int
     next: str | None
     previous: str | None
-    results: list[User]
+    results: list[RespanUser]
 
 
-class UserDetail(BaseModel):
+class RespanUserDetail(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.RESPAN_USER_DETAIL]})
+
     id: Annotated[str, Col("customer_identifier")]
     name: str | None
     email: str | None
@@ -91,20 +95,20 @@ class UserDetail(BaseModel):
     updated_at: Annotated[datetime, Col("updated_at", "iso_z")]
 
 
-class UserPatch(BaseModel):
+class RespanUserPatch(BaseModel):
     """The editable fields of seed 001."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [examples.RESPAN_USER_PATCH]})
 
     name: ShortText | None = None
-    email: ShortText | None = None
+    email: Email | None = None
     total_budget: Money | None = None
     period_budget: Money | None = None
     budget_duration: BudgetDuration | None = None
 
 
-LIST_SHAPE = customer_shape(User)
-DETAIL_SHAPE = customer_shape(UserDetail)
+LIST_SHAPE = customer_shape(RespanUser)
+DETAIL_SHAPE = customer_shape(RespanUserDetail)
 JSON = "application/json"
 
 
@@ -146,7 +150,7 @@ async def retrieve_user(request: web.Request) -> web.Response:
 
 async def update_user(request: web.Request) -> web.Response:
     org, env, identifier = _where(request)
-    body = await parse_body(request, UserPatch, request.app[appkeys.SETTINGS].max_body_bytes)
+    body = await parse_body(request, RespanUserPatch, request.app[appkeys.SETTINGS].max_body_bytes)
     values = ProfileUpdate.model_validate(body.model_dump(exclude_unset=True)).columns()
     async with dbaccess.connection(request) as conn:
         doc = await core.update_customer(
@@ -180,7 +184,7 @@ ENDPOINTS = [
         TAG,
         "read",
         query=ListParams,
-        response=UserList,
+        response=RespanUserList,
         errors=(400, 401, 429),
     ),
     Endpoint(
@@ -191,7 +195,7 @@ ENDPOINTS = [
         TAG,
         "read",
         query=DetailParams,
-        response=UserDetail,
+        response=RespanUserDetail,
         errors=(400, 401, 404, 429),
         path_params=IDENTIFIER,
         path_patterns=NOT_LIST,
@@ -204,8 +208,8 @@ ENDPOINTS = [
         TAG,
         "write",
         query=DetailParams,
-        body=UserPatch,
-        response=UserDetail,
+        body=RespanUserPatch,
+        response=RespanUserDetail,
         errors=(400, 401, 404, 429),
         path_params=IDENTIFIER,
         path_patterns=NOT_LIST,

@@ -18,6 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from service.api import examples
 from service.api.listing import json_with, run_list
 from service.api.params import parse_query
 from service.api.routing import PRINCIPAL, Endpoint
@@ -26,7 +27,7 @@ from service.core.profile import ShortText
 from service.core.query import Col, CustomerFilter, ListQuery, Sort
 
 BASE = "/compat/v0"
-TAG = "compat: v0"
+TAG = "v0 customers API"
 
 
 class ListParams(BaseModel):
@@ -39,7 +40,7 @@ class ListParams(BaseModel):
     email: ShortText | None = Field(None, description="Exact match, case-insensitive.")
 
 
-class Customer(BaseModel):
+class V0Customer(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
     id: UUID
@@ -56,14 +57,16 @@ class Customer(BaseModel):
     updated_at: Annotated[datetime, Col("updated_at", "iso_ms")]
 
 
-class CustomerList(BaseModel):
-    customers: list[Customer]
+class V0CustomerList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.V0_CUSTOMER_LIST]})
+
+    customers: list[V0Customer]
     total: int = Field(description="Customers matching the filters.")
     skip: int = Field(description="Records skipped.")
     take: int = Field(description="Records returned in this response.")
 
 
-SHAPE = customer_shape(Customer)
+SHAPE = customer_shape(V0Customer)
 
 
 async def list_customers(request: web.Request) -> web.Response:
@@ -95,7 +98,7 @@ ENDPOINTS = [
         TAG,
         "read",
         query=ListParams,
-        response=CustomerList,
+        response=V0CustomerList,
         errors=(400, 401, 403, 429),
     ),
 ]
