@@ -1,10 +1,17 @@
 """Ingest benchmark: the same events through (a) a bare consumer that only decodes and acks,
 (b) a naive consumer that runs one transaction per event, (c) tally's fold called directly
-on the events in memory (the database's share), and (d) tally's consumer process; then
-freshness at a steady publish rate (publish to visible in GET /v1/customers/{id}).
+on the events in memory (the database's share), (d) tally's consumer process, and (e) the
+database's ceiling: the same events as batched dedupe plus upserts of per-customer and
+per-customer-day sums into narrow tables with only their primary keys; then freshness at a
+steady publish rate (publish to visible in GET /v1/customers/{id}).
 
-    python bench/ingest.py [--events 200000] [--batch 1] [--json bench/results/ingest.json]
+    python bench/ingest.py [--events 200000] [--batch 1] [--profile zipf|spread] [--json …]
+    python bench/ingest.py --batch 100 --scale 1,2,4     # tally with 1, 2, 4 consumer processes
+    python bench/ingest.py --backlog 1000000              # a consumer's peak RSS on a backlog
 
+Activity: ``zipf`` (a few customers very active: many events per customer in a batch) or
+``spread`` (evenly over the customers: a batch touches mostly distinct customers). (d) is
+done when the database holds every event's sums, not when the consumer says so.
 Everything runs against a fresh database and private broker namespaces, dropped afterwards.
 """
 
@@ -19,6 +26,7 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import aio_pika
@@ -50,12 +58,16 @@ AMQP_URL = os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"
 RETENTION = timedelta(days=35)
 
 
-def generate(org: str, n: int, customers: int, seed: int) -> list[dict]:
-    """n usage events over ``customers`` customers with Zipf-like activity, 20 days of history."""
+def generate(org: str, n: int, customers: int, seed: int, profile: str = "zipf") -> list[dict]:
+    """n usage events over ``customers`` customers, 20 days of history; Zipf-like activity or
+    spread evenly over the customers."""
     rng = random.Random(seed)
     now = datetime.now(UTC) - timedelta(minutes=1)
-    weights = [1 / (rank + 1) ** 1.1 for rank in range(customers)]
-    who = rng.choices(range(customers), weights=weights, k=n)
+    if profile == "zipf":
+        weights = [1 / (rank + 1) ** 1.1 for rank in range(customers)]
+        who = rng.choices(range(customers), weights=weights, k=n)
+    else:
+        who = [rng.randrange(customers) for _ in range(n)]
     return [
         {
             "specversion": "1.0",
@@ -202,6 +214,120 @@ async def fold_direct(dsn: str, events: list[dict], batch_size: int) -> Rate:
     return Rate(len(events) / elapsed)
 
 
+CEILING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ceiling_dedupe (org uuid, source text, id text, PRIMARY KEY (org, source, id));
+CREATE TABLE IF NOT EXISTS ceiling_customers (
+    org uuid, customer text, requests bigint, prompt bigint, completion bigint, total bigint, cost numeric,
+    latency_sum float8, latency_count bigint, ttft_sum float8, ttft_count bigint, first_seen timestamptz,
+    last_active timestamptz, PRIMARY KEY (org, customer));
+CREATE TABLE IF NOT EXISTS ceiling_days (
+    org uuid, customer text, day date, requests bigint, prompt bigint, completion bigint, total bigint, cost numeric,
+    latency_sum float8, latency_count bigint, ttft_sum float8, ttft_count bigint, PRIMARY KEY (org, customer, day));
+"""
+CEILING_DEDUPE = """
+INSERT INTO ceiling_dedupe SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
+ON CONFLICT DO NOTHING RETURNING org, source, id
+"""
+_SUMS = ("requests", "prompt", "completion", "total", "cost", "latency_sum", "latency_count", "ttft_sum", "ttft_count")
+_ADD = ", ".join(f"{c} = t.{c} + excluded.{c}" for c in _SUMS)
+CEILING_CUSTOMERS = f"""
+INSERT INTO ceiling_customers AS t SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int8[],
+    $5::int8[], $6::int8[], $7::numeric[], $8::float8[], $9::int8[], $10::float8[], $11::int8[],
+    $12::timestamptz[], $13::timestamptz[])
+ON CONFLICT (org, customer) DO UPDATE SET {_ADD},
+    first_seen = least(t.first_seen, excluded.first_seen), last_active = greatest(t.last_active, excluded.last_active)
+"""
+CEILING_DAYS = f"""
+INSERT INTO ceiling_days AS t SELECT * FROM unnest($1::uuid[], $2::text[], $3::date[], $4::int8[], $5::int8[],
+    $6::int8[], $7::int8[], $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[])
+ON CONFLICT (org, customer, day) DO UPDATE SET {_ADD}
+"""
+
+
+def _ceiling_batch(
+    org: object, events: list[dict]
+) -> tuple[list[list[object]], list[list[object]], list[list[object]]]:
+    """The arrays of one ceiling batch: dedupe keys, per-customer sums, per-customer-day sums
+    (all aggregation done before the clock starts: (e) times the database alone)."""
+    customers: dict[str, list[object]] = {}
+    days: dict[tuple[str, object], list[object]] = {}
+    for e in events:
+        d, at = e["data"], datetime.fromisoformat(e["time"])
+        sums = [
+            d["requests"],
+            d["prompt_tokens"],
+            d["completion_tokens"],
+            d["prompt_tokens"] + d["completion_tokens"],
+            Decimal(d["cost"]),
+            d["latency"],
+            1,
+            d["ttft"],
+            1,
+        ]
+        c = customers.setdefault(e["subject"], [0, 0, 0, 0, Decimal(0), 0.0, 0, 0.0, 0, at, at])
+        for i, v in enumerate(sums):
+            c[i] += v
+        c[9], c[10] = min(c[9], at), max(c[10], at)
+        day = days.setdefault((e["subject"], at.date()), [0, 0, 0, 0, Decimal(0), 0.0, 0, 0.0, 0])
+        for i, v in enumerate(sums):
+            day[i] += v
+    dedupe = [[org] * len(events), [e["source"] for e in events], [e["id"] for e in events]]
+    cust_rows = [[org, k, *v] for k, v in sorted(customers.items())]
+    day_rows = [[org, k[0], k[1], *v] for k, v in sorted(days.items())]
+    return (
+        dedupe,
+        [list(col) for col in zip(*cust_rows, strict=True)],
+        [list(col) for col in zip(*day_rows, strict=True)],
+    )
+
+
+async def ceiling(dsn: str, org: object, events: list[dict], batch_size: int) -> Rate:
+    """(e) the database's ceiling for these events: batched dedupe, then per-customer and
+    per-customer-day sums upserted into narrow tables that have only their primary keys."""
+    batches = [_ceiling_batch(org, events[i : i + batch_size]) for i in range(0, len(events), batch_size)]
+    conn = await asyncpg.connect(dsn, server_settings={"timezone": "UTC"})
+    try:
+        await conn.execute(CEILING_SCHEMA)
+        started = time.perf_counter()
+        for dedupe, customers, days in batches:
+            async with conn.transaction():
+                await conn.fetch(CEILING_DEDUPE, *dedupe)
+                await conn.execute(CEILING_CUSTOMERS, *customers)
+                await conn.execute(CEILING_DAYS, *days)
+        elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return Rate(len(events) / elapsed)
+
+
+async def folded(pool: asyncpg.Pool, org: str) -> int:
+    """Requests the database holds for ``org``: the events fully applied (aggregates included)."""
+    return int(
+        await pool.fetchval(
+            "SELECT coalesce(sum(u.number_of_requests), 0) FROM customers u"
+            " JOIN organizations o ON o.id = u.organization_id WHERE o.name = $1",
+            org,
+        )
+    )
+
+
+async def exact(pool: asyncpg.Pool, org: str, events: list[dict]) -> bool:
+    """Every customer's requests, tokens and cost equal the sums of the events sent."""
+    want: dict[str, list[object]] = {}
+    for e in events:
+        w = want.setdefault(e["subject"], [0, 0, Decimal(0)])
+        w[0] += e["data"]["requests"]
+        w[1] += e["data"]["prompt_tokens"] + e["data"]["completion_tokens"]
+        w[2] += Decimal(e["data"]["cost"])
+    rows = await pool.fetch(
+        "SELECT customer_identifier, number_of_requests, total_tokens, total_cost FROM customers u"
+        " JOIN organizations o ON o.id = u.organization_id WHERE o.name = $1",
+        org,
+    )
+    got = {r["customer_identifier"]: [r["number_of_requests"], r["total_tokens"], r["total_cost"]] for r in rows}
+    return got == want
+
+
 async def applied(session: aiohttp.ClientSession, port: int) -> float:
     async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
         text = await r.text()
@@ -212,46 +338,60 @@ async def applied(session: aiohttp.ClientSession, port: int) -> float:
     return total
 
 
-async def tally_consumer(names: Names, dsn: str, n_events: int, workdir: Path) -> tuple[Rate, object]:
-    """(d) tally's consumer process on the preloaded queue: events/s, CPU and peak RSS."""
-    port = free_port()
-    process = start_tally(
-        "consume",
-        {
-            "TALLY_DATABASE_URL": dsn,
-            "TALLY_AMQP_NAMESPACE": names.namespace,
-            "TALLY_CONSUMER_HTTP_PORT": str(port),
-            "TALLY_HTTP_HOST": "127.0.0.1",
-        },
-        workdir / "consumer.log",
-        port,
-    )
+async def tally_consumers(
+    names: Names, dsn: str, org: str, n_events: int, workdir: Path, processes: int = 1
+) -> tuple[Rate, list[object]]:
+    """(d) tally's consumer process(es) on the preloaded queue, timed from the first applied
+    event until the database holds every event's sums: events/s, CPU and peak RSS."""
+    started_processes = []
+    for i in range(processes):
+        port = free_port()
+        started_processes.append(
+            start_tally(
+                "consume",
+                {
+                    "TALLY_DATABASE_URL": dsn,
+                    "TALLY_AMQP_NAMESPACE": names.namespace,
+                    "TALLY_CONSUMER_HTTP_PORT": str(port),
+                    "TALLY_HTTP_HOST": "127.0.0.1",
+                },
+                workdir / f"consumer-{names.namespace}-{i}.log",
+                port,
+            )
+        )
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(f"http://127.0.0.1:{port}/healthz", process)
-            started = cpu_start = None
-            while True:
-                count = await applied(session, port)
-                now = time.perf_counter()
-                if started is None and count > 0:
-                    started, cpu_start = now, process.cpu_seconds()
-                if count >= n_events:
-                    break
-                await asyncio.sleep(0.02)
-            elapsed = now - started
-            cpu = process.cpu_seconds() - cpu_start
+        for process in started_processes:
+            await wait_ready(f"http://127.0.0.1:{process.port}/healthz", process)
+        started = None
+        cpu_start = 0.0
+        while True:
+            count = await folded(pool, org)
+            now = time.perf_counter()
+            if started is None and count > 0:
+                started, cpu_start = now, sum(p.cpu_seconds() for p in started_processes)
+            if count >= n_events:
+                break
+            await asyncio.sleep(0.02)
+        assert started is not None
+        elapsed = now - started
+        cpu = sum(p.cpu_seconds() for p in started_processes) - cpu_start
         rate = Rate(
             n_events / elapsed,
             extra={
+                "processes": processes,
                 "cpu_seconds": round(cpu, 2),
                 "cores_used": round(cpu / elapsed, 2),
-                "peak_rss_mb": round(process.peak_rss_mb(), 1),
+                "peak_rss_mb": round(max(p.peak_rss_mb() for p in started_processes), 1),
             },
         )
-        return rate, process
+        return rate, started_processes
     except BaseException:
-        process.stop()
+        for process in started_processes:
+            process.stop()
         raise
+    finally:
+        await pool.close()
 
 
 async def freshness(names: Names, dsn: str, api_port: int, key: str, org: str, rate: int, seconds: float) -> Rate:
@@ -309,53 +449,145 @@ async def freshness(names: Names, dsn: str, api_port: int, key: str, org: str, r
     )
 
 
+async def fresh_database(args: argparse.Namespace, run: str) -> str:
+    dsn = with_database(args.dsn, f"tally_bench_ingest_{run}")
+    await migrate(dsn, Path(__file__).resolve().parent.parent / "migrations")
+    return dsn
+
+
+async def drop_database(args: argparse.Namespace, dsn: str) -> None:
+    if not args.keep:
+        admin = await asyncpg.connect(with_database(args.dsn, "postgres"))
+        await admin.execute(f'DROP DATABASE IF EXISTS "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
+        await admin.close()
+
+
+async def scale_out(args: argparse.Namespace, run: str, workdir: Path) -> dict[str, object]:
+    """tally with 1, 2, 4… consumer processes on one queue: events/s, and whether every
+    customer's sums are exact afterwards (nothing lost or doubled, no deadlock)."""
+    dsn = await fresh_database(args, run)
+    rows, results = [], {}
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        for n in args.scale:
+            org, names = f"bench-scale-{n}", Names(f"tally_bench_{run}_scale{n}")
+            async with pool.acquire() as conn:
+                await auth.create_organization(conn, org)
+            events = generate(org, args.events, args.customers, seed=10 + n, profile=args.profile)
+            await preload(names, bodies(events, args.batch), f"{n} consumer(s)")
+            rate, processes = await tally_consumers(names, dsn, org, args.events, workdir, processes=n)
+            correct = await exact(pool, org, events)
+            deadlocks = sum(p.log.read_text(errors="replace").lower().count("deadlock") for p in processes)
+            for process in processes:
+                process.stop()
+            await delete_namespace(names)
+            results[str(n)] = {**rate.as_dict(), "exact": correct, "deadlock_mentions": deadlocks}
+            rows.append([n, rate.per_second, rate.extra["cores_used"], "yes" if correct else "NO", deadlocks])
+            print(f"{n} consumer(s): {rate.per_second:,.0f} events/s, exact: {correct}", file=sys.stderr)
+    finally:
+        await pool.close()
+        await drop_database(args, dsn)
+    print_table(
+        f"Scale-out: {args.events:,} events, {args.batch} per message, {args.customers:,} customers ({args.profile})",
+        ["consumer processes", "events/s", "cores busy", "exact aggregates", "deadlocks logged"],
+        rows,
+    )
+    return {"scale_out": results}
+
+
+async def backlog(args: argparse.Namespace, run: str, workdir: Path) -> dict[str, object]:
+    """One consumer on a backlog of ``args.backlog`` single-event messages: peak RSS and rate."""
+    dsn = await fresh_database(args, run)
+    names, org = Names(f"tally_bench_{run}_backlog"), "bench-backlog"
+    conn = await asyncpg.connect(dsn)
+    await auth.create_organization(conn, org)
+    await conn.close()
+    try:
+        events = generate(org, args.backlog, args.customers, seed=7, profile=args.profile)
+        await preload(names, bodies(events, 1), "backlog")
+        del events
+        rate, processes = await tally_consumers(names, dsn, org, args.backlog, workdir)
+        for process in processes:
+            process.stop()
+    finally:
+        await delete_namespace(names)
+        await drop_database(args, dsn)
+    print(
+        f"backlog of {args.backlog:,} messages: {rate.per_second:,.0f} events/s, peak RSS "
+        f"{rate.extra['peak_rss_mb']} MB"
+    )
+    return {"backlog": {"messages": args.backlog, **rate.as_dict()}}
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=1, help="events per broker message (1 = single-event)")
     parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument("--profile", choices=["zipf", "spread"], default="zipf", help="activity over the customers")
     parser.add_argument("--naive-events", type=int, default=20_000, help="events for the naive consumer")
-    parser.add_argument("--fold-batch", type=int, default=1000, help="events per transaction for (c)")
+    parser.add_argument("--fold-batch", type=int, default=1000, help="events per transaction for (c) and (e)")
     parser.add_argument("--rate", type=int, default=2000, help="events/s for the freshness run")
     parser.add_argument("--freshness-seconds", type=float, default=15)
+    parser.add_argument("--scale", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 1,2,4: only scale out")
+    parser.add_argument("--backlog", type=int, help="only the backlog run: this many single-event messages")
     parser.add_argument("--dsn", default=os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     run = secrets.token_hex(3)
-    database = f"tally_bench_ingest_{run}"
-    dsn = with_database(args.dsn, database)
-    await migrate(dsn, Path(__file__).resolve().parent.parent / "migrations")
+    workdir = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+    base = {
+        "benchmark": "ingest",
+        "events": args.events,
+        "events_per_message": args.batch,
+        "customers": args.customers,
+        "profile": args.profile,
+        "machine": machine(),
+    }
+    if args.scale:
+        write_json(args.json, {**base, "results": await scale_out(args, run, workdir)})
+        return 0
+    if args.backlog:
+        write_json(args.json, {**base, "results": await backlog(args, run, workdir)})
+        return 0
+
+    dsn = await fresh_database(args, run)
     conn = await asyncpg.connect(dsn)
-    for org in ("bench-naive", "bench-fold", "bench-tally", "bench-fresh"):
+    for org in ("bench-naive", "bench-fold", "bench-tally", "bench-fresh", "bench-ceiling"):
         await auth.create_organization(conn, org)
+    ceiling_org = await conn.fetchval("SELECT id FROM organizations WHERE name = 'bench-ceiling'")
     key = (await auth.create_key(conn, "bench-fresh", ("read",))).key
     await conn.close()
     names = {stage: Names(f"tally_bench_{run}_{stage}") for stage in ("bare", "naive", "tally", "fresh")}
-    workdir = Path(tempfile.mkdtemp(prefix="tally-bench-"))
     processes = []
-    results: dict[str, object] = {}
     try:
-        events = generate("bench-tally", args.events, args.customers, seed=1)
+        events = generate("bench-tally", args.events, args.customers, seed=1, profile=args.profile)
         messages = bodies(events, args.batch)
         await preload(names["bare"], messages, "bare")
         bare = await bare_consumer(names["bare"], args.events, prefetch=2000)
         print(f"(a) bare consumer: {bare.per_second:,.0f} events/s", file=sys.stderr)
 
-        naive_events = generate("bench-naive", args.naive_events, args.customers, seed=2)
+        naive_events = generate("bench-naive", args.naive_events, args.customers, seed=2, profile=args.profile)
         await preload(names["naive"], bodies(naive_events, args.batch), "naive")
         naive = await naive_consumer(names["naive"], dsn, args.naive_events)
         print(f"(b) naive consumer: {naive.per_second:,.0f} events/s", file=sys.stderr)
 
-        direct = await fold_direct(dsn, generate("bench-fold", args.events, args.customers, seed=3), args.fold_batch)
+        fold_events = generate("bench-fold", args.events, args.customers, seed=3, profile=args.profile)
+        direct = await fold_direct(dsn, fold_events, args.fold_batch)
         print(f"(c) fold alone: {direct.per_second:,.0f} events/s", file=sys.stderr)
 
+        ceiling_events = generate("bench-ceiling", args.events, args.customers, seed=3, profile=args.profile)
+        top = await ceiling(dsn, ceiling_org, ceiling_events, args.fold_batch)
+        print(f"(e) database ceiling: {top.per_second:,.0f} events/s", file=sys.stderr)
+
         await preload(names["tally"], messages, "tally")
-        consumer_rate, consumer = await tally_consumer(names["tally"], dsn, args.events, workdir)
-        processes.append(consumer)
+        consumer_rate, consumers = await tally_consumers(names["tally"], dsn, "bench-tally", args.events, workdir)
+        processes.extend(consumers)
         print(f"(d) tally consumer: {consumer_rate.per_second:,.0f} events/s", file=sys.stderr)
-        consumer.stop()
+        for consumer in consumers:
+            consumer.stop()
 
         # Freshness: a consumer and the API running, events published at a steady rate.
         port = free_port()
@@ -387,10 +619,7 @@ async def main() -> int:
             process.stop()
         for n in names.values():
             await delete_namespace(n)
-        if not args.keep:
-            admin = await asyncpg.connect(with_database(args.dsn, "postgres"))
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            await admin.close()
+        await drop_database(args, dsn)
 
     d = consumer_rate.per_second
     results = {
@@ -398,31 +627,25 @@ async def main() -> int:
         "b_naive_consumer": naive.as_dict(),
         "c_fold_alone": direct.as_dict(),
         "d_tally_consumer": consumer_rate.as_dict(),
+        "e_database_ceiling": top.as_dict(),
         "ratios": {
             "d_over_a": round(d / bare.per_second, 3),
             "d_over_b": round(d / naive.per_second, 2),
             "d_over_c": round(d / direct.per_second, 3),
+            "d_over_e": round(d / top.per_second, 3),
         },
         "freshness": {**fresh.as_dict(), "target_rate": args.rate},
         "api_peak_rss_mb_during_freshness": round(api_rss, 1),
     }
-    document = {
-        "benchmark": "ingest",
-        "events": args.events,
-        "events_per_message": args.batch,
-        "customers": args.customers,
-        "naive_events": args.naive_events,
-        "machine": machine(),
-        "results": results,
-    }
     print_table(
-        f"Ingest: {args.events:,} events, {args.batch} per message, {args.customers:,} customers",
-        ["consumer", "events/s", "vs tally"],
+        f"Ingest: {args.events:,} events, {args.batch} per message, {args.customers:,} customers ({args.profile})",
+        ["consumer", "events/s", "tally / this"],
         [
-            ["(a) bare: decode + ack", bare.per_second, round(d / bare.per_second, 2)],
+            ["(a) bare: decode + ack", bare.per_second, round(d / bare.per_second, 3)],
             ["(b) naive: 1 transaction/event", naive.per_second, round(d / naive.per_second, 2)],
-            ["(c) fold alone (database share)", direct.per_second, round(d / direct.per_second, 2)],
+            ["(c) fold alone (database share)", direct.per_second, round(d / direct.per_second, 3)],
             ["(d) tally consumer", d, 1.0],
+            ["(e) database ceiling", top.per_second, round(d / top.per_second, 3)],
         ],
     )
     extra = consumer_rate.extra
@@ -431,7 +654,7 @@ async def main() -> int:
         f"freshness at {fresh.per_second:,.0f} events/s: publish→visible p50 {fresh.p50_ms:.0f} ms,"
         f" p99 {fresh.p99_ms:.0f} ms over {fresh.extra['probes']} probes ({fresh.errors} never visible)"
     )
-    write_json(args.json, document)
+    write_json(args.json, {**base, "naive_events": args.naive_events, "results": results})
     return 0
 
 
