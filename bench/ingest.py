@@ -304,7 +304,7 @@ async def folded(pool: asyncpg.Pool, org: str) -> int:
     """Requests the database holds for ``org``: the events fully applied (aggregates included)."""
     return int(
         await pool.fetchval(
-            "SELECT coalesce(sum(u.number_of_requests), 0) FROM customers u"
+            "SELECT coalesce(sum(u.number_of_requests), 0) FROM customer_usage u"
             " JOIN organizations o ON o.id = u.organization_id WHERE o.name = $1",
             org,
         )
@@ -320,7 +320,7 @@ async def exact(pool: asyncpg.Pool, org: str, events: list[dict]) -> bool:
         w[1] += e["data"]["prompt_tokens"] + e["data"]["completion_tokens"]
         w[2] += Decimal(e["data"]["cost"])
     rows = await pool.fetch(
-        "SELECT customer_identifier, number_of_requests, total_tokens, total_cost FROM customers u"
+        "SELECT customer_identifier, number_of_requests, total_tokens, total_cost FROM customer_rows u"
         " JOIN organizations o ON o.id = u.organization_id WHERE o.name = $1",
         org,
     )

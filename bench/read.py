@@ -53,8 +53,6 @@ SHARES = (("bench-big", 0.60), ("bench-mid", 0.25), ("bench-small", 0.10), ("ben
 
 LOAD = """
 INSERT INTO customers (organization_id, environment, customer_identifier, name, email, status, metadata,
-                       first_seen, last_active, active_days, number_of_requests, prompt_tokens, completion_tokens,
-                       total_tokens, total_cost, latency_sum, latency_count, ttft_sum, ttft_count,
                        total_budget, period_budget, budget_duration, created_at, updated_at)
 SELECT $1, 'prod', 'user_' || g,
        -- Realistically diverse names (~600 first x ~14k last names) built from syllables:
@@ -65,19 +63,32 @@ SELECT $1, 'prod', 'user_' || g,
        (ARRAY['active','active','active','active','active','active','draft','blacklisted','deactivated',
               'archived'])[1 + g % 10],
        jsonb_build_object('plan_tier', (ARRAY['free','growth','enterprise'])[1 + g % 3]),
-       fs, fs + random() * interval '30 days', ad, req, req * 300, req * 120, req * 420,
-       round((req * (0.0005 + random() * 0.02))::numeric, 6), req * (0.3 + random() * 2), req, req * 0.4, req,
        CASE WHEN g % 7 = 0 THEN 1000 END, CASE WHEN g % 5 = 0 THEN 100 END,
        CASE WHEN g % 5 = 0 THEN 'monthly' END, fs, fs
 FROM (
     SELECT g, ARRAY['ka','lo','mi','ne','ra','si','to','va','be','da','fi','gu','ha','jo','ke','lu','ma','no',
                     'pe','ri','sa','te','vi','zo','an'] AS syl,
-           now() - random() * interval '400 days' AS fs,
-           1 + floor(random() * 60)::int AS ad,
-           -- Heavy-tailed usage: most customers make a few requests, a few make very many.
-           least(1 + floor(power(random(), -1.2))::bigint, 10000000) AS req
+           now() - random() * interval '400 days' AS fs
     FROM generate_series($2::bigint, $3::bigint) g
 ) s
+"""
+
+# The usage of the customers LOAD just made (their rows in customer_usage come from its trigger).
+LOAD_USAGE = """
+UPDATE customer_usage u SET
+    first_seen = s.fs, last_active = s.fs + random() * interval '30 days', active_days = s.ad,
+    number_of_requests = s.req, prompt_tokens = s.req * 300, completion_tokens = s.req * 120,
+    total_tokens = s.req * 420, total_cost = round((s.req * (0.0005 + random() * 0.02))::numeric, 6),
+    latency_sum = s.req * (0.3 + random() * 2), latency_count = s.req, ttft_sum = s.req * 0.4, ttft_count = s.req
+FROM (
+    SELECT c.organization_id, c.id, c.created_at AS fs, 1 + floor(random() * 60)::int AS ad,
+           -- Heavy-tailed usage: most customers make a few requests, a few make very many.
+           least(1 + floor(power(random(), -1.2))::bigint, 10000000) AS req
+    FROM customers c
+    WHERE c.organization_id = $1 AND c.customer_identifier = ANY(
+        SELECT 'user_' || g FROM generate_series($2::bigint, $3::bigint) g)
+) s
+WHERE u.organization_id = s.organization_id AND u.id = s.id
 """
 
 
@@ -110,7 +121,9 @@ async def load(dsn: str, customers: int, reload: bool, database: str = DATABASE)
             step = 100_000
             for low in range(start, start + count, step):
                 high = min(low + step, start + count) - 1
-                await conn.execute(LOAD, orgs[name], low, high)
+                async with conn.transaction():
+                    await conn.execute(LOAD, orgs[name], low, high)
+                    await conn.execute(LOAD_USAGE, orgs[name], low, high)
                 done = high - 1
                 print(
                     f"\rloading customers {done:,}/{customers:,} ({done / (time.perf_counter() - started):,.0f}/s)",
@@ -220,7 +233,7 @@ async def main() -> int:
         secret = await conn.fetchval("SELECT value FROM instance_secrets WHERE name = 'cursor_hmac'")
         sort = Sort("total_cost", descending=True)
         deep_row = await conn.fetchrow(
-            "SELECT total_cost::text AS k, id::text AS kid FROM customers WHERE organization_id = $1"
+            "SELECT total_cost::text AS k, id::text AS kid FROM customer_rows WHERE organization_id = $1"
             " AND environment = 'prod' ORDER BY total_cost DESC, id DESC OFFSET $2 LIMIT 1",
             big,
             deep - 1,
@@ -232,7 +245,8 @@ async def main() -> int:
             )
         ).lower()
         retrieve_id = await conn.fetchval(
-            "SELECT customer_identifier FROM customers WHERE organization_id = $1 ORDER BY total_cost DESC LIMIT 1", big
+            "SELECT customer_identifier FROM customer_rows WHERE organization_id = $1 ORDER BY total_cost DESC LIMIT 1",
+            big,
         )
     first = ListQuery(big, "prod", sort=sort, limit=50)
     position = Position(deep_row["k"], deep_row["kid"])

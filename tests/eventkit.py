@@ -102,7 +102,7 @@ SELECT_TOTALS = """
 SELECT o.name AS organization, c.environment, c.customer_identifier, c.number_of_requests, c.prompt_tokens,
        c.completion_tokens, c.total_tokens, c.total_cost, c.latency_sum, c.latency_count, c.first_seen,
        c.last_active, c.active_days
-FROM customers c JOIN organizations o ON o.id = c.organization_id
+FROM customer_rows c JOIN organizations o ON o.id = c.organization_id
 WHERE o.name = ANY($1::text[])
 """
 

@@ -4,7 +4,9 @@ tests need no cleanup. No fixtures here: those live in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -73,6 +75,21 @@ INSERT_CUSTOMER_COLUMNS = (
     "period_budget",
     "budget_duration",
 )
+# The usage aggregates live in customer_usage (migration 0007), made by the insert trigger.
+USAGE_COLUMNS = (
+    "first_seen",
+    "last_active",
+    "active_days",
+    "number_of_requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "total_cost",
+    "latency_sum",
+    "latency_count",
+    "ttft_sum",
+    "ttft_count",
+)
 
 
 async def insert_customer(pool: asyncpg.Pool, org: Org, identifier: str | None = None, **fields: object) -> dict:
@@ -85,14 +102,39 @@ async def insert_customer(pool: asyncpg.Pool, org: Org, identifier: str | None =
         "metadata": {},
         **fields,
     }
-    columns = [c for c in INSERT_CUSTOMER_COLUMNS if c in row]
     unknown = set(row) - set(INSERT_CUSTOMER_COLUMNS)
     assert not unknown, unknown
+    profile = [c for c in INSERT_CUSTOMER_COLUMNS if c in row and c not in USAGE_COLUMNS]
+    usage = [c for c in USAGE_COLUMNS if c in row]
     sql = (
-        f"INSERT INTO customers ({', '.join(columns)}) VALUES ({', '.join(f'${i + 1}' for i in range(len(columns)))})"
-        " RETURNING *"
+        f"INSERT INTO customers ({', '.join(profile)}) VALUES ({', '.join(f'${i + 1}' for i in range(len(profile)))})"
+        " RETURNING organization_id, id"
     )
-    return dict(await pool.fetchrow(sql, *(row[c] for c in columns)))
+    async with _transaction(pool) as conn:
+        key = await conn.fetchrow(sql, *(row[c] for c in profile))
+        if usage:
+            sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(usage, start=3))
+            await conn.execute(
+                f"UPDATE customer_usage SET {sets} WHERE organization_id = $1 AND id = $2",
+                key["organization_id"],
+                key["id"],
+                *(row[c] for c in usage),
+            )
+        return dict(
+            await conn.fetchrow(
+                "SELECT * FROM customer_rows WHERE organization_id = $1 AND id = $2", key["organization_id"], key["id"]
+            )
+        )
+
+
+@contextlib.asynccontextmanager
+async def _transaction(pool: asyncpg.Pool | asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    if isinstance(pool, asyncpg.Pool):
+        async with pool.acquire() as conn, conn.transaction():
+            yield conn
+    else:
+        async with pool.transaction():
+            yield pool
 
 
 # Columns insert_customer does not take; the tests set them directly.
@@ -122,12 +164,15 @@ async def set_columns(pool: asyncpg.Pool | asyncpg.Connection, row: dict, **colu
     """Set columns :func:`insert_customer` does not take on the customer ``row``; returns the row."""
     assert set(columns) <= EXTRA_CUSTOMER_COLUMNS, set(columns) - EXTRA_CUSTOMER_COLUMNS
     sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(columns, start=3))
+    await pool.execute(
+        f"UPDATE customers SET {sets} WHERE organization_id = $1 AND id = $2",
+        row["organization_id"],
+        row["id"],
+        *columns.values(),
+    )
     return dict(
         await pool.fetchrow(
-            f"UPDATE customers SET {sets} WHERE organization_id = $1 AND id = $2 RETURNING *",
-            row["organization_id"],
-            row["id"],
-            *columns.values(),
+            "SELECT * FROM customer_rows WHERE organization_id = $1 AND id = $2", row["organization_id"], row["id"]
         )
     )
 

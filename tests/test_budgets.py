@@ -379,7 +379,9 @@ async def all_published(pool: asyncpg.Pool, org: Org, count: int) -> bool:
 
 
 async def total_costs(pool: asyncpg.Pool, org: Org) -> dict[str, Decimal]:
-    rows = await pool.fetch("SELECT customer_identifier, total_cost FROM customers WHERE organization_id = $1", org.id)
+    rows = await pool.fetch(
+        "SELECT customer_identifier, total_cost FROM customer_rows WHERE organization_id = $1", org.id
+    )
     return {r["customer_identifier"]: r["total_cost"] for r in rows}
 
 

@@ -393,7 +393,7 @@ async def test_respan_patch_updates_the_budget_fields(client: TestClient, pool: 
     assert parse_z(body["period_start"]).weekday() == 0 and parse_z(body["period_start"]) <= start + timedelta(days=7)
     assert await get_json(client, RESPAN_USER.format(ident), org.headers()) == body
     stored = await pool.fetchrow(
-        "SELECT name, email, total_budget, period_budget, budget_duration, total_cost FROM customers"
+        "SELECT name, email, total_budget, period_budget, budget_duration, total_cost FROM customer_rows"
         " WHERE organization_id = $1 AND customer_identifier = $2",
         org.id,
         ident,

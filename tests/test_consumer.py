@@ -66,7 +66,8 @@ async def test_batch_messages_and_days_across_utc_midnight(settings, pool, broke
         await broker.publish(events)
         await settle(pool, broker, [org.name], events)
     days = await pool.fetchval(
-        "SELECT active_days FROM customers WHERE organization_id = $1 AND customer_identifier = 'night_owl'", org.id
+        "SELECT active_days FROM customer_rows WHERE organization_id = $1 AND customer_identifier = 'night_owl'",
+        org.id,
     )
     assert days == 3
     rows = await pool.fetch(

@@ -203,7 +203,7 @@ COLUMNS = ("name", "email", "phone", "status", "metadata", "total_budget", "addr
 async def observed(conn: asyncpg.Connection, org: Any) -> dict[tuple[str, str], dict[str, Any]]:
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in await conn.fetch(
-        "SELECT *, total_budget::text AS budget_text FROM customers WHERE organization_id = $1", org
+        "SELECT *, total_budget::text AS budget_text FROM customer_rows WHERE organization_id = $1", org
     ):
         row = {**dict(r), "metadata": orjson.loads(r["metadata"]), "days": {}, "subscriptions": {}}
         out[(r["environment"], r["customer_identifier"])] = row

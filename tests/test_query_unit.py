@@ -173,10 +173,13 @@ def test_values_never_reach_the_sql_text() -> None:
 def test_page_sql_fetches_one_extra_row_and_orders_by_key_then_id() -> None:
     q = ListQuery(ORG, "prod", sort=Sort("total_cost", False), limit=10, offset=20)
     sql, args = page_sql(q, SHAPE)
-    assert "ORDER BY c.total_cost ASC, c.id ASC" in sql
+    # A usage field's ties break on the usage row's id: the same value as c.id, inside its index.
+    assert "ORDER BY c.total_cost ASC, c.usage_id ASC" in sql
     assert args[-2:] == [11, 20]
     q = replace(q, sort=Sort("total_cost", True))
-    assert "ORDER BY c.total_cost DESC, c.id DESC" in page_sql(q, SHAPE)[0]
+    assert "ORDER BY c.total_cost DESC, c.usage_id DESC" in page_sql(q, SHAPE)[0]
+    q = replace(q, sort=Sort("name", True))
+    assert "ORDER BY coalesce(c.name, '') DESC, c.id DESC" in page_sql(q, SHAPE)[0]
 
 
 @pytest.mark.parametrize("descending", [False, True])
@@ -187,11 +190,11 @@ def test_keyset_direction(descending: bool, backwards: bool) -> None:
     )
     sql, args = page_sql(q, SHAPE)
     scan_descending = descending != backwards
-    match = re.search(r"c\.id\) ([<>]) \((\$\d+)::text::timestamptz, (\$\d+)::uuid\)", sql)
+    match = re.search(r"c\.usage_id\) ([<>]) \((\$\d+)::text::timestamptz, (\$\d+)::uuid\)", sql)
     assert match is not None, sql
     assert match.group(1) == ("<" if scan_descending else ">")
     assert args[int(match.group(2)[1:]) - 1] == "x"
-    assert f"c.id {'DESC' if scan_descending else 'ASC'}" in sql
+    assert f"c.usage_id {'DESC' if scan_descending else 'ASC'}" in sql
 
 
 def test_shape_refuses_unknown_fields_and_odd_keys() -> None:

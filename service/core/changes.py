@@ -112,7 +112,8 @@ class Delta:
     fields: dict[str, tuple[str, object]] = field(default_factory=dict)  # column -> (version, value)
     hints: dict[str, tuple[str, object]] = field(default_factory=dict)  # the best hint per column
     subscriptions: dict[str, tuple[str, datetime, SubscriptionData]] = field(default_factory=dict)
-    last_event_at: datetime | None = None
+    # The newest profile or subscription change (usage has last_active): with it, liveness.
+    profile_event_at: datetime | None = None
 
     def _write(self, column: str, stamp: str, value: object) -> None:
         if column not in self.fields or self.fields[column][0] < stamp:
@@ -120,7 +121,8 @@ class Delta:
 
     def add(self, change: Change) -> None:
         t = change.time
-        self.last_event_at = t if self.last_event_at is None else max(self.last_event_at, t)
+        if change.usage is None:
+            self.profile_event_at = t if self.profile_event_at is None else max(self.profile_event_at, t)
         if change.usage is not None:
             self.usage.add(change.usage)
             self.days[t.astimezone(UTC).date()].add(change.usage)

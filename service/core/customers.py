@@ -69,7 +69,7 @@ def storable(identifier: str) -> bool:
 
 def _get_sql(shape: Shape) -> str:
     return (
-        f"SELECT {shape_sql(shape)}::text FROM customers c{join_sql(shape)}"
+        f"SELECT {shape_sql(shape)}::text FROM customer_rows c{join_sql(shape)}"
         " WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3"
     )
 

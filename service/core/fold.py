@@ -111,12 +111,21 @@ ON CONFLICT DO NOTHING
 RETURNING organization_id, source, event_id
 """
 
-# last_event_at NULL marks the row provisional (the column's default is the insert time, so a
-# row written by anything else is never taken for one).
+# last_event_at NULL (with an empty usage row, made by the insert trigger) marks the row
+# provisional (the column's default is the insert time, so a row written by anything else is
+# never taken for one).
+# Only the keys no committed row holds are inserted (an existing one is skipped by a plain
+# index probe, cheaper than an insert's conflict check: measured 2.7 s of a 21 s fold run).
+# A row another transaction is inserting is invisible here and conflicts below: the insert
+# waits for that transaction, exactly as if every key were inserted.
 INSERT_CUSTOMERS = """
 INSERT INTO customers (organization_id, environment, customer_identifier, last_event_at)
-SELECT k.*, NULL FROM unnest($1::uuid[], $2::text[], $3::text[]) AS k
+SELECT k.*, NULL FROM unnest($1::uuid[], $2::text[], $3::text[]) AS k(organization_id, environment, customer_identifier)
+WHERE NOT EXISTS (
+    SELECT 1 FROM customers c WHERE c.organization_id = k.organization_id AND c.environment = k.environment
+    AND c.customer_identifier = k.customer_identifier)
 ON CONFLICT (organization_id, environment, customer_identifier) DO NOTHING
+RETURNING organization_id, environment, customer_identifier
 """
 
 # ORDER BY then FOR UPDATE: rows are locked in key order (the lock node sits above the sort).
@@ -163,12 +172,9 @@ ON CONFLICT (organization_id, customer_id, day) DO UPDATE SET
 RETURNING customer_id, (xmax = 0) AS inserted
 """
 
-_FIELD_SETS = ",\n    ".join(
-    f"{col} = CASE WHEN {_newer(col)} THEN {_patch_value(col)} ELSE c.{col} END" for col in PROFILE_COLUMNS
-)
-_MERGED = "tally_merge_versions(c.profile_versions, u.versions)"
-UPDATE_CUSTOMERS = f"""
-UPDATE customers c SET
+# Usage goes to customer_usage (migration 0007): its own narrow row and sort indexes.
+UPDATE_USAGE = """
+UPDATE customer_usage c SET
     number_of_requests = c.number_of_requests + u.requests,
     prompt_tokens = c.prompt_tokens + u.prompt_tokens,
     completion_tokens = c.completion_tokens + u.completion_tokens,
@@ -180,7 +186,22 @@ UPDATE customers c SET
     ttft_count = c.ttft_count + u.ttft_count,
     first_seen = least(c.first_seen, u.first_seen),
     last_active = greatest(c.last_active, u.last_active),
-    active_days = c.active_days + u.new_days,
+    active_days = c.active_days + u.new_days
+FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[], $8::float8[],
+            $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[], $14::int4[])
+     AS u(organization_id, id, requests, prompt_tokens, completion_tokens, total_tokens, cost, latency_sum,
+          latency_count, ttft_sum, ttft_count, first_seen, last_active, new_days)
+WHERE c.organization_id = u.organization_id AND c.id = u.id
+"""
+
+# Profile fields, hints and the time of the newest profile or subscription change: only for
+# the customers whose batch holds one (a usage-only batch does not touch customers at all).
+_FIELD_SETS = ",\n    ".join(
+    f"{col} = CASE WHEN {_newer(col)} THEN {_patch_value(col)} ELSE c.{col} END" for col in PROFILE_COLUMNS
+)
+_MERGED = "tally_merge_versions(c.profile_versions, u.versions)"
+UPDATE_PROFILES = f"""
+UPDATE customers c SET
     {_FIELD_SETS},
     profile_versions = CASE WHEN u.versions IS NULL THEN c.profile_versions ELSE {_MERGED} END,
     profile_hints = CASE WHEN u.hints IS NULL THEN c.profile_hints ELSE tally_merge_hints(c.profile_hints, u.hints) END,
@@ -189,12 +210,8 @@ UPDATE customers c SET
 FROM (
     -- Patches travel as JSON text: the fold must not depend on a connection's jsonb codec.
     SELECT k.*, k.patch_json::jsonb AS patch, k.versions_json::jsonb AS versions, k.hints_json::jsonb AS hints
-    FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[],
-                $8::float8[], $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[],
-                $14::int4[], $15::text[], $16::text[], $17::text[], $18::timestamptz[])
-         AS k(organization_id, id, requests, prompt_tokens, completion_tokens, total_tokens, cost, latency_sum,
-              latency_count, ttft_sum, ttft_count, first_seen, last_active, new_days, patch_json, versions_json,
-              hints_json, last_event_at)
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+         AS k(organization_id, id, patch_json, versions_json, hints_json, last_event_at)
 ) u
 WHERE c.organization_id = u.organization_id AND c.id = u.id
 """
@@ -220,13 +237,14 @@ ON CONFLICT (organization_id, customer_id, id) DO UPDATE SET
 WHERE coalesce(s.source_version, '') COLLATE "C" < excluded.source_version COLLATE "C"
 """
 
-# A customer lives while something newer than its tombstone was applied to it; a provisional
-# row (step 3) that received nothing has no last_event_at and goes too.
+# A customer lives while something newer than its tombstone was applied to it: a profile or
+# subscription change (last_event_at) or usage (last_active). A provisional row (step 3) that
+# received nothing has neither and goes too.
 REMOVE_DEAD = """
 DELETE FROM customers c
-USING unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS k(organization_id, id, deleted_at)
-WHERE c.organization_id = k.organization_id AND c.id = k.id
-  AND (c.last_event_at IS NULL OR c.last_event_at <= k.deleted_at)
+USING unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS k(organization_id, id, deleted_at), customer_usage u
+WHERE c.organization_id = k.organization_id AND c.id = k.id AND u.organization_id = k.organization_id AND u.id = k.id
+  AND (greatest(c.last_event_at, u.last_active) IS NULL OR greatest(c.last_event_at, u.last_active) <= k.deleted_at)
 RETURNING c.organization_id, c.id
 """
 
@@ -262,8 +280,8 @@ _RESETS = ",\n    ".join(
     f" ELSE c.{col} END"
     for col in PROFILE_COLUMNS
 )
-RECOMPUTE_CUSTOMERS = f"""
-UPDATE customers c SET
+RECOMPUTE_USAGE = f"""
+UPDATE customer_usage c SET
     number_of_requests = coalesce(s.requests, 0),
     prompt_tokens = coalesce(s.prompt_tokens, 0),
     completion_tokens = coalesce(s.completion_tokens, 0),
@@ -275,21 +293,9 @@ UPDATE customers c SET
     ttft_count = coalesce(s.ttft_count, 0),
     first_seen = s.first_seen,
     last_active = s.last_active,
-    active_days = s.days,
-    {_RESETS},
-    profile_versions = h.versions || coalesce((
-        SELECT jsonb_object_agg(x.key, x.value->0) FROM jsonb_each(h.hints) x WHERE NOT h.versions ? x.key), '{{}}'),
-    profile_hints = h.hints,
-    updated_at = now()
+    active_days = s.days
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
      AS k(organization_id, id, environment, customer_identifier, deleted_at)
-JOIN customers c0 ON c0.organization_id = k.organization_id AND c0.id = k.id
-CROSS JOIN LATERAL (
-    SELECT (SELECT coalesce(jsonb_object_agg(v.key, v.value), '{{}}'::jsonb) FROM jsonb_each(c0.profile_versions) v
-            WHERE tally_version_micros(v.value #>> '{{}}') > tally_micros(k.deleted_at)) AS versions,
-           (SELECT coalesce(jsonb_object_agg(v.key, v.value), '{{}}'::jsonb) FROM jsonb_each(c0.profile_hints) v
-            WHERE tally_version_micros(v.value ->> 0) > tally_micros(k.deleted_at)) AS hints
-) h
 CROSS JOIN LATERAL (
     SELECT sum(p.requests) AS requests, sum(p.prompt_tokens) AS prompt_tokens,
            sum(p.completion_tokens) AS completion_tokens, sum(p.total_tokens) AS total_tokens, sum(p.cost) AS cost,
@@ -298,6 +304,24 @@ CROSS JOIN LATERAL (
            count(DISTINCT (p.event_time AT TIME ZONE 'UTC')::date) AS days
     FROM processed_events p WHERE {_JOURNAL_SINCE}
 ) s
+WHERE c.organization_id = k.organization_id AND c.id = k.id
+"""
+
+RESET_PROFILES = f"""
+UPDATE customers c SET
+    {_RESETS},
+    profile_versions = h.versions || coalesce((
+        SELECT jsonb_object_agg(x.key, x.value->0) FROM jsonb_each(h.hints) x WHERE NOT h.versions ? x.key), '{{}}'),
+    profile_hints = h.hints,
+    updated_at = now()
+FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS k(organization_id, id, deleted_at)
+JOIN customers c0 ON c0.organization_id = k.organization_id AND c0.id = k.id
+CROSS JOIN LATERAL (
+    SELECT (SELECT coalesce(jsonb_object_agg(v.key, v.value), '{{}}'::jsonb) FROM jsonb_each(c0.profile_versions) v
+            WHERE tally_version_micros(v.value #>> '{{}}') > tally_micros(k.deleted_at)) AS versions,
+           (SELECT coalesce(jsonb_object_agg(v.key, v.value), '{{}}'::jsonb) FROM jsonb_each(c0.profile_hints) v
+            WHERE tally_version_micros(v.value ->> 0) > tally_micros(k.deleted_at)) AS hints
+) h
 WHERE c.organization_id = k.organization_id AND c.id = k.id
 """
 
@@ -318,16 +342,17 @@ FROM unnest($1::uuid[], $2::uuid[]) AS k(organization_id, id)
 JOIN customers c ON c.organization_id = k.organization_id AND c.id = k.id
     -- Most customers have no budget: skip them before any period arithmetic.
     AND (c.period_budget IS NOT NULL OR c.total_budget IS NOT NULL)
+JOIN customer_usage u ON u.organization_id = k.organization_id AND u.id = k.id
 CROSS JOIN LATERAL (
     SELECT coalesce(tally_period_start(c.budget_duration, clock.at), '-infinity'::timestamptz) AS start,
            tally_period_end(c.budget_duration, clock.at) AS stop,
-           tally_period_usage(c.organization_id, c.id, c.budget_duration, clock.at, c.total_cost) AS used
+           tally_period_usage(c.organization_id, c.id, c.budget_duration, clock.at, u.total_cost) AS used
     FROM (SELECT coalesce($3::timestamptz, now()) AS at) AS clock
 ) p
 CROSS JOIN LATERAL (VALUES
     ('period_80', p.start, p.stop, c.period_budget, p.used, 0.8),
     ('period_100', p.start, p.stop, c.period_budget, p.used, 1.0),
-    ('total_100', '-infinity'::timestamptz, NULL::timestamptz, c.total_budget, c.total_cost, 1.0)
+    ('total_100', '-infinity'::timestamptz, NULL::timestamptz, c.total_budget, u.total_cost, 1.0)
 ) AS t(threshold, period_start, period_end, budget, usage, share)
 WHERE t.budget IS NOT NULL AND t.usage > 0 AND t.usage >= t.budget * t.share
 ORDER BY c.organization_id, c.id, t.threshold
@@ -405,8 +430,8 @@ async def fold(
                 outcomes[i] = DUPLICATE
         if applied:
             changes = [c for _, c in applied]
-            ids = await lock_customers(conn, sorted({c.key for c in changes}))
-            result = await apply_changes(conn, changes, ids, now=clock)
+            locked = await lock_customers(conn, sorted({c.key for c in changes}))
+            result = await apply_changes(conn, changes, locked.ids, made=locked.made, now=clock)
             alerts = result.alerts
             for (i, _), stale in zip(applied, result.stale, strict=True):
                 outcomes[i] = STALE if stale else APPLIED
@@ -424,22 +449,32 @@ def _journal_row(key: tuple[UUID, str, str], e: Event) -> tuple[object, ...]:
     return (*key, e.time, e.environment, e.subject, *amounts)
 
 
-async def lock_customers(conn: Connection, keys: Sequence[Key]) -> dict[Key, UUID]:
+@dataclass(frozen=True)
+class Locked:
+    """The customers a fold holds locked: their ids, and which rows it made (provisional)."""
+
+    ids: dict[Key, UUID]
+    made: frozenset[Key]
+
+
+async def lock_customers(conn: Connection, keys: Sequence[Key]) -> Locked:
     """Make sure each customer in ``keys`` (sorted) has a row and lock every row in
-    ``(organization_id, id)`` order; returns their ids. Rows made here are provisional: they
-    hold no change yet (``last_event_at`` NULL) and :func:`apply_changes` removes any that
-    receive none."""
+    ``(organization_id, id)`` order. Rows made here are provisional: they hold no change yet
+    (``last_event_at`` and usage ``last_active`` NULL) and :func:`apply_changes` removes any
+    that receive none."""
     ids: dict[Key, UUID] = {}
+    made: set[Key] = set()
     pending = list(keys)
     # A row can vanish between the insert (which saw it) and the lock (which waited for a
     # deleter to commit): insert it again. Each round needs a deletion committed meanwhile.
     while pending:
         columns = _columns(pending)
-        await conn.execute(INSERT_CUSTOMERS, *columns)
+        for r in await conn.fetch(INSERT_CUSTOMERS, *columns):
+            made.add((r["organization_id"], r["environment"], r["customer_identifier"]))
         for r in await conn.fetch(LOCK_CUSTOMERS, *columns):
             ids[(r["organization_id"], r["environment"], r["customer_identifier"])] = r["id"]
         pending = [k for k in pending if k not in ids]
-    return ids
+    return Locked(ids, frozenset(made))
 
 
 @dataclass(frozen=True)
@@ -450,11 +485,17 @@ class Applied:
 
 
 async def apply_changes(
-    conn: Connection, changes: Sequence[Change], ids: Mapping[Key, UUID], *, now: datetime | None = None
+    conn: Connection,
+    changes: Sequence[Change],
+    ids: Mapping[Key, UUID],
+    *,
+    made: frozenset[Key] | None = None,
+    now: datetime | None = None,
 ) -> Applied:
     """Apply ``changes`` to customers whose rows the caller holds locked (``ids``), inside the
-    caller's transaction: steps 4 to 6 of the module docstring. Budget alerts are recorded
-    for the periods containing ``now`` (by default the transaction's time)."""
+    caller's transaction: steps 4 to 6 of the module docstring. ``made`` are the rows the
+    caller created for this (provisional; by default any row may be). Budget alerts are
+    recorded for the periods containing ``now`` (by default the transaction's time)."""
     keys = sorted(ids)
     tombstones = {
         (r["organization_id"], r["environment"], r["customer_identifier"]): r["deleted_at"]
@@ -468,8 +509,13 @@ async def apply_changes(
         raised = sorted(p.raised)
         await conn.execute(UPSERT_TOMBSTONES, *_columns((*k, p.raised[k]) for k in raised))
     final = {k: p.raised.get(k, tombstones.get(k)) for k in keys}
-    removed = frozenset(
-        r["id"] for r in await conn.fetch(REMOVE_DEAD, *_columns((k[0], ids[k], final[k]) for k in keys))
+    # Only a customer with a tombstone, or a provisional row that received no live change,
+    # can be dead: the rest just received something newer than nothing.
+    doubtful = [k for k in keys if final[k] is not None or ((made is None or k in made) and k not in p.deltas)]
+    removed = (
+        frozenset(r["id"] for r in await conn.fetch(REMOVE_DEAD, *_columns((k[0], ids[k], final[k]) for k in doubtful)))
+        if doubtful
+        else frozenset()
     )
     survivors = [k for k in sorted(p.raised) if ids[k] not in removed]
     if survivors:
@@ -513,39 +559,40 @@ async def _upsert_daily(conn: Connection, deltas: dict[Key, Delta], ids: Mapping
 async def _update_customers(
     conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID], new_days: dict[UUID, int]
 ) -> None:
-    rows = []
+    usage, profiles = [], []
     for k, d in sorted(deltas.items()):
         u, cid = d.usage, ids[k]
-        patch = versions = hints = None
-        if d.fields:
-            patch = _json({column: value for column, (_, value) in d.fields.items()})
-            versions = _json({column: stamp for column, (stamp, _) in d.fields.items()})
-        if d.hints:
-            hints = _json({column: [stamp, value] for column, (stamp, value) in d.hints.items()})
-        rows.append(
-            (
-                k[0],
-                cid,
-                u.requests,
-                u.prompt_tokens,
-                u.completion_tokens,
-                u.total_tokens,
-                u.cost,
-                u.latency_sum,
-                u.latency_count,
-                u.ttft_sum,
-                u.ttft_count,
-                d.first_seen,
-                d.last_active,
-                new_days.get(cid, 0),
-                patch,
-                versions,
-                hints,
-                d.last_event_at,
+        if d.last_active is not None:
+            usage.append(
+                (
+                    k[0],
+                    cid,
+                    u.requests,
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    u.total_tokens,
+                    u.cost,
+                    u.latency_sum,
+                    u.latency_count,
+                    u.ttft_sum,
+                    u.ttft_count,
+                    d.first_seen,
+                    d.last_active,
+                    new_days.get(cid, 0),
+                )
             )
-        )
-    if rows:
-        await conn.execute(UPDATE_CUSTOMERS, *_columns(rows))
+        if d.fields or d.hints or d.profile_event_at is not None:
+            patch = versions = hints = None
+            if d.fields:
+                patch = _json({column: value for column, (_, value) in d.fields.items()})
+                versions = _json({column: stamp for column, (stamp, _) in d.fields.items()})
+            if d.hints:
+                hints = _json({column: [stamp, value] for column, (stamp, value) in d.hints.items()})
+            profiles.append((k[0], cid, patch, versions, hints, d.profile_event_at))
+    if usage:
+        await conn.execute(UPDATE_USAGE, *_columns(usage))
+    if profiles:
+        await conn.execute(UPDATE_PROFILES, *_columns(profiles))
 
 
 async def _upsert_subscriptions(conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> None:
@@ -580,7 +627,8 @@ async def _recompute(conn: Connection, rows: list[tuple[Key, UUID, datetime]]) -
     full = [orgs, customer_ids, [k[1] for k, _, _ in rows], [k[2] for k, _, _ in rows], [t for _, _, t in rows]]
     await conn.execute(CLEAR_DAILY, orgs, customer_ids)
     await conn.execute(REBUILD_DAILY, *full)
-    await conn.execute(RECOMPUTE_CUSTOMERS, *full)
+    await conn.execute(RECOMPUTE_USAGE, *full)
+    await conn.execute(RESET_PROFILES, orgs, customer_ids, full[4])
     await conn.execute(DROP_OLDER_SUBSCRIPTIONS, orgs, customer_ids, full[4])
 
 

@@ -29,11 +29,20 @@ from service.core.errors import InvalidInput
 
 @dataclass(frozen=True)
 class SortField:
-    expr: str  # SQL over the customers alias ``c``; never NULL
+    expr: str  # SQL over the customer_rows alias ``c``; never NULL
     sql_type: str  # the cast that turns a cursor's text back into the expression's type
+    # The id that breaks ties: the id column of the table whose index holds ``expr``, so that
+    # the keyset comparison ``(expr, id) < (…)`` is a condition inside that one index.
+    tiebreak: str = "c.id"
 
 
-# Must match the index expressions in migrations/0001_schema.sql.
+def _usage(expr: str, sql_type: str) -> SortField:
+    """A sort over a usage aggregate: its index is on customer_usage (see customer_rows)."""
+    return SortField(expr, sql_type, "c.usage_id")
+
+
+# Must match the index expressions in the migrations (profile fields on customers, usage
+# fields on customer_usage: 0007).
 SORT_FIELDS: dict[str, SortField] = {
     "customer_identifier": SortField("c.customer_identifier", "text"),
     "name": SortField("coalesce(c.name, '')", "text"),
@@ -41,16 +50,16 @@ SORT_FIELDS: dict[str, SortField] = {
     "status": SortField("c.status", "text"),
     "created_at": SortField("c.created_at", "timestamptz"),
     "updated_at": SortField("c.updated_at", "timestamptz"),
-    "first_seen": SortField("coalesce(c.first_seen, '-infinity'::timestamptz)", "timestamptz"),
-    "last_active": SortField("coalesce(c.last_active, '-infinity'::timestamptz)", "timestamptz"),
-    "active_days": SortField("c.active_days", "int4"),
-    "number_of_requests": SortField("c.number_of_requests", "int8"),
-    "prompt_tokens": SortField("c.prompt_tokens", "int8"),
-    "completion_tokens": SortField("c.completion_tokens", "int8"),
-    "total_tokens": SortField("c.total_tokens", "int8"),
-    "total_cost": SortField("c.total_cost", "numeric"),
-    "average_latency": SortField("coalesce(c.average_latency, '-infinity'::float8)", "float8"),
-    "average_ttft": SortField("coalesce(c.average_ttft, '-infinity'::float8)", "float8"),
+    "first_seen": _usage("coalesce(c.first_seen, '-infinity'::timestamptz)", "timestamptz"),
+    "last_active": _usage("coalesce(c.last_active, '-infinity'::timestamptz)", "timestamptz"),
+    "active_days": _usage("c.active_days", "int4"),
+    "number_of_requests": _usage("c.number_of_requests", "int8"),
+    "prompt_tokens": _usage("c.prompt_tokens", "int8"),
+    "completion_tokens": _usage("c.completion_tokens", "int8"),
+    "total_tokens": _usage("c.total_tokens", "int8"),
+    "total_cost": _usage("c.total_cost", "numeric"),
+    "average_latency": _usage("coalesce(c.average_latency, '-infinity'::float8)", "float8"),
+    "average_ttft": _usage("coalesce(c.average_ttft, '-infinity'::float8)", "float8"),
     "total_budget": SortField("coalesce(c.total_budget, '-infinity'::numeric)", "numeric"),
     "period_budget": SortField("coalesce(c.period_budget, '-infinity'::numeric)", "numeric"),
 }
@@ -258,9 +267,8 @@ def shape_sql(shape: Shape, alias: str = "c") -> str:
 def join_sql(shape: Shape, alias: str = "c") -> str:
     if not shape.parent_key:
         return ""
-    return (
-        f" LEFT JOIN customers p ON p.organization_id = {alias}.organization_id AND p.id = {alias}.parent_customer_id"
-    )
+    parent = f"p.organization_id = {alias}.organization_id AND p.id = {alias}.parent_customer_id"
+    return f" LEFT JOIN customer_rows p ON {parent}"
 
 
 @dataclass(frozen=True)
@@ -394,7 +402,7 @@ def page_sql(q: ListQuery, shape: Shape, p: _Params | None = None) -> tuple[str,
         # The key travels as text (the driver would want a typed object for a typed parameter);
         # PostgreSQL casts it back to the sort expression's type.
         key = f"{p(q.position.key, 'text')}::{sort.sql_type}"
-        where += f" AND ({sort.expr}, c.id) {op} ({key}, {p(q.position.id, 'uuid')})"
+        where += f" AND ({sort.expr}, {sort.tiebreak}) {op} ({key}, {p(q.position.id, 'uuid')})"
     direction = "DESC" if descending else "ASC"
     # The inner query picks the page's rows (an index scan, skipping OFFSET rows cheaply);
     # the outer one renders only those. Rendering in the inner query would build a JSON
@@ -402,8 +410,8 @@ def page_sql(q: ListQuery, shape: Shape, p: _Params | None = None) -> tuple[str,
     sql = (
         f"SELECT {shape_sql(shape)}::text AS doc, c.k, c.id::text AS kid, c.sort_key, c.id FROM ("
         f"SELECT c.*, {sort.expr} AS sort_key, ({sort.expr})::text AS k"
-        f" FROM customers c WHERE {where}"
-        f" ORDER BY {sort.expr} {direction}, c.id {direction}"
+        f" FROM customer_rows c WHERE {where}"
+        f" ORDER BY {sort.expr} {direction}, {sort.tiebreak} {direction}"
         f" LIMIT {p(q.limit + 1)} OFFSET {p(q.offset)}"
         f") c{join_sql(shape)} ORDER BY c.sort_key {direction}, c.id {direction}"
     )
@@ -421,7 +429,7 @@ def count_sql(q: ListQuery, p: _Params | None = None) -> tuple[str, list[object]
             f" WHERE organization_id = {p(q.organization_id)} AND environment = {p(q.environment)}{statuses}"
         )
         return sql, p.values
-    return f"SELECT count(*) FROM customers c WHERE {where_sql(q, p)}", p.values
+    return f"SELECT count(*) FROM customer_rows c WHERE {where_sql(q, p)}", p.values
 
 
 def list_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
