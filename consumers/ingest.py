@@ -10,6 +10,14 @@ A crash before 1 commits loses nothing (the messages come back). A crash between
 redelivers messages whose events are now duplicates: the dedupe keys absorb them, and the
 bad ones are dead-lettered again (a dead letter is at-least-once; a replay is deduped too).
 
+Batches are pipelined: while batch N is folded (the consumer waiting on PostgreSQL), the
+deliveries of batch N+1 are received, decoded and validated; N+1 is folded only once N is
+committed, dead-lettered and acked, so acks stay in delivery order. A batch takes what
+arrived while the previous one was folded, up to batch_size events, or up to
+batch_max_events when a backlog is waiting (larger batches coalesce more events per
+customer per transaction); with nothing in flight it closes batch_max_wait after its
+first delivery, so a trickle is folded at once.
+
 Connection handling is explicit rather than aio-pika's robust reconnection: on any broker
 failure the consumer drops its unacked messages (the broker redelivers them), reconnects
 with backoff, redeclares the topology and consumes again. Readiness reports the state.
@@ -26,6 +34,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -193,6 +202,49 @@ def _encode_deep(value: object) -> bytes:
     return b"".join(out)
 
 
+class Batch:
+    """Deliveries taken for one transaction, validated as they are taken (so validation
+    overlaps the previous batch's fold): the valid events with their origins, and the dead
+    letters of what can never apply."""
+
+    def __init__(self) -> None:
+        self.items: list[Received] = []
+        self.events: list[Event] = []
+        # Per event: the delivery it came in, and that delivery's body when it held this
+        # event alone (then its dead letter is the message as received, byte for byte).
+        self.origins: list[tuple[AbstractIncomingMessage, bytes | None]] = []
+        self.dead: list[DeadLetter] = []
+        self.size = 0  # events, as counted for the batch bounds
+        self.now = datetime.now(UTC)
+
+    def add(self, item: Received) -> None:
+        self.items.append(item)
+        self.size += item.size
+        message, raws = item.message, item.raws
+        if item.error is not None:
+            self.dead.append(DeadLetter(message.body, *item.error, message, message.content_type))
+            metrics.EVENTS.labels(metrics.OTHER_TYPE, "invalid").inc()
+            return
+        alone = message.body if len(raws) == 1 else None
+        for raw in raws:
+            try:
+                self.events.append(validate_event(raw, self.now))
+                self.origins.append((message, alone))
+                continue
+            except InvalidEvent as exc:
+                code, reason = exc.code, exc.reason
+            except Exception as exc:  # a bug, brought out by this event: it dies alone
+                code, reason = Rejection.INTERNAL_ERROR, internal_error("validating the event", exc)
+                log.error(
+                    "bug: validating an event raised; dead-lettering it",
+                    exc_info=exc,
+                    extra={"routing_key": message.routing_key},
+                )
+            event_type = raw.get("type") if isinstance(raw, dict) else None
+            self.dead.append(DeadLetter(alone if alone is not None else encode_event(raw), code, reason, message))
+            metrics.EVENTS.labels(metrics.event_type_label(event_type), "invalid").inc()
+
+
 def _backoff(attempt: int, cap: float) -> float:
     return float(min(cap, RETRY_BASE * 2.0**attempt) * (0.5 + random.random() / 2))
 
@@ -250,6 +302,7 @@ class Consumer:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         inbox = Inbox()
+        inflight: asyncio.Task[None] | None = None  # the batch being folded, dead-lettered, acked
         try:
             channel = await connection.channel(publisher_confirms=True)
             channel.close_callbacks.add(lambda *_: lost.set())
@@ -267,89 +320,77 @@ class Consumer:
             metrics.BROKER_CONNECTED.set(1)
             log.info("consuming", extra={"queue": self.names.ingest, "prefetch": self.settings.prefetch})
             while not self._stopping.is_set() and not lost.is_set():
-                batch = await self._collect(inbox, lost)
-                if batch:
-                    await self._process(batch, topology)
+                batch = await self._collect(inbox, lost, inflight)
+                if inflight is not None and (batch.items or inflight.done()):
+                    # Batch N is committed and acked before N+1 starts: acks in delivery order.
+                    await inflight
+                    inflight = None
+                if batch.items:
+                    inflight = asyncio.create_task(self._process(batch, topology))
+            if inflight is not None:
+                await inflight
+                inflight = None
             if lost.is_set():
                 raise ConnectionError("broker connection closed")
             # Draining: no new deliveries, then fold what was already received.
             await topology.ingest.cancel(tag)
-            rest = list(inbox.items)
-            log.info("draining", extra={"messages": len(rest)})
-            if rest:
+            rest = Batch()
+            while inbox.items:
+                rest.add(inbox.items.popleft())
+            log.info("draining", extra={"messages": len(rest.items)})
+            if rest.items:
                 await self._process(rest, topology)
             log.info("drained; all received messages committed and acked")
         finally:
+            if inflight is not None and not inflight.done():
+                # Leaving on a failure: the batch in flight is abandoned unacked (the broker
+                # redelivers it; if its fold committed, the dedupe keys absorb it).
+                inflight.cancel()
+                await asyncio.gather(inflight, return_exceptions=True)
             self.connected.clear()
             metrics.BROKER_CONNECTED.set(0)
             metrics.IN_FLIGHT.set(0)
             if not connection.is_closed:
                 await connection.close()
 
-    async def _collect(self, inbox: Inbox, lost: asyncio.Event) -> list[Received]:
-        """Deliveries holding up to batch_size events (at least one delivery): waits for the
-        first, then at most batch_max_wait for more. Bounding by events, not messages,
-        keeps one transaction's size the same whether upstreams send single or batch messages."""
+    async def _collect(self, inbox: Inbox, lost: asyncio.Event, inflight: asyncio.Task[None] | None) -> Batch:
+        """The next batch, validated as it is taken (returned empty when no delivery came
+        within a second, or the batch in flight finished first: the caller settles it).
+
+        It takes every delivery already waiting, up to the largest batch; while a batch is in
+        flight it also takes what arrives until that one finishes (nothing could be folded
+        sooner); with none in flight, a batch smaller than batch_size waits batch_max_wait
+        at most for more. So a trickle is folded at once, a backlog in large batches. Bounds
+        count events, not messages: a transaction's size is the same whether upstreams send
+        single or batch messages."""
+        batch = Batch()
+        largest = self.settings.largest_batch
         if not inbox.items:
-            inbox.arrived.clear()
-            waiters = [asyncio.ensure_future(e.wait()) for e in (inbox.arrived, self._stopping, lost)]
-            try:
-                await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+            await _arrival(inbox, lost, self._stopping, inflight, timeout=1.0)
             if not inbox.items:
-                return []
-        batch = [inbox.items.popleft()]
-        size = batch[0].size
+                return batch
+        batch.add(inbox.items.popleft())
         deadline = time.monotonic() + self.settings.batch_max_wait
-        while size < self.settings.batch_size and not self._stopping.is_set():
-            if not inbox.items:
+        while not self._stopping.is_set() and not lost.is_set():
+            if inbox.items:
+                if batch.size + inbox.items[0].size > largest:
+                    break  # the next delivery opens the next batch
+                batch.add(inbox.items.popleft())
+            elif inflight is not None and not inflight.done():
+                await _arrival(inbox, lost, self._stopping, inflight)
+            elif batch.size >= self.settings.batch_size:
+                break
+            else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not await inbox.wait(remaining):
                     break
-                continue
-            if size + inbox.items[0].size > self.settings.batch_size:
-                break  # the next delivery opens the next batch
-            batch.append(inbox.items.popleft())
-            size += batch[-1].size
         return batch
 
     # ---- one batch -------------------------------------------------------------------
 
-    async def _process(self, batch: Sequence[Received], topology: Topology) -> None:
+    async def _process(self, batch: Batch, topology: Topology) -> None:
         started = time.perf_counter()
-        now = datetime.now(UTC)
-        events: list[Event] = []
-        # Per event: the delivery it came in, and that delivery's body when it held this
-        # event alone (then its dead letter is the message as received, byte for byte).
-        origins: list[tuple[AbstractIncomingMessage, bytes | None]] = []
-        dead: list[DeadLetter] = []
-        for item in batch:
-            message, raws = item.message, item.raws
-            if item.error is not None:
-                dead.append(DeadLetter(message.body, *item.error, message, message.content_type))
-                metrics.EVENTS.labels(metrics.OTHER_TYPE, "invalid").inc()
-                continue
-            alone = message.body if len(raws) == 1 else None
-            for raw in raws:
-                try:
-                    events.append(validate_event(raw, now))
-                    origins.append((message, alone))
-                    continue
-                except InvalidEvent as exc:
-                    code, reason = exc.code, exc.reason
-                except Exception as exc:  # a bug, brought out by this event: it dies alone
-                    code, reason = Rejection.INTERNAL_ERROR, internal_error("validating the event", exc)
-                    log.error(
-                        "bug: validating an event raised; dead-lettering it",
-                        exc_info=exc,
-                        extra={"routing_key": message.routing_key},
-                    )
-                event_type = raw.get("type") if isinstance(raw, dict) else None
-                dead.append(DeadLetter(alone if alone is not None else encode_event(raw), code, reason, message))
-                metrics.EVENTS.labels(metrics.event_type_label(event_type), "invalid").inc()
-
+        events, origins, dead = batch.events, batch.origins, batch.dead
         if events:
             result = await self._fold(events)
             if result.alerts:
@@ -368,7 +409,7 @@ class Consumer:
                     metrics.EVENT_LAG.observe(max(0.0, (applied_at - event.time).total_seconds()))
             metrics.BATCH_SIZE.observe(len(events))
             metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        messages = [item.message for item in batch]
+        messages = [item.message for item in batch.items]
         await failpoints.hit("consumer.after_commit")
         for letter in dead:
             origin = letter.message
@@ -468,3 +509,26 @@ def _client_error(exc: BaseException) -> bool:
         and not isinstance(exc, asyncpg.ConnectionDoesNotExistError)
         and "connection is closed" not in str(exc)
     )
+
+
+async def _arrival(
+    inbox: Inbox,
+    lost: asyncio.Event,
+    stopping: asyncio.Event,
+    inflight: asyncio.Task[None] | None,
+    timeout: float | None = None,
+) -> None:
+    """Wait for a delivery, the batch in flight to finish, the connection to go, a stop, or
+    ``timeout``."""
+    if inbox.items:
+        return
+    inbox.arrived.clear()
+    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(e.wait()) for e in (inbox.arrived, lost, stopping)]
+    watched: set[asyncio.Future[Any]] = set(waiters)
+    if inflight is not None:
+        watched.add(inflight)  # only watched: never cancelled here
+    try:
+        await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -58,12 +58,19 @@ class Settings(BaseSettings):
     # together; past it the answer is 503 with Retry-After instead of an endless queue.
     db_acquire_timeout: float = Field(default=2.0, gt=0, le=60)
 
-    # Consumer batching: a batch closes at batch_size messages or batch_max_wait seconds
-    # after its first message, whichever comes first.
+    # Consumer batching (consumers/ingest.py): a batch holds what arrived while the previous
+    # one was folded, up to batch_size events, or up to batch_max_events when a backlog is
+    # waiting; with no batch in flight it closes batch_max_wait seconds after its first message.
     batch_size: int = Field(default=1000, ge=1, le=10_000)
+    batch_max_events: int | None = Field(default=None, ge=1, le=50_000)  # default: 4 x batch_size
     batch_max_wait: float = Field(default=0.05, gt=0, le=10)
     prefetch: int = Field(default=2000, ge=1, le=65_535)
     dedupe_retention_days: int = Field(default=35, ge=1)
+
+    @property
+    def largest_batch(self) -> int:
+        """Events per consumer transaction at most (under a backlog)."""
+        return max(self.batch_size, self.batch_max_events or 4 * self.batch_size)
 
     # Verified API keys are cached per process; a revocation evicts them at once (NOTIFY),
     # and this bounds an entry's life should a notification ever be missed. 0 disables.
