@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -107,11 +108,46 @@ class JsonFault:
         return f"{self.path} {self.detail}" if self.path else self.detail
 
 
+def _clean(value: object, max_depth: int, numbers: bool) -> bool:
+    """True when :func:`json_fault` would find nothing: the same checks on decoded JSON (exact
+    types: what a JSON decoder makes), without tracking where. Anything else is left to the
+    full walk."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[object]
+        if type(item) is dict:
+            if any(type(key) is not str or NUL in key for key in item):
+                return False
+            children = item.values()
+        elif type(item) is list:
+            children = item
+        else:
+            children = (item,)
+            depth = -1  # a scalar at the top: no container to count
+        if depth >= max_depth:
+            return False
+        for child in children:
+            if type(child) is str:
+                if NUL in child:
+                    return False
+            elif type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
+            elif type(child) is int or type(child) is float:
+                if numbers and abs(child) > MAX_EXACT_NUMBER:
+                    return False
+            elif child is not None and type(child) is not bool:
+                return False
+    return True
+
+
 def json_fault(value: object, *, max_depth: int, numbers: bool = False) -> JsonFault | None:
     """What makes a decoded JSON value unfit to store, or None: nesting deeper than
     ``max_depth`` containers, a NUL character (PostgreSQL text and jsonb cannot hold U+0000)
     in a string or key, and with ``numbers`` a number beyond ±2**53. Iterative, so no input
     can exhaust the stack."""
+    if _clean(value, max_depth, numbers):
+        return None  # the common case, without building a path for every value
     stack: list[tuple[object, int, tuple[object, ...]]] = [(value, 0, ())]
     while stack:
         item, depth, path = stack.pop()
