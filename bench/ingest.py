@@ -2,7 +2,9 @@
 (b) a naive consumer that runs one transaction per event, (c) tally's fold called directly
 on the events in memory (the database's share), (d) tally's consumer process, and (e) the
 database's ceiling: the same events as batched dedupe plus upserts of per-customer and
-per-customer-day sums into narrow tables with only their primary keys; then freshness at a
+per-customer-day sums into narrow tables with only their primary keys, and (e2) the same with
+one index per usage sort field on the per-customer table (what any store that pages every
+sort by index must maintain); then freshness at a
 steady publish rate (publish to visible in GET /v1/customers/{id}).
 
     python bench/ingest.py [--events 200000] [--batch 1] [--profile zipf|spread] [--json …]
@@ -215,30 +217,44 @@ async def fold_direct(dsn: str, events: list[dict], batch_size: int) -> Rate:
 
 
 CEILING_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ceiling_dedupe (org uuid, source text, id text, PRIMARY KEY (org, source, id));
-CREATE TABLE IF NOT EXISTS ceiling_customers (
+CREATE TABLE IF NOT EXISTS {t}_dedupe (org uuid, source text, id text, PRIMARY KEY (org, source, id));
+CREATE TABLE IF NOT EXISTS {t}_customers (
     org uuid, customer text, requests bigint, prompt bigint, completion bigint, total bigint, cost numeric,
     latency_sum float8, latency_count bigint, ttft_sum float8, ttft_count bigint, first_seen timestamptz,
     last_active timestamptz, PRIMARY KEY (org, customer));
-CREATE TABLE IF NOT EXISTS ceiling_days (
+CREATE TABLE IF NOT EXISTS {t}_days (
     org uuid, customer text, day date, requests bigint, prompt bigint, completion bigint, total bigint, cost numeric,
     latency_sum float8, latency_count bigint, ttft_sum float8, ttft_count bigint, PRIMARY KEY (org, customer, day));
 """
+# (e2): the ceiling's per-customer table with one index per usage sort field, as tally keeps
+# (every field a client may sort customers by must page by index scan).
+SORT_INDEXED = (
+    "first_seen",
+    "last_active",
+    "requests",
+    "prompt",
+    "completion",
+    "total",
+    "cost",
+    "(latency_sum / nullif(latency_count, 0))",
+    "(ttft_sum / nullif(ttft_count, 0))",
+    "(last_active - first_seen)",
+)
 CEILING_DEDUPE = """
-INSERT INTO ceiling_dedupe SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
+INSERT INTO {t}_dedupe SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
 ON CONFLICT DO NOTHING RETURNING org, source, id
 """
 _SUMS = ("requests", "prompt", "completion", "total", "cost", "latency_sum", "latency_count", "ttft_sum", "ttft_count")
 _ADD = ", ".join(f"{c} = t.{c} + excluded.{c}" for c in _SUMS)
 CEILING_CUSTOMERS = f"""
-INSERT INTO ceiling_customers AS t SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int8[],
+INSERT INTO {{t}}_customers AS t SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int8[],
     $5::int8[], $6::int8[], $7::numeric[], $8::float8[], $9::int8[], $10::float8[], $11::int8[],
     $12::timestamptz[], $13::timestamptz[])
 ON CONFLICT (org, customer) DO UPDATE SET {_ADD},
     first_seen = least(t.first_seen, excluded.first_seen), last_active = greatest(t.last_active, excluded.last_active)
 """
 CEILING_DAYS = f"""
-INSERT INTO ceiling_days AS t SELECT * FROM unnest($1::uuid[], $2::text[], $3::date[], $4::int8[], $5::int8[],
+INSERT INTO {{t}}_days AS t SELECT * FROM unnest($1::uuid[], $2::text[], $3::date[], $4::int8[], $5::int8[],
     $6::int8[], $7::int8[], $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[])
 ON CONFLICT (org, customer, day) DO UPDATE SET {_ADD}
 """
@@ -281,19 +297,25 @@ def _ceiling_batch(
     )
 
 
-async def ceiling(dsn: str, org: object, events: list[dict], batch_size: int) -> Rate:
+async def ceiling(dsn: str, org: object, events: list[dict], batch_size: int, *, sort_indexes: bool = False) -> Rate:
     """(e) the database's ceiling for these events: batched dedupe, then per-customer and
-    per-customer-day sums upserted into narrow tables that have only their primary keys."""
+    per-customer-day sums upserted into narrow tables that have only their primary keys;
+    with ``sort_indexes`` (e2), plus one index per usage sort field on the per-customer table."""
     batches = [_ceiling_batch(org, events[i : i + batch_size]) for i in range(0, len(events), batch_size)]
+    t = "ceiling_ix" if sort_indexes else "ceiling"
     conn = await asyncpg.connect(dsn, server_settings={"timezone": "UTC"})
     try:
-        await conn.execute(CEILING_SCHEMA)
+        await conn.execute(CEILING_SCHEMA.format(t=t))
+        if sort_indexes:
+            for i, expr in enumerate(SORT_INDEXED):
+                await conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_sort_{i} ON {t}_customers (org, {expr}, customer)")
+        statements = [CEILING_DEDUPE.format(t=t), CEILING_CUSTOMERS.format(t=t), CEILING_DAYS.format(t=t)]
         started = time.perf_counter()
         for dedupe, customers, days in batches:
             async with conn.transaction():
-                await conn.fetch(CEILING_DEDUPE, *dedupe)
-                await conn.execute(CEILING_CUSTOMERS, *customers)
-                await conn.execute(CEILING_DAYS, *days)
+                await conn.fetch(statements[0], *dedupe)
+                await conn.execute(statements[1], *customers)
+                await conn.execute(statements[2], *days)
         elapsed = time.perf_counter() - started
     finally:
         await conn.close()
@@ -526,7 +548,9 @@ async def main() -> int:
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--profile", choices=["zipf", "spread"], default="zipf", help="activity over the customers")
     parser.add_argument("--naive-events", type=int, default=20_000, help="events for the naive consumer")
-    parser.add_argument("--fold-batch", type=int, default=1000, help="events per transaction for (c) and (e)")
+    parser.add_argument(
+        "--fold-batch", type=int, default=4000, help="events per transaction for (c) and (e): tally's largest batch"
+    )
     parser.add_argument("--rate", type=int, default=2000, help="events/s for the freshness run")
     parser.add_argument("--freshness-seconds", type=float, default=15)
     parser.add_argument("--scale", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 1,2,4: only scale out")
@@ -555,9 +579,10 @@ async def main() -> int:
 
     dsn = await fresh_database(args, run)
     conn = await asyncpg.connect(dsn)
-    for org in ("bench-naive", "bench-fold", "bench-tally", "bench-fresh", "bench-ceiling"):
+    for org in ("bench-naive", "bench-fold", "bench-tally", "bench-fresh", "bench-ceiling", "bench-ceiling-ix"):
         await auth.create_organization(conn, org)
     ceiling_org = await conn.fetchval("SELECT id FROM organizations WHERE name = 'bench-ceiling'")
+    indexed_org = await conn.fetchval("SELECT id FROM organizations WHERE name = 'bench-ceiling-ix'")
     key = (await auth.create_key(conn, "bench-fresh", ("read",))).key
     await conn.close()
     names = {stage: Names(f"tally_bench_{run}_{stage}") for stage in ("bare", "naive", "tally", "fresh")}
@@ -581,6 +606,9 @@ async def main() -> int:
         ceiling_events = generate("bench-ceiling", args.events, args.customers, seed=3, profile=args.profile)
         top = await ceiling(dsn, ceiling_org, ceiling_events, args.fold_batch)
         print(f"(e) database ceiling: {top.per_second:,.0f} events/s", file=sys.stderr)
+        indexed_events = generate("bench-ceiling-ix", args.events, args.customers, seed=3, profile=args.profile)
+        top_indexed = await ceiling(dsn, indexed_org, indexed_events, args.fold_batch, sort_indexes=True)
+        print(f"(e2) ceiling with sort indexes: {top_indexed.per_second:,.0f} events/s", file=sys.stderr)
 
         await preload(names["tally"], messages, "tally")
         consumer_rate, consumers = await tally_consumers(names["tally"], dsn, "bench-tally", args.events, workdir)
@@ -628,11 +656,13 @@ async def main() -> int:
         "c_fold_alone": direct.as_dict(),
         "d_tally_consumer": consumer_rate.as_dict(),
         "e_database_ceiling": top.as_dict(),
+        "e2_ceiling_with_sort_indexes": top_indexed.as_dict(),
         "ratios": {
             "d_over_a": round(d / bare.per_second, 3),
             "d_over_b": round(d / naive.per_second, 2),
             "d_over_c": round(d / direct.per_second, 3),
             "d_over_e": round(d / top.per_second, 3),
+            "d_over_e2": round(d / top_indexed.per_second, 3),
         },
         "freshness": {**fresh.as_dict(), "target_rate": args.rate},
         "api_peak_rss_mb_during_freshness": round(api_rss, 1),
@@ -646,6 +676,7 @@ async def main() -> int:
             ["(c) fold alone (database share)", direct.per_second, round(d / direct.per_second, 3)],
             ["(d) tally consumer", d, 1.0],
             ["(e) database ceiling", top.per_second, round(d / top.per_second, 3)],
+            ["(e2) ceiling + usage sort indexes", top_indexed.per_second, round(d / top_indexed.per_second, 3)],
         ],
     )
     extra = consumer_rate.extra
