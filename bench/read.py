@@ -219,11 +219,15 @@ async def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--dsn", default=os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
     parser.add_argument("--reload", action="store_true", help="drop and reload the dataset")
+    parser.add_argument("--database", default=DATABASE, help="the benchmark database (loaded if empty)")
+    parser.add_argument("--load-only", action="store_true", help="load the dataset and stop")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    orgs = await load(args.dsn, args.customers, args.reload)
-    dsn = with_database(args.dsn, DATABASE)
+    orgs = await load(args.dsn, args.customers, args.reload, database=args.database)
+    if args.load_only:
+        return 0
+    dsn = with_database(args.dsn, args.database)
     pool = await asyncpg.create_pool(dsn, min_size=8, max_size=8, server_settings={"timezone": "UTC"})
     async with pool.acquire() as conn:
         key = (await auth.create_key(conn, "bench-big", ("read",), name="bench")).key
