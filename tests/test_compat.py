@@ -68,12 +68,20 @@ async def test_no_route_set_shows_another_organizations_customers(
 EXPECTED_OPERATIONS = {
     respan.TAG: {
         ("get", "/compat/respan/api/users/list/"),
+        ("post", "/compat/respan/api/users/list/"),
         ("get", "/compat/respan/api/users/{customer_identifier}/"),
         ("patch", "/compat/respan/api/users/{customer_identifier}/"),
         ("delete", "/compat/respan/api/users/{customer_identifier}/"),
     },
     v0.TAG: {("get", "/compat/v0/api/v0/customers")},
-    flexprice.TAG: {("get", "/compat/flexprice/v1/customers")},
+    flexprice.TAG: {
+        ("get", "/compat/flexprice/v1/customers"),
+        ("put", "/compat/flexprice/v1/customers"),
+        ("post", "/compat/flexprice/v1/customers/search"),
+        ("get", "/compat/flexprice/v1/customers/{id}"),
+        ("delete", "/compat/flexprice/v1/customers/{id}"),
+        ("get", "/compat/flexprice/v1/customers/external/{external_id}"),
+    },
     public.TAG: {("get", "/compat/public/api/public/customers")},
 }
 

@@ -262,10 +262,16 @@ async def test_respan_missing_or_bad_key_is_401(
 async def test_respan_environment_parameter(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
     prod = await insert_customer(pool, org, uid("prod"))
     test = await insert_customer(pool, org, uid("test"), environment="test")
-    # The list defaults to prod (seed 000), whatever the key's environment.
-    for key in (org.key, org.test_key):
+    # One rule for list and detail: the key's environment unless the request names one (a
+    # customer the list returns is one retrieve finds).
+    for key, expected in ((org.key, prod), (org.test_key, test)):
         body = await get_json(client, RESPAN_LIST, org.headers(key))
-        assert [r["customer_identifier"] for r in body["results"]] == [prod["customer_identifier"]]
+        assert [r["customer_identifier"] for r in body["results"]] == [expected["customer_identifier"]]
+        for method in (client.get, client.post):
+            listed = await ok_json(await method(RESPAN_LIST, headers=org.headers(key)))
+            assert listed["results"] == body["results"]
+        found = await get_json(client, RESPAN_USER.format(expected["customer_identifier"]), org.headers(key))
+        assert found["customer_identifier"] == expected["customer_identifier"]
     body = await get_json(client, f"{RESPAN_LIST}?environment=test", org.headers())
     assert [(r["customer_identifier"], r["environment"], r["id"]) for r in body["results"]] == [
         (test["customer_identifier"], "test", test["customer_identifier"] + "test" + str(org.id))
@@ -430,6 +436,7 @@ async def test_respan_patch_updates_the_budget_fields(client: TestClient, pool: 
         ({"total_period_usage": 0}, "total_period_usage"),
         ({"period_start": "2025-12-01T00:00:00Z"}, "period_start"),
         ({"period_end": None}, "period_end"),
+        ({"markup_percentage": 10}, "markup_percentage"),
         ({"organization_name": "Acme Inc"}, "organization_name"),
         ({"updated_at": "2025-12-29T10:30:00Z"}, "updated_at"),
         ({"number_of_requests": 5}, "number_of_requests"),
@@ -485,3 +492,97 @@ async def test_respan_writes_need_the_write_scope(client: TestClient, pool: asyn
     await problem(await client.patch(RESPAN_USER.format(ident), json={"name": "x"}, headers=read), 403)
     await problem(await client.delete(RESPAN_USER.format(ident), headers=read), 403)
     assert (await get_json(client, RESPAN_USER.format(ident), read))["name"] == "Same"
+
+
+# ---- POST /api/users/list/ with filters (what Respan's SDK sends) ------------------------------
+
+
+async def _filtered(client: TestClient, org: Org, filters: Any, query: str = "") -> list[str]:
+    resp = await client.post(RESPAN_LIST + query, json={"filters": filters}, headers=org.headers())
+    return sorted(r["customer_identifier"] for r in (await ok_json(resp))["results"])
+
+
+async def test_respan_filter_operators(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+    a = await insert_customer(
+        pool, org, "fa_1", name="Ada 50%_off", email="ada@acme.dev", number_of_requests=10, total_cost=Decimal("12.5")
+    )
+    b = await insert_customer(pool, org, "fb_2", name="bob", email="bob@other.io", number_of_requests=3)
+    c = await insert_customer(pool, org, "fc_3", name=None, email=None, total_cost=Decimal("99"))
+    ids = [a["customer_identifier"], b["customer_identifier"], c["customer_identifier"]]
+    cases: list[tuple[Any, list[str]]] = [
+        ({}, ids),
+        ({"customer_identifier": {"operator": "", "value": ["fa_1"]}}, ["fa_1"]),
+        ({"customer_identifier": {"value": ["fa_1", "fb_2"]}}, ["fa_1", "fb_2"]),
+        ({"customer_identifier": {"operator": "in", "value": ["fb_2", "zz"]}}, ["fb_2"]),
+        ({"customer_identifier": {"operator": "not", "value": ["fa_1"]}}, ["fb_2", "fc_3"]),
+        ({"name": {"operator": "not_in", "value": ["bob"]}}, ["fa_1", "fc_3"]),  # a missing name is not "bob"
+        ({"total_cost": {"operator": "gte", "value": [12.5]}}, ["fa_1", "fc_3"]),
+        ({"total_cost": {"operator": "gt", "value": ["12.5"]}}, ["fc_3"]),
+        ({"number_of_requests": {"operator": "lt", "value": [10]}}, ["fb_2", "fc_3"]),
+        ({"number_of_requests": {"operator": "lte", "value": [10]}}, ids),
+        ({"number_of_requests": [{"operator": "gt", "value": [1]}, {"operator": "lt", "value": [5]}]}, ["fb_2"]),
+        ({"name": {"operator": "contains", "value": ["50%_"]}}, ["fa_1"]),  # LIKE metacharacters are literal
+        ({"name": {"operator": "contains", "value": ["%"]}}, ["fa_1"]),
+        ({"name": {"operator": "contains", "value": ["ADA"]}}, []),
+        ({"name": {"operator": "icontains", "value": ["ADA"]}}, ["fa_1"]),
+        ({"name": {"operator": "not_contains", "value": ["b"]}}, ["fa_1", "fc_3"]),
+        ({"email": {"operator": "endswith", "value": ["@acme.dev"]}}, ["fa_1"]),
+        ({"email": {"operator": "not_endswith", "value": ["@acme.dev"]}}, ["fb_2", "fc_3"]),
+        ({"email": {"operator": "startswith", "value": ["bo"]}}, ["fb_2"]),
+        ({"email": {"operator": "not_startswith", "value": ["bo"]}}, ["fa_1", "fc_3"]),
+        ({"email": {"operator": "empty", "value": [""]}}, ["fc_3"]),
+        ({"email": {"operator": "not_empty", "value": [""]}}, ["fa_1", "fb_2"]),
+        ({"environment": {"operator": "", "value": ["prod"]}}, ids),
+        (
+            {"total_cost": {"operator": "gte", "value": [10]}, "email": {"operator": "endswith", "value": [".dev"]}},
+            ["fa_1"],
+        ),
+    ]
+    for filters, expected in cases:
+        assert await _filtered(client, org, filters) == expected, filters
+    # The count is the filtered total, and the pager's pages carry the same filters.
+    resp = await client.post(
+        RESPAN_LIST + "?page_size=1&sort_by=customer_identifier",
+        json={"filters": {"name": {"operator": "not_empty", "value": [""]}}},
+        headers=org.headers(),
+    )
+    body = await ok_json(resp)
+    assert body["count"] == 2 and [r["customer_identifier"] for r in body["results"]] == ["fa_1"]
+    assert body["next"] is not None
+
+
+async def test_respan_filter_environment_chooses_the_environment(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
+    await insert_customer(pool, org, "envp")
+    await insert_customer(pool, org, "envt", environment="test")
+    assert await _filtered(client, org, {"environment": {"value": ["test"]}}) == ["envt"]
+    # The parameter wins: the filter then narrows within it.
+    assert await _filtered(client, org, {"environment": {"value": ["test"]}}, "?environment=prod") == []
+
+
+async def test_respan_bad_filters_are_400_naming_them(client: TestClient, org: Org) -> None:
+    headers = org.headers()
+    bad: list[tuple[Any, str]] = [
+        ({"metadata__plan": {"value": ["pro"]}}, "filters.metadata__plan"),
+        ({"name": {"operator": "like", "value": ["x"]}}, "filters.name"),
+        ({"total_cost": {"operator": "contains", "value": ["1"]}}, "filters.total_cost"),
+        ({"total_cost": {"operator": "gte", "value": ["lots"]}}, "filters.total_cost"),
+        ({"total_cost": {"operator": "gte", "value": [1, 2]}}, "filters.total_cost"),
+        ({"total_cost": {"operator": "gte", "value": []}}, "filters.total_cost"),
+        ({"number_of_requests": {"operator": "gt", "value": [2**70]}}, "filters.number_of_requests"),
+        ({"number_of_requests": {"operator": "gt", "value": [1.5]}}, "filters.number_of_requests"),
+        ({"number_of_requests": {"operator": "gt", "value": [True]}}, "filters.number_of_requests"),
+        ({"name": {"value": ["a\u0000b"]}}, "filters.name"),
+        ({"name": {"value": ["x" * 1001]}}, "filters.name"),
+        ({"name": {"value": ["x"] * 1001}}, "filters.name"),
+        ({"name": [{"operator": "contains", "value": ["a"]}] * 33}, "filters"),
+        ({"name": {"value": "x"}}, "filters.name"),
+        ([{"name": "x"}], "filters"),
+    ]
+    for filters, name in bad:
+        resp = await client.post(RESPAN_LIST, json={"filters": filters}, headers=headers)
+        errors = (await problem(resp, 400))["errors"]
+        assert any(e["name"].startswith(name) for e in errors), (filters, errors)
+    await problem(await client.post(RESPAN_LIST, data=b"{", headers=headers), 400, "body")
+    await problem(await client.post(RESPAN_LIST, json={"filter": {}}, headers=headers), 400, "filter")

@@ -33,7 +33,9 @@ def from_domain(exc: DomainError, body_fields: Collection[str] = ()) -> Problem:
     """The problem a domain error is to an HTTP client. An invalid field is reported in the
     body when the route's body has a field of that name, else in the query."""
     if isinstance(exc, InvalidInput):
-        return invalid(exc.field, exc.reason, "body" if exc.field in body_fields else "query")
+        # "filters.total_cost" is in the body when the body has "filters".
+        in_body = exc.field.split(".", 1)[0] in body_fields
+        return invalid(exc.field, exc.reason, "body" if in_body else "query")
     if isinstance(exc, NotFound):
         return Problem(404, "Not Found", exc.detail, slug="not-found")
     if isinstance(exc, Conflict):

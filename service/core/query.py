@@ -17,7 +17,7 @@ import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Union
 from uuid import UUID
@@ -271,6 +271,144 @@ def join_sql(shape: Shape, alias: str = "c") -> str:
     return f" LEFT JOIN customer_rows p ON {parent}"
 
 
+# Fields a generic condition may filter on: name -> (SQL over the customers alias ``c``, kind).
+# Only these expressions ever reach SQL text; every value is a ``$n`` parameter of the kind's type.
+FILTER_FIELDS: dict[str, tuple[str, str]] = {
+    "customer_identifier": ("c.customer_identifier", "text"),
+    "name": ("c.name", "text"),
+    "email": ("c.email", "text"),
+    "environment": ("c.environment", "text"),
+    "status": ("c.status", "text"),
+    "first_seen": ("c.first_seen", "timestamptz"),
+    "last_active": ("c.last_active", "timestamptz"),
+    "created_at": ("c.created_at", "timestamptz"),
+    "updated_at": ("c.updated_at", "timestamptz"),
+    "active_days": ("c.active_days", "int8"),
+    "number_of_requests": ("c.number_of_requests", "int8"),
+    "prompt_tokens": ("c.prompt_tokens", "int8"),
+    "completion_tokens": ("c.completion_tokens", "int8"),
+    "total_tokens": ("c.total_tokens", "int8"),
+    "total_cost": ("c.total_cost", "numeric"),
+    "average_latency": ("c.average_latency", "float8"),
+    "average_ttft": ("c.average_ttft", "float8"),
+}
+# Operators: ``eq``/``ne`` match any/none of one or more values; the comparisons and the text
+# matches take one value (the matches only on text fields); ``empty``/``not_empty`` take none.
+MULTI_VALUE_OPERATORS = frozenset({"eq", "ne"})
+COMPARISONS = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
+# operator -> (LIKE or ILIKE, pattern around the escaped value, negated)
+TEXT_MATCHES: dict[str, tuple[str, str, bool]] = {
+    "contains": ("LIKE", "%{}%", False),
+    "not_contains": ("LIKE", "%{}%", True),
+    "icontains": ("ILIKE", "%{}%", False),
+    "startswith": ("LIKE", "{}%", False),
+    "not_startswith": ("LIKE", "{}%", True),
+    "endswith": ("LIKE", "%{}", False),
+    "not_endswith": ("LIKE", "%{}", True),
+}
+PRESENCE_OPERATORS = frozenset({"empty", "not_empty"})
+OPERATORS = frozenset({*MULTI_VALUE_OPERATORS, *COMPARISONS, *TEXT_MATCHES, *PRESENCE_OPERATORS})
+# Bounds on what one request may ask for, so a filter stays one cheap statement (and a 400, not
+# a 500, says so): conditions per query, values per condition, characters per text value.
+MAX_CONDITIONS = 32
+MAX_CONDITION_VALUES = 1000
+MAX_TEXT_VALUE = 1000
+_INT8 = (-(2**63), 2**63 - 1)
+_MAX_MONEY = Decimal("1e15")
+
+FilterValue = str | int | Decimal | float | datetime
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One generic filter condition: ``field`` (a key of FILTER_FIELDS) ``operator`` (one of
+    OPERATORS) ``values`` (typed for the field). Build it with :func:`condition`."""
+
+    field: str
+    operator: str
+    values: tuple[FilterValue, ...] = ()
+
+
+def condition(field_name: str, operator: str, values: list[object] | tuple[object, ...], param: str) -> Condition:
+    """A checked :class:`Condition` from a client's field, operator and values (JSON values:
+    strings, numbers; ISO 8601 strings for times). InvalidInput naming ``param`` when the
+    field or operator is unknown, the count of values is wrong for the operator, or a value
+    does not fit the field's type."""
+    if field_name not in FILTER_FIELDS:
+        raise InvalidInput(param, f"cannot filter on '{field_name}'; filterable: {', '.join(FILTER_FIELDS)}")
+    if operator not in OPERATORS:
+        raise InvalidInput(param, f"unknown operator '{operator}'")
+    kind = FILTER_FIELDS[field_name][1]
+    if operator in PRESENCE_OPERATORS:
+        return Condition(field_name, operator)
+    if operator in TEXT_MATCHES and kind != "text":
+        raise InvalidInput(param, f"operator '{operator}' applies to text fields only")
+    if not values:
+        raise InvalidInput(param, f"operator '{operator}' needs a value")
+    if operator in MULTI_VALUE_OPERATORS:
+        if len(values) > MAX_CONDITION_VALUES:
+            raise InvalidInput(param, f"at most {MAX_CONDITION_VALUES} values")
+    elif len(values) != 1:
+        raise InvalidInput(param, f"operator '{operator}' takes exactly one value")
+    return Condition(field_name, operator, tuple(_typed(v, kind, param) for v in values))
+
+
+def _typed(value: object, kind: str, param: str) -> FilterValue:
+    """``value`` as the Python type asyncpg sends for ``kind``; InvalidInput if it cannot be."""
+    if isinstance(value, bool):
+        raise InvalidInput(param, "booleans are not filter values")
+    if kind == "text":
+        if not isinstance(value, (str, int, float, Decimal)):
+            raise InvalidInput(param, "must be a string")
+        text = str(value)
+        if len(text) > MAX_TEXT_VALUE or "\x00" in text:
+            raise InvalidInput(param, f"must be at most {MAX_TEXT_VALUE} characters, without NUL")
+        return text
+    if kind == "timestamptz":
+        if isinstance(value, datetime):
+            moment = value
+        elif isinstance(value, str):
+            try:
+                moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise InvalidInput(param, "must be an ISO 8601 time") from None
+        else:
+            raise InvalidInput(param, "must be an ISO 8601 time")
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    try:
+        number = Decimal(str(value).strip()) if isinstance(value, (str, int, float, Decimal)) else None
+    except ArithmeticError:
+        number = None
+    if number is None or not number.is_finite():
+        raise InvalidInput(param, "must be a number")
+    if kind == "int8":
+        if number != number.to_integral_value() or not _INT8[0] <= number <= _INT8[1]:
+            raise InvalidInput(param, "must be a whole number within 64 bits")
+        return int(number)
+    if abs(number) >= _MAX_MONEY:
+        raise InvalidInput(param, "is out of range")
+    return number if kind == "numeric" else float(number)
+
+
+def condition_sql(cond: Condition, p: _Params) -> str:
+    """One condition as SQL over ``c``: the field's expression from the allow-list, the values
+    as parameters. A missing value (NULL) matches ``ne``, the negated text matches and
+    ``empty``, and nothing else."""
+    expr, kind = FILTER_FIELDS[cond.field]
+    if cond.operator == "eq":
+        return f"{expr} = ANY({p(list(cond.values), kind + '[]')})"
+    if cond.operator == "ne":
+        return f"coalesce({expr} <> ALL({p(list(cond.values), kind + '[]')}), true)"
+    if cond.operator in COMPARISONS:
+        return f"{expr} {COMPARISONS[cond.operator]} {p(cond.values[0], kind)}"
+    if cond.operator in TEXT_MATCHES:
+        like, pattern, negated = TEXT_MATCHES[cond.operator]
+        match = f"{expr} {like} {p(pattern.format(escape_like(str(cond.values[0]))))}"
+        return f"coalesce(NOT ({match}), true)" if negated else match
+    blank = f"({expr} IS NULL OR {expr} = '')" if kind == "text" else f"{expr} IS NULL"
+    return blank if cond.operator == "empty" else f"NOT {blank}"
+
+
 @dataclass(frozen=True)
 class CustomerFilter:
     statuses: tuple[str, ...] = ()
@@ -288,6 +426,14 @@ class CustomerFilter:
     metadata: tuple[tuple[str, str], ...] = ()
     # Customers whose current-period usage is at least this share of their period budget.
     period_budget_share_gte: Decimal | None = None
+    # Generic conditions (all must hold), built by :func:`condition`.
+    conditions: tuple[Condition, ...] = ()
+    # True: the filter matches nothing (a status the route's vocabulary has and tally never holds).
+    nothing: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.conditions) > MAX_CONDITIONS:
+            raise InvalidInput("filters", f"at most {MAX_CONDITIONS} conditions")
 
     def fingerprint(self) -> str:
         """A short digest of the filter, so a cursor cannot be replayed against another one."""
@@ -385,6 +531,9 @@ def where_sql(q: ListQuery, p: _Params) -> str:
     if f.period_budget_share_gte is not None:
         usage = CUSTOMER_FIELDS["total_period_usage"].format(t="c")
         clauses.append(f"c.period_budget > 0 AND {usage} >= c.period_budget * {p(f.period_budget_share_gte)}")
+    clauses.extend(condition_sql(cond, p) for cond in f.conditions)
+    if f.nothing:
+        clauses.append("false")
     return " AND ".join(clauses)
 
 

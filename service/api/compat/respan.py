@@ -3,16 +3,29 @@
 Unstated by the seed and chosen here: ``page`` is an integer ≥ 1; ``sort_by`` accepts the
 canonical sort fields; the detail route's ``id`` is the customer_identifier (as in the seed's
 example) while the list's ``id`` is customer_identifier + environment + organization uuid.
+
+The list answers GET (seed 000's examples) and POST (seed 001's "POST List customers", and what
+Respan's SDK sends): the same query string, and on POST a JSON body ``{"filters": {...}}``
+whose conditions (``{"<field>": {"operator": "<op>", "value": [...]}}``, or a list of them
+for one field) map onto the core's generic conditions. Respan's operator and field names are
+translated here; which fields, operators and bounds exist is the core's
+(``service/core/query.py`` FILTER_FIELDS).
+
+The environment, on every route: the ``environment`` parameter when given, else the key's
+environment (seed 000 says the list defaults to ``prod``; tally uses one rule for list,
+retrieve, update and delete, so that a customer the list returns is found by retrieve). On
+the list, a ``filters.environment`` equality with one value chooses the environment when
+the parameter is absent.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from service.api import appkeys, dbaccess, examples
 from service.api.customers import write_stamp
@@ -22,8 +35,9 @@ from service.api.params import parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
 from service.core import customers as core
-from service.core.profile import Email, Money, ProfileUpdate, ShortText
-from service.core.query import Col, ListQuery, Sort
+from service.core.errors import InvalidInput
+from service.core.profile import Email, Metadata, Money, ProfileUpdate, ShortText
+from service.core.query import MAX_CONDITIONS, Col, Condition, CustomerFilter, ListQuery, Sort, condition
 from service.core.vocabulary import BudgetDuration, Environment
 
 BASE = "/compat/respan"
@@ -42,7 +56,123 @@ class ListParams(BaseModel):
     page: int = Field(1, ge=1, le=10_000_000, description="Page number.")
     page_size: int = Field(50, ge=1, le=1000, description="Customers per page. Maximum is 1000.")
     sort_by: RespanSortBy = Field("-first_seen", description="Sort field; prefix '-' for descending.")
-    environment: Environment = Field("prod", description="prod or test.")
+    environment: Environment | None = Field(None, description="prod or test; defaults to the key's environment.")
+
+
+# Respan's filter operators -> the core's. "" (the default) and "in" match any listed value,
+# "not" and "not_in" none of them.
+OPERATORS = {
+    "": "eq",
+    "in": "eq",
+    "not": "ne",
+    "not_in": "ne",
+    **{op: op for op in ("lt", "lte", "gt", "gte", "empty", "not_empty")},
+    **{op: op for op in ("contains", "not_contains", "icontains")},
+    **{op: op for op in ("startswith", "not_startswith", "endswith", "not_endswith")},
+}
+# Respan's filter fields -> the core's.
+FILTER_FIELDS = {
+    "customer_identifier": "customer_identifier",
+    "name": "name",
+    "email": "email",
+    "environment": "environment",
+    "number_of_requests": "number_of_requests",
+    "total_cost": "total_cost",
+    "total_tokens": "total_tokens",
+    "total_prompt_tokens": "prompt_tokens",
+    "total_completion_tokens": "completion_tokens",
+    "average_latency": "average_latency",
+    "average_ttft": "average_ttft",
+    "active_days": "active_days",
+    "first_seen": "first_seen",
+    "last_active_timeframe": "last_active",
+}
+
+
+class RespanFilter(BaseModel):
+    """One condition: ``operator`` (``""``, the default, is equals) and its values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    operator: str | None = Field(None, description=f"One of: {', '.join(repr(op) for op in OPERATORS)}.")
+    value: list[Any] = Field(max_length=1000, description="The values; one for comparisons and text matches.")
+
+
+_CONDITION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "operator": {"type": "string", "enum": list(OPERATORS), "default": ""},
+        "value": {"type": "array", "maxItems": 1000},
+    },
+    "required": ["value"],
+    "additionalProperties": False,
+}
+FILTERS_SCHEMA = {
+    "type": "object",
+    "propertyNames": {"enum": list(FILTER_FIELDS)},
+    "additionalProperties": {"anyOf": [_CONDITION_SCHEMA, {"type": "array", "items": _CONDITION_SCHEMA}]},
+}
+
+
+class ListBody(BaseModel):
+    """POST body of the list: conditions every customer returned must meet."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "filters": {
+                        "total_cost": {"operator": "gte", "value": [10]},
+                        "email": {"operator": "endswith", "value": ["@acme.dev"]},
+                    }
+                }
+            ]
+        },
+    )
+
+    # Each value is checked by conditions() (so that a 400 names filters.<field>), as the
+    # schema below says.
+    filters: Annotated[dict[str, Any], WithJsonSchema(FILTERS_SCHEMA)] | None = Field(
+        None,
+        max_length=len(FILTER_FIELDS),
+        description=f"Field -> condition (or a list of conditions). Fields: {', '.join(FILTER_FIELDS)}.",
+    )
+
+
+def conditions(filters: dict[str, Any] | None) -> tuple[Condition, ...]:
+    """Respan's filters as the core's conditions (the core checks types and bounds)."""
+    found: list[Condition] = []
+    for name, spec in (filters or {}).items():
+        param = f"filters.{name}"
+        if name not in FILTER_FIELDS:
+            raise InvalidInput(param, f"cannot filter on '{name}'; filterable: {', '.join(FILTER_FIELDS)}")
+        raw = spec if isinstance(spec, list) else [spec]
+        if len(found) + len(raw) > MAX_CONDITIONS:
+            raise InvalidInput("filters", f"at most {MAX_CONDITIONS} conditions")
+        try:
+            specs = [RespanFilter.model_validate(one) for one in raw]
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise InvalidInput(param, f"{where + ': ' if where else ''}{first['msg']}") from None
+        for one in specs:
+            operator = one.operator or ""
+            if operator not in OPERATORS:
+                raise InvalidInput(param, f"unknown operator '{operator}'; one of {sorted(OPERATORS)}")
+            found.append(condition(FILTER_FIELDS[name], OPERATORS[operator], one.value, param))
+    return tuple(found)
+
+
+def chosen_environment(conds: tuple[Condition, ...]) -> tuple[str | None, tuple[Condition, ...]]:
+    """The environment a single-valued ``filters.environment`` equality names (and the other
+    conditions), else None and all of them."""
+    named = [c for c in conds if c.field == "environment"]
+    if len(named) == 1 and named[0].operator == "eq" and len(named[0].values) == 1:
+        value = str(named[0].values[0])
+        if value in ("prod", "test"):
+            return value, tuple(c for c in conds if c is not named[0])
+    return None, conds
 
 
 class DetailParams(BaseModel):
@@ -96,12 +226,15 @@ class RespanUserDetail(BaseModel):
 
 
 class RespanUserPatch(BaseModel):
-    """The editable fields of seed 001."""
+    """The editable fields of seed 001, and ``metadata`` (Respan's SDK offers it). The SDK's
+    ``period_start``, ``period_end`` and ``markup_percentage`` have no counterpart in tally
+    (periods follow ``budget_duration``): they are refused (400), never silently dropped."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [examples.RESPAN_USER_PATCH]})
 
     name: ShortText | None = None
     email: Email | None = None
+    metadata: Metadata | None = Field(None, description="Replaces the whole metadata object.")
     total_budget: Money | None = None
     period_budget: Money | None = None
     budget_duration: BudgetDuration | None = None
@@ -115,9 +248,15 @@ JSON = "application/json"
 async def list_users(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     params = parse_query(request, ListParams)
+    conds: tuple[Condition, ...] = ()
+    if request.method == "POST" and request.can_read_body:
+        body = await parse_body(request, ListBody, request.app[appkeys.SETTINGS].max_body_bytes)
+        conds = conditions(body.filters)
+    named, conds = chosen_environment(conds) if params.environment is None else (None, conds)
     q = ListQuery(
         organization_id=principal.organization_id,
-        environment=params.environment,
+        environment=params.environment or named or principal.environment,
+        filter=CustomerFilter(conditions=conds),
         sort=Sort.parse(SORT_ALIASES.get(params.sort_by, params.sort_by)),
         limit=params.page_size,
         offset=(params.page - 1) * params.page_size,
@@ -129,6 +268,11 @@ async def list_users(request: web.Request) -> web.Response:
         "previous": link(request, page=params.page - 1) if params.page > 1 else None,
     }
     return web.Response(body=json_with(envelope, "results", page.docs), content_type=JSON)
+
+
+async def filter_users(request: web.Request) -> web.Response:
+    """POST: the list, with filters in the body (its own handler: its own operationId)."""
+    return await list_users(request)
 
 
 def _where(request: web.Request) -> tuple[UUID, str, str]:
@@ -186,6 +330,20 @@ ENDPOINTS = [
         query=ListParams,
         response=RespanUserList,
         errors=(400, 401, 429),
+        description="Seed 000's form. POST takes the same parameters and, in its body, filters.",
+    ),
+    Endpoint(
+        "POST",
+        BASE + "/api/users/list/",
+        filter_users,
+        "List customers (with filters)",
+        TAG,
+        "read",
+        query=ListParams,
+        body=ListBody,
+        response=RespanUserList,
+        errors=(400, 401, 413, 429),
+        description="What Respan's SDK sends: the query string of the GET form, and filters in the body.",
     ),
     Endpoint(
         "GET",
