@@ -21,6 +21,7 @@ RESPAN_LIST = "/compat/respan/api/users/list/"
 RESPAN_USER = "/compat/respan/api/users/{}/"
 V0_LIST = "/compat/v0/api/v0/customers"
 FLEXPRICE_LIST = "/compat/flexprice/v1/customers"
+FLEXPRICE_SEARCH = "/compat/flexprice/v1/customers/search"
 PUBLIC_LIST = "/compat/public/api/public/customers"
 
 # ---------------------------------------------------------------------------------------------

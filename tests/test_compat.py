@@ -76,6 +76,7 @@ EXPECTED_OPERATIONS = {
     v0.TAG: {("get", "/compat/v0/api/v0/customers")},
     flexprice.TAG: {
         ("get", "/compat/flexprice/v1/customers"),
+        ("post", "/compat/flexprice/v1/customers"),
         ("put", "/compat/flexprice/v1/customers"),
         ("post", "/compat/flexprice/v1/customers/search"),
         ("get", "/compat/flexprice/v1/customers/{id}"),

@@ -8,7 +8,7 @@ Where a seed is silent the adapter's module docstring is the contract (named whe
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -19,6 +19,7 @@ from tests.compatkit import (
     CROWD_SIZE,
     FLEXPRICE_EXAMPLE,
     FLEXPRICE_LIST,
+    FLEXPRICE_SEARCH,
     ISO_Z,
     UTC,
     Crowd,
@@ -30,7 +31,7 @@ from tests.compatkit import (
 )
 from tests.factories import Org, insert_customer, set_columns
 from tests.schemacheck import check as check_schema
-from tests.support import problem, uid
+from tests.support import ok_json, problem, uid
 
 
 async def _flexprice_example(pool: asyncpg.Pool, org: Org) -> list[dict[str, Any]]:
@@ -140,18 +141,29 @@ async def test_flexprice_status_mapping(client: TestClient, pool: asyncpg.Pool, 
         assert_like(item, FLEXPRICE_EXAMPLE["items"][0])
         assert (item["name"], item["email"], item["address_line1"], item["metadata"]) == ("", "", "", {})
     shown = {i["id"]: i["status"] for i in body["items"]}
+    # Only Flexprice's own statuses are shown: each of tally's as its nearest.
     assert shown == {
         str(rows["active"]["id"]): "published",
-        str(rows["draft"]["id"]): "draft",
+        str(rows["draft"]["id"]): "published",
         str(rows["archived"]["id"]): "archived",
-        str(rows["blacklisted"]["id"]): "blacklisted",
-        str(rows["deactivated"]["id"]): "deactivated",
+        str(rows["blacklisted"]["id"]): "archived",
+        str(rows["deactivated"]["id"]): "archived",
     }
-    for flex, tally in (("published", "active"), ("draft", "draft"), ("archived", "archived")):
+    # Filtering maps back to the same sets; "deleted" is a status tally never holds: no customers.
+    for flex, tallys in (
+        ("published", ("active", "draft")),
+        ("draft", ("draft",)),
+        ("archived", ("archived", "blacklisted", "deactivated")),
+        ("deleted", ()),
+    ):
         body = await get_json(client, f"{FLEXPRICE_LIST}?status={flex}", org.headers())
-        assert [(i["id"], i["status"]) for i in body["items"]] == [(str(rows[tally]["id"]), flex)]
-        assert body["pagination"]["total"] == 1
-    for bad in ("active", "PUBLISHED", "deleted"):
+        assert sorted(i["id"] for i in body["items"]) == sorted(str(rows[t]["id"]) for t in tallys), flex
+        assert body["pagination"]["total"] == len(tallys)
+        searched = await ok_json(
+            await client.post(FLEXPRICE_SEARCH, json={"status": flex}, headers={"x-api-key": org.key})
+        )
+        assert searched == body, flex
+    for bad in ("active", "PUBLISHED", "blacklisted"):
         await problem(await client.get(f"{FLEXPRICE_LIST}?status={bad}", headers=org.headers()), 400, "status")
 
 
@@ -213,7 +225,7 @@ async def test_flexprice_expand_parent_customer(client: TestClient, pool: asyncp
     assert items["user_12345"] == {**parent_item, "parent_customer": None}
     assert items["user_child"]["parent_customer_id"] == str(parent_row["id"])
     assert items["user_child"]["parent_customer"] == parent_item  # the parent, in the same shape
-    assert items["user_child"]["status"] == "draft"
+    assert items["user_child"]["status"] == "published"  # tally's draft
     assert_like(
         items["user_child"],
         {**FLEXPRICE_EXAMPLE["items"][0], "parent_customer": FLEXPRICE_EXAMPLE["items"][0]},
@@ -266,3 +278,125 @@ async def test_flexprice_authentication_and_environment(
     assert theirs == {"items": [], "pagination": {"total": 0, "limit": 50, "offset": 0}}
     theirs = await get_json(client, f"{FLEXPRICE_LIST}?customer_ids={prod['id']}", other_org.headers())
     assert theirs["items"] == []
+
+
+# ---- what Flexprice's SDKs send: x-api-key, search, get, update, delete ------------------------
+
+FLEXPRICE_ONE = "/compat/flexprice/v1/customers/{}"
+
+
+async def test_flexprice_takes_the_key_as_x_api_key(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+    row = await insert_customer(pool, org, uid("key"))
+    body = await get_json(client, FLEXPRICE_LIST, {"x-api-key": org.key})
+    assert [i["id"] for i in body["items"]] == [str(row["id"])]
+    assert (await get_json(client, FLEXPRICE_LIST, {"x-api-key": org.test_key}))["items"] == []  # its environment
+    for bad in ("", "tly_nope.nope", org.key.partition(".")[0] + ".wrong"):
+        await problem(await client.get(FLEXPRICE_LIST, headers={"x-api-key": bad}), 401)
+    # Only this route set reads the header: elsewhere a key goes where that API expects it.
+    await problem(await client.get("/compat/respan/api/users/list/", headers={"x-api-key": org.key}), 401)
+    await problem(await client.get("/v1/customers", headers={"x-api-key": org.key}), 401)
+
+
+async def test_flexprice_metadata_is_a_map_of_strings(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+    metadata = {"plan": "pro", "beta": True, "seats": 5, "ratio": 0.5, "none": None, "tags": ["a"], "nested": {"a": 1}}
+    row = await insert_customer(pool, org, uid("meta"), metadata=metadata)
+    expected = {
+        "plan": "pro",
+        "beta": "true",
+        "seats": "5",
+        "ratio": "0.5",
+        "none": "null",
+        "tags": '["a"]',
+        "nested": '{"a": 1}',
+    }
+    body = await get_json(client, FLEXPRICE_LIST, org.headers())
+    assert body["items"][0]["metadata"] == expected
+    one = await get_json(client, FLEXPRICE_ONE.format(row["id"]), org.headers())
+    assert one["metadata"] == expected
+
+
+async def test_flexprice_search(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+    base = datetime(2025, 1, 1, tzinfo=UTC)
+    rows = []
+    for i, (name, email, meta) in enumerate(
+        [("Acme", "a@acme.dev", {"tier": "pro"}), ("Beta_1", "b@beta.io", {"tier": "free"}), ("Gamma", None, {})]
+    ):
+        row = await insert_customer(pool, org, f"s{i}", name=name, email=email, metadata=meta)
+        rows.append(await set_columns(pool, row, created_at=base + timedelta(days=i)))
+    headers = {"x-api-key": org.key}
+
+    async def search(body: dict) -> list[str]:
+        found = await ok_json(await client.post(FLEXPRICE_SEARCH, json=body, headers=headers))
+        assert found["pagination"]["total"] >= len(found["items"])
+        return [i["external_id"] for i in found["items"]]
+
+    assert await search({}) == ["s2", "s1", "s0"]  # newest first, as the list
+    assert await search({"order": "asc"}) == ["s0", "s1", "s2"]
+    assert await search({"sort": [{"field": "name", "direction": "asc"}]}) == ["s0", "s1", "s2"]
+    assert await search({"sort": [{"field": "external_id", "direction": "desc"}], "limit": 1, "offset": 1}) == ["s1"]
+    assert await search({"external_ids": ["s0", "s2"], "order": "asc"}) == ["s0", "s2"]
+    assert await search({"external_id": "s1"}) == ["s1"]
+    assert await search({"customer_ids": [str(rows[0]["id"])]}) == ["s0"]
+    assert await search({"email": "B@BETA.IO"}) == ["s1"]
+    assert await search({"metadata": {"tier": "pro"}}) == ["s0"]
+    assert await search({"start_time": "2025-01-02T00:00:00Z", "order": "asc"}) == ["s1", "s2"]
+    assert await search({"end_time": "2025-01-02T00:00:00Z", "order": "asc"}) == ["s0", "s1"]
+    cond = {"field": "name", "operator": "contains", "data_type": "string", "value": {"string": "_1"}}
+    assert await search({"filters": [cond]}) == ["s1"]  # "_" is no wildcard
+    cond = {"field": "external_id", "operator": "in", "data_type": "array", "value": {"array": ["s0", "s1"]}}
+    assert await search({"filters": [cond], "order": "asc"}) == ["s0", "s1"]
+    cond = {"field": "created_at", "operator": "before", "data_type": "date", "value": {"date": "2025-01-02"}}
+    assert await search({"filters": [cond]}) == ["s0"]
+    bad = [
+        ({"sort": [{"field": "shoe_size"}]}, "sort.0.field"),
+        ({"sort": [{"field": "name"}, {"field": "email"}]}, "sort"),
+        ({"limit": 0}, "limit"),
+        ({"status": "active"}, "status"),
+        ({"filters": [{"field": "tenant_id", "value": {"string": "x"}}]}, "filters.0"),
+        ({"filters": [{"field": "name", "operator": "like", "value": {"string": "x"}}]}, "filters.0"),
+        ({"filters": [{"field": "name", "value": {"boolean": True}}]}, "filters.0"),
+        ({"filters": [{"field": "name", "operator": "contains", "value": {}}]}, "filters.0"),
+        ({"filters": [{"field": "created_at", "operator": "after", "value": {"date": "soon"}}]}, "filters.0"),
+        ({"start_time": "yesterday"}, "start_time"),
+        ({"shoe_size": 44}, "shoe_size"),
+    ]
+    for body, name in bad:
+        await problem(await client.post(FLEXPRICE_SEARCH, json=body, headers=headers), 400, name)
+
+
+async def test_flexprice_get_update_delete(client: TestClient, pool: asyncpg.Pool, org: Org, other_org: Org) -> None:
+    row = await insert_customer(pool, org, uid("one"), name="Old", metadata={"beta": True})
+    headers = {"x-api-key": org.key}
+    one = await get_json(client, FLEXPRICE_ONE.format(row["id"]), headers)
+    assert (one["external_id"], one["name"], one["metadata"]) == (row["customer_identifier"], "Old", {"beta": "true"})
+    assert await get_json(client, FLEXPRICE_ONE.format("external/" + row["customer_identifier"]), headers) == one
+    for missing in (uuid.uuid4(), "cust_abc"):
+        await problem(await client.get(FLEXPRICE_ONE.format(missing), headers=headers), 404)
+    await problem(await client.get(FLEXPRICE_ONE.format(row["id"]), headers={"x-api-key": other_org.key}), 404)
+    # PUT by id or by external id, through the canonical write path.
+    put = {"name": "New", "contact": "+33 1", "address_city": "Lyon", "metadata": {"tier": "pro"}}
+    resp = await client.put(FLEXPRICE_LIST, params={"id": str(row["id"])}, json=put, headers=headers)
+    updated = await ok_json(resp)
+    assert (updated["name"], updated["address_city"], updated["metadata"]) == ("New", "Lyon", {"tier": "pro"})
+    stored = await pool.fetchrow("SELECT phone, metadata FROM customers WHERE id = $1", row["id"])
+    assert stored["phone"] == "+33 1"
+    by_external = {"external_customer_id": row["customer_identifier"]}
+    resp = await client.put(FLEXPRICE_LIST, params=by_external, json={"email": "x@y.io"}, headers=headers)
+    assert (await ok_json(resp))["email"] == "x@y.io"
+    bad = [
+        ({}, {"name": "x"}, "id"),
+        ({"id": str(row["id"]), "external_customer_id": "other"}, {"name": "x"}, "external_customer_id"),
+        ({"id": str(row["id"])}, {"external_id": "renamed"}, "external_id"),
+        ({"id": str(row["id"])}, {"timezone": "UTC"}, "timezone"),
+        ({"id": str(row["id"])}, {"billing_currency": "usd"}, "billing_currency"),
+        ({"id": str(row["id"])}, {"email": "not-an-email"}, "email"),
+        ({"id": str(row["id"])}, {"metadata": {"a": 1}}, "metadata.a"),
+    ]
+    for params, body, name in bad:
+        await problem(await client.put(FLEXPRICE_LIST, params=params, json=body, headers=headers), 400, name)
+    await problem(await client.put(FLEXPRICE_LIST, params={"id": str(uuid.uuid4())}, json={}, headers=headers), 404)
+    # DELETE by id: gone, then 404.
+    resp = await client.delete(FLEXPRICE_ONE.format(row["id"]), headers=headers)
+    assert resp.status == 204
+    await problem(await client.get(FLEXPRICE_ONE.format(row["id"]), headers=headers), 404)
+    await problem(await client.delete(FLEXPRICE_ONE.format(row["id"]), headers=headers), 404)

@@ -17,7 +17,7 @@ from pydantic.json_schema import models_json_schema
 
 from service.api import appkeys
 from service.api.models import Problem
-from service.api.routing import Endpoint
+from service.api.routing import API_KEY_HEADER, Endpoint
 
 REF = "#/components/schemas/{model}"
 ERROR_TEXT = {
@@ -89,7 +89,7 @@ def build_openapi(
             op["parameters"] = parameters
         if ep.body:
             op["requestBody"] = {
-                "required": True,
+                "required": ep.body_required,
                 "content": {"application/json": _media(refs[(ep.body, "validation")], defs)},
             }
         ok: dict[str, object] = {"description": HTTPStatus(ep.status).phrase}
@@ -112,7 +112,10 @@ def build_openapi(
             responses[str(code)] = response
         op["responses"] = responses
         if ep.scope:
-            op["security"] = [{"bearerAuth": []}, {"clientKey": [], "clientSecret": []}]
+            security: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"clientKey": [], "clientSecret": []}]
+            if ep.api_key_header == API_KEY_HEADER:
+                security.append({"apiKeyHeader": []})
+            op["security"] = security
             op["x-required-scope"] = ep.scope
         paths.setdefault(ep.path, {})[ep.method.lower()] = op
     return {
@@ -133,6 +136,12 @@ def build_openapi(
                 "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
                 "clientKey": {"type": "apiKey", "in": "header", "name": "x-client-key"},
                 "clientSecret": {"type": "apiKey", "in": "header", "name": "x-client-secret"},
+                "apiKeyHeader": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": API_KEY_HEADER,
+                    "description": f"{API_KEY_HEADER}: <key> (the Flexprice route set; as its SDKs send it)",
+                },
             },
         },
     }

@@ -20,6 +20,8 @@ from service.web.problems import Problem
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPERATIONS_TAG = "Operations"
 PRINCIPAL = web.RequestKey("principal", Principal)
+# The vendor header that carries a whole key on the routes that name it (Flexprice's SDKs send it).
+API_KEY_HEADER = "x-api-key"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,11 @@ class Endpoint:
     description: str = ""
     # Regular expressions for path variables where the default [^/]+ would be ambiguous.
     path_patterns: dict[str, str] = field(default_factory=dict)
+    # A header that carries the whole API key on this route as well (a vendor SDK's own way:
+    # FlexPrice's sends x-api-key), when no Authorization header is sent.
+    api_key_header: str | None = None
+    # False: the body may be left out (the handler then reads none).
+    body_required: bool = True
 
     @property
     def route_path(self) -> str:
@@ -50,15 +57,21 @@ class Endpoint:
         return path
 
 
-def credentials(request: web.Request) -> tuple[str, str]:
-    """``(client_key, secret)`` from ``Authorization: Bearer <key>`` or the header pair
-    ``x-client-key`` + ``x-client-secret``; Unauthenticated if missing or malformed."""
+def credentials(request: web.Request, api_key_header: str | None = None) -> tuple[str, str]:
+    """``(client_key, secret)`` from ``Authorization: Bearer <key>``, the header pair
+    ``x-client-key`` + ``x-client-secret``, or (where the route names one) ``api_key_header``
+    holding the key; Unauthenticated if missing or malformed."""
     header = request.headers.get("Authorization")
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("Authorization must be 'Bearer <key>'")
         client_key, secret = split_bearer(token.strip())
+    elif api_key_header is not None and api_key_header in request.headers:
+        token = request.headers[api_key_header].strip()
+        if not token:
+            raise Unauthenticated(f"{api_key_header} is empty")
+        client_key, secret = split_bearer(token)
     elif "x-client-key" in request.headers:
         client_key = request.headers["x-client-key"]
         secret = request.headers.get("x-client-secret", "")
@@ -77,11 +90,11 @@ def _printable_ascii(text: str) -> bool:
     return text.isascii() and text.isprintable()
 
 
-async def principal_for(request: web.Request) -> Principal:
+async def principal_for(request: web.Request, api_key_header: str | None = None) -> Principal:
     """The caller's principal: from the cache of verified keys, else from the database.
     Unauthenticated for a missing, malformed, unknown or revoked key; RateLimited (before
     any database lookup) while the client's address has no unauthenticated-request tokens."""
-    client_key, secret = credentials(request)
+    client_key, secret = credentials(request, api_key_header)
     cache = request.app[appkeys.KEY_CACHE]
     principal = cache.get(client_key, secret)
     if principal is None:
@@ -141,7 +154,7 @@ def _guarded(endpoint: Endpoint) -> Handler:
         headers: dict[str, str] = {}
         try:
             try:
-                principal = await principal_for(request)
+                principal = await principal_for(request, endpoint.api_key_header)
             except Unauthenticated:
                 _charge_unauthenticated(request)
                 raise

@@ -15,7 +15,7 @@ import base64
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -153,7 +153,9 @@ class Col:
 
     ``fmt``: ``number`` (money as a JSON number rather than a decimal string), ``iso_z``
     (``2024-01-15T10:30:00Z``), ``iso_ms`` (``2024-01-15T10:30:00.000Z``), ``upper``,
-    ``text`` (a missing value as ``""``, for APIs whose strings are never null).
+    ``text`` (a missing value as ``""``, for APIs whose strings are never null), ``string_map``
+    (a JSON object whose non-string values become their JSON text, for APIs whose maps hold
+    strings only).
     ``values`` renames values (``(("active", "published"),)``); others pass through.
     """
 
@@ -168,6 +170,12 @@ _FORMATS = {
     "iso_ms": "to_char(({e}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
     "upper": "upper({e})",
     "text": "coalesce(({e})::text, '')",
+    # A JSON object as a map of strings: string values as they are, any other value as its JSON
+    # text (as PostgreSQL writes jsonb: true -> "true", 5 -> "5", {"a":1} -> "{\"a\": 1}").
+    "string_map": (
+        "(SELECT coalesce(jsonb_object_agg(m.key, CASE jsonb_typeof(m.value) WHEN 'string' THEN m.value #>> '{{}}'"
+        " ELSE m.value::text END), '{{}}'::jsonb) FROM jsonb_each({e}) m)"
+    ),
 }
 _PLAIN = re.compile(r"^[A-Za-z0-9_ -]*$")
 
@@ -315,6 +323,7 @@ MAX_CONDITION_VALUES = 1000
 MAX_TEXT_VALUE = 1000
 _INT8 = (-(2**63), 2**63 - 1)
 _MAX_MONEY = Decimal("1e15")
+_EARLIEST, _LATEST = datetime(1, 1, 2, tzinfo=UTC), datetime(9999, 12, 30, tzinfo=UTC)
 
 FilterValue = str | int | Decimal | float | datetime
 
@@ -329,7 +338,7 @@ class Condition:
     values: tuple[FilterValue, ...] = ()
 
 
-def condition(field_name: str, operator: str, values: list[object] | tuple[object, ...], param: str) -> Condition:
+def condition(field_name: str, operator: str, values: Sequence[object], param: str) -> Condition:
     """A checked :class:`Condition` from a client's field, operator and values (JSON values:
     strings, numbers; ISO 8601 strings for times). InvalidInput naming ``param`` when the
     field or operator is unknown, the count of values is wrong for the operator, or a value
@@ -374,7 +383,13 @@ def _typed(value: object, kind: str, param: str) -> FilterValue:
                 raise InvalidInput(param, "must be an ISO 8601 time") from None
         else:
             raise InvalidInput(param, "must be an ISO 8601 time")
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        try:
+            moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+        except OverflowError:
+            moment = _EARLIEST
+        if not _EARLIEST < moment < _LATEST:  # the driver cannot send what is outside
+            raise InvalidInput(param, "must be between 0001-01-02 and 9999-12-30")
+        return moment
     try:
         number = Decimal(str(value).strip()) if isinstance(value, (str, int, float, Decimal)) else None
     except ArithmeticError:

@@ -341,6 +341,7 @@ ENDPOINTS = [
         "read",
         query=ListParams,
         body=ListBody,
+        body_required=False,
         response=RespanUserList,
         errors=(400, 401, 413, 429),
         description="What Respan's SDK sends: the query string of the GET form, and filters in the body.",
