@@ -101,6 +101,49 @@ def test_settings_read_hosts_and_public_url_from_the_environment(monkeypatch: py
     s = Settings()
     assert s.allowed_hosts == ("api.example.com", "*.internal")
     assert s.public_url == "https://api.example.com/tally"
+    assert s.trust_forwarded_headers is False
+    monkeypatch.setenv("TALLY_TRUST_FORWARDED_HEADERS", "true")
+    assert Settings().trust_forwarded_headers is True
     monkeypatch.setenv("TALLY_PUBLIC_URL", "api.example.com")
     with pytest.raises(ValueError):
         Settings()
+
+
+PROXIED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.com"}
+
+
+async def test_forwarded_headers_are_ignored_unless_trusted(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+    await three_customers(pool, org)
+    for url in ("/v1/customers?limit=1", "/compat/respan/api/users/list/?page_size=1"):
+        page = await ok_json(await client.get(url, headers={**org.headers(), **PROXIED}))
+        assert URL(page["next"]).scheme == "http" and URL(page["next"]).host == "127.0.0.1", page["next"]
+
+
+async def test_links_follow_a_trusted_proxy(settings: Settings, migrated, pool: asyncpg.Pool, org: Org) -> None:
+    proxied = settings.model_copy(
+        update={"trust_forwarded_headers": True, "allowed_hosts": ("127.0.0.1", "api.example.com")}
+    )
+    await three_customers(pool, org)
+    async with TestClient(TestServer(create_app(proxied))) as c:
+        for url in ("/v1/customers?limit=1", "/compat/respan/api/users/list/?page_size=1"):
+            page = await ok_json(await c.get(url, headers={**org.headers(), **PROXIED}))
+            nxt = URL(page["next"])
+            assert (nxt.scheme, nxt.host, nxt.port) == ("https", "api.example.com", 443), page["next"]
+            assert (await ok_json(await c.get(rel(page["next"]), headers=org.headers())))["results"]
+        # A chain names the client-facing proxy first; a port is kept.
+        chained = {"X-Forwarded-Proto": "https, http", "X-Forwarded-Host": "api.example.com:8443, 10.0.0.1"}
+        page = await ok_json(await c.get("/v1/customers?limit=1", headers={**org.headers(), **chained}))
+        assert page["next"].startswith("https://api.example.com:8443/v1/customers?"), page["next"]
+        # Only the scheme forwarded: the request's own Host.
+        page = await ok_json(
+            await c.get("/v1/customers?limit=1", headers={**org.headers(), "X-Forwarded-Proto": "https"})
+        )
+        assert URL(page["next"]).scheme == "https" and URL(page["next"]).host == "127.0.0.1"
+        # A forwarded host outside the allowed list gets relative links, as a Host would.
+        evil = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"}
+        page = await ok_json(await c.get("/v1/customers?limit=1", headers={**org.headers(), **evil}))
+        assert page["next"].startswith("/v1/customers?"), page["next"]
+        # An unusable scheme is ignored.
+        odd = {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": "api.example.com"}
+        page = await ok_json(await c.get("/v1/customers?limit=1", headers={**org.headers(), **odd}))
+        assert page["next"].startswith("http://api.example.com/"), page["next"]

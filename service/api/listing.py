@@ -38,14 +38,27 @@ def client_link(request: web.Request, target: URL) -> str:
     request's own scheme and Host when that Host is in ``TALLY_ALLOWED_HOSTS``; else
     relative (path and query only). The Host header is the caller's to write: a link that
     followed any Host would point the client, or a cache keyed without Host, at whatever
-    host an attacker named.
+    host an attacker named. With ``TALLY_TRUST_FORWARDED_HEADERS``, the scheme and host are
+    the proxy's ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` where it sent them (the host
+    held to the same list).
     """
     settings = request.app[appkeys.SETTINGS]
     if settings.public_url:
         return settings.public_url + str(target)
-    if host_allowed(request.headers.get("Host", ""), settings.allowed_hosts):
-        return str(request.url.join(target))
+    scheme, host = request.scheme, request.headers.get("Host", "")
+    if settings.trust_forwarded_headers:
+        scheme, host = _forwarded(request, scheme, host)
+    if host_allowed(host, settings.allowed_hosts):
+        return str(request.clone(scheme=scheme, host=host).url.join(target))
     return str(target)
+
+
+def _forwarded(request: web.Request, scheme: str, host: str) -> tuple[str, str]:
+    """The scheme and host a proxy says the client used (the first of a comma-separated
+    chain: the client-facing proxy's); the request's own where a header is absent or unusable."""
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    forwarded_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    return (proto if proto in ("http", "https") else scheme), (forwarded_host or host)
 
 
 def host_allowed(host: str, patterns: tuple[str, ...]) -> bool:

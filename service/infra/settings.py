@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     # Hosts a request's Host header may name for links to follow it: exact names,
     # '*.example.com' (any subdomain), or '*' (any host: an explicit opt-in). Comma-separated.
     allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ("localhost", "127.0.0.1", "[::1]")
+    # Behind a reverse proxy (TLS terminated there): links follow the proxy's
+    # X-Forwarded-Proto and X-Forwarded-Host (the host still checked against allowed_hosts).
+    # Only for a proxy that sets (or strips) both on every request: a client reaching tally
+    # directly could otherwise choose its links' scheme. Off: the request's own scheme and Host.
+    trust_forwarded_headers: bool = False
 
     # The asyncpg pool: 2 cores serve best with a small pool (more connections only queue
     # inside PostgreSQL). Every statement is bounded so a stuck database never hangs a caller.
