@@ -49,7 +49,12 @@ def client_link(request: web.Request, target: URL) -> str:
     if settings.trust_forwarded_headers:
         scheme, host = _forwarded(request, scheme, host)
     if host_allowed(host, settings.allowed_hosts):
-        return str(request.clone(scheme=scheme, host=host).url.join(target))
+        # Built from scheme and host (not request.clone(), which a request whose body was
+        # read refuses), as request.url is.
+        try:
+            return str(URL.build(scheme=scheme, authority=host).join(target))
+        except ValueError:  # a Host no URL can hold (allowed only under '*')
+            pass
     return str(target)
 
 
