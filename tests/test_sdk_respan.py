@@ -97,6 +97,11 @@ async def test_list_filters(respan: AsyncRespanClient, pool: asyncpg.Pool, org: 
         email=FilterValue(operator="endswith", value=["@acme.dev"]),
     )
     assert await names(example) == ["ft2", "ft4"]
+    as_dict = {
+        "total_cost": {"operator": "gte", "value": [5]},
+        "email": {"operator": "endswith", "value": ["@acme.dev"]},
+    }
+    assert await names(as_dict) == ["ft2", "ft4"]  # type: ignore[arg-type]  # the README's form
     assert await names(Filters(customer_identifier=FilterValue(operator="in", value=["ft0", "ft3", "zz"]))) == [
         "ft0",
         "ft3",

@@ -119,7 +119,7 @@ class ListParams(BaseModel):
     expand: Literal["parent_customer"] | None = None
 
 
-class FilterValue(BaseModel):
+class FlexpriceFilterValue(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     array: list[str] | None = Field(None, max_length=1000)
@@ -129,23 +129,23 @@ class FilterValue(BaseModel):
     string: str | None = None
 
 
-class FilterCondition(BaseModel):
+class FlexpriceFilterCondition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     field: str = Field(description=f"One of: {', '.join(FILTER_FIELDS)}.")
     operator: str = Field("eq", description=f"One of: {', '.join(OPERATORS)}.")
     data_type: Literal["string", "number", "date", "array"] | None = None
-    value: FilterValue = Field(default_factory=FilterValue)
+    value: FlexpriceFilterValue = Field(default_factory=FlexpriceFilterValue)
 
 
-class SortCondition(BaseModel):
+class FlexpriceSortCondition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     field: SortField
     direction: Literal["asc", "desc"] = "desc"
 
 
-class SearchBody(BaseModel):
+class FlexpriceSearch(BaseModel):
     """The SDKs' ``CustomerFilter``: the list's filters, in a body."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"external_ids": ["user_123"]}]})
@@ -153,14 +153,16 @@ class SearchBody(BaseModel):
     limit: StrictInt = Field(50, ge=1, le=1000)
     offset: StrictInt = Field(0, ge=0, le=10_000_000)
     order: Literal["asc", "desc"] = Field("desc", description="With no sort: created_at in this order.")
-    sort: list[SortCondition] | None = Field(None, max_length=1, description="At most one: tally sorts by one field.")
+    sort: list[FlexpriceSortCondition] | None = Field(
+        None, max_length=1, description="At most one: tally sorts by one field."
+    )
     status: FlexStatus | None = None
     customer_ids: list[UUID] | None = Field(None, max_length=1000)
     external_ids: list[Identifier] | None = Field(None, max_length=1000)
     external_id: Identifier | None = None
     email: ShortText | None = None
     metadata: dict[str, ShortText] | None = Field(None, max_length=50, description="Every key=value must match.")
-    filters: list[FilterCondition] | None = Field(None, max_length=MAX_CONDITIONS)
+    filters: list[FlexpriceFilterCondition] | None = Field(None, max_length=MAX_CONDITIONS)
     start_time: Timestamp | None = Field(None, description="Created at or after.")
     end_time: Timestamp | None = Field(None, description="Created at or before.")
     expand: Literal["parent_customer"] | None = None
@@ -205,7 +207,7 @@ class FlexpriceCustomerList(BaseModel):
     pagination: FlexpricePagination
 
 
-class CustomerWrite(BaseModel):
+class FlexpriceCustomerWrite(BaseModel):
     """The fields of Flexprice's create and update requests that tally holds. The SDKs'
     ``billing_currency``, ``contact_persons``, ``integration_entity_mapping``,
     ``tax_treatment`` and ``timezone`` have no counterpart: they are refused (400)."""
@@ -238,11 +240,11 @@ class CustomerWrite(BaseModel):
             raise validation_error(exc, "body") from None
 
 
-class CustomerCreate(CustomerWrite):
+class FlexpriceCustomerCreate(FlexpriceCustomerWrite):
     external_id: Identifier
 
 
-class UpdateParams(BaseModel):
+class FlexpriceUpdateParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, description="Customer ID (tally's uuid).")
@@ -270,7 +272,7 @@ def _statuses(status: str | None) -> dict[str, Any]:
     return {"statuses": statuses} if statuses else {"nothing": True}
 
 
-def _conditions(body: SearchBody) -> tuple[Condition, ...]:
+def _conditions(body: FlexpriceSearch) -> tuple[Condition, ...]:
     found: list[Condition] = []
     for i, cond in enumerate(body.filters or ()):
         param = f"filters.{i}"
@@ -320,7 +322,7 @@ async def list_customers(request: web.Request) -> web.Response:
 
 async def search_customers(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
-    body = await parse_body(request, SearchBody, request.app[appkeys.SETTINGS].max_body_bytes)
+    body = await parse_body(request, FlexpriceSearch, request.app[appkeys.SETTINGS].max_body_bytes)
     identifiers = [*(body.external_ids or ()), *([body.external_id] if body.external_id else [])]
     if body.sort:
         field = body.sort[0].field
@@ -384,7 +386,7 @@ async def get_customer_by_external_id(request: web.Request) -> web.Response:
 
 async def create_customer(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
-    body = await parse_body(request, CustomerCreate, request.app[appkeys.SETTINGS].max_body_bytes)
+    body = await parse_body(request, FlexpriceCustomerCreate, request.app[appkeys.SETTINGS].max_body_bytes)
     async with dbaccess.connection(request) as conn:
         doc = await core.create_customer(
             conn,
@@ -400,8 +402,8 @@ async def create_customer(request: web.Request) -> web.Response:
 
 async def update_customer(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
-    params = parse_query(request, UpdateParams)
-    body = await parse_body(request, CustomerWrite, request.app[appkeys.SETTINGS].max_body_bytes)
+    params = parse_query(request, FlexpriceUpdateParams)
+    body = await parse_body(request, FlexpriceCustomerWrite, request.app[appkeys.SETTINGS].max_body_bytes)
     if params.id is not None:
         identifier = await _identifier(request, principal, params.id)
         if params.external_customer_id is not None and params.external_customer_id != identifier:
@@ -458,7 +460,7 @@ ENDPOINTS = [
         "Query customers",
         TAG,
         "read",
-        body=SearchBody,
+        body=FlexpriceSearch,
         response=FlexpriceCustomerList,
         errors=(400, 401, 403, 413, 429),
         api_key_header=API_KEY_HEADER,
@@ -495,7 +497,7 @@ ENDPOINTS = [
         "Create customer",
         TAG,
         "write",
-        body=CustomerCreate,
+        body=FlexpriceCustomerCreate,
         response=FlexpriceCustomer,
         status=201,
         errors=(400, 401, 403, 409, 413, 429),
@@ -508,8 +510,8 @@ ENDPOINTS = [
         "Update customer",
         TAG,
         "write",
-        query=UpdateParams,
-        body=CustomerWrite,
+        query=FlexpriceUpdateParams,
+        body=FlexpriceCustomerWrite,
         response=FlexpriceCustomer,
         errors=(400, 401, 403, 404, 413, 429),
         api_key_header=API_KEY_HEADER,

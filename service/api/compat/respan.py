@@ -114,7 +114,7 @@ FILTERS_SCHEMA = {
 }
 
 
-class ListBody(BaseModel):
+class RespanUserFilters(BaseModel):
     """POST body of the list: conditions every customer returned must meet."""
 
     model_config = ConfigDict(
@@ -250,7 +250,7 @@ async def list_users(request: web.Request) -> web.Response:
     params = parse_query(request, ListParams)
     conds: tuple[Condition, ...] = ()
     if request.method == "POST" and request.can_read_body:
-        body = await parse_body(request, ListBody, request.app[appkeys.SETTINGS].max_body_bytes)
+        body = await parse_body(request, RespanUserFilters, request.app[appkeys.SETTINGS].max_body_bytes)
         conds = conditions(body.filters)
     named, conds = chosen_environment(conds) if params.environment is None else (None, conds)
     q = ListQuery(
@@ -340,7 +340,7 @@ ENDPOINTS = [
         TAG,
         "read",
         query=ListParams,
-        body=ListBody,
+        body=RespanUserFilters,
         body_required=False,
         response=RespanUserList,
         errors=(400, 401, 413, 429),
