@@ -16,7 +16,10 @@ from service.api.models import SORT_CHOICES
 from service.core.errors import InvalidInput
 from service.core.query import (
     CUSTOMER_FIELDS,
+    FILTER_FIELDS,
+    MAX_CONDITIONS,
     MAX_LIMIT,
+    OPERATORS,
     SORT_FIELDS,
     CursorClaims,
     CursorCodec,
@@ -25,6 +28,7 @@ from service.core.query import (
     Position,
     Shape,
     Sort,
+    condition,
     count_sql,
     escape_like,
     page_sql,
@@ -333,3 +337,89 @@ def test_resume_ignores_an_implicit_default_sort() -> None:
     codec = CursorCodec(SECRET)
     claims = codec.decode(codec.encode(Q, POS))
     assert resume(replace(Q, sort=Sort("name", True)), claims, explicit_sort=False).sort == Q.sort
+
+
+# ---- generic conditions ---------------------------------------------------------------------
+
+CONDITION_ORG = uuid.uuid4()
+
+
+def _where(*conds: object) -> tuple[str, list[object]]:
+    q = ListQuery(CONDITION_ORG, "prod", filter=CustomerFilter(conditions=tuple(conds)))  # type: ignore[arg-type]
+    return count_sql(q)
+
+
+@pytest.mark.parametrize("operator", sorted(OPERATORS))
+def test_every_operator_is_parameterised(operator: str) -> None:
+    hostile = "x'); DROP TABLE customers; --"
+    field = "name"
+    values: list[object] = [] if operator in ("empty", "not_empty") else [hostile]
+    sql, args = _where(condition(field, operator, values, "filters.name"))
+    assert hostile not in sql and "DROP" not in sql
+    if values:
+        assert any(hostile in str(a) for a in args)
+
+
+def test_condition_values_are_typed_and_like_patterns_escaped() -> None:
+    assert condition("total_cost", "gte", ["12.5"], "p").values == (Decimal("12.5"),)
+    assert condition("number_of_requests", "lt", [10.0], "p").values == (10,)
+    assert condition("average_latency", "gt", [1], "p").values == (1.0,)
+    assert condition("first_seen", "lt", ["2025-01-01"], "p").values == (datetime(2025, 1, 1, tzinfo=UTC),)
+    sql, args = _where(condition("name", "contains", ["50%_off"], "p"))
+    assert "c.name LIKE $3" in sql and args[2] == "%50\\%\\_off%"
+    sql, args = _where(condition("email", "startswith", ["a"], "p"), condition("email", "endswith", ["z"], "p"))
+    assert args[2:] == ["a%", "%z"]
+    sql, _ = _where(condition("email", "icontains", ["A"], "p"))
+    assert "ILIKE" in sql
+
+
+@pytest.mark.parametrize(
+    ("field", "operator", "values"),
+    [
+        ("tenant_id", "eq", ["x"]),  # not filterable
+        ("name; DROP", "eq", ["x"]),
+        ("name", "like", ["x"]),  # no such operator
+        ("total_cost", "contains", ["1"]),  # text matches on text fields only
+        ("total_cost", "gte", []),
+        ("total_cost", "gte", [1, 2]),
+        ("total_cost", "gte", ["lots"]),
+        ("total_cost", "gte", ["NaN"]),
+        ("total_cost", "gte", [True]),
+        ("total_cost", "gte", [10**20]),
+        ("number_of_requests", "gte", [1.5]),
+        ("number_of_requests", "gte", [2**63]),
+        ("first_seen", "gte", ["yesterday"]),
+        ("first_seen", "gte", ["0001-01-01T00:00:00+05:00"]),
+        ("first_seen", "gte", [5]),
+        ("name", "eq", ["a\x00"]),
+        ("name", "eq", ["x" * 1001]),
+        ("name", "eq", [{"a": 1}]),
+        ("name", "eq", ["x"] * 1001),
+    ],
+)
+def test_condition_refuses_naming_the_parameter(field: str, operator: str, values: list[object]) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        condition(field, operator, values, "filters.x")
+    assert caught.value.field == "filters.x"
+
+
+def test_conditions_are_bounded_and_part_of_the_fingerprint() -> None:
+    one = condition("name", "eq", ["a"], "p")
+    with pytest.raises(InvalidInput) as caught:
+        CustomerFilter(conditions=(one,) * (MAX_CONDITIONS + 1))
+    assert caught.value.field == "filters"
+    assert CustomerFilter(conditions=(one,)).fingerprint() != CustomerFilter().fingerprint()
+    assert (
+        CustomerFilter(conditions=(one,)).fingerprint()
+        != CustomerFilter(conditions=(condition("name", "eq", ["b"], "p"),)).fingerprint()
+    )
+
+
+def test_every_filter_field_is_a_customer_column() -> None:
+    for name, (expr, _kind) in FILTER_FIELDS.items():
+        assert name in CUSTOMER_FIELDS and expr == "c." + name
+
+
+def test_nothing_matches_nothing() -> None:
+    sql, _ = count_sql(ListQuery(CONDITION_ORG, "prod", filter=CustomerFilter(nothing=True)))
+    assert sql.endswith("AND false")
