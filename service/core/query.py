@@ -279,7 +279,7 @@ def join_sql(shape: Shape, alias: str = "c") -> str:
     return f" LEFT JOIN customer_rows p ON {parent}"
 
 
-# Fields a generic condition may filter on: name -> (SQL over the customers alias ``c``, kind).
+# Fields a generic condition may filter on: name -> (SQL over the customer_rows alias ``c``, kind).
 # Only these expressions ever reach SQL text; every value is a ``$n`` parameter of the kind's type.
 FILTER_FIELDS: dict[str, tuple[str, str]] = {
     "customer_identifier": ("c.customer_identifier", "text"),
