@@ -21,6 +21,7 @@ from service.core.query import (
     MAX_LIMIT,
     OPERATORS,
     SORT_FIELDS,
+    USAGE_COLUMNS,
     CursorClaims,
     CursorCodec,
     CustomerFilter,
@@ -423,3 +424,18 @@ def test_every_filter_field_is_a_customer_column() -> None:
 def test_nothing_matches_nothing() -> None:
     sql, _ = count_sql(ListQuery(CONDITION_ORG, "prod", filter=CustomerFilter(nothing=True)))
     assert sql.endswith("AND false")
+
+
+def test_counts_join_usage_only_when_the_filter_reads_it() -> None:
+    def source(f: CustomerFilter) -> str:
+        sql, _ = count_sql(ListQuery(ORG, "prod", filter=f))
+        return sql.split(" FROM ")[1].split(" ")[0]
+
+    assert source(CustomerFilter(name_contains="ada")) == "customers"
+    assert source(CustomerFilter(metadata=(("plan", "pro"),), email="a@b.co")) == "customers"
+    assert source(CustomerFilter(name_contains="ada", total_cost_gte=Decimal(1))) == "customer_rows"
+    assert source(CustomerFilter(period_budget_share_gte=Decimal("0.8"))) == "customer_rows"
+    assert source(CustomerFilter(conditions=(condition("total_tokens", "gt", [5], "filters"),))) == "customer_rows"
+    assert source(CustomerFilter(conditions=(condition("email", "eq", ["a@b.co"], "filters"),))) == "customers"
+    # Every usage column is one the view takes from customer_usage, and none is on customers.
+    assert {name for name, f in SORT_FIELDS.items() if f.tiebreak == "c.usage_id"} <= USAGE_COLUMNS

@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 import pytest
 
-from service.core.query import SORT_FIELDS, ListQuery, Position, Shape, Sort, page_sql
+from service.core.query import SORT_FIELDS, USAGE_COLUMNS, ListQuery, Position, Shape, Sort, page_sql
 from tests.factories import Org, make_org
 
 ROWS = 20_000
@@ -107,3 +107,20 @@ def _debug(plan: dict[str, Any], depth: int = 0) -> str:
         f"{key}={plan.get(key)}" for key in ("Node Type", "Relation Name", "Index Name", "Plan Rows", "Index Cond")
     )
     return "\n".join([line, *(_debug(c, depth + 1) for c in plan.get("Plans", []))])
+
+
+async def test_usage_columns_are_the_usage_tables(pool: asyncpg.Pool) -> None:
+    """query.USAGE_COLUMNS (which decides when a count needs the join) names exactly the
+    columns customer_rows takes from customer_usage."""
+    columns = {
+        r["column_name"]
+        for r in await pool.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'customer_usage'"
+        )
+    }
+    assert columns - {"organization_id", "id", "environment"} == USAGE_COLUMNS
+    profile = {
+        r["column_name"]
+        for r in await pool.fetch("SELECT column_name FROM information_schema.columns WHERE table_name = 'customers'")
+    }
+    assert not profile & USAGE_COLUMNS

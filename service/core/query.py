@@ -593,7 +593,48 @@ def count_sql(q: ListQuery, p: _Params | None = None) -> tuple[str, list[object]
             f" WHERE organization_id = {p(q.organization_id)} AND environment = {p(q.environment)}{statuses}"
         )
         return sql, p.values
-    return f"SELECT count(*) FROM customer_rows c WHERE {where_sql(q, p)}", p.values
+    # Every customer has exactly one usage row (migration 0007), so a filter on profile fields
+    # alone counts customers without the join.
+    source = "customer_rows" if touches_usage(q.filter) else "customers"
+    return f"SELECT count(*) FROM {source} c WHERE {where_sql(q, p)}", p.values
+
+
+# The columns of customer_rows that live in customer_usage (migration 0007).
+USAGE_COLUMNS = frozenset(
+    {
+        "first_seen",
+        "last_active",
+        "active_days",
+        "number_of_requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "total_cost",
+        "latency_sum",
+        "latency_count",
+        "ttft_sum",
+        "ttft_count",
+        "average_latency",
+        "average_ttft",
+    }
+)
+
+
+def touches_usage(f: CustomerFilter) -> bool:
+    """Whether the filter's SQL reads a usage column (the period-budget share reads total_cost)."""
+    ranges = (
+        f.first_seen_gte,
+        f.first_seen_lte,
+        f.last_active_gte,
+        f.last_active_lte,
+        f.total_cost_gte,
+        f.total_cost_lte,
+    )
+    return (
+        any(v is not None for v in ranges)
+        or f.period_budget_share_gte is not None
+        or any(c.field in USAGE_COLUMNS for c in f.conditions)
+    )
 
 
 def list_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
