@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import random
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -32,7 +33,9 @@ import aiohttp
 import asyncpg
 import orjson
 
-from bench.common import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
     ROOT,
     UNLIMITED,
     closed_loop,
@@ -44,11 +47,11 @@ from bench.common import (
     with_database,
     write_json,
 )
-from service.core import auth
-from service.infra.broker import Names, event_message
-from service.infra.errors import Unavailable
-from service.infra.migrate import migrate
-from service.infra.publisher import Publisher
+from service.core import auth  # noqa: E402
+from service.infra.broker import Names, event_message  # noqa: E402
+from service.infra.errors import Unavailable  # noqa: E402
+from service.infra.migrate import migrate  # noqa: E402
+from service.infra.publisher import Publisher  # noqa: E402
 
 PRIMARY = "postgresql://127.0.0.1:5432/postgres"
 STANDBY = "postgresql://127.0.0.1:5433/postgres"
@@ -63,7 +66,7 @@ def script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 def ensure_topology() -> list[str]:
     """Bring up what is not running; returns the scripts whose topology this run started."""
     started = []
-    if "running" not in script("replica.sh", "status").stdout.splitlines()[0]:
+    if not script("replica.sh", "status").stdout.startswith("replica: running"):
         print("starting the standby (deploy/local/replica.sh up)…", flush=True)
         done = script("replica.sh", "up")
         if done.returncode:
@@ -177,6 +180,18 @@ async def main() -> None:
             processes.append(api)
             apis.append(f"http://127.0.0.1:{port}")
             await wait_ready(f"{apis[-1]}/readyz", api)
+
+        # Reads must go to the standby: each API reports it up before anything is measured.
+        async with aiohttp.ClientSession() as session:
+            for base in apis:
+                deadline = time.monotonic() + 60
+                while True:
+                    async with session.get(f"{base}/readyz") as r:
+                        if (await r.json()).get("checks", {}).get("replica") == "ok":
+                            break
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{base} does not report the standby up (see {logs})")
+                    await asyncio.sleep(0.2)
 
         # 1. ingest
         rng = random.Random(1)
