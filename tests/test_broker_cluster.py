@@ -131,7 +131,10 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
 
     stopped: str | None = None
     try:
-        consumers = [fleet.start(f"c{i}", tally_amqp_url=three_nodes) for i in range(3)]
+        # One consumer per node (each lists its own node first), so the node that stops always
+        # holds one of them: it must reconnect to another node.
+        urls = three_nodes.split(",")
+        consumers = [fleet.start(f"c{i}", tally_amqp_url=",".join(urls[i:] + urls[:i])) for i in range(3)]
         publishing = asyncio.create_task(publish_all())
         total = distinct(events)
         await wait_until(lambda: _at_least(published, len(messages) * 2 // 5), timeout=180, what="40 % published")
@@ -153,8 +156,13 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
         async def progress() -> bool:
             return await applied(pool, orgs) > before + 500
 
+        async def reconnected() -> bool:  # the stopped node's consumer consumes again elsewhere
+            return sum(e.get("message") == "consuming" for c in consumers for e in c.log_entries()) >= 4
+
         await wait_until(progress, timeout=120, what="ingestion resumed after the leader stopped")
         resumed = time.monotonic() - t0
+        await wait_until(reconnected, timeout=120, what="the stopped node's consumer consuming again")
+        reconnect = time.monotonic() - t0
         await wait_until(consumers_back, timeout=120, interval=0.2, what="three consumers on tally.ingest again")
         back = time.monotonic() - t0
         new_leader = queues()[names.ingest]["leader"]
@@ -165,8 +173,9 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
         assert await applied(pool, orgs) == total
         print(
             f"\nleader {leader} stopped (rabbitmqctl stop took {stop_took:.1f} s) after {before} of {total} events "
-            f"applied; new leader {new_leader}; ingestion resumed {resumed:.1f} s and all 3 consumers back "
-            f"{back:.1f} s after the stop began; {len(messages)} messages ({total} events) sent, {retried[0]} "
+            f"applied; new leader {new_leader}; after the stop began: ingestion resumed {resumed:.1f} s, its "
+            f"consumer consuming again from another node {reconnect:.1f} s, the queue reporting 3 consumers "
+            f"{back:.1f} s; {len(messages)} messages ({total} events) sent, {retried[0]} "
             f"publishes retried; lost 0, doubled 0 (every aggregate exact)"
         )
         await terminate_all(fleet, consumers)

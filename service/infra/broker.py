@@ -14,7 +14,6 @@ can share one broker.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -64,8 +63,9 @@ class BrokerNodes:
 
     def __init__(self, amqp_url: str) -> None:
         self.urls = broker_urls(amqp_url)
-        # Each client starts at a random node, so a fleet spreads its connections over the cluster.
-        self._next = random.randrange(len(self.urls))
+        # The first node listed first: to spread a fleet over the cluster, list the nodes in a
+        # different order for each replica (or put a TCP load balancer in front of them).
+        self._next = 0
         self.current: str | None = None
 
     async def connect(self, *, timeout: float, connection_name: str | None = None) -> AbstractConnection:
