@@ -27,8 +27,9 @@ from service.infra.settings import Settings
 log = logging.getLogger("tally.standby")
 
 # The position of the data a session sees: the standby's replayed WAL, or (on the primary,
-# where that is NULL) the primary's written WAL. As bytes since 0/0.
-SEEN_LSN = "SELECT (coalesce(pg_last_wal_replay_lsn(), pg_current_wal_lsn()) - '0/0'::pg_lsn)::int8"
+# where that is NULL) the primary's WAL insert position — past the end of every commit
+# already made, even one not yet flushed (synchronous_commit = off). As bytes since 0/0.
+SEEN_LSN = "SELECT (coalesce(pg_last_wal_replay_lsn(), pg_current_wal_insert_lsn()) - '0/0'::pg_lsn)::int8"
 # Lag in seconds: 0 when everything received is replayed (an idle primary sends nothing, so
 # the last replayed transaction's age would grow without any lag), else the age of the last
 # replayed transaction.
