@@ -24,7 +24,8 @@ from service.api import dbaccess
 from service.api.app import create_app
 from service.infra.settings import Settings
 from service.infra.standby import parse_lsn
-from tests.eventkit import wait_until
+from tests.consumerkit import running_consumer
+from tests.eventkit import Broker, usage, wait_until
 from tests.factories import Org
 from tests.support import ok_json, uid, with_database
 
@@ -109,6 +110,36 @@ async def test_a_read_that_saw_data_carries_a_token_no_later_read_goes_behind(re
     r = await replicated.get(f"/v1/customers/{ident}", headers={**h, HEADER: r.headers[HEADER]})
     await ok_json(r)
     assert parse_lsn(r.headers[HEADER]) >= written
+
+
+async def test_events_posted_then_waited_for_stay_visible_with_the_token(
+    settings: Settings, standby_url: str, pool: asyncpg.Pool, broker: Broker, org: Org
+) -> None:
+    """POST /v1/events, poll until the events show (that read's token covers them), then every
+    read with that token sees them — through a second API process reading the same standby too."""
+    s = settings.model_copy(update={"database_read_url": standby_url, "amqp_namespace": broker.names.namespace})
+    h = org.headers()
+    ident = uid()
+    async with (
+        TestClient(TestServer(create_app(s))) as api,
+        TestClient(TestServer(create_app(s))) as other,
+        running_consumer(settings, pool, broker),
+    ):
+        r = await api.post("/v1/events", json=[usage(org.name, ident) for _ in range(3)], headers=h)
+        assert r.status == 202, await r.text()
+        token: list[str] = []
+
+        async def visible() -> bool:
+            r = await api.get(f"/v1/customers/{ident}", headers=h)
+            if r.status == 200 and (await r.json())["number_of_requests"] == 3:
+                token.append(r.headers[HEADER])
+                return True
+            return False
+
+        await wait_until(visible, timeout=30, what="the events folded and visible")
+        for client in (api, other) * 25:
+            r = await client.get(f"/v1/customers/{ident}", headers={**h, HEADER: token[0]})
+            assert (await ok_json(r))["number_of_requests"] == 3
 
 
 async def test_the_standby_stopped_and_started_under_load_loses_no_request(
