@@ -48,7 +48,8 @@ format: install
 	$(BIN)/ruff check --fix service consumers tests bench
 	$(BIN)/ruff format service consumers tests bench
 
-# Fault tests stop and restart this machine's PostgreSQL and RabbitMQ (and restore them).
+# Fault tests stop and restart this machine's PostgreSQL and RabbitMQ (and restore them), and bring up
+# and remove a streaming standby and a three-node RabbitMQ cluster beside them (deploy/local/).
 test-faults: install
 	$(BIN)/python -m pytest -m faults
 

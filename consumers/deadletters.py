@@ -23,7 +23,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.infra.broker import DEATH_TIME_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, Names
+from service.infra.broker import DEATH_TIME_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, BrokerNodes, Names
 
 
 @dataclass
@@ -104,7 +104,7 @@ class DeadLetters:
         self.names = names
 
     async def __aenter__(self) -> DeadLetters:
-        self.connection = await aio_pika.connect(self.amqp_url, timeout=10)
+        self.connection = await BrokerNodes(self.amqp_url).connect(timeout=10)
         self.channel = await self.connection.channel(publisher_confirms=True)
         self.queue = await self.channel.declare_queue(self.names.dead, passive=True)
         self.events = await self.channel.get_exchange(self.names.events, ensure=True)

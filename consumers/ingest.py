@@ -46,7 +46,7 @@ from service.core import failpoints
 from service.core.events import EVENT_CONTENT_TYPE, Event, InvalidEvent, Rejection, decode_body, validate_event
 from service.core.fold import FoldResult, Outcome, fold
 from service.infra import metrics
-from service.infra.broker import Names, Topology, dead_letter_message, declare, delivery_attempt
+from service.infra.broker import BrokerNodes, Names, Topology, dead_letter_message, declare, delivery_attempt
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
 
@@ -258,6 +258,7 @@ class Consumer:
         self.settings = settings
         self.pool = pool
         self.names = Names(settings.amqp_namespace)
+        self.nodes = BrokerNodes(settings.amqp_url)  # one URL, or a cluster's nodes
         # How operators (and the management UI) tell this process's connection apart.
         self.connection_name = f"{self.names.namespace}-consumer-{os.getpid()}-{id(self):x}"
         self.retention = timedelta(days=settings.dedupe_retention_days)
@@ -284,6 +285,7 @@ class Consumer:
                 delay = _backoff(attempt, RECONNECT_CAP)
                 attempt += 1
                 log.warning("broker connection lost; reconnecting", extra={"error": repr(exc), "in_s": round(delay, 2)})
+                self.nodes.lost()
                 metrics.BROKER_RECONNECTS.inc()
                 await wait_event(self._stopping, delay)
 
@@ -296,9 +298,7 @@ class Consumer:
     # ---- one connection --------------------------------------------------------------
 
     async def _session(self) -> None:
-        connection = await aio_pika.connect(
-            self.settings.amqp_url, timeout=10, client_properties={"connection_name": self.connection_name}
-        )
+        connection = await self.nodes.connect(timeout=10, connection_name=self.connection_name)
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         inbox = Inbox()

@@ -82,9 +82,12 @@ def database_problem(exc: BaseException, settings: Settings) -> Unreachable | No
 
 
 def broker_problem(exc: BaseException, settings: Settings) -> Unreachable:
+    from service.infra.broker import broker_urls
+
     return Unreachable(
-        f"cannot reach RabbitMQ at {_address(settings.amqp_url)} ({type(exc).__name__}; "
-        f"TALLY_AMQP_URL={redact_dsn(settings.amqp_url)}): is it running? Start it, or point "
+        f"cannot reach RabbitMQ at {', '.join(_address(u) for u in broker_urls(settings.amqp_url))} "
+        f"({type(exc).__name__}; TALLY_AMQP_URL={','.join(redact_dsn(u) for u in broker_urls(settings.amqp_url))}): "
+        "is it running? Start it, or point "
         "TALLY_AMQP_URL at it"
     )
 
@@ -478,9 +481,7 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_namespace_delete(args: argparse.Namespace, settings: Settings) -> int:
     """Delete a namespace's queues and exchanges (messages in them are lost), after asking."""
-    import aio_pika
-
-    from service.infra.broker import Names
+    from service.infra.broker import BrokerNodes, Names
     from service.infra.queues import queue_stats
 
     names = Names(args.namespace or settings.amqp_namespace)
@@ -494,7 +495,7 @@ async def cmd_namespace_delete(args: argparse.Namespace, settings: Settings) -> 
         if not _confirmed(args.yes, question, "delete a namespace"):
             print("nothing deleted")
             return 1
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+        connection = await BrokerNodes(settings.amqp_url).connect(timeout=10)
         try:
             for queue in (names.ingest, names.dead, names.alerts):
                 channel = await connection.channel()

@@ -31,7 +31,17 @@ from tests.compatkit import CROWD_BASE, CROWD_SIZE, Crowd, get_json
 from tests.eventkit import Broker, delete_namespace
 from tests.factories import Org, insert_customer, make_org, set_columns
 from tests.processes import Fleet
+from tests.statementcapture import install as install_statement_capture
 from tests.support import BASE_DSN, with_database
+
+# Every statement tally's code runs is captured for tests/test_citus_routing.py, which runs last.
+install_statement_capture()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Citus routing check judges every statement the session ran: it goes last."""
+    items.sort(key=lambda item: item.get_closest_marker("citus_last") is not None)
+
 
 # ---- the database, the API, organizations --------------------------------------------------
 

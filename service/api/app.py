@@ -18,10 +18,10 @@ from service.api.ratelimit import RateLimiter
 from service.api.routing import OPERATIONS_TAG, Endpoint, add_endpoints
 from service.core.query import CursorCodec
 from service.infra.broker import Names
-from service.infra.db import pool_context
 from service.infra.migrate import NotMigrated
 from service.infra.publisher import Publisher
 from service.infra.settings import Settings
+from service.infra.standby import standby_context
 from service.web import health
 from service.web.app import base_app
 from service.web.observability import metrics_endpoint
@@ -43,7 +43,13 @@ TAGS = {
 OPERATIONS = [
     Endpoint("GET", "/healthz", health.healthz, "Process is alive", OPERATIONS_TAG, response=Health),
     Endpoint(
-        "GET", "/readyz", health.readyz, "Database and broker reachable", OPERATIONS_TAG, response=Health, errors=(503,)
+        "GET",
+        "/readyz",
+        health.readyz,
+        "Database and broker reachable ('degraded' with 200 when only the read standby is not)",
+        OPERATIONS_TAG,
+        response=Health,
+        errors=(503,),
     ),
     Endpoint("GET", "/metrics", metrics_endpoint, "Prometheus metrics", OPERATIONS_TAG, content_type="text/plain"),
 ]
@@ -56,18 +62,14 @@ SELECT_CURSOR_SECRET = "SELECT value FROM instance_secrets WHERE name = 'cursor_
 
 
 async def api_resources(app: web.Application) -> AsyncIterator[None]:
-    """The read pool (the replica's, if configured), the cursor key and the key cache."""
+    """The read standby (if configured, with its health checks), the cursor key and the key cache."""
     settings = app[appkeys.SETTINGS]
     pool = app[appkeys.POOL]
     async with AsyncExitStack() as stack:
         if settings.database_read_url:
-            app[appkeys.READ_POOL] = await stack.enter_async_context(
-                pool_context(
-                    settings.database_read_url, settings, name="replica", statement_timeout=settings.db_command_timeout
-                )
+            app[dbaccess.STANDBY] = await stack.enter_async_context(
+                standby_context(settings, settings.database_read_url)
             )
-        else:
-            app[appkeys.READ_POOL] = pool
         secret = await pool.fetchval(SELECT_CURSOR_SECRET)
         if secret is None:
             raise NotMigrated("the database is not migrated: run 'tally migrate' first")
@@ -90,6 +92,13 @@ async def publisher(app: web.Application) -> AsyncIterator[None]:
 
 async def broker_check(app: web.Application) -> None:
     await app[appkeys.PUBLISHER].topology()
+
+
+async def replica_check(app: web.Application) -> None:
+    """The standby down degrades the API (reads go to the primary); it does not stop it."""
+    standby = app.get(dbaccess.STANDBY)
+    if standby is None or not standby.up:
+        raise health.Degraded("standby unreachable: reads go to the primary")
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -115,6 +124,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(api_resources)
     app.cleanup_ctx.append(publisher)
     app[appkeys.READINESS_CHECKS]["broker"] = broker_check
+    if settings.database_read_url:
+        app[appkeys.READINESS_CHECKS]["replica"] = replica_check
+    app.on_response_prepare.append(dbaccess.consistency_header)
     add_endpoints(app, [*endpoints, *DOCS])
     app.router.add_get("/", openapi.root)
     app.router.add_static("/docs-assets", openapi.swagger_ui_static())

@@ -3,7 +3,6 @@ pool, are service/web/appkeys.py's and re-exported here)."""
 
 from __future__ import annotations
 
-import asyncpg
 from aiohttp import web
 
 from service.api.keycache import KeyCache
@@ -16,7 +15,6 @@ __all__ = [
     "POOL",
     "READINESS_CHECKS",
     "SETTINGS",
-    "READ_POOL",
     "CURSORS",
     "OPENAPI",
     "PUBLISHER",
@@ -25,7 +23,6 @@ __all__ = [
     "IP_RATE_LIMITER",
 ]
 
-READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
 CURSORS = web.AppKey("cursors", CursorCodec)
 OPENAPI = web.AppKey("openapi", dict)
 PUBLISHER = web.AppKey("publisher", Publisher)

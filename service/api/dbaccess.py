@@ -14,13 +14,19 @@ seconds each, and everyone else's 4 ms retrieve queues behind them without end
 The per-key rate limit counts requests; this caps their concurrent cost. Key lookups
 (before the organization is known) take no organization turn, only the bounded pool wait.
 The health check uses the pool directly: it must report the pool, not queue for it.
+
+With a standby (``TALLY_DATABASE_READ_URL``), reads go to it unless it is down or has not
+replayed the consistency token the request carries (``X-Tally-Consistency``): then to the
+primary. Writes answer with the token of their commit, reads with the token of what they
+saw (service/infra/standby.py), so a client that sends back the last token it got reads
+its own writes and never reads back in time.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -29,8 +35,10 @@ from aiohttp import web
 
 from service.api import appkeys
 from service.core.db import Connection
+from service.core.errors import InvalidInput
 from service.infra import metrics
 from service.infra.errors import Unavailable
+from service.infra.standby import SEEN_LSN, Standby, format_lsn, parse_lsn
 
 RETRY_AFTER = 1  # seconds
 
@@ -110,13 +118,74 @@ class DatabaseGate:
 
 
 GATE = web.AppKey("database_gate", DatabaseGate)
+# The read standby, when TALLY_DATABASE_READ_URL is set.
+STANDBY = web.AppKey("standby", Standby)
 # The organization a request acts for, set by the auth guard once the key is verified.
 ORGANIZATION = web.RequestKey("organization_id", UUID)
+# The WAL position the response's data reflects (a write's commit, a read's server), sent as
+# the X-Tally-Consistency header.
+CONSISTENCY = web.RequestKey("consistency_lsn", int)
+CONSISTENCY_HEADER = "X-Tally-Consistency"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# A standby that fails mid-read (stopped, restarting) or cancels a read that conflicts with
+# replay: the read is refused with 503 and Retry-After, and the standby is checked again.
+STANDBY_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.SerializationError,
+    # A pooled connection to a standby that shut down while it was idle can surface as a
+    # protocol state error on its next use rather than as a lost connection.
+    asyncpg.InternalClientError,
+)
 
 
-def connection(request: web.Request, *, read: bool = False) -> AbstractAsyncContextManager[Connection]:
-    """The request's database connection (from the read pool with ``read=True``), taken on
-    behalf of the request's organization if it is known yet:
+def consistency_token(request: web.Request) -> int | None:
+    """The token a read request carries, if any (a malformed one is a 400 naming the header)."""
+    text = request.headers.get(CONSISTENCY_HEADER)
+    if text is None:
+        return None
+    try:
+        return parse_lsn(text)
+    except ValueError as exc:
+        raise InvalidInput(CONSISTENCY_HEADER, f"{exc}: send back the value a response carried") from None
+
+
+@asynccontextmanager
+async def connection(request: web.Request, *, read: bool = False) -> AsyncIterator[Connection]:
+    """The request's database connection (a read's, with ``read=True``: the standby's when it
+    may serve the request), taken on behalf of the request's organization if it is known yet:
     ``async with connection(request) as conn: ...``."""
-    pool = request.app[appkeys.READ_POOL if read else appkeys.POOL]
-    return request.app[GATE].connection(pool, request.get(ORGANIZATION))
+    app, organization = request.app, request.get(ORGANIZATION)
+    gate, standby = app[GATE], app.get(STANDBY)
+    token = consistency_token(request) if read else None  # checked with or without a standby
+    if read and standby is not None and await standby.serves(token):
+        try:
+            async with gate.connection(standby.pool, organization) as conn:
+                yield conn
+                await _note_position(request, conn)
+            return
+        except STANDBY_ERRORS as exc:
+            await standby.failed(exc)
+            raise Unavailable("the read standby failed during the request; retry shortly", retry_after=1) from exc
+    async with gate.connection(app[appkeys.POOL], organization) as conn:
+        yield conn
+        if (read and standby is not None) or request.method in WRITE_METHODS:
+            await _note_position(request, conn)
+
+
+async def _note_position(request: web.Request, conn: Connection) -> None:
+    try:
+        request[CONSISTENCY] = await conn.fetchval(SEEN_LSN)
+    except (*STANDBY_ERRORS, asyncpg.PostgresError):
+        return  # the data was read or written; only the token is missing
+
+
+async def consistency_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the response's consistency token, when it touched the database."""
+    lsn = request.get(CONSISTENCY)
+    if lsn is not None and response.status < 400:
+        response.headers[CONSISTENCY_HEADER] = format_lsn(lsn)

@@ -33,6 +33,26 @@ ERROR_TEXT = {
 }
 
 
+CONSISTENCY_TEXT = (
+    "Read your writes. Every response of a customer write (POST, PATCH, DELETE) carries the WAL position of its "
+    "commit, and, when tally reads from a standby (TALLY_DATABASE_READ_URL), every read the position of the data it "
+    "returned. Send the last value you received back on a read: it is served only from data at least that new "
+    "(the standby once it has replayed it, waiting up to TALLY_DATABASE_READ_WAIT, else the primary). A value that "
+    "is not a WAL position is a 400."
+)
+CONSISTENCY_PARAMETER: dict[str, object] = {
+    "name": "X-Tally-Consistency",
+    "in": "header",
+    "required": False,
+    "description": CONSISTENCY_TEXT,
+    "schema": {"type": "string", "pattern": "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", "examples": ["16/B374D848"]},
+}
+CONSISTENCY_RESPONSE_HEADER: dict[str, object] = {
+    "description": CONSISTENCY_TEXT,
+    "schema": {"type": "string", "pattern": "^[0-9A-F]{1,8}/[0-9A-F]{1,8}$"},
+}
+
+
 def _query_parameters(model: type[BaseModel], aliases: dict[str, str]) -> list[dict[str, object]]:
     schema = model.model_json_schema(ref_template=REF)
     required = set(schema.get("required", []))
@@ -85,6 +105,8 @@ def build_openapi(
         ]
         if ep.query:
             parameters += _query_parameters(ep.query, ep.query_aliases)
+        if ep.scope == "read" and ep.method == "GET":
+            parameters.append(CONSISTENCY_PARAMETER)
         if parameters:
             op["parameters"] = parameters
         if ep.body:
@@ -97,6 +119,8 @@ def build_openapi(
             ok["content"] = {ep.content_type: _media(refs[(ep.response, "serialization")], defs)}
         elif ep.status != 204:
             ok["content"] = {ep.content_type: {"schema": {}}}
+        if ep.scope in ("read", "write") and ep.path != "/v1/events":
+            ok["headers"] = {"X-Tally-Consistency": CONSISTENCY_RESPONSE_HEADER}
         responses: dict[str, object] = {str(ep.status): ok}
         problem_ref = refs[(Problem, "serialization")]
         # Every authenticated route can answer 401 (no valid key), 403 (missing scope), 429

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 log = logging.getLogger("tally.broker")
 
@@ -44,6 +44,59 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"
 # Dead-letter reasons are truncated to this many characters: they quote field names and
 # organizations taken from the event, which may be of any length.
 MAX_REASON_CHARS = 1000
+
+
+def broker_urls(amqp_url: str) -> list[str]:
+    """``TALLY_AMQP_URL`` as a list of nodes: one URL, or several separated by commas (the
+    nodes of a RabbitMQ cluster, each with its credentials and virtual host)."""
+    urls = [url.strip() for url in amqp_url.split(",") if url.strip()]
+    if not urls:
+        raise ValueError("TALLY_AMQP_URL names no broker")
+    return urls
+
+
+class BrokerNodes:
+    """The nodes of ``TALLY_AMQP_URL``, connected to in turn: from the last node that worked,
+    and past a node that refuses or times out to the next. After a lost connection,
+    :meth:`lost` starts the next attempt at the following node, so a client whose node
+    stopped moves to another at once instead of first waiting on the one that went away."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.urls = broker_urls(amqp_url)
+        # The first node listed first: to spread a fleet over the cluster, list the nodes in a
+        # different order for each replica (or put a TCP load balancer in front of them).
+        self._next = 0
+        self.current: str | None = None
+
+    async def connect(self, *, timeout: float, connection_name: str | None = None) -> AbstractConnection:
+        last: BaseException | None = None
+        for i in range(len(self.urls)):
+            k = (self._next + i) % len(self.urls)
+            try:
+                connection = await aio_pika.connect(
+                    self.urls[k],
+                    timeout=timeout,
+                    client_properties={"connection_name": connection_name} if connection_name else None,
+                )
+            except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as exc:
+                last = exc
+                if len(self.urls) > 1:
+                    log.info("broker node unreachable; trying the next", extra={"node": _host(self.urls[k])})
+                continue
+            self._next, self.current = k, self.urls[k]
+            return connection
+        assert last is not None
+        raise last
+
+    def lost(self) -> None:
+        self._next = (self._next + 1) % len(self.urls)
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 5672}"
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, settings: Settings, *, name: str = "primary", statement_timeout: float | None = None
+    dsn: str,
+    settings: Settings,
+    *,
+    name: str = "primary",
+    statement_timeout: float | None = None,
+    min_size: int | None = None,
+    check: bool = True,
 ) -> asyncpg.Pool:
-    """A pool whose sessions run in UTC, that has answered ``SELECT 1`` (fail fast).
+    """A pool whose sessions run in UTC, that has answered ``SELECT 1`` (fail fast; with
+    ``check=False`` and ``min_size=0`` it connects only when first used, for a standby the
+    process must start without).
     With ``statement_timeout`` (seconds), PostgreSQL cancels any statement of the pool's
     sessions that runs longer: asyncpg's client-side command timeout gives up waiting, but
     only the server's own timeout is sure to stop the work."""
@@ -62,7 +70,7 @@ async def create_pool(
         server_settings["statement_timeout"] = str(max(1, round(statement_timeout * 1000)))  # milliseconds
     pool = await asyncpg.create_pool(
         dsn,
-        min_size=min(settings.db_pool_min, settings.db_pool_max),
+        min_size=min(settings.db_pool_min, settings.db_pool_max) if min_size is None else min_size,
         max_size=settings.db_pool_max,
         command_timeout=settings.db_command_timeout,
         timeout=settings.db_connect_timeout,
@@ -70,7 +78,8 @@ async def create_pool(
         connection_class=TallyConnection,
         server_settings=server_settings,
     )
-    await pool.fetchval("SELECT 1")
+    if check:
+        await pool.fetchval("SELECT 1")
     log.info("database pool ready", extra={"pool": name, "dsn": redact_dsn(dsn)})
     return pool
 

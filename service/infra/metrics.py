@@ -89,6 +89,21 @@ QUEUE_MESSAGES = Gauge(
 QUEUE_CONSUMERS = Gauge(
     "tally_queue_consumers", "Consumers on a queue (polled by the consumer).", ["queue"], registry=REGISTRY
 )
+REPLICA_UP = Gauge(
+    "tally_db_replica_up", "1 while the read standby answers (reads go to it), else 0.", registry=REGISTRY
+)
+REPLICA_LAG = Gauge(
+    "tally_db_replica_lag_seconds",
+    "Age of the last transaction the standby replayed while it has more to replay (0 when caught up).",
+    registry=REGISTRY,
+)
+REPLICA_FALLBACKS = Counter(
+    "tally_db_replica_fallbacks_total",
+    "Reads served by the primary although a standby is configured: 'down' (standby unreachable), "
+    "'behind' (it had not replayed the read's consistency token in time).",
+    ["reason"],
+    registry=REGISTRY,
+)
 DB_RETRIES = Counter("tally_db_retries_total", "Batches retried after a transient database error.", registry=REGISTRY)
 PUBLISHED = Counter(
     "tally_events_published_total",

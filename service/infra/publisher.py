@@ -10,7 +10,7 @@ import os
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from service.infra.broker import Names, Topology, declare
+from service.infra.broker import BrokerNodes, Names, Topology, declare
 from service.infra.errors import Unavailable
 
 log = logging.getLogger("tally.publisher")
@@ -29,6 +29,16 @@ class Publisher:
         self._lock = asyncio.Lock()
 
     @property
+    def amqp_url(self) -> str:
+        """``TALLY_AMQP_URL``: one broker, or a cluster's nodes separated by commas."""
+        return self._amqp_url
+
+    @amqp_url.setter
+    def amqp_url(self, value: str) -> None:
+        self._amqp_url = value
+        self.nodes = BrokerNodes(value)
+
+    @property
     def connected(self) -> bool:
         return self._channel is not None and not self._channel.is_closed
 
@@ -39,10 +49,8 @@ class Publisher:
             if not (self.connected and self._topology is not None):
                 await self._close()
                 try:
-                    self._connection = await aio_pika.connect(
-                        self.amqp_url,
-                        timeout=CONNECT_TIMEOUT,
-                        client_properties={"connection_name": f"{self.names.namespace}-publisher-{os.getpid()}"},
+                    self._connection = await self.nodes.connect(
+                        timeout=CONNECT_TIMEOUT, connection_name=f"{self.names.namespace}-publisher-{os.getpid()}"
                     )
                     self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
                     self._topology = await declare(self._channel, self.names)
@@ -67,6 +75,7 @@ class Publisher:
             RuntimeError,
         ) as exc:  # RuntimeError: aiormq's closed channel
             await self._close()
+            self.nodes.lost()  # the next publish connects to the next node first
             raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ import aio_pika
 import aiohttp
 from pydantic import BaseModel, Field
 
-from service.infra.broker import Names
+from service.infra.broker import BrokerNodes, Names, broker_urls
 
 MANAGEMENT_TIMEOUT = 3.0
 
@@ -61,10 +61,10 @@ async def queue_stats(amqp_url: str, management_url: str | None, names: Names) -
     queues = (names.ingest, names.dead)
     if management_url:
         try:
-            return [await _management_stats(management_url, _vhost(amqp_url), q) for q in queues]
+            return [await _management_stats(management_url, _vhost(broker_urls(amqp_url)[0]), q) for q in queues]
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             pass  # degrade to AMQP
-    connection = await aio_pika.connect(amqp_url, timeout=10)
+    connection = await BrokerNodes(amqp_url).connect(timeout=10)
     try:
         out = []
         for queue in queues:

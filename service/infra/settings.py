@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     database_read_url: str | None = Field(
         default=None, description="Optional read replica; list and retrieve queries go there."
     )
+    # Seconds a read carrying a consistency token (X-Tally-Consistency) waits for the standby
+    # to replay it; past that it reads the primary (service/infra/standby.py).
+    database_read_wait: float = Field(default=0.5, ge=0, le=30)
+    # Seconds between the API's checks of the standby (health, replay position, lag).
+    database_read_check_interval: float = Field(default=1.0, gt=0, le=60)
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     # Prefix of every exchange and queue name (<ns>.events, <ns>.ingest, <ns>.dlx, <ns>.dead).
     amqp_namespace: str = Field(default="tally", pattern=r"^[A-Za-z0-9_.-]{1,100}$")

@@ -13,6 +13,10 @@ from service.web.problems import json_response, problem
 CHECK_TIMEOUT = 2.0
 
 
+class Degraded(Exception):
+    """Raised by a readiness check whose dependency is optional: the process serves without it."""
+
+
 async def database_check(app: web.Application) -> None:
     await app[POOL].fetchval("SELECT 1", timeout=CHECK_TIMEOUT)
 
@@ -27,11 +31,14 @@ async def readyz(request: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(check(request.app), CHECK_TIMEOUT)
             results[name] = "ok"
+        except Degraded as exc:
+            results[name] = f"degraded: {exc}"
         except Exception as exc:  # any failure means "not ready"; the reason goes in the body
             results[name] = f"down: {type(exc).__name__}"
-    down = [name for name, state in results.items() if state != "ok"]
+    down = [name for name, state in results.items() if state.startswith("down")]
     if not down:
-        return json_response({"status": "ok", "checks": results})
+        degraded = any(state != "ok" for state in results.values())
+        return json_response({"status": "degraded" if degraded else "ok", "checks": results})
     return problem(
         request,
         503,
