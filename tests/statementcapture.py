@@ -145,6 +145,7 @@ async def judge(conn: asyncpg.Connection, statement: Captured) -> Verdict:
     texts: list[str] = []
     per_row = [False]
     single_insert = [False]
+    scanned = [False]
 
     def walk(node: dict[str, Any], joins: list[str]) -> None:
         own = [str(node.get(k, "")) for k in _CONDITIONS]
@@ -153,6 +154,7 @@ async def judge(conn: asyncpg.Connection, statement: Captured) -> Verdict:
         texts.extend(here[len(joins) :])
         relation = node.get("Relation Name")
         if relation in DISTRIBUTED:
+            scanned[0] = True
             if node.get("Node Type") == "ModifyTable":
                 if node.get("Operation") == "Insert":
                     if any(child.get("Node Type") != "Result" for child in node.get("Plans", [])):
@@ -165,6 +167,10 @@ async def judge(conn: asyncpg.Connection, statement: Captured) -> Verdict:
             walk(child, here)
 
     walk(plan[0]["Plan"], [])
+    if not scanned[0]:
+        # The planner proved the statement reads no distributed table (say, a filter that
+        # matches nothing folded to a constant false): there is no shard to route to.
+        return Verdict(statement, "single-shard")
     if bare:
         return Verdict(statement, "unconstrained", bare)
     single = single_insert[0] or any(_ORG_EQ_VALUE.search(t) for t in texts)

@@ -48,11 +48,17 @@ async def test_a_malformed_token_is_a_400_naming_the_header(client: TestClient, 
         "/compat/v0/api/v0/customers",
     ):
         r = await client.get(path, headers={**org.headers(), HEADER: "yesterday"})
-        await problem(r, 400, HEADER)
+        body = await problem(r, 400, HEADER)
+        assert [e["in"] for e in body["errors"]] == ["header"]
 
 
 async def test_the_openapi_document_describes_the_token(client: TestClient) -> None:
     doc = await ok_json(await client.get("/openapi.json"))
     get = doc["paths"]["/v1/customers"]["get"]
     assert any(p["name"] == HEADER and p["in"] == "header" for p in get["parameters"])
+    # Every read that takes the token documents the 400 a malformed one gets.
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            if any(p.get("name") == HEADER for p in op.get("parameters", [])):
+                assert "400" in op["responses"], (method, path)
     assert HEADER in doc["paths"]["/v1/customers/{customer_identifier}"]["patch"]["responses"]["200"]["headers"]

@@ -34,8 +34,8 @@ import asyncpg
 from aiohttp import web
 
 from service.api import appkeys
+from service.api.errors import invalid
 from service.core.db import Connection
-from service.core.errors import InvalidInput
 from service.infra import metrics
 from service.infra.errors import Unavailable
 from service.infra.standby import SEEN_LSN, Standby, format_lsn, parse_lsn
@@ -151,7 +151,7 @@ def consistency_token(request: web.Request) -> int | None:
     try:
         return parse_lsn(text)
     except ValueError as exc:
-        raise InvalidInput(CONSISTENCY_HEADER, f"{exc}: send back the value a response carried") from None
+        raise invalid(CONSISTENCY_HEADER, f"{exc}: send back the value a response carried", "header") from None
 
 
 @asynccontextmanager

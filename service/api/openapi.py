@@ -105,7 +105,8 @@ def build_openapi(
         ]
         if ep.query:
             parameters += _query_parameters(ep.query, ep.query_aliases)
-        if ep.scope == "read" and ep.method == "GET":
+        takes_token = ep.scope == "read" and ep.method == "GET"
+        if takes_token:
             parameters.append(CONSISTENCY_PARAMETER)
         if parameters:
             op["parameters"] = parameters
@@ -126,7 +127,9 @@ def build_openapi(
         # Every authenticated route can answer 401 (no valid key), 403 (missing scope), 429
         # (the key's rate limit, or its address's for failed keys) and 503 (bounded waits for
         # the database); a public route 429 (its address's rate limit).
-        for code in sorted(set(ep.errors) | ({401, 403, 429, 503} if ep.scope else {429})):
+        # A read that takes a consistency token answers 400 to a malformed one.
+        codes = set(ep.errors) | ({401, 403, 429, 503} if ep.scope else {429}) | ({400} if takes_token else set())
+        for code in sorted(codes):
             response: dict[str, object] = {
                 "description": ERROR_TEXT.get(code, "Error"),
                 "content": {"application/problem+json": {"schema": problem_ref}},
