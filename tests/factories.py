@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from service.core import auth
+from service.core.query import USAGE_COLUMNS
 
 
 @dataclass
@@ -75,21 +76,6 @@ INSERT_CUSTOMER_COLUMNS = (
     "period_budget",
     "budget_duration",
 )
-# The usage aggregates live in customer_usage (migration 0007), made by the insert trigger.
-USAGE_COLUMNS = (
-    "first_seen",
-    "last_active",
-    "active_days",
-    "number_of_requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "total_cost",
-    "latency_sum",
-    "latency_count",
-    "ttft_sum",
-    "ttft_count",
-)
 
 
 async def insert_customer(pool: asyncpg.Pool, org: Org, identifier: str | None = None, **fields: object) -> dict:
@@ -105,7 +91,8 @@ async def insert_customer(pool: asyncpg.Pool, org: Org, identifier: str | None =
     unknown = set(row) - set(INSERT_CUSTOMER_COLUMNS)
     assert not unknown, unknown
     profile = [c for c in INSERT_CUSTOMER_COLUMNS if c in row and c not in USAGE_COLUMNS]
-    usage = [c for c in USAGE_COLUMNS if c in row]
+    # The usage aggregates live in customer_usage (migration 0007), made by the insert trigger.
+    usage = [c for c in INSERT_CUSTOMER_COLUMNS if c in row and c in USAGE_COLUMNS]
     sql = (
         f"INSERT INTO customers ({', '.join(profile)}) VALUES ({', '.join(f'${i + 1}' for i in range(len(profile)))})"
         " RETURNING organization_id, id"

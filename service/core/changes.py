@@ -87,6 +87,20 @@ class Usage:
     ttft_sum: float = 0.0
     ttft_count: int = 0
 
+    def sums(self) -> tuple[int, int, int, int, Decimal, float, int, float, int]:
+        """The amounts in the column order of daily_usage and customer_usage."""
+        return (
+            self.requests,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+            self.cost,
+            self.latency_sum,
+            self.latency_count,
+            self.ttft_sum,
+            self.ttft_count,
+        )
+
     def add(self, u: UsageData) -> None:
         self.requests += u.requests
         self.prompt_tokens += u.prompt_tokens

@@ -529,24 +529,7 @@ async def apply_changes(
 
 
 async def _upsert_daily(conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> dict[UUID, int]:
-    rows = sorted(
-        (
-            k[0],
-            ids[k],
-            day,
-            u.requests,
-            u.prompt_tokens,
-            u.completion_tokens,
-            u.total_tokens,
-            u.cost,
-            u.latency_sum,
-            u.latency_count,
-            u.ttft_sum,
-            u.ttft_count,
-        )
-        for k, d in deltas.items()
-        for day, u in d.days.items()
-    )
+    rows = sorted((k[0], ids[k], day, *u.sums()) for k, d in deltas.items() for day, u in d.days.items())
     if not rows:
         return {}
     new_days: dict[UUID, int] = defaultdict(int)
@@ -561,26 +544,9 @@ async def _update_customers(
 ) -> None:
     usage, profiles = [], []
     for k, d in sorted(deltas.items()):
-        u, cid = d.usage, ids[k]
+        cid = ids[k]
         if d.last_active is not None:
-            usage.append(
-                (
-                    k[0],
-                    cid,
-                    u.requests,
-                    u.prompt_tokens,
-                    u.completion_tokens,
-                    u.total_tokens,
-                    u.cost,
-                    u.latency_sum,
-                    u.latency_count,
-                    u.ttft_sum,
-                    u.ttft_count,
-                    d.first_seen,
-                    d.last_active,
-                    new_days.get(cid, 0),
-                )
-            )
+            usage.append((k[0], cid, *d.usage.sums(), d.first_seen, d.last_active, new_days.get(cid, 0)))
         if d.fields or d.hints or d.profile_event_at is not None:
             patch = versions = hints = None
             if d.fields:
