@@ -1,5 +1,6 @@
 """Links the API hands out (list next/previous, Location) never follow a Host header that
-is not allowed (issue 10, defect 15): `Host: evil.example` gets relative links."""
+is not exactly an allowed host[:port]: `Host: evil.example`, and Hosts that merely begin like
+an allowed one (`[::1]@evil.example`), get relative links."""
 
 from __future__ import annotations
 
@@ -89,10 +90,57 @@ async def test_wildcard_hosts(settings: Settings, migrated, pool: asyncpg.Pool, 
         ("", ("*",), False),
         ("localhost:", ("localhost",), False),
         ("evil.example", ("localhost", "127.0.0.1", "[::1]"), False),
+        # Hosts that begin like an allowed one and name another to every URL parser.
+        ("[::1]@evil.example", ("localhost", "127.0.0.1", "[::1]"), False),
+        ("[::1]:80@evil.example/x?", ("localhost", "127.0.0.1", "[::1]"), False),
+        ("localhost@evil.example", ("localhost",), False),
+        ("localhost:8080@evil.example", ("localhost",), False),
+        ("127.0.0.1/evil", ("127.0.0.1",), False),
+        ("127.0.0.1?x", ("127.0.0.1",), False),
+        ("127.0.0.1#x", ("127.0.0.1",), False),
+        ("127.0.0.1:99999", ("127.0.0.1",), False),
+        ("127.0.0.1:080", ("127.0.0.1",), False),
+        ("[::1", ("[::1]",), False),
+        ("[fe80::1%25eth0]", ("*",), False),
+        ("local host", ("*",), False),
+        ("[::1]@evil.example", ("*",), False),
     ],
 )
 def test_host_patterns(host: str, patterns: tuple[str, ...], allowed: bool) -> None:
     assert host_allowed(host, patterns) is allowed
+
+
+FORGED_HOSTS = ("[::1]@evil.example", "[::1]:80@evil.example/x?", "127.0.0.1@evil.example", "localhost:1@evil.example")
+
+
+@pytest.mark.parametrize("host", FORGED_HOSTS)
+async def test_a_forged_host_gets_relative_links_and_location(
+    client: TestClient, pool: asyncpg.Pool, org: Org, host: str
+) -> None:
+    await three_customers(pool, org)
+    headers = {**org.headers(), "Host": host}
+    page = await ok_json(await client.get("/v1/customers?limit=1", headers=headers))
+    assert page["next"].startswith("/v1/customers?limit=1&offset=1"), page["next"]
+    respan = await ok_json(await client.get("/compat/respan/api/users/list/?page=2&page_size=1", headers=headers))
+    for link in (respan["next"], respan["previous"]):
+        assert link.startswith("/compat/respan/api/users/list/?"), link
+    created = await client.post("/v1/customers", json={"customer_identifier": uid()}, headers=headers)
+    assert created.status == 201
+    assert created.headers["Location"].startswith("/v1/customers/"), created.headers["Location"]
+
+
+@pytest.mark.parametrize("host", FORGED_HOSTS)
+async def test_a_forged_forwarded_host_gets_relative_links(
+    settings: Settings, migrated, pool: asyncpg.Pool, org: Org, host: str
+) -> None:
+    proxied = settings.model_copy(update={"trust_forwarded_headers": True})
+    await three_customers(pool, org)
+    async with TestClient(TestServer(create_app(proxied))) as c:
+        headers = {**org.headers(), "X-Forwarded-Proto": "https", "X-Forwarded-Host": host}
+        page = await ok_json(await c.get("/v1/customers?limit=1", headers=headers))
+        assert page["next"].startswith("/v1/customers?limit=1&offset=1"), page["next"]
+        created = await c.post("/v1/customers", json={"customer_identifier": uid()}, headers=headers)
+        assert created.headers["Location"].startswith("/v1/customers/"), created.headers["Location"]
 
 
 def test_settings_read_hosts_and_public_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
