@@ -326,6 +326,8 @@ async def test_cursor_style_links(client: TestClient, twenty) -> None:
         ({"last_active_lte": "soon"}, "last_active_lte"),
         ({"total_cost_gte": "cheap"}, "total_cost_gte"),
         ({"total_cost_lte": "-1"}, "total_cost_lte"),
+        ({"total_cost_gte": "1e-16384"}, "total_cost_gte"),
+        ({"total_cost_gte": "9" * 14 + "." + "9" * 100_000}, "total_cost_gte"),
         ({"expand": "children"}, "expand"),
         ({"include": "invoices"}, "include"),
         ({"metadata": "plain"}, "metadata"),

@@ -323,6 +323,12 @@ MAX_CONDITION_VALUES = 1000
 MAX_TEXT_VALUE = 1000
 _INT8 = (-(2**63), 2**63 - 1)
 _MAX_MONEY = Decimal("1e15")
+# A number filter value: at most this many characters as text, and (for exact numbers) at most
+# as many decimal places as a stored amount has (events' cost: 12). PostgreSQL's numeric and
+# the driver refuse exponents past ±16383 (a 500 before these bounds), and a million-digit
+# string costs parsing time for nothing: no stored amount has more than 25 digits.
+MAX_NUMBER_TEXT = 40
+MAX_DECIMAL_PLACES = 12
 _EARLIEST, _LATEST = datetime(1, 1, 2, tzinfo=UTC), datetime(9999, 12, 30, tzinfo=UTC)
 
 FilterValue = str | int | Decimal | float | datetime
@@ -390,8 +396,11 @@ def _typed(value: object, kind: str, param: str) -> FilterValue:
         if not _EARLIEST < moment < _LATEST:  # the driver cannot send what is outside
             raise InvalidInput(param, "must be between 0001-01-02 and 9999-12-30")
         return moment
+    text = str(value).strip() if isinstance(value, (str, int, float, Decimal)) else None
+    if text is not None and len(text) > MAX_NUMBER_TEXT:
+        raise InvalidInput(param, f"must be a number of at most {MAX_NUMBER_TEXT} characters")
     try:
-        number = Decimal(str(value).strip()) if isinstance(value, (str, int, float, Decimal)) else None
+        number = Decimal(text) if text is not None else None
     except ArithmeticError:
         number = None
     if number is None or not number.is_finite():
@@ -402,7 +411,12 @@ def _typed(value: object, kind: str, param: str) -> FilterValue:
         return int(number)
     if abs(number) >= _MAX_MONEY:
         raise InvalidInput(param, "is out of range")
-    return number if kind == "numeric" else float(number)
+    if kind == "float8":
+        return float(number)
+    exponent = number.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > MAX_DECIMAL_PLACES:
+        raise InvalidInput(param, f"has more than {MAX_DECIMAL_PLACES} decimal places")
+    return number
 
 
 def condition_sql(cond: Condition, p: _Params) -> str:
