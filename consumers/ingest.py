@@ -263,6 +263,7 @@ class Consumer:
         self.connection_name = f"{self.names.namespace}-consumer-{os.getpid()}-{id(self):x}"
         self.retention = timedelta(days=settings.dedupe_retention_days)
         self.connected = asyncio.Event()
+        self.sessions = 0  # connections on which consuming started
         self._stopping = asyncio.Event()
         self._stop_requested_at: float | None = None
         # Set when a batch recorded budget alerts, or when consuming (re)starts: the
@@ -275,6 +276,7 @@ class Consumer:
     async def run(self) -> None:
         """Consume until :meth:`stop`; reconnects after broker failures."""
         attempt = 0
+        sessions_seen = self.sessions
         while not self._stopping.is_set():
             try:
                 await self._session()
@@ -282,9 +284,16 @@ class Consumer:
             except BROKER_ERRORS as exc:
                 if self._stopping.is_set():
                     break
+                if self.sessions != sessions_seen:  # that session had consumed: a new outage
+                    sessions_seen = self.sessions
+                    attempt = 0
                 delay = _backoff(attempt, RECONNECT_CAP)
                 attempt += 1
-                log.warning("broker connection lost; reconnecting", extra={"error": repr(exc), "in_s": round(delay, 2)})
+                # Said once per outage; the attempts that follow are debug lines (and the
+                # nodes' own state changes are logged by BrokerNodes).
+                level = logging.WARNING if attempt == 1 else logging.DEBUG
+                extra = {"error": repr(exc), "in_s": round(delay, 2)}
+                log.log(level, "broker connection lost; reconnecting", extra=extra)
                 self.nodes.lost()
                 metrics.BROKER_RECONNECTS.inc()
                 await wait_event(self._stopping, delay)
@@ -316,6 +325,7 @@ class Consumer:
 
             tag = await topology.ingest.consume(on_message, no_ack=False)
             self.started_consuming.set()
+            self.sessions += 1
             self.connected.set()
             metrics.BROKER_CONNECTED.set(1)
             log.info("consuming", extra={"queue": self.names.ingest, "prefetch": self.settings.prefetch})

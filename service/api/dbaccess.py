@@ -128,10 +128,12 @@ CONSISTENCY = web.RequestKey("consistency_lsn", int)
 CONSISTENCY_HEADER = "X-Tally-Consistency"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # A standby that fails mid-read (stopped, restarting) or cancels a read that conflicts with
-# replay: the read is refused with 503 and Retry-After, and the standby is checked again.
+# replay: the read is refused with 503 and Retry-After, and the standby is checked again. Not
+# a read that ran past its statement timeout (the client's TimeoutError, the server's
+# QueryCanceledError): that is the request's cost, and one tenant's slow filter must not send
+# every tenant's reads to the primary.
 STANDBY_ERRORS = (
     OSError,
-    TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
@@ -168,6 +170,8 @@ async def connection(request: web.Request, *, read: bool = False) -> AsyncIterat
                 yield conn
                 await _note_position(request, conn)
             return
+        except TimeoutError:  # an OSError too, but the request's overrun: see STANDBY_ERRORS
+            raise
         except STANDBY_ERRORS as exc:
             await standby.failed(exc)
             raise Unavailable("the read standby failed during the request; retry shortly", retry_after=1) from exc

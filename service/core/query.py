@@ -396,11 +396,11 @@ def _typed(value: object, kind: str, param: str) -> FilterValue:
         if not _EARLIEST < moment < _LATEST:  # the driver cannot send what is outside
             raise InvalidInput(param, "must be between 0001-01-02 and 9999-12-30")
         return moment
-    text = str(value).strip() if isinstance(value, (str, int, float, Decimal)) else None
-    if text is not None and len(text) > MAX_NUMBER_TEXT:
+    digits = str(value).strip() if isinstance(value, (str, int, float, Decimal)) else None
+    if digits is not None and len(digits) > MAX_NUMBER_TEXT:
         raise InvalidInput(param, f"must be a number of at most {MAX_NUMBER_TEXT} characters")
     try:
-        number = Decimal(text) if text is not None else None
+        number = Decimal(digits) if digits is not None else None
     except ArithmeticError:
         number = None
     if number is None or not number.is_finite():

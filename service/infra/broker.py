@@ -55,11 +55,31 @@ def broker_urls(amqp_url: str) -> list[str]:
     return urls
 
 
+class _TransportErrors(logging.Filter):
+    """aiormq logs every failed connection attempt at ERROR ("error when creating
+    transport"), before the caller has even seen the exception: a cluster node that is down
+    by design would write an ERROR on every reconnect. :class:`BrokerNodes` says when a node
+    becomes unreachable and when it is back, once each; aiormq's line goes to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "creating transport" in str(record.msg):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_AIORMQ_CONNECTION = logging.getLogger("aiormq.connection")
+if not any(isinstance(f, _TransportErrors) for f in _AIORMQ_CONNECTION.filters):
+    _AIORMQ_CONNECTION.addFilter(_TransportErrors())
+
+
 class BrokerNodes:
     """The nodes of ``TALLY_AMQP_URL``, connected to in turn: from the last node that worked,
     and past a node that refuses or times out to the next. After a lost connection,
     :meth:`lost` starts the next attempt at the following node, so a client whose node
-    stopped moves to another at once instead of first waiting on the one that went away."""
+    stopped moves to another at once instead of first waiting on the one that went away.
+    A node's reachability is logged when it changes (a warning when it stops answering, a
+    line when it answers again), not on every attempt."""
 
     def __init__(self, amqp_url: str) -> None:
         self.urls = broker_urls(amqp_url)
@@ -67,6 +87,7 @@ class BrokerNodes:
         # different order for each replica (or put a TCP load balancer in front of them).
         self._next = 0
         self.current: str | None = None
+        self._unreachable: set[str] = set()
 
     async def connect(self, *, timeout: float, connection_name: str | None = None) -> AbstractConnection:
         last: BaseException | None = None
@@ -80,9 +101,16 @@ class BrokerNodes:
                 )
             except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as exc:
                 last = exc
-                if len(self.urls) > 1:
-                    log.info("broker node unreachable; trying the next", extra={"node": _host(self.urls[k])})
+                if self.urls[k] not in self._unreachable:
+                    self._unreachable.add(self.urls[k])
+                    others = "; trying the next" if len(self.urls) > 1 else ""
+                    log.warning(
+                        f"broker node unreachable{others}", extra={"node": _host(self.urls[k]), "error": repr(exc)}
+                    )
                 continue
+            if self.urls[k] in self._unreachable:
+                self._unreachable.discard(self.urls[k])
+                log.info("broker node reachable again", extra={"node": _host(self.urls[k])})
             self._next, self.current = k, self.urls[k]
             return connection
         assert last is not None

@@ -8,6 +8,12 @@ standby has replayed that position â€” so it sees every write the token covers â
 waiting up to ``TALLY_DATABASE_READ_WAIT``; otherwise it is served by the primary, which has
 everything. A standby that does not answer is marked down (reads go to the primary, one log
 line, ``tally_db_replica_up`` 0) until a check succeeds again.
+
+The checks and replay-position polls run on a connection of their own, never on the read
+pool: a pool filled by slow reads (one tenant's expensive filter) says nothing about the
+standby's health, and must not mark it down for every tenant. For the same reason a read
+that runs past its statement timeout is the request's problem (a 503 for that request), not
+the standby's (service/api/dbaccess.py).
 """
 
 from __future__ import annotations
@@ -59,32 +65,64 @@ def format_lsn(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
+PROBE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 class Standby:
     """The read pool on a streaming standby and what is known of it."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, dsn: str) -> None:
         self.pool = pool
+        self.dsn = dsn
         self.wait = settings.database_read_wait
         self.interval = settings.database_read_check_interval
+        self.connect_timeout = settings.db_connect_timeout
         self.up = False
         self.replayed = 0
-        self._poll: asyncio.Future[int] | None = None
+        self.checks = 0  # checks completed, whatever their outcome
+        # Whether the read database was last seen in recovery (None: not seen yet): a change
+        # is logged once, not at every check.
+        self.in_recovery: bool | None = None
+        self._poll: asyncio.Future[asyncpg.Record] | None = None
         self._checked = asyncio.Event()
+        self._probe: asyncpg.Connection | None = None
+        self._probe_lock = asyncio.Lock()
+
+    async def _ask(self, query: str) -> asyncpg.Record:
+        """One row of ``query`` on the probe connection (opened, or reopened, as needed; one
+        query at a time)."""
+        async with self._probe_lock:
+            if self._probe is None or self._probe.is_closed():
+                self._probe = await asyncpg.connect(
+                    self.dsn,
+                    timeout=min(CHECK_TIMEOUT, self.connect_timeout),
+                    server_settings={"application_name": "tally-replica-probe"},
+                )
+            try:
+                row = await self._probe.fetchrow(query, timeout=CHECK_TIMEOUT)
+            except BaseException:
+                # A probe that failed mid-query (or was cancelled) is in an unknown state.
+                self._probe.terminate()
+                self._probe = None
+                raise
+            assert row is not None
+            return row
 
     async def check(self) -> None:
         """Ask the standby where it is; mark it up or down."""
         try:
-            async with self.pool.acquire(timeout=CHECK_TIMEOUT) as conn:
-                row = await conn.fetchrow(CHECK, timeout=CHECK_TIMEOUT)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            in_recovery, replayed, lag = await self._ask(CHECK)
+        except PROBE_ERRORS as exc:
             await self.failed(exc)
             return
-        assert row is not None
-        in_recovery, replayed, lag = row
         self.replayed = max(self.replayed, replayed)
         metrics.REPLICA_LAG.set(float(lag))
-        if not in_recovery:
-            log.warning("the read database is not in recovery: it is a primary now (promoted?)")
+        if in_recovery != self.in_recovery:
+            if not in_recovery:
+                log.warning("the read database is not in recovery: it is a primary (promoted, or not a standby)")
+            elif self.in_recovery is False:
+                log.info("the read database is in recovery again: a standby")
+            self.in_recovery = in_recovery
         if not self.up:
             log.info("standby up: reads go to the standby", extra={"replayed": format_lsn(replayed)})
         self.up = True
@@ -103,6 +141,7 @@ class Standby:
         """Check every ``interval`` seconds (the first check at once)."""
         while True:
             await self.check()
+            self.checks += 1
             self._checked.set()
             await asyncio.sleep(self.interval)
 
@@ -118,7 +157,7 @@ class Standby:
         while True:
             try:
                 self.replayed = max(self.replayed, await self._replay_position())
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except PROBE_ERRORS as exc:
                 await self.failed(exc)
                 metrics.REPLICA_FALLBACKS.labels("down").inc()
                 return False
@@ -132,8 +171,18 @@ class Standby:
     async def _replay_position(self) -> int:
         # One query in flight at a time, shared by every waiting read.
         if self._poll is None or self._poll.done():
-            self._poll = asyncio.ensure_future(self.pool.fetchval(SEEN_LSN, timeout=CHECK_TIMEOUT))
-        return await asyncio.shield(self._poll)
+            self._poll = asyncio.ensure_future(self._ask(SEEN_LSN))
+        row = await asyncio.shield(self._poll)
+        return int(row[0])
+
+    async def close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            await asyncio.gather(self._poll, return_exceptions=True)
+        async with self._probe_lock:
+            if self._probe is not None:
+                self._probe.terminate()
+                self._probe = None
 
 
 @asynccontextmanager
@@ -143,7 +192,7 @@ async def standby_context(settings: Settings, dsn: str) -> AsyncIterator[Standby
     pool = await create_pool(
         dsn, settings, name="replica", statement_timeout=settings.db_command_timeout, min_size=0, check=False
     )
-    standby = Standby(pool, settings)
+    standby = Standby(pool, settings, dsn)
     task = asyncio.create_task(standby.run(), name="tally-standby-checks")
     with suppress(TimeoutError):
         await asyncio.wait_for(standby._checked.wait(), CHECK_TIMEOUT * 3)
@@ -154,7 +203,5 @@ async def standby_context(settings: Settings, dsn: str) -> AsyncIterator[Standby
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        if standby._poll is not None:
-            standby._poll.cancel()
-            await asyncio.gather(standby._poll, return_exceptions=True)
+        await standby.close()
         await close_pool(pool)
