@@ -11,6 +11,7 @@ Where a seed is silent the adapter's module docstring is the contract (named whe
 
 from __future__ import annotations
 
+import base64
 import copy
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -549,6 +550,48 @@ async def test_respan_filter_operators(client: TestClient, pool: asyncpg.Pool, o
     body = await ok_json(resp)
     assert body["count"] == 2 and [r["customer_identifier"] for r in body["results"]] == ["fa_1"]
     assert body["next"] is not None
+
+
+async def test_respan_post_list_links_carry_its_filters(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+    """A filtered POST list's next and previous links list the same filtered customers,
+    followed as a GET (a browser, curl) or as a POST without a body."""
+    for i in range(5):
+        await insert_customer(pool, org, f"keep_{i}", email=f"k{i}@acme.dev")
+    for i in range(4):
+        await insert_customer(pool, org, f"drop_{i}", email=f"d{i}@other.io")
+    filters = {"email": {"operator": "endswith", "value": ["@acme.dev"]}}
+    first = await ok_json(
+        await client.post(
+            RESPAN_LIST + "?page_size=2&sort_by=customer_identifier", json={"filters": filters}, headers=org.headers()
+        )
+    )
+    assert first["count"] == 5
+    for method in ("GET", "POST"):
+        pages = [first]
+        while pages[-1]["next"] is not None:
+            assert len(pages) < 10
+            resp = await client.request(method, rel(pages[-1]["next"]), headers=org.headers())
+            pages.append(await ok_json(resp))
+        assert [p["count"] for p in pages] == [5, 5, 5], method
+        walked = [r["customer_identifier"] for p in pages for r in p["results"]]
+        assert walked == [f"keep_{i}" for i in range(5)], (method, walked)
+        back = await ok_json(await client.request(method, rel(pages[-1]["previous"]), headers=org.headers()))
+        assert back["results"] == pages[-2]["results"]
+    # An unfiltered POST list links without filters.
+    plain = await ok_json(await client.post(RESPAN_LIST + "?page_size=2", headers=org.headers()))
+    assert "filters=" not in plain["next"]
+
+
+async def test_respan_filters_parameter_is_checked(client: TestClient, org: Org) -> None:
+    await problem(await client.get(RESPAN_LIST + "?filters=bm90IGpzb24", headers=org.headers()), 400, "filters")
+    await problem(await client.get(RESPAN_LIST + "?filters=%%%", headers=org.headers()), 400, "filters")
+    carried = base64.urlsafe_b64encode(b'{"name":{"value":["a"]}}').rstrip(b"=").decode()
+    resp = await client.post(
+        RESPAN_LIST + "?filters=" + carried, json={"filters": {"name": {"value": ["b"]}}}, headers=org.headers()
+    )
+    await problem(resp, 400, "filters")
+    bad = base64.urlsafe_b64encode(b'{"nope":{"value":["a"]}}').rstrip(b"=").decode()
+    await problem(await client.get(RESPAN_LIST + "?filters=" + bad, headers=org.headers()), 400, "filters.nope")
 
 
 async def test_respan_filter_environment_chooses_the_environment(

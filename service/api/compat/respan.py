@@ -20,23 +20,25 @@ the parameter is absent.
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
+import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema
 
 from service.api import appkeys, dbaccess, examples
 from service.api.customers import write_stamp
 from service.api.listing import json_with, link, run_list
 from service.api.models import SORT_CHOICES, choice
-from service.api.params import parse_body, parse_query
+from service.api.params import MAX_BODY_DEPTH, parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
 from service.core import customers as core
 from service.core.errors import InvalidInput
-from service.core.profile import Email, Metadata, Money, ProfileUpdate, ShortText
+from service.core.profile import Email, Metadata, Money, ProfileUpdate, ShortText, json_fault
 from service.core.query import MAX_CONDITIONS, Col, Condition, CustomerFilter, ListQuery, Sort, condition
 from service.core.vocabulary import BudgetDuration, Environment
 
@@ -50,6 +52,13 @@ _SORT = choice([*SORT_CHOICES, *SORT_ALIASES], "-first_seen")
 RespanSortBy = Annotated[str, _SORT[0], _SORT[1]]
 
 
+# The filters of a POST list ride in its next/previous links as this query parameter:
+# base64url (unpadded) of their compact JSON, so that a client following a link (a GET, or a
+# POST without a body) gets the same filtered list, not every customer.
+FILTERS_PARAM = "filters"
+MAX_FILTERS_PARAM = 64_000
+
+
 class ListParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +66,29 @@ class ListParams(BaseModel):
     page_size: int = Field(50, ge=1, le=1000, description="Customers per page. Maximum is 1000.")
     sort_by: RespanSortBy = Field("-first_seen", description="Sort field; prefix '-' for descending.")
     environment: Environment | None = Field(None, description="prod or test; defaults to the key's environment.")
+    filters: Annotated[str, StringConstraints(max_length=MAX_FILTERS_PARAM)] | None = Field(
+        None,
+        description="The filters of a POST list as its next and previous links carry them (base64url of their "
+        "JSON): a GET, or a POST without filters in its body, with this parameter lists the same customers.",
+    )
+
+
+def encode_filters(filters: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(filters, option=orjson.OPT_SORT_KEYS)).rstrip(b"=").decode()
+
+
+def decode_filters(text: str) -> dict[str, Any]:
+    """The filters a link carries; InvalidInput naming the parameter if it holds none."""
+    try:
+        decoded = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        decoded = None
+    if not isinstance(decoded, dict):
+        raise InvalidInput(FILTERS_PARAM, "is not the filters of a list link (base64url of a JSON object)")
+    fault = json_fault(decoded, max_depth=MAX_BODY_DEPTH)
+    if fault is not None:
+        raise InvalidInput(FILTERS_PARAM, str(fault))
+    return decoded
 
 
 # Respan's filter operators -> the core's. "" (the default) and "in" match any listed value,
@@ -248,10 +280,13 @@ JSON = "application/json"
 async def list_users(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     params = parse_query(request, ListParams)
-    conds: tuple[Condition, ...] = ()
+    filters = decode_filters(params.filters) if params.filters is not None else None
     if request.method == "POST" and request.can_read_body:
         body = await parse_body(request, RespanUserFilters, request.app[appkeys.SETTINGS].max_body_bytes)
-        conds = conditions(body.filters)
+        if body.filters and filters is not None and body.filters != filters:
+            raise InvalidInput(FILTERS_PARAM, "differs from the body's filters: send the filters once")
+        filters = body.filters or filters
+    conds = conditions(filters)
     named, conds = chosen_environment(conds) if params.environment is None else (None, conds)
     q = ListQuery(
         organization_id=principal.organization_id,
@@ -262,10 +297,11 @@ async def list_users(request: web.Request) -> web.Response:
         offset=(params.page - 1) * params.page_size,
     )
     page = await run_list(request, q, LIST_SHAPE)
+    carried = encode_filters(filters) if filters else None
     envelope = {
         "count": page.count,
-        "next": link(request, page=params.page + 1) if page.next_position else None,
-        "previous": link(request, page=params.page - 1) if params.page > 1 else None,
+        "next": link(request, page=params.page + 1, filters=carried) if page.next_position else None,
+        "previous": link(request, page=params.page - 1, filters=carried) if params.page > 1 else None,
     }
     return web.Response(body=json_with(envelope, "results", page.docs), content_type=JSON)
 
