@@ -75,7 +75,9 @@ class Capture:
         if query in self.statements or not _TABLE_WORD.search(query) or not _DML.match(query):
             return
         caller = _tally_caller()
-        if caller is None:
+        # The migrator runs whole migration files (DDL, and data fixes inside them) once per
+        # database, on the coordinator: not statements Citus routes.
+        if caller is None or caller.startswith("service/infra/migrate.py"):
             return
         database = conn._params.database  # type: ignore[attr-defined]
         self.statements[query] = Captured(query, tuple(args), database, caller)

@@ -111,7 +111,7 @@ async def test_every_compat_route_set_has_its_own_tag(openapi_doc: dict) -> None
         path: {p["name"] for p in openapi_doc["paths"][path]["get"].get("parameters", []) if p["in"] == "query"}
         for path in (RESPAN_LIST, V0_LIST, FLEXPRICE_LIST, PUBLIC_LIST)
     }
-    assert params[RESPAN_LIST] == {"page", "page_size", "sort_by", "environment"}
+    assert params[RESPAN_LIST] == {"page", "page_size", "sort_by", "environment", "filters"}
     assert params[V0_LIST] == {"skip", "take", "status", "name", "email"}
     assert params[FLEXPRICE_LIST] == {
         "limit",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -273,14 +274,21 @@ async def test_respan_environment_parameter(client: TestClient, pool: asyncpg.Po
             assert listed["results"] == body["results"]
         found = await get_json(client, RESPAN_USER.format(expected["customer_identifier"]), org.headers(key))
         assert found["customer_identifier"] == expected["customer_identifier"]
-    body = await get_json(client, f"{RESPAN_LIST}?environment=test", org.headers())
+    body = await get_json(client, f"{RESPAN_LIST}?environment=test", org.headers(org.test_key))
     assert [(r["customer_identifier"], r["environment"], r["id"]) for r in body["results"]] == [
         (test["customer_identifier"], "test", test["customer_identifier"] + "test" + str(org.id))
     ]
-    # The detail uses the key's environment unless told (seed 001).
+    # A key reaches its own environment only: naming the other one is a 403 naming the parameter.
     test_path = RESPAN_USER.format(test["customer_identifier"])
     await problem(await client.get(test_path, headers=org.headers()), 404)
-    assert (await get_json(client, test_path + "?environment=test", org.headers()))["environment"] == "test"
+    for path in (test_path + "?environment=test", f"{RESPAN_LIST}?environment=test"):
+        body = await problem(await client.get(path, headers=org.headers()), 403, "environment")
+        assert "'prod'" in body["detail"]
+    await problem(await client.post(f"{RESPAN_LIST}?environment=test", headers=org.headers()), 403, "environment")
+    for method in ("PATCH", "DELETE"):
+        resp = await client.request(method, test_path + "?environment=test", json={"name": "x"}, headers=org.headers())
+        await problem(resp, 403, "environment")
+    assert (await get_json(client, test_path + "?environment=test", org.headers(org.test_key)))["environment"] == "test"
     assert (await get_json(client, test_path, org.headers(org.test_key)))["environment"] == "test"
     await problem(await client.get(test_path + "?environment=qa", headers=org.headers()), 400, "environment")
 
@@ -599,7 +607,12 @@ async def test_respan_filter_environment_chooses_the_environment(
 ) -> None:
     await insert_customer(pool, org, "envp")
     await insert_customer(pool, org, "envt", environment="test")
-    assert await _filtered(client, org, {"environment": {"value": ["test"]}}) == ["envt"]
+    test_key = dataclasses.replace(org, key=org.test_key)
+    assert await _filtered(client, test_key, {"environment": {"value": ["test"]}}) == ["envt"]
+    assert await _filtered(client, org, {"environment": {"value": ["prod"]}}) == ["envp"]
+    # Another environment than the key's is a 403 naming the filter.
+    resp = await client.post(RESPAN_LIST, json={"filters": {"environment": {"value": ["test"]}}}, headers=org.headers())
+    await problem(resp, 403, "filters.environment")
     # The parameter wins: the filter then narrows within it.
     assert await _filtered(client, org, {"environment": {"value": ["test"]}}, "?environment=prod") == []
 

@@ -193,7 +193,7 @@ async def test_other_environment_rows_never_appear(client: TestClient, big) -> N
     org, _ = big
     page = await list_page(client, org.headers(), limit=1000)
     assert all(c["environment"] == "prod" for c in page["results"])
-    test = await list_page(client, org.headers(), limit=1000, environment="test")
+    test = await list_page(client, org.headers(org.test_key), limit=1000, environment="test")
     assert test["count"] == 6
     assert {c["environment"] for c in test["results"]} == {"test"}
     by_test_key = await list_page(client, org.headers(org.test_key), limit=1000)
@@ -406,9 +406,12 @@ async def test_environment_filter(client: TestClient, pool: asyncpg.Pool, org: O
     h = org.headers()
     assert ids(await list_page(client, h)) == [str(prod["id"])]
     assert ids(await list_page(client, h, environment="prod")) == [str(prod["id"])]
-    assert ids(await list_page(client, h, environment="test")) == [str(test["id"])]
     assert ids(await list_page(client, org.headers(org.test_key))) == [str(test["id"])]
-    assert ids(await list_page(client, org.headers(org.test_key), environment="prod")) == [str(prod["id"])]
+    assert ids(await list_page(client, org.headers(org.test_key), environment="test")) == [str(test["id"])]
+    # A key reaches its own environment only: the other one is a 403 naming the parameter.
+    for key, other in ((org.key, "test"), (org.test_key, "prod")):
+        resp = await client.get("/v1/customers", params={"environment": other}, headers=org.headers(key))
+        await problem(resp, 403, "environment")
 
 
 async def test_status_filter(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
@@ -711,11 +714,8 @@ async def test_foreign_cursor_is_refused_without_data(client: TestClient, cursor
     body = await problem(resp, 400, "cursor")
     assert "results" not in body
     # nor in another environment of the same organization
-    for kwargs in ({"headers": org.headers(org.test_key)}, {"headers": org.headers(), "env": "test"}):
-        params = {"cursor": page["next_cursor"], "status": "active"}
-        if kwargs.get("env"):
-            params["environment"] = kwargs["env"]
-        await problem(await client.get("/v1/customers", params=params, headers=kwargs["headers"]), 400, "cursor")
+    params = {"cursor": page["next_cursor"], "status": "active"}
+    await problem(await client.get("/v1/customers", params=params, headers=org.headers(org.test_key)), 400, "cursor")
 
 
 @pytest.mark.parametrize(
@@ -840,10 +840,12 @@ async def test_usage_unknown_or_foreign_customer_is_404(client: TestClient, usag
     window = {"from": "2026-01-01", "to": "2026-01-02"}
     await problem(await client.get(f"/v1/customers/{uid()}/usage", params=window, headers=org.headers()), 404)
     await problem(await client.get(f"/v1/customers/{ident}/usage", params=window, headers=other_org.headers()), 404)
+    resp = await client.get(f"/v1/customers/{ident}/usage", params=window, headers=org.headers(org.test_key))
+    await problem(resp, 404)
     resp = await client.get(
         f"/v1/customers/{ident}/usage", params={**window, "environment": "test"}, headers=org.headers()
     )
-    await problem(resp, 404)
+    await problem(resp, 403, "environment")
 
 
 def test_models_reject_a_wrong_document() -> None:

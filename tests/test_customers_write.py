@@ -66,9 +66,9 @@ def url(identifier: str) -> str:
     return "/v1/customers/" + quote(identifier, safe="")
 
 
-async def create(client: TestClient, org: Org, **fields: Any) -> dict[str, Any]:
+async def create(client: TestClient, org: Org, key: str | None = None, **fields: Any) -> dict[str, Any]:
     fields.setdefault("customer_identifier", uid())
-    resp = await client.post("/v1/customers", json=fields, headers=org.headers())
+    resp = await client.post("/v1/customers", json=fields, headers=org.headers(key))
     return await ok_json(resp, 201)
 
 
@@ -135,22 +135,22 @@ async def test_location_works_for_any_identifier(client: TestClient, org: Org, i
 
 async def test_create_in_the_test_environment(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
     ident = uid()
-    by_test_key = await ok_json(
-        await client.post("/v1/customers", json={"customer_identifier": ident}, headers=org.headers(org.test_key)), 201
-    )
+    created = await client.post("/v1/customers", json={"customer_identifier": ident}, headers=org.headers(org.test_key))
+    by_test_key = await ok_json(created, 201)
     assert by_test_key["environment"] == "test"
     await problem(await client.get(url(ident), headers=org.headers()), 404)
-    assert (await fetch(client, org, ident, environment="test"))["id"] == by_test_key["id"]
-    # a prod key naming the environment; its Location finds the customer with the same key
+    assert (await fetch(client, org, ident, org.test_key, environment="test"))["id"] == by_test_key["id"]
+    # its Location finds the customer with the same key
+    found = await client.get(rel(created.headers["Location"]), headers=org.headers(org.test_key))
+    assert (await ok_json(found))["id"] == by_test_key["id"]
+    # a prod key naming the test environment: 403 naming it, nothing written
     other = uid()
     resp = await client.post(
         "/v1/customers", json={"customer_identifier": other, "environment": "test"}, headers=org.headers()
     )
-    assert (await ok_json(resp, 201))["environment"] == "test"
-    assert (await ok_json(await client.get(rel(resp.headers["Location"]), headers=org.headers())))[
-        "environment"
-    ] == "test"
-    assert await db_row(pool, org, other, "test") is not None
+    body = await problem(resp, 403, "environment")
+    assert [e["in"] for e in body["errors"]] == ["body"]
+    assert await db_row(pool, org, other, "test") is None
     assert await db_row(pool, org, other, "prod") is None
 
 
@@ -163,7 +163,7 @@ async def test_duplicate_identifier_is_409(client: TestClient, org: Org, other_o
     await problem(resp, 409)
     assert (await fetch(client, org, ident))["name"] == "first"
     # unique per organization and environment only
-    await create(client, org, customer_identifier=ident, environment="test")
+    await create(client, org, org.test_key, customer_identifier=ident)
     await create(client, other_org, customer_identifier=ident)
 
 
@@ -243,8 +243,10 @@ def _without(doc: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k not in keys}
 
 
-async def patch(client: TestClient, org: Org, identifier: str, body: dict, status: int = 200, **params: str) -> dict:
-    resp = await client.patch(url(identifier), json=body, params=params, headers=org.headers())
+async def patch(
+    client: TestClient, org: Org, identifier: str, body: dict, status: int = 200, key: str | None = None, **params: str
+) -> dict:
+    resp = await client.patch(url(identifier), json=body, params=params, headers=org.headers(key))
     if status == 200:
         doc = await ok_json(resp)
         assert set(doc) == set(Customer.model_fields)
@@ -343,9 +345,11 @@ async def test_patch_unknown_customer_is_404(client: TestClient, org: Org) -> No
 
 async def test_patch_in_another_environment(client: TestClient, org: Org) -> None:
     ident = uid()
-    await create(client, org, customer_identifier=ident, environment="test", name="t")
+    await create(client, org, org.test_key, customer_identifier=ident, name="t")
     await patch(client, org, ident, {"name": "x"}, status=404)
-    assert (await patch(client, org, ident, {"name": "tt"}, environment="test"))["name"] == "tt"
+    await patch(client, org, ident, {"name": "x"}, status=403, environment="test")
+    assert (await patch(client, org, ident, {"name": "tt"}, key=org.test_key, environment="test"))["name"] == "tt"
+    assert (await fetch(client, org, ident, org.test_key))["name"] == "tt"
 
 
 async def _today(pool: asyncpg.Pool) -> date:
@@ -499,11 +503,13 @@ async def test_delete_a_parent_detaches_its_children(client: TestClient, org: Or
 
 async def test_delete_in_another_environment(client: TestClient, org: Org) -> None:
     ident = uid()
-    await create(client, org, customer_identifier=ident, environment="test")
+    await create(client, org, org.test_key, customer_identifier=ident)
     prod = await create(client, org, customer_identifier=ident)
-    assert (await client.delete(url(ident) + "?environment=test", headers=org.headers())).status == 204
+    await problem(await client.delete(url(ident) + "?environment=test", headers=org.headers()), 403, "environment")
+    test_key = org.headers(org.test_key)
+    assert (await client.delete(url(ident) + "?environment=test", headers=test_key)).status == 204
     assert (await fetch(client, org, ident))["id"] == prod["id"]
-    await problem(await client.get(url(ident) + "?environment=test", headers=org.headers()), 404)
+    await problem(await client.get(url(ident), headers=test_key), 404)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from respan import AsyncRespanClient
-from respan.errors import BadRequestError, NotFoundError
+from respan.errors import BadRequestError, ForbiddenError, NotFoundError
 from respan.types import Filters, FilterValue
 from respan.users.types import ListCustomersResponseResultsItem, RetrieveUserResponse, UpdateUserResponse
 
@@ -172,7 +172,7 @@ async def test_retrieve_update_delete(respan: AsyncRespanClient, pool: asyncpg.P
         await respan.users.delete_user(ident)
 
 
-async def test_the_keys_environment_is_the_default_everywhere(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+async def test_a_key_reaches_its_environment_only(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
     await insert_customer(pool, org, uid("prodonly"))
     test_ident = uid("testonly")
     await insert_customer(pool, org, test_ident, environment="test")
@@ -181,6 +181,11 @@ async def test_the_keys_environment_is_the_default_everywhere(client: TestClient
     assert [(u.customer_identifier, u.environment) for u in listed] == [(test_ident, "test")]
     # A customer the list returns is one retrieve finds, with no environment named.
     assert (await test_sdk.users.retrieve_user(test_ident)).environment == "test"
-    # Naming the environment reaches the other one.
-    prod = [u.environment async for u in await test_sdk.users.list_customers(environment="prod")]
-    assert prod == ["prod"]
+    # Naming the key's own environment is allowed; the other one is refused (a key reaches its
+    # own environment only), surfaced by the SDK as its typed ForbiddenError.
+    named = [u.environment async for u in await test_sdk.users.list_customers(environment="test")]
+    assert named == ["test"]
+    with pytest.raises(ForbiddenError):
+        await test_sdk.users.list_customers(environment="prod")
+    with pytest.raises(ForbiddenError):
+        await test_sdk.users.retrieve_user(test_ident, environment="prod")

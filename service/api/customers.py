@@ -65,7 +65,7 @@ def build_list_query(principal: Principal, params: ListParams, cursors: CursorCo
         offset = params.offset or 0
     q = ListQuery(
         organization_id=principal.organization_id,
-        environment=params.environment or principal.environment,
+        environment=principal.environment_for(params.environment),
         filter=CustomerFilter(
             statuses=tuple(sorted(set(params.status))),
             name_contains=params.name,
@@ -133,7 +133,7 @@ async def retrieve_customer(request: web.Request) -> web.Response:
         doc = await core.get_customer(
             conn,
             principal.organization_id,
-            params.environment or principal.environment,
+            principal.environment_for(params.environment),
             request.match_info["customer_identifier"],
             shape,
         )
@@ -157,7 +157,7 @@ async def create_customer(request: web.Request) -> web.Response:
     values = body.columns()
     values.pop("customer_identifier", None)
     values.pop("environment", None)
-    environment = body.environment or principal.environment
+    environment = principal.environment_for(body.environment)
     async with dbaccess.connection(request) as conn:
         doc = await core.create_customer(
             conn,
@@ -168,11 +168,8 @@ async def create_customer(request: web.Request) -> web.Response:
             canonical_shape(False, False),
             **write_stamp(request),
         )
-    # The identifier is one path segment whatever it contains ('/', '?', '#', '%'), and a
-    # customer made outside the key's default environment is found there.
+    # The identifier is one path segment whatever it contains ('/', '?', '#', '%').
     target = "/v1/customers/" + quote(body.customer_identifier, safe="")
-    if environment != principal.environment:
-        target += "?environment=" + environment
     location = client_link(request, URL(target, encoded=True))
     return web.Response(text=doc, status=201, content_type=JSON, headers={"Location": location})
 
@@ -185,7 +182,7 @@ async def update_customer(request: web.Request) -> web.Response:
         doc = await core.update_customer(
             conn,
             principal.organization_id,
-            params.environment or principal.environment,
+            principal.environment_for(params.environment),
             request.match_info["customer_identifier"],
             body.columns(),
             canonical_shape(False, False),
@@ -201,7 +198,7 @@ async def delete_customer(request: web.Request) -> web.Response:
         await core.delete_customer(
             conn,
             principal.organization_id,
-            params.environment or principal.environment,
+            principal.environment_for(params.environment),
             request.match_info["customer_identifier"],
             **write_stamp(request),
         )
@@ -218,7 +215,7 @@ async def customer_usage(request: web.Request) -> web.Response:
         series = await core.usage_series(
             conn,
             principal.organization_id,
-            params.environment or principal.environment,
+            principal.environment_for(params.environment),
             identifier,
             start,
             end,

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from service.core.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound, Unauthenticated
+from service.core.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    OtherEnvironment,
+    Unauthenticated,
+)
 from service.web.problems import Problem, ProblemField
 
 WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="tally"'}
@@ -29,6 +37,15 @@ def rate_limited(detail: str, headers: dict[str, str]) -> Problem:
     return Problem(429, "Too Many Requests", detail, slug="rate-limited", headers=headers)
 
 
+def environment_detail(key_environment: str) -> str:
+    return f"must be '{key_environment}' (the key's environment) or omitted"
+
+
+def other_environment(detail: str, errors: list[ProblemField]) -> Problem:
+    """403 naming where a request named an environment its key does not reach."""
+    return Problem(403, "Forbidden", detail, slug="other-environment", errors=errors)
+
+
 def from_domain(exc: DomainError, body_fields: Collection[str] = ()) -> Problem:
     """The problem a domain error is to an HTTP client. An invalid field is reported in the
     body when the route's body has a field of that name, else in the query."""
@@ -42,6 +59,11 @@ def from_domain(exc: DomainError, body_fields: Collection[str] = ()) -> Problem:
         return Problem(409, "Conflict", exc.detail, slug="conflict")
     if isinstance(exc, Unauthenticated):
         return Problem(401, "Unauthorized", exc.detail, slug="unauthenticated", headers=dict(WWW_AUTHENTICATE))
+    if isinstance(exc, OtherEnvironment):
+        location = "body" if exc.field.split(".", 1)[0] in body_fields else "query"
+        return other_environment(
+            exc.detail, [ProblemField(exc.field, environment_detail(exc.key_environment), location)]
+        )
     if isinstance(exc, Forbidden):
         return Problem(403, "Forbidden", exc.detail, slug="forbidden")
     return Problem(400, "Bad Request", exc.detail, slug="invalid-input")

@@ -9,7 +9,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints
 
 from service.api import appkeys, examples
-from service.api.errors import bad_request, payload_too_large
+from service.api.errors import bad_request, environment_detail, other_environment, payload_too_large
 from service.api.routing import PRINCIPAL, Endpoint
 from service.core.events import CloudEvent, FieldProblem, InvalidEvent, decode_body, validate_event
 from service.infra import metrics
@@ -52,6 +52,8 @@ async def ingest_events(request: web.Request) -> web.Response:
     if len(raws) > settings.max_events_per_request:
         raise payload_too_large(f"at most {settings.max_events_per_request} events per request")
     own = {principal.organization_name, str(principal.organization_id)}
+    # Every event is the key's environment's: omitted, it is filled in; another is a 403.
+    elsewhere: list[ProblemField] = []
     now = datetime.now(UTC)
     # The consumer's own rules, the dedupe window included: what it could never apply is
     # refused here at once rather than accepted and dead-lettered later.
@@ -70,6 +72,10 @@ async def ingest_events(request: web.Request) -> web.Response:
             errors.append(ProblemField(_at(where, "organization"), detail, "body"))
             continue
         raw["organization"] = str(principal.organization_id)
+        environment = raw.setdefault("environment", principal.environment)
+        if environment != principal.environment:
+            elsewhere.append(ProblemField(_at(where, "environment"), environment_detail(principal.environment), "body"))
+            continue
         try:
             validate_event(raw, now, retention=retention)
         except InvalidEvent as exc:
@@ -77,6 +83,10 @@ async def ingest_events(request: web.Request) -> web.Response:
             errors.extend(ProblemField(_at(where, p.path), p.detail, "body") for p in problems)
     if errors:
         raise bad_request(errors)
+    if elsewhere:
+        raise other_environment(
+            f"this key is for the '{principal.environment}' environment: its events are too", elsewhere
+        )
     # Every event is a valid event of a known type by now: the first one's routes the message.
     first = raws[0]
     assert isinstance(first, dict)

@@ -32,6 +32,11 @@ def choice(values: Sequence[str], example: str) -> tuple[AfterValidator, WithJso
     return AfterValidator(check), WithJsonSchema({"type": "string", "enum": list(values)})
 
 
+# Every route's environment: the key's. A request may name it, never the other one.
+ENVIRONMENT = (
+    "The API key's environment (the default); naming another is a 403: a key reaches its own environment only."
+)
+
 SORT_CHOICES = tuple(name for field in SORT_FIELDS for name in (field, "-" + field))
 _SORT = choice(SORT_CHOICES, "-total_cost")
 SortBy = Annotated[str, _SORT[0], _SORT[1]]
@@ -51,7 +56,7 @@ class ListParams(BaseModel):
         None, description="Opaque cursor from a previous response's next_cursor; constant cost at any depth."
     )
     sort_by: SortBy | None = Field(None, description="Sort field; prefix '-' for descending. Default -first_seen.")
-    environment: Environment | None = Field(None, description="Defaults to the API key's environment.")
+    environment: Environment | None = Field(None, description=ENVIRONMENT)
     status: list[Status] = Field(default_factory=list, description="One or more statuses (repeat or comma-separate).")
     name: ShortText | None = Field(None, description="Partial, case-insensitive match on name.")
     email: ShortText | None = Field(None, description="Exact, case-insensitive match on email.")
@@ -77,7 +82,7 @@ class ListParams(BaseModel):
 class RetrieveParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    environment: Environment | None = Field(None, description="Defaults to the API key's environment.")
+    environment: Environment | None = Field(None, description=ENVIRONMENT)
     expand: Literal["parent_customer"] | None = None
     include: Literal["subscriptions"] | None = None
 
@@ -93,7 +98,7 @@ class UsageParams(BaseModel):
     )
     to: SeriesDay | None = Field(None, description="Last day (UTC), inclusive; default today.")
     granularity: Literal["day", "week", "month"] = "day"
-    environment: Environment | None = None
+    environment: Environment | None = Field(None, description=ENVIRONMENT)
 
 
 class CustomerPatch(ProfileUpdate):
@@ -106,7 +111,7 @@ class CustomerCreate(CustomerPatch):
     model_config = ConfigDict(json_schema_extra={"examples": [examples.CUSTOMER_CREATE]})
 
     customer_identifier: Identifier
-    environment: Environment | None = Field(None, description="Defaults to the API key's environment.")
+    environment: Environment | None = Field(None, description=ENVIRONMENT)
 
 
 class Address(BaseModel):

@@ -19,7 +19,7 @@ from uuid import UUID
 import asyncpg
 
 from service.core.db import Connection
-from service.core.errors import Conflict, Forbidden, NotFound, Unauthenticated
+from service.core.errors import Conflict, Forbidden, NotFound, OtherEnvironment, Unauthenticated
 from service.core.vocabulary import ENVIRONMENTS
 
 SCOPES = ("read", "write", "admin", "ops")
@@ -50,6 +50,13 @@ class Principal:
         implied = "admin" in self.scopes and scope in ORGANIZATION_SCOPES
         if scope not in self.scopes and not implied:
             raise Forbidden(f"this key lacks the '{scope}' scope")
+
+    def environment_for(self, named: str | None, field: str = "environment") -> str:
+        """The environment a request acts in: the key's. Naming it is allowed; naming the
+        other one is OtherEnvironment (a key reaches its own environment only)."""
+        if named is not None and named != self.environment:
+            raise OtherEnvironment(field, self.environment, named)
+        return self.environment
 
 
 @dataclass(frozen=True)

@@ -36,3 +36,17 @@ class Unauthenticated(DomainError):
 
 class Forbidden(DomainError):
     """A valid credential without the right to do this."""
+
+
+class OtherEnvironment(Forbidden):
+    """A request (or an event sent with a key) names an environment other than its key's:
+    prod and test are separate worlds, as live and test keys are at payment providers, so a
+    key reaches its own environment only. ``field`` names where the request named it."""
+
+    def __init__(self, field: str, key_environment: str, named: str) -> None:
+        super().__init__(
+            f"this key is for the '{key_environment}' environment and cannot reach '{named}'"
+            f" (use a key made with --environment {named})"
+        )
+        self.field = field
+        self.key_environment = key_environment

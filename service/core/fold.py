@@ -4,7 +4,7 @@ on the order in which they arrive.
 The rules (DESIGN.md, "Order independence"; ``tests/test_order_independence.py`` checks them
 against a reference model on random histories, orders, batch splits and consumers):
 
-- **Usage** adds its amounts once per dedupe key ``(organization, source, id)``; first_seen is
+- **Usage** adds its amounts once per dedupe key ``(organization, environment, source, id)``; first_seen is
   the minimum event time, last_active the maximum, each UTC day counted once.
 - **Profile fields** are last-writer-wins per field. Every write carries a version (see
   :func:`version`): the newest event time wins, a tie goes to the greater ``(source, id)``, and
@@ -103,12 +103,12 @@ def _newer(column: str) -> str:
 
 
 INSERT_PROCESSED = """
-INSERT INTO processed_events (organization_id, source, event_id, event_time, environment, subject, requests,
+INSERT INTO processed_events (organization_id, environment, source, event_id, event_time, subject, requests,
                               prompt_tokens, completion_tokens, total_tokens, cost, latency, ttft)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::int8[],
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::int8[],
                      $8::int8[], $9::int8[], $10::int8[], $11::numeric[], $12::float8[], $13::float8[])
 ON CONFLICT DO NOTHING
-RETURNING organization_id, source, event_id
+RETURNING organization_id, environment, source, event_id
 """
 
 # last_event_at NULL (with an empty usage row, made by the insert trigger) marks the row
@@ -381,7 +381,7 @@ async def fold(
 ) -> FoldResult:
     """Apply ``events`` in one transaction; returns one :class:`Outcome` per event, in order.
 
-    An event applies at most once per (organization, source, id): duplicates within the
+    An event applies at most once per (organization, environment, source, id): duplicates within the
     batch, redeliveries and replays come back ``duplicate``; an event at or before a deletion
     of its customer comes back ``stale``. Unknown organizations and events older than
     ``retention`` (whose dedupe record may have been purged) come back ``rejected`` with a
@@ -403,7 +403,8 @@ async def fold(
         await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         orgs = await resolve_organizations(conn, {e.organization for e in events})
         oldest = now - retention
-        fresh: dict[tuple[UUID, str, str], tuple[int, Event]] = {}
+        # Dedupe keys: (organization, environment, source, id); prod and test never collide.
+        fresh: dict[tuple[UUID, str, str, str], tuple[int, Event]] = {}
         for i, e in enumerate(events):
             org = orgs.get(e.organization)
             if org is None:
@@ -411,7 +412,7 @@ async def fold(
                 outcomes[i] = Outcome("rejected", Rejection.UNKNOWN_ORGANIZATION, reason)
             elif e.time < oldest:
                 outcomes[i] = Outcome("rejected", Rejection.TOO_OLD, too_old_reason(retention))
-            elif (key := (org[0], e.source, e.id)) in fresh:
+            elif (key := (org[0], e.environment, e.source, e.id)) in fresh:
                 outcomes[i] = DUPLICATE
             else:
                 fresh[key] = (i, e)
@@ -420,7 +421,7 @@ async def fold(
         inserted = (
             await conn.fetch(INSERT_PROCESSED, *_columns(_journal_row(k, fresh[k][1]) for k in keys)) if keys else []
         )
-        new_keys = {(r["organization_id"], r["source"], r["event_id"]) for r in inserted}
+        new_keys = {(r["organization_id"], r["environment"], r["source"], r["event_id"]) for r in inserted}
         applied: list[tuple[int, Change]] = []
         for key in keys:
             i, e = fresh[key]
@@ -439,14 +440,14 @@ async def fold(
     return FoldResult([o or DUPLICATE for o in outcomes], alerts)
 
 
-def _journal_row(key: tuple[UUID, str, str], e: Event) -> tuple[object, ...]:
+def _journal_row(key: tuple[UUID, str, str, str], e: Event) -> tuple[object, ...]:
     u = e.data if isinstance(e.data, UsageData) else None
     amounts = (
         (u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost, u.latency, u.ttft)
         if u is not None
         else (None,) * 7
     )
-    return (*key, e.time, e.environment, e.subject, *amounts)
+    return (*key, e.time, e.subject, *amounts)
 
 
 @dataclass(frozen=True)

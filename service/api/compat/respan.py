@@ -11,11 +11,10 @@ for one field) map onto the core's generic conditions. Respan's operator and fie
 translated here; which fields, operators and bounds exist is the core's
 (``service/core/query.py`` FILTER_FIELDS).
 
-The environment, on every route: the ``environment`` parameter when given, else the key's
-environment (seed 000 says the list defaults to ``prod``; tally uses one rule for list,
-retrieve, update and delete, so that a customer the list returns is found by retrieve). On
-the list, a ``filters.environment`` equality with one value chooses the environment when
-the parameter is absent.
+The environment, on every route, is the key's: the ``environment`` parameter (or, on the list,
+a ``filters.environment`` equality with one value) may name it, and naming the other one is a
+403 — a key reaches its own environment only, so a customer the list returns is always found
+by retrieve, update and delete.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from service.api import appkeys, dbaccess, examples
 from service.api.customers import write_stamp
 from service.api.listing import json_with, link, run_list
-from service.api.models import SORT_CHOICES, choice
+from service.api.models import ENVIRONMENT, SORT_CHOICES, choice
 from service.api.params import MAX_BODY_DEPTH, parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
@@ -65,7 +64,7 @@ class ListParams(BaseModel):
     page: int = Field(1, ge=1, le=10_000_000, description="Page number.")
     page_size: int = Field(50, ge=1, le=1000, description="Customers per page. Maximum is 1000.")
     sort_by: RespanSortBy = Field("-first_seen", description="Sort field; prefix '-' for descending.")
-    environment: Environment | None = Field(None, description="prod or test; defaults to the key's environment.")
+    environment: Environment | None = Field(None, description=ENVIRONMENT)
     filters: Annotated[str, StringConstraints(max_length=MAX_FILTERS_PARAM)] | None = Field(
         None,
         description="The filters of a POST list as its next and previous links carry them (base64url of their "
@@ -210,7 +209,7 @@ def chosen_environment(conds: tuple[Condition, ...]) -> tuple[str | None, tuple[
 class DetailParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    environment: Environment | None = Field(None, description="Defaults to the key's environment.")
+    environment: Environment | None = Field(None, description=ENVIRONMENT)
 
 
 class RespanUser(BaseModel):
@@ -287,10 +286,14 @@ async def list_users(request: web.Request) -> web.Response:
             raise InvalidInput(FILTERS_PARAM, "differs from the body's filters: send the filters once")
         filters = body.filters or filters
     conds = conditions(filters)
-    named, conds = chosen_environment(conds) if params.environment is None else (None, conds)
+    if params.environment is None:
+        named, conds = chosen_environment(conds)
+        environment = principal.environment_for(named, "filters.environment")
+    else:
+        environment = principal.environment_for(params.environment)
     q = ListQuery(
         organization_id=principal.organization_id,
-        environment=params.environment or named or principal.environment,
+        environment=environment,
         filter=CustomerFilter(conditions=conds),
         sort=Sort.parse(SORT_ALIASES.get(params.sort_by, params.sort_by)),
         limit=params.page_size,
@@ -316,7 +319,7 @@ def _where(request: web.Request) -> tuple[UUID, str, str]:
     params = parse_query(request, DetailParams)
     return (
         principal.organization_id,
-        params.environment or principal.environment,
+        principal.environment_for(params.environment),
         request.match_info["customer_identifier"],
     )
 
