@@ -19,6 +19,8 @@ import aio_pika
 import asyncpg
 import orjson
 
+from service.core.events import validate_event
+from service.core.fold import fold
 from service.infra.broker import Names
 from tests.factories import Org
 
@@ -56,6 +58,37 @@ def usage(
         "environment": environment,
         "data": data,
     }
+
+
+def cloud_event(
+    org: str,
+    subject: str,
+    kind: str,
+    data: dict | None,
+    *,
+    when: datetime | None = None,
+    environment: str = "prod",
+    source: str = "probe",
+) -> dict:
+    """Any event type, stamped ``when`` (default: now)."""
+    return {
+        "specversion": "1.0",
+        "id": f"evt_{uuid.uuid4().hex}",
+        "source": source,
+        "type": kind,
+        "time": (when or datetime.now(UTC)).isoformat(),
+        "subject": subject,
+        "organization": org,
+        "environment": environment,
+        "data": data,
+    }
+
+
+async def fold_events(conn: asyncpg.Connection, *raws: dict) -> list[str]:
+    """Validate and fold ``raws`` in one batch, as the consumer would; their outcomes."""
+    now = datetime.now(UTC)
+    result = await fold(conn, [validate_event(r, now) for r in raws], retention=timedelta(days=35))
+    return [o.status for o in result.outcomes]
 
 
 @dataclass

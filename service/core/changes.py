@@ -31,6 +31,11 @@ _YEAR_ONE = datetime(1, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
+def from_micros(micros: int) -> datetime:
+    """The instant a version's microsecond count names (the inverse of :func:`version`'s)."""
+    return _YEAR_ONE + micros * _MICROSECOND
+
+
 def version(kind: int, at: datetime, source: str, change_id: str) -> str:
     """A write's version: ``'<kind>|<µs since 0001-01-01 UTC, 19 digits>|<source>|<id>'``.
     Compared as text — by code point in Python, ``COLLATE "C"`` in SQL, the same order — it

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
-from service.core.changes import Change
+from service.core.changes import Change, from_micros
 from service.core.db import Connection
 from service.core.errors import Conflict, InvalidInput, NotFound
 from service.core.fold import apply_changes
@@ -112,7 +112,34 @@ RETURNING id
 LOCK_CUSTOMER = (
     "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3 FOR UPDATE"
 )
-SUPERSEDED = "a deletion of this customer stamped after this request has been applied; retry"
+
+# The newest instant any change applied to a customer was stamped with, as a version's
+# microseconds (service/core/changes.py): its fields' versions and hints, its newest profile or
+# subscription change, its newest usage, its tombstone. Read under the customer's row lock.
+NEWEST_STAMP = """
+SELECT greatest(
+    (SELECT max(tally_version_micros(v.value)) FROM jsonb_each_text(c.profile_versions) v),
+    (SELECT max(tally_version_micros(h.value ->> 0)) FROM jsonb_each(c.profile_hints) h),
+    tally_micros(c.last_event_at),
+    tally_micros(u.last_active),
+    (SELECT tally_micros(t.deleted_at) FROM customer_tombstones t
+     WHERE t.organization_id = c.organization_id AND t.environment = c.environment
+       AND t.customer_identifier = c.customer_identifier))
+FROM customers c JOIN customer_usage u ON u.organization_id = c.organization_id AND u.id = c.id
+WHERE c.organization_id = $1 AND c.id = $2
+"""
+
+
+async def write_time(conn: Connection, organization_id: UUID, customer_id: UUID, at: datetime) -> datetime:
+    """The time an API write to a locked customer is stamped with: its request time, or just
+    after the newest change it replaces if that is later (a hybrid logical clock). An upstream
+    whose clock runs ahead stamps events minutes in the future; a write a person makes after
+    seeing them must still take effect, not lose to them silently. Events are refused more than
+    five minutes ahead, so a write is never stamped further ahead than that."""
+    newest: int | None = await conn.fetchval(NEWEST_STAMP, organization_id, customer_id)
+    if newest is None:
+        return at
+    return max(at, from_micros(newest + 1))
 
 
 def _change(
@@ -137,8 +164,8 @@ async def create_customer(
     at: datetime,
     request_id: str | None = None,
 ) -> str:
-    """Create a customer whose fields are written at ``at``; Conflict if the identifier
-    exists in that environment."""
+    """Create a customer whose fields are written at ``at`` (or just after a tombstone stamped
+    later: :func:`write_time`); Conflict if the identifier exists in that environment."""
     _check_columns(values)
     key = (organization_id, environment, identifier)
     async with conn.transaction():
@@ -146,9 +173,9 @@ async def create_customer(
             customer_id = await conn.fetchval(INSERT_CUSTOMER, *key)
             if customer_id is None:
                 raise Conflict("a customer with this customer_identifier already exists in this environment")
+            at = await write_time(conn, organization_id, customer_id, at)
             result = await apply_changes(conn, [_change(key, at, request_id, profile=values)], {key: customer_id})
-        if result.stale[0]:
-            raise Conflict(SUPERSEDED)
+        assert not result.stale[0], "a write stamped after the customer's tombstone is never stale"
         return await get_customer(conn, organization_id, environment, identifier, shape)
 
 
@@ -163,8 +190,9 @@ async def update_customer(
     at: datetime,
     request_id: str | None = None,
 ) -> str:
-    """Write the given columns at ``at`` (a field changed by a newer event keeps that value);
-    NotFound if there is no such customer."""
+    """Write the given columns at ``at``, or just after the newest change the customer holds
+    if that is later (:func:`write_time`): the write always takes effect, and the document
+    returned is what is stored. NotFound if there is no such customer."""
     _check_columns(values)
     if not storable(identifier):
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
@@ -176,10 +204,10 @@ async def update_customer(
         if values.get("parent_customer_id") == customer_id:
             raise InvalidInput("parent_customer_id", "a customer cannot be its own parent")
         if values:
+            at = await write_time(conn, organization_id, customer_id, at)
             with _write_errors():
                 result = await apply_changes(conn, [_change(key, at, request_id, profile=values)], {key: customer_id})
-            if result.stale[0]:
-                raise Conflict(SUPERSEDED)
+            assert not result.stale[0], "a write stamped after the customer's tombstone is never stale"
         return await get_customer(conn, organization_id, environment, identifier, shape)
 
 
@@ -192,14 +220,16 @@ async def delete_customer(
     at: datetime,
     request_id: str | None = None,
 ) -> None:
-    """Delete the customer as of ``at`` (a tombstone, as a ``customer.deleted`` event stamped
-    ``at``): its usage history, fields and subscriptions go, and later-arriving events stamped
-    before ``at`` are stale. NotFound if there is no such customer."""
+    """Delete the customer as of ``at``, or just after the newest change it holds if that is
+    later (:func:`write_time`) — a tombstone, as a ``customer.deleted`` event stamped then: the
+    customer goes with its usage history, fields and subscriptions, and later-arriving events
+    stamped before the tombstone are stale. NotFound if there is no such customer."""
     key = (organization_id, environment, identifier)
     async with conn.transaction():
         customer_id = await conn.fetchval(LOCK_CUSTOMER, *key) if storable(identifier) else None
         if customer_id is None:
             raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+        at = await write_time(conn, organization_id, customer_id, at)
         await apply_changes(conn, [_change(key, at, request_id, delete=True)], {key: customer_id})
 
 
