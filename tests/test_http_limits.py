@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 
@@ -35,6 +36,7 @@ class Api:
     log: Path
     key: str  # read
     write_key: str
+    org_name: str
 
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -76,7 +78,7 @@ async def api(settings, pool, tmp_path_factory) -> AsyncIterator[Api]:
 
     try:
         await wait_until(serving, timeout=30, what="tally api to listen")
-        yield Api(process, port, log, key, write_key)
+        yield Api(process, port, log, key, write_key, org.name)
     finally:
         process.terminate()
         process.wait(30)
@@ -244,15 +246,16 @@ async def test_credentials_that_are_not_utf8_are_a_401_not_a_500(api: Api, crede
     assert_no_errors_logged(api)
 
 
-async def test_failed_authentication_from_one_address_is_rate_limited(api: Api) -> None:
-    """Guessing keys is limited per client address before any database lookup; a key
-    already verified (cached) keeps working from the same address."""
+async def test_failed_authentication_from_one_address_is_rate_limited(api: Api, pool: asyncpg.Pool) -> None:
+    """Guessing keys is limited per client address before any database lookup; health and
+    readiness probes are never limited, and a valid key — held before the flood, or created
+    during it — is served from the same address while its failures go on."""
     good = f"Authorization: Bearer {api.key}\r\n".encode()
     bad = b"Authorization: Bearer tly_000000000000.not-a-secret\r\n"
 
-    async def get(credentials: bytes) -> bytes:
+    async def get(credentials: bytes, path: bytes = b"/v1/customers") -> bytes:
         return await exchange(
-            api, b"GET /v1/customers HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + credentials + b"\r\n"
+            api, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + credentials + b"\r\n"
         )
 
     assert response(await get(good))[0] == 200
@@ -267,8 +270,21 @@ async def test_failed_authentication_from_one_address_is_rate_limited(api: Api) 
     assert int(headers["retry-after"]) >= 1
     assert headers["ratelimit-policy"].startswith('"per-ip"')
     assert "unauthenticated" in problem["detail"]
-    # Public routes draw on the same bucket.
+    # Public routes draw on the same bucket, but never the probes.
     assert response(await get(b""))[0] == 429
-    assert response(await exchange(api, b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))[0] == 429
-    # The verified key is not a guess.
+    assert response(await get(b"", b"/openapi.json"))[0] == 429
+    for probe in (b"/healthz", b"/readyz"):
+        assert response(await get(b"", probe))[0] == 200, probe
+    # The verified key is not a guess, and a wrong secret for it is refused without a lookup.
     assert response(await get(good))[0] == 200
+    # A key created during the flood is served as soon as the process has heard of it: polled
+    # with a failed key sent before each try, so no refilled token could be what let it in.
+    async with pool.acquire() as conn:
+        fresh = (await auth.create_key(conn, api.org_name, ("read",))).key
+    fresh_header = f"Authorization: Bearer {fresh}\r\n".encode()
+
+    async def fresh_key_served() -> bool:
+        assert response(await get(bad))[0] == 429
+        return response(await get(fresh_header))[0] == 200
+
+    await wait_until(fresh_key_served, timeout=10, what="a key created during the flood to be served")

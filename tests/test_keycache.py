@@ -1,11 +1,13 @@
-"""Revocation against the per-process key cache (issue 10, defect 2): a lookup that read a
-key as live before its revocation committed must never cache it after the revocation's
-notification was handled, or the revoked key keeps working for the cache's TTL."""
+"""The live keys each API process holds in memory: loaded at start, following creations and
+revocations as they commit, and never holding a key read as live before a revocation whose
+notification was already handled (or the revoked key would keep working until the next
+reload)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 
 import asyncpg
 import pytest
@@ -31,7 +33,7 @@ async def _authenticate(pool: asyncpg.Pool, client_key: str, secret: str) -> aut
 
 
 async def test_a_lookup_older_than_a_handled_revocation_is_not_cached(settings, pool: asyncpg.Pool, org: Org) -> None:
-    cache = KeyCache(ttl=30)
+    cache = KeyCache(reload_seconds=30)
     async with keycache.listening(cache, settings.database_url, settings.db_connect_timeout):
 
         async def listening() -> bool:
@@ -110,3 +112,56 @@ async def test_a_key_revoked_during_its_first_concurrent_uses_is_refused_once_th
             if after != [401, 401, 401]:
                 stale.append((round_, after))
         assert not stale, f"revoked keys still served after the revocation was heard: {stale}"
+
+
+async def test_every_live_key_is_held_from_the_start_and_new_ones_as_they_commit(
+    settings, pool: asyncpg.Pool, org: Org
+) -> None:
+    cache = KeyCache(reload_seconds=30)
+    async with keycache.listening(cache, settings.database_url, settings.db_connect_timeout):
+        client_key, _, secret = org.read_key.partition(".")
+
+        async def loaded() -> bool:
+            return cache.get(client_key, secret) is not None
+
+        await wait_until(loaded, timeout=NOTIFY_TIMEOUT, what="the live keys to be loaded")
+        principal = cache.get(client_key, secret)
+        assert principal is not None and principal.organization_id == org.id and principal.scopes == {"read"}
+        # A wrong secret for a held key is known to be wrong without asking the database.
+        assert cache.holds(client_key) and cache.get(client_key, "not-the-secret") is None
+
+        async with pool.acquire() as conn:
+            new = await auth.create_key(conn, org.name, ("read", "write"), environment="test")
+
+        async def heard() -> bool:
+            return cache.get(new.client_key, new.client_secret) is not None
+
+        await wait_until(heard, timeout=NOTIFY_TIMEOUT, what="a created key to be held")
+        held = cache.get(new.client_key, new.client_secret)
+        assert held is not None and held.environment == "test"
+
+        heard_revocations = cache.notifications
+        async with pool.acquire() as conn:
+            await auth.revoke_key(conn, new.client_key)
+        await asyncio.wait_for(cache.notified(heard_revocations + 1), NOTIFY_TIMEOUT)
+        assert not cache.holds(new.client_key)
+
+
+def test_a_reload_read_before_a_handled_revocation_is_not_held() -> None:
+    cache = KeyCache(reload_seconds=30)
+    cache.listening = True
+    principal = auth.Principal(uuid.uuid4(), "acme", "tly_000000000001", frozenset({"read"}), "prod")
+    generation = cache.generation
+    cache.revoked("tly_000000000001")  # handled while the reload was reading
+    assert not cache.replace({"tly_000000000001": auth.LiveKey(auth.hash_secret("s"), principal)}, generation)
+    assert not cache.holds("tly_000000000001")
+    assert cache.replace({"tly_000000000001": auth.LiveKey(auth.hash_secret("s"), principal)}, cache.generation)
+    assert cache.get("tly_000000000001", "s") == principal
+
+
+def test_a_disabled_store_holds_nothing() -> None:
+    cache = KeyCache(reload_seconds=0)
+    cache.listening = True
+    principal = auth.Principal(uuid.uuid4(), "acme", "tly_000000000002", frozenset({"read"}), "prod")
+    cache.put("tly_000000000002", "s", principal, cache.generation)
+    assert cache.get("tly_000000000002", "s") is None and not cache.holds("tly_000000000002")

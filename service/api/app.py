@@ -41,7 +41,9 @@ TAGS = {
 }
 
 OPERATIONS = [
-    Endpoint("GET", "/healthz", health.healthz, "Process is alive", OPERATIONS_TAG, response=Health),
+    Endpoint(
+        "GET", "/healthz", health.healthz, "Process is alive", OPERATIONS_TAG, response=Health, address_limited=False
+    ),
     Endpoint(
         "GET",
         "/readyz",
@@ -50,6 +52,7 @@ OPERATIONS = [
         OPERATIONS_TAG,
         response=Health,
         errors=(503,),
+        address_limited=False,
     ),
     Endpoint("GET", "/metrics", metrics_endpoint, "Prometheus metrics", OPERATIONS_TAG, content_type="text/plain"),
 ]
@@ -62,7 +65,7 @@ SELECT_CURSOR_SECRET = "SELECT value FROM instance_secrets WHERE name = 'cursor_
 
 
 async def api_resources(app: web.Application) -> AsyncIterator[None]:
-    """The read standby (if configured, with its health checks), the cursor key and the key cache."""
+    """The read standby (if configured, with its health checks), the cursor key and the live keys."""
     settings = app[appkeys.SETTINGS]
     pool = app[appkeys.POOL]
     async with AsyncExitStack() as stack:

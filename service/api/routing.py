@@ -48,6 +48,9 @@ class Endpoint:
     api_key_header: str | None = None
     # False: the body may be left out (the handler then reads none).
     body_required: bool = True
+    # False for liveness and readiness: a probe must never be refused because others, from
+    # the same address (a load balancer, an orchestrator's node), sent failed keys.
+    address_limited: bool = True
 
     @property
     def route_path(self) -> str:
@@ -91,12 +94,16 @@ def _printable_ascii(text: str) -> bool:
 
 
 async def principal_for(request: web.Request, api_key_header: str | None = None) -> Principal:
-    """The caller's principal: from the cache of verified keys, else from the database.
-    Unauthenticated for a missing, malformed, unknown or revoked key; RateLimited (before
-    any database lookup) while the client's address has no unauthenticated-request tokens."""
+    """The caller's principal: from the live keys this process holds, else from the database.
+    Unauthenticated for a missing, malformed, unknown or revoked key; a held key with a wrong
+    secret is refused without a lookup. RateLimited (before any database lookup) when a key
+    the process does not hold comes from an address with no unauthenticated-request tokens
+    left: a flood of failed keys costs the database nothing, and never delays a held key."""
     client_key, secret = credentials(request, api_key_header)
     cache = request.app[appkeys.KEY_CACHE]
     principal = cache.get(client_key, secret)
+    if principal is None and cache.holds(client_key):
+        raise Unauthenticated("invalid or revoked API key")
     if principal is None:
         limiter = request.app[appkeys.IP_RATE_LIMITER]
         if limiter.enabled:
@@ -143,7 +150,8 @@ def _guarded(endpoint: Endpoint) -> Handler:
     body_fields = frozenset(endpoint.body.model_fields) if endpoint.body else frozenset()
 
     async def public_handler(request: web.Request) -> web.StreamResponse:
-        _charge_unauthenticated(request)
+        if endpoint.address_limited:
+            _charge_unauthenticated(request)
         try:
             return await endpoint.handler(request)
         except DomainError as exc:

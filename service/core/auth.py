@@ -27,9 +27,12 @@ SCOPES = ("read", "write", "admin", "ops")
 # which show every tenant's traffic) is never implied and is granted only explicitly.
 ORGANIZATION_SCOPES = ("read", "write", "admin")
 CLIENT_KEY_PREFIX = "tly_"
-# NOTIFY channel on which a revocation names the client key, so API processes caching
-# verified keys (service/api/keycache.py) drop it as the revocation commits.
+# NOTIFY channel of key changes, for API processes that hold the live keys in memory
+# (service/api/keycache.py): a revocation's payload is the client key, a creation's the client
+# key after CREATED_MARK. Each is sent in the change's own transaction, so it is heard as the
+# change commits.
 KEYS_CHANNEL = "tally_keys"
+CREATED_MARK = "+"
 
 # Compared against when a client key is unknown, so that an unknown key and a wrong secret
 # take the same time.
@@ -161,7 +164,9 @@ async def create_key(
     org_id, _ = await find_organization(conn, organization)
     client_key = CLIENT_KEY_PREFIX + secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
-    await conn.execute(INSERT_KEY, client_key, org_id, hash_secret(secret), list(scopes), environment, name)
+    async with conn.transaction():
+        await conn.execute(INSERT_KEY, client_key, org_id, hash_secret(secret), list(scopes), environment, name)
+        await conn.execute("SELECT pg_notify($1, $2)", KEYS_CHANNEL, CREATED_MARK + client_key)
     return NewKey(client_key, secret, org_id, tuple(scopes), environment)
 
 
@@ -183,19 +188,51 @@ SELECT k.organization_id, o.name, k.secret_hash, k.scopes, k.environment
 FROM api_keys k JOIN organizations o ON o.id = k.organization_id
 WHERE k.prefix = $1 AND k.revoked_at IS NULL
 """
+SELECT_LIVE_KEYS = """
+SELECT k.prefix, k.organization_id, o.name, k.secret_hash, k.scopes, k.environment
+FROM api_keys k JOIN organizations o ON o.id = k.organization_id
+WHERE k.revoked_at IS NULL
+ORDER BY k.prefix
+LIMIT $1
+"""
+
+
+@dataclass(frozen=True)
+class LiveKey:
+    """A live key as a process may hold it in memory: only the hash of its secret."""
+
+    secret_hash: bytes
+    principal: Principal
+
+    def verify(self, secret: str) -> Principal | None:
+        """The principal if ``secret`` is this key's (compared in constant time), else None."""
+        return self.principal if hmac.compare_digest(self.secret_hash, hash_secret(secret)) else None
+
+
+def _live_key(client_key: str, row: asyncpg.Record) -> LiveKey:
+    secret_hash, scopes = row["secret_hash"], row["scopes"]
+    assert isinstance(secret_hash, bytes) and isinstance(scopes, list)
+    organization_id, name, environment = row["organization_id"], row["name"], row["environment"]
+    assert isinstance(organization_id, UUID) and isinstance(name, str) and isinstance(environment, str)
+    return LiveKey(secret_hash, Principal(organization_id, name, client_key, frozenset(scopes), environment))
+
+
+async def live_keys(conn: Connection, limit: int) -> dict[str, LiveKey]:
+    """Every live key (at most ``limit``, by client key), by client key."""
+    return {r["prefix"]: _live_key(r["prefix"], r) for r in await conn.fetch(SELECT_LIVE_KEYS, limit)}
+
+
+async def live_key(conn: Connection, client_key: str) -> LiveKey | None:
+    """The live key ``client_key`` names, if any."""
+    row = await conn.fetchrow(SELECT_KEY, client_key) if client_key.startswith(CLIENT_KEY_PREFIX) else None
+    return _live_key(client_key, row) if row is not None else None
 
 
 async def authenticate(conn: Connection, client_key: str, secret: str) -> Principal:
     """The principal of a live key; Unauthenticated for unknown, revoked or wrong secrets."""
-    row = await conn.fetchrow(SELECT_KEY, client_key) if client_key.startswith(CLIENT_KEY_PREFIX) else None
-    stored = row["secret_hash"] if row else _DUMMY_HASH
+    key = await live_key(conn, client_key)
+    stored = key.secret_hash if key is not None else _DUMMY_HASH
     # Constant-time comparison: the time taken says nothing about how much of it matched.
-    if not hmac.compare_digest(stored, hash_secret(secret)) or row is None:
+    if not hmac.compare_digest(stored, hash_secret(secret)) or key is None:
         raise Unauthenticated("invalid or revoked API key")
-    return Principal(
-        organization_id=row["organization_id"],
-        organization_name=row["name"],
-        client_key=client_key,
-        scopes=frozenset(row["scopes"]),
-        environment=row["environment"],
-    )
+    return key.principal

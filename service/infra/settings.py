@@ -82,8 +82,9 @@ class Settings(BaseSettings):
         """Events per consumer transaction at most (under a backlog)."""
         return max(self.batch_size, self.batch_max_events or 4 * self.batch_size)
 
-    # Verified API keys are cached per process; a revocation evicts them at once (NOTIFY),
-    # and this bounds an entry's life should a notification ever be missed. 0 disables.
+    # Each API process holds every live key in memory (the secrets' hashes only), following
+    # creations and revocations as they commit (NOTIFY); it reloads them all this often, as a
+    # backstop. 0 disables it: every request looks its key up in the database.
     auth_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
 
     # Per-key token bucket in each API process: `burst` requests at once, refilled at
