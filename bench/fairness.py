@@ -1,20 +1,31 @@
-"""Fairness benchmark: another organization's retrieve latency (p50/p99) (a) alone, then
-while organization A runs the probe's two abusive workloads against the same API process:
-(b) 32 concurrent ``?offset=399000&limit=1000`` lists, (c) 32 concurrent
-``?period_budget_share_gte=0&limit=10`` lists. It reports the ratios to (a) and how many of
-A's requests the API shed (503: its organization's database share or the pool wait;
-429: rate limits) rather than queued.
+"""Fairness benchmark: a victim organization's retrieve and list latency (p50/p99), alone and
+while an attacker organization on the same API process runs each of a hostile probe's attacks.
 
-    python bench/fairness.py [--customers 1000000] [--duration 10] [--json bench/results/fairness.json]
+    python bench/fairness.py [--attacker 300000] [--victim 20000] [--duration 10] [--standby]
+                             [--json bench/results/fairness.json]
 
-Each scenario runs twice, against an API with fair sharing (the defaults) and against one
-without it (one organization may take the whole pool, a minute's wait: tally before issue
-10), so both stand in one run; ratios are to the victim alone on the default API.
+The attacks (each from its own process, --abusers concurrent clients, over several of the
+attacker's keys so that the per-key request rate is not what stops it):
 
-It uses read.py's dataset (database ``tally_bench_read``, loaded once and reused while its
-size matches; ``--database`` picks another): A is the 600k-customer ``bench-big``, the
-victim ``bench-mid``. A's load runs in a separate process so that its responses (up to
-1000 rows each) do not share the event loop that times the victim's requests.
+- bodies: requests that end in a 400 or 413 after the server read and parsed them — a Respan
+  list filter of ~514 KB whose last condition has a bogus operator, a 1,000-event POST
+  /v1/events whose last event is bad, a 150 KB number in a filter;
+- aggregates: the most expensive Respan filter on aggregate columns the bounds allow (a
+  400 or 413 for anything larger), counting the whole match on every page;
+- timeouts: with a read standby (--standby: deploy/local/replica.sh is brought up and down
+  again) and TALLY_DB_COMMAND_TIMEOUT=2, slow filters running into the statement timeout;
+- bad keys: a flood of requests with keys that do not exist, from the victim's own address;
+- offset, budget share: the earlier probe's database-share attacks (deep OFFSET pages and
+  the period-budget filter), kept so that their figures stay in the same run.
+
+The victim sends an open-loop stream (--victim-rate retrieves and a third as many first pages
+sorted by -total_cost, per second), each latency measured from when it was due, so that a
+stalled server cannot hide behind fewer samples. Each scenario runs against tally with its
+defaults and, as the same run's baseline, with cost shares off (TALLY_ORG_SHARE_SECONDS=0):
+the ratios are to the victim alone on the default API.
+
+The dataset (database ``tally_bench_fairness``: the attacker's and the victim's organizations)
+is loaded once and reused while its size matches.
 """
 
 from __future__ import annotations
@@ -22,10 +33,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -35,9 +50,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    UNLIMITED,
-    Rate,
-    closed_loop,
+    ROOT,
     free_port,
     machine,
     percentile,
@@ -47,226 +60,341 @@ from bench.common import (  # noqa: E402
     with_database,
     write_json,
 )
-from bench.read import DATABASE, load, settle  # noqa: E402
+from bench.read import load, settle  # noqa: E402
 from service.core import auth  # noqa: E402
 
-# A's abuse starts this long before the victim is measured, so that it is in full effect.
+DATABASE = "tally_bench_fairness"
+ATTACKER, VICTIM = "bench-attacker", "bench-victim"
+# An attack starts this long before the victim is measured, so that it is in full effect.
 ABUSE_LEAD = 3.0
-KEY_ENV = "TALLY_BENCH_KEY"
+KEYS_ENV = "TALLY_BENCH_KEYS"
+ATTACKER_KEYS = 8
+RESPAN_LIST = "/compat/respan/api/users/list/"
+AGGREGATES = ("total_cost", "number_of_requests", "total_tokens", "total_prompt_tokens", "active_days")
 
 
-async def abuse(url: str, key: str, concurrency: int, duration: float) -> dict[str, object]:
-    """``concurrency`` closed-loop clients on ``url`` for ``duration`` s: status counts."""
+# ---- the attacks (run in child processes) ----------------------------------------------------
+
+
+def _bogus_filter_body(size: int) -> bytes:
+    """A Respan filter body of about ``size`` bytes whose last condition is invalid."""
+    conditions, values = [], 0
+    while values * 12 < size:
+        conditions.append({"operator": "in", "value": [f"user_{i}" for i in range(values, values + 1000)]})
+        values += 1000
+    conditions[-1] = {"operator": "bogus", "value": ["x"]}
+    return orjson.dumps({"filters": {"customer_identifier": conditions}})
+
+
+def _bad_events(organization: str) -> bytes:
+    now = datetime.now(UTC)
+    events = [
+        {
+            "specversion": "1.0",
+            "id": uuid.uuid4().hex,
+            "source": "probe",
+            "type": "usage.recorded",
+            "time": (now - timedelta(seconds=1)).isoformat(),
+            "subject": f"user_{i}",
+            "organization": organization,
+            "data": {"requests": 1, "prompt_tokens": 10, "completion_tokens": 5, "cost": "0.001"},
+        }
+        for i in range(1000)
+    ]
+    events[-1]["data"]["requests"] = -1
+    return orjson.dumps(events)
+
+
+def _aggregate_storm_body(values: int, conditions: int) -> bytes:
+    """The costliest aggregate filter within the bounds: ``conditions`` conditions on aggregate
+    columns sharing ``values`` values (so that every one of them is evaluated), matching many rows."""
+    per = max(1, values // conditions)
+    found: dict[str, list[dict]] = {}
+    for i in range(conditions):
+        field = AGGREGATES[i % len(AGGREGATES)]
+        found.setdefault(field, []).append({"operator": "not_in", "value": [i * per + k for k in range(per)]})
+    return orjson.dumps({"filters": found})
+
+
+def requests_for(attack: str, organization: str, values: int, conditions: int) -> list[tuple[str, str, bytes, str]]:
+    """(method, path, body, key kind) the attack cycles through."""
+    if attack == "bodies":
+        return [
+            ("POST", RESPAN_LIST + "?page_size=50", _bogus_filter_body(514_000), "read"),
+            ("POST", "/v1/events", _bad_events(organization), "write"),
+            ("GET", "/v1/customers?total_cost_gte=" + "9" * 150_000, b"", "read"),
+        ]
+    if attack in ("aggregates", "timeouts"):
+        body = _aggregate_storm_body(values, conditions)
+        return [("POST", RESPAN_LIST + "?page_size=50&sort_by=-total_cost", body, "read")]
+    if attack == "badkeys":
+        return [("GET", "/v1/customers?limit=1", b"", "bad")]
+    if attack == "offset":
+        return [("GET", "/v1/customers?offset=290000&limit=1000", b"", "read")]
+    if attack == "budget":
+        return [("GET", "/v1/customers?period_budget_share_gte=0&limit=10", b"", "read")]
+    raise ValueError(attack)
+
+
+async def abuse(base: str, attack: str, concurrency: int, duration: float, args: argparse.Namespace) -> dict:
+    keys = orjson.loads(os.environ[KEYS_ENV])
+    plan = requests_for(attack, ATTACKER, args.values, args.conditions)
     statuses: Counter[str] = Counter()
-    latencies: list[float] = []
     stop_at = time.perf_counter() + duration
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(
-        headers={"Authorization": f"Bearer {key}"}, timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)
-    ) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
 
-        async def client() -> None:
-            while (started := time.perf_counter()) < stop_at:
+        async def client(n: int) -> None:
+            i = n
+            while time.perf_counter() < stop_at:
+                method, path, body, kind = plan[i % len(plan)]
+                i += 1
+                if kind == "bad":
+                    key = f"tly_{random.getrandbits(48):012x}.{uuid.uuid4().hex}"
+                else:
+                    key = keys[kind][i % len(keys[kind])]
+                headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
                 try:
-                    async with session.get(url) as r:
+                    async with session.request(method, base + path, data=body or None, headers=headers) as r:
                         await r.read()
                         statuses[str(r.status)] += 1
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     statuses[type(exc).__name__] += 1
-                latencies.append((time.perf_counter() - started) * 1000)
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    return {
-        "statuses": dict(statuses),
-        "p50_ms": round(percentile(latencies, 50), 3),
-        "p99_ms": round(percentile(latencies, 99), 3),
-    }
+        await asyncio.gather(*(client(n) for n in range(concurrency)))
+    return {"statuses": dict(statuses)}
 
 
-async def abusing(url: str, key: str, concurrency: int, duration: float) -> asyncio.subprocess.Process:
+async def abusing(base: str, attack: str, args: argparse.Namespace, keys: dict) -> asyncio.subprocess.Process:
     """Start :func:`abuse` in a child process (this file with ``--abuse``); it prints JSON."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         __file__,
         "--abuse",
-        url,
-        "--concurrency",
-        str(concurrency),
+        base,
+        "--attack",
+        attack,
+        "--abusers",
+        str(args.abusers),
         "--duration",
-        str(duration),
-        env={**os.environ, KEY_ENV: key},
+        str(ABUSE_LEAD + args.duration),
+        "--values",
+        str(args.values),
+        "--conditions",
+        str(args.conditions),
+        env={**os.environ, KEYS_ENV: orjson.dumps(keys).decode()},
         stdout=asyncio.subprocess.PIPE,
     )
 
 
-async def victim(url: str, key: str, connections: int, duration: float) -> Rate:
-    """The other organization's retrieves, closed loop; non-200 answers count as errors."""
-    refused: Counter[int] = Counter()
+# ---- the victim -------------------------------------------------------------------------------
+
+
+async def victim(base: str, key: str, identifier: str, rate: float, duration: float) -> dict[str, dict]:
+    """Open loop: retrieves at ``rate`` per second and first pages at a third of it, each
+    latency measured from when the request was due."""
+    latencies: dict[str, list[float]] = {"retrieve": [], "list": []}
+    errors: Counter[str] = Counter()
+    paths = {"retrieve": f"/v1/customers/{identifier}", "list": "/v1/customers?sort_by=-total_cost&limit=50"}
     async with aiohttp.ClientSession(
-        headers={"Authorization": f"Bearer {key}"}, connector=aiohttp.TCPConnector(limit=connections)
+        headers={"Authorization": f"Bearer {key}"}, timeout=aiohttp.ClientTimeout(total=30)
     ) as session:
 
-        async def retrieve() -> None:
-            async with session.get(url) as r:
-                await r.read()
-                if r.status != 200:
-                    refused[r.status] += 1
-                    raise RuntimeError(r.status)
+        async def one(kind: str, due: float) -> None:
+            try:
+                async with session.get(base + paths[kind]) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors[f"{kind} {r.status}"] += 1
+                        return
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                errors[f"{kind} {type(exc).__name__}"] += 1
+                return
+            latencies[kind].append((time.perf_counter() - due) * 1000)
 
-        rate = await closed_loop(retrieve, concurrency=connections, duration=duration)
-    rate.extra["refused"] = {str(k): v for k, v in refused.items()}
-    return rate
+        tasks = []
+        start = time.perf_counter()
+        interval = 1 / rate
+        n = 0
+        while (due := start + n * interval) < start + duration:
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one("list" if n % 4 == 3 else "retrieve", due)))
+            n += 1
+        await asyncio.gather(*tasks)
+    out = {
+        kind: {
+            "count": len(values),
+            "p50_ms": round(percentile(values, 50), 2),
+            "p99_ms": round(percentile(values, 99), 2),
+        }
+        for kind, values in latencies.items()
+    }
+    out["errors"] = dict(errors)
+    return out
 
 
-def shed(statuses: dict[str, int]) -> tuple[int, int, int, int]:
-    """(served, 503, 429, anything else) among A's requests."""
-    served = sum(n for s, n in statuses.items() if s.isdigit() and 200 <= int(s) < 300)
-    s503, s429 = statuses.get("503", 0), statuses.get("429", 0)
-    return served, s503, s429, sum(statuses.values()) - served - s503 - s429
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def replica(command: str) -> None:
+    subprocess.run(["bash", str(ROOT / "deploy/local/replica.sh"), command], check=True, cwd="/")
+
+
+def shed(statuses: dict[str, int]) -> dict[str, int]:
+    """The attacker's answers: served (2xx), refused as invalid (400/413), shed (429/503)."""
+    out = Counter()
+    for status, n in statuses.items():
+        if status.isdigit() and 200 <= int(status) < 300:
+            out["2xx"] += n
+        elif status in ("400", "413", "429", "503", "401", "403"):
+            out[status] += n
+        else:
+            out["other"] += n
+    return dict(out)
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--attacker", type=int, default=300_000, help="the attacker organization's customers")
+    parser.add_argument("--victim", type=int, default=20_000, help="the victim organization's customers")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds the victim is measured per scenario")
-    parser.add_argument("--connections", type=int, default=4, help="the victim's concurrent clients")
-    parser.add_argument("--abusers", type=int, default=32, help="A's concurrent clients")
-    parser.add_argument("--offset", type=int, default=399_000, help="A's deep offset (scenario b)")
-    parser.add_argument("--database", default=DATABASE, help="dataset database (shared with read.py by default)")
+    parser.add_argument("--victim-rate", type=float, default=60.0, help="the victim's requests per second")
+    parser.add_argument("--abusers", type=int, default=32, help="the attacker's concurrent clients")
+    parser.add_argument("--values", type=int, default=1000, help="values in the aggregate storm's filter")
+    parser.add_argument("--conditions", type=int, default=32, help="conditions in the aggregate storm's filter")
+    parser.add_argument("--attacks", default="bodies,aggregates,timeouts,badkeys,offset,budget")
+    parser.add_argument("--standby", action="store_true", help="bring up deploy/local/replica.sh for 'timeouts'")
+    parser.add_argument("--database", default=DATABASE)
     parser.add_argument("--dsn", default=os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
     parser.add_argument("--reload", action="store_true", help="drop and reload the dataset")
+    parser.add_argument("--only-default", action="store_true", help="skip the shares-off configuration")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--only-default", action="store_true", help="skip the uncapped baseline configuration")
-    parser.add_argument("--abuse", help=argparse.SUPPRESS)  # child mode: the URL to hammer
-    parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--abuse", help=argparse.SUPPRESS)  # child mode: the API's base URL
+    parser.add_argument("--attack", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.abuse:
-        print(orjson.dumps(await abuse(args.abuse, os.environ[KEY_ENV], args.concurrency, args.duration)).decode())
+        print(orjson.dumps(await abuse(args.abuse, args.attack, args.abusers, args.duration, args)).decode())
         return 0
 
-    await load(args.dsn, args.customers, args.reload, database=args.database)
+    total = args.attacker + args.victim
+    shares = ((ATTACKER, args.attacker / total), (VICTIM, args.victim / total))
+    await load(args.dsn, total, args.reload, database=args.database, shares=shares)
     dsn = with_database(args.dsn, args.database)
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     async with pool.acquire() as conn:
-        big_key = (await auth.create_key(conn, "bench-big", ("read",), name="fairness-abuser")).key
-        mid_key = (await auth.create_key(conn, "bench-mid", ("read",), name="fairness-victim")).key
-        retrieve_id = await conn.fetchval(
-            "SELECT customer_identifier FROM customers c JOIN organizations o ON o.id = c.organization_id"
-            " WHERE o.name = 'bench-mid' ORDER BY c.total_cost DESC LIMIT 1"
+        keys = {
+            "read": [(await auth.create_key(conn, ATTACKER, ("read",), name="attack")).key for _ in range(ATTACKER_KEYS)],
+            "write": [(await auth.create_key(conn, ATTACKER, ("write",), name="attack")).key for _ in range(4)],
+        }
+        victim_key = (await auth.create_key(conn, VICTIM, ("read",), name="victim")).key
+        identifier = await conn.fetchval(
+            "SELECT customer_identifier FROM customer_rows c JOIN organizations o ON o.id = c.organization_id"
+            " WHERE o.name = $1 ORDER BY c.total_cost DESC LIMIT 1",
+            VICTIM,
         )
-    scenarios = [
-        ("(a) alone", None),
-        (f"(b) A: {args.abusers} x offset={args.offset}&limit=1000", f"/v1/customers?offset={args.offset}&limit=1000"),
-        (
-            f"(c) A: {args.abusers} x period_budget_share_gte=0&limit=10",
-            "/v1/customers?period_budget_share_gte=0&limit=10",
-        ),
-    ]
-
-    # The API as deployed by default (pool of 8, so 4 per organization, 2 s bounded waits),
-    # and, as the baseline of the same run, without fair sharing (one organization may hold
-    # the whole pool; waits of a minute): how tally behaved before. Rate limits are set
-    # beyond any client here in both: what is measured is the database share.
-    configs = {
-        "fair (default)": {},
-        "uncapped (before)": {"TALLY_DB_ORG_CONCURRENCY": "8", "TALLY_DB_ACQUIRE_TIMEOUT": "60"},
-    }
+    attacks = [a for a in args.attacks.split(",") if a and (a != "timeouts" or args.standby)]
+    configs = {"default": {}, "shares off": {"TALLY_ORG_SHARE_SECONDS": "0"}}
     if args.only_default:
-        del configs["uncapped (before)"]
+        del configs["shares off"]
     results: dict[str, dict[str, object]] = {}
-    api_rss = 0.0
+    peak_rss = 0.0
+    standby_up = False
     try:
+        if args.standby and "timeouts" in attacks:
+            replica("up")
+            standby_up = True
         for config, overrides in configs.items():
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            log = Path(tempfile.mkdtemp()) / "api.log"
-            api = start_tally(
-                "api",
-                {
+            for scenario in ["alone", *attacks]:
+                env = {
                     "TALLY_DATABASE_URL": dsn,
-                    "TALLY_HTTP_PORT": str(port),
                     "TALLY_HTTP_HOST": "127.0.0.1",
-                    "TALLY_DB_POOL_MAX": "8",
-                    "TALLY_DB_POOL_MIN": "8",
-                    **UNLIMITED,
                     **overrides,
-                },
-                log,
-                port,
-            )
-            try:
-                await wait_ready(f"{base}/healthz", api)
-                victim_url = f"{base}/v1/customers/{retrieve_id}"
-                for name, path in scenarios:
+                }
+                if scenario == "timeouts":
+                    env.update(
+                        TALLY_DATABASE_READ_URL=with_database("postgresql://127.0.0.1:5433/", args.database),
+                        TALLY_DB_COMMAND_TIMEOUT="2",
+                    )
+                port = free_port()
+                env["TALLY_HTTP_PORT"] = str(port)
+                base = f"http://127.0.0.1:{port}"
+                api = start_tally("api", env, Path(tempfile.mkdtemp()) / "api.log", port)
+                try:
+                    await wait_ready(f"{base}/readyz", api)
                     await settle(pool)
-                    child = None
-                    if path is not None:
-                        child = await abusing(base + path, big_key, args.abusers, ABUSE_LEAD + args.duration)
+                    child = await abusing(base, scenario, args, keys) if scenario != "alone" else None
+                    if child is not None:
                         await asyncio.sleep(ABUSE_LEAD)  # a benchmark's warm-up, not a wait for a condition
-                    rate = await victim(victim_url, mid_key, args.connections, args.duration)
-                    entry: dict[str, object] = {"victim_retrieve": rate.as_dict()}
+                    measured = await victim(base, victim_key, identifier, args.victim_rate, args.duration)
+                    entry: dict[str, object] = {"victim": measured}
                     if child is not None:
                         out, _ = await child.communicate()
-                        entry["abuser"] = orjson.loads(out)
-                    results[f"{config}: {name}"] = entry
-                    print(f"  {config}: {name}: {entry}", file=sys.stderr)
-                api_rss = max(api_rss, api.peak_rss_mb())
-            finally:
-                api.stop()
+                        entry["attacker"] = shed(orjson.loads(out)["statuses"])
+                    results[f"{config}: {scenario}"] = entry
+                    print(f"  {config}: {scenario}: {entry}", file=sys.stderr)
+                    peak_rss = max(peak_rss, api.peak_rss_mb())
+                finally:
+                    api.stop()
     finally:
         await pool.close()
+        if standby_up:
+            replica("down")
 
-    baseline = results[f"fair (default): {scenarios[0][0]}"]["victim_retrieve"]
+    alone = results["default: alone"]["victim"]
     rows = []
     for name, entry in results.items():
-        v = entry["victim_retrieve"]
-        p50_ratio = v["p50_ms"] / baseline["p50_ms"] if baseline["p50_ms"] else None
-        p99_ratio = v["p99_ms"] / baseline["p99_ms"] if baseline["p99_ms"] else None
-        entry["p50_over_alone"] = None if p50_ratio is None else round(p50_ratio, 2)
-        entry["p99_over_alone"] = None if p99_ratio is None else round(p99_ratio, 2)
-        abuser = entry.get("abuser")
-        served, s503, s429, other = shed(abuser["statuses"]) if abuser else (None, None, None, None)
-        entry["abuser_shed"] = {"served": served, "503": s503, "429": s429, "other": other}
+        v = entry["victim"]
+        ratios = {}
+        for kind in ("retrieve", "list"):
+            base_p99 = alone[kind]["p99_ms"]
+            ratios[kind] = round(v[kind]["p99_ms"] / base_p99, 2) if base_p99 else None
+        entry["p99_over_alone"] = ratios
+        a = entry.get("attacker", {})
         rows.append(
             [
                 name,
-                v["per_second"],
-                v["p50_ms"],
-                v["p99_ms"],
-                v["errors"],
-                entry["p50_over_alone"],
-                entry["p99_over_alone"],
-                served,
-                s503,
-                s429,
-                other,
+                v["retrieve"]["p50_ms"],
+                v["retrieve"]["p99_ms"],
+                ratios["retrieve"],
+                v["list"]["p50_ms"],
+                v["list"]["p99_ms"],
+                ratios["list"],
+                sum(v["errors"].values()),
+                a.get("2xx"),
+                (a.get("400", 0) + a.get("413", 0)) if a else None,
+                (a.get("429", 0) + a.get("503", 0)) if a else None,
+                (a.get("401", 0) + a.get("403", 0) + a.get("other", 0)) if a else None,
             ]
         )
     document = {
         "benchmark": "fairness",
-        "customers": args.customers,
+        "attacker_customers": args.attacker,
+        "victim_customers": args.victim,
         "duration_s": args.duration,
-        "victim_connections": args.connections,
+        "victim_rate": args.victim_rate,
         "abusers": args.abusers,
         "machine": machine(),
         "scenarios": results,
-        "api_peak_rss_mb": round(api_rss, 1),
+        "api_peak_rss_mb": round(peak_rss, 1),
     }
     print_table(
-        f"Fairness: bench-mid's retrieve while bench-big abuses the API ({args.customers:,} customers, "
-        f"victim {args.connections} connections, {args.duration:g}s per scenario)",
+        f"Fairness: the victim's latency while the attacker ({args.attacker:,} customers, {args.abusers} clients) "
+        f"attacks; victim {args.victim:,} customers, {args.victim_rate:g} req/s open loop, {args.duration:g} s each",
         [
             "scenario",
-            "victim req/s",
-            "p50 ms",
+            "retrieve p50",
             "p99 ms",
+            "p99/alone",
+            "list p50",
+            "p99 ms",
+            "p99/alone",
             "victim errors",
-            "p50 / alone",
-            "p99 / alone",
-            "A served",
-            "A 503",
-            "A 429",
+            "A 2xx",
+            "A 400/413",
+            "A 429/503",
             "A other",
         ],
         rows,

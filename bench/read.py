@@ -92,8 +92,15 @@ WHERE u.organization_id = s.organization_id AND u.id = s.id
 """
 
 
-async def load(dsn: str, customers: int, reload: bool, database: str = DATABASE) -> dict[str, UUID]:
-    """Create, migrate and fill the benchmark database (skipped when already filled)."""
+async def load(
+    dsn: str,
+    customers: int,
+    reload: bool,
+    database: str = DATABASE,
+    shares: tuple[tuple[str, float], ...] = SHARES,
+) -> dict[str, UUID]:
+    """Create, migrate and fill the benchmark database (skipped when already filled):
+    ``customers`` in all, each organization of ``shares`` its share of them."""
     admin = await asyncpg.connect(with_database(dsn, "postgres"))
     try:
         if reload:
@@ -106,7 +113,7 @@ async def load(dsn: str, customers: int, reload: bool, database: str = DATABASE)
     try:
         existing = await conn.fetchval("SELECT count(*) FROM customers")
         orgs: dict[str, UUID] = {}
-        for name, _ in SHARES:
+        for name, _ in shares:
             orgs[name] = await conn.fetchval("SELECT id FROM organizations WHERE name = $1", name) or (
                 await auth.create_organization(conn, name)
             )
@@ -116,8 +123,8 @@ async def load(dsn: str, customers: int, reload: bool, database: str = DATABASE)
         await conn.execute("TRUNCATE customers CASCADE")
         start = 1
         started = time.perf_counter()
-        for name, share in SHARES:
-            count = int(customers * share)
+        for name, share in shares:
+            count = round(customers * share)
             step = 100_000
             for low in range(start, start + count, step):
                 high = min(low + step, start + count) - 1

@@ -57,11 +57,15 @@ def settings(database_name: str) -> Settings:
         database_url=with_database(BASE_DSN, database_name),
         # Never the default namespace: a tally running on this machine must not see tests.
         amqp_namespace=f"tally_test_{database_name}",
-        # The suite hammers the API with few keys; rate limiting has its own test app.
+        # The suite hammers the API with few keys; rate limiting and cost shares have their own
+        # test apps (tests/test_ratelimit.py, tests/test_fairness.py).
         rate_limit_per_second=1_000_000,
         rate_limit_burst=1_000_000,
         ip_rate_limit_per_second=1_000_000,
         ip_rate_limit_burst=1_000_000,
+        org_share_seconds=0,
+        # Each test app is a replica of its own; tests/test_replicas.py runs two that share.
+        api_heartbeat_seconds=0,
         db_pool_min=1,
         db_pool_max=4,
     )

@@ -29,22 +29,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ConsumerProcess:
-    """One `tally consume` subprocess; its stderr (and stdout) go to a log file."""
+class TallyProcess:
+    """One `tally consume` (or, with ``command="api"``, `tally api`) subprocess; its stderr
+    (and stdout) go to a log file."""
 
-    def __init__(self, name: str, settings: Settings, broker: Broker, log_dir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        broker: Broker,
+        log_dir: Path,
+        env: dict[str, str],
+        command: str = "consume",
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
+        port_setting = "TALLY_CONSUMER_HTTP_PORT" if command == "consume" else "TALLY_HTTP_PORT"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "consume"],
+            [sys.executable, "-m", "service.cli", command],
             cwd=ROOT,
             env={
                 **os.environ,
                 "TALLY_DATABASE_URL": settings.database_url,
                 "TALLY_AMQP_NAMESPACE": broker.names.namespace,
-                "TALLY_CONSUMER_HTTP_PORT": str(self.port),
+                port_setting: str(self.port),
                 "TALLY_HTTP_HOST": "127.0.0.1",
                 "TALLY_BATCH_MAX_WAIT": "0.02",
                 "TALLY_LOG_FORMAT": "json",
@@ -82,7 +92,7 @@ class ConsumerProcess:
         return self.proc.poll() is None
 
     def check_alive(self) -> None:
-        assert self.alive(), f"consumer {self.name} exited unexpectedly\n{self.tail()}"
+        assert self.alive(), f"{self.name} exited unexpectedly\n{self.tail()}"
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> None:
         async def ready() -> bool:
@@ -138,10 +148,10 @@ class Fleet:
 
     def __init__(self, settings: Settings, broker: Broker, log_dir: Path) -> None:
         self.settings, self.broker, self.log_dir = settings, broker, log_dir
-        self.processes: list[ConsumerProcess] = []
+        self.processes: list[TallyProcess] = []
 
-    def start(self, name: str, **env: str) -> ConsumerProcess:
-        p = ConsumerProcess(name, self.settings, self.broker, self.log_dir, {k.upper(): v for k, v in env.items()})
+    def start(self, name: str, **env: str) -> TallyProcess:
+        p = TallyProcess(name, self.settings, self.broker, self.log_dir, {k.upper(): v for k, v in env.items()})
         self.processes.append(p)
         return p
 
@@ -176,7 +186,7 @@ async def wait_drained(broker: Broker, fleet: Fleet, timeout: float = 30.0) -> N
         raise AssertionError(f"{exc}\n{fleet.tails()}") from None
 
 
-async def terminate_all(fleet: Fleet, processes: list[ConsumerProcess], timeout: float = 30.0) -> None:
+async def terminate_all(fleet: Fleet, processes: list[TallyProcess], timeout: float = 30.0) -> None:
     for p in processes:
         p.proc.send_signal(signal.SIGTERM)
     for p in processes:

@@ -48,8 +48,8 @@ DISTRIBUTED = frozenset(
 # Replicated to every node: small, read on every request or event before the organization
 # is known (a key is looked up by its prefix, an event's organization by its name).
 REFERENCE = frozenset({"organizations", "api_keys", "instance_secrets"})
-# On the coordinator only: the migrator's bookkeeping.
-LOCAL = frozenset({"schema_migrations"})
+# On the coordinator only: the migrator's bookkeeping, the API replicas' heartbeats.
+LOCAL = frozenset({"schema_migrations", "api_replicas"})
 
 _TABLE_WORD = re.compile(r"\b(" + "|".join(sorted(DISTRIBUTED | {"customer_rows"})) + r")\b")
 _ORG_EQ_VALUE = re.compile(r"organization_id\)? = (\$\d+|'[0-9a-f-]{36}'::uuid|\(\$\d+\)::uuid)")

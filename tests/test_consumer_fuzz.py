@@ -47,7 +47,7 @@ from service.core import auth
 from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, declare
 from service.infra.settings import Settings
 from tests.eventkit import AMQP_URL, Broker, usage, wait_until
-from tests.processes import ConsumerProcess
+from tests.processes import TallyProcess
 
 # Modest, and derandomized, so that CI runs the same examples every time (each example is
 # a few hundred milliseconds of real broker and database work).
@@ -470,7 +470,7 @@ class Harness:
         self.broker = Broker()  # only its private names: connections are made per example
         self.names = self.broker.names
         self.log_dir = log_dir
-        self.process: ConsumerProcess | None = None
+        self.process: TallyProcess | None = None
         self.first_pid: int | None = None
         self.restarts = 0
         self.clean = False
@@ -510,7 +510,7 @@ class Harness:
                 await (await channel.declare_queue(queue, passive=True)).purge()
         finally:
             await connection.close()
-        self.process = ConsumerProcess(
+        self.process = TallyProcess(
             f"fuzz{self.restarts}", self.settings, self.broker, self.log_dir, {"TALLY_DB_POOL_MAX": "4"}
         )
         self.first_pid = self.first_pid or self.process.proc.pid
@@ -609,7 +609,7 @@ class Harness:
             await connection.close()
         self.check_process(process)
 
-    async def wait_applied(self, db: asyncpg.Connection, good: list[dict], process: ConsumerProcess) -> None:
+    async def wait_applied(self, db: asyncpg.Connection, good: list[dict], process: TallyProcess) -> None:
         ids = [e["id"] for e in good]
 
         async def applied() -> bool:
@@ -696,7 +696,7 @@ class Harness:
             and all(isinstance(item.get(k), str) and NUL not in item[k] for k in ("source", "id"))
         )
 
-    def check_log(self, process: ConsumerProcess, levels: tuple[str, ...] = ("critical", "error")) -> None:
+    def check_log(self, process: TallyProcess, levels: tuple[str, ...] = ("critical", "error")) -> None:
         """No line at these levels since the last look (a critical line is a crash; an error
         line from the consumer is a bug it caught)."""
         text = process.log_text()
@@ -711,7 +711,7 @@ class Harness:
         if "error" in levels:
             self.log_offset = end
 
-    def check_process(self, process: ConsumerProcess, *, first: bool = False) -> None:
+    def check_process(self, process: TallyProcess, *, first: bool = False) -> None:
         """Alive and quiet; with ``first``, also the very process the test started."""
         process.check_alive()
         self.check_log(process)

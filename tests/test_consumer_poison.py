@@ -20,11 +20,11 @@ from service.infra.settings import Settings
 from tests.consumerkit import running_consumer
 from tests.eventkit import Broker, actual, assert_totals, expected, usage, wait_until
 from tests.factories import Org
-from tests.processes import ConsumerProcess, Fleet, wait_applied
+from tests.processes import Fleet, TallyProcess, wait_applied
 
 
 async def dead_letters_while_alive(
-    broker: Broker, n: int, process: ConsumerProcess | None = None, timeout: float = 30.0
+    broker: Broker, n: int, process: TallyProcess | None = None, timeout: float = 30.0
 ) -> list:
     """Take ``n`` dead letters, failing at once if the consumer process dies meanwhile."""
     assert broker.channel is not None
@@ -42,7 +42,7 @@ async def dead_letters_while_alive(
     return out
 
 
-async def metrics_text(http: aiohttp.ClientSession, process: ConsumerProcess) -> str:
+async def metrics_text(http: aiohttp.ClientSession, process: TallyProcess) -> str:
     async with http.get(process.url + "/metrics") as r:
         assert r.status == 200, process.tail()
         return await r.text()

@@ -32,7 +32,7 @@ from tests.eventkit import (
     wait_until,
 )
 from tests.factories import Org
-from tests.processes import ConsumerProcess, Fleet, terminate_all, wait_applied, wait_drained
+from tests.processes import Fleet, TallyProcess, terminate_all, wait_applied, wait_drained
 
 RETENTION = timedelta(days=35)
 
@@ -40,7 +40,7 @@ RETENTION = timedelta(days=35)
 # ---- what the processes report -------------------------------------------------------------
 
 
-async def metric_counts(http: aiohttp.ClientSession, p: ConsumerProcess) -> dict[str, float]:
+async def metric_counts(http: aiohttp.ClientSession, p: TallyProcess) -> dict[str, float]:
     """tally_events_total by outcome, summed over event types, from the process's /metrics."""
     async with http.get(p.url + "/metrics") as r:
         assert r.status == 200, p.tail()

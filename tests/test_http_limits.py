@@ -66,6 +66,8 @@ async def api(settings, pool, tmp_path_factory) -> AsyncIterator[Api]:
         "TALLY_HTTP_HEADER_TIMEOUT": str(HEAD_TIMEOUT),
         "TALLY_IP_RATE_LIMIT_BURST": str(IP_BURST),
         "TALLY_IP_RATE_LIMIT_PER_SECOND": "0.5",
+        # Refusals answered at once here (tests/test_fairness.py holds them back).
+        "TALLY_SHED_DELAY": "0",
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -284,7 +286,7 @@ async def test_failed_authentication_from_one_address_is_rate_limited(api: Api, 
     fresh_header = f"Authorization: Bearer {fresh}\r\n".encode()
 
     async def fresh_key_served() -> bool:
-        assert response(await get(bad))[0] == 429
+        assert response(await get(bad))[0] in (401, 429)  # takes any token refilled meanwhile
         return response(await get(fresh_header))[0] == 200
 
     await wait_until(fresh_key_served, timeout=10, what="a key created during the flood to be served")

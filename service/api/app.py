@@ -9,9 +9,10 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 
 from service import __version__
-from service.api import appkeys, customers, dbaccess, events, keycache, openapi, ops
+from service.api import appkeys, customers, dbaccess, events, fairness, keycache, openapi, ops, routing
 from service.api.compat import flexprice, public, respan, v0
 from service.api.dbaccess import DatabaseGate
+from service.api.fairness import OrgShares, Replicas, Tarpit
 from service.api.keycache import KeyCache
 from service.api.models import Health
 from service.api.ratelimit import RateLimiter
@@ -82,6 +83,9 @@ async def api_resources(app: web.Application) -> AsyncIterator[None]:
                 KeyCache(settings.auth_cache_seconds), settings.database_url, settings.db_connect_timeout
             )
         )
+        await stack.enter_async_context(
+            fairness.running_heartbeat(app[appkeys.REPLICAS], pool, settings.api_heartbeat_seconds)
+        )
         yield
 
 
@@ -119,7 +123,12 @@ def create_app(settings: Settings) -> web.Application:
     # API statements stop in PostgreSQL too when the client gives up on them: a request shed
     # after TALLY_DB_COMMAND_TIMEOUT must not leave its query burning a backend.
     app = base_app(settings, statement_timeout=settings.db_command_timeout)
-    app[appkeys.RATE_LIMITER] = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    replicas = app[appkeys.REPLICAS] = Replicas()
+    app[appkeys.RATE_LIMITER] = RateLimiter(
+        settings.rate_limit_per_second, settings.rate_limit_burst, replicas=replicas
+    )
+    app[routing.SHARES] = OrgShares(settings.org_share_seconds, settings.org_share_burst, replicas)
+    app[routing.TARPIT] = Tarpit(settings.shed_delay)
     app[appkeys.IP_RATE_LIMITER] = RateLimiter(
         settings.ip_rate_limit_per_second, settings.ip_rate_limit_burst, policy="per-ip"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from service.api.fairness import Replicas
 from service.api.keycache import KeyCache
 from service.api.ratelimit import RateLimiter
 from service.core.query import CursorCodec
@@ -21,6 +22,7 @@ __all__ = [
     "KEY_CACHE",
     "RATE_LIMITER",
     "IP_RATE_LIMITER",
+    "REPLICAS",
 ]
 
 CURSORS = web.AppKey("cursors", CursorCodec)
@@ -29,3 +31,4 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 KEY_CACHE = web.AppKey("key_cache", KeyCache)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 IP_RATE_LIMITER = web.AppKey("ip_rate_limiter", RateLimiter)
+REPLICAS = web.AppKey("replicas", Replicas)

@@ -25,7 +25,7 @@ from service.api.models import (
     UsageParams,
     UsageSeries,
 )
-from service.api.params import parse_body, parse_query
+from service.api.params import WRITE_BODY_BYTES, parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
 from service.core import customers as core
@@ -153,7 +153,7 @@ def write_stamp(request: web.Request) -> WriteStamp:
 
 async def create_customer(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
-    body = await parse_body(request, CustomerCreate, request.app[appkeys.SETTINGS].max_body_bytes)
+    body = await parse_body(request, CustomerCreate)
     values = body.columns()
     values.pop("customer_identifier", None)
     values.pop("environment", None)
@@ -177,7 +177,7 @@ async def create_customer(request: web.Request) -> web.Response:
 async def update_customer(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     params = parse_query(request, RetrieveParams)
-    body = await parse_body(request, CustomerPatch, request.app[appkeys.SETTINGS].max_body_bytes)
+    body = await parse_body(request, CustomerPatch)
     async with dbaccess.connection(request) as conn:
         doc = await core.update_customer(
             conn,
@@ -258,6 +258,7 @@ ENDPOINTS = [
         response=Customer,
         status=201,
         errors=(400, 401, 403, 409, 413),
+        max_body=WRITE_BODY_BYTES,
     ),
     Endpoint(
         "GET",
@@ -284,6 +285,7 @@ ENDPOINTS = [
         errors=(400, 401, 403, 404, 413),
         path_params=IDENTIFIER,
         description="Only the fields sent change. Read-only or unknown fields are a 400 naming them.",
+        max_body=WRITE_BODY_BYTES,
     ),
     Endpoint(
         "DELETE",

@@ -25,6 +25,7 @@ its own writes and never reads back in time.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from aiohttp import web
 
 from service.api import appkeys
 from service.api.errors import invalid
+from service.api.fairness import CostMeter
 from service.core.db import Connection
 from service.infra import metrics
 from service.infra.errors import Unavailable
@@ -122,6 +124,8 @@ GATE = web.AppKey("database_gate", DatabaseGate)
 STANDBY = web.AppKey("standby", Standby)
 # The organization a request acts for, set by the auth guard once the key is verified.
 ORGANIZATION = web.RequestKey("organization_id", UUID)
+# What the request has cost so far: each connection it holds adds the time it held it.
+COST = web.RequestKey("cost", CostMeter)
 # The WAL position the response's data reflects (a write's commit, a read's server), sent as
 # the X-Tally-Consistency header.
 CONSISTENCY = web.RequestKey("consistency_lsn", int)
@@ -166,7 +170,7 @@ async def connection(request: web.Request, *, read: bool = False) -> AsyncIterat
     token = consistency_token(request) if read else None  # checked with or without a standby
     if read and standby is not None and await standby.serves(token):
         try:
-            async with gate.connection(standby.pool, organization) as conn:
+            async with gate.connection(standby.pool, organization) as conn, _timed(request):
                 yield conn
                 await _note_position(request, conn)
             return
@@ -175,10 +179,23 @@ async def connection(request: web.Request, *, read: bool = False) -> AsyncIterat
         except STANDBY_ERRORS as exc:
             await standby.failed(exc)
             raise Unavailable("the read standby failed during the request; retry shortly", retry_after=1) from exc
-    async with gate.connection(app[appkeys.POOL], organization) as conn:
+    async with gate.connection(app[appkeys.POOL], organization) as conn, _timed(request):
         yield conn
         if (read and standby is not None) or request.method in WRITE_METHODS:
             await _note_position(request, conn)
+
+
+@asynccontextmanager
+async def _timed(request: web.Request) -> AsyncIterator[None]:
+    """Add the time the block holds its connection to the request's cost (its organization's
+    share is charged with it: service/api/fairness.py)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        meter = request.get(COST)
+        if meter is not None:
+            meter.db += time.perf_counter() - started
 
 
 async def _note_position(request: web.Request, conn: Connection) -> None:

@@ -29,8 +29,8 @@ def invalid(name: str, detail: str, location: str = "query") -> Problem:
     return bad_request([ProblemField(name, detail, location)], f"{name}: {detail}")
 
 
-def payload_too_large(detail: str) -> Problem:
-    return Problem(413, "Content Too Large", detail, slug="payload-too-large")
+def payload_too_large(detail: str, *, close: bool = False) -> Problem:
+    return Problem(413, "Content Too Large", detail, slug="payload-too-large", close=close)
 
 
 def rate_limited(detail: str, headers: dict[str, str]) -> Problem:

@@ -14,6 +14,7 @@ from service.api.models import CustomerExpanded
 from service.core.profile import json_fault
 from service.core.query import CUSTOMER_FIELDS
 from service.core.vocabulary import WRITABLE_COLUMNS
+from service.web.appkeys import SETTINGS
 from service.web.problems import Problem, ProblemField
 
 M = TypeVar("M", bound=BaseModel)
@@ -113,13 +114,34 @@ def parse_query(request: web.Request, model: type[M], *, aliases: dict[str, str]
         raise validation_error(exc, "query", aliases) from None
 
 
-async def parse_body(request: web.Request, model: type[M], max_bytes: int = 1_048_576) -> M:
-    """Validate a JSON body into ``model``; 413 past ``max_bytes``, 400 for anything malformed."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise payload_too_large(f"body exceeds {max_bytes} bytes")
-    raw = await request.read()
-    if len(raw) > max_bytes:
-        raise payload_too_large(f"body exceeds {max_bytes} bytes")
+# Bodies a route reads, at most (its Endpoint's max_body): a customer's fields (metadata
+# included) or a list's filters need kilobytes, and a body costs the event loop time to parse
+# in proportion to its size, refused or not. POST /v1/events takes TALLY_MAX_BODY_BYTES.
+WRITE_BODY_BYTES = 65_536
+FILTER_BODY_BYTES = 65_536
+
+# The largest body the request's route reads: its Endpoint's max_body, set by the route's
+# guard (service/api/routing.py) before the handler runs.
+BODY_LIMIT = web.RequestKey("body_limit", int)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, at most its route's BODY_LIMIT bytes (413 beyond, checked again as
+    it arrives: a chunked body declares no length)."""
+    limit = request.get(BODY_LIMIT, request.app[SETTINGS].max_body_bytes)
+    if request.content_length is not None and request.content_length > limit:
+        raise payload_too_large(f"body exceeds {limit} bytes", close=True)
+    raw = bytearray()
+    while chunk := await request.content.read(65_536):
+        raw += chunk
+        if len(raw) > limit:
+            raise payload_too_large(f"body exceeds {limit} bytes", close=True)
+    return bytes(raw)
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    """Validate a JSON body into ``model``; 413 past the route's bound, 400 for anything malformed."""
+    raw = await read_body(request)
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

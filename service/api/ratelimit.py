@@ -1,9 +1,11 @@
 """Rate limiting: a token bucket per API key (and, for requests no key vouches for, per
 client IP), in each API process.
 
-Each key may burst ``burst`` requests and is refilled at ``rate`` per second. The limit is
-per process: with N API replicas a key's effective limit is up to N times higher, which
-keeps the check free of any shared state on the hot path. Responses carry the IETF
+Each key may burst ``burst`` requests and is refilled at ``rate`` per second. Across API
+replicas the limit holds in all: each process enforces its part, ``rate`` and ``burst``
+divided by the number of live replicas (service/api/fairness.py ``Replicas``) — exact when a
+load balancer spreads a key's requests evenly, never more than the limit otherwise, and no
+shared state on the hot path. Responses carry the IETF
 RateLimit headers (draft-ietf-httpapi-ratelimit-headers): ``RateLimit-Policy`` (quota and
 window) and ``RateLimit`` (remaining and seconds until a full bucket); a refused request
 is 429 with ``Retry-After``.
@@ -20,6 +22,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from service.api.fairness import Replicas
+
 MAX_BUCKETS = 100_000
 
 
@@ -32,11 +36,17 @@ class Decision:
 
 
 class RateLimiter:
-    def __init__(self, rate: float, burst: int, policy: str = "per-key") -> None:
+    def __init__(self, rate: float, burst: int, policy: str = "per-key", replicas: Replicas | None = None) -> None:
         self.rate = rate
         self.burst = max(1, burst)
         self.policy = policy
+        self.replicas = replicas  # None: the limit is this process's alone (per-address buckets)
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+
+    def _share(self) -> tuple[float, float, int]:
+        """This process's rate and burst, and how many processes share the limit."""
+        n = max(1, self.replicas.count) if self.replicas is not None else 1
+        return self.rate / n, max(1.0, self.burst / n), n
 
     @property
     def enabled(self) -> bool:
@@ -65,15 +75,17 @@ class RateLimiter:
         return self._decision(tokens >= 1, tokens)
 
     def _refilled(self, key: str, now: float) -> float:
-        tokens, last = self._buckets.get(key, (float(self.burst), now))
-        return min(float(self.burst), tokens + (now - last) * self.rate)
+        rate, burst, _ = self._share()
+        tokens, last = self._buckets.get(key, (burst, now))
+        return min(burst, tokens + (now - last) * rate)
 
     def _decision(self, allowed: bool, tokens: float) -> Decision:
+        rate, burst, n = self._share()
         return Decision(
             allowed=allowed,
-            remaining=int(tokens),
-            reset_seconds=math.ceil((self.burst - tokens) / self.rate),
-            retry_after=0 if allowed else max(1, math.ceil((1 - tokens) / self.rate)),
+            remaining=int(tokens * n),  # this process's part, as a share of the whole
+            reset_seconds=math.ceil((burst - tokens) / rate),
+            retry_after=0 if allowed else max(1, math.ceil((1 - tokens) / rate)),
         )
 
     def headers(self, decision: Decision) -> dict[str, str]:

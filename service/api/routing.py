@@ -10,7 +10,9 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from service.api import appkeys, dbaccess
-from service.api.errors import from_domain, rate_limited
+from service.api.errors import from_domain, payload_too_large, rate_limited
+from service.api.fairness import CostMeter, OrgShares, Tarpit, metered
+from service.api.params import BODY_LIMIT
 from service.api.ratelimit import Decision, RateLimiter
 from service.core.auth import Principal, authenticate, split_bearer
 from service.core.errors import DomainError, Unauthenticated
@@ -20,6 +22,10 @@ from service.web.problems import Problem
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPERATIONS_TAG = "Operations"
 PRINCIPAL = web.RequestKey("principal", Principal)
+# What the request has cost so far (dbaccess adds database time to it).
+COST = dbaccess.COST
+SHARES = web.AppKey("org_shares", OrgShares)
+TARPIT = web.AppKey("tarpit", Tarpit)
 # The vendor header that carries a whole key on the routes that name it (Flexprice's SDKs send it).
 API_KEY_HEADER = "x-api-key"
 
@@ -51,6 +57,10 @@ class Endpoint:
     # False for liveness and readiness: a probe must never be refused because others, from
     # the same address (a load balancer, an orchestrator's node), sent failed keys.
     address_limited: bool = True
+    # The largest body the route takes, in bytes (None: TALLY_MAX_BODY_BYTES). A declared
+    # length over it is refused before the body is read, so that a body can cost at most
+    # what its route needs (a list filter needs kilobytes, not a megabyte).
+    max_body: int | None = None
 
     @property
     def route_path(self) -> str:
@@ -109,7 +119,7 @@ async def principal_for(request: web.Request, api_key_header: str | None = None)
         if limiter.enabled:
             decision = limiter.peek(client_address(request))
             if not decision.allowed:
-                raise _ip_limited(limiter, decision)
+                raise await _ip_limited(request, limiter, decision)
         # Noted before the lookup: if a revocation's notification is handled while the
         # lookup runs, put() declines to cache what may have been read before it committed.
         generation = cache.generation
@@ -124,23 +134,37 @@ def client_address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-def _charge_unauthenticated(request: web.Request) -> None:
-    """Spend a token of the client address's unauthenticated bucket; RateLimited if none is left."""
+async def _charge_unauthenticated(request: web.Request) -> None:
+    """Spend a token of the client address's unauthenticated bucket; RateLimited (after the
+    shed delay) if none is left."""
     limiter = request.app[appkeys.IP_RATE_LIMITER]
     if not limiter.enabled:
         return
     decision = limiter.take(client_address(request))
     if not decision.allowed:
-        raise _ip_limited(limiter, decision)
+        raise await _ip_limited(request, limiter, decision)
 
 
-def _ip_limited(limiter: RateLimiter, decision: Decision) -> Problem:
+async def _ip_limited(request: web.Request, limiter: RateLimiter, decision: Decision) -> Problem:
     metrics.HTTP_REFUSED.labels("ip_rate_limited").inc()
+    await request.app[TARPIT].hold(decision.retry_after)
     return rate_limited(
         f"too many unauthenticated requests from this address (at most {limiter.burst} per {limiter.window} s); "
         f"retry in {decision.retry_after} s",
         {**limiter.headers(decision), "Retry-After": str(decision.retry_after)},
     )
+
+
+def _check_body_size(request: web.Request, endpoint: Endpoint) -> None:
+    """413 before a byte of the body is read when its declared length is over the route's
+    bound (the connection then closes rather than drain the body)."""
+    length = request.content_length
+    if endpoint.max_body is not None and length is not None and length > endpoint.max_body:
+        metrics.HTTP_REFUSED.labels("body_too_large").inc()
+        raise payload_too_large(
+            f"the body of {endpoint.method} {endpoint.path} is at most {endpoint.max_body} bytes", close=True
+        )
+    request[BODY_LIMIT] = endpoint.max_body or request.app[appkeys.SETTINGS].max_body_bytes
 
 
 def _guarded(endpoint: Endpoint) -> Handler:
@@ -151,7 +175,7 @@ def _guarded(endpoint: Endpoint) -> Handler:
 
     async def public_handler(request: web.Request) -> web.StreamResponse:
         if endpoint.address_limited:
-            _charge_unauthenticated(request)
+            await _charge_unauthenticated(request)
         try:
             return await endpoint.handler(request)
         except DomainError as exc:
@@ -160,18 +184,22 @@ def _guarded(endpoint: Endpoint) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         assert endpoint.scope is not None
         headers: dict[str, str] = {}
+        _check_body_size(request, endpoint)
         try:
             try:
                 principal = await principal_for(request, endpoint.api_key_header)
             except Unauthenticated:
-                _charge_unauthenticated(request)
+                await _charge_unauthenticated(request)
                 raise
-            request[dbaccess.ORGANIZATION] = principal.organization_id
+            organization = principal.organization_id
+            request[dbaccess.ORGANIZATION] = organization
             limiter = request.app[appkeys.RATE_LIMITER]
             if limiter.enabled:
                 decision = limiter.take(principal.client_key)
                 headers = limiter.headers(decision)
                 if not decision.allowed:
+                    metrics.HTTP_REFUSED.labels("key_rate_limited").inc()
+                    await request.app[TARPIT].hold(decision.retry_after)
                     raise rate_limited(
                         f"rate limit of {limiter.burst} requests per {limiter.window} s for this key exceeded; "
                         f"retry in {decision.retry_after} s",
@@ -179,7 +207,23 @@ def _guarded(endpoint: Endpoint) -> Handler:
                     )
             principal.require(endpoint.scope)
             request[PRINCIPAL] = principal
-            response = await endpoint.handler(request)
+            shares = request.app[SHARES]
+            admission = shares.admit(organization)
+            if not admission.admitted:
+                metrics.HTTP_REFUSED.labels("org_share_used").inc()
+                await request.app[TARPIT].hold(admission.retry_after)
+                raise rate_limited(
+                    "this organization has used its share of the API's work (event-loop and database time) while "
+                    f"others wait; retry in {admission.retry_after} s",
+                    {**headers, "Retry-After": str(admission.retry_after)},
+                )
+            meter = request[COST] = CostMeter()
+            try:
+                response = await metered(endpoint.handler(request), meter)
+            finally:
+                shares.settle(organization, admission, meter.total)
+                metrics.REQUEST_COST.labels("loop").inc(meter.cpu)
+                metrics.REQUEST_COST.labels("database").inc(meter.db)
         except DomainError as exc:
             problem = from_domain(exc, body_fields)
             problem.headers = {**headers, **problem.headers}

@@ -320,6 +320,9 @@ OPERATORS = frozenset({*MULTI_VALUE_OPERATORS, *COMPARISONS, *TEXT_MATCHES, *PRE
 # a 500, says so): conditions per query, values per condition, characters per text value.
 MAX_CONDITIONS = 32
 MAX_CONDITION_VALUES = 1000
+# Every condition is evaluated on every customer a filter scans: the work a filter asks of the
+# database grows with the values of all its conditions together, so they share one bound.
+MAX_FILTER_VALUES = 1000
 MAX_TEXT_VALUE = 1000
 _INT8 = (-(2**63), 2**63 - 1)
 _MAX_MONEY = Decimal("1e15")
@@ -463,6 +466,8 @@ class CustomerFilter:
     def __post_init__(self) -> None:
         if len(self.conditions) > MAX_CONDITIONS:
             raise InvalidInput("filters", f"at most {MAX_CONDITIONS} conditions")
+        if sum(len(c.values) for c in self.conditions) > MAX_FILTER_VALUES:
+            raise InvalidInput("filters", f"at most {MAX_FILTER_VALUES} values in all conditions together")
 
     def fingerprint(self) -> str:
         """A short digest of the filter, so a cursor cannot be replayed against another one."""

@@ -26,9 +26,20 @@ HTTP_LATENCY = Histogram(
     registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# What API requests cost, in seconds: event-loop CPU of their handlers and database connection
+# time (the two parts of an organization's share, service/api/fairness.py).
+REQUEST_COST = Counter(
+    "tally_http_request_cost_seconds_total",
+    "Work API requests took: 'loop' CPU, 'database' time.",
+    ["part"],
+    registry=REGISTRY,
+)
+API_REPLICAS = Gauge("tally_api_replicas", "Live API processes this one divides its limits by.", registry=REGISTRY)
 # Requests tally refused to protect itself or others, by a closed set of reasons:
 # db_org_busy, db_pool_timeout (503: fair sharing of the database), ip_rate_limited (429:
-# unauthenticated requests), header_timeout (408), bad_request (malformed or oversized head).
+# unauthenticated requests), key_rate_limited (429), org_share_used (429: an organization's
+# share of the work), body_too_large (413 before reading), header_timeout (408), bad_request
+# (malformed or oversized head).
 HTTP_REFUSED = Counter(
     "tally_http_refused_total", "Requests refused to protect the service, by reason.", ["reason"], registry=REGISTRY
 )

@@ -97,6 +97,20 @@ class Settings(BaseSettings):
     ip_rate_limit_per_second: float = Field(default=20.0, ge=0)
     ip_rate_limit_burst: int = Field(default=100, ge=1)
 
+    # Fair sharing measured in cost (service/api/fairness.py): each organization may use this
+    # many seconds of work (event-loop CPU plus database connection time) per second, with a
+    # burst of org_share_burst seconds, whenever another organization is active; past it, it is
+    # shed with 429. Divided between the live API replicas. 0 turns cost shares off.
+    org_share_seconds: float = Field(default=0.5, ge=0, le=64)
+    org_share_burst: float = Field(default=1.0, ge=0, le=600)
+    # Seconds a shed request (rate limit, cost share, failed key) is held before its 429 is
+    # sent, so that a client retrying at once cannot turn cheap refusals into a flood.
+    shed_delay: float = Field(default=1.0, ge=0, le=30)
+    # Seconds between an API process's heartbeats (a row in api_replicas): the per-key rate
+    # and the organizations' shares are divided by the number of live replicas. 0: no
+    # heartbeat, and this process's limits are its own (a single replica).
+    api_heartbeat_seconds: float = Field(default=1.0, ge=0, le=60)
+
     # Request bounds for POST /v1/events.
     max_body_bytes: int = 1_048_576
     max_events_per_request: int = 1000

@@ -61,11 +61,15 @@ class Problem(Exception):
         slug: str | None = None,
         errors: list[ProblemField] | None = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail, self.slug = status, title, detail, slug
         self.errors = errors or []
         self.headers = headers or {}
+        # Close the connection after the answer: the request's body was refused unread, and
+        # reading it only to keep the connection alive would cost what refusing it saved.
+        self.close = close
 
 
 _STATUS_SLUGS = {
@@ -148,9 +152,12 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except Problem as exc:
-        return problem(
+        response = problem(
             request, exc.status, exc.title, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers
         )
+        if exc.close:
+            response.force_close()
+        return response
     except Unavailable as exc:
         return problem(
             request,

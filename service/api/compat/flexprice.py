@@ -36,11 +36,11 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
-from service.api import appkeys, dbaccess, examples
+from service.api import dbaccess, examples
 from service.api.customers import write_stamp
 from service.api.listing import json_with, run_list
 from service.api.models import choice
-from service.api.params import parse_body, parse_query, validation_error
+from service.api.params import FILTER_BODY_BYTES, WRITE_BODY_BYTES, parse_body, parse_query, validation_error
 from service.api.routing import API_KEY_HEADER, PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
 from service.core import customers as core
@@ -322,7 +322,7 @@ async def list_customers(request: web.Request) -> web.Response:
 
 async def search_customers(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
-    body = await parse_body(request, FlexpriceSearch, request.app[appkeys.SETTINGS].max_body_bytes)
+    body = await parse_body(request, FlexpriceSearch)
     identifiers = [*(body.external_ids or ()), *([body.external_id] if body.external_id else [])]
     if body.sort:
         field = body.sort[0].field
@@ -386,7 +386,7 @@ async def get_customer_by_external_id(request: web.Request) -> web.Response:
 
 async def create_customer(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
-    body = await parse_body(request, FlexpriceCustomerCreate, request.app[appkeys.SETTINGS].max_body_bytes)
+    body = await parse_body(request, FlexpriceCustomerCreate)
     async with dbaccess.connection(request) as conn:
         doc = await core.create_customer(
             conn,
@@ -403,7 +403,7 @@ async def create_customer(request: web.Request) -> web.Response:
 async def update_customer(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     params = parse_query(request, FlexpriceUpdateParams)
-    body = await parse_body(request, FlexpriceCustomerWrite, request.app[appkeys.SETTINGS].max_body_bytes)
+    body = await parse_body(request, FlexpriceCustomerWrite)
     if params.id is not None:
         identifier = await _identifier(request, principal, params.id)
         if params.external_customer_id is not None and params.external_customer_id != identifier:
@@ -464,6 +464,7 @@ ENDPOINTS = [
         response=FlexpriceCustomerList,
         errors=(400, 401, 403, 413, 429),
         api_key_header=API_KEY_HEADER,
+        max_body=FILTER_BODY_BYTES,
     ),
     Endpoint(
         "GET",
@@ -502,6 +503,7 @@ ENDPOINTS = [
         status=201,
         errors=(400, 401, 403, 409, 413, 429),
         api_key_header=API_KEY_HEADER,
+        max_body=WRITE_BODY_BYTES,
     ),
     Endpoint(
         "PUT",
@@ -515,6 +517,7 @@ ENDPOINTS = [
         response=FlexpriceCustomer,
         errors=(400, 401, 403, 404, 413, 429),
         api_key_header=API_KEY_HEADER,
+        max_body=WRITE_BODY_BYTES,
     ),
     Endpoint(
         "DELETE",

@@ -28,11 +28,11 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema
 
-from service.api import appkeys, dbaccess, examples
+from service.api import dbaccess, examples
 from service.api.customers import write_stamp
 from service.api.listing import json_with, link, run_list
 from service.api.models import ENVIRONMENT, SORT_CHOICES, choice
-from service.api.params import MAX_BODY_DEPTH, parse_body, parse_query
+from service.api.params import FILTER_BODY_BYTES, MAX_BODY_DEPTH, WRITE_BODY_BYTES, parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
 from service.core import customers as core
@@ -281,7 +281,7 @@ async def list_users(request: web.Request) -> web.Response:
     params = parse_query(request, ListParams)
     filters = decode_filters(params.filters) if params.filters is not None else None
     if request.method == "POST" and request.can_read_body:
-        body = await parse_body(request, RespanUserFilters, request.app[appkeys.SETTINGS].max_body_bytes)
+        body = await parse_body(request, RespanUserFilters)
         if body.filters and filters is not None and body.filters != filters:
             raise InvalidInput(FILTERS_PARAM, "differs from the body's filters: send the filters once")
         filters = body.filters or filters
@@ -333,7 +333,7 @@ async def retrieve_user(request: web.Request) -> web.Response:
 
 async def update_user(request: web.Request) -> web.Response:
     org, env, identifier = _where(request)
-    body = await parse_body(request, RespanUserPatch, request.app[appkeys.SETTINGS].max_body_bytes)
+    body = await parse_body(request, RespanUserPatch)
     values = ProfileUpdate.model_validate(body.model_dump(exclude_unset=True)).columns()
     async with dbaccess.connection(request) as conn:
         doc = await core.update_customer(
@@ -384,6 +384,7 @@ ENDPOINTS = [
         response=RespanUserList,
         errors=(400, 401, 413, 429),
         description="What Respan's SDK sends: the query string of the GET form, and filters in the body.",
+        max_body=FILTER_BODY_BYTES,
     ),
     Endpoint(
         "GET",
@@ -411,6 +412,7 @@ ENDPOINTS = [
         errors=(400, 401, 404, 429),
         path_params=IDENTIFIER,
         path_patterns=NOT_LIST,
+        max_body=WRITE_BODY_BYTES,
     ),
     Endpoint(
         "DELETE",
