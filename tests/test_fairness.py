@@ -157,7 +157,7 @@ class Clock:
 def test_a_share_is_charged_up_front_and_settled_with_what_was_used() -> None:
     clock = Clock()
     a, b = uuid.uuid4(), uuid.uuid4()
-    shares = OrgShares(rate=1.0, burst=2.0, replicas=Replicas(), clock=clock)
+    shares = OrgShares(rate=1.0, burst=2.0, replicas=Replicas(), concurrency=8, clock=clock)
     first = shares.admit(a)
     assert first.admitted and first.charged == REQUEST_OVERHEAD
     shares.settle(a, first, 1.5)  # the request cost 1.5 s
@@ -182,7 +182,7 @@ def test_shares_are_divided_between_live_replicas() -> None:
     clock = Clock()
     replicas = Replicas()
     replicas.count = 4
-    shares = OrgShares(rate=1.0, burst=2.0, replicas=replicas, clock=clock)
+    shares = OrgShares(rate=1.0, burst=2.0, replicas=replicas, concurrency=8, clock=clock)
     org = uuid.uuid4()
     assert shares.tokens(org) == pytest.approx(0.5)  # this process's quarter of the burst
     limiter = RateLimiter(rate=8, burst=8, replicas=replicas)
@@ -209,7 +209,7 @@ async def test_an_organization_past_its_share_is_shed_while_others_are_active(
     app = create_app(tight)
     clock = Clock()
     # The app's own shares, on a clock the test moves: no refill unless the test says so.
-    app[routing.SHARES] = shares = OrgShares(rate=0.001, burst=10.0, replicas=Replicas(), clock=clock)
+    app[routing.SHARES] = shares = OrgShares(rate=0.001, burst=10.0, replicas=Replicas(), concurrency=8, clock=clock)
     async with TestClient(TestServer(app)) as client:
         await ok_json(await client.get("/v1/customers", headers=other_org.headers()))  # B is active
         # A has used more than its share (as a request costing 20 s of work would) ...

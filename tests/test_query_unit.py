@@ -18,6 +18,7 @@ from service.core.query import (
     CUSTOMER_FIELDS,
     FILTER_FIELDS,
     MAX_CONDITIONS,
+    MAX_FILTER_VALUES,
     MAX_LIMIT,
     OPERATORS,
     SORT_FIELDS,
@@ -409,6 +410,11 @@ def test_conditions_are_bounded_and_part_of_the_fingerprint() -> None:
     with pytest.raises(InvalidInput) as caught:
         CustomerFilter(conditions=(one,) * (MAX_CONDITIONS + 1))
     assert caught.value.field == "filters"
+    # The values of all conditions together are bounded too: each is tested on every customer.
+    half = condition("name", "eq", [str(i) for i in range(MAX_FILTER_VALUES // 2 + 1)], "p")
+    with pytest.raises(InvalidInput) as caught:
+        CustomerFilter(conditions=(half, half))
+    assert caught.value.field == "filters" and "together" in caught.value.reason
     assert CustomerFilter(conditions=(one,)).fingerprint() != CustomerFilter().fingerprint()
     assert (
         CustomerFilter(conditions=(one,)).fingerprint()
@@ -435,7 +441,11 @@ def test_counts_join_usage_only_when_the_filter_reads_it() -> None:
     assert source(CustomerFilter(metadata=(("plan", "pro"),), email="a@b.co")) == "customers"
     assert source(CustomerFilter(name_contains="ada", total_cost_gte=Decimal(1))) == "customer_rows"
     assert source(CustomerFilter(period_budget_share_gte=Decimal("0.8"))) == "customer_rows"
-    assert source(CustomerFilter(conditions=(condition("total_tokens", "gt", [5], "filters"),))) == "customer_rows"
+    # Usage fields alone count usage rows (every customer has one), without the join.
+    assert source(CustomerFilter(conditions=(condition("total_tokens", "gt", [5], "filters"),))) == "customer_usage"
+    assert source(CustomerFilter(total_cost_gte=Decimal(1), ids=(ORG,))) == "customer_usage"
+    both = (condition("total_tokens", "gt", [5], "f"), condition("name", "eq", ["a"], "f"))
+    assert source(CustomerFilter(conditions=both)) == "customer_rows"
     assert source(CustomerFilter(conditions=(condition("email", "eq", ["a@b.co"], "filters"),))) == "customers"
     # Every usage column is one the view takes from customer_usage, and none is on customers.
     assert {name for name, f in SORT_FIELDS.items() if f.tiebreak == "c.usage_id"} <= USAGE_COLUMNS

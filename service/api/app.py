@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -12,7 +13,7 @@ from service import __version__
 from service.api import appkeys, customers, dbaccess, events, fairness, keycache, openapi, ops, routing
 from service.api.compat import flexprice, public, respan, v0
 from service.api.dbaccess import DatabaseGate
-from service.api.fairness import OrgShares, Replicas, Tarpit
+from service.api.fairness import CpuSlot, LoopLag, OrgShares, Replicas, Tarpit
 from service.api.keycache import KeyCache
 from service.api.models import Health
 from service.api.ratelimit import RateLimiter
@@ -86,7 +87,12 @@ async def api_resources(app: web.Application) -> AsyncIterator[None]:
         await stack.enter_async_context(
             fairness.running_heartbeat(app[appkeys.REPLICAS], pool, settings.api_heartbeat_seconds)
         )
-        yield
+        lag = asyncio.create_task(app[routing.LOOP_LAG].run(), name="tally-loop-lag")
+        try:
+            yield
+        finally:
+            lag.cancel()
+            await asyncio.gather(lag, return_exceptions=True)
 
 
 async def publisher(app: web.Application) -> AsyncIterator[None]:
@@ -127,8 +133,12 @@ def create_app(settings: Settings) -> web.Application:
     app[appkeys.RATE_LIMITER] = RateLimiter(
         settings.rate_limit_per_second, settings.rate_limit_burst, replicas=replicas
     )
-    app[routing.SHARES] = OrgShares(settings.org_share_seconds, settings.org_share_burst, replicas)
+    app[routing.SHARES] = OrgShares(
+        settings.org_share_seconds, settings.org_share_burst, replicas, concurrency=settings.org_concurrency
+    )
     app[routing.TARPIT] = Tarpit(settings.shed_delay)
+    app[routing.CPU_SLOT] = CpuSlot()
+    app[routing.LOOP_LAG] = LoopLag()
     app[appkeys.IP_RATE_LIMITER] = RateLimiter(
         settings.ip_rate_limit_per_second, settings.ip_rate_limit_burst, policy="per-ip"
     )

@@ -25,7 +25,6 @@ its own writes and never reads back in time.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -187,15 +186,17 @@ async def connection(request: web.Request, *, read: bool = False) -> AsyncIterat
 
 @asynccontextmanager
 async def _timed(request: web.Request) -> AsyncIterator[None]:
-    """Add the time the block holds its connection to the request's cost (its organization's
-    share is charged with it: service/api/fairness.py)."""
-    started = time.perf_counter()
+    """Count the time the request waits on the connection the block holds as its database
+    time (its organization's share is charged with it: service/api/fairness.py)."""
+    meter = request.get(COST)
+    if meter is None:
+        yield
+        return
+    meter.holding += 1
     try:
         yield
     finally:
-        meter = request.get(COST)
-        if meter is not None:
-            meter.db += time.perf_counter() - started
+        meter.holding -= 1
 
 
 async def _note_position(request: web.Request, conn: Connection) -> None:

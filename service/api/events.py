@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints
 from service.api import appkeys, examples
 from service.api.errors import bad_request, environment_detail, other_environment, payload_too_large
 from service.api.params import read_body
-from service.api.routing import PRINCIPAL, Endpoint
+from service.api.routing import CPU_SLOT, PRINCIPAL, Endpoint
+from service.core.auth import Principal
 from service.core.events import CloudEvent, FieldProblem, InvalidEvent, decode_body, validate_event
 from service.infra import metrics
 from service.infra.broker import encode_events, event_message
@@ -46,6 +47,48 @@ def _at(where: str, path: str) -> str:
     return f"{where}.{path}" if path else where
 
 
+@dataclass
+class _Checked:
+    """What checking a request's events found: every problem of every event, by its path
+    ("[3].data.requests" in a batch, "event.data.requests" for a single event)."""
+
+    invalid: list[ProblemField] = field(default_factory=list)
+    elsewhere: list[ProblemField] = field(default_factory=list)  # another environment than the key's
+
+
+def _check(raws: list[object], indexes: range, principal: Principal, now: datetime, retention: timedelta) -> _Checked:
+    """Check events ``raws[i]`` for ``i`` in ``indexes`` with the consumer's own rules, the
+    dedupe window included (what it could never apply is refused here at once rather than
+    accepted and dead-lettered later); each is stamped with the key's organization and, where
+    it names none, its environment."""
+    found = _Checked()
+    own = {principal.organization_name, str(principal.organization_id)}
+    for i in indexes:
+        raw = raws[i]
+        where = f"[{i}]" if len(raws) > 1 else "event"
+        if not isinstance(raw, dict):
+            found.invalid.append(ProblemField(where, "must be an object", "body"))
+            continue
+        organization = raw.get("organization", principal.organization_name)
+        if not isinstance(organization, str) or organization not in own:
+            detail = "must be your key's organization (or omitted)"
+            found.invalid.append(ProblemField(_at(where, "organization"), detail, "body"))
+            continue
+        raw["organization"] = str(principal.organization_id)
+        # Every event is the key's environment's: omitted, it is filled in; another is a 403.
+        environment = raw.setdefault("environment", principal.environment)
+        if environment != principal.environment:
+            detail = environment_detail(principal.environment)
+            found.elsewhere.append(ProblemField(_at(where, "environment"), detail, "body"))
+            continue
+        try:
+            validate_event(raw, now, retention=retention)
+        except InvalidEvent as exc:
+            problems = exc.fields or [FieldProblem("", exc.reason)]
+            found.invalid.extend(ProblemField(_at(where, p.path), p.detail, "body") for p in problems)
+    return found
+
+
 async def ingest_events(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     settings = request.app[appkeys.SETTINGS]
@@ -56,42 +99,19 @@ async def ingest_events(request: web.Request) -> web.Response:
         raise bad_request([ProblemField("body", exc.reason, "body")]) from None
     if len(raws) > settings.max_events_per_request:
         raise payload_too_large(f"at most {settings.max_events_per_request} events per request")
-    own = {principal.organization_name, str(principal.organization_id)}
-    # Every event is the key's environment's: omitted, it is filled in; another is a 403.
-    elsewhere: list[ProblemField] = []
     now = datetime.now(UTC)
-    # The consumer's own rules, the dedupe window included: what it could never apply is
-    # refused here at once rather than accepted and dead-lettered later.
     retention = timedelta(days=settings.dedupe_retention_days)
-    errors: list[ProblemField] = []
-    for i, raw in enumerate(raws):
-        if i and i % VALIDATION_SLICE == 0:
-            # Validating a full batch takes tens of milliseconds: let other requests run
-            # between slices, so that no tenant's request holds the event loop that long.
-            await asyncio.sleep(0)
-        # Every problem of every event, by its path: "[3].data.requests" in a batch,
-        # "event.data.requests" for a single event.
-        where = f"[{i}]" if len(raws) > 1 else "event"
-        if not isinstance(raw, dict):
-            errors.append(ProblemField(where, "must be an object", "body"))
-            continue
-        organization = raw.get("organization", principal.organization_name)
-        if not isinstance(organization, str) or organization not in own:
-            detail = "must be your key's organization (or omitted)"
-            errors.append(ProblemField(_at(where, "organization"), detail, "body"))
-            continue
-        raw["organization"] = str(principal.organization_id)
-        environment = raw.setdefault("environment", principal.environment)
-        if environment != principal.environment:
-            elsewhere.append(ProblemField(_at(where, "environment"), environment_detail(principal.environment), "body"))
-            continue
-        try:
-            validate_event(raw, now, retention=retention)
-        except InvalidEvent as exc:
-            problems = exc.fields or [FieldProblem("", exc.reason)]
-            errors.extend(ProblemField(_at(where, p.path), p.detail, "body") for p in problems)
-    if errors:
-        raise bad_request(errors)
+    invalid: list[ProblemField] = []
+    elsewhere: list[ProblemField] = []
+    for start in range(0, len(raws), VALIDATION_SLICE):
+        # Checking a full batch takes tens of milliseconds: it runs in slices that take turns
+        # on the API's CPU slot, so that no tenant's batch holds the event loop that long.
+        async with request.app[CPU_SLOT]:
+            found = _check(raws, range(start, min(start + VALIDATION_SLICE, len(raws))), principal, now, retention)
+        invalid += found.invalid
+        elsewhere += found.elsewhere
+    if invalid:
+        raise bad_request(invalid)
     if elsewhere:
         raise other_environment(
             f"this key is for the '{principal.environment}' environment: its events are too", elsewhere

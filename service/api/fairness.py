@@ -1,20 +1,28 @@
 """Fair sharing of an API process's work between organizations, measured in cost, not requests.
 
 A request's cost is what it takes from everyone else: the event-loop CPU its handler uses
-(measured per step of its coroutine, so that time spent waiting is not counted) and the time
-it holds a database connection (service/api/dbaccess.py adds it). One organization's requests
-can cost a hundred times another's at the same request rate — a body parsed and refused, a
-filter that scans every customer — so the per-key request rate cannot keep tenants apart.
+(measured per step of its coroutine, so that time spent waiting is not counted), the time it
+holds a database connection (service/api/dbaccess.py adds it), and what its head and body
+cost to read. One organization's requests can cost a hundred times another's at the same
+request rate — a body parsed and refused, a filter that scans every customer — so the per-key
+request rate cannot keep tenants apart.
 
 Each organization has a *share*: ``TALLY_ORG_SHARE_SECONDS`` seconds of cost per second, with
-a burst of ``TALLY_ORG_SHARE_BURST`` seconds, kept as a token bucket in cost-seconds. A request
-is charged up front with the organization's running average cost (so that a burst of
-concurrent expensive requests cannot all be admitted before any of them is paid for), and the
-difference when it ends. An organization whose bucket is empty is shed (429, Retry-After) —
-but only while another organization is active in the process: alone, a tenant may use the
-whole machine; with company, it gets its share. Shed requests are answered after a delay
-(``TALLY_SHED_DELAY``), so that a client retrying at once cannot turn cheap refusals into a
-flood of its own.
+a burst of ``TALLY_ORG_SHARE_BURST`` seconds, kept as a token bucket in cost-seconds, and at
+most ``TALLY_ORG_CONCURRENCY`` requests in progress. A request is charged up front with the
+organization's running average cost (so that a burst of concurrent expensive requests cannot
+all be admitted before any of them is paid for), and the difference when it ends. An
+organization past its share (bucket empty, or as many requests in progress as it may have) is
+shed (429, Retry-After) while another active organization uses less than it does: alone, a
+tenant may use the whole machine; in company, the heaviest users past their share wait, never
+the light ones — whose measured cost, inflated by the very contention others cause, could
+otherwise run out too. Shed requests
+are answered after a delay (``TALLY_SHED_DELAY``), so that a client retrying at once cannot
+turn cheap refusals into a flood of its own.
+
+CPU-heavy stretches of a handler (validating a batch of events) run in slices that take turns
+on one :class:`CpuSlot`, so that however many such requests are in flight, a light request
+waits behind at most one slice at each of its steps.
 
 Across API replicas the shares (and the per-key request rate, service/api/ratelimit.py) are
 divided by the number of live replicas (:class:`Replicas`, a heartbeat row per process in
@@ -42,8 +50,11 @@ from service.infra.waits import wait_event
 T = TypeVar("T")
 
 # Cost a request is charged beyond its handler: aiohttp's parsing of its head and writing of
-# its response (measured at 0.1-0.2 ms here).
+# its response (measured at 0.1-0.2 ms here), and reading its body (~2.5 µs per KB).
 REQUEST_OVERHEAD = 0.0002
+BODY_BYTE_COST = 2.5e-9
+# An organization's rate of use is averaged over about this many seconds.
+USAGE_SECONDS = 2.0
 # An organization counts as active for this long after its last request started.
 ACTIVE_WINDOW = 1.0
 # The running average cost per request moves by this much of each new request's cost.
@@ -51,16 +62,44 @@ AVERAGE_WEIGHT = 0.2
 MAX_ORGANIZATIONS = 100_000
 
 
+class LoopLag:
+    """How long a ready callback currently waits for the event loop (seconds): sampled every
+    SAMPLE_SECONDS by a timer that measures how late it fires, and smoothed."""
+
+    SAMPLE_SECONDS = 0.01
+
+    def __init__(self) -> None:
+        self.current = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.SAMPLE_SECONDS
+            await asyncio.sleep(self.SAMPLE_SECONDS)
+            late = max(0.0, loop.time() - due)
+            self.current += 0.3 * (late - self.current)
+
+
 @dataclass
 class CostMeter:
-    """What one request has cost so far: event-loop CPU and database connection time (s)."""
+    """What one request has cost so far: event-loop CPU, database time, and reading its head
+    and body (s).
 
+    Database time is the time the request waits on a connection it holds — less what the
+    waiting cost the event loop's queue: a reply that sits behind other tenants' work before
+    the request resumes is not the database's work, and charging it would make the light
+    tenants pay for the contention the heavy ones cause. Each resumption is assumed to have
+    waited the loop's current lag twice (once for the socket's callback, once for the task)."""
+
+    lag: LoopLag | None = None
     cpu: float = 0.0
     db: float = 0.0
+    body_bytes: int = 0
+    holding: int = 0  # database connections held now
 
     @property
     def total(self) -> float:
-        return self.cpu + self.db + REQUEST_OVERHEAD
+        return self.cpu + self.db + REQUEST_OVERHEAD + self.body_bytes * BODY_BYTE_COST
 
 
 class _Metered(Generic[T]):
@@ -79,14 +118,18 @@ class _Metered(Generic[T]):
         meter = self._meter
         value: Any = None
         error: BaseException | None = None
+        suspended: float | None = None
         while True:
+            if suspended is not None and meter.holding:
+                queued = 2 * meter.lag.current if meter.lag is not None else 0.0
+                meter.db += max(0.0, time.perf_counter() - suspended - queued)
             started = time.thread_time()
             try:
                 if error is None:
-                    suspended = inner.send(value)
+                    awaited = inner.send(value)
                 else:
                     thrown, error = error, None
-                    suspended = inner.throw(thrown)
+                    awaited = inner.throw(thrown)
             except StopIteration as stop:
                 meter.cpu += time.thread_time() - started
                 result: T = stop.value
@@ -95,8 +138,9 @@ class _Metered(Generic[T]):
                 meter.cpu += time.thread_time() - started
                 raise
             meter.cpu += time.thread_time() - started
+            suspended = time.perf_counter()
             try:
-                value = yield suspended
+                value = yield awaited
             except GeneratorExit:
                 inner.close()
                 raise
@@ -124,6 +168,12 @@ class _Share:
     tokens: float  # cost-seconds left (negative: owed)
     updated: float
     average: float = REQUEST_OVERHEAD  # running average cost of this organization's requests
+    # The organization's rate of use (cost-seconds per second), decaying over USAGE_SECONDS.
+    usage: float = 0.0
+    usage_at: float = 0.0
+
+    def rate(self, now: float) -> float:
+        return self.usage * math.exp(-(now - self.usage_at) / USAGE_SECONDS)
 
 
 class Replicas:
@@ -141,12 +191,23 @@ class Replicas:
 class OrgShares:
     """Per-organization cost buckets of one API process (see the module docstring)."""
 
-    def __init__(self, rate: float, burst: float, replicas: Replicas, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        replicas: Replicas,
+        concurrency: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.rate = rate
         self.burst = max(burst, rate)
         self.replicas = replicas
+        # Requests one organization may have in progress in this process while a lighter one
+        # is active: the work it can queue ahead of another tenant's request is bounded.
+        self.concurrency = concurrency
         self._clock = clock
         self._shares: dict[UUID, _Share] = {}
+        self._in_progress: dict[UUID, int] = {}
         # Organizations whose requests started within ACTIVE_WINDOW, and when (pruned as read).
         self._active: dict[UUID, float] = {}
 
@@ -174,26 +235,29 @@ class OrgShares:
         if len(self._shares) >= MAX_ORGANIZATIONS:
             self._shares.clear()
 
-    def others_active(self, organization: UUID, now: float) -> bool:
-        """Whether another organization's request started within ACTIVE_WINDOW."""
+    def lighter_active(self, organization: UUID, rate: float, now: float) -> bool:
+        """Whether another organization started a request within ACTIVE_WINDOW and uses less
+        than ``rate``."""
         for org, seen in list(self._active.items()):
             if now - seen >= ACTIVE_WINDOW:
                 del self._active[org]
-            elif org != organization:
+            elif org != organization and (other := self._shares.get(org)) is not None and other.rate(now) < rate:
                 return True
         return False
 
     def admit(self, organization: UUID) -> Admission:
         """Charge ``organization`` its average request cost, or refuse it if its bucket is
-        empty while another organization is active."""
+        empty while a lighter organization is active."""
         if not self.enabled:
             return Admission(True)
         now = self._clock()
         share = self._refilled(organization, now)
-        if share.tokens < share.average and self.others_active(organization, now):
+        over = share.tokens < share.average or self._in_progress.get(organization, 0) >= self.concurrency
+        if over and self.lighter_active(organization, share.rate(now), now):
             rate = self.replicas.divide(self.rate)
             return Admission(False, retry_after=max(1, math.ceil((share.average - share.tokens) / rate)))
         self._active[organization] = now
+        self._in_progress[organization] = self._in_progress.get(organization, 0) + 1
         share.tokens -= share.average
         return Admission(True, charged=share.average)
 
@@ -201,12 +265,42 @@ class OrgShares:
         """The request ended having cost ``cost`` seconds: charge the difference."""
         if not self.enabled or not admission.admitted:
             return
-        share = self._refilled(organization, self._clock())
+        left = self._in_progress.get(organization, 1) - 1
+        if left > 0:
+            self._in_progress[organization] = left
+        else:
+            self._in_progress.pop(organization, None)
+        now = self._clock()
+        share = self._refilled(organization, now)
         share.tokens -= cost - admission.charged
         share.average += AVERAGE_WEIGHT * (cost - share.average)
+        share.usage = share.rate(now) + cost / USAGE_SECONDS
+        share.usage_at = now
+
+    def usage(self, organization: UUID) -> float:
+        """The organization's recent rate of use, in cost-seconds per second."""
+        share = self._shares.get(organization)
+        return share.rate(self._clock()) if share is not None else 0.0
 
     def tokens(self, organization: UUID) -> float:
         return self._refilled(organization, self._clock()).tokens
+
+
+class CpuSlot:
+    """Turns on the event loop for CPU-heavy slices of work: ``async with slot: <a slice>``.
+    One slice runs at a time and each waits its turn (first come, first served); after its
+    slice a task goes to the back of the loop's queue, so a light request's steps interleave
+    with heavy work instead of waiting behind every runnable slice of it."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+        await asyncio.sleep(0)
 
 
 class Tarpit:

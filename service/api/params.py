@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from service.api.dbaccess import COST
 from service.api.errors import bad_request, invalid, payload_too_large
 from service.api.models import CustomerExpanded
 from service.core.profile import json_fault
@@ -136,6 +137,9 @@ async def read_body(request: web.Request) -> bytes:
         raw += chunk
         if len(raw) > limit:
             raise payload_too_large(f"body exceeds {limit} bytes", close=True)
+    meter = request.get(COST)
+    if meter is not None and request.content_length is None:  # a chunked body: charged as read
+        meter.body_bytes += len(raw)
     return bytes(raw)
 
 

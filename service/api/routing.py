@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from service.api import appkeys, dbaccess
 from service.api.errors import from_domain, payload_too_large, rate_limited
-from service.api.fairness import CostMeter, OrgShares, Tarpit, metered
+from service.api.fairness import CostMeter, CpuSlot, LoopLag, OrgShares, Tarpit, metered
 from service.api.params import BODY_LIMIT
 from service.api.ratelimit import Decision, RateLimiter
 from service.core.auth import Principal, authenticate, split_bearer
@@ -26,6 +26,8 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 COST = dbaccess.COST
 SHARES = web.AppKey("org_shares", OrgShares)
 TARPIT = web.AppKey("tarpit", Tarpit)
+CPU_SLOT = web.AppKey("cpu_slot", CpuSlot)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 # The vendor header that carries a whole key on the routes that name it (Flexprice's SDKs send it).
 API_KEY_HEADER = "x-api-key"
 
@@ -155,6 +157,16 @@ async def _ip_limited(request: web.Request, limiter: RateLimiter, decision: Deci
     )
 
 
+# A refused request whose body is at least this large and unread closes its connection:
+# aiohttp would otherwise read (and discard) all of it to keep the connection alive.
+UNREAD_BODY_CLOSE = 65_536
+
+
+def _unread_body(request: web.Request) -> bool:
+    length = request.content_length
+    return length is not None and length >= UNREAD_BODY_CLOSE and not request.content.is_eof()
+
+
 def _check_body_size(request: web.Request, endpoint: Endpoint) -> None:
     """413 before a byte of the body is read when its declared length is over the route's
     bound (the connection then closes rather than drain the body)."""
@@ -184,7 +196,6 @@ def _guarded(endpoint: Endpoint) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         assert endpoint.scope is not None
         headers: dict[str, str] = {}
-        _check_body_size(request, endpoint)
         try:
             try:
                 principal = await principal_for(request, endpoint.api_key_header)
@@ -217,8 +228,9 @@ def _guarded(endpoint: Endpoint) -> Handler:
                     f"others wait; retry in {admission.retry_after} s",
                     {**headers, "Retry-After": str(admission.retry_after)},
                 )
-            meter = request[COST] = CostMeter()
+            meter = request[COST] = CostMeter(request.app[LOOP_LAG], body_bytes=request.content_length or 0)
             try:
+                _check_body_size(request, endpoint)  # refused unread, and charged
                 response = await metered(endpoint.handler(request), meter)
             finally:
                 shares.settle(organization, admission, meter.total)
@@ -227,9 +239,11 @@ def _guarded(endpoint: Endpoint) -> Handler:
         except DomainError as exc:
             problem = from_domain(exc, body_fields)
             problem.headers = {**headers, **problem.headers}
+            problem.close = problem.close or _unread_body(request)
             raise problem from None
         except Problem as exc:
             exc.headers = {**headers, **exc.headers}
+            exc.close = exc.close or _unread_body(request)
             raise
         response.headers.update(headers)
         return response

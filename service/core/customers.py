@@ -21,6 +21,7 @@ from service.core.db import Connection
 from service.core.errors import Conflict, InvalidInput, NotFound
 from service.core.fold import apply_changes
 from service.core.query import (
+    MULTI_VALUE_OPERATORS,
     ListQuery,
     Position,
     Shape,
@@ -41,9 +42,18 @@ class Page:
 
 async def list_customers(conn: Connection, q: ListQuery, shape: Shape) -> Page:
     """One page of ``q`` rendered in ``shape``, with the total count when ``q.count``
-    (one statement, one round trip)."""
+    (one statement, one round trip; a filter with lists of values is planned for its values)."""
     sql, args = list_sql(q, shape)
-    result = await conn.fetch(sql, *args)
+    if any(c.operator in MULTI_VALUE_OPERATORS and len(c.values) > 1 for c in q.filter.conditions):
+        # A generic plan (which a prepared statement gets after a few runs) tests `x = ANY($n)`
+        # against every element of the list for every customer; a plan made for the actual
+        # values hashes them: 2.3 s against 0.8 s for a filter of 1,000 values over 300k
+        # customers. Planning costs ~0.5 ms, so only such filters pay it.
+        async with conn.transaction():
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            result = await conn.fetch(sql, *args)
+    else:
+        result = await conn.fetch(sql, *args)
     count = result[0]["total"] if result else None
     rows = [r for r in result if r["doc"] is not None]
     more = len(rows) > q.limit

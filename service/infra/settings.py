@@ -101,8 +101,11 @@ class Settings(BaseSettings):
     # many seconds of work (event-loop CPU plus database connection time) per second, with a
     # burst of org_share_burst seconds, whenever another organization is active; past it, it is
     # shed with 429. Divided between the live API replicas. 0 turns cost shares off.
-    org_share_seconds: float = Field(default=0.5, ge=0, le=64)
+    org_share_seconds: float = Field(default=0.25, ge=0, le=64)
     org_share_burst: float = Field(default=1.0, ge=0, le=600)
+    # Requests one organization may have in progress in each API process while a lighter one
+    # is active (beyond: shed with 429), bounding the work it can queue ahead of others.
+    org_concurrency: int = Field(default=4, ge=1, le=1000)
     # Seconds a shed request (rate limit, cost share, failed key) is held before its 429 is
     # sent, so that a client retrying at once cannot turn cheap refusals into a flood.
     shed_delay: float = Field(default=1.0, ge=0, le=30)

@@ -21,6 +21,7 @@ lacks, used alike by ``tally api``, ``tally consume`` and ``tally dev``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import uuid
@@ -282,6 +283,12 @@ async def _serve(
 ) -> None:
     app_runner = runner(app, settings, handle_signals=True)
     await app_runner.setup()
+    # Everything made while starting (modules, models, compiled SQL, pools) lives as long as
+    # the process: out of the collector's sight, a full collection scans only what requests
+    # made since. Measured under a flood of refused bodies: full collections of 30-70 ms, each
+    # a stall of every request in flight, fell to 7-20 ms.
+    gc.collect()
+    gc.freeze()
     try:
         site = web.TCPSite(app_runner, host, port)
         await site.start()
