@@ -157,6 +157,26 @@ class DeadLetter:
     # event itself (its `type`, of any length) may not be one and would fail the publish.
     message: AbstractIncomingMessage
     content_type: str | None = EVENT_CONTENT_TYPE
+    # The event's id and organization, for the log line (None for a whole message that holds
+    # no readable event: not JSON, say).
+    event_id: str | None = None
+    organization: str | None = None
+
+
+# Identifiers in a log line are the event's own: cut, so one event cannot blow up the log.
+LOGGED_ID_CHARS = 100
+
+
+def logged(value: object) -> str | None:
+    """An event's identifier as a log line shows it: text cut short, anything else omitted."""
+    return value[:LOGGED_ID_CHARS] if isinstance(value, str) else None
+
+
+def event_ids(raw: object) -> dict[str, str | None]:
+    """The id and organization of a decoded event, fit for a log line."""
+    if not isinstance(raw, dict):
+        return {"event_id": None, "organization": None}
+    return {"event_id": logged(raw.get("id")), "organization": logged(raw.get("organization"))}
 
 
 def internal_error(doing: str, exc: BaseException) -> str:
@@ -241,7 +261,8 @@ class Batch:
                     extra={"routing_key": message.routing_key},
                 )
             event_type = raw.get("type") if isinstance(raw, dict) else None
-            self.dead.append(DeadLetter(alone if alone is not None else encode_event(raw), code, reason, message))
+            body = alone if alone is not None else encode_event(raw)
+            self.dead.append(DeadLetter(body, code, reason, message, **event_ids(raw)))
             metrics.EVENTS.labels(metrics.event_type_label(event_type), "invalid").inc()
 
 
@@ -404,9 +425,8 @@ class Consumer:
                 # acked like applied ones: only a rejected event can never apply.
                 if outcome.status == "rejected":
                     body = alone if alone is not None else encode_event(event.raw)
-                    dead.append(
-                        DeadLetter(body, outcome.code or Rejection.MALFORMED, outcome.reason or "rejected", message)
-                    )
+                    code, reason = outcome.code or Rejection.MALFORMED, outcome.reason or "rejected"
+                    dead.append(DeadLetter(body, code, reason, message, **event_ids(event.raw)))
                 elif outcome.status == "applied":
                     metrics.EVENT_LAG.observe(max(0.0, (applied_at - event.time).total_seconds()))
             for (event_type, status), n in counts.items():
@@ -431,7 +451,17 @@ class Consumer:
                 routing_key=routing_key or "unrouted",
             )
             metrics.DEAD_LETTERS.labels(letter.code.value).inc()
-            log.warning("dead-lettered", extra={"reason": letter.reason[:200], "routing_key": routing_key})
+            log.warning(
+                "dead-lettered",
+                extra={
+                    "reason_code": letter.code.value,
+                    "reason": letter.reason[:200],
+                    "event_id": letter.event_id,
+                    "organization": letter.organization,
+                    "message_id": logged(origin.message_id),
+                    "routing_key": routing_key,
+                },
+            )
         await self._ack(messages)
 
     async def _ack(self, batch: Sequence[AbstractIncomingMessage]) -> None:
@@ -497,8 +527,7 @@ class Consumer:
         if len(events) == 1:
             if bug:
                 e = events[0]
-                # Identifiers are the event's own: cut, so one event cannot blow up the log.
-                where = {"event_id": e.id[:100], "type": e.type, "organization": e.organization[:100]}
+                where = {"type": e.type, **event_ids(e.raw)}
                 log.error("bug: folding an event raised; dead-lettering it", exc_info=exc, extra=where)
             return FoldResult([Outcome("rejected", code, reason)])
         middle = len(events) // 2

@@ -580,7 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help=JSON_HELP)
     status.set_defaults(run=cmd_status)
 
-    demo = sub.add_parser("demo", help="publish a realistic synthetic event stream (prints a read key)")
+    demo = sub.add_parser(
+        "demo",
+        help="publish a synthetic event stream, with a budget alert that fires (prints a write and a read key)",
+    )
     demo.add_argument("--orgs", type=int, default=3, help="organizations, 1-5 (default 3)")
     demo.add_argument("--customers", type=int, default=3000, help="customers (default 3000)")
     demo.add_argument("--events", type=int, default=100_000, help="usage events (default 100000)")

@@ -96,6 +96,25 @@ async def test_consumer_metrics_move_as_events_flow(settings, pool, broker: Brok
     assert sample("tally_batch_events_count") > 0
 
 
+async def test_a_dead_letter_is_logged_with_its_event_and_organization(
+    settings, pool, broker: Broker, org: Org, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tally.consumer")
+    stranger = f"nobody-{uuid.uuid4().hex[:8]}"
+    orphan = usage(stranger, "x")
+    async with running_consumer(settings, pool, broker):
+        await broker.publish([usage(org.name, "fine"), orphan])  # from a batch: the one event dies
+        await broker.publish(b"not json")  # a whole message: no event to name
+        await barrier(pool, broker, org)
+    lines = [r for r in caplog.records if r.getMessage() == "dead-lettered"]
+    by_event = {getattr(r, "event_id", None): r for r in lines}
+    logged = by_event[orphan["id"]]
+    assert logged.organization == stranger and logged.reason_code == "unknown_organization", vars(logged)
+    assert logged.routing_key == "usage.recorded"
+    whole = by_event[None]
+    assert whole.reason_code == "not_json" and whole.organization is None
+
+
 @pytest.mark.parametrize("management", [MANAGEMENT_URL, NO_MANAGEMENT], ids=["management", "amqp-only"])
 async def test_queue_stats_report_true_depths(broker: Broker, org: Org, management: str) -> None:
     if management == MANAGEMENT_URL:
