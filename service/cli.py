@@ -517,18 +517,18 @@ async def cmd_namespace_delete(args: argparse.Namespace, settings: Settings) -> 
         stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, names)
         held = ", ".join(f"{q.name}: {q.ready} message(s), {q.consumers} consumer(s)" for q in stats)
         question = (
-            f"Delete namespace '{names.namespace}' ({names.events}, {names.dlx}, {names.ingest}, "
-            f"{names.dead}, {names.alerts}; {held})? Messages in it are lost. [y/N] "
+            f"Delete namespace '{names.namespace}' ({', '.join((*names.exchanges, *names.queues))}; {held})? "
+            "Messages in it are lost. [y/N] "
         )
         if not _confirmed(args.yes, question, "delete a namespace"):
             print("nothing deleted")
             return 1
         connection = await BrokerNodes(settings.amqp_url).connect(timeout=10)
         try:
-            for queue in (names.ingest, names.dead, names.alerts):
+            for queue in names.queues:
                 channel = await connection.channel()
                 await channel.queue_delete(queue)
-            for exchange in (names.events, names.dlx):
+            for exchange in names.exchanges:
                 channel = await connection.channel()
                 await channel.exchange_delete(exchange)
         finally:
@@ -601,13 +601,20 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge").add_subparsers(
         dest="dlq_command", required=True, metavar="ACTION"
     )
-    reason_help = "only letters whose reason contains this text (case-insensitive)"
+    reason_help = (
+        "only letters whose reason contains this text (case-insensitive), or whose reason code it is "
+        "(unknown_organization, unroutable, ...)"
+    )
     dl = dlq.add_parser("list", help="reason, event type, id, organization, time of death")
     dl.add_argument("--limit", type=int, default=100, help="show at most this many (default 100)")
     dl.add_argument("--reason", help=reason_help)
     dl.add_argument("--json", action="store_true", help=JSON_HELP)
     dl.set_defaults(run=cmd_dlq)
-    dr = dlq.add_parser("replay", help="re-publish to the events exchange (deduped: never double counts)")
+    dr = dlq.add_parser(
+        "replay",
+        help="re-publish to the events exchange (deduped: never double counts); forbidden_publisher "
+        "letters only with --reason",
+    )
     dr.add_argument("--reason", help=reason_help)
     dr.add_argument("--limit", type=int, help="replay at most this many")
     dr.set_defaults(run=cmd_dlq)

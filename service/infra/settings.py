@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     amqp_namespace: str = Field(default="tally", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
     # RabbitMQ management API, for `tally queues` rates; optional.
     amqp_management_url: str = "http://guest:guest@127.0.0.1:15672/"
+    # AMQP users bound to the organizations they may publish events for (JSON: user -> list
+    # of organization names or ids, or ["*"]); see service/core/publishers.py. Empty: any.
+    amqp_publishers: dict[str, list[str]] = Field(default_factory=dict)
 
     http_host: str = "0.0.0.0"
     http_port: int = 8080
