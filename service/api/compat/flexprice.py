@@ -241,6 +241,13 @@ class FlexpriceCustomerWrite(BaseModel):
 
 
 class FlexpriceCustomerCreate(FlexpriceCustomerWrite):
+    # external_id is required here: an example without it would make "Try it out" a 400.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"external_id": "user_67890", "name": "Tech Startup Inc", "email": "admin@techstartup.com"}]
+        }
+    )
+
     external_id: Identifier
 
 
