@@ -100,7 +100,7 @@ docs-serve: install-docs
 # docs/configuration.md is generated from the settings' own descriptions
 # (service/infra/settings.py); tests/test_docs_site.py fails when the two disagree.
 config-reference: install
-	$(BIN)/python -m docs.generate_config > docs/configuration.md
+	$(BIN)/python -m service.infra.settingsdoc > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) $(TOOLS) site .pytest_cache .hypothesis *.egg-info

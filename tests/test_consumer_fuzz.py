@@ -11,7 +11,7 @@ and the process is the same one, alive, and has logged nothing critical. A dead 
 whose reason is an internal error is a bug that some input brought out: the fuzz test
 fails on it, with the minimal input that does it.
 
-Inputs found before (by hand, by the hostile probe of issue 10, or by this test) run first,
+Inputs found before (by hand, by a hostile probe, or by this test) run first,
 as explicit examples, on every run; each example also runs "alone" now and then, without a
 good event in its batch, since a batch where nothing applies takes its own path through the
 fold. `TALLY_FUZZ_EXAMPLES=500` explores further on a workstation.

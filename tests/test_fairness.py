@@ -1,4 +1,4 @@
-"""Fair sharing of the database between organizations (issue 10, defect 10): one tenant's
+"""Fair sharing of the database between organizations: one tenant's
 slow requests never queue another's without end. Requests whose database work we hold
 still (a PATCH waiting on a customer row a test connection has locked) stand in for the
 probe's 32 slow lists: the outcome is asserted, never a duration."""

@@ -1,4 +1,4 @@
-"""Revocation against the per-process key cache (issue 10, defect 2): a lookup that read a
+"""Revocation against the per-process key cache: a lookup that read a
 key as live before its revocation committed must never cache it after the revocation's
 notification was handled, or the revoked key keeps working for the cache's TTL."""
 

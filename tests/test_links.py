@@ -1,5 +1,5 @@
 """Links the API hands out (list next/previous, Location) never follow a Host header that
-is not allowed (issue 10, defect 15): `Host: evil.example` gets relative links."""
+is not allowed: `Host: evil.example` gets relative links."""
 
 from __future__ import annotations
 
