@@ -80,7 +80,7 @@ def _iso_date(value: object) -> object:
             return date.fromisoformat(value.strip())
         except ValueError:
             pass
-    raise ValueError("must be an ISO 8601 date, e.g. 2026-11-21")
+    raise ValueError("must be a day, as an ISO 8601 date (e.g. 2026-11-21), not a date-time")
 
 
 # Deliberately loose (RFC 5322 allows almost anything before the @): it catches what is plainly
