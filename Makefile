@@ -91,11 +91,12 @@ test-faults: install-dev
 # The documentation site, from docs/ (mkdocs.yml), into site/: strict, so a broken link or a
 # page missing from the navigation fails the build. The API reference page embeds the OpenAPI
 # document, written at build time from the code (docs/hooks.py).
+# (NO_MKDOCS_2_WARNING: the Material theme's banner about a future MkDocs 2, printed on every build.)
 docs: install-docs
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: install-docs
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # docs/configuration.md is generated from the settings' own descriptions
 # (service/infra/settings.py); tests/test_docs_site.py fails when the two disagree.
