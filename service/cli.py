@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tally",
         description="tally: a customer read-model service (events in over RabbitMQ, customer lists out over HTTP).",
         epilog="Start with 'tally migrate', then 'tally dev' (API and consumer in one process) and 'tally demo'. "
-        "Settings come from TALLY_* environment variables (README, Configuration).",
+        "Settings come from TALLY_* environment variables (docs/configuration.md).",
     )
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
