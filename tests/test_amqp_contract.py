@@ -36,12 +36,34 @@ from service.infra.settings import Settings
 from tests.consumerkit import barrier, running_consumer
 from tests.eventkit import AMQP_URL, Broker, usage, wait_until
 from tests.factories import Org
+from tests.support import uid
 
 RABBITMQCTL = shutil.which("rabbitmqctl")
 needs_rabbitmqctl = pytest.mark.skipif(
     RABBITMQCTL is None and not os.environ.get("TALLY_REQUIRE_RABBITMQCTL"),
     reason="needs rabbitmqctl on this machine (the rabbitmq-server package; .ci/run has it)",
 )
+
+# Customer identifiers no other test uses (tests share one database).
+WHO = {
+    name: uid(name)
+    for name in (
+        "by_name",
+        "by_id",
+        "not_mine",
+        "anonymous",
+        "spoofed",
+        "tallys_own",
+        "lost_batch_a",
+        "lost_batch_b",
+        "routed",
+        "dropped",
+        "caught",
+        "no_user_id",
+        "replayed_0",
+        "replayed_1",
+    )
+}
 
 # Keys a publisher could plausibly get wrong; none matches usage.#, customer.# or subscription.#.
 UNROUTABLE_KEYS = ["events", "", "Usage.recorded", "usage_recorded", "events.usage.recorded", "x" * 255]
@@ -75,13 +97,13 @@ async def test_a_message_with_any_routing_key_is_applied_or_dead_lettered(
     settings: Settings, pool: asyncpg.Pool, broker: Broker, org: Org
 ) -> None:
     before = dead_letters_total("unroutable")
-    sent = {key: usage(org.name, f"lost_{i}") for i, key in enumerate(UNROUTABLE_KEYS)}
-    batch = [usage(org.name, "lost_batch_a"), usage(org.name, "lost_batch_b")]
+    sent = {key: usage(org.name, uid("lost")) for key in UNROUTABLE_KEYS}
+    batch = [usage(org.name, WHO["lost_batch_a"]), usage(org.name, WHO["lost_batch_b"])]
     async with running_consumer(settings, pool, broker):
         for key, event in sent.items():
             await broker.publish(event, routing_key=key)
         await broker.publish(batch, routing_key="events")
-        await broker.publish(usage(org.name, "routed"), routing_key="usage.recorded")
+        await broker.publish(usage(org.name, WHO["routed"]), routing_key="usage.recorded")
         await barrier(pool, broker, org)
         letters = await broker.dead_letters(len(sent) + 1)
     assert dead_letters_total("unroutable") - before == len(sent) + 1
@@ -95,13 +117,13 @@ async def test_a_message_with_any_routing_key_is_applied_or_dead_lettered(
     assert {b.body for b in by_key["events"]} == {orjson.dumps(sent["events"]), orjson.dumps(batch)}
     # Nothing of an unroutable message was applied; the routed event around them was.
     assert await customers(pool, org) & {e["subject"] for e in [*sent.values(), *batch]} == set()
-    assert "routed" in await customers(pool, org)
+    assert WHO["routed"] in await customers(pool, org)
 
 
 async def test_replaying_unroutable_letters_applies_them_by_their_type(
     settings: Settings, pool: asyncpg.Pool, broker: Broker, org: Org
 ) -> None:
-    events = [usage(org.name, "replayed_0"), usage(org.name, "replayed_1")]
+    events = [usage(org.name, WHO["replayed_0"]), usage(org.name, WHO["replayed_1"])]
     async with running_consumer(settings, pool, broker):
         for event in events:
             await broker.publish(event, routing_key="events")
@@ -110,7 +132,7 @@ async def test_replaying_unroutable_letters_applies_them_by_their_type(
             assert await dlq.replay(reason="unroutable") == (2, 0)
 
         async def applied() -> bool:
-            return {"replayed_0", "replayed_1"} <= await customers(pool, org)
+            return {WHO["replayed_0"], WHO["replayed_1"]} <= await customers(pool, org)
 
         await wait_until(applied, what="the replayed events applied")
     assert await broker.queue_depth(broker.names.dead) == 0
@@ -139,16 +161,16 @@ async def test_an_events_exchange_declared_without_the_alternate_exchange_gets_i
             assert command == alternate_exchange_policy(broker.names)
             async with running_consumer(settings, pool, broker):
                 # Without the policy, the broker drops what no binding routes (the gap it closes).
-                await broker.publish(usage(org.name, "dropped"), routing_key="events")
+                await broker.publish(usage(org.name, WHO["dropped"]), routing_key="events")
                 await barrier(pool, broker, org)
                 assert await broker.queue_depth(broker.names.dead) == 0
                 # The command the warning names, as an operator would paste it (from "set_policy").
                 pattern, definition = command.split("'")[1], command.split("'")[3]
                 rabbitmqctl("set_policy", policy, pattern, definition, "--apply-to", "exchanges")
-                await broker.publish(usage(org.name, "caught"), routing_key="events")
+                await broker.publish(usage(org.name, WHO["caught"]), routing_key="events")
                 [letter] = await broker.dead_letters(1)
                 assert letter.headers[REASON_CODE_HEADER] == "unroutable"
-                assert "caught" in letter.body.decode()
+                assert WHO["caught"] in letter.body.decode()
     finally:
         rabbitmqctl("clear_policy", policy)
         await connection.close()
@@ -196,28 +218,28 @@ async def test_publishers_bound_to_organizations_write_only_theirs(
     # The user is bound to org by name; the binding holds whichever name or id an event uses.
     binding = {user: [org.name]}
     async with running_consumer(settings, pool, broker, amqp_publishers=binding):
-        await publish_as(url, broker, usage(org.name, "by_name"), user)
-        await publish_as(url, broker, usage(str(org.id), "by_id"), user)
-        await publish_as(url, broker, usage(other_org.name, "not_mine"), user)
-        await publish_as(url, broker, usage(org.name, "anonymous"), None)  # who published it?
+        await publish_as(url, broker, usage(org.name, WHO["by_name"]), user)
+        await publish_as(url, broker, usage(str(org.id), WHO["by_id"]), user)
+        await publish_as(url, broker, usage(other_org.name, WHO["not_mine"]), user)
+        await publish_as(url, broker, usage(org.name, WHO["anonymous"]), None)  # who published it?
         # RabbitMQ refuses a user_id that is not the connection's user: the consumer can trust it.
         with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed, match="user_id"):
-            await publish_as(url, broker, usage(other_org.name, "spoofed"), "guest")
+            await publish_as(url, broker, usage(other_org.name, WHO["spoofed"]), "guest")
         # tally's own AMQP user (TALLY_AMQP_URL's) may write any organization, when it says so.
         # Published last: one consumer folds in delivery order, so once it is applied, all is done.
-        own = usage(other_org.name, "tallys_own")
+        own = usage(other_org.name, WHO["tallys_own"])
         await broker.topology.events.publish(
             aio_pika.Message(orjson.dumps(own), user_id="guest"), routing_key="usage.recorded"
         )
 
         async def own_applied() -> bool:
-            return "tallys_own" in await customers(pool, other_org)
+            return WHO["tallys_own"] in await customers(pool, other_org)
 
         await wait_until(own_applied, what="tally's own event applied")
         letters = await broker.dead_letters(2)
-        assert await customers(pool, org) >= {"by_name", "by_id"}
-        assert {"not_mine", "spoofed"}.isdisjoint(await customers(pool, other_org))
-        assert "anonymous" not in await customers(pool, org)
+        assert await customers(pool, org) >= {WHO["by_name"], WHO["by_id"]}
+        assert {WHO["not_mine"], WHO["spoofed"]}.isdisjoint(await customers(pool, other_org))
+        assert WHO["anonymous"] not in await customers(pool, org)
         assert dead_letters_total("forbidden_publisher") - before == 2
         reasons = sorted(str(m.headers["x-tally-reason"]) for m in letters)
         assert all(m.headers[REASON_CODE_HEADER] == "forbidden_publisher" for m in letters)
@@ -236,7 +258,9 @@ async def test_publishers_bound_to_organizations_write_only_theirs(
             assert await dlq.replay(reason="forbidden_publisher") == (2, 0)
 
         async def replayed() -> bool:
-            return "not_mine" in await customers(pool, other_org) and "anonymous" in await customers(pool, org)
+            return WHO["not_mine"] in await customers(pool, other_org) and WHO["anonymous"] in await customers(
+                pool, org
+            )
 
         await wait_until(replayed, what="the forbidden letters applied once an operator replayed them")
 
@@ -245,9 +269,9 @@ async def test_without_a_binding_any_publisher_writes_any_organization(
     settings: Settings, pool: asyncpg.Pool, broker: Broker, org: Org
 ) -> None:
     async with running_consumer(settings, pool, broker):
-        await broker.publish(usage(org.name, "no_user_id"))  # no user_id, no binding: applied
+        await broker.publish(usage(org.name, WHO["no_user_id"]))  # no user_id, no binding: applied
         await barrier(pool, broker, org)
-    assert "no_user_id" in await customers(pool, org)
+    assert WHO["no_user_id"] in await customers(pool, org)
 
 
 async def test_the_topology_is_declared_again_unchanged(broker: Broker) -> None:
