@@ -338,7 +338,7 @@ def messages(draw: st.DrawFn, org: str, org_id: str) -> Fuzzed:
         raw = (draw(st.sampled_from(ROUTING_PREFIXES)) + draw(st.text(max_size=300))).encode()
         routing_key = raw[:MAX_ROUTING_KEY_BYTES].decode(errors="ignore")
         if not routable(routing_key):
-            # A key no binding routes is dead-lettered whole (tests/test_unroutable.py): here the
+            # A key no binding routes is dead-lettered whole (tests/test_amqp_contract.py): here the
             # message must be routed for its body's fate to be judged.
             routing_key = "usage." + routing_key
             routing_key = routing_key.encode()[:MAX_ROUTING_KEY_BYTES].decode(errors="ignore")
