@@ -213,8 +213,8 @@ async def _declare_events(connection: AbstractConnection, channel: AbstractChann
 async def declare(connection: AbstractConnection, channel: AbstractChannel, names: Names) -> Topology:
     """Declare exchanges, queues and bindings on ``channel`` (idempotent: same arguments every
     time; ``connection``, the channel's, serves the events exchange's probe)."""
-    # The alternate exchange is internal (no client publishes to it) and exists before the
-    # events exchange names it: messages it would drop meanwhile have nowhere to go anyway.
+    # The alternate exchange is internal (no client publishes to it), and is declared before
+    # the events exchange that names it: RabbitMQ drops what it would route to a missing one.
     unroutable = await channel.declare_exchange(
         names.unroutable, aio_pika.ExchangeType.FANOUT, durable=True, internal=True
     )
