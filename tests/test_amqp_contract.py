@@ -9,6 +9,7 @@ absent, and CI (.ci/run) sets TALLY_REQUIRE_RABBITMQCTL so that there they never
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -39,10 +40,30 @@ from tests.factories import Org
 from tests.support import uid
 
 RABBITMQCTL = shutil.which("rabbitmqctl")
-needs_rabbitmqctl = pytest.mark.skipif(
-    RABBITMQCTL is None and not os.environ.get("TALLY_REQUIRE_RABBITMQCTL"),
-    reason="needs rabbitmqctl on this machine (the rabbitmq-server package; .ci/run has it)",
-)
+REQUIRE_RABBITMQCTL = bool(os.environ.get("TALLY_REQUIRE_RABBITMQCTL"))
+
+
+@functools.cache
+def rabbitmqctl_problem() -> str | None:
+    """Why rabbitmqctl cannot administer the local broker (absent, or refused: it needs the
+    broker's Erlang cookie, which only root and the rabbitmq user can read), or None."""
+    if RABBITMQCTL is None:
+        return "rabbitmqctl is not installed (the rabbitmq-server package)"
+    done = subprocess.run([RABBITMQCTL, "-q", "status"], cwd="/", capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        return f"rabbitmqctl cannot reach the broker: {(done.stderr or done.stdout).strip()[:200]}"
+    return None
+
+
+@pytest.fixture
+def ctl() -> None:
+    """rabbitmqctl usable on this machine: the test skips, saying why, where it is not (CI,
+    which runs as root beside its broker, sets TALLY_REQUIRE_RABBITMQCTL: there it fails)."""
+    problem = rabbitmqctl_problem()
+    assert problem is None or not REQUIRE_RABBITMQCTL, f"TALLY_REQUIRE_RABBITMQCTL is set but {problem}"
+    if problem is not None:
+        pytest.skip(f"needs rabbitmqctl administering the local RabbitMQ ({problem}; .ci/run has it)")
+
 
 # Customer identifiers no other test uses (tests share one database).
 WHO = {
@@ -71,7 +92,7 @@ UNROUTABLE_KEYS = ["events", "", "Usage.recorded", "usage_recorded", "events.usa
 
 def rabbitmqctl(*args: str) -> str:
     """Run rabbitmqctl from / (a folder its Erlang can read: see deploy/local/rabbit-cluster.sh)."""
-    assert RABBITMQCTL is not None, "TALLY_REQUIRE_RABBITMQCTL is set but rabbitmqctl is not installed"
+    assert RABBITMQCTL is not None
     done = subprocess.run([RABBITMQCTL, "-q", *args], cwd="/", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"rabbitmqctl {args[0]} failed: {done.stdout}{done.stderr}"
     return done.stdout
@@ -142,9 +163,8 @@ async def _depth(broker: Broker, n: int) -> bool:
     return await broker.queue_depth(broker.names.dead) == n
 
 
-@needs_rabbitmqctl
 async def test_an_events_exchange_declared_without_the_alternate_exchange_gets_it_by_policy(
-    settings: Settings, pool: asyncpg.Pool, org: Org, caplog: pytest.LogCaptureFixture
+    settings: Settings, pool: asyncpg.Pool, org: Org, caplog: pytest.LogCaptureFixture, ctl: None
 ) -> None:
     """An earlier tally declared the events exchange without an alternate exchange: tally
     starts on it anyway, says how to attach one, and the policy it names does."""
@@ -180,10 +200,8 @@ async def test_an_events_exchange_declared_without_the_alternate_exchange_gets_i
 
 
 @pytest.fixture
-async def publisher_user(broker: Broker) -> AsyncIterator[tuple[str, str]]:
+async def publisher_user(broker: Broker, ctl: None) -> AsyncIterator[tuple[str, str]]:
     """A RabbitMQ user that may only publish to this test's events exchange (deleted after)."""
-    if RABBITMQCTL is None and not os.environ.get("TALLY_REQUIRE_RABBITMQCTL"):
-        pytest.skip("needs rabbitmqctl on this machine (the rabbitmq-server package; .ci/run has it)")
     user, password = f"tally_test_pub_{uuid.uuid4().hex[:8]}", secrets.token_hex(12)
     rabbitmqctl("add_user", user, password)
     try:
