@@ -9,12 +9,9 @@ absent, and CI (.ci/run) sets TALLY_REQUIRE_RABBITMQCTL so that there they never
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import secrets
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,22 +34,9 @@ from service.infra.settings import Settings
 from tests.consumerkit import barrier, running_consumer
 from tests.eventkit import AMQP_URL, Broker, usage, wait_until
 from tests.factories import Org
-from tests.support import uid
+from tests.support import rabbitmqctl, rabbitmqctl_problem, uid
 
-RABBITMQCTL = shutil.which("rabbitmqctl")
 REQUIRE_RABBITMQCTL = bool(os.environ.get("TALLY_REQUIRE_RABBITMQCTL"))
-
-
-@functools.cache
-def rabbitmqctl_problem() -> str | None:
-    """Why rabbitmqctl cannot administer the local broker (absent, or refused: it needs the
-    broker's Erlang cookie, which only root and the rabbitmq user can read), or None."""
-    if RABBITMQCTL is None:
-        return "rabbitmqctl is not installed (the rabbitmq-server package)"
-    done = subprocess.run([RABBITMQCTL, "-q", "status"], cwd="/", capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        return f"rabbitmqctl cannot reach the broker: {(done.stderr or done.stdout).strip()[:200]}"
-    return None
 
 
 @pytest.fixture
@@ -88,14 +72,6 @@ WHO = {
 
 # Keys a publisher could plausibly get wrong; none matches usage.#, customer.# or subscription.#.
 UNROUTABLE_KEYS = ["events", "", "Usage.recorded", "usage_recorded", "events.usage.recorded", "x" * 255]
-
-
-def rabbitmqctl(*args: str) -> str:
-    """Run rabbitmqctl from / (a folder its Erlang can read: see deploy/local/rabbit-cluster.sh)."""
-    assert RABBITMQCTL is not None
-    done = subprocess.run([RABBITMQCTL, "-q", *args], cwd="/", capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"rabbitmqctl {args[0]} failed: {done.stdout}{done.stderr}"
-    return done.stdout
 
 
 def dead_letters_total(reason: str) -> float:
