@@ -286,7 +286,9 @@ async def main() -> int:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     async with pool.acquire() as conn:
         keys = {
-            "read": [(await auth.create_key(conn, ATTACKER, ("read",), name="attack")).key for _ in range(ATTACKER_KEYS)],
+            "read": [
+                (await auth.create_key(conn, ATTACKER, ("read",), name="attack")).key for _ in range(ATTACKER_KEYS)
+            ],
             "write": [(await auth.create_key(conn, ATTACKER, ("write",), name="attack")).key for _ in range(4)],
         }
         victim_key = (await auth.create_key(conn, VICTIM, ("read",), name="victim")).key

@@ -103,7 +103,7 @@ async def preload(names: Names, messages: list[bytes], label: str) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     try:
         channel = await connection.channel(publisher_confirms=True)
-        topology = await declare(channel, names)
+        topology = await declare(connection, channel, names)
         window = 2000
         for start in range(0, len(messages), window):
             await asyncio.gather(
@@ -130,9 +130,9 @@ async def delete_namespace(names: Names) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     try:
         channel = await connection.channel()
-        for queue in (names.ingest, names.dead, names.alerts):
+        for queue in names.queues:
             await channel.queue_delete(queue)
-        for exchange in (names.events, names.dlx):
+        for exchange in names.exchanges:
             await channel.exchange_delete(exchange)
     finally:
         await connection.close()
@@ -433,7 +433,7 @@ async def freshness(names: Names, dsn: str, api_port: int, key: str, org: str, r
     publishes: list[asyncio.Future[object]] = []
     try:
         channel = await connection.channel(publisher_confirms=True)
-        topology = await declare(channel, names)
+        topology = await declare(connection, channel, names)
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
 
             async def watch(ident: str, sent: float) -> None:

@@ -23,7 +23,16 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.infra.broker import DEATH_TIME_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, BrokerNodes, Names
+from service.core.events import EVENT_TYPES, Rejection
+from service.infra.broker import (
+    DEATH_TIME_HEADER,
+    REASON_CODE_HEADER,
+    REASON_HEADER,
+    ROUTING_KEY_HEADER,
+    BrokerNodes,
+    Names,
+    routable,
+)
 
 
 @dataclass
@@ -35,6 +44,17 @@ class DeadLetterInfo:
     first_death: str | None
     routing_key: str
     events: int
+    # The reason's code (service.core.events.Rejection; None when the broker dead-lettered it).
+    code: str | None = None
+
+    @property
+    def replay_routing_key(self) -> str:
+        """The routing key a replay publishes with: the original one, unless no binding
+        routes it (an ``unroutable`` letter), then the event's type when it is one of
+        tally's — replaying such a letter is the operator's way of accepting it."""
+        if routable(self.routing_key) or self.event_type not in EVENT_TYPES:
+            return self.routing_key
+        return str(self.event_type)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -75,7 +95,9 @@ def describe(message: AbstractIncomingMessage) -> DeadLetterInfo:
             event_type, event_id, organization = (_shown(items[0].get(k)) for k in ("type", "id", "organization"))
     except orjson.JSONDecodeError:
         pass
-    return DeadLetterInfo(reason, event_type, event_id, organization, first, routing_key, events)
+    return DeadLetterInfo(
+        reason, event_type, event_id, organization, first, routing_key, events, _header(message, REASON_CODE_HEADER)
+    )
 
 
 # A dead letter holds whatever was refused: a field shown in a listing is cut to this many
@@ -93,7 +115,18 @@ def _shown(value: object) -> str | None:
 
 
 def _matches(info: DeadLetterInfo, reason: str | None) -> bool:
-    return reason is None or reason.lower() in info.reason.lower()
+    """Whether ``reason`` (None: any) is in the letter's reason text or is its code (so that
+    ``--reason unknown_organization``, a metric's label, works as ``--reason "unknown organization"``)."""
+    return reason is None or reason.lower() in info.reason.lower() or reason.lower() == (info.code or "")
+
+
+def _replayable(info: DeadLetterInfo, reason: str | None) -> bool:
+    """Whether a replay for ``reason`` takes this letter. A replay re-publishes as tally's own
+    AMQP user, which may write any organization: a ``forbidden_publisher`` letter is taken only
+    when the operator asked for letters by reason, never by a replay of everything."""
+    if info.code == Rejection.FORBIDDEN_PUBLISHER and reason is None:
+        return False
+    return _matches(info, reason)
 
 
 class DeadLetters:
@@ -104,7 +137,8 @@ class DeadLetters:
         self.names = names
 
     async def __aenter__(self) -> DeadLetters:
-        self.connection = await BrokerNodes(self.amqp_url).connect(timeout=10)
+        self.nodes = BrokerNodes(self.amqp_url)
+        self.connection = await self.nodes.connect(timeout=10)
         self.channel = await self.connection.channel(publisher_confirms=True)
         self.queue = await self.channel.declare_queue(self.names.dead, passive=True)
         self.events = await self.channel.get_exchange(self.names.events, ensure=True)
@@ -144,13 +178,15 @@ class DeadLetters:
         self, reason: str | None = None, limit: int | None = None, progress: Callable[[int, int], None] | None = None
     ) -> tuple[int, int]:
         """Re-publish matching dead letters to the events exchange with their original
-        routing key, each at most once, then end; returns (replayed, left in the queue) out
-        of the letters the queue held when the run began. A replayed event the consumer
-        refuses again comes back as a new dead letter, for a later run."""
+        routing key (an ``unroutable`` letter's: its event's type), each at most once, then
+        end; returns (replayed, left in the queue) out of the letters the queue held when the
+        run began. A replayed event the consumer refuses again comes back as a new dead
+        letter, for a later run. ``forbidden_publisher`` letters are replayed only when
+        ``reason`` selects them (see :func:`_replayable`)."""
         replayed = kept = 0
         async for message in self.messages():
             info = describe(message)
-            if not _matches(info, reason) or (limit is not None and replayed >= limit):
+            if not _replayable(info, reason) or (limit is not None and replayed >= limit):
                 kept += 1
                 continue
             headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith(("x-death", "x-tally"))}
@@ -162,8 +198,9 @@ class DeadLetters:
                         headers=headers,
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                         message_id=message.message_id,
+                        user_id=self.nodes.user,
                     ),
-                    routing_key=info.routing_key,
+                    routing_key=info.replay_routing_key,
                     mandatory=True,
                 )
             except aio_pika.exceptions.DeliveryError:

@@ -7,12 +7,14 @@ subscriptions for a share of customers. Events go through the broker like any up
 
 from __future__ import annotations
 
+import functools
 import random
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import asyncpg
 
@@ -97,30 +99,35 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def generate(orgs: list[str], customers: int, events: int, days: int, seed: int) -> Iterator[dict[str, object]]:
-    """Yield ``events`` events (profiles and subscriptions first, then usage)."""
+def generate(
+    orgs: list[str],
+    customers: int,
+    events: int,
+    days: int,
+    seed: int,
+    now: datetime,
+    budgets: dict[tuple[str, str], Decimal] | None = None,
+) -> Iterator[dict[str, object]]:
+    """Yield ``events`` events (profiles and subscriptions first, then usage); the same
+    arguments give the same stream. ``budgets`` gives (organization, customer) a lifetime
+    budget, set by its profile event."""
     rng = random.Random(seed)
-    now = datetime.now(UTC)
     people = []
     for i in range(customers):
         org = orgs[i % len(orgs)]
         first, last = rng.choice(FIRST), rng.choice(LAST)
         ident = f"user_{i:05d}"
         people.append((org, ident))
-        yield _event(
-            org,
-            ident,
-            "customer.upserted",
-            now - timedelta(days=days, hours=rng.random()),
-            "crm",
-            {
-                "name": f"{first} {last}",
-                "first_name": first,
-                "last_name": last,
-                "email": f"{first}.{last}.{i}@example.com".lower(),
-                "metadata": {"plan_tier": rng.choice(("free", "growth", "enterprise"))},
-            },
-        )
+        profile: dict[str, object] = {
+            "name": f"{first} {last}",
+            "first_name": first,
+            "last_name": last,
+            "email": f"{first}.{last}.{i}@example.com".lower(),
+            "metadata": {"plan_tier": rng.choice(("free", "growth", "enterprise"))},
+        }
+        if budgets and (org, ident) in budgets:
+            profile["total_budget"] = str(budgets[(org, ident)])
+        yield _event(org, ident, "customer.upserted", now - timedelta(days=days, hours=rng.random()), "crm", profile)
         if rng.random() < 0.3:
             price, name, amount = rng.choice(PLANS)
             start = now - timedelta(days=rng.randint(0, 27))
@@ -185,8 +192,9 @@ def _event(
     }
 
 
-async def ensure_orgs(settings: Settings, names: list[str]) -> str:
-    """Create the demo organizations if missing; return a fresh read key for the first."""
+async def ensure_orgs(settings: Settings, names: list[str]) -> tuple[str, str]:
+    """Create the demo organizations if missing; return fresh keys for the first: one that
+    reads, and one that reads and writes."""
     conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
     try:
         for name in names:
@@ -194,22 +202,47 @@ async def ensure_orgs(settings: Settings, names: list[str]) -> str:
                 await auth.find_organization(conn, name)
             except NotFound:
                 await auth.create_organization(conn, name)
-        key = await auth.create_key(conn, names[0], ("read",), name="demo")
-        return key.key
+        read = await auth.create_key(conn, names[0], ("read",), name="demo")
+        write = await auth.create_key(conn, names[0], ("read", "write"), name="demo")
+        return read.key, write.key
     finally:
         await conn.close()
+
+
+CENT = Decimal("0.01")
+
+
+def demo_budgets(
+    orgs: list[str], customers: int, events: int, days: int, seed: int, now: datetime
+) -> dict[tuple[str, str], Decimal]:
+    """Lifetime budgets for the first organization's two busiest customers: the busiest one's
+    is half of what this stream makes it spend, so its alert fires once the consumer has folded
+    half of its usage, whatever the stream's size; the next one's four times its spend, so its
+    does not. (The stream is generated once more, without publishing, to know the spends.)"""
+    busiest = [(orgs[0], f"user_{i:05d}") for i in range(0, min(customers, 2 * len(orgs)), len(orgs))]
+    spend = dict.fromkeys(busiest, Decimal(0))
+    for event in generate(orgs, customers, events, days, seed, now):
+        key = (str(event["organization"]), str(event["subject"]))
+        if event["type"] == "usage.recorded" and key in spend:
+            data = event["data"]
+            assert isinstance(data, dict)
+            spend[key] += Decimal(str(data["cost"]))
+    shares = (Decimal("0.5"), Decimal(4))
+    return {key: max((spend[key] * share).quantize(CENT), CENT) for key, share in zip(busiest, shares, strict=False)}
 
 
 async def run_demo(
     settings: Settings, *, orgs: int, customers: int, events: int, days: int, batch: int, seed: int
 ) -> int:
     org_names = [f"demo-{n}" for n in ("acme", "globex", "initech", "umbrella", "hooli")[: max(1, min(orgs, 5))]]
-    key = await ensure_orgs(settings, org_names)
+    read_key, write_key = await ensure_orgs(settings, org_names)
+    now = datetime.now(UTC)
+    budgets = demo_budgets(org_names, customers, events, days, seed, now)
     publisher = Publisher(settings.amqp_url, Names(settings.amqp_namespace))
     pending: list[dict[str, object]] = []
     progress = Progress(events, "publishing usage")
     try:
-        for event in generate(org_names, customers, events, days, seed):
+        for event in generate(org_names, customers, events, days, seed, now, budgets):
             pending.append(event)
             if len(pending) >= batch:
                 await _flush(publisher, pending, progress)
@@ -218,14 +251,22 @@ async def run_demo(
     finally:
         progress.finish()
         await publisher.close()
-    print(f"published to {settings.amqp_namespace}.events for {', '.join(org_names)}", file=sys.stderr)
-    print("the consumer folds them within seconds; try:", file=sys.stderr)
-    print(
-        f"  curl -H 'Authorization: Bearer {key}' "
-        f"'http://localhost:{settings.http_port}/v1/customers?sort_by=-total_cost&limit=5'",
-        file=sys.stderr,
+    base = f"http://localhost:{settings.http_port}"
+    say = functools.partial(print, file=sys.stderr)
+    say(f"published to {settings.amqp_namespace}.events for {', '.join(org_names)}; the consumer folds them in seconds")
+    for (org, ident), budget in budgets.items():
+        say(f"budget: {org}'s {ident} has a lifetime budget of ${budget}")
+    say(
+        f"a budget alert fires for {org_names[0]}'s user_00000 (its budget is half its spend): "
+        f"'tally status' counts it in {settings.amqp_namespace}.alerts"
     )
-    print(key)
+    say(f"keys for {org_names[0]} (each shown once): the write key, then the read key on the last line")
+    say("try:")
+    say(f"  curl -H 'Authorization: Bearer {read_key}' '{base}/v1/customers?sort_by=-total_cost&limit=5'")
+    patch = """'{"metadata": {"plan_tier": "enterprise"}}'"""
+    say(f"  curl -X PATCH -H 'Authorization: Bearer {write_key}' {base}/v1/customers/user_00000 -d {patch}")
+    print(f"write key: {write_key}")
+    print(read_key)
     return 0
 
 

@@ -45,8 +45,20 @@ from aio_pika.abc import AbstractIncomingMessage
 from service.core import failpoints
 from service.core.events import EVENT_CONTENT_TYPE, Event, InvalidEvent, Rejection, decode_body, validate_event
 from service.core.fold import FoldResult, Outcome, fold
+from service.core.publishers import PublisherBinding, load_binding
 from service.infra import metrics
-from service.infra.broker import BrokerNodes, Names, Topology, dead_letter_message, declare, delivery_attempt
+from service.infra.broker import (
+    BINDINGS,
+    BrokerNodes,
+    Names,
+    Topology,
+    amqp_user,
+    broker_urls,
+    dead_letter_message,
+    declare,
+    delivery_attempt,
+    routable,
+)
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
 
@@ -108,6 +120,11 @@ class Received:
 
     @property
     def raws(self) -> list[object]:
+        if self._raws is None and not routable(self.message.routing_key or ""):
+            # Published with a routing key the ingest queue is not bound to: it came through
+            # the alternate exchange, and is dead-lettered whole, undecoded (the publisher has
+            # the contract wrong; service/infra/broker.py).
+            self._raws, self.error = [], (Rejection.UNROUTABLE, unroutable_reason(self.message.routing_key or ""))
         if self._raws is None:
             try:
                 self._raws = decode_body(self.message.body)
@@ -157,6 +174,33 @@ class DeadLetter:
     # event itself (its `type`, of any length) may not be one and would fail the publish.
     message: AbstractIncomingMessage
     content_type: str | None = EVENT_CONTENT_TYPE
+    # The event's id and organization, for the log line (None for a whole message that holds
+    # no readable event: not JSON, say).
+    event_id: str | None = None
+    organization: str | None = None
+
+
+# Identifiers in a log line are the event's own: cut, so one event cannot blow up the log.
+LOGGED_ID_CHARS = 100
+
+
+def logged(value: object) -> str | None:
+    """An event's identifier as a log line shows it: text cut short, anything else omitted."""
+    return value[:LOGGED_ID_CHARS] if isinstance(value, str) else None
+
+
+def event_ids(raw: object) -> dict[str, str | None]:
+    """The id and organization of a decoded event, fit for a log line."""
+    if not isinstance(raw, dict):
+        return {"event_id": None, "organization": None}
+    return {"event_id": logged(raw.get("id")), "organization": logged(raw.get("organization"))}
+
+
+def unroutable_reason(routing_key: str) -> str:
+    return (
+        f"unroutable: routing key '{routing_key}' matches none of {', '.join(BINDINGS)}; "
+        "publish each event with its type as the routing key (usage.recorded, ...)"
+    )
 
 
 def internal_error(doing: str, exc: BaseException) -> str:
@@ -241,7 +285,8 @@ class Batch:
                     extra={"routing_key": message.routing_key},
                 )
             event_type = raw.get("type") if isinstance(raw, dict) else None
-            self.dead.append(DeadLetter(alone if alone is not None else encode_event(raw), code, reason, message))
+            body = alone if alone is not None else encode_event(raw)
+            self.dead.append(DeadLetter(body, code, reason, message, **event_ids(raw)))
             metrics.EVENTS.labels(metrics.event_type_label(event_type), "invalid").inc()
 
 
@@ -270,6 +315,9 @@ class Consumer:
         # housekeeping jobs that relay alerts and poll the queues act on it at once.
         self.alerts_recorded = asyncio.Event()
         self.started_consuming = asyncio.Event()
+        # Loaded on first use when TALLY_AMQP_PUBLISHERS binds publishers to organizations.
+        self.binding: PublisherBinding | None = None
+        self.own_users = frozenset(amqp_user(url) for url in broker_urls(settings.amqp_url))
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -317,7 +365,7 @@ class Consumer:
             channel.close_callbacks.add(lambda *_: lost.set())
             # Prefetch bounds memory and keeps a full next batch waiting while one is folded.
             await channel.set_qos(prefetch_count=self.settings.prefetch)
-            topology = await declare(channel, self.names)
+            topology = await declare(connection, channel, self.names)
 
             async def on_message(message: AbstractIncomingMessage) -> None:
                 inbox.put(Received.of(message))
@@ -400,6 +448,8 @@ class Consumer:
 
     async def _process(self, batch: Batch, topology: Topology) -> None:
         started = time.perf_counter()
+        if self.settings.amqp_publishers:
+            await self._refuse_forbidden(batch)
         events, origins, dead = batch.events, batch.origins, batch.dead
         if events:
             result = await self._fold(events)
@@ -414,9 +464,8 @@ class Consumer:
                 # acked like applied ones: only a rejected event can never apply.
                 if outcome.status == "rejected":
                     body = alone if alone is not None else encode_event(event.raw)
-                    dead.append(
-                        DeadLetter(body, outcome.code or Rejection.MALFORMED, outcome.reason or "rejected", message)
-                    )
+                    code, reason = outcome.code or Rejection.MALFORMED, outcome.reason or "rejected"
+                    dead.append(DeadLetter(body, code, reason, message, **event_ids(event.raw)))
                 elif outcome.status == "applied":
                     metrics.EVENT_LAG.observe(max(0.0, (applied_at - event.time).total_seconds()))
             for (event_type, status), n in counts.items():
@@ -441,8 +490,62 @@ class Consumer:
                 routing_key=routing_key or "unrouted",
             )
             metrics.DEAD_LETTERS.labels(letter.code.value).inc()
-            log.warning("dead-lettered", extra={"reason": letter.reason[:200], "routing_key": routing_key})
+            log.warning(
+                "dead-lettered",
+                extra={
+                    "reason_code": letter.code.value,
+                    "reason": letter.reason[:200],
+                    "event_id": letter.event_id,
+                    "organization": letter.organization,
+                    "message_id": logged(origin.message_id),
+                    "routing_key": routing_key,
+                },
+            )
         await self._ack(messages)
+
+    async def _refuse_forbidden(self, batch: Batch) -> None:
+        """Take out of the batch, as dead letters, the events whose publisher (the message's
+        user_id, which the broker validated) may not write their organization. The binding is
+        loaded on first use, and again when an event looks forbidden: its organization may
+        have been created since, and be named by the id of one the binding lists by name."""
+        if self.binding is None:
+            self.binding = await self._load_binding()
+
+        def forbidden(binding: PublisherBinding) -> set[int]:
+            pairs = zip(batch.events, batch.origins, strict=True)
+            return {i for i, (e, (m, _)) in enumerate(pairs) if not binding.permits(m.user_id, e.organization)}
+
+        refused = forbidden(self.binding)
+        if refused:
+            self.binding = await self._load_binding()
+            refused = forbidden(self.binding)
+        if not refused:
+            return
+        for i in sorted(refused):
+            event, (message, alone) = batch.events[i], batch.origins[i]
+            body = alone if alone is not None else encode_event(event.raw)
+            reason = self.binding.refusal(message.user_id, event.organization)
+            batch.dead.append(DeadLetter(body, Rejection.FORBIDDEN_PUBLISHER, reason, message, **event_ids(event.raw)))
+            metrics.EVENTS.labels(metrics.event_type_label(event.type), "rejected").inc()
+        batch.events = [e for i, e in enumerate(batch.events) if i not in refused]
+        batch.origins = [o for i, o in enumerate(batch.origins) if i not in refused]
+
+    async def _load_binding(self) -> PublisherBinding:
+        """The publisher binding, resolved in the database (retried while it is unreachable:
+        refusing events for want of it would dead-letter good ones)."""
+        attempt = 0
+        while True:
+            try:
+                async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+                    return await load_binding(conn, self.settings.amqp_publishers, self.own_users)
+            except TRANSIENT_DB_ERRORS as exc:
+                if self._stopping.is_set() and time.monotonic() - (self._stop_requested_at or 0) > DRAIN_GRACE:
+                    raise ConnectionAbortedError("stopping with the database unreachable; batch left unacked") from exc
+                delay = _backoff(attempt, RETRY_CAP)
+                attempt += 1
+                metrics.DB_RETRIES.inc()
+                log.warning("database error loading the publisher binding; retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(delay)
 
     async def _ack(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         # Deliveries arrive in tag order and a batch is a run of consecutive deliveries, so
@@ -507,8 +610,7 @@ class Consumer:
         if len(events) == 1:
             if bug:
                 e = events[0]
-                # Identifiers are the event's own: cut, so one event cannot blow up the log.
-                where = {"event_id": e.id[:100], "type": e.type, "organization": e.organization[:100]}
+                where = {"type": e.type, **event_ids(e.raw)}
                 log.error("bug: folding an event raised; dead-lettering it", exc_info=exc, extra=where)
             return FoldResult([Outcome("rejected", code, reason)])
         middle = len(events) // 2

@@ -317,22 +317,36 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     from service.infra.broker import Names
-    from service.infra.queues import queue_stats
+    from service.infra.queues import queue_report
 
     async with _broker(settings):
-        stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, Names(settings.amqp_namespace))
+        report = await queue_report(settings.amqp_url, settings.amqp_management_url, Names(settings.amqp_namespace))
     if args.json:
-        _print_json([s.model_dump() for s in stats])
+        _print_json([s.model_dump() for s in report.queues])
         return 0
-    print(f"{'queue':<24} {'ready':>9} {'unacked':>9} {'consumers':>9} {'publish/s':>10} {'deliver/s':>10}")
-    for s in stats:
+    _queue_table(report.queues)
+    if report.management_problem:
         print(
-            f"{s.name:<24} {s.ready:>9} {_cell(s.unacknowledged, 'd'):>9} {s.consumers:>9} "
-            f"{_cell(s.publish_rate, '.1f'):>10} {_cell(s.deliver_rate, '.1f'):>10}"
+            f"\nunacked and rates are n/a: they come from the RabbitMQ management API, and {report.management_problem}"
         )
-    if stats and stats[0].source == "amqp":
-        print("(management API unreachable: unacked and rates need it; see TALLY_AMQP_MANAGEMENT_URL)")
     return 0
+
+
+def _queue_table(stats: list[Any]) -> None:
+    _table(
+        ["QUEUE", "READY", "UNACKED", "CONSUMERS", "PUBLISH/S", "DELIVER/S"],
+        [
+            [
+                q.name,
+                q.ready,
+                _cell(q.unacknowledged, "d"),
+                q.consumers,
+                _cell(q.publish_rate, ".1f"),
+                _cell(q.deliver_rate, ".1f"),
+            ]
+            for q in stats
+        ],
+    )
 
 
 def _cell(value: float | None, spec: str) -> str:
@@ -414,10 +428,11 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """One screen: can tally reach its database (migrated?) and broker; queue depths,
-    consumers and rates; how long the backlog takes to drain; dead letters."""
-    from service.infra.broker import Names
+    consumers and rates; the backlog (ready and held unacknowledged by consumers) and how long
+    it takes to drain; dead letters; budget alerts waiting for downstream services."""
+    from service.infra.broker import ALERTS_MAX_LENGTH, Names
     from service.infra.migrate import pending
-    from service.infra.queues import queue_stats
+    from service.infra.queues import queue_report
 
     names = Names(settings.amqp_namespace)
     checks: dict[str, str] = {}
@@ -431,52 +446,65 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     except Exception as exc:
         checks["database"] = f"down: {database_problem(exc, settings) or exc}"
     stats = []
+    management: str | None = None
     try:
-        stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, names)
+        report = await queue_report(settings.amqp_url, settings.amqp_management_url, names)
+        stats, management = report.queues, report.management_problem
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"down: {broker_problem(exc, settings)}"
     notes = []
     by_name = {q.name: q for q in stats}
-    ingest, dead = by_name.get(names.ingest), by_name.get(names.dead)
+    ingest, dead, alerts = by_name.get(names.ingest), by_name.get(names.dead), by_name.get(names.alerts)
+    if management and stats:
+        notes.append(f"UNACKED and rates are n/a: they come from the RabbitMQ management API, and {management}")
     if ingest is not None:
         if ingest.consumers == 0:
             notes.append(f"no consumer on {names.ingest}: start 'tally consume' (or 'tally dev')")
-        if ingest.ready and ingest.deliver_rate:
-            notes.append(
-                f"backlog: {ingest.ready} ready, draining at {ingest.deliver_rate:.0f}/s "
-                f"(~{ingest.ready / ingest.deliver_rate:.0f} s)"
-            )
-        elif ingest.ready:
-            notes.append(f"backlog: {ingest.ready} ready and not draining")
+        notes += backlog_notes(ingest.ready, ingest.unacknowledged, ingest.deliver_rate)
     if dead is not None and dead.ready:
         notes.append(f"{dead.ready} dead letter(s) in {names.dead}: 'tally dlq list' says why")
+    if alerts is not None and alerts.ready:
+        notes.append(
+            f"{alerts.ready} budget alert(s) waiting in {names.alerts} for your services to consume "
+            f"(at most {ALERTS_MAX_LENGTH:,} are kept; older ones are dropped)"
+        )
     healthy = all(state == "ok" for state in checks.values())
     if args.json:
-        _print_json({"checks": checks, "queues": [q.model_dump() for q in stats], "notes": notes, "ok": healthy})
+        _print_json(
+            {
+                "checks": checks,
+                "queues": [q.model_dump() for q in stats],
+                "management": management or "ok",
+                "notes": notes,
+                "ok": healthy,
+            }
+        )
     else:
         _table(["CHECK", "STATE"], [[name, state] for name, state in checks.items()])
         if stats:
             print()
-            _table(
-                ["QUEUE", "READY", "UNACKED", "CONSUMERS", "PUBLISH/S", "DELIVER/S"],
-                [
-                    [
-                        q.name,
-                        q.ready,
-                        _cell(q.unacknowledged, "d"),
-                        q.consumers,
-                        _cell(q.publish_rate, ".1f"),
-                        _cell(q.deliver_rate, ".1f"),
-                    ]
-                    for q in stats
-                ],
-            )
+            _queue_table(stats)
         if notes:
             print()
             for note in notes:
                 print(f"- {note}")
     return 0 if healthy else 1
+
+
+def backlog_notes(ready: int, unacknowledged: int | None, deliver_rate: float | None) -> list[str]:
+    """The ingest backlog in messages: ready ones, and those consumers hold unacknowledged
+    (prefetched, or in the batch being folded: a backlog can sit there with 0 ready)."""
+    if unacknowledged is None:
+        held = "plus any held unacknowledged by consumers, which only the management API can count"
+        return [f"backlog: {ready} message(s) ready, {held}"] if ready else [f"backlog: 0 ready ({held})"]
+    backlog = ready + unacknowledged
+    if not backlog:
+        return []
+    text = f"backlog: {backlog} message(s) ({ready} ready, {unacknowledged} held unacknowledged by consumers)"
+    if deliver_rate:
+        return [f"{text}, draining at {deliver_rate:.0f}/s (~{backlog / deliver_rate:.0f} s)"]
+    return [f"{text}, not draining" if ready else text]
 
 
 async def cmd_namespace_delete(args: argparse.Namespace, settings: Settings) -> int:
@@ -489,18 +517,18 @@ async def cmd_namespace_delete(args: argparse.Namespace, settings: Settings) -> 
         stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, names)
         held = ", ".join(f"{q.name}: {q.ready} message(s), {q.consumers} consumer(s)" for q in stats)
         question = (
-            f"Delete namespace '{names.namespace}' ({names.events}, {names.dlx}, {names.ingest}, "
-            f"{names.dead}, {names.alerts}; {held})? Messages in it are lost. [y/N] "
+            f"Delete namespace '{names.namespace}' ({', '.join((*names.exchanges, *names.queues))}; {held})? "
+            "Messages in it are lost. [y/N] "
         )
         if not _confirmed(args.yes, question, "delete a namespace"):
             print("nothing deleted")
             return 1
         connection = await BrokerNodes(settings.amqp_url).connect(timeout=10)
         try:
-            for queue in (names.ingest, names.dead, names.alerts):
+            for queue in names.queues:
                 channel = await connection.channel()
                 await channel.queue_delete(queue)
-            for exchange in (names.events, names.dlx):
+            for exchange in names.exchanges:
                 channel = await connection.channel()
                 await channel.exchange_delete(exchange)
         finally:
@@ -534,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tally",
         description="tally: a customer read-model service (events in over RabbitMQ, customer lists out over HTTP).",
         epilog="Start with 'tally migrate', then 'tally dev' (API and consumer in one process) and 'tally demo'. "
-        "Settings come from TALLY_* environment variables (README, Configuration).",
+        "Settings come from TALLY_* environment variables (docs/configuration.md).",
     )
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -552,7 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help=JSON_HELP)
     status.set_defaults(run=cmd_status)
 
-    demo = sub.add_parser("demo", help="publish a realistic synthetic event stream (prints a read key)")
+    demo = sub.add_parser(
+        "demo",
+        help="publish a synthetic event stream, with a budget alert that fires (prints a write and a read key)",
+    )
     demo.add_argument("--orgs", type=int, default=3, help="organizations, 1-5 (default 3)")
     demo.add_argument("--customers", type=int, default=3000, help="customers (default 3000)")
     demo.add_argument("--events", type=int, default=100_000, help="usage events (default 100000)")
@@ -570,13 +601,20 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge").add_subparsers(
         dest="dlq_command", required=True, metavar="ACTION"
     )
-    reason_help = "only letters whose reason contains this text (case-insensitive)"
+    reason_help = (
+        "only letters whose reason contains this text (case-insensitive), or whose reason code it is "
+        "(unknown_organization, unroutable, ...)"
+    )
     dl = dlq.add_parser("list", help="reason, event type, id, organization, time of death")
     dl.add_argument("--limit", type=int, default=100, help="show at most this many (default 100)")
     dl.add_argument("--reason", help=reason_help)
     dl.add_argument("--json", action="store_true", help=JSON_HELP)
     dl.set_defaults(run=cmd_dlq)
-    dr = dlq.add_parser("replay", help="re-publish to the events exchange (deduped: never double counts)")
+    dr = dlq.add_parser(
+        "replay",
+        help="re-publish to the events exchange (deduped: never double counts); forbidden_publisher "
+        "letters only with --reason",
+    )
     dr.add_argument("--reason", help=reason_help)
     dr.add_argument("--limit", type=int, help="replay at most this many")
     dr.set_defaults(run=cmd_dlq)

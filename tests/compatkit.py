@@ -1,5 +1,6 @@
-"""What the compatibility tests share: the four vendors' docs as data (../shared/seeds/000…004:
-the route sets' paths, the seeds' examples verbatim, their timestamp formats), the checks
+"""What the compatibility tests share: the four vendors' docs as data (Respan's API reference,
+Users; Devdraft's List customers; Flexprice's API reference, Customers; SnapRefund's Get
+customers list: the route sets' paths, the docs' examples verbatim, their timestamp formats), the checks
 that hold a response to an example, and the read-only crowd's shape and orders (the crowd
 fixture is in conftest.py). No fixtures here."""
 
@@ -25,9 +26,10 @@ FLEXPRICE_SEARCH = "/compat/flexprice/v1/customers/search"
 PUBLIC_LIST = "/compat/public/api/public/customers"
 
 # ---------------------------------------------------------------------------------------------
-# The seeds' examples, verbatim (seed 004's e-mail is the doc's own, as published).
+# The vendors' examples, verbatim (SnapRefund's e-mail is the doc's own, as published).
 
-# Seed 000: GET /api/users/list/?page=1&page_size=50&sort_by=-first_seen&environment=prod
+# Respan's API reference, Users, List customers:
+# GET /api/users/list/?page=1&page_size=50&sort_by=-first_seen&environment=prod
 RESPAN_LIST_EXAMPLE: dict[str, Any] = {
     "count": 51,
     "next": "https://api.respan.ai/api/users/list/?page=2",
@@ -52,7 +54,7 @@ RESPAN_LIST_EXAMPLE: dict[str, Any] = {
     ],
 }
 
-# Seed 001: GET /api/users/customer_identifier/ -d environment=prod
+# Respan's API reference, Users, Retrieve a customer: GET /api/users/customer_identifier/ -d environment=prod
 RESPAN_DETAIL_EXAMPLE: dict[str, Any] = {
     "id": "user_123",
     "name": "John Doe",
@@ -69,7 +71,8 @@ RESPAN_DETAIL_EXAMPLE: dict[str, Any] = {
     "updated_at": "2025-12-29T10:30:00Z",
 }
 
-# Seed 002 gives no example body, only its field lists (with their kinds); the names are the
+# Devdraft's List customers (https://docs.devdraft.ai/developers/customers/list-customers)
+# gives no example body, only its field lists (with their kinds); the names are the
 # adapter's documented choice (camelCase fields; envelope customers/total/skip/take).
 V0_CUSTOMER_KINDS = {
     "id": "string",
@@ -87,7 +90,7 @@ V0_CUSTOMER_KINDS = {
 }
 V0_ENVELOPE_KINDS = {"customers": "array", "total": "number", "skip": "number", "take": "number"}
 
-# Seed 003: GET /v1/customers?limit=10&offset=0&order=desc
+# Flexprice's API reference, Customers, List customers: GET /v1/customers?limit=10&offset=0&order=desc
 FLEXPRICE_EXAMPLE: dict[str, Any] = {
     "items": [
         {
@@ -132,7 +135,8 @@ FLEXPRICE_EXAMPLE: dict[str, Any] = {
     "pagination": {"total": 2, "limit": 10, "offset": 0},
 }
 
-# Seed 004: GET /api/public/customers (include_subscriptions=true for the subscriptions array).
+# SnapRefund's Get customers list (https://snaprefund.readme.io/docs/get-customers):
+# GET /api/public/customers (include_subscriptions=true for the subscriptions array).
 PUBLIC_EXAMPLE: dict[str, Any] = {
     "data": [
         {

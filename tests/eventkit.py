@@ -203,16 +203,16 @@ class Broker:
 
         self.connection = await aio_pika.connect(AMQP_URL)
         self.channel = await self.connection.channel(publisher_confirms=True)
-        self.topology = await declare(self.channel, self.names)
+        self.topology = await declare(self.connection, self.channel, self.names)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.connection is not None
         try:
             channel = await self.connection.channel()
-            for queue in (self.names.ingest, self.names.dead, self.names.alerts):
+            for queue in self.names.queues:
                 await channel.queue_delete(queue)
-            for exchange in (self.names.events, self.names.dlx):
+            for exchange in self.names.exchanges:
                 await channel.exchange_delete(exchange)
         finally:
             await self.connection.close()
@@ -270,10 +270,10 @@ async def delete_namespace(namespace: str) -> None:
     names = Names(namespace)
     connection = await aio_pika.connect(AMQP_URL)
     try:
-        for queue in (names.ingest, names.dead, names.alerts):
+        for queue in names.queues:
             channel = await connection.channel()
             await channel.queue_delete(queue)
-        for exchange in (names.events, names.dlx):
+        for exchange in names.exchanges:
             channel = await connection.channel()
             await channel.exchange_delete(exchange)
     finally:

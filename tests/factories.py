@@ -43,7 +43,7 @@ async def make_org(pool: asyncpg.Pool) -> Org:
 async def client_pair(
     pool: asyncpg.Pool, org: Org, scopes: tuple[str, ...] = ("read",), environment: str = "prod"
 ) -> dict[str, str]:
-    """The seed 002 (compat v0) header pair for a new key of ``org``."""
+    """The x-client-key/x-client-secret header pair (Devdraft's, /compat/v0) for a new key of ``org``."""
     async with pool.acquire() as conn:
         key = await auth.create_key(conn, org.name, scopes, environment=environment)
     return {"x-client-key": key.client_key, "x-client-secret": key.client_secret}

@@ -3,7 +3,10 @@ tests ask of responses (no fixtures here: those live in conftest.py)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
 import uuid
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -88,3 +91,28 @@ def ids(pages: list[dict[str, Any]] | dict[str, Any]) -> list[str]:
 
 def identifiers(page: dict[str, Any]) -> list[str]:
     return [c["customer_identifier"] for c in page["results"]]
+
+
+# rabbitmqctl administers the local RabbitMQ (users, policies, connections) where the test
+# runs as root or as the rabbitmq user beside the broker; elsewhere the tests that need it skip.
+RABBITMQCTL = shutil.which("rabbitmqctl")
+
+
+@functools.cache
+def rabbitmqctl_problem() -> str | None:
+    """Why rabbitmqctl cannot administer the local broker (absent, or refused: it needs the
+    broker's Erlang cookie, which only root and the rabbitmq user can read), or None."""
+    if RABBITMQCTL is None:
+        return "rabbitmqctl is not installed (the rabbitmq-server package)"
+    done = subprocess.run([RABBITMQCTL, "-q", "status"], cwd="/", capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        return f"rabbitmqctl cannot reach the broker: {(done.stderr or done.stdout).strip()[:200]}"
+    return None
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run rabbitmqctl from / (a folder its Erlang can read: see deploy/local/rabbit-cluster.sh)."""
+    assert RABBITMQCTL is not None
+    done = subprocess.run([RABBITMQCTL, "-q", *args], cwd="/", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"rabbitmqctl {args[0]} failed: {done.stdout}{done.stderr}"
+    return done.stdout

@@ -75,17 +75,15 @@ async def test_queues_are_quorum_queues_on_all_three_nodes(three_nodes: str) -> 
     names = Names(f"tally_cluster_{uuid.uuid4().hex[:8]}")
     connection = await BrokerNodes(three_nodes).connect(timeout=10)
     try:
-        await declare(await connection.channel(), names)
+        await declare(connection, await connection.channel(), names)
         declared = queues()
         for name in (names.ingest, names.dead, names.alerts):
             q = declared[name]
             assert q["type"] == "quorum", q
             assert sorted(q["members"]) == NODES, q
     finally:
-        channel = await connection.channel()
-        for name in (names.ingest, names.dead, names.alerts):
-            await channel.queue_delete(name)
         await connection.close()
+        await _delete(three_nodes, names)
 
 
 async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubles_nothing(
@@ -194,10 +192,10 @@ async def _at_least(counter: list[int], n: int) -> bool:
 async def _delete(urls: str, names: Names) -> None:
     connection = await BrokerNodes(urls).connect(timeout=10)
     try:
-        for name in (names.ingest, names.dead, names.alerts):
+        for name in names.queues:
             channel = await connection.channel()
             await channel.queue_delete(name)
-        for name in (names.events, names.dlx):
+        for name in names.exchanges:
             channel = await connection.channel()
             await channel.exchange_delete(name)
     except aio_pika.exceptions.AMQPError:

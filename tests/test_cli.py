@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
+from service.cli import backlog_notes
+from service.core.alerts import ALERT_ROUTING_KEY
 from service.infra.settings import Settings
 from tests.eventkit import Broker
 
@@ -116,18 +118,30 @@ def test_lists_have_headers_and_organization_names(migrated: str, settings: Sett
 async def test_status_and_namespace_delete(migrated: str, settings: Settings, org: Any) -> None:
     async with Broker() as broker:
         await broker.publish(b"not json")  # no consumer runs: it waits in the ingest queue
+        await broker.publish(b"{}", routing_key=ALERT_ROUTING_KEY)  # a budget alert nobody consumed yet
         env = {
             "TALLY_DATABASE_URL": settings.database_url,
             "TALLY_AMQP_NAMESPACE": broker.names.namespace,
-            "TALLY_AMQP_MANAGEMENT_URL": "",
+            "TALLY_AMQP_MANAGEMENT_URL": "http://guest:guest@127.0.0.1:1/",  # nothing listens on port 1
         }
         status = tally("status", "--json", env=env)
         report = orjson.loads(status.stdout)
         assert report["checks"] == {"database": "ok", "broker": "ok"}
-        assert any("no consumer" in note for note in report["notes"]), report
         assert status.returncode == 0, status.stderr
+        notes = "\n".join(report["notes"])
+        assert "no consumer" in notes, notes
+        # Why rates and unacked are n/a, and how to turn them on.
+        assert "rabbitmq-plugins enable rabbitmq_management" in report["management"], report
+        assert "n/a" in notes and "rabbitmq-plugins enable rabbitmq_management" in notes, notes
+        # The backlog consumers may hold unacknowledged is said to be invisible, not shown as 0.
+        assert "backlog: 1 message(s) ready, plus any held unacknowledged" in notes, notes
+        assert f"1 budget alert(s) waiting in {broker.names.alerts}" in notes, notes
+        assert broker.names.alerts in {q["name"] for q in report["queues"]}
         text = tally("status", env=env)
         assert "CHECK" in text.stdout and "QUEUE" in text.stdout and broker.names.ingest in text.stdout
+        assert broker.names.alerts in text.stdout and "rabbitmq-plugins enable" in text.stdout
+        queues = tally("queues", env=env)
+        assert "n/a" in queues.stdout and "rabbitmq-plugins enable rabbitmq_management" in queues.stdout
 
         refused = tally("namespace", "delete", env=env)  # no terminal to ask and no --yes
         assert refused.returncode == 2 and "--yes" in refused.stderr
@@ -136,6 +150,24 @@ async def test_status_and_namespace_delete(migrated: str, settings: Settings, or
         assert deleted.returncode == 0, deleted.stderr
         gone = tally("queues", "--json", env=env)
         assert all(q["ready"] == 0 and q["consumers"] == 0 for q in orjson.loads(gone.stdout))
+
+
+@pytest.mark.parametrize(
+    ("ready", "unacked", "rate", "says"),
+    [
+        (0, 40_000, None, "backlog: 40000 message(s) (0 ready, 40000 held unacknowledged by consumers)"),
+        (10, 30, 20.0, "backlog: 40 message(s) (10 ready, 30 held unacknowledged by consumers), draining at 20/s"),
+        (5, 0, None, "backlog: 5 message(s) (5 ready, 0 held unacknowledged by consumers), not draining"),
+        (0, None, None, "backlog: 0 ready (plus any held unacknowledged by consumers, which only the management"),
+    ],
+)
+def test_the_backlog_counts_what_consumers_hold(ready: int, unacked: int | None, rate: float | None, says: str) -> None:
+    [note] = backlog_notes(ready, unacked, rate)
+    assert note.startswith(says), note
+
+
+def test_no_backlog_says_nothing() -> None:
+    assert backlog_notes(0, 0, 12.0) == []
 
 
 def test_status_says_when_the_database_is_down(settings: Settings) -> None:

@@ -1,9 +1,9 @@
-"""The four compatibility route sets together, against their vendors' docs
-(../shared/seeds/000…004): the timestamp formats the examples use, isolation between
+"""The four compatibility route sets together, against their vendors' docs (Respan, Devdraft,
+Flexprice, SnapRefund): the timestamp formats the examples use, isolation between
 organizations on every route set, and the OpenAPI document's tags and parameters.
 
-Each route set's own tests are in test_compat_respan.py (seeds 000 and 001),
-test_compat_v0.py (002), test_compat_flexprice.py (003) and test_compat_public.py (004);
+Each route set's own tests are in test_compat_respan.py (Respan), test_compat_v0.py
+(Devdraft), test_compat_flexprice.py (Flexprice) and test_compat_public.py (SnapRefund);
 what they share is in compatkit.py."""
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from tests.factories import Org, client_pair, insert_customer
 
 
 def test_the_timestamp_patterns_are_the_examples_own() -> None:
-    """The format checks below are the seeds' formats (and tell them apart)."""
+    """The format checks below are the vendors' formats (and tell them apart)."""
     for stamp in ("2025-10-15T08:00:00Z", "2025-12-29T10:30:00Z", "2024-01-15T10:30:00Z"):
         assert ISO_Z.match(stamp) and not ISO_MS.match(stamp)
     for stamp in ("2024-01-01T00:00:00.000Z", "2023-12-01T00:00:00.000Z"):
         assert ISO_MS.match(stamp) and not ISO_Z.match(stamp)
-    # Seed 000's list id is customer_identifier + environment + organization id.
+    # Respan's list id is customer_identifier + environment + organization id.
     ex = RESPAN_LIST_EXAMPLE["results"][0]
     assert ex["id"] == ex["customer_identifier"] + ex["environment"] + ex["unique_organization_id"]
 
@@ -106,7 +106,7 @@ async def test_every_compat_route_set_has_its_own_tag(openapi_doc: dict) -> None
     for path, ops in openapi_doc["paths"].items():
         for op in ops.values():
             assert (path.startswith("/compat/")) == bool(set(op["tags"]) & set(EXPECTED_OPERATIONS)), path
-    # The documented query parameters are the seeds' own names.
+    # The documented query parameters are the vendors' own names.
     params = {
         path: {p["name"] for p in openapi_doc["paths"][path]["get"].get("parameters", []) if p["in"] == "query"}
         for path in (RESPAN_LIST, V0_LIST, FLEXPRICE_LIST, PUBLIC_LIST)

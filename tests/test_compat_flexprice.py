@@ -1,9 +1,9 @@
-"""The flexprice route set (/compat/flexprice) against its vendor's docs, seed 003: the
+"""The Flexprice route set (/compat/flexprice) against Flexprice's API reference (Customers): the
 example request replayed and its response held to the doc's example field by field, the
 pagination flow, sorts, status mapping, filters, expand, bounds, authentication and
 environments.
 
-Where a seed is silent the adapter's module docstring is the contract (named where used)."""
+Where Flexprice's docs are silent the adapter's module docstring is the contract (named where used)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def flexprice_expected(org: Org, example_item: dict[str, Any], row: dict[str, An
     return {**example_item, "id": str(row["id"]), "environment_id": environment, "tenant_id": str(org.id)}
 
 
-async def test_flexprice_replays_the_seed_example(
+async def test_flexprice_replays_the_docs_example(
     client: TestClient, pool: asyncpg.Pool, org: Org, openapi_doc: dict
 ) -> None:
     rows = await _flexprice_example(pool, org)
@@ -78,7 +78,7 @@ async def test_flexprice_replays_the_seed_example(
     assert default == {**body, "pagination": {"total": 2, "limit": 50, "offset": 0}}
 
 
-async def test_flexprice_pagination_flow_of_the_seed(client: TestClient, crowd: Crowd) -> None:
+async def test_flexprice_pagination_flow_of_the_docs(client: TestClient, crowd: Crowd) -> None:
     org, rows = crowd
     walked: list[str] = []
     for offset in (0, 50, 100):  # the doc's three pages

@@ -1,9 +1,9 @@
-"""The public route set (/compat/public) against its vendor's docs, seed 004: the example
-request replayed and its response held to the doc's example field by field, the pagination
-of the seed, hasMore, subscriptions and hasActiveSubscription, bounds, authentication and
-permissions.
+"""The SnapRefund route set (/compat/public) against SnapRefund's Get customers list
+(https://snaprefund.readme.io/docs/get-customers): the example request replayed and its
+response held to the doc's example field by field, the pagination the doc describes,
+hasMore, subscriptions and hasActiveSubscription, bounds, authentication and permissions.
 
-Where a seed is silent the adapter's module docstring is the contract (named where used)."""
+Where SnapRefund's docs are silent the adapter's module docstring is the contract (named where used)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ async def _public_example(pool: asyncpg.Pool, org: Org) -> dict[str, Any]:
     return row
 
 
-async def test_public_replays_the_seed_example(
+async def test_public_replays_the_docs_example(
     client: TestClient, pool: asyncpg.Pool, org: Org, openapi_doc: dict
 ) -> None:
     row = await _public_example(pool, org)
@@ -85,7 +85,7 @@ async def test_public_replays_the_seed_example(
         assert plain["pagination"]["limit"] == (50 if "limit" not in query else 10)
 
 
-async def test_public_pagination_of_the_seed(client: TestClient, crowd: Crowd) -> None:
+async def test_public_pagination_of_the_docs(client: TestClient, crowd: Crowd) -> None:
     org, rows = crowd
     expected_ids = [str(r["id"]) for r in newest_first(rows)]
     first = await get_json(client, f"{PUBLIC_LIST}?limit=10&offset=0", org.headers())

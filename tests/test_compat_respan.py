@@ -1,13 +1,13 @@
-"""The respan route set (/compat/respan) against its vendor's docs, seeds 000 (the users
-list) and 001 (one user: read, patch, delete).
+"""The Respan route set (/compat/respan) against Respan's API reference, Users: List customers
+and one customer (Retrieve, Update, Delete a customer).
 
-Each seed's example requests are replayed as written there (query strings and headers, with
+Each page's example requests are replayed as written there (query strings and headers, with
 tally's base URL), and each response is held to the doc's example field by field: the same
 set of keys, the same JSON kind for every value, the doc's timestamp format, and values
 mapped from a stored customer whose every field is known. Then the bounds, error codes,
-sorts, pagination walks and cross-organization isolation the seeds list.
+sorts, pagination walks and cross-organization isolation the pages list.
 
-Where a seed is silent the adapter's module docstring is the contract (named where used)."""
+Where Respan's docs are silent the adapter's module docstring is the contract (named where used)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from tests.support import follow, ok_json, problem, rel, uid
 
 
 async def _respan_example_user(pool: asyncpg.Pool, org: Org) -> dict[str, Any]:
-    """The customer of seed 000's and 001's examples, every field as the examples show it."""
+    """The customer of Respan's List and Retrieve examples, every field as the examples show it."""
     row = await insert_customer(
         pool,
         org,
@@ -74,7 +74,7 @@ async def _respan_example_user(pool: asyncpg.Pool, org: Org) -> dict[str, Any]:
     return await set_columns(pool, row, updated_at=datetime(2025, 12, 29, 10, 30, tzinfo=UTC))
 
 
-async def test_respan_list_replays_the_seed_example(
+async def test_respan_list_replays_the_docs_example(
     client: TestClient, pool: asyncpg.Pool, org: Org, openapi_doc: dict
 ) -> None:
     user = await _respan_example_user(pool, org)
@@ -145,7 +145,7 @@ async def test_respan_list_replays_the_seed_example(
     default = await get_json(client, RESPAN_LIST, org.headers())
     assert {**default, "next": None} == {**body, "next": None}
     assert URL(default["next"]).path == RESPAN_LIST and dict(URL(default["next"]).query) == {"page": "2"}
-    # The seed types page and page_size as numbers ("double"): whole values written as such work.
+    # Respan's docs type page and page_size as numbers ("double"): whole values written as such work.
     assert await get_json(client, RESPAN_LIST + "?page=1.0&page_size=50.0", org.headers()) == {
         **default,
         "next": ANY_LINK,
@@ -153,7 +153,7 @@ async def test_respan_list_replays_the_seed_example(
     await problem(await client.get(RESPAN_LIST + "?page=1.5", headers=org.headers()), 400, "page")
 
 
-async def test_respan_list_sorts_by_the_fields_the_seed_names(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+async def test_respan_list_sorts_by_the_fields_the_docs_name(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
     rows = []
     for i, (email, cost, requests) in enumerate(
         [("d@x.io", "5.5", 7), ("a@x.io", "10", 1), (None, "0.25", 30), ("c@x.io", "100", 4), ("b@x.io", "9.75", 12)]
@@ -298,7 +298,7 @@ async def _period(pool: asyncpg.Pool, duration: str) -> tuple[datetime, datetime
     return row["s"], row["e"]
 
 
-async def test_respan_detail_replays_the_seed_example(
+async def test_respan_detail_replays_the_docs_example(
     client: TestClient, pool: asyncpg.Pool, org: Org, openapi_doc: dict
 ) -> None:
     user = await _respan_example_user(pool, org)

@@ -1,9 +1,10 @@
-"""The v0 route set (/compat/v0, authenticated by x-client-key + x-client-secret) against
-its vendor's docs, seed 002, which gives no example body, only its field lists (with their
+"""The Devdraft route set (/compat/v0, authenticated by x-client-key + x-client-secret) against
+Devdraft's List customers (https://docs.devdraft.ai/developers/customers/list-customers),
+which gives no example body, only its field lists (with their
 kinds): the documented request replayed, every field's kind, the skip/take walk, the
 filters, the bounds and the authentication.
 
-Where a seed is silent the adapter's module docstring is the contract (named where used)."""
+Where Devdraft's docs are silent the adapter's module docstring is the contract (named where used)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from tests.support import problem, uid
 
 
 async def _v0_customers(pool: asyncpg.Pool, org: Org, count: int = 25) -> list[dict[str, Any]]:
-    """``count`` customers, the first complete (every seed 002 field set), created a minute apart."""
+    """``count`` customers, the first complete (every field of Devdraft's docs set), created a minute apart."""
     rows = []
     for i in range(count):
         row = await insert_customer(
@@ -100,7 +101,7 @@ async def test_v0_replays_the_documented_request(
         "createdAt": "2024-06-01T12:00:00.125Z",
         "updatedAt": "2024-06-02T08:30:00.000Z",
     }
-    # The seed's example values: skip 20, take 50.
+    # Devdraft's example values: skip 20, take 50.
     body = await get_json(client, f"{V0_LIST}?skip=20&take=50", pair)
     assert (body["total"], body["skip"], body["take"]) == (25, 20, 5)
     assert [c["id"] for c in body["customers"]] == [str(r["id"]) for r in newest_first(rows)[20:]]
@@ -145,7 +146,7 @@ async def test_v0_filters(client: TestClient, pool: asyncpg.Pool, org: Org) -> N
         found = {c["id"] for c in body["customers"]}
         return {k for k, r in rows.items() if str(r["id"]) in found}
 
-    # Seed examples: status "ACTIVE", name "John", email "john.doe@example.com".
+    # Devdraft's examples: status "ACTIVE", name "John", email "john.doe@example.com".
     assert await who("status=ACTIVE") == {"john", "johnny", "percent"}
     assert await who("status=BLACKLISTED") == {"elton"}
     assert await who("status=DEACTIVATED") == {"jane"}

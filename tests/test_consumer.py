@@ -269,9 +269,10 @@ async def _event_set(event: asyncio.Event) -> bool:
 
 
 async def test_http_ingest_end_to_end(settings, pool, broker, client, org: Org) -> None:
-    # Point the app's publisher at this test's private namespace.
+    # Point the app's publisher at this test's private namespace (and back afterwards: a later
+    # publish through the shared app would declare the deleted namespace again and leave it).
     publisher = client.app[appkeys.PUBLISHER]
-    publisher.names = broker.names
+    saved, publisher.names = publisher.names, broker.names
     await publisher.close()
     events = [usage(org.name, "http_user", cost="0.5") for _ in range(3)]
     for e in events:
@@ -290,6 +291,7 @@ async def test_http_ingest_end_to_end(settings, pool, broker, client, org: Org) 
             assert (await r.json())["total_cost"] == "1.5"
     finally:
         await publisher.close()
+        publisher.names = saved
 
 
 async def test_http_ingest_refuses_bad_input(client, org: Org, other_org: Org) -> None:

@@ -52,7 +52,7 @@ def label_values(text: str, name: str, label: str) -> set[str]:
     return {m.group(1) for m in re.finditer(rf'^{name}\{{[^}}]*{label}="([^"]*)"', text, re.MULTILINE)}
 
 
-# ---- defect 7: the dead-letter routing key came from the event's own type ----------------
+# ---- the dead-letter routing key once came from the event's own type ----------------------
 
 
 async def test_an_event_type_too_long_for_a_routing_key_is_dead_lettered_alone(
@@ -68,7 +68,7 @@ async def test_an_event_type_too_long_for_a_routing_key_is_dead_lettered_alone(
     long_type = {**usage(org.name, "long_type"), "type": "usage." + "x" * 294}
     assert len(long_type["type"].encode()) == 300
     await broker.publish([good[0], good[1], long_type, good[2], good[3]])
-    # Every invalid `type` used to become a new metric series (defect 15): three more.
+    # Every invalid `type` used to become a new metric series: three more.
     bogus = [{**usage(org.name, "bogus"), "type": f"bogus.{uuid.uuid4().hex}"} for _ in range(3)]
     for event in bogus:
         await broker.publish(event)
@@ -192,7 +192,7 @@ async def test_a_bug_one_input_brings_out_dead_letters_it_alone(
             if any(e.subject == "explodes" for e in events):
                 if stage == "folding-client-error":  # a statement built wrong: retrying never helps
                     raise asyncpg.InterfaceError("the server expects 13 arguments for this query, 0 were passed")
-                raise KeyError("simulated bug in the fold")  # as defect 4's race raised
+                raise KeyError("simulated bug in the fold")  # as a race in the fold once raised
             return await real_fold(conn, events, **kwargs)
 
         monkeypatch.setattr(consumer_module, "fold", fold)

@@ -521,9 +521,12 @@ async def test_range_filters_are_inclusive_and_skip_missing(client: TestClient, 
     assert await got(first_seen_lte=iso(t[1])) == idx(0, 1)
     assert await got(first_seen_gte=iso(t[1]), first_seen_lte=iso(t[2])) == idx(1, 2)
     assert await got(first_seen_gte=iso(t[1] + timedelta(microseconds=1))) == idx(2, 3)
-    # a naive time is UTC
+    # a time without a zone is ambiguous: refused, naming the parameter; a bare date is a UTC day
     naive = t[2].replace(tzinfo=None).isoformat()
-    assert await got(first_seen_gte=naive) == idx(2, 3)
+    resp = await client.get("/v1/customers", params={"first_seen_gte": naive}, headers=h)
+    body = await problem(resp, 400, "first_seen_gte")
+    assert "time zone" in body["errors"][0]["detail"], body
+    assert await got(first_seen_gte=t[2].date().isoformat()) == idx(2, 3)  # from midnight UTC of t[2]'s day
     # another offset, same instant
     shifted = t[2].astimezone(timezone(timedelta(hours=5))).isoformat()
     assert await got(first_seen_lte=shifted) == idx(0, 1, 2)

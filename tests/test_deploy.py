@@ -5,6 +5,7 @@ when it is installed; CI installs it and sets TALLY_REQUIRE_PROMTOOL), Grafana p
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -86,3 +87,16 @@ def test_promtool_refuses_a_broken_rule(tmp_path: Path) -> None:
 def test_the_alert_rules_cover_what_an_operator_is_paged_for() -> None:
     rules = {r["alert"] for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     assert {"TallyDeadLettersRising", "TallyIngestLagging", "TallyNoConsumers", "TallyDown"} <= rules
+
+
+def test_the_image_installs_the_runtime_dependencies_from_the_lock_file() -> None:
+    """The Dockerfile installs what uv.lock pins (never a fresh resolution), without the dev
+    or docs extras, with the uv version the Makefile uses."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    [uv_version] = re.findall(r"^UV_VERSION := (\S+)$", makefile, re.MULTILINE)
+    assert f"uv=={uv_version}" in dockerfile
+    assert "COPY pyproject.toml uv.lock" in dockerfile
+    syncs = re.findall(r"uv sync [^&\n]*", dockerfile)
+    assert syncs and all("--frozen" in s and "--extra" not in s and "--all-extras" not in s for s in syncs), syncs
+    assert "pip install ." not in dockerfile and "pip install -e" not in dockerfile

@@ -1,4 +1,4 @@
-"""What a newcomer meets in the first hour (issue 12): errors that say what to do, dates and
+"""What a newcomer meets in the first hour: errors that say what to do, dates and
 emails taken as documented, one JSON style on every route."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The HTTP edge of a real `tally api` process against hostile connections (issue 10,
-defects 12 and 14): oversized and endless headers, malformed request lines, credentials
+"""The HTTP edge of a real `tally api` process against hostile connections:
+oversized and endless headers, malformed request lines, credentials
 that are not UTF-8, and floods of requests no key vouches for. Every refusal is a problem
 document, and none of them is logged as an error."""
 

@@ -1,4 +1,4 @@
-"""Regression tests for the hostile probe's defects in the domain (issue 10): organizations that
+"""Regression tests for the hostile probe's defects in the domain: organizations that
 spell another's id, API writes against late deletions, DELETE racing a fold, subscriptions
 across environments, and input that could never apply answered at once with a 400."""
 

@@ -3,7 +3,6 @@ deployment files — against the real RabbitMQ and PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -24,14 +23,19 @@ from service.api import appkeys
 from service.cli import build_parser
 from service.core import auth
 from service.infra import metrics
-from service.infra.queues import queue_stats
+from service.infra.queues import management_problem, queue_stats
 from tests.consumerkit import barrier, running_consumer
 from tests.eventkit import AMQP_URL, Broker, actual, assert_totals, expected, usage, wait_until
 from tests.factories import Org
 from tests.processes import ROOT
+from tests.support import rabbitmqctl, rabbitmqctl_problem
 
 MANAGEMENT_URL = os.environ.get("TALLY_AMQP_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672/")
 NO_MANAGEMENT = "http://guest:guest@127.0.0.1:1/"  # nothing listens on port 1
+# The management plugin is optional for tally (the README's quick start needs only RabbitMQ):
+# a test of what it adds skips where it is off. CI enables it and sets TALLY_REQUIRE_MANAGEMENT,
+# so there the test can never be skipped.
+REQUIRE_MANAGEMENT = bool(os.environ.get("TALLY_REQUIRE_MANAGEMENT"))
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -92,8 +96,32 @@ async def test_consumer_metrics_move_as_events_flow(settings, pool, broker: Brok
     assert sample("tally_batch_events_count") > 0
 
 
+async def test_a_dead_letter_is_logged_with_its_event_and_organization(
+    settings, pool, broker: Broker, org: Org, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tally.consumer")
+    stranger = f"nobody-{uuid.uuid4().hex[:8]}"
+    orphan = usage(stranger, "x")
+    async with running_consumer(settings, pool, broker):
+        await broker.publish([usage(org.name, "fine"), orphan])  # from a batch: the one event dies
+        await broker.publish(b"not json")  # a whole message: no event to name
+        await barrier(pool, broker, org)
+    lines = [r for r in caplog.records if r.getMessage() == "dead-lettered"]
+    by_event = {getattr(r, "event_id", None): r for r in lines}
+    logged = by_event[orphan["id"]]
+    assert logged.organization == stranger and logged.reason_code == "unknown_organization", vars(logged)
+    assert logged.routing_key == "usage.recorded"
+    whole = by_event[None]
+    assert whole.reason_code == "not_json" and whole.organization is None
+
+
 @pytest.mark.parametrize("management", [MANAGEMENT_URL, NO_MANAGEMENT], ids=["management", "amqp-only"])
 async def test_queue_stats_report_true_depths(broker: Broker, org: Org, management: str) -> None:
+    if management == MANAGEMENT_URL:
+        problem = await management_problem(MANAGEMENT_URL)
+        assert problem is None or not REQUIRE_MANAGEMENT, f"TALLY_REQUIRE_MANAGEMENT is set but {problem}"
+        if problem is not None:
+            pytest.skip(f"needs the RabbitMQ management API ({problem}; .ci/run enables it)")
     for i in range(7):
         await broker.publish(usage(org.name, f"q{i}"))
     await broker.publish(b"not json")  # no consumer runs: nothing is dead-lettered yet
@@ -256,10 +284,15 @@ async def test_readyz_reports_the_broker_down_and_recovers(client) -> None:
 async def test_consumer_reconnects_after_the_broker_cuts_its_connection(
     settings, pool, broker: Broker, org: Org
 ) -> None:
+    # The broker's side closes the connection: through the management API, or rabbitmqctl.
+    management = await management_problem(MANAGEMENT_URL)
+    if management is not None and rabbitmqctl_problem() is not None:
+        assert not (REQUIRE_MANAGEMENT or os.environ.get("TALLY_REQUIRE_RABBITMQCTL")), rabbitmqctl_problem()
+        pytest.skip(f"needs the RabbitMQ management API ({management}) or rabbitmqctl ({rabbitmqctl_problem()})")
     reconnects = metrics.REGISTRY.get_sample_value("tally_broker_reconnects_total") or 0
     async with running_consumer(settings, pool, broker) as consumer:
         await barrier(pool, broker, org)
-        await _close_connection_by_name(consumer.connection_name)
+        await _close_connection_by_name(consumer.connection_name, management is None)
         await wait_until(lambda: _reconnected(reconnects), what="a reconnect")
         await wait_until(lambda: _true(consumer.connected.is_set()), what="consumer connected again")
         assert await broker.consumer_count(broker.names.ingest) == 1
@@ -274,36 +307,29 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def _close_connection_by_name(name: str) -> None:
+async def _close_connection_by_name(name: str, by_management: bool) -> None:
     """Close a client connection from the broker's side, as a network cut or a node
-    restart would (management API when enabled, else rabbitmqctl)."""
-    try:
-        headers = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
-        async with aiohttp.ClientSession(headers=headers) as session:
-
-            async def listed() -> bool:
-                async with session.get("http://127.0.0.1:15672/api/connections") as r:
-                    return any(c.get("client_properties", {}).get("connection_name") == name for c in await r.json())
-
-            await wait_until(listed, timeout=30, interval=0.5, what="connection visible to management")
-            async with session.get("http://127.0.0.1:15672/api/connections") as r:
-                conns = [
-                    c["name"] for c in await r.json() if c.get("client_properties", {}).get("connection_name") == name
-                ]
-            for conn_name in conns:
-                async with session.delete(
-                    f"http://127.0.0.1:15672/api/connections/{aiohttp.helpers.quote(conn_name, safe='')}"
-                ):
-                    pass
-    except aiohttp.ClientConnectorError:
-        proc = await asyncio.create_subprocess_exec(
-            "rabbitmqctl", "list_connections", "pid", "client_properties", stdout=asyncio.subprocess.PIPE
-        )
-        out, _ = await proc.communicate()
-        for line in out.decode().splitlines():
+    restart would (with the management API, else with rabbitmqctl)."""
+    if not by_management:
+        for line in rabbitmqctl("list_connections", "pid", "client_properties").splitlines():
             if name in line:
-                pid = line.split("\t")[0]
-                await (await asyncio.create_subprocess_exec("rabbitmqctl", "close_connection", pid, "test cut")).wait()
+                rabbitmqctl("close_connection", line.split("\t")[0], "test cut")
+        return
+    headers = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
+    async with aiohttp.ClientSession(headers=headers) as session:
+
+        async def listed() -> bool:
+            async with session.get("http://127.0.0.1:15672/api/connections") as r:
+                return any(c.get("client_properties", {}).get("connection_name") == name for c in await r.json())
+
+        await wait_until(listed, timeout=30, interval=0.5, what="connection visible to management")
+        async with session.get("http://127.0.0.1:15672/api/connections") as r:
+            conns = [c["name"] for c in await r.json() if c.get("client_properties", {}).get("connection_name") == name]
+        for conn_name in conns:
+            async with session.delete(
+                f"http://127.0.0.1:15672/api/connections/{aiohttp.helpers.quote(conn_name, safe='')}"
+            ):
+                pass
 
 
 async def test_logs_never_contain_keys(client, org: Org, caplog: pytest.LogCaptureFixture) -> None:

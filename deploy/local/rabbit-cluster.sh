@@ -23,12 +23,21 @@ RMQ_BIN=${RABBITMQ_BIN:-/usr/lib/rabbitmq/bin}
 [ -x "$RMQ_BIN/rabbitmq-server" ] || RMQ_BIN=$(dirname "$(command -v rabbitmq-server)")
 NODES=(1 2 3)
 
-as_rabbit() {  # RabbitMQ's commands, as the user whose cookie the nodes share
+# RabbitMQ's commands, as the user whose cookie the nodes share, run from / : Erlang looks
+# for modules in the working directory first, and in a folder that user cannot read (a clone
+# in a mode-0700 `mktemp -d`, as CI runners make) every command prints an `eacces ./epp.beam`
+# error report into its output, JSON included.
+as_rabbit() {
   if [ "$(id -u)" = 0 ]; then
-    runuser -u rabbitmq -- env HOME="$(getent passwd rabbitmq | cut -d: -f6)" "$@"
+    (cd / && runuser -u rabbitmq -- env HOME="$(getent passwd rabbitmq | cut -d: -f6)" "$@")
   else
-    "$@"
+    (cd / && "$@")
   fi
+}
+# A command's JSON output, parsed and printed again: only the tool's data reaches stdout, and
+# anything else in it (an error report) fails here, naming the command, instead of in a parser.
+json_only() {
+  python3 -c 'import json, sys; json.dump(json.load(sys.stdin), sys.stdout); print()'
 }
 node() { echo "tally$1@localhost"; }
 ctl() { local n=$1; shift; as_rabbit "$RMQ_BIN/rabbitmqctl" -q -n "$(node "$n")" "$@"; }
@@ -42,6 +51,11 @@ start_node() {
   echo '[].' >"$dir/enabled_plugins"
   : >"$dir/rabbitmq-env.conf"
   [ "$(id -u)" = 0 ] && chown -R rabbitmq: "$BASE"
+  if ! as_rabbit test -w "$dir/mnesia"; then
+    echo "rabbit-cluster: the rabbitmq user cannot write $dir (is a folder above it private?);" \
+      "set TALLY_LOCAL_DIR to a folder it can reach" >&2
+    exit 1
+  fi
   as_rabbit env \
     RABBITMQ_NODENAME="$(node "$n")" \
     RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
@@ -125,7 +139,7 @@ queues() {  # JSON, asked of any running node
   local n
   for n in "${NODES[@]}"; do
     if alive "$n"; then
-      ctl "$n" list_queues name type leader members consumers messages --formatter json
+      ctl "$n" list_queues name type leader members consumers messages --formatter json | json_only
       return
     fi
   done

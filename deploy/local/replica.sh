@@ -43,8 +43,11 @@ pgbin() {
 }
 BIN=$(pgbin)
 
-as_pg() {  # run a command as the server's OS user (postgres when we are root)
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+# Run a command as the server's OS user (postgres when we are root), from / : in a folder that
+# user cannot read (a clone in a mode-0700 `mktemp -d`) PostgreSQL's tools warn that they
+# cannot change back to it.
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else (cd / && "$@"); fi
 }
 primary_sql() { psql -X -q -At -h "$PRIMARY_HOST" -p "$PRIMARY_PORT" -U postgres -d postgres -c "$1"; }
 replica_sql() { psql -X -q -At -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -c "$1"; }
@@ -124,6 +127,11 @@ up() {
   allow_replication
   mkdir -p "$BASE"
   [ "$(id -u)" = 0 ] && chown postgres: "$BASE"
+  if ! as_pg test -w "$BASE"; then
+    echo "replica: the postgres user cannot write $BASE (is a folder above it private?);" \
+      "set TALLY_LOCAL_DIR to a folder it can reach" >&2
+    exit 1
+  fi
   if [ ! -f "$DATA/standby.signal" ]; then
     as_pg rm -rf "$DATA"
     # A slot left by an earlier standby of this name (removed without `down`) is replaced.

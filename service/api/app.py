@@ -34,11 +34,14 @@ TAGS = {
     customers.TAG: "tally's own customer API: list (paged, sorted, filtered), retrieve, create, update, delete, "
     "usage series.",
     events.TAG: "Publish usage and customer events (CloudEvents 1.0); tally folds each exactly once.",
-    respan.TAG: "For Respan clients: change only the base URL to <this server>/compat/respan.",
-    v0.TAG: "For clients of the v0 customers API: base URL <this server>/compat/v0; authenticate with the "
-    "x-client-key and x-client-secret headers.",
-    flexprice.TAG: "For Flexprice clients: change only the base URL to <this server>/compat/flexprice.",
-    public.TAG: "For clients of the public customers API: base URL <this server>/compat/public.",
+    respan.TAG: "For clients of Respan's users API (Respan's API reference, Users): change only the base URL to "
+    "<this server>/compat/respan.",
+    v0.TAG: "For clients of Devdraft's customers API (https://docs.devdraft.ai/developers/customers/list-customers): "
+    "base URL <this server>/compat/v0; authenticate with the x-client-key and x-client-secret headers.",
+    flexprice.TAG: "For clients of Flexprice's customers API (Flexprice's API reference, Customers): change only the "
+    "base URL to <this server>/compat/flexprice.",
+    public.TAG: "For clients of SnapRefund's customers API (https://snaprefund.readme.io/docs/get-customers): base "
+    "URL <this server>/compat/public.",
     OPERATIONS_TAG: "Health, readiness, metrics, queue statistics and this API description.",
 }
 

@@ -310,7 +310,8 @@ ENDPOINTS = [
         response=UsageSeries,
         errors=(400, 401, 403, 404),
         path_params=IDENTIFIER,
-        description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC, inclusive); "
-        "without them, the last 30 days up to today.",
+        description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC days, inclusive, "
+        f"given as dates; 'to' at most {core.MAX_SERIES_DAYS} days after 'from'); without them, the last "
+        f"{DEFAULT_SERIES_DAYS} days up to today.",
     ),
 ]

@@ -12,7 +12,7 @@ from uuid import UUID
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from service.api import examples
-from service.core.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY
+from service.core.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY, MAX_SERIES_DAYS
 from service.core.profile import Day, Identifier, Money, ProfileUpdate, ShortText, Timestamp
 from service.core.query import SORT_FIELDS
 from service.core.vocabulary import BudgetDuration, Environment, Status
@@ -36,6 +36,8 @@ def choice(values: Sequence[str], example: str) -> tuple[AfterValidator, WithJso
 ENVIRONMENT = (
     "The API key's environment (the default); naming another is a 403: a key reaches its own environment only."
 )
+# Every date-time parameter says what it takes (service/core/profile.py Timestamp).
+TIME_PARAMETER = "A date-time with its zone (2026-11-21T10:00:00Z) or a date (midnight UTC)."
 
 SORT_CHOICES = tuple(name for field in SORT_FIELDS for name in (field, "-" + field))
 _SORT = choice(SORT_CHOICES, "-total_cost")
@@ -61,14 +63,18 @@ class ListParams(BaseModel):
     name: ShortText | None = Field(None, description="Partial, case-insensitive match on name.")
     email: ShortText | None = Field(None, description="Exact, case-insensitive match on email.")
     customer_ids: list[UUID] = Field(default_factory=list, max_length=1000, description="Customer ids (uuid).")
-    customer_identifiers: list[Identifier] = Field(default_factory=list, max_length=1000)
-    parent_customer_ids: list[UUID] = Field(default_factory=list, max_length=1000)
-    first_seen_gte: Timestamp | None = None
-    first_seen_lte: Timestamp | None = None
-    last_active_gte: Timestamp | None = None
-    last_active_lte: Timestamp | None = None
-    total_cost_gte: Money | None = None
-    total_cost_lte: Money | None = None
+    customer_identifiers: list[Identifier] = Field(
+        default_factory=list, max_length=1000, description="Your identifiers (repeat or comma-separate)."
+    )
+    parent_customer_ids: list[UUID] = Field(
+        default_factory=list, max_length=1000, description="Children of these customers (uuid)."
+    )
+    first_seen_gte: Timestamp | None = Field(None, description=f"First usage at or after. {TIME_PARAMETER}")
+    first_seen_lte: Timestamp | None = Field(None, description=f"First usage at or before. {TIME_PARAMETER}")
+    last_active_gte: Timestamp | None = Field(None, description=f"Last usage at or after. {TIME_PARAMETER}")
+    last_active_lte: Timestamp | None = Field(None, description=f"Last usage at or before. {TIME_PARAMETER}")
+    total_cost_gte: Money | None = Field(None, description="Lifetime cost at least (a decimal, e.g. 10.5).")
+    total_cost_lte: Money | None = Field(None, description="Lifetime cost at most.")
     period_budget_share_gte: Annotated[Decimal, Field(ge=0, le=1000, max_digits=12, decimal_places=6)] | None = Field(
         None, description="Customers whose current-period usage is at least this share of period_budget (0.8 = 80%)."
     )
@@ -83,8 +89,8 @@ class RetrieveParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     environment: Environment | None = Field(None, description=ENVIRONMENT)
-    expand: Literal["parent_customer"] | None = None
-    include: Literal["subscriptions"] | None = None
+    expand: Literal["parent_customer"] | None = Field(None, description="Embed the customer's parent.")
+    include: Literal["subscriptions"] | None = Field(None, description="Embed the customer's subscriptions.")
 
 
 SeriesDay = Annotated[Day, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
@@ -94,10 +100,18 @@ class UsageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_: SeriesDay | None = Field(
-        None, alias="from", description="First day (UTC), inclusive; default 29 days before 'to'."
+        None,
+        alias="from",
+        description="First UTC day, inclusive, as a date (2026-11-01; not a date-time: a series counts whole "
+        "days); default 29 days before 'to'.",
     )
-    to: SeriesDay | None = Field(None, description="Last day (UTC), inclusive; default today.")
-    granularity: Literal["day", "week", "month"] = "day"
+    to: SeriesDay | None = Field(
+        None,
+        description=f"Last UTC day, inclusive, as a date; default today. At most {MAX_SERIES_DAYS} days after 'from'.",
+    )
+    granularity: Literal["day", "week", "month"] = Field(
+        "day", description="One bucket per day, ISO week (from Monday) or calendar month."
+    )
     environment: Environment | None = Field(None, description=ENVIRONMENT)
 
 

@@ -69,7 +69,10 @@ def _query_parameters(model: type[BaseModel], aliases: dict[str, str]) -> list[d
         if prop.get("description"):
             param["description"] = prop["description"]
         if typing.get_origin(info.annotation) is dict:
-            param.update(style="deepObject", explode=True)
+            # An explicit empty example: without one, Swagger UI pre-fills an object parameter
+            # with a sample built from its schema ({"additionalProp1": "string", ...}), and
+            # "Try it out" sends it as a filter that matches nothing.
+            param.update(style="deepObject", explode=True, example={})
         elif typing.get_origin(info.annotation) is list:
             param.update(style="form", explode=True)
         params.append(param)

@@ -35,7 +35,7 @@ ENDPOINTS = [
         "ops",
         response=QueuesOut,
         errors=(503,),
-        description="Ingest and dead-letter queues. Unacknowledged counts and rates come from the RabbitMQ "
-        "management API and are null when it is unreachable.",
+        description="Ingest, dead-letter and budget-alert queues. Unacknowledged counts and rates come from the "
+        "RabbitMQ management API and are null when it is unreachable.",
     ),
 ]

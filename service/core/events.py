@@ -140,6 +140,12 @@ class Rejection(StrEnum):
     UNKNOWN_ORGANIZATION = "unknown_organization"
     DATABASE_REFUSED = "database_refused"
     INTERNAL_ERROR = "internal_error"  # a bug that one input brought out
+    # The message's routing key matches none of the ingest queue's bindings: it reached the
+    # queue only through the events exchange's alternate exchange (service/infra/broker.py).
+    UNROUTABLE = "unroutable"
+    # With publishers bound to organizations (TALLY_AMQP_PUBLISHERS), an event for an
+    # organization its AMQP user may not write (service/core/publishers.py).
+    FORBIDDEN_PUBLISHER = "forbidden_publisher"
 
 
 @dataclass(frozen=True)

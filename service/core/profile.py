@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar
 from uuid import UUID
@@ -22,11 +22,13 @@ TIME_RANGE = "between 0001-01-01 and 9999-12-31 in UTC"
 
 
 def _utc(value: datetime) -> datetime:
-    """In UTC. Naive times are taken as UTC, so a bare '2026-01-01T00:00:00' means what it
-    says; an offset that carries the time past year 1 or 9999 (``0001-01-01T00:00:00+05:00``)
-    is refused here rather than by the database driver."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
+    """In UTC. A time without a zone is refused: '2026-01-01T10:00:00' is a different instant
+    in every zone, and guessing one would file events and filters under the wrong hour (a
+    bare date is a UTC day: :func:`_iso_time` makes it midnight UTC). An offset that carries
+    the time past year 1 or 9999 (``0001-01-01T00:00:00+05:00``) is refused here rather than
+    by the database driver."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(NO_ZONE)
     try:
         value = value.astimezone(UTC)
     except OverflowError:
@@ -36,20 +38,37 @@ def _utc(value: datetime) -> datetime:
     return value
 
 
-TIME_FORMAT = "an ISO 8601 date or date-time, e.g. 2026-11-21 or 2026-11-21T10:00:00Z"
+TIME_FORMAT = "an ISO 8601 date or date-time with a time zone, e.g. 2026-11-21 or 2026-11-21T10:00:00Z"
+NO_ZONE = (
+    "must carry a time zone ('Z' or an offset such as +02:00), e.g. 2026-11-21T10:00:00Z: "
+    "a time without one is ambiguous"
+)
 
 
 def _iso_time(value: object) -> object:
-    """ISO 8601 text, a date (midnight) or a date-time — what the message says, no more: not
-    numbers read as Unix times, not words."""
+    """ISO 8601 text: a date (midnight UTC: tally's days are UTC days) or a date-time with its
+    zone — what the message says, no more: not numbers read as Unix times, not words."""
     if isinstance(value, datetime):
         return value
     if isinstance(value, str):
+        text = value.strip()
         try:
-            return datetime.fromisoformat(value.strip())
+            return datetime.combine(date.fromisoformat(text), time.min, UTC)
+        except ValueError:
+            pass
+        try:
+            return datetime.fromisoformat(text)
         except ValueError:
             pass
     raise ValueError(f"must be {TIME_FORMAT}")
+
+
+def parse_instant(value: object) -> datetime:
+    """A client's date or date-time as an aware UTC datetime, by the rules of
+    :data:`Timestamp`; ValueError saying what is wrong (for filter values that arrive untyped)."""
+    parsed = _iso_time(value)
+    assert isinstance(parsed, datetime)
+    return _utc(parsed)
 
 
 def _iso_date(value: object) -> object:
@@ -61,7 +80,7 @@ def _iso_date(value: object) -> object:
             return date.fromisoformat(value.strip())
         except ValueError:
             pass
-    raise ValueError("must be an ISO 8601 date, e.g. 2026-11-21")
+    raise ValueError("must be a day, as an ISO 8601 date (e.g. 2026-11-21), not a date-time")
 
 
 # Deliberately loose (RFC 5322 allows almost anything before the @): it catches what is plainly

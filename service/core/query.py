@@ -25,6 +25,7 @@ from uuid import UUID
 import orjson
 
 from service.core.errors import InvalidInput
+from service.core.profile import parse_instant
 
 
 @dataclass(frozen=True)
@@ -385,19 +386,12 @@ def _typed(value: object, kind: str, param: str) -> FilterValue:
             raise InvalidInput(param, f"must be at most {MAX_TEXT_VALUE} characters, without NUL")
         return text
     if kind == "timestamptz":
-        if isinstance(value, datetime):
-            moment = value
-        elif isinstance(value, str):
-            try:
-                moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            except ValueError:
-                raise InvalidInput(param, "must be an ISO 8601 time") from None
-        else:
-            raise InvalidInput(param, "must be an ISO 8601 time")
+        # The canonical parameters' rules (service/core/profile.py): a date is midnight UTC, a
+        # date-time must carry its zone.
         try:
-            moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
-        except OverflowError:
-            moment = _EARLIEST
+            moment = parse_instant(value)
+        except ValueError as exc:
+            raise InvalidInput(param, str(exc)) from None
         if not _EARLIEST < moment < _LATEST:  # the driver cannot send what is outside
             raise InvalidInput(param, "must be between 0001-01-02 and 9999-12-30")
         return moment

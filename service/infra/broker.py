@@ -4,8 +4,14 @@ dead-letter tools and ``tally demo``.
 Topology (declared idempotently by whoever connects first)::
 
     exchange <ns>.events (topic) ──usage.# customer.# subscription.#──▶ quorum queue <ns>.ingest
-    <ns>.ingest ──rejected / over delivery limit──▶ exchange <ns>.dlx (topic) ──#──▶ queue <ns>.dead
     exchange <ns>.events ──alert.#──▶ quorum queue <ns>.alerts (budget alerts for downstream services)
+    exchange <ns>.events ──any other routing key──▶ alternate exchange <ns>.unroutable (fanout) ──▶ <ns>.ingest
+    <ns>.ingest ──rejected / over delivery limit──▶ exchange <ns>.dlx (topic) ──#──▶ queue <ns>.dead
+
+So every message that reaches ``<ns>.events`` lands in a queue: without the alternate
+exchange, the broker confirms a message no binding matches and drops it. The consumer
+dead-letters what came through the alternate exchange (its routing key matches none of
+BINDINGS) with the reason ``unroutable``.
 
 ``<ns>`` is ``TALLY_AMQP_NAMESPACE`` (default ``tally``), so tests and several deployments
 can share one broker.
@@ -14,9 +20,11 @@ can share one broker.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import aio_pika
 import orjson
@@ -24,6 +32,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, 
 
 log = logging.getLogger("tally.broker")
 
+# The routing keys the ingest queue is bound to: an event's type is one of them
+# (usage.recorded, customer.upserted, customer.deleted, subscription.upserted).
 BINDINGS = ("usage.#", "customer.#", "subscription.#")
 # A message redelivered this many times (a consumer crashing on it over and over) is
 # dead-lettered by the broker itself rather than crash-looping the fleet forever.
@@ -44,6 +54,23 @@ DELIVERY_COUNT_HEADER = "x-delivery-count"
 # Dead-letter reasons are truncated to this many characters: they quote field names and
 # organizations taken from the event, which may be of any length.
 MAX_REASON_CHARS = 1000
+
+
+def routable(routing_key: str) -> bool:
+    """Whether ``routing_key`` matches one of BINDINGS (each ``<word>.#``, which matches the
+    word alone or followed by more words): a message published to the events exchange with
+    any other key reaches the ingest queue only through the alternate exchange."""
+    first = routing_key.split(".", 1)[0]
+    return any(first == binding.removesuffix(".#") for binding in BINDINGS)
+
+
+def amqp_user(url: str) -> str:
+    """The user a connection to ``url`` authenticates as (aiormq's default, guest, when the
+    URL names none): the ``user_id`` RabbitMQ lets that connection put on its messages."""
+    from urllib.parse import unquote, urlsplit
+
+    username = urlsplit(url).username
+    return unquote(username) if username else "guest"
 
 
 def broker_urls(amqp_url: str) -> list[str]:
@@ -119,6 +146,11 @@ class BrokerNodes:
     def lost(self) -> None:
         self._next = (self._next + 1) % len(self.urls)
 
+    @property
+    def user(self) -> str | None:
+        """The AMQP user of the node last connected to (None before any connection)."""
+        return amqp_user(self.current) if self.current else None
+
 
 def _host(url: str) -> str:
     from urllib.parse import urlsplit
@@ -151,6 +183,20 @@ class Names:
     def alerts(self) -> str:
         return f"{self.namespace}.alerts"
 
+    @property
+    def unroutable(self) -> str:
+        return f"{self.namespace}.unroutable"
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every queue of the namespace."""
+        return (self.ingest, self.dead, self.alerts)
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        """Every exchange of the namespace."""
+        return (self.events, self.dlx, self.unroutable)
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -160,9 +206,47 @@ class Topology:
     dead: AbstractQueue
 
 
-async def declare(channel: AbstractChannel, names: Names) -> Topology:
-    """Declare exchanges, queues and bindings (idempotent: same arguments every time)."""
-    events = await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True)
+def alternate_exchange_policy(names: Names) -> str:
+    """The rabbitmqctl command that gives an existing events exchange its alternate exchange."""
+    pattern = "^" + re.escape(names.events) + "$"
+    definition = '{"alternate-exchange": "' + names.unroutable + '"}'
+    return f"rabbitmqctl set_policy {names.namespace}-unroutable '{pattern}' '{definition}' --apply-to exchanges"
+
+
+async def _declare_events(connection: AbstractConnection, channel: AbstractChannel, names: Names) -> AbstractExchange:
+    """The events exchange, with the alternate exchange as a declaration argument: it works
+    from any AMQP client, with no management plugin or rabbitmqctl access (a policy, RabbitMQ's
+    recommended way, needs one of them). But RabbitMQ refuses to redeclare an exchange with
+    other arguments (PRECONDITION_FAILED, and the channel closes), so an exchange declared by a
+    tally from before the alternate exchange is probed on a channel of its own first and, if
+    refused, declared as it is, with a warning naming the policy that attaches the alternate
+    exchange to it in place (no redeclaration, no downtime, bindings kept)."""
+    arguments: dict[str, Any] | None = {"alternate-exchange": names.unroutable}
+    probe = await connection.channel(publisher_confirms=False)
+    try:
+        await probe.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True, arguments=arguments)
+    except aio_pika.exceptions.ChannelPreconditionFailed:
+        arguments = None
+        log.warning(
+            "the events exchange was declared without an alternate exchange (by an earlier tally): unless a "
+            "policy gives it one, the broker drops messages no binding routes; attach it in place with the policy",
+            extra={"exchange": names.events, "command": alternate_exchange_policy(names)},
+        )
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True, arguments=arguments)
+
+
+async def declare(connection: AbstractConnection, channel: AbstractChannel, names: Names) -> Topology:
+    """Declare exchanges, queues and bindings on ``channel`` (idempotent: same arguments every
+    time; ``connection``, the channel's, serves the events exchange's probe)."""
+    # The alternate exchange is internal (no client publishes to it), and is declared before
+    # the events exchange that names it: RabbitMQ drops what it would route to a missing one.
+    unroutable = await channel.declare_exchange(
+        names.unroutable, aio_pika.ExchangeType.FANOUT, durable=True, internal=True
+    )
+    events = await _declare_events(connection, channel, names)
     dlx = await channel.declare_exchange(names.dlx, aio_pika.ExchangeType.TOPIC, durable=True)
     dead = await channel.declare_queue(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
     await dead.bind(dlx, "#")
@@ -180,6 +264,7 @@ async def declare(channel: AbstractChannel, names: Names) -> Topology:
     )
     for key in BINDINGS:
         await ingest.bind(events, key)
+    await ingest.bind(unroutable, "")
     # Budget alerts are for downstream services, not for tally: kept here until they consume
     # them (bounded, oldest dropped first, so an unread queue cannot grow without limit).
     alerts = await channel.declare_queue(

@@ -53,7 +53,7 @@ class Publisher:
                         timeout=CONNECT_TIMEOUT, connection_name=f"{self.names.namespace}-publisher-{os.getpid()}"
                     )
                     self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-                    self._topology = await declare(self._channel, self.names)
+                    self._topology = await declare(self._connection, self._channel, self.names)
                 except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as exc:
                     await self._close()
                     raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
@@ -61,9 +61,13 @@ class Publisher:
             return self._topology
 
     async def publish(self, message: aio_pika.Message, routing_key: str, *, dead_letter: bool = False) -> None:
-        """Publish and wait for the broker's confirm; unroutable (mandatory) is an error."""
+        """Publish and wait for the broker's confirm; unroutable (mandatory) is an error. The
+        message carries the AMQP user it is published as (``user_id``, which the broker
+        validates), so a consumer that binds publishers to organizations knows it is tally's."""
         topology = await self.topology()
         exchange = topology.dlx if dead_letter else topology.events
+        if message.user_id is None:
+            message.user_id = self.nodes.user
         try:
             await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
         except aio_pika.exceptions.DeliveryError as exc:

@@ -1,11 +1,13 @@
 """Queue statistics for operators: from the RabbitMQ management API when it is reachable
 (ready, unacknowledged, consumers, publish and deliver rates), degrading to what AMQP alone
-can tell (ready and consumers) when it is not."""
+can tell (ready and consumers) when it is not — and then saying why, so that an operator
+knows what to enable."""
 
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 import aio_pika
@@ -15,6 +17,7 @@ from pydantic import BaseModel, Field
 from service.infra.broker import BrokerNodes, Names, broker_urls
 
 MANAGEMENT_TIMEOUT = 3.0
+ENABLE_MANAGEMENT = "rabbitmq-plugins enable rabbitmq_management"
 
 
 class QueueStats(BaseModel):
@@ -29,21 +32,78 @@ class QueueStats(BaseModel):
     source: Literal["management", "amqp"] = Field(description="Where the figures come from.")
 
 
+@dataclass(frozen=True)
+class QueueReport:
+    """The queues' figures, and why the management API's were not available (None when they were)."""
+
+    queues: list[QueueStats]
+    management_problem: str | None
+
+
+class ManagementUnavailable(Exception):
+    """The management API cannot give the figures; the message says why, for an operator."""
+
+
 def _vhost(amqp_url: str) -> str:
     path = urlsplit(amqp_url).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
-async def _management_stats(management_url: str, vhost: str, queue: str) -> QueueStats:
+def _base(management_url: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(management_url)
     credentials = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or 'guest')}"
     headers = {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
-    base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}{parts.path.rstrip('/')}"
-    url = f"{base}/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}{parts.path.rstrip('/')}", headers
+
+
+async def _get(management_url: str, path: str) -> dict[str, Any]:
+    """One management API resource; ManagementUnavailable saying why it could not be read."""
+    base, headers = _base(management_url)
+    where = urlsplit(base).netloc
     timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session, session.get(url) as response:
-        response.raise_for_status()
-        data = await response.json()
+    try:
+        async with (
+            aiohttp.ClientSession(headers=headers, timeout=timeout) as session,
+            session.get(base + path) as response,
+        ):
+            if response.status == 401:
+                raise ManagementUnavailable(
+                    f"the management API at {where} refused the credentials of TALLY_AMQP_MANAGEMENT_URL (401)"
+                )
+            if response.status != 200:
+                raise ManagementUnavailable(f"the management API at {where} answered {response.status} for {path}")
+            data = await response.json()
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise ManagementUnavailable(
+            f"the management API at {where} did not answer within {MANAGEMENT_TIMEOUT:g} s"
+        ) from None
+    except (aiohttp.ClientConnectorError, OSError):
+        raise ManagementUnavailable(
+            f"nothing answers at {where} (TALLY_AMQP_MANAGEMENT_URL): the RabbitMQ management plugin is off? "
+            f"Enable it with '{ENABLE_MANAGEMENT}'"
+        ) from None
+    except (aiohttp.ClientError, ValueError) as exc:
+        raise ManagementUnavailable(
+            f"what answers at {where} is not the RabbitMQ management API ({type(exc).__name__})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ManagementUnavailable(f"what answers at {where} is not the RabbitMQ management API")
+    return data
+
+
+async def management_problem(management_url: str | None) -> str | None:
+    """Why the management API at ``management_url`` cannot be used, or None when it can."""
+    if not management_url:
+        return f"TALLY_AMQP_MANAGEMENT_URL is empty; enable the plugin ('{ENABLE_MANAGEMENT}') and set it"
+    try:
+        await _get(management_url, "/api/overview")
+    except ManagementUnavailable as exc:
+        return str(exc)
+    return None
+
+
+async def _management_stats(management_url: str, vhost: str, queue: str) -> QueueStats:
+    data = await _get(management_url, f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}")
     stats = data.get("message_stats") or {}
     return QueueStats(
         name=queue,
@@ -56,14 +116,19 @@ async def _management_stats(management_url: str, vhost: str, queue: str) -> Queu
     )
 
 
-async def queue_stats(amqp_url: str, management_url: str | None, names: Names) -> list[QueueStats]:
-    """Statistics of the ingest and dead-letter queues."""
-    queues = (names.ingest, names.dead)
+async def queue_report(amqp_url: str, management_url: str | None, names: Names) -> QueueReport:
+    """Statistics of the ingest, dead-letter and alerts queues, from the management API when
+    it answers, else from AMQP (with the reason the management API could not be used)."""
+    queues = (names.ingest, names.dead, names.alerts)
+    problem = None
     if management_url:
+        vhost = _vhost(broker_urls(amqp_url)[0])
         try:
-            return [await _management_stats(management_url, _vhost(broker_urls(amqp_url)[0]), q) for q in queues]
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            pass  # degrade to AMQP
+            return QueueReport([await _management_stats(management_url, vhost, q) for q in queues], None)
+        except ManagementUnavailable as exc:
+            problem = str(exc)
+    else:
+        problem = await management_problem(management_url)
     connection = await BrokerNodes(amqp_url).connect(timeout=10)
     try:
         out = []
@@ -86,6 +151,11 @@ async def queue_stats(amqp_url: str, management_url: str | None, names: Names) -
                     source="amqp",
                 )
             )
-        return out
+        return QueueReport(out, problem)
     finally:
         await connection.close()
+
+
+async def queue_stats(amqp_url: str, management_url: str | None, names: Names) -> list[QueueStats]:
+    """Statistics of the ingest, dead-letter and alerts queues (see :func:`queue_report`)."""
+    return (await queue_report(amqp_url, management_url, names)).queues

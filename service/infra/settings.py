@@ -14,114 +14,263 @@ DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
 class Settings(BaseSettings):
+    """Every setting, read from the environment variable ``TALLY_<NAME>``. Each field's
+    description is the documentation's: the configuration reference (docs/configuration.md)
+    is generated from this class (``make config-reference``) and tests/test_docs_site.py fails
+    when the two disagree. Write descriptions for the operator who reads that page; keep the
+    why of a default in them."""
+
     model_config = SettingsConfigDict(env_prefix="TALLY_", extra="ignore")
 
-    database_url: str = "postgresql://127.0.0.1:5432/tally"
-    database_read_url: str | None = Field(
-        default=None, description="Optional read replica; list and retrieve queries go there."
+    # ---- PostgreSQL
+    database_url: str = Field(
+        default="postgresql://127.0.0.1:5432/tally",
+        description="The primary database: every write, key lookup and fold, and every read unless "
+        "`TALLY_DATABASE_READ_URL` is set. `tally migrate` creates the database if it is missing.",
     )
-    # Seconds a read carrying a consistency token (X-Tally-Consistency) waits for the standby
-    # to replay it; past that it reads the primary (service/infra/standby.py).
-    database_read_wait: float = Field(default=0.5, ge=0, le=30)
-    # Seconds between the API's checks of the standby (health, replay position, lag).
-    database_read_check_interval: float = Field(default=1.0, gt=0, le=60)
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    # Prefix of every exchange and queue name (<ns>.events, <ns>.ingest, <ns>.dlx, <ns>.dead).
-    amqp_namespace: str = Field(default="tally", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
-    # RabbitMQ management API, for `tally queues` rates; optional.
-    amqp_management_url: str = "http://guest:guest@127.0.0.1:15672/"
+    database_read_url: str | None = Field(
+        default=None,
+        description="A streaming standby of the primary, for list, retrieve and usage queries (writes, keys and "
+        "the fold stay on the primary). Unset: everything reads the primary. See Operating → Scaling out.",
+    )
+    database_read_wait: float = Field(
+        default=0.5,
+        ge=0,
+        le=30,
+        description="Seconds a read carrying a consistency token (`X-Tally-Consistency`) waits for the standby to "
+        "replay it; past that it reads the primary.",
+    )
+    database_read_check_interval: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Seconds between the API's checks of the standby (health, replay position, lag).",
+    )
 
-    http_host: str = "0.0.0.0"
-    http_port: int = 8080
-    consumer_http_port: int = 8081
-    # Seconds a request's head (request line and headers) may take to arrive, counted from
-    # its first byte; past it the connection is closed (408). aiohttp has no such timer of
-    # its own, so without it a client trickling headers holds a connection indefinitely.
-    http_header_timeout: float = Field(default=10.0, gt=0, le=600)
-    # Seconds an idle keep-alive connection stays open (aiohttp's run_app default, said out loud).
-    http_keepalive_timeout: float = Field(default=75.0, gt=0, le=3600)
+    # ---- RabbitMQ
+    amqp_url: str = Field(
+        default="amqp://guest:guest@127.0.0.1:5672/",
+        description="RabbitMQ; a cluster's nodes as several URLs separated by commas, each with its credentials "
+        "and virtual host (tried in turn).",
+    )
+    amqp_namespace: str = Field(
+        default="tally",
+        pattern=r"^[A-Za-z0-9_.-]{1,100}$",
+        description="Prefix of every exchange and queue name (`<ns>.events`, `<ns>.ingest`, `<ns>.dlx`, "
+        "`<ns>.dead`, `<ns>.alerts`, `<ns>.unroutable`), so that several tallies can share a broker; "
+        "`tally namespace delete` removes one.",
+    )
+    amqp_management_url: str = Field(
+        default="http://guest:guest@127.0.0.1:15672/",
+        description="The RabbitMQ management API, for the unacknowledged counts and rates of `tally queues` and "
+        "`tally status`. Optional: without it they show what AMQP alone can tell and say why.",
+    )
+    amqp_publishers: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Binds AMQP users to the organizations they may publish events for, as JSON: "
+        '`{"billing": ["acme", "globex"], "gateway": ["*"]}` (organization names or ids; `*` for any). '
+        "The consumer dead-letters an event whose publisher (the message's `user_id`, which RabbitMQ validates) "
+        "may not write its organization, with the reason `forbidden_publisher`; tally's own AMQP users (those "
+        "of `TALLY_AMQP_URL`) may write any. Empty (the default): anyone who may publish to the events "
+        "exchange writes any organization's events.",
+    )
 
-    # The base of the absolute links the API builds (list next/previous, Location), e.g.
-    # https://api.example.com/tally; its path is a prefix. Unset: links use the request's
-    # Host if it is allowed below, and are relative (path and query) otherwise.
-    public_url: str | None = None
-    # Hosts a request's Host header may name for links to follow it: exact names,
-    # '*.example.com' (any subdomain), or '*' (any host: an explicit opt-in). Comma-separated.
-    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ("localhost", "127.0.0.1", "[::1]")
-    # Behind a reverse proxy (TLS terminated there): links follow the proxy's
-    # X-Forwarded-Proto and X-Forwarded-Host (the host still checked against allowed_hosts).
-    # Only for a proxy that sets (or strips) both on every request: a client reaching tally
-    # directly could otherwise choose its links' scheme. Off: the request's own scheme and Host.
-    trust_forwarded_headers: bool = False
+    # ---- HTTP
+    http_host: str = Field(default="0.0.0.0", description="The address the API (and `tally dev`) listens on.")
+    http_port: int = Field(default=8080, description="The API's port (also the consumer's, in `tally dev`).")
+    consumer_http_port: int = Field(
+        default=8081,
+        description="The port of a `tally consume` process's own `/healthz`, `/readyz` and `/metrics`.",
+    )
+    http_header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="Seconds a request's line and headers may take to arrive, counted from their first byte; past "
+        "it the connection is closed with a 408 (aiohttp has no such timer: a client trickling headers would "
+        "hold a connection indefinitely).",
+    )
+    http_keepalive_timeout: float = Field(
+        default=75.0,
+        gt=0,
+        le=3600,
+        description="Seconds an idle keep-alive connection stays open (aiohttp's own default, said out loud).",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="The base of the absolute links the API builds (a list's `next` and `previous`, `Location`), "
+        "e.g. `https://api.example.com/tally`; its path is a prefix. Unset: links follow the request's `Host` "
+        "when `TALLY_ALLOWED_HOSTS` allows it, and are relative otherwise.",
+    )
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("localhost", "127.0.0.1", "[::1]"),
+        description="Comma-separated `Host` names links may follow without `TALLY_PUBLIC_URL`: exact names, "
+        "`*.example.com` (any subdomain) or `*` (any host). A request naming another host gets relative links, "
+        "never links to a host the caller made up.",
+    )
+    trust_forwarded_headers: bool = Field(
+        default=False,
+        description="Behind a reverse proxy that terminates TLS: links take their scheme and host from the "
+        "proxy's `X-Forwarded-Proto` and `X-Forwarded-Host` (the host still held to `TALLY_ALLOWED_HOSTS`). "
+        "Only for a proxy that sets or strips both on every request.",
+    )
 
-    # The asyncpg pool: 2 cores serve best with a small pool (more connections only queue
-    # inside PostgreSQL). Every statement is bounded so a stuck database never hangs a caller.
-    db_pool_min: int = 2
-    db_pool_max: int = 8
-    db_command_timeout: float = 10.0
-    db_connect_timeout: float = 5.0
-    # Fair sharing of the API's pool: an organization's requests hold at most this many
-    # connections at once in each API process (unset: half the pool, at least 1), so one
-    # tenant's slow queries leave the rest of the pool to everyone else.
-    db_org_concurrency: int | None = Field(default=None, ge=1)
-    # Seconds an API request waits for its organization's turn and a pool connection
-    # together; past it the answer is 503 with Retry-After instead of an endless queue.
-    db_acquire_timeout: float = Field(default=2.0, gt=0, le=60)
+    # ---- The database pool
+    db_pool_min: int = Field(default=2, description="Connections each process's asyncpg pool keeps open.")
+    db_pool_max: int = Field(
+        default=8,
+        description="Connections each process's asyncpg pool holds at most (size PostgreSQL's "
+        "`max_connections` for the sum over processes). A small pool serves 2 cores best: more connections "
+        "only queue inside PostgreSQL.",
+    )
+    db_command_timeout: float = Field(
+        default=10.0,
+        description="Seconds any statement may take (also the API sessions' `statement_timeout`, so PostgreSQL "
+        "stops what the client gave up on).",
+    )
+    db_connect_timeout: float = Field(
+        default=5.0,
+        description="Seconds to open a database connection, or for the consumer to get a pooled one.",
+    )
+    db_org_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Database connections one organization's requests may hold at once in each API process "
+        "(unset: half of `TALLY_DB_POOL_MAX`, at least 1), so one tenant's slow queries leave the rest of the "
+        "pool to everyone else.",
+    )
+    db_acquire_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="Seconds an API request waits for its organization's turn and a pooled connection together; "
+        "past it the answer is 503 with `Retry-After` rather than an endless queue.",
+    )
 
-    # Consumer batching (consumers/ingest.py): a batch holds what arrived while the previous
-    # one was folded, up to batch_size events, or up to batch_max_events when a backlog is
-    # waiting; with no batch in flight it closes batch_max_wait seconds after its first message.
-    batch_size: int = Field(default=1000, ge=1, le=10_000)
-    batch_max_events: int | None = Field(default=None, ge=1, le=50_000)  # default: 4 x batch_size
-    batch_max_wait: float = Field(default=0.05, gt=0, le=10)
-    prefetch: int = Field(default=2000, ge=1, le=65_535)
-    dedupe_retention_days: int = Field(default=35, ge=1)
+    # ---- The consumer
+    batch_size: int = Field(
+        default=1000,
+        ge=1,
+        le=10_000,
+        description="Events per consumer transaction when no backlog is waiting: a batch holds what arrived "
+        "while the previous one was folded, up to this many.",
+    )
+    batch_max_events: int | None = Field(
+        default=None,
+        ge=1,
+        le=50_000,
+        description="Events per consumer transaction at most while a backlog is waiting (unset: 4 × "
+        "`TALLY_BATCH_SIZE`): larger batches fold more events per customer per transaction.",
+    )
+    batch_max_wait: float = Field(
+        default=0.05,
+        gt=0,
+        le=10,
+        description="Seconds a batch waits to fill when no batch is in flight, counted from its first message: "
+        "a trickle is folded at once.",
+    )
+    prefetch: int = Field(
+        default=2000,
+        ge=1,
+        le=65_535,
+        description="Unacknowledged messages the broker hands each consumer at most (bounds its memory, and keeps "
+        "a full next batch waiting while one is folded).",
+    )
+    dedupe_retention_days: int = Field(
+        default=35,
+        ge=1,
+        description="Days event ids are remembered for deduplication (and their amounts, for late deletions); an "
+        "event older than this is refused (`too_old`), as it could otherwise be counted twice.",
+    )
 
     @property
     def largest_batch(self) -> int:
         """Events per consumer transaction at most (under a backlog)."""
         return max(self.batch_size, self.batch_max_events or 4 * self.batch_size)
 
-    # Each API process holds every live key in memory (the secrets' hashes only), following
-    # creations and revocations as they commit (NOTIFY); it reloads them all this often, as a
-    # backstop. 0 disables it: every request looks its key up in the database.
-    auth_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # ---- Keys and rate limits
+    auth_cache_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="Each API process holds every live key in memory (the secrets' hashes only), following "
+        "creations and revocations as they commit (PostgreSQL NOTIFY), and reloads them all this often as a "
+        "backstop. 0 turns the in-memory keys off: every request looks its key up in the database.",
+    )
+    rate_limit_per_second: float = Field(
+        default=100.0,
+        ge=0,
+        description="Requests per second each key may make (a token bucket, refilled at this rate), in all: each "
+        "API process enforces its part, divided by the live replicas. 0 disables the limit.",
+    )
+    rate_limit_burst: int = Field(
+        default=200, ge=1, description="Requests a key may make at once (the bucket's size), in all replicas."
+    )
+    ip_rate_limit_per_second: float = Field(
+        default=20.0,
+        ge=0,
+        description="Requests per second per client address for what no key vouches for: the public routes "
+        "(metrics, docs; never /healthz or /readyz) and requests whose key fails. A key this process does not "
+        "hold is looked up only while its address has tokens left, so guessing keys costs the database "
+        "nothing. 0 disables the limit.",
+    )
+    ip_rate_limit_burst: int = Field(
+        default=100, ge=1, description="Such requests a client address may make at once to each process."
+    )
 
-    # Per-key token bucket in each API process: `burst` requests at once, refilled at
-    # `rate_limit_per_second`. 0 disables the limit.
-    rate_limit_per_second: float = Field(default=100.0, ge=0)
-    rate_limit_burst: int = Field(default=200, ge=1)
-    # Per-client-IP token bucket for requests no key vouches for: public routes (health,
-    # metrics, docs) and requests whose key fails authentication. An empty bucket answers
-    # 429 before any database lookup, so guessing keys costs the database nothing. 0 disables.
-    ip_rate_limit_per_second: float = Field(default=20.0, ge=0)
-    ip_rate_limit_burst: int = Field(default=100, ge=1)
+    # ---- Fair sharing (service/api/fairness.py)
+    org_share_seconds: float = Field(
+        default=0.25,
+        ge=0,
+        le=64,
+        description="Seconds of work (event-loop CPU, database time, reading bodies) per second an organization "
+        "may use, in all replicas, while another organization that uses less is active; past it (and its "
+        "burst) it is shed with 429 and Retry-After. Alone, an organization may use the whole machine. 0 turns "
+        "cost shares off.",
+    )
+    org_share_burst: float = Field(
+        default=1.0, ge=0, le=600, description="Seconds of work an organization may use at once beyond its share."
+    )
+    org_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="Requests one organization may have in progress in each API process while a lighter one is "
+        "active (beyond: 429), bounding the work it can queue ahead of others.",
+    )
+    shed_delay: float = Field(
+        default=1.0,
+        ge=0,
+        le=30,
+        description="Seconds a shed request (rate limit, cost share, failed key) is held before its 429 goes out, "
+        "so that a client retrying at once cannot turn cheap refusals into a flood.",
+    )
+    api_heartbeat_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="Seconds between an API process's heartbeats (a row in `api_replicas`): the per-key rate and "
+        "the organizations' shares are divided by the number of live replicas. 0: no heartbeat, and the "
+        "process's limits are its own (one replica).",
+    )
 
-    # Fair sharing measured in cost (service/api/fairness.py): each organization may use this
-    # many seconds of work (event-loop CPU plus database connection time) per second, with a
-    # burst of org_share_burst seconds, whenever another organization is active; past it, it is
-    # shed with 429. Divided between the live API replicas. 0 turns cost shares off.
-    org_share_seconds: float = Field(default=0.25, ge=0, le=64)
-    org_share_burst: float = Field(default=1.0, ge=0, le=600)
-    # Requests one organization may have in progress in each API process while a lighter one
-    # is active (beyond: shed with 429), bounding the work it can queue ahead of others.
-    org_concurrency: int = Field(default=4, ge=1, le=1000)
-    # Seconds a shed request (rate limit, cost share, failed key) is held before its 429 is
-    # sent, so that a client retrying at once cannot turn cheap refusals into a flood.
-    shed_delay: float = Field(default=1.0, ge=0, le=30)
-    # Seconds between an API process's heartbeats (a row in api_replicas): the per-key rate
-    # and the organizations' shares are divided by the number of live replicas. 0: no
-    # heartbeat, and this process's limits are its own (a single replica).
-    api_heartbeat_seconds: float = Field(default=1.0, ge=0, le=60)
+    # ---- Request bounds
+    max_body_bytes: int = Field(default=1_048_576, description="Bytes a `POST /v1/events` body may hold (413 beyond).")
+    max_events_per_request: int = Field(
+        default=1000, description="Events one `POST /v1/events` may carry (413 beyond)."
+    )
 
-    # Request bounds for POST /v1/events.
-    max_body_bytes: int = 1_048_576
-    max_events_per_request: int = 1000
-
-    migrations_dir: Path = DEFAULT_MIGRATIONS_DIR
-
-    log_level: str = "INFO"
-    log_format: Literal["json", "text", "auto"] = "auto"
+    # ---- Operations
+    migrations_dir: Path = Field(
+        default=DEFAULT_MIGRATIONS_DIR,
+        description="Where `tally migrate` reads its SQL files (default: `migrations/` of the source checkout, "
+        "which the Docker image installs in place).",
+    )
+    log_level: str = Field(default="INFO", description="`DEBUG`, `INFO`, `WARNING` or `ERROR`.")
+    log_format: Literal["json", "text", "auto"] = Field(
+        default="auto",
+        description="`json` (one object per line), `text` (for people), or `auto`: text on a terminal, JSON otherwise.",
+    )
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -1,6 +1,7 @@
-"""Flexprice (seed 003, and what Flexprice's SDKs send): ``/compat/flexprice/v1/customers``.
+"""Flexprice's customers API (Flexprice's API reference, Customers, and what Flexprice's SDKs
+send): ``/compat/flexprice/v1/customers``.
 
-Routes: ``GET /v1/customers`` (seed 003's list), ``POST /v1/customers/search`` (the SDKs'
+Routes: ``GET /v1/customers`` (the API reference's List customers), ``POST /v1/customers/search`` (the SDKs'
 list: the same filters in a JSON body, ``sort`` as a list of ``{field, direction}``, generic
 ``filters``, a created-at time range), ``GET /v1/customers/{id}``, ``GET
 /v1/customers/external/{external_id}``, ``POST /v1/customers``, ``PUT /v1/customers?id=…``
@@ -9,9 +10,9 @@ list: the same filters in a JSON body, ``sort`` as a list of ``{field, direction
 
 Mapping: ``external_id`` is tally's customer_identifier, ``id`` tally's customer uuid,
 ``tenant_id`` the organization id, ``environment_id`` the environment (``prod``/``test``: the
-key's); a write's ``contact`` is tally's phone (responses keep seed 003's fields). ``name``,
+key's); a write's ``contact`` is tally's phone (responses keep the API reference's fields). ``name``,
 ``email`` and the address fields are strings,
-``""`` when tally has none (as in flexprice: the seed's example shows ``"address_line2": ""``),
+``""`` when tally has none (as in Flexprice: its example shows ``"address_line2": ""``),
 never null.
 
 ``metadata`` is a map of strings, as Flexprice's SDKs type it (``Dict[str, str]``): a
@@ -21,7 +22,7 @@ string value as it is, any other JSON value as its JSON text (``true`` -> ``"tru
 Statuses: Flexprice has ``published``, ``archived`` and ``deleted``. Rendered: ``active`` and
 ``draft`` are ``published``; ``archived``, ``blacklisted`` and ``deactivated`` are
 ``archived``. Filtered: ``published`` is active or draft, ``archived`` is archived,
-blacklisted or deactivated, ``draft`` (seed 003 names it) is draft; ``deleted`` matches
+blacklisted or deactivated, ``draft`` (the API reference names it) is draft; ``deleted`` matches
 nothing, as tally keeps no deleted customers (a delete removes the row). Written (PUT has no
 status field): never.
 """
@@ -241,6 +242,13 @@ class FlexpriceCustomerWrite(BaseModel):
 
 
 class FlexpriceCustomerCreate(FlexpriceCustomerWrite):
+    # external_id is required here: an example without it would make "Try it out" a 400.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"external_id": "user_67890", "name": "Tech Startup Inc", "email": "admin@techstartup.com"}]
+        }
+    )
+
     external_id: Identifier
 
 

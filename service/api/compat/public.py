@@ -1,6 +1,7 @@
-"""The public customers API (seed 004): ``/compat/public/api/public/customers``.
+"""SnapRefund's customers API (SnapRefund's docs, Get customers list,
+https://snaprefund.readme.io/docs/get-customers): ``/compat/public/api/public/customers``.
 
-Unstated by the seed and chosen here: customers are sorted newest first (``createdAt``
+Unstated by SnapRefund's docs and chosen here: customers are sorted newest first (``createdAt``
 descending); ``id`` is tally's customer uuid; ``hasActiveSubscription`` is always computed
 (active or trialing); ``subscriptions`` appears only with ``include_subscriptions=true``.
 """
@@ -23,7 +24,7 @@ from service.api.shapes import customer_shape
 from service.core.query import Col, ListQuery, Sort
 
 BASE = "/compat/public"
-TAG = "Public customers API"
+TAG = "SnapRefund customers API"
 CAMEL = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 

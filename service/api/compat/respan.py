@@ -1,11 +1,12 @@
-"""Respan (seeds 000, 001): ``/compat/respan/api/users/list/`` and ``/api/users/{id}/``.
+"""Respan's users API (Respan's API reference, Users: List customers, Retrieve, Update and
+Delete a customer): ``/compat/respan/api/users/list/`` and ``/api/users/{id}/``.
 
-Unstated by the seed and chosen here: ``page`` is an integer ≥ 1; ``sort_by`` accepts the
-canonical sort fields; the detail route's ``id`` is the customer_identifier (as in the seed's
+Unstated by Respan's docs and chosen here: ``page`` is an integer ≥ 1; ``sort_by`` accepts the
+canonical sort fields; the detail route's ``id`` is the customer_identifier (as in Respan's
 example) while the list's ``id`` is customer_identifier + environment + organization uuid.
 
-The list answers GET (seed 000's examples) and POST (seed 001's "POST List customers", and what
-Respan's SDK sends): the same query string, and on POST a JSON body ``{"filters": {...}}``
+The list answers GET (the List customers page's examples) and POST (its "POST List customers",
+and what Respan's SDK sends): the same query string, and on POST a JSON body ``{"filters": {...}}``
 whose conditions (``{"<field>": {"operator": "<op>", "value": [...]}}``, or a list of them
 for one field) map onto the core's generic conditions. Respan's operator and field names are
 translated here; which fields, operators and bounds exist is the core's
@@ -257,7 +258,7 @@ class RespanUserDetail(BaseModel):
 
 
 class RespanUserPatch(BaseModel):
-    """The editable fields of seed 001, and ``metadata`` (Respan's SDK offers it). The SDK's
+    """The editable fields of Respan's Update a customer, and ``metadata`` (Respan's SDK offers it). The SDK's
     ``period_start``, ``period_end`` and ``markup_percentage`` have no counterpart in tally
     (periods follow ``budget_duration``): they are refused (400), never silently dropped."""
 
@@ -369,7 +370,8 @@ ENDPOINTS = [
         query=ListParams,
         response=RespanUserList,
         errors=(400, 401, 429),
-        description="Seed 000's form. POST takes the same parameters and, in its body, filters.",
+        description="As Respan's API reference lists customers. POST takes the same parameters and, in its body, "
+        "filters.",
     ),
     Endpoint(
         "POST",

@@ -1,9 +1,11 @@
-"""The v0 customers API (seed 002): ``/compat/v0/api/v0/customers``, authenticated by the
-``x-client-key`` + ``x-client-secret`` header pair (``tally keys create --json`` prints it).
+"""Devdraft's customers API (Devdraft's docs, Customers: List customers,
+https://docs.devdraft.ai/developers/customers/list-customers): ``/compat/v0/api/v0/customers``,
+authenticated by the ``x-client-key`` + ``x-client-secret`` header pair (``tally keys create
+--json`` prints it).
 
-Unstated by the seed and chosen here: the response is
+Unstated by Devdraft's docs and chosen here: the response is
 ``{"customers": [...], "total", "skip", "take"}`` where ``take`` is the number of customers
-returned (the seed: "Number of records returned in this response"); customers are sorted
+returned (the docs: "Number of records returned in this response"); customers are sorted
 newest first (``createdAt`` descending); ``status`` is tally's status in upper case, so
 besides ACTIVE, BLACKLISTED and DEACTIVATED a customer may show DRAFT or ARCHIVED.
 """
@@ -27,7 +29,7 @@ from service.core.profile import ShortText
 from service.core.query import Col, CustomerFilter, ListQuery, Sort
 
 BASE = "/compat/v0"
-TAG = "v0 customers API"
+TAG = "Devdraft customers API"
 
 
 class ListParams(BaseModel):
