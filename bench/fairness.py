@@ -10,19 +10,21 @@ attacker's keys so that the per-key request rate is not what stops it):
 - bodies: requests that end in a 400 or 413 after the server read and parsed them — a Respan
   list filter of ~514 KB whose last condition has a bogus operator, a 1,000-event POST
   /v1/events whose last event is bad, a 150 KB number in a filter;
-- aggregates: the most expensive Respan filter on aggregate columns the bounds allow (a
-  400 or 413 for anything larger), counting the whole match on every page;
+- aggregates: the most expensive Respan filter on aggregate columns the bounds allow
+  (MAX_CONDITIONS conditions sharing MAX_FILTER_VALUES values; anything larger is a 400),
+  counting the whole match on every page;
 - timeouts: with a read standby (--standby: deploy/local/replica.sh is brought up and down
   again) and TALLY_DB_COMMAND_TIMEOUT=2, slow filters running into the statement timeout;
 - bad keys: a flood of requests with keys that do not exist, from the victim's own address;
 - offset, budget share: the earlier probe's database-share attacks (deep OFFSET pages and
   the period-budget filter), kept so that their figures stay in the same run.
 
-The victim sends an open-loop stream (--victim-rate retrieves and a third as many first pages
-sorted by -total_cost, per second), each latency measured from when it was due, so that a
-stalled server cannot hide behind fewer samples. Each scenario runs against tally with its
-defaults and, as the same run's baseline, with cost shares off (TALLY_ORG_SHARE_SECONDS=0):
-the ratios are to the victim alone on the default API.
+The victim sends an open-loop stream (--victim-rate requests per second: three retrieves to one
+first page sorted by -total_cost), each latency measured from when it was due, so that a
+stalled server cannot hide behind fewer samples. The victim is already active when an attack
+starts, and is measured from ABUSE_LEAD seconds into it, once the attack is in full effect.
+Each scenario runs against tally with its defaults and, as the same run's baseline, with cost
+shares off (TALLY_ORG_SHARE_SECONDS=0): the ratios are to the victim alone on the default API.
 
 The dataset (database ``tally_bench_fairness``: the attacker's and the victim's organizations)
 is loaded once and reused while its size matches.
@@ -62,6 +64,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.read import load, settle  # noqa: E402
 from service.core import auth  # noqa: E402
+from service.core.query import MAX_CONDITIONS, MAX_FILTER_VALUES  # noqa: E402
 
 DATABASE = "tally_bench_fairness"
 ATTACKER, VICTIM = "bench-attacker", "bench-victim"
@@ -190,9 +193,13 @@ async def abusing(base: str, attack: str, args: argparse.Namespace, keys: dict) 
 # ---- the victim -------------------------------------------------------------------------------
 
 
-async def victim(base: str, key: str, identifier: str, rate: float, duration: float) -> dict[str, dict]:
+async def victim(
+    base: str, key: str, identifier: str, rate: float, duration: float, lead: float = 0.0
+) -> dict[str, dict]:
     """Open loop: retrieves at ``rate`` per second and first pages at a third of it, each
-    latency measured from when the request was due."""
+    latency measured from when the request was due; for ``lead + duration`` seconds, of which
+    only the last ``duration`` are measured (the victim is a tenant already active when an
+    attack starts, measured once the attack is in full effect)."""
     latencies: dict[str, list[float]] = {"retrieve": [], "list": []}
     errors: Counter[str] = Counter()
     paths = {"retrieve": f"/v1/customers/{identifier}", "list": "/v1/customers?sort_by=-total_cost&limit=50"}
@@ -200,27 +207,30 @@ async def victim(base: str, key: str, identifier: str, rate: float, duration: fl
         headers={"Authorization": f"Bearer {key}"}, timeout=aiohttp.ClientTimeout(total=30)
     ) as session:
 
-        async def one(kind: str, due: float) -> None:
+        async def one(kind: str, due: float, measured: bool) -> None:
             try:
                 async with session.get(base + paths[kind]) as r:
                     await r.read()
                     if r.status != 200:
-                        errors[f"{kind} {r.status}"] += 1
+                        if measured:
+                            errors[f"{kind} {r.status}"] += 1
                         return
             except (TimeoutError, aiohttp.ClientError) as exc:
-                errors[f"{kind} {type(exc).__name__}"] += 1
+                if measured:
+                    errors[f"{kind} {type(exc).__name__}"] += 1
                 return
-            latencies[kind].append((time.perf_counter() - due) * 1000)
+            if measured:
+                latencies[kind].append((time.perf_counter() - due) * 1000)
 
         tasks = []
         start = time.perf_counter()
         interval = 1 / rate
         n = 0
-        while (due := start + n * interval) < start + duration:
+        while (due := start + n * interval) < start + lead + duration:
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one("list" if n % 4 == 3 else "retrieve", due)))
+            tasks.append(asyncio.ensure_future(one("list" if n % 4 == 3 else "retrieve", due, due >= start + lead)))
             n += 1
         await asyncio.gather(*tasks)
     out = {
@@ -262,8 +272,12 @@ async def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds the victim is measured per scenario")
     parser.add_argument("--victim-rate", type=float, default=60.0, help="the victim's requests per second")
     parser.add_argument("--abusers", type=int, default=32, help="the attacker's concurrent clients")
-    parser.add_argument("--values", type=int, default=1000, help="values in the aggregate storm's filter")
-    parser.add_argument("--conditions", type=int, default=32, help="conditions in the aggregate storm's filter")
+    parser.add_argument(
+        "--values", type=int, default=MAX_FILTER_VALUES, help="values in the aggregate storm's filter (the bound)"
+    )
+    parser.add_argument(
+        "--conditions", type=int, default=MAX_CONDITIONS, help="conditions in the aggregate storm's filter (the bound)"
+    )
     parser.add_argument("--attacks", default="bodies,aggregates,timeouts,badkeys,offset,budget")
     parser.add_argument("--standby", action="store_true", help="bring up deploy/local/replica.sh for 'timeouts'")
     parser.add_argument("--database", default=DATABASE)
@@ -327,10 +341,14 @@ async def main() -> int:
                 try:
                     await wait_ready(f"{base}/readyz", api)
                     await settle(pool)
+                    # The victim is active before the attack starts and throughout; it is measured
+                    # once the attack has run ABUSE_LEAD seconds.
+                    stream = asyncio.ensure_future(
+                        victim(base, victim_key, identifier, args.victim_rate, args.duration, lead=1 + ABUSE_LEAD)
+                    )
+                    await asyncio.sleep(1)  # the victim's stream under way, as a tenant already active
                     child = await abusing(base, scenario, args, keys) if scenario != "alone" else None
-                    if child is not None:
-                        await asyncio.sleep(ABUSE_LEAD)  # a benchmark's warm-up, not a wait for a condition
-                    measured = await victim(base, victim_key, identifier, args.victim_rate, args.duration)
+                    measured = await stream
                     entry: dict[str, object] = {"victim": measured}
                     if child is not None:
                         out, _ = await child.communicate()

@@ -178,6 +178,34 @@ def test_a_share_is_charged_up_front_and_settled_with_what_was_used() -> None:
     assert shares.admit(b).admitted and shares.admit(a).admitted
 
 
+def test_a_request_is_charged_what_its_kind_is_expected_to_cost() -> None:
+    """The first expensive request of an organization on a route is charged what that route's
+    requests cost others: a burst of them cannot all start before any of them is paid for."""
+    clock = Clock()
+    heavy, light, newcomer = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    shares = OrgShares(rate=0.1, burst=1.0, replicas=Replicas(), concurrency=8, clock=clock)
+
+    def cheap() -> bool:
+        admission = shares.admit(light, "/cheap")
+        shares.settle(light, admission, 0.001)
+        return admission.admitted
+
+    assert cheap()
+    shares.settle(heavy, shares.admit(heavy, "/costly"), 0.9)
+    clock.now += 60  # the heavy organization's bucket is full again
+    # Its next costly request is charged ~0.9 s up front: the bucket holds one at a time.
+    first = shares.admit(heavy, "/costly")
+    assert first.admitted and first.charged == pytest.approx(0.9)
+    assert cheap()
+    assert not shares.admit(heavy, "/costly").admitted
+    # A newcomer's first costly request is charged what that route costs others, not nothing;
+    # and until one of its requests there has ended, they run one at a time.
+    assert shares.admit(newcomer, "/costly").charged == pytest.approx(0.9)
+    assert not shares.admit(newcomer, "/costly").admitted
+    # Cheap requests of the light organization are never held back by the heavy ones.
+    assert all(cheap() for _ in range(5))
+
+
 def test_shares_are_divided_between_live_replicas() -> None:
     clock = Clock()
     replicas = Replicas()

@@ -9,16 +9,17 @@ request rate cannot keep tenants apart.
 
 Each organization has a *share*: ``TALLY_ORG_SHARE_SECONDS`` seconds of cost per second, with
 a burst of ``TALLY_ORG_SHARE_BURST`` seconds, kept as a token bucket in cost-seconds, and at
-most ``TALLY_ORG_CONCURRENCY`` requests in progress. A request is charged up front with the
-organization's running average cost (so that a burst of concurrent expensive requests cannot
-all be admitted before any of them is paid for), and the difference when it ends. An
-organization past its share (bucket empty, or as many requests in progress as it may have) is
-shed (429, Retry-After) while another active organization uses less than it does: alone, a
-tenant may use the whole machine; in company, the heaviest users past their share wait, never
-the light ones — whose measured cost, inflated by the very contention others cause, could
-otherwise run out too. Shed requests
-are answered after a delay (``TALLY_SHED_DELAY``), so that a client retrying at once cannot
-turn cheap refusals into a flood of its own.
+most ``TALLY_ORG_CONCURRENCY`` requests in progress. A request is charged up front with what
+its kind is expected to cost — the running average of the organization's requests on its route,
+or of everyone's there — so that a burst of concurrent expensive requests cannot all be admitted
+before any of them is paid for, and the difference when it ends. An organization whose bucket
+does not hold the charge, or with as many requests in progress as it may have, is shed (429,
+Retry-After) while another active organization is within its share, or uses less than it does:
+alone, a tenant may use the whole machine; in company, the users past their share wait — the
+heaviest first when several are, never the light ones, whose measured cost, inflated by the very
+contention others cause, could otherwise run out too.
+Shed requests are answered after a delay (``TALLY_SHED_DELAY``), so that a client retrying at
+once cannot turn cheap refusals into a flood of its own.
 
 CPU-heavy stretches of a handler (validating a batch of events) run in slices that take turns
 on one :class:`CpuSlot`, so that however many such requests are in flight, a light request
@@ -48,6 +49,7 @@ from service.infra import metrics
 from service.infra.waits import wait_event
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 # Cost a request is charged beyond its handler: aiohttp's parsing of its head and writing of
 # its response (measured at 0.1-0.2 ms here), and reading its body (~2.5 µs per KB).
@@ -161,6 +163,7 @@ class Admission:
     admitted: bool
     charged: float = 0.0
     retry_after: int = 0
+    route: str = ""
 
 
 @dataclass
@@ -168,6 +171,7 @@ class _Share:
     tokens: float  # cost-seconds left (negative: owed)
     updated: float
     average: float = REQUEST_OVERHEAD  # running average cost of this organization's requests
+    charged: float = 0.0  # what its requests in progress were charged up front
     # The organization's rate of use (cost-seconds per second), decaying over USAGE_SECONDS.
     usage: float = 0.0
     usage_at: float = 0.0
@@ -202,12 +206,16 @@ class OrgShares:
         self.rate = rate
         self.burst = max(burst, rate)
         self.replicas = replicas
-        # Requests one organization may have in progress in this process while a lighter one
-        # is active: the work it can queue ahead of another tenant's request is bounded.
+        # Requests one organization may have in progress in this process while others wait for
+        # it: the work it can queue ahead of another tenant's request is bounded.
         self.concurrency = concurrency
         self._clock = clock
         self._shares: dict[UUID, _Share] = {}
         self._in_progress: dict[UUID, int] = {}
+        # Running average cost per (organization, route), and per route (organization None).
+        self._route_costs: dict[tuple[UUID | None, str], float] = {}
+        # Requests in progress on a route whose cost for the organization is not known yet.
+        self._learning: dict[tuple[UUID, str], int] = {}
         # Organizations whose requests started within ACTIVE_WINDOW, and when (pruned as read).
         self._active: dict[UUID, float] = {}
 
@@ -235,47 +243,81 @@ class OrgShares:
         if len(self._shares) >= MAX_ORGANIZATIONS:
             self._shares.clear()
 
-    def lighter_active(self, organization: UUID, rate: float, now: float) -> bool:
-        """Whether another organization started a request within ACTIVE_WINDOW and uses less
-        than ``rate``."""
+    def weight(self, organization: UUID, share: _Share, now: float) -> float:
+        """How heavily an organization uses the process now (cost-seconds per second): its
+        recent use, and what its requests in progress are expected to cost (a request that
+        runs for seconds weighs from its start, not only once it ends)."""
+        return share.rate(now) + share.charged / USAGE_SECONDS
+
+    def others_wait(self, organization: UUID, weight: float, now: float) -> bool:
+        """Whether another organization started a request within ACTIVE_WINDOW that is within
+        its share or weighs less than ``weight``: one that must not wait for this one."""
         for org, seen in list(self._active.items()):
             if now - seen >= ACTIVE_WINDOW:
                 del self._active[org]
-            elif org != organization and (other := self._shares.get(org)) is not None and other.rate(now) < rate:
+            elif org == organization or (other := self._shares.get(org)) is None:
+                continue
+            elif other.tokens > 0 or self.weight(org, other, now) < weight:
                 return True
         return False
 
-    def admit(self, organization: UUID) -> Admission:
-        """Charge ``organization`` its average request cost, or refuse it if its bucket is
-        empty while a lighter organization is active."""
+    def expected(self, organization: UUID, route: str, share: _Share) -> float:
+        """What a request of ``organization`` on ``route`` is expected to cost: the running
+        average of its requests there, else of every organization's there (so that the first
+        requests of an expensive kind are charged as such), else of its requests anywhere."""
+        known = self._route_costs.get((organization, route))
+        if known is None:
+            known = self._route_costs.get((None, route), share.average)
+        return known
+
+    def admit(self, organization: UUID, route: str = "") -> Admission:
+        """Charge ``organization`` what a request on ``route`` is expected to cost, or refuse
+        it — while another organization that must not wait for it is active — if its bucket
+        does not hold that, or as many of its requests as it may have are in progress."""
         if not self.enabled:
             return Admission(True)
         now = self._clock()
         share = self._refilled(organization, now)
-        over = share.tokens < share.average or self._in_progress.get(organization, 0) >= self.concurrency
-        if over and self.lighter_active(organization, share.rate(now), now):
+        charge = self.expected(organization, route, share)
+        in_progress = self._in_progress.get(organization, 0)
+        # Until one of an organization's requests on a route has ended, what they cost is not
+        # known: the first runs alone, so that an expensive kind is learned before a burst of
+        # it runs at once.
+        learning = (organization, route) not in self._route_costs and self._learning.get((organization, route), 0) > 0
+        # The cap on requests in progress holds an organization that has spent half its burst:
+        # one well within its share is never held back for how many requests it has waiting
+        # (under contention every tenant's requests take longer, and so pile up).
+        half = self.replicas.divide(self.burst) / 2
+        over = share.tokens < charge or learning or (in_progress >= self.concurrency and share.tokens < half)
+        if over and self.others_wait(organization, self.weight(organization, share, now), now):
             rate = self.replicas.divide(self.rate)
-            return Admission(False, retry_after=max(1, math.ceil((share.average - share.tokens) / rate)))
+            return Admission(False, retry_after=max(1, math.ceil((charge - share.tokens) / rate)))
         self._active[organization] = now
-        self._in_progress[organization] = self._in_progress.get(organization, 0) + 1
-        share.tokens -= share.average
-        return Admission(True, charged=share.average)
+        self._in_progress[organization] = in_progress + 1
+        if (organization, route) not in self._route_costs:
+            self._learning[(organization, route)] = self._learning.get((organization, route), 0) + 1
+        share.tokens -= charge
+        share.charged += charge
+        return Admission(True, charged=charge, route=route)
 
     def settle(self, organization: UUID, admission: Admission, cost: float) -> None:
         """The request ended having cost ``cost`` seconds: charge the difference."""
         if not self.enabled or not admission.admitted:
             return
-        left = self._in_progress.get(organization, 1) - 1
-        if left > 0:
-            self._in_progress[organization] = left
-        else:
-            self._in_progress.pop(organization, None)
+        _decrement(self._in_progress, organization)
+        _decrement(self._learning, (organization, admission.route))
         now = self._clock()
         share = self._refilled(organization, now)
+        share.charged = max(0.0, share.charged - admission.charged)
         share.tokens -= cost - admission.charged
         share.average += AVERAGE_WEIGHT * (cost - share.average)
         share.usage = share.rate(now) + cost / USAGE_SECONDS
         share.usage_at = now
+        for key in ((organization, admission.route), (None, admission.route)):
+            before = self._route_costs.get(key)
+            self._route_costs[key] = cost if before is None else before + AVERAGE_WEIGHT * (cost - before)
+        if len(self._route_costs) > MAX_ORGANIZATIONS:
+            self._route_costs.clear()  # bounded memory; forgetting averages only re-learns them
 
     def usage(self, organization: UUID) -> float:
         """The organization's recent rate of use, in cost-seconds per second."""
@@ -284,6 +326,14 @@ class OrgShares:
 
     def tokens(self, organization: UUID) -> float:
         return self._refilled(organization, self._clock()).tokens
+
+
+def _decrement(counts: dict[K, int], key: K) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 class CpuSlot:

@@ -219,7 +219,7 @@ def _guarded(endpoint: Endpoint) -> Handler:
             principal.require(endpoint.scope)
             request[PRINCIPAL] = principal
             shares = request.app[SHARES]
-            admission = shares.admit(organization)
+            admission = shares.admit(organization, endpoint.path)
             if not admission.admitted:
                 metrics.HTTP_REFUSED.labels("org_share_used").inc()
                 await request.app[TARPIT].hold(admission.retry_after)

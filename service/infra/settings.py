@@ -220,16 +220,16 @@ class Settings(BaseSettings):
 
     # ---- Fair sharing (service/api/fairness.py)
     org_share_seconds: float = Field(
-        default=0.25,
+        default=0.5,
         ge=0,
         le=64,
         description="Seconds of work (event-loop CPU, database time, reading bodies) per second an organization "
-        "may use, in all replicas, while another organization that uses less is active; past it (and its "
-        "burst) it is shed with 429 and Retry-After. Alone, an organization may use the whole machine. 0 turns "
-        "cost shares off.",
+        "may use, in all replicas, while another organization within its share (or using less) is active; past "
+        "it (and its burst) it is shed with 429 and Retry-After. Alone, an organization may use the whole "
+        "machine. 0 turns cost shares off.",
     )
     org_share_burst: float = Field(
-        default=1.0, ge=0, le=600, description="Seconds of work an organization may use at once beyond its share."
+        default=2.0, ge=0, le=600, description="Seconds of work an organization may use at once beyond its share."
     )
     org_concurrency: int = Field(
         default=4,
