@@ -71,7 +71,7 @@ REPEAT_TESTS := tests/test_ops.py tests/test_keycache.py tests/test_http_limits.
 test-repeat: install-dev
 	for i in $$(seq $(REPEAT)); do echo "repeat $$i/$(REPEAT)"; $(BIN)/python -m pytest -q -p no:cacheprovider $(REPEAT_TESTS) || exit 1; done
 
-# The gates CI runs before the tests: lint, format, types (strict on service/core), and the
+# The gates CI runs before the tests: lint, format, types (strict on service/domain and service/store), and the
 # import contracts (edges never import each other; the domain imports no edge library).
 lint: install-dev
 	$(BIN)/ruff check service consumers tests bench docs

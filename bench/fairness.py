@@ -63,8 +63,8 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from bench.read import load, settle  # noqa: E402
-from service.core import auth  # noqa: E402
-from service.core.query import MAX_CONDITIONS, MAX_FILTER_VALUES  # noqa: E402
+from service.domain.listing import MAX_CONDITIONS, MAX_FILTER_VALUES  # noqa: E402
+from service.store import auth  # noqa: E402
 
 DATABASE = "tally_bench_fairness"
 ATTACKER, VICTIM = "bench-attacker", "bench-victim"

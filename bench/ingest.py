@@ -50,11 +50,11 @@ from bench.common import (  # noqa: E402
     with_database,
     write_json,
 )
-from service.core import auth  # noqa: E402
-from service.core.events import validate_event  # noqa: E402
-from service.core.fold import fold  # noqa: E402
+from service.domain.events import validate_event  # noqa: E402
 from service.infra.broker import Names, declare  # noqa: E402
 from service.infra.migrate import migrate  # noqa: E402
+from service.store import auth  # noqa: E402
+from service.store.fold import fold  # noqa: E402
 
 AMQP_URL = os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RETENTION = timedelta(days=35)

@@ -41,10 +41,11 @@ from bench.common import (  # noqa: E402
 )
 from service.api.compat import flexprice, public, respan, v0  # noqa: E402
 from service.api.customers import canonical_shape  # noqa: E402
-from service.core import auth  # noqa: E402
-from service.core.customers import _get_sql  # noqa: E402
-from service.core.query import CursorCodec, CustomerFilter, ListQuery, Position, Shape, Sort, list_sql  # noqa: E402
+from service.domain.listing import CursorCodec, CustomerFilter, ListQuery, Position, Sort  # noqa: E402
 from service.infra.migrate import migrate  # noqa: E402
+from service.store import auth  # noqa: E402
+from service.store.customers import _get_sql  # noqa: E402
+from service.store.listing import Shape, list_sql  # noqa: E402
 
 DATABASE = "tally_bench_read"
 # Organization sizes as shares of M: one big tenant (the deep-page scenarios need >500k

@@ -47,11 +47,11 @@ from bench.common import (  # noqa: E402
     with_database,
     write_json,
 )
-from service.core import auth  # noqa: E402
 from service.infra.broker import Names, event_message  # noqa: E402
 from service.infra.errors import Unavailable  # noqa: E402
 from service.infra.migrate import migrate  # noqa: E402
 from service.infra.publisher import Publisher  # noqa: E402
+from service.store import auth  # noqa: E402
 
 PRIMARY = "postgresql://127.0.0.1:5432/postgres"
 STANDBY = "postgresql://127.0.0.1:5433/postgres"

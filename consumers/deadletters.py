@@ -23,7 +23,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.core.events import EVENT_TYPES, Rejection
+from service.domain.events import EVENT_TYPES, Rejection
 from service.infra.broker import (
     DEATH_TIME_HEADER,
     REASON_CODE_HEADER,
@@ -44,7 +44,7 @@ class DeadLetterInfo:
     first_death: str | None
     routing_key: str
     events: int
-    # The reason's code (service.core.events.Rejection; None when the broker dead-lettered it).
+    # The reason's code (service.domain.events.Rejection; None when the broker dead-lettered it).
     code: str | None = None
 
     @property

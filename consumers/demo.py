@@ -18,11 +18,11 @@ from decimal import Decimal
 
 import asyncpg
 
-from service.core import auth
-from service.core.errors import NotFound
+from service.domain.errors import NotFound
 from service.infra.broker import Names, encode_events, event_message
 from service.infra.publisher import Publisher
 from service.infra.settings import Settings
+from service.store import auth
 
 FIRST = (
     "Ada",

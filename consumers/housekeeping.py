@@ -1,7 +1,7 @@
 """The consumer process's periodic jobs, each its own task beside the ingest loop (never on
 its timers, so no job delays a batch):
 
-- **compact counts**: fold the customer-count delta rows (service/core/customers.py);
+- **compact counts**: fold the customer-count delta rows (service/store/customers.py);
 - **purge**: forget dedupe keys, journal rows and tombstones older than the retention window;
 - **relay alerts**: publish budget alerts recorded by folds (this process's, at once, or a
   crashed one's, within ALERT_RELAY_EVERY);
@@ -23,16 +23,16 @@ import aio_pika
 import asyncpg
 import orjson
 
-from service.core.alerts import ALERT_ROUTING_KEY, relay_alerts
-from service.core.customers import compact_counts
-from service.core.events import EVENT_CONTENT_TYPE
-from service.core.fold import purge_processed
+from service.domain.events import EVENT_CONTENT_TYPE
 from service.infra import metrics
 from service.infra.broker import Names
 from service.infra.errors import Unavailable
 from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
+from service.store.alerts import ALERT_ROUTING_KEY, relay_alerts
+from service.store.customers import compact_counts
+from service.store.fold import purge_processed
 
 log = logging.getLogger("tally.housekeeping")
 

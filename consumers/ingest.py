@@ -42,10 +42,8 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.core import failpoints
-from service.core.events import EVENT_CONTENT_TYPE, Event, InvalidEvent, Rejection, decode_body, validate_event
-from service.core.fold import FoldResult, Outcome, fold
-from service.core.publishers import PublisherBinding, load_binding
+from service.domain.events import EVENT_CONTENT_TYPE, Event, InvalidEvent, Rejection, decode_body, validate_event
+from service.domain.publishers import PublisherBinding
 from service.infra import metrics
 from service.infra.broker import (
     BINDINGS,
@@ -61,6 +59,9 @@ from service.infra.broker import (
 )
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
+from service.store import failpoints
+from service.store.fold import FoldResult, Outcome, fold
+from service.store.publishers import load_binding
 
 log = logging.getLogger("tally.consumer")
 

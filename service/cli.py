@@ -15,13 +15,13 @@ import asyncpg
 import orjson
 
 from service import __version__
-from service.core import auth
-from service.core.db import Connection
-from service.core.errors import DomainError
-from service.core.vocabulary import ENVIRONMENTS
+from service.domain.errors import DomainError
+from service.domain.vocabulary import ENVIRONMENTS
 from service.infra import logs
 from service.infra.migrate import MigrationError, migrate
 from service.infra.settings import Settings, redact_dsn
+from service.store import auth
+from service.store.db import Connection
 
 if TYPE_CHECKING:  # the web stack loads only for the commands that serve
     from aiohttp import web

@@ -19,9 +19,9 @@ import aio_pika
 import asyncpg
 import orjson
 
-from service.core.events import validate_event
-from service.core.fold import fold
+from service.domain.events import validate_event
 from service.infra.broker import Names
+from service.store.fold import fold
 from tests.factories import Org
 
 AMQP_URL = os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -14,8 +14,8 @@ from typing import Any
 
 import asyncpg
 
-from service.core import auth
-from service.core.query import USAGE_COLUMNS
+from service.store import auth
+from service.store.listing import USAGE_COLUMNS
 
 
 @dataclass

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.core import auth
+from service.store import auth
 from tests.eventkit import wait_until
 from tests.factories import Org, insert_customer
 from tests.support import ids, list_page, ok_json, problem, uid

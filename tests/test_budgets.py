@@ -16,9 +16,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.core import failpoints
-from service.core.alerts import ALERT_ROUTING_KEY, ALERT_TYPE
 from service.infra.settings import Settings
+from service.store import failpoints
+from service.store.alerts import ALERT_ROUTING_KEY, ALERT_TYPE
 from tests.consumerkit import barrier, drained, running_consumer
 from tests.eventkit import Broker, days_ago, usage, wait_until
 from tests.factories import Org, add_daily_costs, insert_customer, make_org

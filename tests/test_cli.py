@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from service.cli import backlog_notes
-from service.core.alerts import ALERT_ROUTING_KEY
 from service.infra.settings import Settings
+from service.store.alerts import ALERT_ROUTING_KEY
 from tests.eventkit import Broker
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.core import auth
+from service.store import auth
 from tests.compatkit import (
     CROWD_SIZE,
     PUBLIC_EXAMPLE,

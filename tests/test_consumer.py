@@ -11,8 +11,8 @@ import asyncpg
 import orjson
 
 from service.api import appkeys
-from service.core import failpoints
 from service.infra.broker import REASON_HEADER, ROUTING_KEY_HEADER
+from service.store import failpoints
 from tests.consumerkit import barrier, drained, running_consumer
 from tests.eventkit import (
     Broker,

@@ -43,9 +43,9 @@ from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from service.core import auth
 from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, declare, routable
 from service.infra.settings import Settings
+from service.store import auth
 from tests.eventkit import AMQP_URL, Broker, usage, wait_until
 from tests.processes import TallyProcess
 

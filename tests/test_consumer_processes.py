@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-from service.core.events import Event, validate_event
-from service.core.fold import fold
+from service.domain.events import Event, validate_event
+from service.store.fold import fold
 from tests.eventkit import (
     Broker,
     actual,

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from service.core.customers import compact_counts
-from service.core.events import validate_event
-from service.core.fold import fold
+from service.domain.events import validate_event
+from service.store.customers import compact_counts
+from service.store.fold import fold
 from tests.eventkit import usage
 from tests.factories import Org, insert_customer
 

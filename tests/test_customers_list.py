@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestClient
 from pydantic import ValidationError
 
 from service.api.models import CustomerExpanded, CustomerList, UsageSeries
-from service.core.query import SORT_FIELDS
-from service.core.vocabulary import STATUSES
+from service.domain.vocabulary import STATUSES
+from service.store.listing import SORT_FIELDS
 from tests.factories import Org, add_daily_usage, add_subscription, insert_customer, make_org
 from tests.support import (
     follow,

@@ -14,8 +14,8 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestClient
 
-from service.core.alerts import ALERT_TYPE
 from service.infra.settings import Settings
+from service.store.alerts import ALERT_TYPE
 from tests.consumerkit import running_consumer
 from tests.eventkit import Broker, wait_until
 from tests.processes import ROOT

@@ -22,7 +22,7 @@ from service.api.compat.respan import RespanUserDetail, RespanUserList, RespanUs
 from service.api.compat.v0 import V0CustomerList
 from service.api.events import EventsBody
 from service.api.models import Customer, CustomerCreate, CustomerList, CustomerPatch, UsageSeries
-from service.core import auth
+from service.store import auth
 from tests.browser import CHROMIUM, browser_page
 from tests.factories import Org, insert_customer
 from tests.support import uid

@@ -11,8 +11,8 @@ from decimal import Decimal
 import asyncpg
 from aiohttp.test_utils import TestClient
 
-from service.core.events import validate_event
-from service.core.fold import fold
+from service.domain.events import validate_event
+from service.store.fold import fold
 from tests.factories import Org
 from tests.support import ok_json, problem, uid
 

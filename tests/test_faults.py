@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from consumers.deadletters import DeadLetters
-from service.core.failpoints import EXIT_CODE
+from service.store.failpoints import EXIT_CODE
 from tests.eventkit import (
     AMQP_URL,
     Broker,

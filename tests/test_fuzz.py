@@ -19,8 +19,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.api import appkeys
 from service.api.app import create_app
-from service.core import auth
 from service.infra.settings import Settings
+from service.store import auth
 from tests.factories import make_org
 
 # The app factory does no I/O, so the document is built at import, without a server.

@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 import pytest
 
-from service.core import auth
+from service.store import auth
 from tests.eventkit import wait_until
 from tests.factories import make_org
 from tests.processes import ROOT, free_port

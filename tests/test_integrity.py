@@ -17,10 +17,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.core import auth
-from service.core.events import InvalidEvent, validate_event
-from service.core.fold import FoldResult, Outcome, fold
+from service.domain.events import InvalidEvent, validate_event
 from service.infra.settings import Settings
+from service.store import auth
+from service.store.fold import FoldResult, Outcome, fold
 from tests.factories import Org, make_org
 from tests.support import ok_json, problem, uid
 

@@ -1,4 +1,4 @@
-"""The fast path of json_fault (service/core/profile.py) agrees with the full walk on any
+"""The fast path of json_fault (service/domain/profile.py) agrees with the full walk on any
 decoded JSON value: it only answers "nothing wrong" where the full walk finds nothing."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.core.profile import MAX_EXACT_NUMBER, _clean, json_fault
+from service.domain.profile import MAX_EXACT_NUMBER, _clean, json_fault
 
 text = st.text(alphabet=st.sampled_from(["a", "é", "\x00", " ", "z"]), max_size=4)
 scalars = (

@@ -16,8 +16,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from service.api import appkeys, keycache
 from service.api.app import create_app
 from service.api.keycache import KeyCache
-from service.core import auth
-from service.core.errors import Unauthenticated
+from service.domain.errors import Unauthenticated
+from service.domain.keys import LiveKey, Principal, hash_secret
+from service.store import auth
 from tests.eventkit import wait_until
 from tests.factories import Org
 
@@ -27,7 +28,7 @@ NOTIFY_TIMEOUT = 10
 TURNS = 100
 
 
-async def _authenticate(pool: asyncpg.Pool, client_key: str, secret: str) -> auth.Principal:
+async def _authenticate(pool: asyncpg.Pool, client_key: str, secret: str) -> Principal:
     async with pool.acquire() as conn:
         return await auth.authenticate(conn, client_key, secret)
 
@@ -150,18 +151,18 @@ async def test_every_live_key_is_held_from_the_start_and_new_ones_as_they_commit
 def test_a_reload_read_before_a_handled_revocation_is_not_held() -> None:
     cache = KeyCache(reload_seconds=30)
     cache.listening = True
-    principal = auth.Principal(uuid.uuid4(), "acme", "tly_000000000001", frozenset({"read"}), "prod")
+    principal = Principal(uuid.uuid4(), "acme", "tly_000000000001", frozenset({"read"}), "prod")
     generation = cache.generation
     cache.revoked("tly_000000000001")  # handled while the reload was reading
-    assert not cache.replace({"tly_000000000001": auth.LiveKey(auth.hash_secret("s"), principal)}, generation)
+    assert not cache.replace({"tly_000000000001": LiveKey(hash_secret("s"), principal)}, generation)
     assert not cache.holds("tly_000000000001")
-    assert cache.replace({"tly_000000000001": auth.LiveKey(auth.hash_secret("s"), principal)}, cache.generation)
+    assert cache.replace({"tly_000000000001": LiveKey(hash_secret("s"), principal)}, cache.generation)
     assert cache.get("tly_000000000001", "s") == principal
 
 
 def test_a_disabled_store_holds_nothing() -> None:
     cache = KeyCache(reload_seconds=0)
     cache.listening = True
-    principal = auth.Principal(uuid.uuid4(), "acme", "tly_000000000002", frozenset({"read"}), "prod")
+    principal = Principal(uuid.uuid4(), "acme", "tly_000000000002", frozenset({"read"}), "prod")
     cache.put("tly_000000000002", "s", principal, cache.generation)
     assert cache.get("tly_000000000002", "s") is None and not cache.holds("tly_000000000002")

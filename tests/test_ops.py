@@ -21,9 +21,9 @@ import yaml
 from consumers.deadletters import DeadLetters
 from service.api import appkeys
 from service.cli import build_parser
-from service.core import auth
 from service.infra import metrics
 from service.infra.queues import management_problem, queue_stats
+from service.store import auth
 from tests.consumerkit import barrier, running_consumer
 from tests.eventkit import AMQP_URL, Broker, actual, assert_totals, expected, usage, wait_until
 from tests.factories import Org

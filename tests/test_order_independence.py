@@ -29,9 +29,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from service.core import auth
-from service.core.events import validate_event
-from service.core.fold import fold
+from service.domain.events import validate_event
+from service.store import auth
+from service.store.fold import fold
 
 RETENTION = timedelta(days=35)
 NOW = datetime.now(UTC).replace(microsecond=0)

@@ -13,28 +13,31 @@ import orjson
 import pytest
 
 from service.api.models import SORT_CHOICES
-from service.core.errors import InvalidInput
-from service.core.query import (
-    CUSTOMER_FIELDS,
+from service.domain.errors import InvalidInput
+from service.domain.listing import (
     FILTER_FIELDS,
     MAX_CONDITIONS,
     MAX_FILTER_VALUES,
     MAX_LIMIT,
     OPERATORS,
-    SORT_FIELDS,
-    USAGE_COLUMNS,
     CursorClaims,
     CursorCodec,
     CustomerFilter,
     ListQuery,
     Position,
-    Shape,
     Sort,
     condition,
+    resume,
+)
+from service.store.listing import (
+    CUSTOMER_FIELDS,
+    SORT_FIELDS,
+    USAGE_COLUMNS,
+    Shape,
     count_sql,
     escape_like,
+    filter_expression,
     page_sql,
-    resume,
     shape_sql,
 )
 
@@ -423,8 +426,10 @@ def test_conditions_are_bounded_and_part_of_the_fingerprint() -> None:
 
 
 def test_every_filter_field_is_a_customer_column() -> None:
-    for name, (expr, _kind) in FILTER_FIELDS.items():
-        assert name in CUSTOMER_FIELDS and expr == "c." + name
+    for name in FILTER_FIELDS:
+        assert name in CUSTOMER_FIELDS and filter_expression(name) == "c." + name
+    with pytest.raises(ValueError):
+        filter_expression("password; --")
 
 
 def test_nothing_matches_nothing() -> None:

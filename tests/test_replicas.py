@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from service.core import auth
 from service.infra.settings import Settings
+from service.store import auth
 from tests.eventkit import Broker, wait_until
 from tests.factories import Org
 from tests.processes import TallyProcess

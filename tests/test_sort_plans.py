@@ -13,7 +13,8 @@ import asyncpg
 import orjson
 import pytest
 
-from service.core.query import SORT_FIELDS, USAGE_COLUMNS, ListQuery, Position, Shape, Sort, page_sql
+from service.domain.listing import ListQuery, Position, Sort
+from service.store.listing import SORT_FIELDS, USAGE_COLUMNS, Shape, page_sql
 from tests.factories import Org, make_org
 
 ROWS = 20_000

@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.core.events import InvalidEvent, Rejection, validate_event
-from service.core.profile import parse_instant
+from service.domain.events import InvalidEvent, Rejection, validate_event
+from service.domain.profile import parse_instant
 from tests.compatkit import FLEXPRICE_SEARCH, RESPAN_LIST
 from tests.consumerkit import barrier, running_consumer
 from tests.eventkit import Broker, usage

@@ -18,7 +18,7 @@ from service.api.keycache import KeyCache
 from service.api.models import Health
 from service.api.ratelimit import RateLimiter
 from service.api.routing import OPERATIONS_TAG, Endpoint, add_endpoints
-from service.core.query import CursorCodec
+from service.domain.listing import CursorCodec
 from service.infra.broker import Names
 from service.infra.migrate import NotMigrated
 from service.infra.publisher import Publisher

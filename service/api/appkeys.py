@@ -8,7 +8,7 @@ from aiohttp import web
 from service.api.fairness import Replicas
 from service.api.keycache import KeyCache
 from service.api.ratelimit import RateLimiter
-from service.core.query import CursorCodec
+from service.domain.listing import CursorCodec
 from service.infra.publisher import Publisher
 from service.web.appkeys import POOL, READINESS_CHECKS, SETTINGS
 

@@ -28,9 +28,10 @@ from service.api.models import (
 from service.api.params import WRITE_BODY_BYTES, parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.core import customers as core
-from service.core.auth import Principal
-from service.core.query import CursorCodec, CustomerFilter, ListQuery, Shape, Sort, resume
+from service.domain.keys import Principal
+from service.domain.listing import CursorCodec, CustomerFilter, ListQuery, Sort, resume
+from service.store import customers as core
+from service.store.listing import Shape
 from service.web.problems import REQUEST_ID
 
 DEFAULT_LIMIT = 50
@@ -147,7 +148,7 @@ class WriteStamp(TypedDict):
 
 def write_stamp(request: web.Request) -> WriteStamp:
     """An API write is a change at the time of its request (ties broken by its request id),
-    ordered against events by the same rules (service/core/fold.py)."""
+    ordered against events by the same rules (service/store/fold.py)."""
     return {"at": datetime.now(UTC), "request_id": request.get(REQUEST_ID)}
 
 

@@ -36,10 +36,10 @@ from aiohttp import web
 from service.api import appkeys
 from service.api.errors import invalid
 from service.api.fairness import CostMeter
-from service.core.db import Connection
 from service.infra import metrics
 from service.infra.errors import Unavailable
 from service.infra.standby import SEEN_LSN, Standby, format_lsn, parse_lsn
+from service.store.db import Connection
 
 RETRY_AFTER = 1  # seconds
 

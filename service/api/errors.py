@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from service.core.errors import (
+from service.domain.errors import (
     Conflict,
     DomainError,
     Forbidden,

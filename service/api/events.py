@@ -13,8 +13,8 @@ from service.api import appkeys, examples
 from service.api.errors import bad_request, environment_detail, other_environment, payload_too_large
 from service.api.params import read_body
 from service.api.routing import CPU_SLOT, PRINCIPAL, Endpoint
-from service.core.auth import Principal
-from service.core.events import CloudEvent, FieldProblem, InvalidEvent, decode_body, validate_event
+from service.domain.events import CloudEvent, FieldProblem, InvalidEvent, decode_body, validate_event
+from service.domain.keys import Principal
 from service.infra import metrics
 from service.infra.broker import encode_events, event_message
 from service.web.problems import ProblemField, json_response

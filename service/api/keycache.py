@@ -10,7 +10,7 @@ is looked up, and those lookups are what the per-address limit of failed keys gu
 (service/api/routing.py).
 
 Keeping it current: ``tally keys create`` and ``tally keys revoke`` notify channel
-``tally_keys`` in their transaction (service/core/auth.py). The listener adds a created key
+``tally_keys`` in their transaction (service/store/auth.py). The listener adds a created key
 (read back by its client key) and evicts a revoked one as the change commits. When the
 listener (re)starts, and every ``TALLY_AUTH_CACHE_SECONDS`` as a backstop, it reloads every
 live key; while it is not listening the process holds nothing and every request is looked up.
@@ -34,9 +34,9 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from service.core import auth
-from service.core.auth import CREATED_MARK, KEYS_CHANNEL, LiveKey, Principal, hash_secret
+from service.domain.keys import CREATED_MARK, KEYS_CHANNEL, LiveKey, Principal, hash_secret
 from service.infra.waits import wait_event
+from service.store import auth
 
 log = logging.getLogger("tally.keys")
 

@@ -14,8 +14,9 @@ from aiohttp import web
 from yarl import URL
 
 from service.api import appkeys, dbaccess
-from service.core import customers as core
-from service.core.query import ListQuery, Shape
+from service.domain.listing import ListQuery
+from service.store import customers as core
+from service.store.listing import Shape
 
 
 async def run_list(request: web.Request, q: ListQuery, shape: Shape) -> core.Page:

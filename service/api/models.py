@@ -12,10 +12,10 @@ from uuid import UUID
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from service.api import examples
-from service.core.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY, MAX_SERIES_DAYS
-from service.core.profile import Day, Identifier, Money, ProfileUpdate, ShortText, Timestamp
-from service.core.query import SORT_FIELDS
-from service.core.vocabulary import BudgetDuration, Environment, Status
+from service.domain.listing import SORT_FIELD_NAMES
+from service.domain.profile import Day, Identifier, Money, ProfileUpdate, ShortText, Timestamp
+from service.domain.vocabulary import BudgetDuration, Environment, Status
+from service.store.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY, MAX_SERIES_DAYS
 
 
 def choice(values: Sequence[str], example: str) -> tuple[AfterValidator, WithJsonSchema]:
@@ -36,10 +36,10 @@ def choice(values: Sequence[str], example: str) -> tuple[AfterValidator, WithJso
 ENVIRONMENT = (
     "The API key's environment (the default); naming another is a 403: a key reaches its own environment only."
 )
-# Every date-time parameter says what it takes (service/core/profile.py Timestamp).
+# Every date-time parameter says what it takes (service/domain/profile.py Timestamp).
 TIME_PARAMETER = "A date-time with its zone (2026-11-21T10:00:00Z) or a date (midnight UTC)."
 
-SORT_CHOICES = tuple(name for field in SORT_FIELDS for name in (field, "-" + field))
+SORT_CHOICES = tuple(name for field in SORT_FIELD_NAMES for name in (field, "-" + field))
 _SORT = choice(SORT_CHOICES, "-total_cost")
 SortBy = Annotated[str, _SORT[0], _SORT[1]]
 

@@ -12,9 +12,9 @@ from pydantic import BaseModel, ValidationError
 from service.api.dbaccess import COST
 from service.api.errors import bad_request, invalid, payload_too_large
 from service.api.models import CustomerExpanded
-from service.core.profile import json_fault
-from service.core.query import CUSTOMER_FIELDS
-from service.core.vocabulary import WRITABLE_COLUMNS
+from service.domain.profile import json_fault
+from service.domain.vocabulary import WRITABLE_COLUMNS
+from service.store.listing import CUSTOMER_FIELDS
 from service.web.appkeys import SETTINGS
 from service.web.problems import Problem, ProblemField
 
@@ -69,7 +69,7 @@ def validation_error(exc: ValidationError, location: str, aliases: dict[str, str
 NUL = "\x00"
 NUL_DETAIL = "must not contain NUL (U+0000) characters"
 # A body nested deeper than this is refused before pydantic or orjson walk it recursively
-# (orjson.dumps stops at 255 levels); metadata has its own lower bound (service/core/profile.py).
+# (orjson.dumps stops at 255 levels); metadata has its own lower bound (service/domain/profile.py).
 MAX_BODY_DEPTH = 64
 
 

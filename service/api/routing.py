@@ -14,9 +14,10 @@ from service.api.errors import from_domain, payload_too_large, rate_limited
 from service.api.fairness import CostMeter, CpuSlot, LoopLag, OrgShares, Tarpit, metered
 from service.api.params import BODY_LIMIT
 from service.api.ratelimit import Decision, RateLimiter
-from service.core.auth import Principal, authenticate, split_bearer
-from service.core.errors import DomainError, Unauthenticated
+from service.domain.errors import DomainError, Unauthenticated
+from service.domain.keys import Principal, split_bearer
 from service.infra import metrics
+from service.store.auth import authenticate
 from service.web.problems import Problem
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

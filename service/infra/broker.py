@@ -299,7 +299,7 @@ def dead_letter_message(
     original message's id, so the letters of one message can be found together, and
     ``routing_key`` must be the original message's (the broker accepted it, so it is a valid
     routing key), which replay publishes it with again. ``code`` is the reason's closed-set
-    code (service.core.events.Rejection), ``reason`` its text."""
+    code (service.domain.events.Rejection), ``reason`` its text."""
     return aio_pika.Message(
         body,
         content_type=content_type or "application/cloudevents+json",

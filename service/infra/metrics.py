@@ -12,7 +12,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from service.core.events import EVENT_TYPES, Rejection
+from service.domain.events import EVENT_TYPES, Rejection
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

@@ -44,21 +44,20 @@ from service.api.models import choice
 from service.api.params import FILTER_BODY_BYTES, WRITE_BODY_BYTES, parse_body, parse_query, validation_error
 from service.api.routing import API_KEY_HEADER, PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.core import customers as core
-from service.core.auth import Principal, as_uuid
-from service.core.errors import InvalidInput, NotFound
-from service.core.profile import Email, Identifier, ProfileUpdate, ShortText, Timestamp
-from service.core.query import (
+from service.domain.errors import InvalidInput, NotFound
+from service.domain.keys import Principal, as_uuid
+from service.domain.listing import (
     MAX_CONDITIONS,
-    SORT_FIELDS,
-    Col,
+    SORT_FIELD_NAMES,
     Condition,
     CustomerFilter,
     ListQuery,
-    Shape,
     Sort,
     condition,
 )
+from service.domain.profile import Email, Identifier, ProfileUpdate, ShortText, Timestamp
+from service.store import customers as core
+from service.store.listing import Col, Shape
 
 BASE = "/compat/flexprice"
 TAG = "Flexprice customers API"
@@ -79,7 +78,7 @@ STATUS_FROM_TALLY = (
     ("deactivated", "archived"),
 )
 FlexStatus = Literal["published", "draft", "archived", "deleted"]
-_SORT = choice(["external_id", *SORT_FIELDS], "created_at")
+_SORT = choice(["external_id", *SORT_FIELD_NAMES], "created_at")
 SortField = Annotated[str, _SORT[0], _SORT[1]]
 # Generic filter fields -> the core's; operators likewise ("before"/"after" on times).
 FILTER_FIELDS = {

@@ -21,7 +21,8 @@ from service.api.listing import json_with, run_list
 from service.api.params import parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.core.query import Col, ListQuery, Sort
+from service.domain.listing import ListQuery, Sort
+from service.store.listing import Col
 
 BASE = "/compat/public"
 TAG = "SnapRefund customers API"

@@ -10,7 +10,7 @@ and what Respan's SDK sends): the same query string, and on POST a JSON body ``{
 whose conditions (``{"<field>": {"operator": "<op>", "value": [...]}}``, or a list of them
 for one field) map onto the core's generic conditions. Respan's operator and field names are
 translated here; which fields, operators and bounds exist is the core's
-(``service/core/query.py`` FILTER_FIELDS).
+(``service/domain/listing.py`` FILTER_FIELDS).
 
 The environment, on every route, is the key's: the ``environment`` parameter (or, on the list,
 a ``filters.environment`` equality with one value) may name it, and naming the other one is a
@@ -36,11 +36,12 @@ from service.api.models import ENVIRONMENT, SORT_CHOICES, choice
 from service.api.params import FILTER_BODY_BYTES, MAX_BODY_DEPTH, WRITE_BODY_BYTES, parse_body, parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.core import customers as core
-from service.core.errors import InvalidInput
-from service.core.profile import Email, Metadata, Money, ProfileUpdate, ShortText, json_fault
-from service.core.query import MAX_CONDITIONS, Col, Condition, CustomerFilter, ListQuery, Sort, condition
-from service.core.vocabulary import BudgetDuration, Environment
+from service.domain.errors import InvalidInput
+from service.domain.listing import MAX_CONDITIONS, Condition, CustomerFilter, ListQuery, Sort, condition
+from service.domain.profile import Email, Metadata, Money, ProfileUpdate, ShortText, json_fault
+from service.domain.vocabulary import BudgetDuration, Environment
+from service.store import customers as core
+from service.store.listing import Col
 
 BASE = "/compat/respan"
 TAG = "Respan users API"

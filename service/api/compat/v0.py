@@ -25,8 +25,9 @@ from service.api.listing import json_with, run_list
 from service.api.params import parse_query
 from service.api.routing import PRINCIPAL, Endpoint
 from service.api.shapes import customer_shape
-from service.core.profile import ShortText
-from service.core.query import Col, CustomerFilter, ListQuery, Sort
+from service.domain.listing import CustomerFilter, ListQuery, Sort
+from service.domain.profile import ShortText
+from service.store.listing import Col
 
 BASE = "/compat/v0"
 TAG = "Devdraft customers API"

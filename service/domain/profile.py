@@ -13,7 +13,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
-from service.core.vocabulary import ADDRESS_PREFIX, BudgetDuration, Status
+from service.domain.vocabulary import ADDRESS_PREFIX, BudgetDuration, Status
 
 # The instants asyncpg reads and writes as -infinity/infinity: never a real time.
 _EARLIEST = datetime.min.replace(tzinfo=UTC)

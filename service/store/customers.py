@@ -16,20 +16,13 @@ from uuid import UUID
 
 import asyncpg
 
-from service.core.changes import Change, from_micros
-from service.core.db import Connection
-from service.core.errors import Conflict, InvalidInput, NotFound
-from service.core.fold import apply_changes
-from service.core.query import (
-    MULTI_VALUE_OPERATORS,
-    ListQuery,
-    Position,
-    Shape,
-    join_sql,
-    list_sql,
-    shape_sql,
-)
-from service.core.vocabulary import WRITABLE_COLUMNS
+from service.domain.changes import Change, from_micros
+from service.domain.errors import Conflict, InvalidInput, NotFound
+from service.domain.listing import MULTI_VALUE_OPERATORS, ListQuery, Position
+from service.domain.vocabulary import WRITABLE_COLUMNS
+from service.store.db import Connection
+from service.store.fold import apply_changes
+from service.store.listing import Shape, join_sql, list_sql, shape_sql
 
 
 @dataclass(frozen=True)
@@ -111,7 +104,7 @@ def _write_errors() -> Iterator[None]:
 
 
 # API writes are changes stamped with the request's time and folded by the same code as
-# events (service/core/fold.py), under the same per-customer row lock: so a deletion event stamped
+# events (service/store/fold.py), under the same per-customer row lock: so a deletion event stamped
 # before a POST or PATCH leaves what they wrote, and a DELETE racing a fold loses nothing.
 INSERT_CUSTOMER = """
 INSERT INTO customers (organization_id, environment, customer_identifier, last_event_at)
@@ -124,7 +117,7 @@ LOCK_CUSTOMER = (
 )
 
 # The newest instant any change applied to a customer was stamped with, as a version's
-# microseconds (service/core/changes.py): its fields' versions and hints, its newest profile or
+# microseconds (service/domain/changes.py): its fields' versions and hints, its newest profile or
 # subscription change, its newest usage, its tombstone. Read under the customer's row lock.
 NEWEST_STAMP = """
 SELECT greatest(

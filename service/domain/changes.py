@@ -1,10 +1,10 @@
 """Changes to customers and the in-memory fold: pure, no I/O (unit tested without a
-database in tests/test_changes.py). ``service.core.fold`` writes what :func:`plan` decides.
+database in tests/test_changes.py). ``service.store.fold`` writes what :func:`plan` decides.
 
 A change is one event (or API write) for one customer; :func:`plan` folds a batch of them,
 given each customer's tombstone, into one :class:`Delta` per customer — sums, days, the
 newest value of each field — and says which changes are stale. The rules are the module
-docstring of ``service.core.fold``.
+docstring of ``service.store.fold``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
-from service.core.events import Event, ProfileData, SubscriptionData, UsageData
+from service.domain.events import Event, ProfileData, SubscriptionData, UsageData
 
 # (organization_id, environment, customer_identifier)
 Key = tuple[UUID, str, str]

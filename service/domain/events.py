@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.core.profile import Identifier, ProfileUpdate, ShortText, Timestamp, exact_decimal, json_fault
+from service.domain.profile import Identifier, ProfileUpdate, ShortText, Timestamp, exact_decimal, json_fault
 
 EventType = Literal["usage.recorded", "customer.upserted", "customer.deleted", "subscription.upserted"]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
@@ -144,7 +144,7 @@ class Rejection(StrEnum):
     # queue only through the events exchange's alternate exchange (service/infra/broker.py).
     UNROUTABLE = "unroutable"
     # With publishers bound to organizations (TALLY_AMQP_PUBLISHERS), an event for an
-    # organization its AMQP user may not write (service/core/publishers.py).
+    # organization its AMQP user may not write (service/domain/publishers.py).
     FORBIDDEN_PUBLISHER = "forbidden_publisher"
 
 

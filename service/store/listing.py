@@ -1,31 +1,30 @@
-"""The customer list query: one object built from validated parameters, one SQL statement.
+"""The list compiler: a :class:`~service.domain.listing.ListQuery` and a :class:`Shape` (which
+output key is which customer field) turned into one SQL statement whose rows PostgreSQL renders
+as JSON. Every list route (canonical or compatibility) runs it through
+:func:`service.store.customers.list_customers`. Only names from the domain's allow-lists and the
+catalogues below ever reach SQL text; every value is a ``$n`` parameter.
 
-Every list route (canonical or compatibility) builds a ``ListQuery`` and a ``Projection``
-(which output key is which customer field) and calls :func:`service.core.customers.list_customers`.
-Only names from the allow-lists below ever reach SQL text; every value is a ``$n`` parameter.
-
-Sorting is keyset-friendly: each sort field is a NOT NULL expression (missing values sort
-lowest) with a matching index ``(organization_id, environment, expr, id)``, and ``id`` breaks
-ties, so ``(expr, id)`` is unique and a cursor is a row comparison on that tuple.
+Each sort field is a NOT NULL expression (missing values sort lowest) with a matching index
+``(organization_id, environment, expr, id)``, and ``id`` breaks ties, so ``(expr, id)`` is unique
+and a cursor is a row comparison on that tuple.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
-from decimal import Decimal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Union
-from uuid import UUID
 
-import orjson
-
-from service.core.errors import InvalidInput
-from service.core.profile import parse_instant
+from service.domain.listing import (
+    COMPARISONS,
+    FILTER_FIELDS,
+    SORT_FIELD_NAMES,
+    TEXT_MATCHES,
+    Condition,
+    CustomerFilter,
+    ListQuery,
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ SORT_FIELDS: dict[str, SortField] = {
     "period_budget": SortField("coalesce(c.period_budget, '-infinity'::numeric)", "numeric"),
 }
 
-MAX_LIMIT = 1000
+assert tuple(SORT_FIELDS) == SORT_FIELD_NAMES, "every sortable field has its expression and index"
 
 # Output fields: name -> SQL over a customers alias ``{t}``, rendered into JSON by
 # row_to_json. Money is text so that no client parses it into a float by accident.
@@ -280,33 +279,10 @@ def join_sql(shape: Shape, alias: str = "c") -> str:
     return f" LEFT JOIN customer_rows p ON {parent}"
 
 
-# Fields a generic condition may filter on: name -> (SQL over the customer_rows alias ``c``, kind).
-# Only these expressions ever reach SQL text; every value is a ``$n`` parameter of the kind's type.
-FILTER_FIELDS: dict[str, tuple[str, str]] = {
-    "customer_identifier": ("c.customer_identifier", "text"),
-    "name": ("c.name", "text"),
-    "email": ("c.email", "text"),
-    "environment": ("c.environment", "text"),
-    "status": ("c.status", "text"),
-    "first_seen": ("c.first_seen", "timestamptz"),
-    "last_active": ("c.last_active", "timestamptz"),
-    "created_at": ("c.created_at", "timestamptz"),
-    "updated_at": ("c.updated_at", "timestamptz"),
-    "active_days": ("c.active_days", "int8"),
-    "number_of_requests": ("c.number_of_requests", "int8"),
-    "prompt_tokens": ("c.prompt_tokens", "int8"),
-    "completion_tokens": ("c.completion_tokens", "int8"),
-    "total_tokens": ("c.total_tokens", "int8"),
-    "total_cost": ("c.total_cost", "numeric"),
-    "average_latency": ("c.average_latency", "float8"),
-    "average_ttft": ("c.average_ttft", "float8"),
-}
-# Operators: ``eq``/``ne`` match any/none of one or more values; the comparisons and the text
-# matches take one value (the matches only on text fields); ``empty``/``not_empty`` take none.
-MULTI_VALUE_OPERATORS = frozenset({"eq", "ne"})
-COMPARISONS = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
+# The SQL of the domain's operators (service/domain/listing.py).
+COMPARISON_SQL = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
 # operator -> (LIKE or ILIKE, pattern around the escaped value, negated)
-TEXT_MATCHES: dict[str, tuple[str, str, bool]] = {
+TEXT_MATCH_SQL: dict[str, tuple[str, str, bool]] = {
     "contains": ("LIKE", "%{}%", False),
     "not_contains": ("LIKE", "%{}%", True),
     "icontains": ("ILIKE", "%{}%", False),
@@ -315,205 +291,33 @@ TEXT_MATCHES: dict[str, tuple[str, str, bool]] = {
     "endswith": ("LIKE", "%{}", False),
     "not_endswith": ("LIKE", "%{}", True),
 }
-PRESENCE_OPERATORS = frozenset({"empty", "not_empty"})
-OPERATORS = frozenset({*MULTI_VALUE_OPERATORS, *COMPARISONS, *TEXT_MATCHES, *PRESENCE_OPERATORS})
-# Bounds on what one request may ask for, so a filter stays one bounded statement (and a 400,
-# not a 500, says so): conditions per query, values per condition and in all, characters per
-# text value. Each condition is evaluated on every customer a filtered count scans (~50-75 ns
-# per customer here): 10 conditions sharing 1,000 values count 300k customers in ~150 ms.
-MAX_CONDITIONS = 10
-MAX_CONDITION_VALUES = 1000
-# Every condition is evaluated on every customer a filter scans: the work a filter asks of the
-# database grows with the values of all its conditions together, so they share one bound.
-MAX_FILTER_VALUES = 1000
-MAX_TEXT_VALUE = 1000
-_INT8 = (-(2**63), 2**63 - 1)
-_MAX_MONEY = Decimal("1e15")
-# A number filter value: at most this many characters as text, and (for exact numbers) at most
-# as many decimal places as a stored amount has (events' cost: 12). PostgreSQL's numeric and
-# the driver refuse exponents past ±16383 (a 500 before these bounds), and a million-digit
-# string costs parsing time for nothing: no stored amount has more than 25 digits.
-MAX_NUMBER_TEXT = 40
-MAX_DECIMAL_PLACES = 12
-_EARLIEST, _LATEST = datetime(1, 1, 2, tzinfo=UTC), datetime(9999, 12, 30, tzinfo=UTC)
-
-FilterValue = str | int | Decimal | float | datetime
+assert set(COMPARISON_SQL) == COMPARISONS and set(TEXT_MATCH_SQL) == TEXT_MATCHES
 
 
-@dataclass(frozen=True)
-class Condition:
-    """One generic filter condition: ``field`` (a key of FILTER_FIELDS) ``operator`` (one of
-    OPERATORS) ``values`` (typed for the field). Build it with :func:`condition`."""
-
-    field: str
-    operator: str
-    values: tuple[FilterValue, ...] = ()
-
-
-def condition(field_name: str, operator: str, values: Sequence[object], param: str) -> Condition:
-    """A checked :class:`Condition` from a client's field, operator and values (JSON values:
-    strings, numbers; ISO 8601 strings for times). InvalidInput naming ``param`` when the
-    field or operator is unknown, the count of values is wrong for the operator, or a value
-    does not fit the field's type."""
-    if field_name not in FILTER_FIELDS:
-        raise InvalidInput(param, f"cannot filter on '{field_name}'; filterable: {', '.join(FILTER_FIELDS)}")
-    if operator not in OPERATORS:
-        raise InvalidInput(param, f"unknown operator '{operator}'")
-    kind = FILTER_FIELDS[field_name][1]
-    if operator in PRESENCE_OPERATORS:
-        return Condition(field_name, operator)
-    if operator in TEXT_MATCHES and kind != "text":
-        raise InvalidInput(param, f"operator '{operator}' applies to text fields only")
-    if not values:
-        raise InvalidInput(param, f"operator '{operator}' needs a value")
-    if operator in MULTI_VALUE_OPERATORS:
-        if len(values) > MAX_CONDITION_VALUES:
-            raise InvalidInput(param, f"at most {MAX_CONDITION_VALUES} values")
-    elif len(values) != 1:
-        raise InvalidInput(param, f"operator '{operator}' takes exactly one value")
-    return Condition(field_name, operator, tuple(_typed(v, kind, param) for v in values))
-
-
-def _typed(value: object, kind: str, param: str) -> FilterValue:
-    """``value`` as the Python type asyncpg sends for ``kind``; InvalidInput if it cannot be."""
-    if isinstance(value, bool):
-        raise InvalidInput(param, "booleans are not filter values")
-    if kind == "text":
-        if not isinstance(value, (str, int, float, Decimal)):
-            raise InvalidInput(param, "must be a string")
-        text = str(value)
-        if len(text) > MAX_TEXT_VALUE or "\x00" in text:
-            raise InvalidInput(param, f"must be at most {MAX_TEXT_VALUE} characters, without NUL")
-        return text
-    if kind == "timestamptz":
-        # The canonical parameters' rules (service/core/profile.py): a date is midnight UTC, a
-        # date-time must carry its zone.
-        try:
-            moment = parse_instant(value)
-        except ValueError as exc:
-            raise InvalidInput(param, str(exc)) from None
-        if not _EARLIEST < moment < _LATEST:  # the driver cannot send what is outside
-            raise InvalidInput(param, "must be between 0001-01-02 and 9999-12-30")
-        return moment
-    digits = str(value).strip() if isinstance(value, (str, int, float, Decimal)) else None
-    if digits is not None and len(digits) > MAX_NUMBER_TEXT:
-        raise InvalidInput(param, f"must be a number of at most {MAX_NUMBER_TEXT} characters")
-    try:
-        number = Decimal(digits) if digits is not None else None
-    except ArithmeticError:
-        number = None
-    if number is None or not number.is_finite():
-        raise InvalidInput(param, "must be a number")
-    if kind == "int8":
-        if number != number.to_integral_value() or not _INT8[0] <= number <= _INT8[1]:
-            raise InvalidInput(param, "must be a whole number within 64 bits")
-        return int(number)
-    if abs(number) >= _MAX_MONEY:
-        raise InvalidInput(param, "is out of range")
-    if kind == "float8":
-        return float(number)
-    exponent = number.normalize().as_tuple().exponent
-    if isinstance(exponent, int) and -exponent > MAX_DECIMAL_PLACES:
-        raise InvalidInput(param, f"has more than {MAX_DECIMAL_PLACES} decimal places")
-    return number
+def filter_expression(name: str) -> str:
+    """The SQL of a filterable field over the customer_rows alias ``c`` (a column of its name)."""
+    if name not in FILTER_FIELDS:
+        raise ValueError(f"not a filterable field: {name!r}")
+    return f"c.{name}"
 
 
 def condition_sql(cond: Condition, p: _Params) -> str:
     """One condition as SQL over ``c``: the field's expression from the allow-list, the values
     as parameters. A missing value (NULL) matches ``ne``, the negated text matches and
     ``empty``, and nothing else."""
-    expr, kind = FILTER_FIELDS[cond.field]
+    expr, kind = filter_expression(cond.field), FILTER_FIELDS[cond.field]
     if cond.operator == "eq":
         return f"{expr} = ANY({p(list(cond.values), kind + '[]')})"
     if cond.operator == "ne":
         return f"coalesce({expr} <> ALL({p(list(cond.values), kind + '[]')}), true)"
-    if cond.operator in COMPARISONS:
-        return f"{expr} {COMPARISONS[cond.operator]} {p(cond.values[0], kind)}"
-    if cond.operator in TEXT_MATCHES:
-        like, pattern, negated = TEXT_MATCHES[cond.operator]
+    if cond.operator in COMPARISON_SQL:
+        return f"{expr} {COMPARISON_SQL[cond.operator]} {p(cond.values[0], kind)}"
+    if cond.operator in TEXT_MATCH_SQL:
+        like, pattern, negated = TEXT_MATCH_SQL[cond.operator]
         match = f"{expr} {like} {p(pattern.format(escape_like(str(cond.values[0]))))}"
         return f"coalesce(NOT ({match}), true)" if negated else match
     blank = f"({expr} IS NULL OR {expr} = '')" if kind == "text" else f"{expr} IS NULL"
     return blank if cond.operator == "empty" else f"NOT {blank}"
-
-
-@dataclass(frozen=True)
-class CustomerFilter:
-    statuses: tuple[str, ...] = ()
-    name_contains: str | None = None
-    email: str | None = None
-    ids: tuple[UUID, ...] = ()
-    identifiers: tuple[str, ...] = ()
-    parent_ids: tuple[UUID, ...] = ()
-    first_seen_gte: datetime | None = None
-    first_seen_lte: datetime | None = None
-    last_active_gte: datetime | None = None
-    last_active_lte: datetime | None = None
-    total_cost_gte: Decimal | None = None
-    total_cost_lte: Decimal | None = None
-    metadata: tuple[tuple[str, str], ...] = ()
-    # Customers whose current-period usage is at least this share of their period budget.
-    period_budget_share_gte: Decimal | None = None
-    # Generic conditions (all must hold), built by :func:`condition`.
-    conditions: tuple[Condition, ...] = ()
-    # True: the filter matches nothing (a status the route's vocabulary has and tally never holds).
-    nothing: bool = False
-
-    def __post_init__(self) -> None:
-        if len(self.conditions) > MAX_CONDITIONS:
-            raise InvalidInput("filters", f"at most {MAX_CONDITIONS} conditions")
-        if sum(len(c.values) for c in self.conditions) > MAX_FILTER_VALUES:
-            raise InvalidInput("filters", f"at most {MAX_FILTER_VALUES} values in all conditions together")
-
-    def fingerprint(self) -> str:
-        """A short digest of the filter, so a cursor cannot be replayed against another one."""
-        canonical = orjson.dumps(asdict(self), default=str, option=orjson.OPT_SORT_KEYS)
-        return hashlib.sha256(canonical).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Sort:
-    field: str = "first_seen"
-    descending: bool = True
-
-    @classmethod
-    def parse(cls, text: str, param: str = "sort_by") -> Sort:
-        name = text[1:] if text.startswith("-") else text
-        if name not in SORT_FIELDS:
-            raise InvalidInput(param, f"cannot sort by '{name}'")
-        return cls(name, text.startswith("-"))
-
-    def __str__(self) -> str:
-        return ("-" if self.descending else "") + self.field
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a keyset page starts: after (or, ``backwards``, before) the row (key, id)."""
-
-    key: str
-    id: str
-    backwards: bool = False
-
-
-@dataclass(frozen=True)
-class ListQuery:
-    organization_id: UUID
-    environment: str
-    filter: CustomerFilter = CustomerFilter()
-    sort: Sort = Sort()
-    limit: int = 50
-    offset: int = 0
-    position: Position | None = None
-    count: bool = True
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.limit <= MAX_LIMIT:
-            raise InvalidInput("limit", f"must be between 1 and {MAX_LIMIT}")
-        if self.offset < 0:
-            raise InvalidInput("offset", "must be 0 or more")
-        if self.position and self.offset:
-            raise InvalidInput("cursor", "cannot be combined with an offset")
 
 
 class _Params:
@@ -688,82 +492,3 @@ def list_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
         f" LEFT JOIN LATERAL ({page}) page ON true ORDER BY page.sort_key {direction}, page.id {direction}"
     )
     return sql, p.values
-
-
-class CursorCodec:
-    """Opaque, signed cursors. The payload binds the organization, environment, sort and
-    filter it was made for; anything else (tampered, foreign, stale) is refused."""
-
-    VERSION = 1
-
-    def __init__(self, secret: bytes) -> None:
-        self._secret = secret
-
-    def _sign(self, payload: bytes) -> bytes:
-        return hmac.new(self._secret, payload, hashlib.sha256).digest()[:16]
-
-    def encode(self, q: ListQuery, position: Position) -> str:
-        payload = orjson.dumps(
-            [
-                self.VERSION,
-                str(q.organization_id),
-                q.environment,
-                str(q.sort),
-                q.filter.fingerprint(),
-                position.key,
-                position.id,
-                position.backwards,
-            ]
-        )
-        return _b64(payload) + "." + _b64(self._sign(payload))
-
-    def decode(self, token: str) -> CursorClaims:
-        """Verify a cursor's signature and return what it claims; :func:`resume` checks the
-        claims against the request."""
-        invalid = InvalidInput("cursor", "is not a cursor this server issued")
-        body, dot, sig = token.partition(".")
-        try:
-            payload, signature = _unb64(body), _unb64(sig)
-        except ValueError:
-            raise invalid from None
-        if not dot or not hmac.compare_digest(self._sign(payload), signature):
-            raise invalid
-        try:
-            version, org, env, sort, fingerprint, key, kid, backwards = orjson.loads(payload)
-        except (orjson.JSONDecodeError, ValueError, TypeError):
-            raise invalid from None
-        if version != self.VERSION:
-            raise invalid
-        return CursorClaims(org, env, sort, fingerprint, Position(key, kid, bool(backwards)))
-
-
-@dataclass(frozen=True)
-class CursorClaims:
-    organization_id: str
-    environment: str
-    sort: str
-    fingerprint: str
-    position: Position
-
-
-def resume(q: ListQuery, claims: CursorClaims, explicit_sort: bool) -> ListQuery:
-    """``q`` continued from a cursor. The cursor must have been made for this organization,
-    environment and filter; its sort applies unless the request named the same one."""
-    if claims.organization_id != str(q.organization_id) or claims.environment != q.environment:
-        raise InvalidInput("cursor", "was not issued for this organization and environment")
-    if claims.fingerprint != q.filter.fingerprint():
-        raise InvalidInput("cursor", "was issued for different filters; repeat the original filters")
-    if explicit_sort and str(q.sort) != claims.sort:
-        raise InvalidInput("cursor", f"was issued for sort_by={claims.sort}")
-    return replace(q, sort=Sort.parse(claims.sort, "cursor"), position=claims.position, offset=0)
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, TypeError) as exc:
-        raise ValueError(str(exc)) from None

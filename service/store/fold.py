@@ -18,7 +18,7 @@ against a reference model on random histories, orders, batch splits and consumer
   each event's time and amounts for the whole retention window, and a deletion older than
   the window is refused), older fields are cleared, older subscriptions dropped. With nothing
   newer than T the customer is removed.
-- **API writes** are changes stamped with the time of the request (``service/core/customers.py``).
+- **API writes** are changes stamped with the time of the request (``service/store/customers.py``).
 
 One transaction per batch, in this order:
 
@@ -52,12 +52,12 @@ from uuid import UUID
 
 import orjson
 
-from service.core import failpoints
-from service.core.auth import resolve_organizations
-from service.core.changes import HINT_COLUMNS, Change, Delta, Key, plan
-from service.core.db import Connection
-from service.core.events import Event, Rejection, UsageData, too_old_reason
-from service.core.vocabulary import PROFILE_COLUMNS
+from service.domain.changes import HINT_COLUMNS, Change, Delta, Key, plan
+from service.domain.events import Event, Rejection, UsageData, too_old_reason
+from service.domain.vocabulary import PROFILE_COLUMNS
+from service.store import failpoints
+from service.store.auth import resolve_organizations
+from service.store.db import Connection
 
 Status = Literal["applied", "duplicate", "stale", "rejected"]
 
