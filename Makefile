@@ -18,7 +18,7 @@ export UV_PYTHON_DOWNLOADS := never
 # --inexact: keep what another target installed (make test after make docs keeps both extras).
 SYNC := $(UV) sync --locked --inexact --python $(PYTHON)
 
-.PHONY: install install-dev install-docs lock lock-check migrate run api test test-repeat test-faults lint format \
+.PHONY: install install-dev install-docs lock lock-check migrate run api test test-unit test-repeat test-faults lint format \
 	docs docs-serve config-reference clean
 
 $(UV):
@@ -60,6 +60,12 @@ api: migrate
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# The fast tier: every test that needs no database or broker (the pure domain, the SQL
+# compiler's text, the limiters, the docs' consistency), with every connection to a service
+# refused, so that a test needing one cannot pass here by accident.
+test-unit: install-dev
+	TALLY_TEST_OFFLINE=1 $(BIN)/python -m pytest -q -m "unit and not faults" -p no:cacheprovider
 
 # The tests that touch timing-sensitive paths (consumers and their gauges, key-cache races,
 # header timeouts, fair sharing, competing consumer processes), run REPEAT times more: a flaky

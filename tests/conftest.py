@@ -30,6 +30,7 @@ from service.infra.settings import Settings
 from tests.compatkit import CROWD_BASE, CROWD_SIZE, Crowd, get_json
 from tests.eventkit import Broker, delete_namespace
 from tests.factories import Org, insert_customer, make_org, set_columns
+from tests.offline import install_offline_guard
 from tests.processes import Fleet
 from tests.statementcapture import install as install_statement_capture
 from tests.support import BASE_DSN, with_database
@@ -38,9 +39,24 @@ from tests.support import BASE_DSN, with_database
 install_statement_capture()
 
 
+# The fixtures through which a test reaches PostgreSQL or RabbitMQ. A test whose fixtures
+# include neither (and that is not marked `services`) belongs to the fast tier, `make
+# test-unit`, which runs with every connection to a service refused (tests/offline.py).
+SERVICE_FIXTURES = frozenset({"migrated", "broker"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The Citus routing check judges every statement the session ran: it goes last."""
+    """Mark the fast tier; the Citus routing check judges every statement the session ran, so
+    it goes last."""
+    for item in items:
+        if not SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("services"):
+            item.add_marker(pytest.mark.unit)
     items.sort(key=lambda item: item.get_closest_marker("citus_last") is not None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("TALLY_TEST_OFFLINE"):
+        install_offline_guard()
 
 
 # ---- the database, the API, organizations --------------------------------------------------

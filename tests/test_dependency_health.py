@@ -112,6 +112,7 @@ async def test_a_read_url_that_is_not_a_standby_is_said_once(
     assert len(said) == 1, [r.getMessage() for r in said]
 
 
+@pytest.mark.services  # the real broker, as the live node
 async def test_a_broker_node_down_by_design_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
     """A cluster node that is down (here: a port nobody listens on, listed first) is logged
     when it becomes unreachable, once, however often clients fail over past it; aiormq's own

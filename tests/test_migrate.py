@@ -14,6 +14,9 @@ from service.infra.migrate import MigrationError, migrate
 from service.infra.settings import DEFAULT_MIGRATIONS_DIR
 from tests.support import BASE_DSN, with_database
 
+# The migrator makes databases of its own (no fixture says so).
+pytestmark = pytest.mark.services
+
 
 @pytest.fixture
 async def empty_dsn():
