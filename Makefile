@@ -18,7 +18,7 @@ export UV_PYTHON_DOWNLOADS := never
 # --inexact: keep what another target installed (make test after make docs keeps both extras).
 SYNC := $(UV) sync --locked --inexact --python $(PYTHON)
 
-.PHONY: install install-dev install-docs lock lock-check migrate run api test test-unit test-repeat test-faults lint format \
+.PHONY: install install-dev install-docs lock lock-check migrate run api test test-unit schema test-repeat test-faults lint format \
 	docs docs-serve config-reference clean
 
 $(UV):
@@ -60,6 +60,11 @@ api: migrate
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# The schema as the migrations leave it, written to service/store/schema.sql from a database
+# migrated from scratch (tests/test_schema.py fails when it is stale).
+schema: install-dev
+	$(BIN)/python -m service.infra.schemadump
 
 # The fast tier: every test that needs no database or broker (the pure domain, the SQL
 # compiler's text, the limiters, the docs' consistency), with every connection to a service
