@@ -31,8 +31,7 @@ from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
 from service.store.alerts import ALERT_ROUTING_KEY, relay_alerts
-from service.store.customers import compact_counts
-from service.store.fold import purge_processed
+from service.store.housekeeping import compact_counts, purge_processed
 
 log = logging.getLogger("tally.housekeeping")
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.infra.settings import Settings
-from service.store import alerts, customers, fold
+from service.store import alerts, housekeeping
 from tests.consumerkit import barrier, running_consumer
 from tests.eventkit import Broker, usage
 from tests.factories import Org, insert_customer
@@ -24,15 +24,15 @@ from tests.statementcapture import CAPTURE, DISTRIBUTED, LOCAL, REFERENCE, Verdi
 # shard in parallel, which is what these periodic, tenant-wide jobs mean to do.
 GLOBAL_JOBS = {
     # customer_counts deltas folded for all organizations at once (a multi-shard CTE).
-    "service/store/customers.py:compact_counts": "compacts every organization's count deltas",
+    "service/store/housekeeping.py:compact_counts": "compacts every organization's count deltas",
     # relays unpublished alerts whatever their organization (SKIP LOCKED, small and indexed).
     "service/store/alerts.py:relay_alerts": "relays every organization's unpublished alerts",
     # tombstones older than the dedupe window, for all organizations.
-    "service/store/fold.py:purge_processed": "purges expired tombstones of every organization",
+    "service/store/housekeeping.py:purge_processed": "purges expired tombstones of every organization",
 }
 # Statements whose organization comes per row from a batch (unnest of the batch's keys):
 # the fold writes a batch that may span organizations in one statement per table.
-PER_ROW_ALLOWED = ("service/store/fold.py:", "service/store/alerts.py:")
+PER_ROW_ALLOWED = ("service/store/fold.py:", "service/store/apply.py:", "service/store/alerts.py:")
 
 
 async def test_every_table_is_placed_in_the_distribution_plan(pool: asyncpg.Pool) -> None:
@@ -107,8 +107,8 @@ async def _workload(client: TestClient, settings: Settings, pool: asyncpg.Pool, 
         )
         await barrier(pool, broker, org)
     async with pool.acquire() as conn:
-        await customers.compact_counts(conn)
-        await fold.purge_processed(conn, timedelta(days=35))
+        await housekeeping.compact_counts(conn)
+        await housekeeping.purge_processed(conn, timedelta(days=35))
 
     async def publish(event: dict[str, object]) -> None:
         return None

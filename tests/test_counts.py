@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from service.domain.events import validate_event
-from service.store.customers import compact_counts
 from service.store.fold import fold
+from service.store.housekeeping import compact_counts
 from tests.eventkit import usage
 from tests.factories import Org, insert_customer
 

@@ -20,8 +20,8 @@ from service.domain.changes import Change, from_micros
 from service.domain.errors import Conflict, InvalidInput, NotFound
 from service.domain.listing import MULTI_VALUE_OPERATORS, ListQuery, Position
 from service.domain.vocabulary import WRITABLE_COLUMNS
+from service.store.apply import apply_changes
 from service.store.db import Connection
-from service.store.fold import apply_changes
 from service.store.listing import Shape, join_sql, list_sql, shape_sql
 
 
@@ -304,18 +304,3 @@ async def usage_series(
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
     series: str = await conn.fetchval(USAGE_SERIES, organization_id, customer_id, start, end, granularity)
     return series
-
-
-# Folding the counters' delta rows into one row per key. Concurrent writers only insert
-# new deltas, which this statement's snapshot does not see, so nothing is lost; two
-# compactions at once are safe too (the second skips rows the first deleted).
-COMPACT_COUNTS = """
-WITH gone AS (DELETE FROM customer_counts RETURNING organization_id, environment, status, delta)
-INSERT INTO customer_counts
-SELECT organization_id, environment, status, sum(delta) FROM gone GROUP BY 1, 2, 3 HAVING sum(delta) <> 0
-"""
-
-
-async def compact_counts(conn: Connection) -> None:
-    """Fold the customer-count deltas (run periodically by consumers)."""
-    await conn.execute(COMPACT_COUNTS)

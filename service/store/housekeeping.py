@@ -1,0 +1,49 @@
+"""Periodic jobs the consumers run beside ingestion (consumers/housekeeping.py): forgetting
+dedupe keys past the retention window, folding the customer-count deltas."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from service.store.db import Connection
+
+PURGE_PROCESSED = """
+DELETE FROM processed_events
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM processed_events WHERE organization_id = $1 AND event_time < $2 LIMIT $3))
+"""
+PURGE_TOMBSTONES = "DELETE FROM customer_tombstones WHERE deleted_at < $1"
+
+
+async def purge_processed(conn: Connection, retention: timedelta, *, chunk: int = 10_000) -> int:
+    """Forget dedupe keys (and their journal) and tombstones of events older than
+    ``retention`` plus a day. The fold refuses events older than ``retention``, so a purged
+    key can never be applied again and a purged tombstone can never matter again; the day
+    covers clock skew between consumers and the database. Deletes in chunks, per
+    organization (the index is ``(organization_id, event_time)``), to keep locks short."""
+    cutoff = datetime.now(UTC) - retention - timedelta(days=1)
+    total = 0
+    for org in await conn.fetch("SELECT id FROM organizations"):
+        while True:
+            status = await conn.execute(PURGE_PROCESSED, org["id"], cutoff, chunk)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < chunk:
+                break
+    await conn.execute(PURGE_TOMBSTONES, cutoff)
+    return total
+
+
+# Folding the counters' delta rows into one row per key. Concurrent writers only insert
+# new deltas, which this statement's snapshot does not see, so nothing is lost; two
+# compactions at once are safe too (the second skips rows the first deleted).
+COMPACT_COUNTS = """
+WITH gone AS (DELETE FROM customer_counts RETURNING organization_id, environment, status, delta)
+INSERT INTO customer_counts
+SELECT organization_id, environment, status, sum(delta) FROM gone GROUP BY 1, 2, 3 HAVING sum(delta) <> 0
+"""
+
+
+async def compact_counts(conn: Connection) -> None:
+    """Fold the customer-count deltas (run periodically by consumers)."""
+    await conn.execute(COMPACT_COUNTS)
