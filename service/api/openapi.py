@@ -17,7 +17,7 @@ from pydantic.json_schema import models_json_schema
 
 from service.api import appkeys
 from service.api.models import Problem
-from service.api.routing import API_KEY_HEADER, Endpoint
+from service.api.routing import API_KEY_HEADER, Call, Endpoint, NoQuery
 
 REF = "#/components/schemas/{model}"
 ERROR_TEXT = {
@@ -96,8 +96,8 @@ def build_openapi(
     for ep in endpoints:
         op: dict[str, object] = {
             "summary": ep.summary,
-            # The handler's module and name: stable whatever the tags are called.
-            "operationId": f"{ep.handler.__module__.rsplit('.', 1)[-1]}_{ep.handler.__name__}",
+            # Stable whatever the tags are called (Endpoint.operation).
+            "operationId": ep.operation,
             "tags": [ep.tag],
         }
         if ep.description:
@@ -187,8 +187,8 @@ def _media(ref: dict[str, str], defs: dict[str, typing.Any]) -> dict[str, object
     return media
 
 
-async def openapi_json(request: web.Request) -> web.Response:
-    return web.Response(body=orjson.dumps(request.app[appkeys.OPENAPI]), content_type="application/json")
+async def openapi_json(call: Call[NoQuery, None]) -> web.Response:
+    return web.Response(body=orjson.dumps(call.request.app[appkeys.OPENAPI]), content_type="application/json")
 
 
 def swagger_ui_static() -> Path:
@@ -230,10 +230,10 @@ DOCS_PAGE = """<!doctype html>
 """
 
 
-async def docs_page(request: web.Request) -> web.Response:
+async def docs_page(call: Call[NoQuery, None]) -> web.Response:
     """Interactive docs (Swagger UI): every operation with its parameters, request and response
     schemas and examples; "Authorize" takes a key, "Try it out" sends real requests."""
-    title = html.escape(str(request.app[appkeys.OPENAPI]["info"]["title"]))
+    title = html.escape(str(call.request.app[appkeys.OPENAPI]["info"]["title"]))
     return web.Response(text=DOCS_PAGE.format(title=title), content_type="text/html")
 
 
