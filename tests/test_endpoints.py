@@ -42,3 +42,15 @@ async def test_a_route_without_a_query_model_takes_no_parameters(client: TestCli
     for path in (f"/compat/flexprice/v1/customers/external/{identifier}", "/healthz"):
         resp = await client.get(path + "?expand=parent_customer", headers={"x-api-key": org.key})
         await problem(resp, 400, "expand")
+
+
+async def test_the_document_lists_what_every_route_can_answer(openapi_doc: dict) -> None:
+    """Errors every route like it can give are in each operation's responses, not left to
+    hand-kept lists: 400 everywhere (a parameter it does not take), 413 with a body (its
+    bound), 404 where the path names a customer."""
+    for path, operations in openapi_doc["paths"].items():
+        for method, op in operations.items():
+            codes = set(op["responses"])
+            assert "400" in codes, (method, path)
+            assert ("413" in codes) >= ("requestBody" in op), (method, path)
+            assert ("404" in codes) >= ("{" in path), (method, path)

@@ -180,7 +180,6 @@ ENDPOINTS = [
         "read",
         query=ListParams,
         response=CustomerList,
-        errors=(400, 401, 403, 429),
         description="Paged, sorted, filtered list. count is over all pages; next/previous keep the "
         "pagination style of the request; next_cursor continues at constant cost.",
         operation_id="customers_list_customers",
@@ -195,7 +194,7 @@ ENDPOINTS = [
         body=CustomerCreate,
         response=Customer,
         status=201,
-        errors=(400, 401, 403, 409, 413),
+        errors=(409,),
         max_body=WRITE_BODY_BYTES,
         operation_id="customers_create_customer",
     ),
@@ -208,7 +207,6 @@ ENDPOINTS = [
         "read",
         query=RetrieveParams,
         response=CustomerExpanded,
-        errors=(400, 401, 403, 404),
         path_params=IDENTIFIER,
         operation_id="customers_retrieve_customer",
     ),
@@ -222,7 +220,6 @@ ENDPOINTS = [
         query=RetrieveParams,
         body=CustomerPatch,
         response=Customer,
-        errors=(400, 401, 403, 404, 413),
         path_params=IDENTIFIER,
         description="Only the fields sent change. Read-only or unknown fields are a 400 naming them.",
         max_body=WRITE_BODY_BYTES,
@@ -237,7 +234,6 @@ ENDPOINTS = [
         "write",
         query=RetrieveParams,
         status=204,
-        errors=(400, 401, 403, 404),
         path_params=IDENTIFIER,
         operation_id="customers_delete_customer",
     ),
@@ -250,7 +246,6 @@ ENDPOINTS = [
         "read",
         query=UsageParams,
         response=UsageSeries,
-        errors=(400, 401, 403, 404),
         path_params=IDENTIFIER,
         description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC days, inclusive, "
         f"given as dates; 'to' at most {core.MAX_SERIES_DAYS} days after 'from'); without them, the last "

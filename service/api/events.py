@@ -137,7 +137,6 @@ ENDPOINTS = [
         raw_body=True,
         response=Accepted,
         status=202,
-        errors=(400, 401, 403, 413, 503),
         description="One CloudEvent 1.0 (structured JSON) or an array of them, validated with the "
         "consumer's rules, published persistent with publisher confirms. 202 means the broker "
         "has them; the consumer folds them exactly once.",

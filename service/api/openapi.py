@@ -79,6 +79,16 @@ def _query_parameters(model: type[BaseModel], aliases: dict[str, str]) -> list[d
     return params
 
 
+def _answers(ep: Endpoint) -> set[int]:
+    """The errors every route like ``ep`` can answer, whatever it does: 400 (a query parameter
+    it does not take, an invalid one or body field), 413 (a body over its bound), 404 (a path
+    that names what may not exist); on an authenticated route 401 (no valid key), 403 (missing
+    scope), 429 (the key's rate limit, or its address's for failed keys) and 503 (bounded waits
+    for the database); on a public route 429 (its address's rate limit)."""
+    codes = {400, *([413] if ep.body else []), *([404] if ep.path_params else [])}
+    return codes | ({401, 403, 429, 503} if ep.scope else {429})
+
+
 def build_openapi(
     endpoints: Sequence[Endpoint], *, title: str, version: str, tags: dict[str, str], server: str = "/"
 ) -> dict[str, typing.Any]:
@@ -127,11 +137,7 @@ def build_openapi(
             ok["headers"] = {"X-Tally-Consistency": CONSISTENCY_RESPONSE_HEADER}
         responses: dict[str, object] = {str(ep.status): ok}
         problem_ref = refs[(Problem, "serialization")]
-        # Every authenticated route can answer 401 (no valid key), 403 (missing scope), 429
-        # (the key's rate limit, or its address's for failed keys) and 503 (bounded waits for
-        # the database); a public route 429 (its address's rate limit).
-        # A read that takes a consistency token answers 400 to a malformed one.
-        codes = set(ep.errors) | ({401, 403, 429, 503} if ep.scope else {429}) | ({400} if takes_token else set())
+        codes = set(ep.errors) | _answers(ep)
         for code in sorted(codes):
             response: dict[str, object] = {
                 "description": ERROR_TEXT.get(code, "Error"),

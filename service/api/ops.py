@@ -34,7 +34,6 @@ ENDPOINTS = [
         OPERATIONS_TAG,
         "ops",
         response=QueuesOut,
-        errors=(503,),
         description="Ingest, dead-letter and budget-alert queues. Unacknowledged counts and rates come from the "
         "RabbitMQ management API and are null when it is unreachable.",
     ),

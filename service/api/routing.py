@@ -91,6 +91,8 @@ class Endpoint:
     body: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
     status: int = 200
+    # Errors beyond those every route like this one can answer (service/api/openapi.py
+    # _answers): a create's 409, a 404 for a customer the query names.
     errors: tuple[int, ...] = ()
     path_params: dict[str, str] = field(default_factory=dict)
     query_aliases: dict[str, str] = field(default_factory=dict)

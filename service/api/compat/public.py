@@ -121,7 +121,6 @@ ENDPOINTS = [
         "read",
         query=ListParams,
         response=PublicCustomerList,
-        errors=(400, 401, 403, 429),
         operation_id="public_list_customers",
     ),
 ]

@@ -97,7 +97,6 @@ ENDPOINTS = [
         "read",
         query=ListParams,
         response=V0CustomerList,
-        errors=(400, 401, 403, 429),
         operation_id="v0_list_customers",
     ),
 ]
