@@ -420,6 +420,7 @@ async def test_flexprice_writes_by_id_find_the_customer_on_the_primary(
             mismatch = {"id": str(row["id"]), "external_customer_id": "someone_else"}
             resp = await client.put(FLEXPRICE_LIST, params=mismatch, json={"name": "Other"}, headers=headers)
             await problem(resp, 400, "external_customer_id")
+            assert await pool.fetchval("SELECT name FROM customers WHERE id = $1", row["id"]) == "Before"
             resp = await client.put(
                 FLEXPRICE_LIST, params={"id": str(row["id"])}, json={"name": "After"}, headers=headers
             )

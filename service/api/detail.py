@@ -45,22 +45,34 @@ def _same(identifier: str) -> None:
 
 
 @dataclass(frozen=True)
-class Named:
-    """The customer a request names: by the client's identifier, or by tally's uuid (``id``,
-    as the client wrote it). ``check`` is given the customer's identifier once it is found
-    (under a write's row lock) and raises if the request named another one elsewhere."""
+class ByIdentifier:
+    """A customer a request names by the client's identifier."""
 
-    identifier: str | None = None
-    id: str | None = None
+    identifier: str
+    # Given the identifier before an update writes; raises if the request named another
+    # customer elsewhere (Flexprice's PUT may name it twice, and its body names it too).
     check: Callable[[str], None] = _same
 
 
+@dataclass(frozen=True)
+class ById:
+    """A customer a request names by tally's uuid, as the client wrote it (text that is no
+    uuid names no customer)."""
+
+    id: str
+    # Given the customer's identifier once an update finds it, under its row lock.
+    check: Callable[[str], None] = _same
+
+
+Named = ByIdentifier | ById
+
+
 def in_path(variable: str, *, by_id: bool = False) -> Callable[[Call[Any, Any]], Named]:
-    """The customer the path variable names: its identifier (or, ``by_id``, its uuid)."""
+    """The customer the path variable names: by its identifier (or, ``by_id``, its uuid)."""
 
     def named(call: Call[Any, Any]) -> Named:
         text = call.request.match_info[variable]
-        return Named(id=text) if by_id else Named(identifier=text)
+        return ById(text) if by_id else ByIdentifier(text)
 
     return named
 
@@ -90,15 +102,14 @@ class CustomerAdapter(Generic[Q]):
     location: str | None = None
 
     async def retrieve(self, call: Call[Q, None]) -> web.Response:
-        named = self.named(call)
-        principal = call.principal
+        named, principal = self.named(call), call.principal
         environment = key_environment(principal, call.query)
         shape = self.shape(call.query)
-        if named.identifier is not None:
+        if isinstance(named, ById):
+            doc = await _by_id(call, environment, named.id, shape)
+        else:
             async with dbaccess.connection(call.request, read=True) as conn:
                 doc = await core.get_customer(conn, principal.organization_id, environment, named.identifier, shape)
-        else:
-            doc = await _by_id(call, environment, _text(named), shape)
         return web.Response(text=doc, content_type=JSON)
 
     async def create(self, call: Call[Any, Any]) -> web.Response:
@@ -124,47 +135,53 @@ class CustomerAdapter(Generic[Q]):
         return web.Response(text=doc, status=201, content_type=JSON, headers=headers)
 
     async def update(self, call: Call[Q, Any]) -> web.Response:
-        named = self.named(call)
-        principal = call.principal
-        organization, environment = principal.organization_id, key_environment(principal, call.query)
         assert self.columns is not None, "an update route's adapter says what its body writes"
+        named, principal = self.named(call), call.principal
+        organization, environment = principal.organization_id, key_environment(principal, call.query)
         values = self.columns(call.body)
-        stamp = write_stamp(call.request)
-        if named.identifier is not None:
-            named.check(named.identifier)
-        async with dbaccess.connection(call.request) as conn:
-            if named.identifier is not None:
-                doc = await core.update_customer(
-                    conn, organization, environment, named.identifier, values, self.written, **stamp
-                )
-            else:
-                customer_id = _uuid(named, environment)
+        if isinstance(named, ById):
+            # Found on the primary, in the write's own transaction (never on a standby that
+            # may lag, nor in a statement of its own that another write could follow).
+            customer_id = _uuid(named, environment)
+            async with dbaccess.connection(call.request) as conn:
                 doc = await core.update_customer_by_id(
-                    conn, organization, environment, customer_id, values, self.written, check=named.check, **stamp
+                    conn,
+                    organization,
+                    environment,
+                    customer_id,
+                    values,
+                    self.written,
+                    check=named.check,
+                    **write_stamp(call.request),
+                )
+        else:
+            named.check(named.identifier)
+            async with dbaccess.connection(call.request) as conn:
+                doc = await core.update_customer(
+                    conn, organization, environment, named.identifier, values, self.written, **write_stamp(call.request)
                 )
         return web.Response(text=doc, content_type=JSON)
 
     async def delete(self, call: Call[Q, None]) -> web.Response:
-        named = self.named(call)
-        principal = call.principal
+        named, principal = self.named(call), call.principal
         organization, environment = principal.organization_id, key_environment(principal, call.query)
-        stamp = write_stamp(call.request)
-        async with dbaccess.connection(call.request) as conn:
-            if named.identifier is not None:
-                await core.delete_customer(conn, organization, environment, named.identifier, **stamp)
-            else:
-                await core.delete_customer_by_id(conn, organization, environment, _uuid(named, environment), **stamp)
+        if isinstance(named, ById):
+            customer_id = _uuid(named, environment)
+            async with dbaccess.connection(call.request) as conn:
+                await core.delete_customer_by_id(
+                    conn, organization, environment, customer_id, **write_stamp(call.request)
+                )
+        else:
+            async with dbaccess.connection(call.request) as conn:
+                await core.delete_customer(
+                    conn, organization, environment, named.identifier, **write_stamp(call.request)
+                )
         return web.Response(status=204)
 
 
-def _text(named: Named) -> str:
-    assert named.id is not None, "a customer is named by its identifier or its id"
-    return named.id
-
-
-def _uuid(named: Named, environment: str) -> UUID:
+def _uuid(named: ById, environment: str) -> UUID:
     """The uuid a request names; NotFound for text that is none (no customer has it)."""
-    customer_id = as_uuid(_text(named))
+    customer_id = as_uuid(named.id)
     if customer_id is None:
         raise NotFound(f"no customer '{named.id}' in environment '{environment}'")
     return customer_id

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from service.api import examples
 from service.api.conditions import Term, Vocabulary
-from service.api.detail import CustomerAdapter, Named, NewCustomer, in_path
+from service.api.detail import ById, ByIdentifier, CustomerAdapter, Named, NewCustomer, in_path
 from service.api.listing import ListAdapter, Listed, Window
 from service.api.models import choice
 from service.api.params import FILTER_BODY_BYTES, WRITE_BODY_BYTES, validation_error
@@ -345,9 +345,9 @@ def _put_named(call: Call[FlexpriceUpdateParams, FlexpriceCustomerWrite]) -> Nam
             raise InvalidInput("external_id", "tally cannot change a customer's external_id")
 
     if params.id is not None:
-        return Named(id=params.id, check=check)
+        return ById(params.id, check)
     if params.external_customer_id is not None:
-        return Named(identifier=params.external_customer_id, check=check)
+        return ByIdentifier(params.external_customer_id, check)
     raise InvalidInput("id", "give id or external_customer_id")
 
 
