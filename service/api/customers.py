@@ -1,4 +1,6 @@
-"""Canonical customer routes: ``/v1/customers``."""
+"""Canonical customer routes, ``/v1/customers``: tally's own dialect, served by the handlers
+every dialect shares (its ListAdapter: three pagination styles and signed cursors; its
+CustomerAdapter: retrieve, create, update, delete), and the usage series."""
 
 from __future__ import annotations
 

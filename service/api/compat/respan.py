@@ -166,8 +166,8 @@ class RespanUserFilters(BaseModel):
         },
     )
 
-    # Each value is checked by conditions() (so that a 400 names filters.<field>), as the
-    # schema below says.
+    # Each value is checked as the list reads it (terms(), then FILTERS.conditions), so that
+    # a 400 names filters.<field>, as the schema below says.
     filters: Annotated[dict[str, Any], WithJsonSchema(FILTERS_SCHEMA)] | None = Field(
         None,
         max_length=len(FILTER_FIELDS),
@@ -281,6 +281,8 @@ class Listing:
 
 
 def listing(call: Call[ListParams, RespanUserFilters | None]) -> Listing:
+    """The list a GET or a POST asks for: the filters sent once (a body's, or a link's
+    ``filters`` parameter), and the environment the parameter, or else a filter, names."""
     params, principal = call.query, call.principal
     filters = decode_filters(params.filters) if params.filters is not None else None
     if call.body is not None and call.body.filters:
