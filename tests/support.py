@@ -8,12 +8,18 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from yarl import URL
+
+from service.infra.migrate import migrate
 
 BASE_DSN = os.environ.get(
     "TALLY_TEST_DATABASE_URL", os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally")
@@ -24,6 +30,24 @@ PROBLEM = "application/problem+json"
 def with_database(dsn: str, name: str) -> str:
     """``dsn`` with its database replaced by ``name``."""
     return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+@asynccontextmanager
+async def lagging_standby(migrations_dir: Path) -> AsyncIterator[str]:
+    """The URL of a read standby that has replayed the schema and none of the rows since: a
+    database of its own, migrated and never written to (a read it serves misses what the
+    primary has, as a read from a standby that lags does). Dropped afterwards."""
+    name = f"tally_test_standby_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(with_database(BASE_DSN, "postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            await migrate(with_database(BASE_DSN, name), migrations_dir)
+            yield with_database(BASE_DSN, name)
+        finally:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 def uid(prefix: str = "c") -> str:

@@ -13,8 +13,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from service.api.app import create_app
+from service.infra.settings import Settings
 from tests.compatkit import (
     CROWD_SIZE,
     FLEXPRICE_EXAMPLE,
@@ -31,7 +33,7 @@ from tests.compatkit import (
 )
 from tests.factories import Org, insert_customer, set_columns
 from tests.schemacheck import check as check_schema
-from tests.support import ok_json, problem, uid
+from tests.support import lagging_standby, ok_json, problem, uid
 
 
 async def _flexprice_example(pool: asyncpg.Pool, org: Org) -> list[dict[str, Any]]:
@@ -400,3 +402,30 @@ async def test_flexprice_get_update_delete(client: TestClient, pool: asyncpg.Poo
     assert resp.status == 204
     await problem(await client.get(FLEXPRICE_ONE.format(row["id"]), headers=headers), 404)
     await problem(await client.delete(FLEXPRICE_ONE.format(row["id"]), headers=headers), 404)
+
+
+async def test_flexprice_writes_by_id_find_the_customer_on_the_primary(
+    settings: Settings, pool: asyncpg.Pool, org: Org
+) -> None:
+    """PUT and DELETE by id find the customer in the write's own transaction, on the primary:
+    a read standby that has not replayed the customer's creation yet (reads miss it) neither
+    hides it from them nor lets another customer take its place between finding and writing."""
+    row = await insert_customer(pool, org, uid("lagging"), name="Before")
+    one = FLEXPRICE_ONE.format(row["id"])
+    headers = {"x-api-key": org.key}
+    async with lagging_standby(settings.migrations_dir) as read_url:
+        app = create_app(settings.model_copy(update={"database_read_url": read_url}))
+        async with TestClient(TestServer(app)) as client:
+            await problem(await client.get(one, headers=headers), 404)  # a read: the standby's
+            mismatch = {"id": str(row["id"]), "external_customer_id": "someone_else"}
+            resp = await client.put(FLEXPRICE_LIST, params=mismatch, json={"name": "Other"}, headers=headers)
+            await problem(resp, 400, "external_customer_id")
+            assert await pool.fetchval("SELECT name FROM customers WHERE id = $1", row["id"]) == "Before"
+            resp = await client.put(
+                FLEXPRICE_LIST, params={"id": str(row["id"])}, json={"name": "After"}, headers=headers
+            )
+            assert (await ok_json(resp))["name"] == "After"
+            assert await pool.fetchval("SELECT name FROM customers WHERE id = $1", row["id"]) == "After"
+            assert (await client.delete(one, headers=headers)).status == 204
+            await problem(await client.delete(one, headers=headers), 404)
+    assert await pool.fetchval("SELECT count(*) FROM customers WHERE id = $1", row["id"]) == 0

@@ -17,7 +17,7 @@ from service.api.fairness import CpuSlot, LoopLag, OrgShares, Replicas, Tarpit
 from service.api.keycache import KeyCache
 from service.api.models import Health
 from service.api.ratelimit import RateLimiter
-from service.api.routing import OPERATIONS_TAG, Endpoint, add_endpoints
+from service.api.routing import OPERATIONS_TAG, Endpoint, add_endpoints, plain
 from service.domain.listing import CursorCodec
 from service.infra.broker import Names
 from service.infra.migrate import NotMigrated
@@ -47,23 +47,44 @@ TAGS = {
 
 OPERATIONS = [
     Endpoint(
-        "GET", "/healthz", health.healthz, "Process is alive", OPERATIONS_TAG, response=Health, address_limited=False
+        "GET",
+        "/healthz",
+        plain(health.healthz),
+        "Process is alive",
+        OPERATIONS_TAG,
+        response=Health,
+        address_limited=False,
     ),
     Endpoint(
         "GET",
         "/readyz",
-        health.readyz,
+        plain(health.readyz),
         "Database and broker reachable ('degraded' with 200 when only the read standby is not)",
         OPERATIONS_TAG,
         response=Health,
         errors=(503,),
         address_limited=False,
     ),
-    Endpoint("GET", "/metrics", metrics_endpoint, "Prometheus metrics", OPERATIONS_TAG, content_type="text/plain"),
+    Endpoint(
+        "GET", "/metrics", plain(metrics_endpoint), "Prometheus metrics", OPERATIONS_TAG, content_type="text/plain"
+    ),
 ]
 DOCS = [
     Endpoint("GET", "/openapi.json", openapi.openapi_json, "This document", OPERATIONS_TAG),
     Endpoint("GET", "/docs", openapi.docs_page, "Interactive API docs", OPERATIONS_TAG, content_type="text/html"),
+]
+
+# Every route the API serves, as declared: the route table and the OpenAPI document alike.
+ENDPOINTS = [
+    *OPERATIONS,
+    *ops.ENDPOINTS,
+    *customers.ENDPOINTS,
+    *events.ENDPOINTS,
+    *respan.ENDPOINTS,
+    *v0.ENDPOINTS,
+    *flexprice.ENDPOINTS,
+    *public.ENDPOINTS,
+    *DOCS,
 ]
 
 SELECT_CURSOR_SECRET = "SELECT value FROM instance_secrets WHERE name = 'cursor_hmac'"
@@ -119,16 +140,6 @@ async def replica_check(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """The HTTP API; no I/O until it starts."""
-    endpoints = [
-        *OPERATIONS,
-        *ops.ENDPOINTS,
-        *customers.ENDPOINTS,
-        *events.ENDPOINTS,
-        *respan.ENDPOINTS,
-        *v0.ENDPOINTS,
-        *flexprice.ENDPOINTS,
-        *public.ENDPOINTS,
-    ]
     # API statements stop in PostgreSQL too when the client gives up on them: a request shed
     # after TALLY_DB_COMMAND_TIMEOUT must not leave its query burning a backend.
     app = base_app(settings, statement_timeout=settings.db_command_timeout)
@@ -152,10 +163,10 @@ def create_app(settings: Settings) -> web.Application:
     if settings.database_read_url:
         app[appkeys.READINESS_CHECKS]["replica"] = replica_check
     app.on_response_prepare.append(dbaccess.consistency_header)
-    add_endpoints(app, [*endpoints, *DOCS])
+    add_endpoints(app, ENDPOINTS)
     app.router.add_get("/", openapi.root)
     app.router.add_static("/docs-assets", openapi.swagger_ui_static())
     app[appkeys.OPENAPI] = openapi.build_openapi(
-        [*endpoints, *DOCS], title="tally", version=__version__, tags=TAGS, server=settings.public_url or "/"
+        ENDPOINTS, title="tally", version=__version__, tags=TAGS, server=settings.public_url or "/"
     )
     return app

@@ -11,8 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints
 
 from service.api import appkeys, examples
 from service.api.errors import bad_request, environment_detail, other_environment, payload_too_large
-from service.api.params import read_body
-from service.api.routing import CPU_SLOT, PRINCIPAL, Endpoint
+from service.api.routing import CPU_SLOT, Call, Endpoint, NoQuery
 from service.domain.events import CloudEvent, FieldProblem, InvalidEvent, decode_body, validate_event
 from service.domain.keys import Principal
 from service.infra import metrics
@@ -89,12 +88,11 @@ def _check(raws: list[object], indexes: range, principal: Principal, now: dateti
     return found
 
 
-async def ingest_events(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    settings = request.app[appkeys.SETTINGS]
-    raw_body = await read_body(request)
+async def ingest_events(call: Call[NoQuery, bytes]) -> web.Response:
+    app, principal = call.request.app, call.principal
+    settings = app[appkeys.SETTINGS]
     try:
-        raws = decode_body(raw_body)
+        raws = decode_body(call.body)
     except InvalidEvent as exc:
         raise bad_request([ProblemField("body", exc.reason, "body")]) from None
     if len(raws) > settings.max_events_per_request:
@@ -106,7 +104,7 @@ async def ingest_events(request: web.Request) -> web.Response:
     for start in range(0, len(raws), VALIDATION_SLICE):
         # Checking a full batch takes tens of milliseconds: it runs in slices that take turns
         # on the API's CPU slot, so that no tenant's batch holds the event loop that long.
-        async with request.app[CPU_SLOT]:
+        async with app[CPU_SLOT]:
             found = _check(raws, range(start, min(start + VALIDATION_SLICE, len(raws))), principal, now, retention)
         invalid += found.invalid
         elsewhere += found.elsewhere
@@ -120,7 +118,7 @@ async def ingest_events(request: web.Request) -> web.Response:
     first = raws[0]
     assert isinstance(first, dict)
     message = event_message(encode_events(raws), batch=len(raws) > 1)
-    await request.app[appkeys.PUBLISHER].publish(message, routing_key=str(first["type"]))
+    await app[appkeys.PUBLISHER].publish(message, routing_key=str(first["type"]))
     metrics.PUBLISHED.inc(len(raws))
     return json_response({"accepted": len(raws)}, status=202)
 
@@ -136,9 +134,9 @@ ENDPOINTS = [
         TAG,
         "write",
         body=EventsBody,
+        raw_body=True,
         response=Accepted,
         status=202,
-        errors=(400, 401, 403, 413, 503),
         description="One CloudEvent 1.0 (structured JSON) or an array of them, validated with the "
         "consumer's rules, published persistent with publisher confirms. 202 means the broker "
         "has them; the consumer folds them exactly once.",

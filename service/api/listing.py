@@ -1,12 +1,16 @@
-"""What every list route shares: running the core query on the read pool, page links, and
-splicing PostgreSQL-rendered rows into a JSON envelope without parsing them."""
+"""The one list handler every customer list is served by (tally's own and each vendor's: a
+:class:`ListAdapter` says what its dialect means), and what it shares: running the core query
+on the read pool, page links, and splicing PostgreSQL-rendered rows into a JSON envelope
+without parsing them."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Generic, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -14,9 +18,79 @@ from aiohttp import web
 from yarl import URL
 
 from service.api import appkeys, dbaccess
-from service.domain.listing import ListQuery
+from service.api.routing import Call
+from service.domain.keys import Principal
+from service.domain.listing import CustomerFilter, ListQuery, Sort
 from service.store import customers as core
 from service.store.listing import Shape
+
+P = TypeVar("P")
+JSON = "application/json"
+# The order of every dialect that names none: the customers created last come first.
+NEWEST_FIRST = Sort("created_at", descending=True)
+
+
+class Window(NamedTuple):
+    limit: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Listed(Generic[P]):
+    """A list request answered: what its envelope is made of."""
+
+    call: Call[Any, Any]
+    params: P
+    query: ListQuery
+    page: core.Page
+
+
+def query_parameters(call: Call[Any, Any]) -> Any:
+    return call.query
+
+
+def key_environment(principal: Principal, params: object) -> str:
+    """The key's environment; parameters with an ``environment`` may name it, and naming the
+    other one is a 403 (a key reaches its own environment only)."""
+    return principal.environment_for(getattr(params, "environment", None))
+
+
+@dataclass(frozen=True)
+class ListAdapter(Generic[P]):
+    """One dialect's customer list, as data for the one list handler (:meth:`handle`): where
+    its parameters are and what they mean to the core (environment, filter, sort, window), the
+    shape each customer is rendered in, and the envelope around them."""
+
+    rows: str  # the envelope's key holding the customers
+    window: Callable[[P], Window]
+    shape: Callable[[P], Shape]
+    envelope: Callable[[Listed[P]], Mapping[str, object]]
+    sort: Callable[[P], Sort] = lambda _: NEWEST_FIRST
+    filter: Callable[[P], CustomerFilter] = lambda _: CustomerFilter()
+    # The query string's model (by default); Flexprice's search reads its body.
+    params: Callable[[Call[Any, Any]], P] = query_parameters
+    environment: Callable[[Principal, P], str] = key_environment
+    # Continues the query from where a cursor the parameters carry left off.
+    resume: Callable[[Call[Any, Any], P, ListQuery], ListQuery] | None = None
+
+    async def handle(self, call: Call[Any, Any]) -> web.Response:
+        """The list: the dialect's parameters as one core query, run on the read pool, its
+        rows spliced into the dialect's envelope unparsed."""
+        params = self.params(call)
+        window = self.window(params)
+        q = ListQuery(
+            organization_id=call.principal.organization_id,
+            environment=self.environment(call.principal, params),
+            filter=self.filter(params),
+            sort=self.sort(params),
+            limit=window.limit,
+            offset=window.offset,
+        )
+        if self.resume is not None:
+            q = self.resume(call, params, q)
+        page = await run_list(call.request, q, self.shape(params))
+        envelope = self.envelope(Listed(call, params, q, page))
+        return web.Response(body=json_with(envelope, self.rows, page.docs), content_type=JSON)
 
 
 async def run_list(request: web.Request, q: ListQuery, shape: Shape) -> core.Page:

@@ -17,7 +17,7 @@ from pydantic.json_schema import models_json_schema
 
 from service.api import appkeys
 from service.api.models import Problem
-from service.api.routing import API_KEY_HEADER, Endpoint
+from service.api.routing import API_KEY_HEADER, Call, Endpoint, NoQuery
 
 REF = "#/components/schemas/{model}"
 ERROR_TEXT = {
@@ -79,6 +79,16 @@ def _query_parameters(model: type[BaseModel], aliases: dict[str, str]) -> list[d
     return params
 
 
+def _answers(ep: Endpoint) -> set[int]:
+    """The errors every route like ``ep`` can answer, whatever it does: 400 (a query parameter
+    it does not take, an invalid one or body field), 413 (a body over its bound), 404 (a path
+    that names what may not exist); on an authenticated route 401 (no valid key), 403 (missing
+    scope), 429 (the key's rate limit, or its address's for failed keys) and 503 (bounded waits
+    for the database); on a public route 429 (its address's rate limit)."""
+    codes = {400, *([413] if ep.body else []), *([404] if ep.path_params else [])}
+    return codes | ({401, 403, 429, 503} if ep.scope else {429})
+
+
 def build_openapi(
     endpoints: Sequence[Endpoint], *, title: str, version: str, tags: dict[str, str], server: str = "/"
 ) -> dict[str, typing.Any]:
@@ -96,8 +106,8 @@ def build_openapi(
     for ep in endpoints:
         op: dict[str, object] = {
             "summary": ep.summary,
-            # The handler's module and name: stable whatever the tags are called.
-            "operationId": f"{ep.handler.__module__.rsplit('.', 1)[-1]}_{ep.handler.__name__}",
+            # Stable whatever the tags are called (Endpoint.operation).
+            "operationId": ep.operation,
             "tags": [ep.tag],
         }
         if ep.description:
@@ -127,11 +137,7 @@ def build_openapi(
             ok["headers"] = {"X-Tally-Consistency": CONSISTENCY_RESPONSE_HEADER}
         responses: dict[str, object] = {str(ep.status): ok}
         problem_ref = refs[(Problem, "serialization")]
-        # Every authenticated route can answer 401 (no valid key), 403 (missing scope), 429
-        # (the key's rate limit, or its address's for failed keys) and 503 (bounded waits for
-        # the database); a public route 429 (its address's rate limit).
-        # A read that takes a consistency token answers 400 to a malformed one.
-        codes = set(ep.errors) | ({401, 403, 429, 503} if ep.scope else {429}) | ({400} if takes_token else set())
+        codes = set(ep.errors) | _answers(ep)
         for code in sorted(codes):
             response: dict[str, object] = {
                 "description": ERROR_TEXT.get(code, "Error"),
@@ -187,8 +193,8 @@ def _media(ref: dict[str, str], defs: dict[str, typing.Any]) -> dict[str, object
     return media
 
 
-async def openapi_json(request: web.Request) -> web.Response:
-    return web.Response(body=orjson.dumps(request.app[appkeys.OPENAPI]), content_type="application/json")
+async def openapi_json(call: Call[NoQuery, None]) -> web.Response:
+    return web.Response(body=orjson.dumps(call.request.app[appkeys.OPENAPI]), content_type="application/json")
 
 
 def swagger_ui_static() -> Path:
@@ -230,10 +236,10 @@ DOCS_PAGE = """<!doctype html>
 """
 
 
-async def docs_page(request: web.Request) -> web.Response:
+async def docs_page(call: Call[NoQuery, None]) -> web.Response:
     """Interactive docs (Swagger UI): every operation with its parameters, request and response
     schemas and examples; "Authorize" takes a key, "Try it out" sends real requests."""
-    title = html.escape(str(request.app[appkeys.OPENAPI]["info"]["title"]))
+    title = html.escape(str(call.request.app[appkeys.OPENAPI]["info"]["title"]))
     return web.Response(text=DOCS_PAGE.format(title=title), content_type="text/html")
 
 

@@ -6,7 +6,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from service.api import appkeys
-from service.api.routing import OPERATIONS_TAG, Endpoint
+from service.api.routing import OPERATIONS_TAG, Call, Endpoint, NoQuery
 from service.infra.broker import Names
 from service.infra.errors import Unavailable
 from service.infra.queues import QueueStats, queue_stats
@@ -16,8 +16,8 @@ class QueuesOut(BaseModel):
     queues: list[QueueStats]
 
 
-async def queues(request: web.Request) -> web.Response:
-    settings = request.app[appkeys.SETTINGS]
+async def queues(call: Call[NoQuery, None]) -> web.Response:
+    settings = call.request.app[appkeys.SETTINGS]
     try:
         stats = await queue_stats(settings.amqp_url, settings.amqp_management_url, Names(settings.amqp_namespace))
     except (OSError, ConnectionError) as exc:
@@ -34,7 +34,6 @@ ENDPOINTS = [
         OPERATIONS_TAG,
         "ops",
         response=QueuesOut,
-        errors=(503,),
         description="Ingest, dead-letter and budget-alert queues. Unacknowledged counts and rates come from the "
         "RabbitMQ management API and are null when it is unreachable.",
     ),

@@ -1,18 +1,22 @@
-"""Endpoints declared once: the route table, the auth guard and the OpenAPI document all
-come from the same :class:`Endpoint` list."""
+"""Endpoints declared once: the route table, the auth guard, the parsing of query and body,
+and the OpenAPI document all come from the same :class:`Endpoint` list. A handler is given a
+:class:`Call`: the caller's principal, and the query and body already validated into the
+models its Endpoint declares, so what the document says a route takes is what it takes."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from service.api import appkeys, dbaccess
 from service.api.errors import from_domain, payload_too_large, rate_limited
 from service.api.fairness import CostMeter, CpuSlot, LoopLag, OrgShares, Tarpit, metered
-from service.api.params import BODY_LIMIT
+from service.api.params import BODY_LIMIT, parse_body, parse_query, read_body
 from service.api.ratelimit import Decision, RateLimiter
 from service.domain.errors import DomainError, Unauthenticated
 from service.domain.keys import Principal, split_bearer
@@ -20,9 +24,9 @@ from service.infra import metrics
 from service.store.auth import authenticate
 from service.web.problems import Problem
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Q = TypeVar("Q")
+B = TypeVar("B")
 OPERATIONS_TAG = "Operations"
-PRINCIPAL = web.RequestKey("principal", Principal)
 # What the request has cost so far (dbaccess adds database time to it).
 COST = dbaccess.COST
 SHARES = web.AppKey("org_shares", OrgShares)
@@ -33,6 +37,47 @@ LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 API_KEY_HEADER = "x-api-key"
 
 
+class NoQuery(BaseModel):
+    """The query of a route that declares none: any parameter is unknown (a 400 naming it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Call(Generic[Q, B]):
+    """What a route's handler is given: the request, and its query and body validated into
+    the models the route's Endpoint declares (``NoQuery`` without a query model; None without
+    a body model, or when an optional body was not sent; bytes for a body the handler checks
+    itself)."""
+
+    request: web.Request
+    query: Q
+    body: B
+    caller: Principal | None = None  # None on public routes only
+
+    @property
+    def principal(self) -> Principal:
+        """The caller's principal: every route with a scope has one (checked before its handler runs)."""
+        assert self.caller is not None, "a public route has no principal"
+        return self.caller
+
+
+# A handler as an Endpoint declares it, and a route as aiohttp calls it.
+Handler = Callable[[Call[Any, Any]], Awaitable[web.StreamResponse]]
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def plain(handler: Route) -> Handler:
+    """An aiohttp handler as an Endpoint's (health and metrics: the consumer's app serves them
+    too, without Endpoints); its name, and so its operationId, stays its own."""
+
+    @functools.wraps(handler)
+    async def on_call(call: Call[NoQuery, None]) -> web.StreamResponse:
+        return await handler(call.request)
+
+    return on_call
+
+
 @dataclass(frozen=True)
 class Endpoint:
     method: str
@@ -41,10 +86,13 @@ class Endpoint:
     summary: str
     tag: str
     scope: str | None = None  # None: public (health, docs)
+    # The query's model (None: the route takes no query parameters, and refuses any).
     query: type[BaseModel] | None = None
     body: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
     status: int = 200
+    # Errors beyond those every route like this one can answer (service/api/openapi.py
+    # _answers): a create's 409, a 404 for a customer the query names.
     errors: tuple[int, ...] = ()
     path_params: dict[str, str] = field(default_factory=dict)
     query_aliases: dict[str, str] = field(default_factory=dict)
@@ -55,8 +103,11 @@ class Endpoint:
     # A header that carries the whole API key on this route as well (a vendor SDK's own way:
     # FlexPrice's sends x-api-key), when no Authorization header is sent.
     api_key_header: str | None = None
-    # False: the body may be left out (the handler then reads none).
+    # False: the body may be left out (the handler is then given None).
     body_required: bool = True
+    # True: the handler checks the body itself and is given its bytes (the body model only
+    # documents it): POST /v1/events checks events with the consumer's own rules, in slices.
+    raw_body: bool = False
     # False for liveness and readiness: a probe must never be refused because others, from
     # the same address (a load balancer, an orchestrator's node), sent failed keys.
     address_limited: bool = True
@@ -64,6 +115,15 @@ class Endpoint:
     # length over it is refused before the body is read, so that a body can cost at most
     # what its route needs (a list filter needs kilobytes, not a megabyte).
     max_body: int | None = None
+    # The OpenAPI operationId; by default the handler's module and name (customers_customer_usage).
+    # A route served by a generic handler (one list handler serves every dialect) names its own.
+    operation_id: str = ""
+
+    @property
+    def operation(self) -> str:
+        if self.operation_id:
+            return self.operation_id
+        return f"{self.handler.__module__.rsplit('.', 1)[-1]}_{self.handler.__name__}"
 
     @property
     def route_path(self) -> str:
@@ -180,7 +240,17 @@ def _check_body_size(request: web.Request, endpoint: Endpoint) -> None:
     request[BODY_LIMIT] = endpoint.max_body or request.app[appkeys.SETTINGS].max_body_bytes
 
 
-def _guarded(endpoint: Endpoint) -> Handler:
+async def _call(request: web.Request, endpoint: Endpoint, principal: Principal | None) -> web.StreamResponse:
+    """The endpoint's handler, given the query and the body its declaration names: a 400
+    naming any parameter or field the models refuse, before the handler runs."""
+    query = parse_query(request, endpoint.query or NoQuery, aliases=endpoint.query_aliases)
+    body: object = None
+    if endpoint.body is not None and (endpoint.body_required or request.can_read_body):
+        body = await read_body(request) if endpoint.raw_body else await parse_body(request, endpoint.body)
+    return await endpoint.handler(Call(request, query, body, principal))
+
+
+def _guarded(endpoint: Endpoint) -> Route:
     """The endpoint's handler behind its guards (unauthenticated-request limit for public
     routes; key, per-key rate limit and scope for the others), with the domain's errors
     turned into problems (an invalid field in the body if the body model has it)."""
@@ -190,7 +260,7 @@ def _guarded(endpoint: Endpoint) -> Handler:
         if endpoint.address_limited:
             await _charge_unauthenticated(request)
         try:
-            return await endpoint.handler(request)
+            return await _call(request, endpoint, None)
         except DomainError as exc:
             raise from_domain(exc, body_fields) from None
 
@@ -218,7 +288,6 @@ def _guarded(endpoint: Endpoint) -> Handler:
                         {**headers, "Retry-After": str(decision.retry_after)},
                     )
             principal.require(endpoint.scope)
-            request[PRINCIPAL] = principal
             shares = request.app[SHARES]
             admission = shares.admit(organization, endpoint.path)
             if not admission.admitted:
@@ -232,7 +301,7 @@ def _guarded(endpoint: Endpoint) -> Handler:
             meter = request[COST] = CostMeter(request.app[LOOP_LAG], body_bytes=request.content_length or 0)
             try:
                 _check_body_size(request, endpoint)  # refused unread, and charged
-                response = await metered(endpoint.handler(request), meter)
+                response = await metered(_call(request, endpoint, principal), meter)
             finally:
                 shares.settle(organization, admission, meter.total)
                 metrics.REQUEST_COST.labels("loop").inc(meter.cpu)
@@ -250,7 +319,7 @@ def _guarded(endpoint: Endpoint) -> Handler:
         return response
 
     chosen = handler if endpoint.scope is not None else public_handler
-    chosen.__name__ = endpoint.handler.__name__
+    chosen.__name__ = endpoint.operation
     return chosen
 
 

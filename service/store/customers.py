@@ -8,7 +8,7 @@ envelope.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -234,6 +234,65 @@ async def delete_customer(
             raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
         at = await write_time(conn, organization_id, customer_id, at)
         await apply_changes(conn, [_change(key, at, request_id, delete=True)], {key: customer_id})
+
+
+# A customer named by its uuid (as Flexprice's routes name it): found on the primary inside the
+# write's own transaction, and locked there, so that the customer written is the one named —
+# not missed because a standby has not replayed its creation yet, nor replaced meanwhile by
+# another customer with the same identifier.
+LOCK_CUSTOMER_BY_ID = (
+    "SELECT customer_identifier FROM customers WHERE organization_id = $1 AND environment = $2 AND id = $3 FOR UPDATE"
+)
+
+
+async def _lock_by_id(conn: Connection, organization_id: UUID, environment: str, customer_id: UUID) -> str:
+    """The identifier of the customer whose uuid is ``customer_id``, its row locked until the
+    transaction ends; NotFound if there is none."""
+    identifier: str | None = await conn.fetchval(LOCK_CUSTOMER_BY_ID, organization_id, environment, customer_id)
+    if identifier is None:
+        raise NotFound(f"no customer '{customer_id}' in environment '{environment}'")
+    return identifier
+
+
+async def update_customer_by_id(
+    conn: Connection,
+    organization_id: UUID,
+    environment: str,
+    customer_id: UUID,
+    values: dict[str, object],
+    shape: Shape,
+    *,
+    at: datetime,
+    request_id: str | None = None,
+    check: Callable[[str], None] | None = None,
+) -> str:
+    """:func:`update_customer` of the customer whose uuid is ``customer_id``, found in the
+    same transaction as the write, under its row lock. ``check`` is given the customer's
+    identifier before anything is written (what it raises aborts the write). NotFound if there
+    is no such customer."""
+    async with conn.transaction():
+        identifier = await _lock_by_id(conn, organization_id, environment, customer_id)
+        if check is not None:
+            check(identifier)
+        return await update_customer(
+            conn, organization_id, environment, identifier, values, shape, at=at, request_id=request_id
+        )
+
+
+async def delete_customer_by_id(
+    conn: Connection,
+    organization_id: UUID,
+    environment: str,
+    customer_id: UUID,
+    *,
+    at: datetime,
+    request_id: str | None = None,
+) -> None:
+    """:func:`delete_customer` of the customer whose uuid is ``customer_id``, found in the
+    same transaction as the delete, under its row lock. NotFound if there is no such customer."""
+    async with conn.transaction():
+        identifier = await _lock_by_id(conn, organization_id, environment, customer_id)
+        await delete_customer(conn, organization_id, environment, identifier, at=at, request_id=request_id)
 
 
 # A series is one row per bucket in [from, to], zero-filled, so a chart needs no gap logic.

@@ -29,39 +29,29 @@ status field): never.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-import orjson
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
-from service.api import dbaccess, examples
-from service.api.customers import write_stamp
-from service.api.listing import json_with, run_list
+from service.api import examples
+from service.api.conditions import Term, Vocabulary
+from service.api.detail import ById, ByIdentifier, CustomerAdapter, Named, NewCustomer, in_path
+from service.api.listing import ListAdapter, Listed, Window
 from service.api.models import choice
-from service.api.params import FILTER_BODY_BYTES, WRITE_BODY_BYTES, parse_body, parse_query, validation_error
-from service.api.routing import API_KEY_HEADER, PRINCIPAL, Endpoint
+from service.api.params import FILTER_BODY_BYTES, WRITE_BODY_BYTES, validation_error
+from service.api.routing import API_KEY_HEADER, Call, Endpoint
 from service.api.shapes import customer_shape
-from service.domain.errors import InvalidInput, NotFound
-from service.domain.keys import Principal, as_uuid
-from service.domain.listing import (
-    MAX_CONDITIONS,
-    SORT_FIELD_NAMES,
-    Condition,
-    CustomerFilter,
-    ListQuery,
-    Sort,
-    condition,
-)
+from service.domain.errors import InvalidInput
+from service.domain.listing import MAX_CONDITIONS, SORT_FIELD_NAMES, CustomerFilter, Sort
 from service.domain.profile import Email, Identifier, ProfileUpdate, ShortText, Timestamp
-from service.store import customers as core
-from service.store.listing import Col, Shape
+from service.store.listing import Col
 
 BASE = "/compat/flexprice"
 TAG = "Flexprice customers API"
-JSON = "application/json"
 
 # Flexprice's status filter -> tally's statuses (an empty tuple matches nothing).
 STATUS_TO_TALLY: dict[str, tuple[str, ...]] = {
@@ -78,7 +68,9 @@ STATUS_FROM_TALLY = (
     ("deactivated", "archived"),
 )
 FlexStatus = Literal["published", "draft", "archived", "deleted"]
-_SORT = choice(["external_id", *SORT_FIELD_NAMES], "created_at")
+# Flexprice's sort fields: the core's, and external_id for tally's customer_identifier.
+SORT_FIELDS = {"external_id": "customer_identifier"}
+_SORT = choice([*SORT_FIELDS, *SORT_FIELD_NAMES], "created_at")
 SortField = Annotated[str, _SORT[0], _SORT[1]]
 # Generic filter fields -> the core's; operators likewise ("before"/"after" on times).
 FILTER_FIELDS = {
@@ -262,14 +254,7 @@ SHAPES = {
     False: customer_shape(FlexpriceCustomer),
     True: customer_shape(FlexpriceCustomer, parent_key="parent_customer"),
 }
-ONE = SHAPES[False]
-
-
-class _Identifier(BaseModel):
-    customer_identifier: str
-
-
-IDENTIFIER_SHAPE = customer_shape(_Identifier)
+FILTERS = Vocabulary(FILTER_FIELDS, OPERATORS)
 
 
 def _statuses(status: str | None) -> dict[str, Any]:
@@ -279,169 +264,103 @@ def _statuses(status: str | None) -> dict[str, Any]:
     return {"statuses": statuses} if statuses else {"nothing": True}
 
 
-def _conditions(body: FlexpriceSearch) -> tuple[Condition, ...]:
-    found: list[Condition] = []
+def _filter(params: ListParams | FlexpriceSearch, **more: Any) -> CustomerFilter:
+    """What the list's parameters and the search's body filter alike, and ``more``."""
+    identifiers = [*(params.external_ids or ()), *([params.external_id] if params.external_id else [])]
+    return CustomerFilter(
+        email=params.email,
+        ids=tuple(params.customer_ids or ()),
+        identifiers=tuple(dict.fromkeys(identifiers)),
+        **_statuses(params.status),
+        **more,
+    )
+
+
+def _terms(body: FlexpriceSearch) -> Iterator[Term]:
+    """The search's generic filters and its created-at range, as terms in Flexprice's names."""
     for i, cond in enumerate(body.filters or ()):
-        param = f"filters.{i}"
-        if cond.field not in FILTER_FIELDS:
-            raise InvalidInput(param, f"cannot filter on '{cond.field}'; filterable: {', '.join(FILTER_FIELDS)}")
-        if cond.operator not in OPERATORS:
-            raise InvalidInput(param, f"unknown operator '{cond.operator}'; one of {', '.join(OPERATORS)}")
         v = cond.value
         if v.boolean is not None:
-            raise InvalidInput(param, "no filterable field is a boolean")
+            raise InvalidInput(f"filters.{i}", "no filterable field is a boolean")
         given: list[object] = [v.string, v.number, v.date]
         values = [*v.array] if v.array is not None else [x for x in given if x is not None][:1]
-        found.append(condition(FILTER_FIELDS[cond.field], OPERATORS[cond.operator], values, param))
+        yield Term(f"filters.{i}", cond.field, cond.operator, values)
     if body.start_time is not None:
-        found.append(condition("created_at", "gte", [body.start_time], "start_time"))
+        yield Term("start_time", "created_at", "gte", [body.start_time])
     if body.end_time is not None:
-        found.append(condition("created_at", "lte", [body.end_time], "end_time"))
-    return tuple(found)
+        yield Term("end_time", "created_at", "lte", [body.end_time])
 
 
-async def _page(request: web.Request, q: ListQuery, expand: bool, limit: int, offset: int) -> web.Response:
-    page = await run_list(request, q, SHAPES[expand])
-    envelope = {"pagination": {"total": page.count, "limit": limit, "offset": offset}}
-    return web.Response(body=json_with(envelope, "items", page.docs), content_type=JSON)
+def _search_filter(body: FlexpriceSearch) -> CustomerFilter:
+    metadata = tuple(sorted((body.metadata or {}).items()))
+    return _filter(body, metadata=metadata, conditions=FILTERS.conditions(_terms(body)))
 
 
-async def list_customers(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    params = parse_query(request, ListParams)
-    identifiers = tuple(dict.fromkeys([*params.external_ids, *([params.external_id] if params.external_id else [])]))
-    q = ListQuery(
-        organization_id=principal.organization_id,
-        environment=principal.environment,
-        filter=CustomerFilter(
-            email=params.email,
-            ids=tuple(params.customer_ids),
-            identifiers=identifiers,
-            parent_ids=tuple(params.parent_customer_ids),
-            **_statuses(params.status),
-        ),
-        sort=Sort("customer_identifier" if params.sort == "external_id" else params.sort, params.order == "desc"),
-        limit=params.limit,
-        offset=params.offset,
-    )
-    return await _page(request, q, params.expand == "parent_customer", params.limit, params.offset)
+def _sort(field: str, direction: str) -> Sort:
+    return Sort(SORT_FIELDS.get(field, field), descending=direction == "desc")
 
 
-async def search_customers(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    body = await parse_body(request, FlexpriceSearch)
-    identifiers = [*(body.external_ids or ()), *([body.external_id] if body.external_id else [])]
-    if body.sort:
-        field = body.sort[0].field
-        sort = Sort("customer_identifier" if field == "external_id" else field, body.sort[0].direction == "desc")
-    else:
-        sort = Sort("created_at", body.order == "desc")
-    q = ListQuery(
-        organization_id=principal.organization_id,
-        environment=principal.environment,
-        filter=CustomerFilter(
-            email=body.email,
-            ids=tuple(body.customer_ids or ()),
-            identifiers=tuple(dict.fromkeys(identifiers)),
-            metadata=tuple(sorted((body.metadata or {}).items())),
-            conditions=_conditions(body),
-            **_statuses(body.status),
-        ),
-        sort=sort,
-        limit=body.limit,
-        offset=body.offset,
-    )
-    return await _page(request, q, body.expand == "parent_customer", body.limit, body.offset)
+def _search_sort(body: FlexpriceSearch) -> Sort:
+    """The first sort condition's (the SDKs send a list; tally sorts by one field), else created_at."""
+    return _sort(body.sort[0].field, body.sort[0].direction) if body.sort else _sort("created_at", body.order)
 
 
-async def _by_id(request: web.Request, principal: Principal, text: str, shape: Shape) -> str:
-    """The customer whose tally uuid is ``text``, in ``shape``; NotFound otherwise."""
-    customer_id = as_uuid(text)
-    if customer_id is not None:
-        q = ListQuery(
-            organization_id=principal.organization_id,
-            environment=principal.environment,
-            filter=CustomerFilter(ids=(customer_id,)),
-            limit=1,
-            count=False,
-        )
-        page = await run_list(request, q, shape)
-        if page.docs:
-            return page.docs[0]
-    raise NotFound(f"no customer '{text}' in environment '{principal.environment}'")
+def _envelope(listed: Listed[Any]) -> dict[str, object]:
+    q = listed.query
+    return {"pagination": {"total": listed.page.count, "limit": q.limit, "offset": q.offset}}
 
 
-async def _identifier(request: web.Request, principal: Principal, text: str) -> str:
-    identifier = orjson.loads(await _by_id(request, principal, text, IDENTIFIER_SHAPE))["customer_identifier"]
-    assert isinstance(identifier, str)
-    return identifier
+LIST = ListAdapter[ListParams](
+    rows="items",
+    window=lambda params: Window(params.limit, params.offset),
+    sort=lambda params: _sort(params.sort, params.order),
+    shape=lambda params: SHAPES[params.expand == "parent_customer"],
+    envelope=_envelope,
+    filter=lambda params: _filter(params, parent_ids=tuple(params.parent_customer_ids)),
+)
+SEARCH = ListAdapter[FlexpriceSearch](
+    rows="items",
+    params=lambda call: call.body,
+    window=lambda body: Window(body.limit, body.offset),
+    sort=_search_sort,
+    shape=lambda body: SHAPES[body.expand == "parent_customer"],
+    envelope=_envelope,
+    filter=_search_filter,
+)
 
 
-async def get_customer(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    return web.Response(text=await _by_id(request, principal, request.match_info["id"], ONE), content_type=JSON)
+def _new(body: FlexpriceCustomerCreate) -> NewCustomer:
+    return NewCustomer(body.external_id, body.profile())
 
 
-async def get_customer_by_external_id(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    async with dbaccess.connection(request, read=True) as conn:
-        doc = await core.get_customer(
-            conn, principal.organization_id, principal.environment, request.match_info["external_id"], ONE
-        )
-    return web.Response(text=doc, content_type=JSON)
+def _put_named(call: Call[FlexpriceUpdateParams, FlexpriceCustomerWrite]) -> Named:
+    """PUT names its customer by id or external_customer_id, or both (which must agree); the
+    body's external_id, if sent, must be the customer's: tally cannot change it."""
+    params, body = call.query, call.body
 
-
-async def create_customer(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    body = await parse_body(request, FlexpriceCustomerCreate)
-    async with dbaccess.connection(request) as conn:
-        doc = await core.create_customer(
-            conn,
-            principal.organization_id,
-            principal.environment,
-            body.external_id,
-            body.profile(),
-            ONE,
-            **write_stamp(request),
-        )
-    return web.Response(text=doc, status=201, content_type=JSON)
-
-
-async def update_customer(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    params = parse_query(request, FlexpriceUpdateParams)
-    body = await parse_body(request, FlexpriceCustomerWrite)
-    if params.id is not None:
-        identifier = await _identifier(request, principal, params.id)
+    def check(identifier: str) -> None:
         if params.external_customer_id is not None and params.external_customer_id != identifier:
             raise InvalidInput("external_customer_id", "names another customer than id")
-    elif params.external_customer_id is not None:
-        identifier = params.external_customer_id
-    else:
-        raise InvalidInput("id", "give id or external_customer_id")
-    if body.external_id is not None and body.external_id != identifier:
-        raise InvalidInput("external_id", "tally cannot change a customer's external_id")
-    async with dbaccess.connection(request) as conn:
-        doc = await core.update_customer(
-            conn,
-            principal.organization_id,
-            principal.environment,
-            identifier,
-            body.profile(),
-            ONE,
-            **write_stamp(request),
-        )
-    return web.Response(text=doc, content_type=JSON)
+        if body.external_id is not None and body.external_id != identifier:
+            raise InvalidInput("external_id", "tally cannot change a customer's external_id")
+
+    if params.id is not None:
+        return ById(params.id, check)
+    if params.external_customer_id is not None:
+        return ByIdentifier(params.external_customer_id, check)
+    raise InvalidInput("id", "give id or external_customer_id")
 
 
-async def delete_customer(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    identifier = await _identifier(request, principal, request.match_info["id"])
-    async with dbaccess.connection(request) as conn:
-        await core.delete_customer(
-            conn, principal.organization_id, principal.environment, identifier, **write_stamp(request)
-        )
-    return web.Response(status=204)
+# One customer: named by the path's id (tally's uuid), by the path's external_id, or by PUT's query.
+BY_ID = CustomerAdapter[Any](
+    shape=lambda _: SHAPES[False],
+    written=SHAPES[False],
+    named=in_path("id", by_id=True),
+    columns=FlexpriceCustomerWrite.profile,
+    new=_new,
+)
+BY_EXTERNAL_ID = replace(BY_ID, named=in_path("external_id"))
+BY_QUERY = replace(BY_ID, named=_put_named)
 
 
 ID = {"id": "Customer ID (tally's customer uuid)."}
@@ -451,92 +370,94 @@ ENDPOINTS = [
     Endpoint(
         "GET",
         BASE + "/v1/customers",
-        list_customers,
+        LIST.handle,
         "List customers",
         TAG,
         "read",
         query=ListParams,
         response=FlexpriceCustomerList,
-        errors=(400, 401, 403, 429),
         api_key_header=API_KEY_HEADER,
+        operation_id="flexprice_list_customers",
     ),
     Endpoint(
         "POST",
         BASE + "/v1/customers/search",
-        search_customers,
+        SEARCH.handle,
         "Query customers",
         TAG,
         "read",
         body=FlexpriceSearch,
         response=FlexpriceCustomerList,
-        errors=(400, 401, 403, 413, 429),
         api_key_header=API_KEY_HEADER,
         max_body=FILTER_BODY_BYTES,
+        operation_id="flexprice_search_customers",
     ),
     Endpoint(
         "GET",
         BASE + "/v1/customers/external/{external_id}",
-        get_customer_by_external_id,
+        BY_EXTERNAL_ID.retrieve,
         "Get customer by external ID",
         TAG,
         "read",
         response=FlexpriceCustomer,
-        errors=(401, 403, 404, 429),
         path_params={"external_id": "The customer's external ID (tally's customer_identifier)."},
         api_key_header=API_KEY_HEADER,
+        operation_id="flexprice_get_customer_by_external_id",
     ),
     Endpoint(
         "GET",
         BASE + "/v1/customers/{id}",
-        get_customer,
+        BY_ID.retrieve,
         "Get customer",
         TAG,
         "read",
         response=FlexpriceCustomer,
-        errors=(401, 403, 404, 429),
         path_params=ID,
         path_patterns=NOT_A_ROUTE,
         api_key_header=API_KEY_HEADER,
+        operation_id="flexprice_get_customer",
     ),
     Endpoint(
         "POST",
         BASE + "/v1/customers",
-        create_customer,
+        BY_ID.create,
         "Create customer",
         TAG,
         "write",
         body=FlexpriceCustomerCreate,
         response=FlexpriceCustomer,
         status=201,
-        errors=(400, 401, 403, 409, 413, 429),
+        errors=(409,),
         api_key_header=API_KEY_HEADER,
         max_body=WRITE_BODY_BYTES,
+        operation_id="flexprice_create_customer",
     ),
     Endpoint(
         "PUT",
         BASE + "/v1/customers",
-        update_customer,
+        BY_QUERY.update,
         "Update customer",
         TAG,
         "write",
         query=FlexpriceUpdateParams,
         body=FlexpriceCustomerWrite,
         response=FlexpriceCustomer,
-        errors=(400, 401, 403, 404, 413, 429),
+        errors=(404,),
         api_key_header=API_KEY_HEADER,
         max_body=WRITE_BODY_BYTES,
+        operation_id="flexprice_update_customer",
     ),
     Endpoint(
         "DELETE",
         BASE + "/v1/customers/{id}",
-        delete_customer,
+        BY_ID.delete,
         "Delete customer",
         TAG,
         "write",
         status=204,
-        errors=(401, 403, 404, 429),
         path_params=ID,
         path_patterns=NOT_A_ROUTE,
         api_key_header=API_KEY_HEADER,
+        operation_id="flexprice_delete_customer",
     ),
 ]

@@ -12,16 +12,13 @@ from datetime import datetime
 from typing import Annotated, ClassVar
 from uuid import UUID
 
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from service.api import examples
-from service.api.listing import json_with, run_list
-from service.api.params import parse_query
-from service.api.routing import PRINCIPAL, Endpoint
+from service.api.listing import ListAdapter, Listed, Window
+from service.api.routing import Endpoint
 from service.api.shapes import customer_shape
-from service.domain.listing import ListQuery, Sort
 from service.store.listing import Col
 
 BASE = "/compat/public"
@@ -100,36 +97,30 @@ SHAPES = {
 }
 
 
-async def list_customers(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    params = parse_query(request, ListParams)
-    q = ListQuery(
-        organization_id=principal.organization_id,
-        environment=principal.environment,
-        sort=Sort("created_at", descending=True),
-        limit=params.limit,
-        offset=params.offset,
-    )
-    page = await run_list(request, q, SHAPES[params.include_subscriptions])
-    pagination = {
-        "total": page.count,
-        "limit": params.limit,
-        "offset": params.offset,
-        "hasMore": page.next_position is not None,
-    }
-    return web.Response(body=json_with({"pagination": pagination}, "data", page.docs), content_type="application/json")
+def _envelope(listed: Listed[ListParams]) -> dict[str, object]:
+    q, page = listed.query, listed.page
+    pagination = {"total": page.count, "limit": q.limit, "offset": q.offset, "hasMore": page.next_position is not None}
+    return {"pagination": pagination}
+
+
+LIST = ListAdapter[ListParams](
+    rows="data",
+    window=lambda params: Window(params.limit, params.offset),
+    shape=lambda params: SHAPES[params.include_subscriptions],
+    envelope=_envelope,
+)
 
 
 ENDPOINTS = [
     Endpoint(
         "GET",
         BASE + "/api/public/customers",
-        list_customers,
+        LIST.handle,
         "Get customers list",
         TAG,
         "read",
         query=ListParams,
         response=PublicCustomerList,
-        errors=(400, 401, 403, 429),
+        operation_id="public_list_customers",
     ),
 ]

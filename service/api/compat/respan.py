@@ -21,26 +21,27 @@ by retrieve, update and delete.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
 import orjson
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema
 
-from service.api import dbaccess, examples
-from service.api.customers import write_stamp
-from service.api.listing import json_with, link, run_list
+from service.api import examples
+from service.api.conditions import Term, Vocabulary
+from service.api.detail import CustomerAdapter
+from service.api.listing import ListAdapter, Listed, Window, link
 from service.api.models import ENVIRONMENT, SORT_CHOICES, choice
-from service.api.params import FILTER_BODY_BYTES, MAX_BODY_DEPTH, WRITE_BODY_BYTES, parse_body, parse_query
-from service.api.routing import PRINCIPAL, Endpoint
+from service.api.params import FILTER_BODY_BYTES, MAX_BODY_DEPTH, WRITE_BODY_BYTES
+from service.api.routing import Call, Endpoint
 from service.api.shapes import customer_shape
 from service.domain.errors import InvalidInput
-from service.domain.listing import MAX_CONDITIONS, Condition, CustomerFilter, ListQuery, Sort, condition
+from service.domain.listing import Condition, CustomerFilter, Sort
 from service.domain.profile import Email, Metadata, Money, ProfileUpdate, ShortText, json_fault
 from service.domain.vocabulary import BudgetDuration, Environment
-from service.store import customers as core
 from service.store.listing import Col
 
 BASE = "/compat/respan"
@@ -120,6 +121,7 @@ FILTER_FIELDS = {
     "first_seen": "first_seen",
     "last_active_timeframe": "last_active",
 }
+FILTERS = Vocabulary(FILTER_FIELDS, OPERATORS)
 
 
 class RespanFilter(BaseModel):
@@ -164,8 +166,8 @@ class RespanUserFilters(BaseModel):
         },
     )
 
-    # Each value is checked by conditions() (so that a 400 names filters.<field>), as the
-    # schema below says.
+    # Each value is checked as the list reads it (terms(), then FILTERS.conditions), so that
+    # a 400 names filters.<field>, as the schema below says.
     filters: Annotated[dict[str, Any], WithJsonSchema(FILTERS_SCHEMA)] | None = Field(
         None,
         max_length=len(FILTER_FIELDS),
@@ -173,28 +175,18 @@ class RespanUserFilters(BaseModel):
     )
 
 
-def conditions(filters: dict[str, Any] | None) -> tuple[Condition, ...]:
-    """Respan's filters as the core's conditions (the core checks types and bounds)."""
-    found: list[Condition] = []
-    for name, spec in (filters or {}).items():
+def terms(filters: dict[str, Any]) -> Iterator[Term]:
+    """Respan's filters (a field's condition, or a list of them) as terms in Respan's names."""
+    for name, spec in filters.items():
         param = f"filters.{name}"
-        if name not in FILTER_FIELDS:
-            raise InvalidInput(param, f"cannot filter on '{name}'; filterable: {', '.join(FILTER_FIELDS)}")
-        raw = spec if isinstance(spec, list) else [spec]
-        if len(found) + len(raw) > MAX_CONDITIONS:
-            raise InvalidInput("filters", f"at most {MAX_CONDITIONS} conditions")
-        try:
-            specs = [RespanFilter.model_validate(one) for one in raw]
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise InvalidInput(param, f"{where + ': ' if where else ''}{first['msg']}") from None
-        for one in specs:
-            operator = one.operator or ""
-            if operator not in OPERATORS:
-                raise InvalidInput(param, f"unknown operator '{operator}'; one of {sorted(OPERATORS)}")
-            found.append(condition(FILTER_FIELDS[name], OPERATORS[operator], one.value, param))
-    return tuple(found)
+        for one in spec if isinstance(spec, list) else [spec]:
+            try:
+                parsed = RespanFilter.model_validate(one)
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise InvalidInput(param, f"{where + ': ' if where else ''}{first['msg']}") from None
+            yield Term(param, name, parsed.operator or "", parsed.value)
 
 
 def chosen_environment(conds: tuple[Condition, ...]) -> tuple[str | None, tuple[Condition, ...]]:
@@ -275,86 +267,64 @@ class RespanUserPatch(BaseModel):
 
 LIST_SHAPE = customer_shape(RespanUser)
 DETAIL_SHAPE = customer_shape(RespanUserDetail)
-JSON = "application/json"
 
 
-async def list_users(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    params = parse_query(request, ListParams)
+@dataclass(frozen=True)
+class Listing:
+    """A list request: its query string, the filters it carries (in its body, or in the
+    ``filters`` parameter of a link), and the environment and conditions they come to."""
+
+    query: ListParams
+    filters: dict[str, Any] | None
+    environment: str
+    conditions: tuple[Condition, ...]
+
+
+def listing(call: Call[ListParams, RespanUserFilters | None]) -> Listing:
+    """The list a GET or a POST asks for: the filters sent once (a body's, or a link's
+    ``filters`` parameter), and the environment the parameter, or else a filter, names."""
+    params, principal = call.query, call.principal
     filters = decode_filters(params.filters) if params.filters is not None else None
-    if request.method == "POST" and request.can_read_body:
-        body = await parse_body(request, RespanUserFilters)
-        if body.filters and filters is not None and body.filters != filters:
+    if call.body is not None and call.body.filters:
+        if filters is not None and call.body.filters != filters:
             raise InvalidInput(FILTERS_PARAM, "differs from the body's filters: send the filters once")
-        filters = body.filters or filters
-    conds = conditions(filters)
+        filters = call.body.filters
+    conds = FILTERS.conditions(terms(filters or {}))
     if params.environment is None:
         named, conds = chosen_environment(conds)
         environment = principal.environment_for(named, "filters.environment")
     else:
         environment = principal.environment_for(params.environment)
-    q = ListQuery(
-        organization_id=principal.organization_id,
-        environment=environment,
-        filter=CustomerFilter(conditions=conds),
-        sort=Sort.parse(SORT_ALIASES.get(params.sort_by, params.sort_by)),
-        limit=params.page_size,
-        offset=(params.page - 1) * params.page_size,
-    )
-    page = await run_list(request, q, LIST_SHAPE)
-    carried = encode_filters(filters) if filters else None
-    envelope = {
+    return Listing(params, filters, environment, conds)
+
+
+def _envelope(listed: Listed[Listing]) -> dict[str, object]:
+    request, page, number = listed.call.request, listed.page, listed.params.query.page
+    carried = encode_filters(listed.params.filters) if listed.params.filters else None
+    return {
         "count": page.count,
-        "next": link(request, page=params.page + 1, filters=carried) if page.next_position else None,
-        "previous": link(request, page=params.page - 1, filters=carried) if params.page > 1 else None,
+        "next": link(request, page=number + 1, filters=carried) if page.next_position else None,
+        "previous": link(request, page=number - 1, filters=carried) if number > 1 else None,
     }
-    return web.Response(body=json_with(envelope, "results", page.docs), content_type=JSON)
 
 
-async def filter_users(request: web.Request) -> web.Response:
-    """POST: the list, with filters in the body (its own handler: its own operationId)."""
-    return await list_users(request)
+LIST = ListAdapter[Listing](
+    rows="results",
+    params=listing,
+    environment=lambda _, listed: listed.environment,
+    filter=lambda listed: CustomerFilter(conditions=listed.conditions),
+    sort=lambda listed: Sort.parse(SORT_ALIASES.get(listed.query.sort_by, listed.query.sort_by)),
+    window=lambda listed: Window(listed.query.page_size, (listed.query.page - 1) * listed.query.page_size),
+    shape=lambda _: LIST_SHAPE,
+    envelope=_envelope,
+)
 
 
-def _where(request: web.Request) -> tuple[UUID, str, str]:
-    principal = request[PRINCIPAL]
-    params = parse_query(request, DetailParams)
-    return (
-        principal.organization_id,
-        principal.environment_for(params.environment),
-        request.match_info["customer_identifier"],
-    )
+def _columns(body: RespanUserPatch) -> dict[str, object]:
+    return ProfileUpdate.model_validate(body.model_dump(exclude_unset=True)).columns()
 
 
-async def retrieve_user(request: web.Request) -> web.Response:
-    org, env, identifier = _where(request)
-    async with dbaccess.connection(request, read=True) as conn:
-        doc = await core.get_customer(conn, org, env, identifier, DETAIL_SHAPE)
-    return web.Response(text=doc, content_type=JSON)
-
-
-async def update_user(request: web.Request) -> web.Response:
-    org, env, identifier = _where(request)
-    body = await parse_body(request, RespanUserPatch)
-    values = ProfileUpdate.model_validate(body.model_dump(exclude_unset=True)).columns()
-    async with dbaccess.connection(request) as conn:
-        doc = await core.update_customer(
-            conn,
-            org,
-            env,
-            identifier,
-            values,
-            DETAIL_SHAPE,
-            **write_stamp(request),
-        )
-    return web.Response(text=doc, content_type=JSON)
-
-
-async def delete_user(request: web.Request) -> web.Response:
-    org, env, identifier = _where(request)
-    async with dbaccess.connection(request) as conn:
-        await core.delete_customer(conn, org, env, identifier, **write_stamp(request))
-    return web.Response(status=204)
+ONE = CustomerAdapter[DetailParams](shape=lambda _: DETAIL_SHAPE, written=DETAIL_SHAPE, columns=_columns)
 
 
 IDENTIFIER = {"customer_identifier": "Your unique identifier for this customer."}
@@ -364,20 +334,20 @@ ENDPOINTS = [
     Endpoint(
         "GET",
         BASE + "/api/users/list/",
-        list_users,
+        LIST.handle,
         "List customers",
         TAG,
         "read",
         query=ListParams,
         response=RespanUserList,
-        errors=(400, 401, 429),
         description="As Respan's API reference lists customers. POST takes the same parameters and, in its body, "
         "filters.",
+        operation_id="respan_list_users",
     ),
     Endpoint(
         "POST",
         BASE + "/api/users/list/",
-        filter_users,
+        LIST.handle,
         "List customers (with filters)",
         TAG,
         "read",
@@ -385,49 +355,49 @@ ENDPOINTS = [
         body=RespanUserFilters,
         body_required=False,
         response=RespanUserList,
-        errors=(400, 401, 413, 429),
         description="What Respan's SDK sends: the query string of the GET form, and filters in the body.",
         max_body=FILTER_BODY_BYTES,
+        operation_id="respan_filter_users",
     ),
     Endpoint(
         "GET",
         BASE + "/api/users/{customer_identifier}/",
-        retrieve_user,
+        ONE.retrieve,
         "Retrieve a customer",
         TAG,
         "read",
         query=DetailParams,
         response=RespanUserDetail,
-        errors=(400, 401, 404, 429),
         path_params=IDENTIFIER,
         path_patterns=NOT_LIST,
+        operation_id="respan_retrieve_user",
     ),
     Endpoint(
         "PATCH",
         BASE + "/api/users/{customer_identifier}/",
-        update_user,
+        ONE.update,
         "Update a customer",
         TAG,
         "write",
         query=DetailParams,
         body=RespanUserPatch,
         response=RespanUserDetail,
-        errors=(400, 401, 404, 429),
         path_params=IDENTIFIER,
         path_patterns=NOT_LIST,
         max_body=WRITE_BODY_BYTES,
+        operation_id="respan_update_user",
     ),
     Endpoint(
         "DELETE",
         BASE + "/api/users/{customer_identifier}/",
-        delete_user,
+        ONE.delete,
         "Delete a customer",
         TAG,
         "write",
         query=DetailParams,
         status=204,
-        errors=(400, 401, 404, 429),
         path_params=IDENTIFIER,
         path_patterns=NOT_LIST,
+        operation_id="respan_delete_user",
     ),
 ]

@@ -16,16 +16,14 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from service.api import examples
-from service.api.listing import json_with, run_list
-from service.api.params import parse_query
-from service.api.routing import PRINCIPAL, Endpoint
+from service.api.listing import ListAdapter, Window
+from service.api.routing import Endpoint
 from service.api.shapes import customer_shape
-from service.domain.listing import CustomerFilter, ListQuery, Sort
+from service.domain.listing import CustomerFilter
 from service.domain.profile import ShortText
 from service.store.listing import Col
 
@@ -72,36 +70,33 @@ class V0CustomerList(BaseModel):
 SHAPE = customer_shape(V0Customer)
 
 
-async def list_customers(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
-    params = parse_query(request, ListParams)
-    q = ListQuery(
-        organization_id=principal.organization_id,
-        environment=principal.environment,
-        filter=CustomerFilter(
-            statuses=(params.status.lower(),) if params.status else (),
-            name_contains=params.name,
-            email=params.email,
-        ),
-        sort=Sort("created_at", descending=True),
-        limit=params.take,
-        offset=params.skip,
+def _filter(params: ListParams) -> CustomerFilter:
+    return CustomerFilter(
+        statuses=(params.status.lower(),) if params.status else (),
+        name_contains=params.name,
+        email=params.email,
     )
-    page = await run_list(request, q, SHAPE)
-    envelope = {"total": page.count, "skip": params.skip, "take": len(page.docs)}
-    return web.Response(body=json_with(envelope, "customers", page.docs), content_type="application/json")
+
+
+LIST = ListAdapter[ListParams](
+    rows="customers",
+    window=lambda params: Window(params.take, params.skip),
+    shape=lambda _: SHAPE,
+    envelope=lambda listed: {"total": listed.page.count, "skip": listed.params.skip, "take": len(listed.page.docs)},
+    filter=_filter,
+)
 
 
 ENDPOINTS = [
     Endpoint(
         "GET",
         BASE + "/api/v0/customers",
-        list_customers,
+        LIST.handle,
         "List customers",
         TAG,
         "read",
         query=ListParams,
         response=V0CustomerList,
-        errors=(400, 401, 403, 429),
+        operation_id="v0_list_customers",
     ),
 ]
