@@ -36,8 +36,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
-import aiormq
 import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
@@ -57,6 +55,7 @@ from service.infra.broker import (
     delivery_attempt,
     routable,
 )
+from service.infra.errors import is_transient
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
 from service.store import failpoints
@@ -65,30 +64,6 @@ from service.store.publishers import load_binding
 
 log = logging.getLogger("tally.consumer")
 
-# Database errors worth retrying the whole batch for: the database is down, restarting,
-# overloaded, or two transactions collided. Anything else is about the data in the batch.
-TRANSIENT_DB_ERRORS = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.QueryCanceledError,
-)
-# A lost broker connection surfaces as any of these, depending on where it is noticed
-# (aiormq's ChannelInvalidStateError is a RuntimeError: a closed channel used mid-batch).
-BROKER_ERRORS = (
-    aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
 RETRY_BASE = 0.1
 RETRY_CAP = 5.0
 RECONNECT_CAP = 10.0
@@ -330,7 +305,11 @@ class Consumer:
             try:
                 await self._session()
                 attempt = 0
-            except BROKER_ERRORS as exc:
+            except Exception as exc:
+                # A lost broker connection, wherever it is noticed (the database's failures
+                # are retried where they happen and never reach here).
+                if not is_transient(exc):
+                    raise
                 if self._stopping.is_set():
                     break
                 if self.sessions != sessions_seen:  # that session had consumed: a new outage
@@ -539,7 +518,9 @@ class Consumer:
             try:
                 async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
                     return await load_binding(conn, self.settings.amqp_publishers, self.own_users)
-            except TRANSIENT_DB_ERRORS as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 if self._stopping.is_set() and time.monotonic() - (self._stop_requested_at or 0) > DRAIN_GRACE:
                     raise ConnectionAbortedError("stopping with the database unreachable; batch left unacked") from exc
                 delay = _backoff(attempt, RETRY_CAP)
@@ -570,7 +551,19 @@ class Consumer:
             try:
                 async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
                     return await fold(conn, events, retention=self.retention)
-            except TRANSIENT_DB_ERRORS as exc:
+            except Exception as exc:
+                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
+                    # Some event in the batch makes the database refuse it.
+                    return await self._isolate(
+                        events, exc, Rejection.DATABASE_REFUSED, f"database refused the event: {type(exc).__name__}"
+                    )
+                if not is_transient(exc):
+                    # Neither the database nor the broker failing: a bug, brought out by some
+                    # event. Isolated the same way, dead-lettered with an internal-error reason
+                    # and logged as a bug.
+                    return await self._isolate(
+                        events, exc, Rejection.INTERNAL_ERROR, internal_error("folding the event", exc), bug=True
+                    )
                 if self._stopping.is_set() and time.monotonic() - (self._stop_requested_at or 0) > DRAIN_GRACE:
                     raise ConnectionAbortedError("stopping with the database unreachable; batch left unacked") from exc
                 if attempt + 1 >= CLIENT_ERROR_TRIES and _client_error(exc) and await self._database_answers():
@@ -582,24 +575,14 @@ class Consumer:
                 metrics.DB_RETRIES.inc()
                 log.warning("database error; retrying batch", extra={"error": repr(exc), "in_s": round(delay, 2)})
                 await asyncio.sleep(delay)
-            except asyncpg.PostgresError as exc:
-                # Not transient: some event in the batch makes the database refuse it.
-                return await self._isolate(
-                    events, exc, Rejection.DATABASE_REFUSED, f"database refused the event: {type(exc).__name__}"
-                )
-            except Exception as exc:
-                # Neither the database nor the broker failing (those are caught above or
-                # never raised by the fold): a bug, brought out by some event. Isolated the
-                # same way, dead-lettered with an internal-error reason and logged as a bug.
-                return await self._isolate(
-                    events, exc, Rejection.INTERNAL_ERROR, internal_error("folding the event", exc), bug=True
-                )
 
     async def _database_answers(self) -> bool:
         try:
             async with self.pool.acquire(timeout=PROBE_TIMEOUT) as conn:
                 return bool(await conn.fetchval("SELECT 1", timeout=PROBE_TIMEOUT) == 1)
-        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, asyncpg.PostgresError)):
+                raise
             return False
 
     async def _isolate(
@@ -621,6 +604,8 @@ class Consumer:
 
 def _client_error(exc: BaseException) -> bool:
     """An asyncpg error raised on the client side that is not a lost connection."""
+    if isinstance(exc, asyncpg.InternalClientError):
+        return True
     return (
         isinstance(exc, asyncpg.InterfaceError)
         and not isinstance(exc, asyncpg.ConnectionDoesNotExistError)

@@ -30,6 +30,8 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
+from service.infra.errors import is_transient
+
 log = logging.getLogger("tally.broker")
 
 # The routing keys the ingest queue is bound to: an event's type is one of them
@@ -126,7 +128,9 @@ class BrokerNodes:
                     timeout=timeout,
                     client_properties={"connection_name": connection_name} if connection_name else None,
                 )
-            except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 last = exc
                 if self.urls[k] not in self._unreachable:
                     self._unreachable.add(self.urls[k])
