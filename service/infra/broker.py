@@ -242,6 +242,18 @@ async def _declare_events(connection: AbstractConnection, channel: AbstractChann
     return await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True, arguments=arguments)
 
 
+async def delete_namespace(connection: AbstractConnection, names: Names) -> None:
+    """Delete a namespace's queues, then its exchanges; the messages in them are lost (``tally
+    namespace delete``, and every test's private namespace). Each on a channel of its own: a
+    refused deletion closes its channel, not the next one's."""
+    for queue in names.queues:
+        async with connection.channel() as channel:
+            await channel.queue_delete(queue)
+    for exchange in names.exchanges:
+        async with connection.channel() as channel:
+            await channel.exchange_delete(exchange)
+
+
 async def declare(connection: AbstractConnection, channel: AbstractChannel, names: Names) -> Topology:
     """Declare exchanges, queues and bindings on ``channel`` (idempotent: same arguments every
     time; ``connection``, the channel's, serves the events exchange's probe)."""
