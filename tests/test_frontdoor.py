@@ -1,7 +1,7 @@
-"""The front door (service/web/frontdoor.py) at the protocol level, in milliseconds: which
-bytes it passes to aiohttp's protocol, which it holds back, and what it answers itself. A
-recording protocol stands in for aiohttp's and a recording transport for the socket;
-tests/test_http_limits.py drives the same door in a real `tally api` process."""
+"""The front door (service/web/frontdoor.py, its rules service/web/http1.py's) at the protocol
+level, in milliseconds: which bytes it passes to aiohttp's protocol, which it holds back, and
+what it answers itself. A recording protocol stands in for aiohttp's and a recording transport
+for the socket; tests/test_http_limits.py drives the same door in a real `tally api` process."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from aiohttp.http import HttpProcessingError, HttpRequestParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.web.frontdoor import LINGER, METHODS, FrontDoor, Limits
+from service.web.frontdoor import LINGER, FrontDoor
+from service.web.http1 import METHODS, Limits
 
 LIMITS = Limits(request_line=64, field=32, fields=4, head_timeout=0.05)
 

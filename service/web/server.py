@@ -24,7 +24,8 @@ from yarl import URL
 
 from service.infra import metrics
 from service.infra.settings import Settings
-from service.web.frontdoor import FrontDoor, Limits, ResponseWritten
+from service.web.frontdoor import FrontDoor, ResponseWritten
+from service.web.http1 import Limits
 
 log = logging.getLogger("tally.http")
 
