@@ -13,8 +13,10 @@ from aiohttp.http import HttpProcessingError, HttpRequestParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.web.frontdoor import LINGER, FrontDoor
+from service.web import frontdoor
+from service.web.frontdoor import FrontDoor
 from service.web.http1 import METHODS, Limits
+from tests.eventkit import wait_until
 
 LIMITS = Limits(request_line=64, field=32, fields=4, head_timeout=0.05)
 
@@ -154,16 +156,23 @@ async def test_a_body_refused_after_its_head_passed_ends_the_request() -> None:
     assert status(transport) == 400 and transport.closed
 
 
-async def test_an_unfinished_head_is_answered_408_and_lingers_closed() -> None:
+async def test_an_unfinished_head_is_answered_408_and_lingers_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frontdoor, "LINGER", 0.05)
     front, inner, transport = door()
     front.data_received(GET + b"GET /slow HTTP/1.1\r\nHo")
     assert bytes(inner.received) == GET
-    await asyncio.sleep(LIMITS.head_timeout * 2)
+
+    async def timed_out() -> bool:
+        return front.refusal is not None
+
+    async def closed() -> bool:
+        return transport.closed
+
+    await wait_until(timed_out, timeout=5, what="the head timeout")
     assert not transport.written  # aiohttp has not answered the first request yet
     front.response_written()
     assert status(transport) == 408 and transport.eof and not transport.closed
-    await asyncio.sleep(LINGER + 0.1)
-    assert transport.closed
+    await wait_until(closed, timeout=5, what="the lingering close")
 
 
 async def test_a_head_in_one_read_and_an_idle_connection_start_no_timer() -> None:
