@@ -26,7 +26,7 @@ import orjson
 from service.domain.events import EVENT_CONTENT_TYPE
 from service.infra import metrics
 from service.infra.broker import Names
-from service.infra.errors import Unavailable
+from service.infra.errors import is_transient
 from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
@@ -43,17 +43,6 @@ PURGE_EVERY = 600.0
 ALERT_RELAY_EVERY = 5.0
 ALERT_RELAY_CHUNK = 100
 QUEUE_POLL_EVERY = 15.0
-# Database and broker trouble a job waits out (logged as a warning, retried next turn).
-TRANSIENT = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    Unavailable,
-    aio_pika.exceptions.AMQPError,
-)
 
 
 @dataclass
@@ -104,10 +93,11 @@ class Housekeeping:
         while True:
             try:
                 await job.run()
-            except TRANSIENT as exc:
-                log.warning("%s deferred", job.name, extra={"error": repr(exc)})
-            except Exception:  # a job's bug must not end ingestion: report it loudly, carry on
-                log.exception("%s failed", job.name)
+            except Exception as exc:
+                if is_transient(exc):  # database or broker trouble: waited out, tried next turn
+                    log.warning("%s deferred", job.name, extra={"error": repr(exc)})
+                else:  # a job's bug must not end ingestion: report it loudly, carry on
+                    log.exception("%s failed", job.name)
             if job.nudge is None:
                 await asyncio.sleep(job.every)
                 continue

@@ -21,6 +21,9 @@ first delivery, so a trickle is folded at once.
 Connection handling is explicit rather than aio-pika's robust reconnection: on any broker
 failure the consumer drops its unacked messages (the broker redelivers them), reconnects
 with backoff, redeclares the topology and consumes again. Readiness reports the state.
+
+What a batch holds, how its deliveries are decoded and validated, and how a dead letter is
+made and published: consumers/batch.py.
 """
 
 from __future__ import annotations
@@ -32,31 +35,18 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
-import aiormq
 import asyncpg
-import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.domain.events import EVENT_CONTENT_TYPE, Event, InvalidEvent, Rejection, decode_body, validate_event
+from consumers.batch import Batch, DeadLetter, Received, encode_event, event_ids, internal_error, publish_dead_letters
+from service.domain.events import Event, Rejection
 from service.domain.publishers import PublisherBinding
 from service.infra import metrics
-from service.infra.broker import (
-    BINDINGS,
-    BrokerNodes,
-    Names,
-    Topology,
-    amqp_user,
-    broker_urls,
-    dead_letter_message,
-    declare,
-    delivery_attempt,
-    routable,
-)
+from service.infra.broker import BrokerNodes, Names, Topology, amqp_user, broker_urls, declare
+from service.infra.errors import is_transient
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
 from service.store import failpoints
@@ -65,30 +55,6 @@ from service.store.publishers import load_binding
 
 log = logging.getLogger("tally.consumer")
 
-# Database errors worth retrying the whole batch for: the database is down, restarting,
-# overloaded, or two transactions collided. Anything else is about the data in the batch.
-TRANSIENT_DB_ERRORS = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.QueryCanceledError,
-)
-# A lost broker connection surfaces as any of these, depending on where it is noticed
-# (aiormq's ChannelInvalidStateError is a RuntimeError: a closed channel used mid-batch).
-BROKER_ERRORS = (
-    aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
 RETRY_BASE = 0.1
 RETRY_CAP = 5.0
 RECONNECT_CAP = 10.0
@@ -102,47 +68,6 @@ DRAIN_GRACE = 10.0
 # (a consumer stuck on one batch stops ingestion as surely as one that exits).
 CLIENT_ERROR_TRIES = 3
 PROBE_TIMEOUT = 2.0
-
-
-class Received:
-    """A delivery. Its body is decoded when it is taken into a batch (not on arrival), so the
-    prefetched backlog costs its raw bytes only, while batches are still bounded in events."""
-
-    __slots__ = ("message", "_raws", "error")
-
-    def __init__(self, message: AbstractIncomingMessage) -> None:
-        self.message = message
-        self._raws: list[object] | None = None
-        self.error: tuple[Rejection, str] | None = None
-
-    @classmethod
-    def of(cls, message: AbstractIncomingMessage) -> Received:
-        return cls(message)
-
-    @property
-    def raws(self) -> list[object]:
-        if self._raws is None and not routable(self.message.routing_key or ""):
-            # Published with a routing key the ingest queue is not bound to: it came through
-            # the alternate exchange, and is dead-lettered whole, undecoded (the publisher has
-            # the contract wrong; service/infra/broker.py).
-            self._raws, self.error = [], (Rejection.UNROUTABLE, unroutable_reason(self.message.routing_key or ""))
-        if self._raws is None:
-            try:
-                self._raws = decode_body(self.message.body)
-            except InvalidEvent as exc:
-                self._raws, self.error = [], (exc.code, exc.reason)
-            except Exception as exc:  # a bug, brought out by this message: it dies alone
-                self._raws, self.error = [], (Rejection.INTERNAL_ERROR, internal_error("decoding the message", exc))
-                log.error(
-                    "bug: decoding a message raised; dead-lettering it",
-                    exc_info=exc,
-                    extra={"routing_key": self.message.routing_key, "bytes": len(self.message.body)},
-                )
-        return self._raws
-
-    @property
-    def size(self) -> int:
-        return max(1, len(self.raws))
 
 
 class Inbox:
@@ -163,132 +88,6 @@ class Inbox:
         self.arrived.clear()
         await wait_event(self.arrived, timeout)
         return bool(self.items)
-
-
-@dataclass
-class DeadLetter:
-    body: bytes
-    code: Rejection
-    reason: str
-    # The delivery it came from. Its routing key is the dead letter's (and replay's): the
-    # broker accepted it, so it is a valid routing key, whereas anything taken from the
-    # event itself (its `type`, of any length) may not be one and would fail the publish.
-    message: AbstractIncomingMessage
-    content_type: str | None = EVENT_CONTENT_TYPE
-    # The event's id and organization, for the log line (None for a whole message that holds
-    # no readable event: not JSON, say).
-    event_id: str | None = None
-    organization: str | None = None
-
-
-# Identifiers in a log line are the event's own: cut, so one event cannot blow up the log.
-LOGGED_ID_CHARS = 100
-
-
-def logged(value: object) -> str | None:
-    """An event's identifier as a log line shows it: text cut short, anything else omitted."""
-    return value[:LOGGED_ID_CHARS] if isinstance(value, str) else None
-
-
-def event_ids(raw: object) -> dict[str, str | None]:
-    """The id and organization of a decoded event, fit for a log line."""
-    if not isinstance(raw, dict):
-        return {"event_id": None, "organization": None}
-    return {"event_id": logged(raw.get("id")), "organization": logged(raw.get("organization"))}
-
-
-def unroutable_reason(routing_key: str) -> str:
-    return (
-        f"unroutable: routing key '{routing_key}' matches none of {', '.join(BINDINGS)}; "
-        "publish each event with its type as the routing key (usage.recorded, ...)"
-    )
-
-
-def internal_error(doing: str, exc: BaseException) -> str:
-    """A dead-letter reason for a bug that one input brought out (the exception's type only:
-    its message may quote the input)."""
-    return f"internal error while {doing}: {type(exc).__name__}"
-
-
-def encode_event(raw: object) -> bytes:
-    """One decoded event back as JSON, to dead-letter it alone. orjson refuses nesting past
-    255 levels and the decoder accepts 1024, so deeper values take a slower path that never
-    recurses: no event can make dead-lettering it fail."""
-    try:
-        return orjson.dumps(raw)
-    except orjson.JSONEncodeError:
-        return _encode_deep(raw)
-
-
-def _encode_deep(value: object) -> bytes:
-    # An explicit stack of values still to write, and of bytes already rendered (punctuation):
-    # decoded JSON holds no bytes, so a bytes item on the stack is always output.
-    out: list[bytes] = []
-    stack: list[object] = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, bytes):
-            out.append(item)
-        elif isinstance(item, dict):
-            parts: list[object] = [b"{"]
-            for i, (key, child) in enumerate(item.items()):
-                parts += [(b"," if i else b"") + orjson.dumps(str(key)) + b":", child]
-            parts.append(b"}")
-            stack.extend(reversed(parts))
-        elif isinstance(item, list):
-            parts = [b"["]
-            for i, child in enumerate(item):
-                parts += [b","] if i else []
-                parts.append(child)
-            parts.append(b"]")
-            stack.extend(reversed(parts))
-        else:
-            out.append(orjson.dumps(item))
-    return b"".join(out)
-
-
-class Batch:
-    """Deliveries taken for one transaction, validated as they are taken (so validation
-    overlaps the previous batch's fold): the valid events with their origins, and the dead
-    letters of what can never apply."""
-
-    def __init__(self) -> None:
-        self.items: list[Received] = []
-        self.events: list[Event] = []
-        # Per event: the delivery it came in, and that delivery's body when it held this
-        # event alone (then its dead letter is the message as received, byte for byte).
-        self.origins: list[tuple[AbstractIncomingMessage, bytes | None]] = []
-        self.dead: list[DeadLetter] = []
-        self.size = 0  # events, as counted for the batch bounds
-        self.now = datetime.now(UTC)
-
-    def add(self, item: Received) -> None:
-        self.items.append(item)
-        self.size += item.size
-        message, raws = item.message, item.raws
-        if item.error is not None:
-            self.dead.append(DeadLetter(message.body, *item.error, message, message.content_type))
-            metrics.EVENTS.labels(metrics.OTHER_TYPE, "invalid").inc()
-            return
-        alone = message.body if len(raws) == 1 else None
-        for raw in raws:
-            try:
-                self.events.append(validate_event(raw, self.now))
-                self.origins.append((message, alone))
-                continue
-            except InvalidEvent as exc:
-                code, reason = exc.code, exc.reason
-            except Exception as exc:  # a bug, brought out by this event: it dies alone
-                code, reason = Rejection.INTERNAL_ERROR, internal_error("validating the event", exc)
-                log.error(
-                    "bug: validating an event raised; dead-lettering it",
-                    exc_info=exc,
-                    extra={"routing_key": message.routing_key},
-                )
-            event_type = raw.get("type") if isinstance(raw, dict) else None
-            body = alone if alone is not None else encode_event(raw)
-            self.dead.append(DeadLetter(body, code, reason, message, **event_ids(raw)))
-            metrics.EVENTS.labels(metrics.event_type_label(event_type), "invalid").inc()
 
 
 def _backoff(attempt: int, cap: float) -> float:
@@ -330,7 +129,11 @@ class Consumer:
             try:
                 await self._session()
                 attempt = 0
-            except BROKER_ERRORS as exc:
+            except Exception as exc:
+                # A lost broker connection, wherever it is noticed (the database's failures
+                # are retried where they happen and never reach here).
+                if not is_transient(exc):
+                    raise
                 if self._stopping.is_set():
                     break
                 if self.sessions != sessions_seen:  # that session had consumed: a new outage
@@ -475,33 +278,7 @@ class Consumer:
             metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         messages = [item.message for item in batch.items]
         await failpoints.hit("consumer.after_commit")
-        for letter in dead:
-            origin = letter.message
-            routing_key = origin.routing_key or ""
-            await topology.dlx.publish(
-                dead_letter_message(
-                    letter.body,
-                    letter.code,
-                    letter.reason,
-                    routing_key,
-                    letter.content_type,
-                    message_id=origin.message_id,
-                    attempt=delivery_attempt(origin.headers, origin.redelivered),
-                ),
-                routing_key=routing_key or "unrouted",
-            )
-            metrics.DEAD_LETTERS.labels(letter.code.value).inc()
-            log.warning(
-                "dead-lettered",
-                extra={
-                    "reason_code": letter.code.value,
-                    "reason": letter.reason[:200],
-                    "event_id": letter.event_id,
-                    "organization": letter.organization,
-                    "message_id": logged(origin.message_id),
-                    "routing_key": routing_key,
-                },
-            )
+        await publish_dead_letters(topology, dead)
         await self._ack(messages)
 
     async def _refuse_forbidden(self, batch: Batch) -> None:
@@ -539,7 +316,9 @@ class Consumer:
             try:
                 async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
                     return await load_binding(conn, self.settings.amqp_publishers, self.own_users)
-            except TRANSIENT_DB_ERRORS as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 if self._stopping.is_set() and time.monotonic() - (self._stop_requested_at or 0) > DRAIN_GRACE:
                     raise ConnectionAbortedError("stopping with the database unreachable; batch left unacked") from exc
                 delay = _backoff(attempt, RETRY_CAP)
@@ -570,7 +349,19 @@ class Consumer:
             try:
                 async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
                     return await fold(conn, events, retention=self.retention)
-            except TRANSIENT_DB_ERRORS as exc:
+            except Exception as exc:
+                if isinstance(exc, asyncpg.PostgresError) and not is_transient(exc):
+                    # Some event in the batch makes the database refuse it.
+                    return await self._isolate(
+                        events, exc, Rejection.DATABASE_REFUSED, f"database refused the event: {type(exc).__name__}"
+                    )
+                if not is_transient(exc):
+                    # Neither the database nor the broker failing: a bug, brought out by some
+                    # event. Isolated the same way, dead-lettered with an internal-error reason
+                    # and logged as a bug.
+                    return await self._isolate(
+                        events, exc, Rejection.INTERNAL_ERROR, internal_error("folding the event", exc), bug=True
+                    )
                 if self._stopping.is_set() and time.monotonic() - (self._stop_requested_at or 0) > DRAIN_GRACE:
                     raise ConnectionAbortedError("stopping with the database unreachable; batch left unacked") from exc
                 if attempt + 1 >= CLIENT_ERROR_TRIES and _client_error(exc) and await self._database_answers():
@@ -582,24 +373,14 @@ class Consumer:
                 metrics.DB_RETRIES.inc()
                 log.warning("database error; retrying batch", extra={"error": repr(exc), "in_s": round(delay, 2)})
                 await asyncio.sleep(delay)
-            except asyncpg.PostgresError as exc:
-                # Not transient: some event in the batch makes the database refuse it.
-                return await self._isolate(
-                    events, exc, Rejection.DATABASE_REFUSED, f"database refused the event: {type(exc).__name__}"
-                )
-            except Exception as exc:
-                # Neither the database nor the broker failing (those are caught above or
-                # never raised by the fold): a bug, brought out by some event. Isolated the
-                # same way, dead-lettered with an internal-error reason and logged as a bug.
-                return await self._isolate(
-                    events, exc, Rejection.INTERNAL_ERROR, internal_error("folding the event", exc), bug=True
-                )
 
     async def _database_answers(self) -> bool:
         try:
             async with self.pool.acquire(timeout=PROBE_TIMEOUT) as conn:
                 return bool(await conn.fetchval("SELECT 1", timeout=PROBE_TIMEOUT) == 1)
-        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+        except Exception as exc:
+            if not (is_transient(exc) or isinstance(exc, asyncpg.PostgresError)):
+                raise
             return False
 
     async def _isolate(
@@ -621,6 +402,8 @@ class Consumer:
 
 def _client_error(exc: BaseException) -> bool:
     """An asyncpg error raised on the client side that is not a lost connection."""
+    if isinstance(exc, asyncpg.InternalClientError):
+        return True
     return (
         isinstance(exc, asyncpg.InterfaceError)
         and not isinstance(exc, asyncpg.ConnectionDoesNotExistError)

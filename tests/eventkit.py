@@ -20,6 +20,7 @@ import asyncpg
 import orjson
 
 from service.domain.events import validate_event
+from service.infra import broker as amqp
 from service.infra.broker import Names
 from service.store.fold import fold
 from tests.factories import Org
@@ -209,11 +210,7 @@ class Broker:
     async def __aexit__(self, *exc: object) -> None:
         assert self.connection is not None
         try:
-            channel = await self.connection.channel()
-            for queue in self.names.queues:
-                await channel.queue_delete(queue)
-            for exchange in self.names.exchanges:
-                await channel.exchange_delete(exchange)
+            await amqp.delete_namespace(self.connection, self.names)
         finally:
             await self.connection.close()
 
@@ -266,16 +263,11 @@ def days_ago(n: float, hour: int = 12, *, now: datetime | None = None) -> dateti
 
 
 async def delete_namespace(namespace: str) -> None:
-    """Remove a test namespace's queues and exchanges from the broker (if declared)."""
-    names = Names(namespace)
+    """Remove a test namespace's queues and exchanges from the broker (if declared), as
+    ``tally namespace delete`` does."""
     connection = await aio_pika.connect(AMQP_URL)
     try:
-        for queue in names.queues:
-            channel = await connection.channel()
-            await channel.queue_delete(queue)
-        for exchange in names.exchanges:
-            channel = await connection.channel()
-            await channel.exchange_delete(exchange)
+        await amqp.delete_namespace(connection, Names(namespace))
     finally:
         await connection.close()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from service.domain.vocabulary import PROFILE_COLUMNS
 from service.store import auth
 from service.store.listing import USAGE_COLUMNS
 
@@ -51,30 +52,14 @@ async def client_pair(
 
 # ---- customers -----------------------------------------------------------------------------
 
+# What a test may set on a customer row: its key, the fields a client may write, and the usage
+# aggregates (stored in customer_usage) — the code's own lists, not copies of them.
 INSERT_CUSTOMER_COLUMNS = (
     "organization_id",
     "environment",
     "customer_identifier",
-    "name",
-    "email",
-    "status",
-    "metadata",
-    "parent_customer_id",
-    "first_seen",
-    "last_active",
-    "active_days",
-    "number_of_requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "total_cost",
-    "latency_sum",
-    "latency_count",
-    "ttft_sum",
-    "ttft_count",
-    "total_budget",
-    "period_budget",
-    "budget_duration",
+    *PROFILE_COLUMNS,
+    *sorted(USAGE_COLUMNS),
 )
 
 

@@ -50,6 +50,13 @@ async def lagging_standby(migrations_dir: Path) -> AsyncIterator[str]:
         await admin.close()
 
 
+def with_user(dsn: str, user: str) -> str:
+    """``dsn`` connecting as ``user`` (no password: the test server trusts local roles)."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
 def uid(prefix: str = "c") -> str:
     """A customer identifier no other test uses."""
     return f"{prefix}_{uuid.uuid4().hex[:12]}"

@@ -25,7 +25,7 @@ import asyncpg
 import orjson
 import pytest
 
-from service.infra.broker import BrokerNodes, Names, declare, event_message
+from service.infra.broker import BrokerNodes, Names, declare, delete_namespace, event_message
 from service.infra.errors import Unavailable
 from service.infra.publisher import Publisher
 from service.infra.settings import Settings
@@ -192,12 +192,7 @@ async def _at_least(counter: list[int], n: int) -> bool:
 async def _delete(urls: str, names: Names) -> None:
     connection = await BrokerNodes(urls).connect(timeout=10)
     try:
-        for name in names.queues:
-            channel = await connection.channel()
-            await channel.queue_delete(name)
-        for name in names.exchanges:
-            channel = await connection.channel()
-            await channel.exchange_delete(name)
+        await delete_namespace(connection, names)
     except aio_pika.exceptions.AMQPError:
         pass
     finally:

@@ -391,7 +391,7 @@ def check_alert(
     org: Org,
     periods: dict[str | None, tuple[datetime, datetime]],
 ) -> None:
-    """The CloudEvent and its data as service/alerts.py documents them."""
+    """The CloudEvent and its data as service/store/alerts.py makes them."""
     assert message.routing_key == ALERT_ROUTING_KEY
     assert message.content_type == "application/cloudevents+json"
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT

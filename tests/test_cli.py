@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.cli import backlog_notes
+from service.cli.status import backlog_notes
 from service.infra.settings import Settings
 from service.store.alerts import ALERT_ROUTING_KEY
 from tests.eventkit import Broker

@@ -43,7 +43,14 @@ from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER, declare, routable
+from service.infra.broker import (
+    ATTEMPT_HEADER,
+    REASON_HEADER,
+    ROUTING_KEY_HEADER,
+    declare,
+    delete_namespace,
+    routable,
+)
 from service.infra.settings import Settings
 from service.store import auth
 from tests.eventkit import AMQP_URL, Broker, usage, wait_until
@@ -531,11 +538,7 @@ class Harness:
                 self.process.close()
             connection = await aio_pika.connect(AMQP_URL)
             try:
-                channel = await connection.channel()
-                for queue in self.names.queues:
-                    await channel.queue_delete(queue)
-                for exchange in self.names.exchanges:
-                    await channel.exchange_delete(exchange)
+                await delete_namespace(connection, self.names)
             finally:
                 await connection.close()
 

@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 import pytest
 
+import consumers.batch as batch_module
 import consumers.ingest as consumer_module
 from service.infra import metrics
 from service.infra.broker import ATTEMPT_HEADER, REASON_HEADER, ROUTING_KEY_HEADER
@@ -168,23 +169,23 @@ async def test_a_bug_one_input_brings_out_dead_letters_it_alone(
         return isinstance(value, dict) and value.get("subject") == "explodes"
 
     if stage == "decoding":
-        real_decode = consumer_module.decode_body
+        real_decode = batch_module.decode_body
 
         def decode_body(body: bytes) -> list[object]:
             if b'"marker":"explodes"' in body:
                 raise RecursionError("simulated bug in decoding")
             return real_decode(body)
 
-        monkeypatch.setattr(consumer_module, "decode_body", decode_body)
+        monkeypatch.setattr(batch_module, "decode_body", decode_body)
     elif stage == "validating":
-        real_validate = consumer_module.validate_event
+        real_validate = batch_module.validate_event
 
         def validate_event(raw, now):
             if is_marked(raw):
                 raise RecursionError("simulated bug in validation")
             return real_validate(raw, now)
 
-        monkeypatch.setattr(consumer_module, "validate_event", validate_event)
+        monkeypatch.setattr(batch_module, "validate_event", validate_event)
     else:
         real_fold = consumer_module.fold
 

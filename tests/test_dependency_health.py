@@ -26,7 +26,7 @@ from service.infra.settings import Settings
 from tests.eventkit import AMQP_URL, wait_until
 from tests.factories import Org, insert_customer
 from tests.processes import free_port
-from tests.support import ok_json, problem, uid
+from tests.support import ok_json, problem, uid, with_user
 
 
 @asynccontextmanager
@@ -98,6 +98,47 @@ async def test_a_read_pool_full_of_slow_reads_does_not_mark_the_standby_down(
             await checks_pass(app, 5)
             assert standby.up
         assert [r.status for r in await asyncio.gather(*slow)] == [200, 200]
+
+
+async def test_a_database_out_of_connections_is_a_503(
+    settings: Settings, migrated, pool: asyncpg.Pool, org: Org
+) -> None:
+    """PostgreSQL refusing a new connection (too many connections: here a role's CONNECTION
+    LIMIT, reached for real) is transient, as the consumer treats it: 503 with Retry-After,
+    not 500."""
+    identifier = uid()
+    await insert_customer(pool, org, identifier)
+    role = f"tally_tiny_{uid()}"
+    await pool.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE pg_read_all_data, pg_write_all_data')
+    try:
+        app = create_app(settings.model_copy(update={"database_url": with_user(settings.database_url, role)}))
+        async with TestClient(TestServer(app)) as client:
+            # The connections the API holds once started are all the role may have.
+            held = await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role)
+            await pool.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {held}')
+            async with usage_locked(pool):
+                waiting = asyncio.ensure_future(client.get(f"/v1/customers/{identifier}", headers=org.headers()))
+
+                async def pool_connection_waits() -> bool:
+                    return bool(
+                        await pool.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event_type = 'Lock'",
+                            role,
+                        )
+                    )
+
+                await wait_until(pool_connection_waits, timeout=10, what="a read holding the pool's connection")
+                resp = await client.get(f"/v1/customers/{identifier}", headers=org.headers())
+                body = await problem(resp, 503)
+                assert resp.headers["Retry-After"] == "1"
+                assert body["title"] == "Service Unavailable"
+            assert (await waiting).status == 200
+    finally:
+        await pool.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1 AND pid <> pg_backend_pid()",
+            role,
+        )
+        await pool.execute(f'DROP ROLE "{role}"')
 
 
 async def test_a_read_url_that_is_not_a_standby_is_said_once(

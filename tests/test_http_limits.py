@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -126,6 +127,11 @@ def response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
+def statuses(raw: bytes) -> list[int]:
+    """The statuses of the responses in ``raw``, in order (bodies here hold no status line)."""
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+
 def assert_problem(raw: bytes, status: int) -> dict:
     assert raw, "the connection closed without an answer"
     got, headers, body = response(raw)
@@ -173,6 +179,32 @@ async def test_sixty_headers_of_a_megabyte_are_refused_and_memory_stays_bounded(
         pytest.param(
             b"GET /healthz?" + b"q" * 1_100_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, id="request-line-too-long"
         ),
+        # The grammar the front door holds heads to, where it decides where a request ends.
+        pytest.param(b"GET /healthz HTTP/1.1\nHost: a\n\n", 400, id="bare-lf"),
+        pytest.param(b"BREW /healthz HTTP/1.1\r\nHost: a\r\n\r\n", 400, id="unknown-method"),
+        pytest.param(b"GET /healthz HTTP/2.0\r\nHost: a\r\n\r\n", 400, id="version"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\n\r\n", 400, id="no-host"),
+        pytest.param(b"GET /h\x01 HTTP/1.1\r\nHost: a\r\n\r\n", 400, id="control-in-target"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n", 400, id="control-in-value"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400, id="folded-header"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, id="two-hosts"),
+        pytest.param(
+            b"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            400,
+            id="two-content-lengths",
+        ),
+        pytest.param(b"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\nx", 400, id="bad-length"),
+        pytest.param(
+            b"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            id="length-and-chunked",
+        ),
+        pytest.param(b"POST /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400, id="not-chunked"),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            400,
+            id="upgrade",
+        ),
     ],
 )
 async def test_protocol_refusals_are_problem_documents(api: Api, raw: bytes, status: int) -> None:
@@ -185,6 +217,62 @@ async def test_protocol_refusals_are_problem_documents(api: Api, raw: bytes, sta
     await wait_until(logged, timeout=ANSWER_TIMEOUT, what="the refusal's log line")
     refusals = [line for line in api.log_lines()[before:] if line["message"] == "refused a malformed request"]
     assert [(line["level"], line["status"]) for line in refusals] == [("warning", status)]
+    assert_no_errors_logged(api)
+
+
+async def test_non_http_traffic_is_refused_with_a_debug_line_only(api: Api) -> None:
+    """TLS sent to the plain port (a scanner, a misconfigured client) is routine on a public
+    port: a 400, and no warning to fill the logs."""
+    before = len(api.log_lines())
+    assert_problem(await exchange(api, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"), 400)
+    assert not [line for line in api.log_lines()[before:] if line["message"] == "refused a malformed request"]
+    assert_no_errors_logged(api)
+
+
+async def test_pipelined_requests_are_answered_in_order_before_a_refusal(api: Api) -> None:
+    """A refused head after accepted ones on the same connection: each accepted request is
+    answered first, then the refusal, then the connection closes."""
+    raw = await exchange(
+        api,
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody"
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nNo colon here\r\n\r\n",
+    )
+    assert statuses(raw) == [200, 405, 400], raw[:2000]
+    assert_problem(raw[raw.rindex(b"HTTP/1.1 400") :], 400)
+    assert_no_errors_logged(api)
+
+
+async def test_a_chunked_body_is_followed_to_the_next_request(api: Api) -> None:
+    """The front door follows a chunked body (extensions and trailers included) to its end:
+    the head after it is a request of its own, answered on the same connection."""
+    raw = await exchange(
+        api,
+        b"POST /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"4;ext=1\r\nGET \r\n",
+        b"a\r\n/healthz H\r\n0\r\nX-Trailer: t\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    assert statuses(raw) == [405, 200], raw[:2000]
+    assert_no_errors_logged(api)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "body-later"])
+async def test_a_chunked_body_that_breaks_its_framing_is_a_problem_400(api: Api, split: bool) -> None:
+    """A chunk size that is not one, arriving with the head or while the handler waits for
+    the body: a problem document and a warning, never an error."""
+    head = (
+        b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Authorization: Bearer " + api.write_key.encode() + b"\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    body = b"2\r\n[{\r\nzz\r\n}]\r\n0\r\n\r\n"
+    before = len(api.log_lines())
+    raw = await exchange(api, head, body) if split else await exchange(api, head + body)
+    problem = assert_problem(raw, 400)
+    assert "chunked" in problem["detail"]
+    refusals = [line for line in api.log_lines()[before:] if line["message"] == "refused a malformed request"]
+    assert [line["level"] for line in refusals] == ["warning"]
     assert_no_errors_logged(api)
 
 
@@ -207,6 +295,15 @@ async def test_a_partial_head_is_closed_after_the_header_timeout(api: Api) -> No
     problem = assert_problem(raw, 408)
     assert f"{HEAD_TIMEOUT} s" in problem["detail"]
     assert response(raw)[1]["connection"] == "close"
+
+
+async def test_a_partial_head_behind_a_request_is_timed_from_its_first_byte(api: Api) -> None:
+    """A head that starts in the same read as the request before it ends is timed too: the
+    request is answered, then the unfinished head is refused with 408."""
+    raw = await exchange(api, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:500]
+    problem = assert_problem(raw[raw.index(b"HTTP/1.1 408") :], 408)
+    assert f"{HEAD_TIMEOUT} s" in problem["detail"]
 
 
 async def test_a_keep_alive_connection_serves_request_after_request(api: Api) -> None:

@@ -120,7 +120,7 @@ async def test_hostile_text_in_every_filter_is_data_not_sql(client: TestClient, 
 
 
 async def test_deeply_nested_metadata_is_a_400_or_stored_never_a_500(client: TestClient, org: Org) -> None:
-    # Metadata nests at most 32 levels (service/profile.py); the probe found 255-1,023 gave a 500.
+    # Metadata nests at most 32 levels (service/domain/profile.py); the probe found 255-1,023 gave a 500.
     for depth, ok in ((32, True), (33, False), (300, False), (1000, False), (5000, False)):
         nested: object = "leaf"
         for _ in range(depth):

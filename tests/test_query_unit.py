@@ -1,4 +1,5 @@
-"""Pure unit tests of service/query.py: no database, no HTTP."""
+"""Pure unit tests of the list query (service/domain/listing.py) and its compiler
+(service/store/listing.py): no database, no HTTP."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from service.api import appkeys
 from service.api.errors import invalid
 from service.api.fairness import CostMeter
 from service.infra import metrics
-from service.infra.errors import Unavailable
+from service.infra.errors import Unavailable, is_overrun, is_transient
 from service.infra.standby import SEEN_LSN, Standby, format_lsn, parse_lsn
 from service.store.db import Connection
 
@@ -130,22 +130,16 @@ COST = web.RequestKey("cost", CostMeter)
 CONSISTENCY = web.RequestKey("consistency_lsn", int)
 CONSISTENCY_HEADER = "X-Tally-Consistency"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# A standby that fails mid-read (stopped, restarting) or cancels a read that conflicts with
-# replay: the read is refused with 503 and Retry-After, and the standby is checked again. Not
-# a read that ran past its statement timeout (the client's TimeoutError, the server's
-# QueryCanceledError): that is the request's cost, and one tenant's slow filter must not send
-# every tenant's reads to the primary.
-STANDBY_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.SerializationError,
-    # A pooled connection to a standby that shut down while it was idle can surface as a
-    # protocol state error on its next use rather than as a lost connection.
-    asyncpg.InternalClientError,
-)
+
+
+def standby_failed(exc: BaseException) -> bool:
+    """Whether a read's error says the standby failed (stopped, restarting, cancelling a read
+    that conflicts with replay): then the read is refused with 503 and Retry-After, and the
+    standby is checked again. Not a read that ran past its statement timeout: that is the
+    request's cost, and one tenant's slow filter must not send every tenant's reads to the
+    primary. Nor tally's own Unavailable (no turn or pooled connection came in time): that is
+    the read pool's state, not the standby's."""
+    return is_transient(exc) and not is_overrun(exc) and not isinstance(exc, Unavailable)
 
 
 def consistency_token(request: web.Request) -> int | None:
@@ -173,9 +167,9 @@ async def connection(request: web.Request, *, read: bool = False) -> AsyncIterat
                 yield conn
                 await _note_position(request, conn)
             return
-        except TimeoutError:  # an OSError too, but the request's overrun: see STANDBY_ERRORS
-            raise
-        except STANDBY_ERRORS as exc:
+        except Exception as exc:
+            if not standby_failed(exc):
+                raise
             await standby.failed(exc)
             raise Unavailable("the read standby failed during the request; retry shortly", retry_after=1) from exc
     async with gate.connection(app[appkeys.POOL], organization) as conn, _timed(request):
@@ -202,7 +196,9 @@ async def _timed(request: web.Request) -> AsyncIterator[None]:
 async def _note_position(request: web.Request, conn: Connection) -> None:
     try:
         request[CONSISTENCY] = await conn.fetchval(SEEN_LSN)
-    except (*STANDBY_ERRORS, asyncpg.PostgresError):
+    except Exception as exc:
+        if not (is_transient(exc) or isinstance(exc, asyncpg.PostgresError)):
+            raise
         return  # the data was read or written; only the token is missing
 
 

@@ -39,7 +39,7 @@ def from_micros(micros: int) -> datetime:
 def version(kind: int, at: datetime, source: str, change_id: str) -> str:
     """A write's version: ``'<kind>|<µs since 0001-01-01 UTC, 19 digits>|<source>|<id>'``.
     Compared as text — by code point in Python, ``COLLATE "C"`` in SQL, the same order — it
-    orders by kind, then time, then source and id (migrations/0006 has the SQL side)."""
+    orders by kind, then time, then source and id (migrations/0006_order_independence.sql has the SQL side)."""
     return f"{kind}|{(at - _YEAR_ONE) // _MICROSECOND:019d}|{source}|{change_id}"
 
 

@@ -33,7 +33,7 @@ MAX_FUTURE = timedelta(minutes=5)
 MAX_EVENTS_PER_MESSAGE = 10_000
 # An event nested deeper than this is refused before anything walks it recursively (pydantic,
 # orjson.dumps, which stops at 255 levels, when it is dead-lettered alone); metadata inside it
-# has its own, lower bound (service/profile.py).
+# has its own, lower bound (service/domain/profile.py).
 MAX_EVENT_DEPTH = 64
 
 Count = Annotated[int, Field(ge=0, le=10**12)]

@@ -30,6 +30,8 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
+from service.infra.errors import is_transient
+
 log = logging.getLogger("tally.broker")
 
 # The routing keys the ingest queue is bound to: an event's type is one of them
@@ -126,7 +128,9 @@ class BrokerNodes:
                     timeout=timeout,
                     client_properties={"connection_name": connection_name} if connection_name else None,
                 )
-            except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 last = exc
                 if self.urls[k] not in self._unreachable:
                     self._unreachable.add(self.urls[k])
@@ -236,6 +240,18 @@ async def _declare_events(connection: AbstractConnection, channel: AbstractChann
         if not probe.is_closed:
             await probe.close()
     return await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True, arguments=arguments)
+
+
+async def delete_namespace(connection: AbstractConnection, names: Names) -> None:
+    """Delete a namespace's queues, then its exchanges; the messages in them are lost (``tally
+    namespace delete``, and every test's private namespace). Each on a channel of its own: a
+    refused deletion closes its channel, not the next one's."""
+    for queue in names.queues:
+        async with connection.channel() as channel:
+            await channel.queue_delete(queue)
+    for exchange in names.exchanges:
+        async with connection.channel() as channel:
+            await channel.exchange_delete(exchange)
 
 
 async def declare(connection: AbstractConnection, channel: AbstractChannel, names: Names) -> Topology:

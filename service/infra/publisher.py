@@ -11,7 +11,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from service.infra.broker import BrokerNodes, Names, Topology, declare
-from service.infra.errors import Unavailable
+from service.infra.errors import Unavailable, is_transient
 
 log = logging.getLogger("tally.publisher")
 
@@ -54,7 +54,9 @@ class Publisher:
                     )
                     self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
                     self._topology = await declare(self._connection, self._channel, self.names)
-                except (TimeoutError, aio_pika.exceptions.AMQPError, OSError) as exc:
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
                     await self._close()
                     raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
             assert self._topology is not None
@@ -72,12 +74,9 @@ class Publisher:
             await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
         except aio_pika.exceptions.DeliveryError as exc:
             raise Unavailable(f"broker did not route or confirm the message: {exc}") from exc
-        except (
-            TimeoutError,
-            aio_pika.exceptions.AMQPError,
-            OSError,
-            RuntimeError,
-        ) as exc:  # RuntimeError: aiormq's closed channel
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             await self._close()
             self.nodes.lost()  # the next publish connects to the next node first
             raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc

@@ -28,6 +28,7 @@ import asyncpg
 
 from service.infra import metrics
 from service.infra.db import close_pool, create_pool
+from service.infra.errors import is_transient
 from service.infra.settings import Settings
 
 log = logging.getLogger("tally.standby")
@@ -65,7 +66,10 @@ def format_lsn(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
-PROBE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+def probe_failed(exc: BaseException) -> bool:
+    """Whether a check's error marks the standby down: a transient failure, or any refusal by
+    the server (a role or database that is not there is as down as a stopped server)."""
+    return is_transient(exc) or isinstance(exc, asyncpg.PostgresError)
 
 
 class Standby:
@@ -112,7 +116,9 @@ class Standby:
         """Ask the standby where it is; mark it up or down."""
         try:
             in_recovery, replayed, lag = await self._ask(CHECK)
-        except PROBE_ERRORS as exc:
+        except Exception as exc:
+            if not probe_failed(exc):
+                raise
             await self.failed(exc)
             return
         self.replayed = max(self.replayed, replayed)
@@ -157,7 +163,9 @@ class Standby:
         while True:
             try:
                 self.replayed = max(self.replayed, await self._replay_position())
-            except PROBE_ERRORS as exc:
+            except Exception as exc:
+                if not probe_failed(exc):
+                    raise
                 await self.failed(exc)
                 metrics.REPLICA_FALLBACKS.labels("down").inc()
                 return False

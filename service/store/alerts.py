@@ -1,4 +1,4 @@
-"""Budget threshold alerts: the outbox side. The fold records them (service/store/fold.py); this
+"""Budget threshold alerts: the outbox side. The fold records them (service/store/apply.py); this
 module claims unpublished ones and turns each into a ``budget.threshold_crossed`` CloudEvent.
 
 Publishing is at-least-once (a crash after the broker's confirm and before the mark

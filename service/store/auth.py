@@ -68,6 +68,27 @@ async def find_organization(conn: Connection, name_or_id: str) -> tuple[UUID, st
     return found
 
 
+# The operator's overview (`tally orgs list`): each organization with its customers (the
+# compacted count plus the deltas not yet folded into it) and its live keys.
+SELECT_OVERVIEW = """
+SELECT o.id, o.name, o.created_at,
+       (SELECT coalesce(sum(delta), 0)::bigint FROM customer_counts n WHERE n.organization_id = o.id) AS customers,
+       (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id AND k.revoked_at IS NULL) AS keys
+FROM organizations o ORDER BY o.name
+"""
+SELECT_NAMES = "SELECT id, name FROM organizations"
+
+
+async def organizations(conn: Connection) -> list[asyncpg.Record]:
+    """Every organization: id, name, created_at, customers, keys (live ones), by name."""
+    return await conn.fetch(SELECT_OVERVIEW)
+
+
+async def organization_names(conn: Connection) -> dict[str, str]:
+    """Organization id (as text) → name, to show names where messages carry ids."""
+    return {str(r["id"]): r["name"] for r in await conn.fetch(SELECT_NAMES)}
+
+
 INSERT_KEY = """
 INSERT INTO api_keys (prefix, organization_id, secret_hash, scopes, environment, name)
 VALUES ($1, $2, $3, $4, $5, $6)
@@ -107,6 +128,18 @@ async def revoke_key(conn: Connection, client_key: str) -> None:
         if await conn.execute(REVOKE_KEY, client_key) == "UPDATE 0":
             raise NotFound(f"no live key {client_key}")
         await conn.execute("SELECT pg_notify($1, $2)", KEYS_CHANNEL, client_key)
+
+
+SELECT_KEYS_OF = """
+SELECT prefix AS client_key, scopes, environment, name, created_at, revoked_at
+FROM api_keys WHERE organization_id = $1 ORDER BY created_at
+"""
+
+
+async def keys_of(conn: Connection, organization_id: UUID) -> list[asyncpg.Record]:
+    """An organization's keys, revoked ones included, oldest first (never their secrets:
+    only their hashes are stored)."""
+    return await conn.fetch(SELECT_KEYS_OF, organization_id)
 
 
 SELECT_KEY = """

@@ -1,7 +1,7 @@
 """The fold: apply changes to the read model exactly once, with a result that does not depend
 on the order in which they arrive.
 
-The rules (DESIGN.md, "Order independence"; ``tests/test_order_independence.py`` checks them
+The rules (docs/concepts/order-independence.md; ``tests/test_order_independence.py`` checks them
 against a reference model on random histories, orders, batch splits and consumers):
 
 - **Usage** adds its amounts once per dedupe key ``(organization, environment, source, id)``; first_seen is

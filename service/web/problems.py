@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import uuid
 from dataclasses import dataclass
 
-import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from service.infra import logs
-from service.infra.errors import Unavailable
+from service.infra.errors import Unavailable, is_transient
 
 log = logging.getLogger("tally.api")
 
@@ -22,19 +20,6 @@ PROBLEM_TYPE_BASE = "https://tally.dev/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 REQUEST_ID = web.RequestKey("request_id", str)
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-# A dependency we cannot reach: the caller should retry, so 503 with Retry-After, not 500.
-# QueryCanceledError is the server's statement_timeout (the API's pool sets it to
-# TALLY_DB_COMMAND_TIMEOUT): the same overrun as the client-side timeout, seen from the server.
-UNAVAILABLE_ERRORS = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.QueryCanceledError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-)
 
 
 @dataclass(frozen=True)
@@ -176,8 +161,18 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         # what it says): its fault, one warning line, never an error with a traceback.
         log.warning("refused a malformed request body", extra={"path": request.path, "reason": _reason(exc)})
         return problem(request, 400, "Bad Request", f"malformed request body: {_reason(exc)}", slug="invalid-body")
-    except UNAVAILABLE_ERRORS as exc:
-        log.warning("dependency unavailable: %s", type(exc).__name__)
+    except Exception as exc:
+        if not is_transient(exc):
+            log.exception("unhandled error", extra={"path": request.path})
+            return problem(request, 500, "Internal Server Error", "unexpected error; quote the request_id")
+        if request.transport is None or request.transport.is_closing():
+            # The client's own connection went (mid-body, say): no dependency failed, and no
+            # one will read the answer.
+            log.debug("client connection lost: %s", type(exc).__name__)
+        else:
+            # A dependency failed for now (a statement past the API pool's statement_timeout,
+            # TALLY_DB_COMMAND_TIMEOUT, included): the caller should retry, so 503, not 500.
+            log.warning("dependency unavailable: %s", type(exc).__name__)
         return problem(
             request,
             503,
@@ -186,9 +181,6 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             slug="unavailable",
             headers={"Retry-After": "1"},
         )
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
-        return problem(request, 500, "Internal Server Error", "unexpected error; quote the request_id")
 
 
 def _reason(exc: BaseException) -> str:
