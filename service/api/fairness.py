@@ -34,6 +34,7 @@ more than the configured share in all. No request pays a database round trip for
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -46,7 +47,10 @@ from uuid import UUID
 import asyncpg
 
 from service.infra import metrics
+from service.infra.errors import is_transient
 from service.infra.waits import wait_event
+
+log = logging.getLogger("tally.fairness")
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -398,8 +402,9 @@ async def heartbeat(replicas: Replicas, pool: asyncpg.Pool, every: float, stop: 
                 expiry = every * HEARTBEAT_EXPIRY_BEATS
                 replicas.count = int(await conn.fetchval(BEAT, replicas.id, expiry, timeout=every))
             metrics.API_REPLICAS.set(replicas.count)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            pass
+        except Exception as exc:  # the count stays what it was; the next beat tries again
+            if not is_transient(exc):
+                log.error("replica heartbeat failed", extra={"error": repr(exc)})
         await wait_event(stop, every)
 
 
@@ -420,5 +425,6 @@ async def running_heartbeat(replicas: Replicas, pool: asyncpg.Pool, every: float
         try:
             async with pool.acquire(timeout=every) as conn:
                 await conn.execute(LEAVE, replicas.id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            pass
+        except Exception as exc:  # the row expires by itself within a few beats
+            if not is_transient(exc):
+                log.error("replica could not leave the heartbeat table", extra={"error": repr(exc)})

@@ -35,6 +35,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from service.domain.keys import CREATED_MARK, KEYS_CHANNEL, LiveKey, Principal, hash_secret
+from service.infra.errors import is_transient
 from service.infra.waits import wait_event
 from service.store import auth
 
@@ -205,8 +206,9 @@ async def listening(cache: KeyCache, dsn: str, connect_timeout: float) -> AsyncI
         while not stop.is_set():
             try:
                 conn = await asyncpg.connect(dsn, timeout=connect_timeout)
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-                log.warning("key store listener cannot connect; every key is looked up", extra={"error": repr(exc)})
+            except Exception as exc:  # whatever it is, keys are looked up meanwhile and it tries again
+                level = logging.WARNING if is_transient(exc) else logging.ERROR
+                log.log(level, "key store listener cannot connect; every key is looked up", extra={"error": repr(exc)})
                 await _sleep_or_stop(stop, RELISTEN_DELAY)
                 continue
             lost = asyncio.Event()
@@ -217,8 +219,9 @@ async def listening(cache: KeyCache, dsn: str, connect_timeout: float) -> AsyncI
                 cache.listening = True
                 await _reload(cache, conn)
                 await follow(conn, lost)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("key store listener failed", extra={"error": repr(exc)})
+            except Exception as exc:  # the listener starts again after RELISTEN_DELAY, whatever it was
+                level = logging.WARNING if is_transient(exc) else logging.ERROR
+                log.log(level, "key store listener failed", extra={"error": repr(exc)})
             finally:
                 cache.listening = False
                 cache.clear()
