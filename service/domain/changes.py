@@ -80,6 +80,21 @@ class Change:
         return version(kind, self.time, self.source, self.id)
 
 
+# The amounts a usage event adds, by name, in the order Usage.sums gives them: one list, from
+# which the store writes daily and lifetime sums alike.
+USAGE_SUMS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost",
+    "latency_sum",
+    "latency_count",
+    "ttft_sum",
+    "ttft_count",
+)
+
+
 @dataclass
 class Usage:
     requests: int = 0
@@ -93,7 +108,8 @@ class Usage:
     ttft_count: int = 0
 
     def sums(self) -> tuple[int, int, int, int, Decimal, float, int, float, int]:
-        """The amounts in the column order of daily_usage and customer_usage."""
+        """The amounts in the order of USAGE_SUMS (the column order of daily_usage and
+        customer_usage)."""
         return (
             self.requests,
             self.prompt_tokens,

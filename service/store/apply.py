@@ -16,7 +16,7 @@ from uuid import UUID
 
 import orjson
 
-from service.domain.changes import HINT_COLUMNS, Change, Delta, Key, plan
+from service.domain.changes import HINT_COLUMNS, USAGE_SUMS, Change, Delta, Key, plan
 from service.domain.vocabulary import PROFILE_COLUMNS
 from service.store.db import Connection, columns
 
@@ -52,43 +52,35 @@ ON CONFLICT (organization_id, environment, customer_identifier)
 DO UPDATE SET deleted_at = greatest(t.deleted_at, excluded.deleted_at)
 """
 
-UPSERT_DAILY = """
-INSERT INTO daily_usage AS d (organization_id, customer_id, day, requests, prompt_tokens, completion_tokens,
-                              total_tokens, cost, latency_sum, latency_count, ttft_sum, ttft_count)
+# The usage sums (service/domain/changes.py USAGE_SUMS) as the tables name them: daily_usage by
+# their own names, customer_usage with the two its readers know as aggregates renamed.
+_LIFETIME_COLUMN = {"requests": "number_of_requests", "cost": "total_cost"}
+
+
+def _each_sum(template: str, *, lifetime: bool = False) -> str:
+    """``template`` (``{c}``: the table's column, ``{s}``: the sum's name) for every usage sum."""
+    return ",\n    ".join(template.format(c=_LIFETIME_COLUMN.get(s, s) if lifetime else s, s=s) for s in USAGE_SUMS)
+
+
+UPSERT_DAILY = f"""
+INSERT INTO daily_usage AS d (organization_id, customer_id, day, {", ".join(USAGE_SUMS)})
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
                      $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[])
 ON CONFLICT (organization_id, customer_id, day) DO UPDATE SET
-    requests = d.requests + excluded.requests,
-    prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-    completion_tokens = d.completion_tokens + excluded.completion_tokens,
-    total_tokens = d.total_tokens + excluded.total_tokens,
-    cost = d.cost + excluded.cost,
-    latency_sum = d.latency_sum + excluded.latency_sum,
-    latency_count = d.latency_count + excluded.latency_count,
-    ttft_sum = d.ttft_sum + excluded.ttft_sum,
-    ttft_count = d.ttft_count + excluded.ttft_count
+    {_each_sum("{c} = d.{c} + excluded.{c}")}
 RETURNING customer_id, (xmax = 0) AS inserted
 """
 
 # Usage goes to customer_usage (migration 0007): its own narrow row and sort indexes.
-UPDATE_USAGE = """
+UPDATE_USAGE = f"""
 UPDATE customer_usage c SET
-    number_of_requests = c.number_of_requests + u.requests,
-    prompt_tokens = c.prompt_tokens + u.prompt_tokens,
-    completion_tokens = c.completion_tokens + u.completion_tokens,
-    total_tokens = c.total_tokens + u.total_tokens,
-    total_cost = c.total_cost + u.cost,
-    latency_sum = c.latency_sum + u.latency_sum,
-    latency_count = c.latency_count + u.latency_count,
-    ttft_sum = c.ttft_sum + u.ttft_sum,
-    ttft_count = c.ttft_count + u.ttft_count,
+    {_each_sum("{c} = c.{c} + u.{s}", lifetime=True)},
     first_seen = least(c.first_seen, u.first_seen),
     last_active = greatest(c.last_active, u.last_active),
     active_days = c.active_days + u.new_days
 FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[], $8::float8[],
             $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[], $14::int4[])
-     AS u(organization_id, id, requests, prompt_tokens, completion_tokens, total_tokens, cost, latency_sum,
-          latency_count, ttft_sum, ttft_count, first_seen, last_active, new_days)
+     AS u(organization_id, id, {", ".join(USAGE_SUMS)}, first_seen, last_active, new_days)
 WHERE c.organization_id = u.organization_id AND c.id = u.id
 """
 
@@ -180,15 +172,7 @@ _RESETS = ",\n    ".join(
 )
 RECOMPUTE_USAGE = f"""
 UPDATE customer_usage c SET
-    number_of_requests = coalesce(s.requests, 0),
-    prompt_tokens = coalesce(s.prompt_tokens, 0),
-    completion_tokens = coalesce(s.completion_tokens, 0),
-    total_tokens = coalesce(s.total_tokens, 0),
-    total_cost = coalesce(s.cost, 0),
-    latency_sum = coalesce(s.latency_sum, 0),
-    latency_count = coalesce(s.latency_count, 0),
-    ttft_sum = coalesce(s.ttft_sum, 0),
-    ttft_count = coalesce(s.ttft_count, 0),
+    {_each_sum("{c} = coalesce(s.{s}, 0)", lifetime=True)},
     first_seen = s.first_seen,
     last_active = s.last_active,
     active_days = s.days
