@@ -15,7 +15,7 @@ left for the next run rather than replayed again and again by this one.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -183,12 +183,11 @@ class DeadLetters:
         run began. A replayed event the consumer refuses again comes back as a new dead
         letter, for a later run. ``forbidden_publisher`` letters are replayed only when
         ``reason`` selects them (see :func:`_replayable`)."""
-        replayed = kept = 0
-        async for message in self.messages():
+
+        async def publish(message: AbstractIncomingMessage, done: int) -> bool:
             info = describe(message)
-            if not _replayable(info, reason) or (limit is not None and replayed >= limit):
-                kept += 1
-                continue
+            if not _replayable(info, reason) or (limit is not None and done >= limit):
+                return False
             headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith(("x-death", "x-tally"))}
             try:
                 await self.events.publish(
@@ -204,26 +203,36 @@ class DeadLetters:
                     mandatory=True,
                 )
             except aio_pika.exceptions.DeliveryError:
-                kept += 1  # its routing key reaches no queue: leave it where it is
-                continue
-            await message.ack()
-            replayed += 1
-            if progress:
-                progress(replayed, kept)
-        return replayed, kept
+                return False  # its routing key reaches no queue: leave it where it is
+            return True
+
+        return await self._settle(publish, progress)
 
     async def purge(
         self, reason: str | None = None, progress: Callable[[int, int], None] | None = None
     ) -> tuple[int, int]:
         """Delete matching dead letters among those in the queue when the run began (a
         letter arriving meanwhile is not deleted unseen); returns (purged, left in the queue)."""
-        purged = kept = 0
+
+        async def matches(message: AbstractIncomingMessage, done: int) -> bool:
+            return _matches(describe(message), reason)
+
+        return await self._settle(matches, progress)
+
+    async def _settle(
+        self,
+        take: Callable[[AbstractIncomingMessage, int], Awaitable[bool]],
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[int, int]:
+        """Ack (remove from the queue) each letter of the run for which ``take`` (given the
+        letter and how many were taken so far) answers True; returns (taken, left)."""
+        taken = kept = 0
         async for message in self.messages():
-            if not _matches(describe(message), reason):
+            if not await take(message, taken):
                 kept += 1
                 continue
             await message.ack()
-            purged += 1
+            taken += 1
             if progress:
-                progress(purged, kept)
-        return purged, kept
+                progress(taken, kept)
+        return taken, kept

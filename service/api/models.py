@@ -186,7 +186,7 @@ class Plan(BaseModel):
 
     stripe_price_id: str | None
     name: str | None
-    amount: int | None = Field(description="In cents.")
+    amount: int | None = Field(description="Amount in cents.")
     currency: str | None
     interval: str | None
 

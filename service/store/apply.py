@@ -37,12 +37,18 @@ def _newer(column: str) -> str:
     return f"(u.versions->>'{column}') COLLATE \"C\" > coalesce(c.profile_versions->>'{column}', '') COLLATE \"C\""
 
 
-SELECT_TOMBSTONES = """
+# Customers' keys given as three arrays ($1, $2, $3), as a table ``k``; and a row of the table
+# aliased ``alias`` having one of them.
+KEYS = "unnest($1::uuid[], $2::text[], $3::text[]) AS k(organization_id, environment, customer_identifier)"
+
+
+def has_key(alias: str) -> str:
+    return " AND ".join(f"{alias}.{c} = k.{c}" for c in ("organization_id", "environment", "customer_identifier"))
+
+
+SELECT_TOMBSTONES = f"""
 SELECT t.organization_id, t.environment, t.customer_identifier, t.deleted_at
-FROM customer_tombstones t
-JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(organization_id, environment, customer_identifier)
-  ON t.organization_id = k.organization_id AND t.environment = k.environment
- AND t.customer_identifier = k.customer_identifier
+FROM customer_tombstones t JOIN {KEYS} ON {has_key("t")}
 """
 
 UPSERT_TOMBSTONES = """
@@ -55,6 +61,7 @@ DO UPDATE SET deleted_at = greatest(t.deleted_at, excluded.deleted_at)
 # The usage sums (service/domain/changes.py USAGE_SUMS) as the tables name them: daily_usage by
 # their own names, customer_usage with the two its readers know as aggregates renamed.
 _LIFETIME_COLUMN = {"requests": "number_of_requests", "cost": "total_cost"}
+LIFETIME_SUMS = tuple(_LIFETIME_COLUMN.get(s, s) for s in USAGE_SUMS)
 
 
 def _each_sum(template: str, *, lifetime: bool = False) -> str:

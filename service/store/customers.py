@@ -145,15 +145,23 @@ async def write_time(conn: Connection, organization_id: UUID, customer_id: UUID,
     return max(at, from_micros(newest + 1))
 
 
-def _change(
+async def _write(
+    conn: Connection,
     key: tuple[UUID, str, str],
+    customer_id: UUID,
     at: datetime,
     request_id: str | None,
     *,
     profile: dict[str, object] | None = None,
     delete: bool = False,
-) -> Change:
-    return Change(key, at, "api", request_id or uuid.uuid4().hex, profile=profile, delete=delete)
+) -> None:
+    """Fold one API write into the customer (its row locked by the caller): a change stamped
+    ``at``, or just after the newest change the customer holds (:func:`write_time`)."""
+    at = await write_time(conn, key[0], customer_id, at)
+    change = Change(key, at, "api", request_id or uuid.uuid4().hex, profile=profile, delete=delete)
+    with _write_errors():
+        result = await apply_changes(conn, [change], {key: customer_id})
+    assert not result.stale[0], "a write stamped after the customer's tombstone is never stale"
 
 
 async def create_customer(
@@ -176,9 +184,7 @@ async def create_customer(
             customer_id = await conn.fetchval(INSERT_CUSTOMER, *key)
             if customer_id is None:
                 raise Conflict("a customer with this customer_identifier already exists in this environment")
-            at = await write_time(conn, organization_id, customer_id, at)
-            result = await apply_changes(conn, [_change(key, at, request_id, profile=values)], {key: customer_id})
-        assert not result.stale[0], "a write stamped after the customer's tombstone is never stale"
+        await _write(conn, key, customer_id, at, request_id, profile=values)
         return await get_customer(conn, organization_id, environment, identifier, shape)
 
 
@@ -207,10 +213,7 @@ async def update_customer(
         if values.get("parent_customer_id") == customer_id:
             raise InvalidInput("parent_customer_id", "a customer cannot be its own parent")
         if values:
-            at = await write_time(conn, organization_id, customer_id, at)
-            with _write_errors():
-                result = await apply_changes(conn, [_change(key, at, request_id, profile=values)], {key: customer_id})
-            assert not result.stale[0], "a write stamped after the customer's tombstone is never stale"
+            await _write(conn, key, customer_id, at, request_id, profile=values)
         return await get_customer(conn, organization_id, environment, identifier, shape)
 
 
@@ -232,8 +235,7 @@ async def delete_customer(
         customer_id = await conn.fetchval(LOCK_CUSTOMER, *key) if storable(identifier) else None
         if customer_id is None:
             raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
-        at = await write_time(conn, organization_id, customer_id, at)
-        await apply_changes(conn, [_change(key, at, request_id, delete=True)], {key: customer_id})
+        await _write(conn, key, customer_id, at, request_id, delete=True)
 
 
 # A customer named by its uuid (as Flexprice's routes name it): found on the primary inside the

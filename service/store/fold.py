@@ -52,7 +52,7 @@ from uuid import UUID
 from service.domain.changes import Change, Key
 from service.domain.events import Event, Rejection, UsageData, too_old_reason
 from service.store import failpoints
-from service.store.apply import apply_changes
+from service.store.apply import KEYS, apply_changes, has_key
 from service.store.auth import resolve_organizations
 from service.store.db import Connection, columns
 
@@ -98,23 +98,18 @@ RETURNING organization_id, environment, source, event_id
 # index probe, cheaper than an insert's conflict check: measured 2.7 s of a 21 s fold run).
 # A row another transaction is inserting is invisible here and conflicts below: the insert
 # waits for that transaction, exactly as if every key were inserted.
-INSERT_CUSTOMERS = """
+INSERT_CUSTOMERS = f"""
 INSERT INTO customers (organization_id, environment, customer_identifier, last_event_at)
-SELECT k.*, NULL FROM unnest($1::uuid[], $2::text[], $3::text[]) AS k(organization_id, environment, customer_identifier)
-WHERE NOT EXISTS (
-    SELECT 1 FROM customers c WHERE c.organization_id = k.organization_id AND c.environment = k.environment
-    AND c.customer_identifier = k.customer_identifier)
+SELECT k.*, NULL FROM {KEYS}
+WHERE NOT EXISTS (SELECT 1 FROM customers c WHERE {has_key("c")})
 ON CONFLICT (organization_id, environment, customer_identifier) DO NOTHING
 RETURNING organization_id, environment, customer_identifier
 """
 
 # ORDER BY then FOR UPDATE: rows are locked in key order (the lock node sits above the sort).
-LOCK_CUSTOMERS = """
+LOCK_CUSTOMERS = f"""
 SELECT c.organization_id, c.environment, c.customer_identifier, c.id
-FROM customers c
-JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(organization_id, environment, customer_identifier)
-  ON c.organization_id = k.organization_id AND c.environment = k.environment
- AND c.customer_identifier = k.customer_identifier
+FROM customers c JOIN {KEYS} ON {has_key("c")}
 ORDER BY c.organization_id, c.id
 FOR UPDATE OF c
 """

@@ -25,6 +25,7 @@ from service.domain.listing import (
     CustomerFilter,
     ListQuery,
 )
+from service.store.apply import LIFETIME_SUMS
 
 
 @dataclass(frozen=True)
@@ -344,12 +345,13 @@ def where_sql(q: ListQuery, p: _Params) -> str:
         clauses.append(f"c.name ILIKE {p('%' + escape_like(f.name_contains) + '%')}")
     if f.email:
         clauses.append(f"lower(c.email) = lower({p(f.email)})")
-    if f.ids:
-        clauses.append(f"c.id = ANY({p(list(f.ids), 'uuid[]')})")
-    if f.identifiers:
-        clauses.append(f"c.customer_identifier = ANY({p(list(f.identifiers), 'text[]')})")
-    if f.parent_ids:
-        clauses.append(f"c.parent_customer_id = ANY({p(list(f.parent_ids), 'uuid[]')})")
+    for column, values, sql_type in (
+        ("id", f.ids, "uuid[]"),
+        ("customer_identifier", f.identifiers, "text[]"),
+        ("parent_customer_id", f.parent_ids, "uuid[]"),
+    ):
+        if values:
+            clauses.append(f"c.{column} = ANY({p(list(values), sql_type)})")
     for column, op, value in (
         ("first_seen", ">=", f.first_seen_gte),
         ("first_seen", "<=", f.first_seen_lte),
@@ -422,22 +424,7 @@ def count_sql(q: ListQuery, p: _Params | None = None) -> tuple[str, list[object]
 
 # The columns of customer_rows that live in customer_usage (migration 0007).
 USAGE_COLUMNS = frozenset(
-    {
-        "first_seen",
-        "last_active",
-        "active_days",
-        "number_of_requests",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "total_cost",
-        "latency_sum",
-        "latency_count",
-        "ttft_sum",
-        "ttft_count",
-        "average_latency",
-        "average_ttft",
-    }
+    {*LIFETIME_SUMS, "first_seen", "last_active", "active_days", "average_latency", "average_ttft"}
 )
 
 

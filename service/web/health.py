@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from service.web.appkeys import POOL, READINESS_CHECKS
-from service.web.problems import json_response, problem
+from service.web.problems import Problem, json_response
 
 # A readiness probe must answer fast even when a dependency hangs.
 CHECK_TIMEOUT = 2.0
@@ -39,12 +39,11 @@ async def readyz(request: web.Request) -> web.Response:
     if not down:
         degraded = any(state != "ok" for state in results.values())
         return json_response({"status": "degraded" if degraded else "ok", "checks": results})
-    return problem(
-        request,
+    return Problem(
         503,
         "Service Unavailable",
         f"not ready: {', '.join(down)} unreachable",
         slug="unavailable",
         headers={"Retry-After": "1"},
         extra={"checks": results},
-    )
+    ).response(request)

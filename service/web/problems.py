@@ -46,15 +46,34 @@ class Problem(Exception):
         slug: str | None = None,
         errors: list[ProblemField] | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, object] | None = None,
         close: bool = False,
     ) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail, self.slug = status, title, detail, slug
         self.errors = errors or []
         self.headers = headers or {}
+        self.extra = extra or {}
         # Close the connection after the answer: the request's body was refused unread, and
         # reading it only to keep the connection alive would cost what refusing it saved.
         self.close = close
+
+    def response(self, request: web.Request) -> web.Response:
+        """The problem+json answer to ``request``."""
+        body = problem_body(
+            self.status,
+            self.title,
+            self.detail,
+            instance=request.path,
+            request_id=request.get(REQUEST_ID, ""),
+            slug=self.slug,
+            errors=self.errors,
+            extra=self.extra,
+        )
+        response = web.Response(body=body, status=self.status, content_type=PROBLEM_CONTENT_TYPE, headers=self.headers)
+        if self.close:
+            response.force_close()
+        return response
 
 
 _STATUS_SLUGS = {
@@ -95,30 +114,6 @@ def problem_body(
     return orjson.dumps(body)
 
 
-def problem(
-    request: web.Request,
-    status: int,
-    title: str,
-    detail: str,
-    *,
-    slug: str | None = None,
-    errors: list[ProblemField] | None = None,
-    headers: dict[str, str] | None = None,
-    extra: dict[str, object] | None = None,
-) -> web.Response:
-    body = problem_body(
-        status,
-        title,
-        detail,
-        instance=request.path,
-        request_id=request.get(REQUEST_ID, ""),
-        slug=slug,
-        errors=errors,
-        extra=extra,
-    )
-    return web.Response(body=body, status=status, content_type=PROBLEM_CONTENT_TYPE, headers=headers)
-
-
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-ID", "")
@@ -137,34 +132,30 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except Problem as exc:
-        response = problem(
-            request, exc.status, exc.title, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers
-        )
-        if exc.close:
-            response.force_close()
-        return response
+        return exc.response(request)
     except Unavailable as exc:
-        return problem(
-            request,
+        return Problem(
             503,
             "Service Unavailable",
             exc.detail,
             slug="unavailable",
             headers={"Retry-After": str(exc.retry_after)},
-        )
+        ).response(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return problem(request, exc.status, exc.reason, _detail(request, exc), headers=_allow_header(exc))
+        return Problem(exc.status, exc.reason, _detail(request, exc), headers=_allow_header(exc)).response(request)
     except web.RequestPayloadError as exc:
         # The client's body could not be decoded (a bad chunk, a Content-Encoding that is not
         # what it says): its fault, one warning line, never an error with a traceback.
         log.warning("refused a malformed request body", extra={"path": request.path, "reason": _reason(exc)})
-        return problem(request, 400, "Bad Request", f"malformed request body: {_reason(exc)}", slug="invalid-body")
+        return Problem(400, "Bad Request", f"malformed request body: {_reason(exc)}", slug="invalid-body").response(
+            request
+        )
     except Exception as exc:
         if not is_transient(exc):
             log.exception("unhandled error", extra={"path": request.path})
-            return problem(request, 500, "Internal Server Error", "unexpected error; quote the request_id")
+            return Problem(500, "Internal Server Error", "unexpected error; quote the request_id").response(request)
         if request.transport is None or request.transport.is_closing():
             # The client's own connection went (mid-body, say): no dependency failed, and no
             # one will read the answer.
@@ -173,14 +164,13 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             # A dependency failed for now (a statement past the API pool's statement_timeout,
             # TALLY_DB_COMMAND_TIMEOUT, included): the caller should retry, so 503, not 500.
             log.warning("dependency unavailable: %s", type(exc).__name__)
-        return problem(
-            request,
+        return Problem(
             503,
             "Service Unavailable",
             "a dependency is unavailable; retry shortly",
             slug="unavailable",
             headers={"Retry-After": "1"},
-        )
+        ).response(request)
 
 
 def _reason(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ descending); ``id`` is tally's customer uuid; ``hasActiveSubscription`` is alway
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, ClassVar
+from typing import Annotated
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from service.api import examples
 from service.api.listing import ListAdapter, Listed, Window
+from service.api.models import Plan
 from service.api.routing import Endpoint
 from service.api.shapes import customer_shape
 from service.store.listing import Col
@@ -34,15 +35,10 @@ class ListParams(BaseModel):
     include_subscriptions: bool = Field(False, description="Include each customer's subscriptions.")
 
 
-class PublicPlan(BaseModel):
-    model_config = CAMEL
-    source_prefix: ClassVar[str] = "plan_"
+class PublicPlan(Plan):
+    """tally's plan, in camelCase."""
 
-    stripe_price_id: str | None
-    name: str | None
-    amount: int | None = Field(description="Amount in cents.")
-    currency: str | None
-    interval: str | None
+    model_config = CAMEL
 
 
 class PublicSubscription(BaseModel):
