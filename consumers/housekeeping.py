@@ -2,7 +2,8 @@
 its timers, so no job delays a batch):
 
 - **compact counts**: fold the customer-count delta rows (service/store/customers.py);
-- **purge**: forget dedupe keys, journal rows and tombstones older than the retention window;
+- **purge**: forget dedupe keys, journal rows and tombstones older than the retention window,
+  and change-log rows older than theirs;
 - **relay alerts**: publish budget alerts recorded by folds (this process's, at once, or a
   crashed one's, within ALERT_RELAY_EVERY);
 - **poll queues**: export the ingest and dead-letter queues' depth and consumers as gauges.
@@ -31,7 +32,7 @@ from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
 from service.store.alerts import ALERT_ROUTING_KEY, relay_alerts
-from service.store.housekeeping import compact_counts, purge_processed
+from service.store.housekeeping import compact_counts, purge_changes, purge_processed
 
 log = logging.getLogger("tally.housekeeping")
 
@@ -70,6 +71,7 @@ class Housekeeping:
         self.pool = pool
         self.names = Names(settings.amqp_namespace)
         self.retention = timedelta(days=settings.dedupe_retention_days)
+        self.change_log_retention = timedelta(hours=settings.change_log_retention_hours)
         # Its own broker connection (publisher confirms), apart from the ingest channel.
         self.publisher = Publisher(settings.amqp_url, self.names)
         self.jobs = [
@@ -111,8 +113,11 @@ class Housekeeping:
     async def purge(self) -> None:
         async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
             purged = await purge_processed(conn, self.retention)
+            changes = await purge_changes(conn, self.change_log_retention)
         if purged:
             log.info("purged expired dedupe keys", extra={"count": purged})
+        if changes:
+            log.info("purged expired change-log rows", extra={"count": changes})
 
     async def relay_alerts(self) -> None:
         """Publish recorded budget alerts until none is left (chunks of ALERT_RELAY_CHUNK)."""

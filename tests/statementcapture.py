@@ -43,6 +43,7 @@ DISTRIBUTED = frozenset(
         "budget_alerts",
         "customer_counts",
         "customer_tombstones",
+        "customer_changes",
     }
 )
 # Replicated to every node: small, read on every request or event before the organization

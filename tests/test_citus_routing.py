@@ -29,10 +29,17 @@ GLOBAL_JOBS = {
     "service/store/alerts.py:relay_alerts": "relays every organization's unpublished alerts",
     # tombstones older than the dedupe window, for all organizations.
     "service/store/housekeeping.py:purge_processed": "purges expired tombstones of every organization",
+    # change-log rows past the feed's retention, for all organizations.
+    "service/store/housekeeping.py:purge_changes": "purges every organization's expired change-log rows",
 }
 # Statements whose organization comes per row from a batch (unnest of the batch's keys):
 # the fold writes a batch that may span organizations in one statement per table.
-PER_ROW_ALLOWED = ("service/store/fold.py:", "service/store/apply.py:", "service/store/alerts.py:")
+PER_ROW_ALLOWED = (
+    "service/store/fold.py:",
+    "service/store/apply.py:",
+    "service/store/alerts.py:",
+    "service/store/changelog.py:",
+)
 
 
 async def test_every_table_is_placed_in_the_distribution_plan(pool: asyncpg.Pool) -> None:

@@ -182,6 +182,13 @@ class Settings(BaseSettings):
         description="Days event ids are remembered for deduplication (and their amounts, for late deletions); an "
         "event older than this is refused (`too_old`), as it could otherwise be counted twice.",
     )
+    change_log_retention_hours: int = Field(
+        default=72,
+        ge=1,
+        le=24 * 366,
+        description="Hours the change log keeps which customers each commit changed: how far back a change feed "
+        "client may resume, and how long changes wait for a webhook endpoint that is down.",
+    )
 
     @property
     def largest_batch(self) -> int:

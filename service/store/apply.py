@@ -9,7 +9,7 @@ tombstone rose past older content, record budget alerts. The event fold and API 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -18,6 +18,7 @@ import orjson
 
 from service.domain.changes import HINT_COLUMNS, USAGE_SUMS, Change, Delta, Key, plan
 from service.domain.vocabulary import PROFILE_COLUMNS
+from service.store.changelog import Kind, log_changes
 from service.store.db import Connection, columns
 
 # What a field goes back to when the write that set it is undone by a later-arriving deletion.
@@ -296,12 +297,34 @@ async def apply_changes(
     survivors = [k for k in sorted(p.raised) if ids[k] not in removed]
     if survivors:
         await _recompute(conn, [(k, ids[k], p.raised[k]) for k in survivors])
+    await log_changes(conn, _logged(keys, ids, p.deltas.keys() | p.raised.keys(), removed, made))
     spenders = sorted((k[0], ids[k]) for k, d in p.deltas.items() if d.days and ids[k] not in removed)
     alerts = 0
     if spenders:
         status = await conn.execute(RECORD_ALERTS, *columns(spenders), now)
         alerts = int(status.split()[-1])
     return Applied(p.stale, alerts, removed)
+
+
+def _logged(
+    keys: Sequence[Key],
+    ids: Mapping[Key, UUID],
+    changed: Set[Key],
+    removed: frozenset[UUID],
+    made: frozenset[Key] | None,
+) -> list[tuple[UUID, str, UUID, str, Kind]]:
+    """What the change log records of this application: each customer that received a change
+    or a tombstone it outlives (created if its row was made for it), and each deleted one. A row made for this and
+    removed again was never there for anyone to see."""
+    logged: list[tuple[UUID, str, UUID, str, Kind]] = []
+    for k in keys:
+        fresh = made is not None and k in made
+        if ids[k] in removed:
+            if not fresh:
+                logged.append((*k[:2], ids[k], k[2], "d"))
+        elif k in changed:
+            logged.append((*k[:2], ids[k], k[2], "c" if fresh else "u"))
+    return logged
 
 
 async def _upsert_daily(conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> dict[UUID, int]:

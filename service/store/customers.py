@@ -154,13 +154,15 @@ async def _write(
     *,
     profile: dict[str, object] | None = None,
     delete: bool = False,
+    created: bool = False,
 ) -> None:
-    """Fold one API write into the customer (its row locked by the caller): a change stamped
-    ``at``, or just after the newest change the customer holds (:func:`write_time`)."""
+    """Fold one API write into the customer (its row locked by the caller, or ``created`` by
+    it): a change stamped ``at``, or just after the newest change the customer holds
+    (:func:`write_time`)."""
     at = await write_time(conn, key[0], customer_id, at)
     change = Change(key, at, "api", request_id or uuid.uuid4().hex, profile=profile, delete=delete)
     with _write_errors():
-        result = await apply_changes(conn, [change], {key: customer_id})
+        result = await apply_changes(conn, [change], {key: customer_id}, made=frozenset([key]) if created else None)
     assert not result.stale[0], "a write stamped after the customer's tombstone is never stale"
 
 
@@ -184,7 +186,7 @@ async def create_customer(
             customer_id = await conn.fetchval(INSERT_CUSTOMER, *key)
             if customer_id is None:
                 raise Conflict("a customer with this customer_identifier already exists in this environment")
-        await _write(conn, key, customer_id, at, request_id, profile=values)
+        await _write(conn, key, customer_id, at, request_id, profile=values, created=True)
         return await get_customer(conn, organization_id, environment, identifier, shape)
 
 

@@ -1,5 +1,6 @@
 """Periodic jobs the consumers run beside ingestion (consumers/housekeeping.py): forgetting
-dedupe keys past the retention window, folding the customer-count deltas."""
+dedupe keys past the retention window, and the change log past its own, folding the
+customer-count deltas."""
 
 from __future__ import annotations
 
@@ -47,3 +48,20 @@ SELECT organization_id, environment, status, sum(delta) FROM gone GROUP BY 1, 2,
 async def compact_counts(conn: Connection) -> None:
     """Fold the customer-count deltas (run periodically by consumers)."""
     await conn.execute(COMPACT_COUNTS)
+
+
+PURGE_CHANGES = """
+DELETE FROM customer_changes WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM customer_changes WHERE changed_at < $1 LIMIT $2))
+"""
+
+
+async def purge_changes(conn: Connection, retention: timedelta, *, chunk: int = 10_000) -> int:
+    """Forget change-log rows older than ``retention``, in chunks; returns how many."""
+    cutoff = datetime.now(UTC) - retention
+    total = 0
+    while True:
+        deleted = int((await conn.execute(PURGE_CHANGES, cutoff, chunk)).split()[-1])
+        total += deleted
+        if deleted < chunk:
+            return total

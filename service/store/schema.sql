@@ -143,6 +143,28 @@ CREATE TABLE public.budget_alerts (
     CONSTRAINT budget_alerts_threshold_check CHECK ((threshold = ANY (ARRAY['period_80'::text, 'period_100'::text, 'total_100'::text])))
 );
 
+CREATE TABLE public.customer_changes (
+    organization_id uuid NOT NULL,
+    environment text NOT NULL,
+    xid xid8 DEFAULT pg_current_xact_id() NOT NULL,
+    seq bigint NOT NULL,
+    customer_ids uuid[] NOT NULL,
+    customer_identifiers text[] NOT NULL,
+    kinds text NOT NULL,
+    changed_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT customer_changes_check CHECK (((cardinality(customer_ids) = length(kinds)) AND (cardinality(customer_identifiers) = length(kinds)))),
+    CONSTRAINT customer_changes_kinds_check CHECK ((kinds ~ '^[cud]+$'::text))
+);
+
+ALTER TABLE public.customer_changes ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME public.customer_changes_seq_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
 CREATE TABLE public.customer_counts (
     organization_id uuid NOT NULL,
     environment text NOT NULL,
@@ -358,6 +380,9 @@ ALTER TABLE ONLY public.api_replicas
 ALTER TABLE ONLY public.budget_alerts
     ADD CONSTRAINT budget_alerts_pkey PRIMARY KEY (organization_id, customer_id, threshold, period_start);
 
+ALTER TABLE ONLY public.customer_changes
+    ADD CONSTRAINT customer_changes_pkey PRIMARY KEY (organization_id, environment, xid, seq);
+
 ALTER TABLE ONLY public.customer_tombstones
     ADD CONSTRAINT customer_tombstones_pkey PRIMARY KEY (organization_id, environment, customer_identifier);
 
@@ -397,6 +422,8 @@ ALTER TABLE ONLY public.subscriptions
 CREATE INDEX api_keys_organization ON public.api_keys USING btree (organization_id);
 
 CREATE INDEX budget_alerts_unpublished ON public.budget_alerts USING btree (crossed_at) WHERE (published_at IS NULL);
+
+CREATE INDEX customer_changes_changed_at ON public.customer_changes USING btree (changed_at);
 
 CREATE INDEX customer_counts_key ON public.customer_counts USING btree (organization_id, environment, status);
 

@@ -1,0 +1,149 @@
+"""The change log (migration 0010): which customers each committed transaction changed.
+
+Every write path (the fold's batches, API writes) goes through
+:func:`service.store.apply.apply_changes`, which calls :func:`log_changes` in the write's own
+transaction: the log holds a change exactly when the change committed.
+
+Positions. A :class:`Position` ``(xid, seq)`` says "every logged change up to here is
+reflected". Transaction ids are assigned when a transaction first writes, not when it
+commits, so a reader takes only rows below its snapshot's ``xmin`` — the oldest transaction
+still running: every transaction below it has ended, and no row can appear there later. The
+``xmin`` is also what a read reports as ``as_of``: a page read in that snapshot reflects every
+change below it (and possibly some after it), so a client that lists, then follows the log
+from ``as_of``, misses nothing (it may see a change twice).
+
+Notifications. The same statement NOTIFYs :data:`CHANNEL` with ``organization:environment``
+once per pair; PostgreSQL delivers it when (and only if) the transaction commits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from service.store.db import Connection, columns
+
+CHANNEL = "tally_changes"
+
+Kind = Literal["c", "u", "d"]  # created, updated, deleted
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """A point in the log: every change at or before ``(xid, seq)`` is reflected."""
+
+    xid: int
+    seq: int = 0
+
+    _FORM = re.compile(r"^(\d{1,19})\.(\d{1,19})$")
+
+    def __str__(self) -> str:
+        return f"{self.xid}.{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        """``xid.seq`` as :meth:`__str__` writes it; ValueError otherwise."""
+        match = cls._FORM.match(text)
+        if match is None:
+            raise ValueError("a position is two decimal numbers, xid.seq, as tally gave it")
+        xid, seq = int(match[1]), int(match[2])
+        if xid >= 2**63 or seq >= 2**63:
+            raise ValueError("a position's numbers are below 2^63")
+        return cls(xid, seq)
+
+
+def notice(organization_id: UUID, environment: str) -> str:
+    """The payload of a notification on :data:`CHANNEL`."""
+    return f"{organization_id}:{environment}"
+
+
+def parse_notice(payload: str) -> tuple[UUID, str] | None:
+    """``(organization_id, environment)`` of a notification's payload, None if malformed."""
+    organization, _, environment = payload.partition(":")
+    try:
+        return UUID(organization), environment
+    except ValueError:
+        return None
+
+
+# One row per (organization, environment) of the changes given in order, then one
+# notification per row.
+LOG_CHANGES = f"""
+WITH logged AS (
+    INSERT INTO customer_changes (organization_id, environment, customer_ids, customer_identifiers, kinds)
+    SELECT u.organization_id, u.environment, array_agg(u.id ORDER BY u.n), array_agg(u.identifier ORDER BY u.n),
+           string_agg(u.kind, '' ORDER BY u.n)
+    FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[])
+         WITH ORDINALITY AS u(organization_id, environment, id, identifier, kind, n)
+    GROUP BY u.organization_id, u.environment
+    RETURNING organization_id, environment
+)
+SELECT pg_notify('{CHANNEL}', organization_id::text || ':' || environment) FROM logged
+"""
+
+
+async def log_changes(conn: Connection, changes: Sequence[tuple[UUID, str, UUID, str, Kind]]) -> None:
+    """Log ``(organization_id, environment, customer_id, identifier, kind)`` changes in the
+    caller's transaction."""
+    if changes:
+        await conn.execute(LOG_CHANGES, *columns(changes))
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One transaction's changes in one organization and environment."""
+
+    position: Position
+    customer_ids: list[UUID]
+    customer_identifiers: list[str]
+    kinds: str
+    changed_at: datetime
+
+
+# Rows after $3.$4 below the snapshot's horizon, and the horizon, in one snapshot (a second
+# statement's horizon could be past rows the first did not see).
+READ_CHANGES = """
+WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
+SELECT h.xmin::text AS horizon, c.xid::text AS xid, c.seq, c.customer_ids, c.customer_identifiers, c.kinds,
+       c.changed_at
+FROM h LEFT JOIN LATERAL (
+    SELECT * FROM customer_changes c
+    WHERE c.organization_id = $1 AND c.environment = $2 AND (c.xid, c.seq) > ($3::text::xid8, $4::int8)
+      AND c.xid < h.xmin
+    ORDER BY c.xid, c.seq
+    LIMIT $5
+) c ON true
+"""
+
+
+async def read_changes(
+    conn: Connection, organization_id: UUID, environment: str, after: Position, limit: int
+) -> tuple[list[Logged], Position]:
+    """Up to ``limit`` logged changes after ``after``, in log order, and the position the
+    reader has reached: the last row's, or — when fewer than ``limit`` were there — the
+    horizon, past which nothing more can appear below it."""
+    rows = await conn.fetch(READ_CHANGES, organization_id, environment, str(after.xid), after.seq, limit)
+    logged = [
+        Logged(
+            Position(int(r["xid"]), r["seq"]), r["customer_ids"], r["customer_identifiers"], r["kinds"], r["changed_at"]
+        )
+        for r in rows
+        if r["xid"] is not None
+    ]
+    if len(logged) == limit:
+        return logged, logged[-1].position
+    return logged, max(after, Position(int(rows[0]["horizon"])))
+
+
+# The horizon of a statement's own snapshot, to select beside what it reads: see the module's
+# docstring.
+HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text"
+
+
+async def horizon(conn: Connection) -> Position:
+    """The position every read on ``conn`` from now on reflects at least."""
+    return Position(int(await conn.fetchval(f"SELECT {HORIZON}")))
