@@ -4,6 +4,8 @@ its timers, so no job delays a batch):
 - **compact counts**: fold the customer-count delta rows (service/store/customers.py);
 - **purge**: forget dedupe keys, journal rows and tombstones older than the retention window,
   and change-log rows older than theirs;
+- **analyze**: refresh the statistics of tables a fold changed past autovacuum's threshold, for
+  servers whose autovacuum is off or behind (plans never depend on them for their shape);
 - **relay alerts**: publish budget alerts recorded by folds (this process's, at once, or a
   crashed one's, within ALERT_RELAY_EVERY);
 - **poll queues**: export the ingest and dead-letter queues' depth and consumers as gauges.
@@ -32,7 +34,7 @@ from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
 from service.store.alerts import ALERT_ROUTING_KEY, relay_alerts
-from service.store.housekeeping import compact_counts, purge_changes, purge_processed
+from service.store.housekeeping import analyze_stale, compact_counts, purge_changes, purge_processed
 
 log = logging.getLogger("tally.housekeeping")
 
@@ -44,6 +46,9 @@ PURGE_EVERY = 600.0
 ALERT_RELAY_EVERY = 5.0
 ALERT_RELAY_CHUNK = 100
 QUEUE_POLL_EVERY = 15.0
+# Statistics are checked this often, and tables a fold changed past autovacuum's own threshold
+# analyzed (service/store/housekeeping.py analyze_stale).
+ANALYZE_EVERY = 30.0
 
 
 @dataclass
@@ -77,6 +82,7 @@ class Housekeeping:
         self.jobs = [
             Job("compact counts", COMPACT_EVERY, self.compact_counts),
             Job("purge", PURGE_EVERY, self.purge),
+            Job("analyze", ANALYZE_EVERY, self.analyze),
             Job("relay alerts", ALERT_RELAY_EVERY, self.relay_alerts, alerts_recorded),
             Job("poll queues", QUEUE_POLL_EVERY, self.poll_queues, started_consuming),
         ]
@@ -118,6 +124,12 @@ class Housekeeping:
             log.info("purged expired dedupe keys", extra={"count": purged})
         if changes:
             log.info("purged expired change-log rows", extra={"count": changes})
+
+    async def analyze(self) -> None:
+        async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+            analyzed = await analyze_stale(conn)
+        if analyzed:
+            log.info("analyzed tables whose statistics were stale", extra={"tables": analyzed})
 
     async def relay_alerts(self) -> None:
         """Publish recorded budget alerts until none is left (chunks of ALERT_RELAY_CHUNK)."""

@@ -93,7 +93,8 @@ def test_sort_field_has_its_keyset_index(name: str) -> None:
     sql = " ".join(p.read_text() for p in sorted(DEFAULT_MIGRATIONS_DIR.glob("*.sql")))
     normal = lambda s: re.sub(r"\s+", "", s)  # noqa: E731
     indexes = {normal(m) for m in re.findall(r"\(organization_id,\s*environment,\s*(.+?),\s*id\)", sql, re.S)}
-    assert normal(SORT_FIELDS[name].expr.replace("c.", "")) in indexes
+    field = SORT_FIELDS[name]
+    assert normal(field.expr.replace(f"{field.table}.", "")) in indexes
 
 
 # --- escape_like -----------------------------------------------------------------------------
@@ -183,11 +184,11 @@ def test_values_never_reach_the_sql_text() -> None:
 def test_page_sql_fetches_one_extra_row_and_orders_by_key_then_id() -> None:
     q = ListQuery(ORG, "prod", sort=Sort("total_cost", False), limit=10, offset=20)
     sql, args = page_sql(q, SHAPE)
-    # A usage field's ties break on the usage row's id: the same value as c.id, inside its index.
-    assert "ORDER BY c.total_cost ASC, c.usage_id ASC" in sql
+    # A usage field is paged from the usage table: its ties break on that row's id, inside its index.
+    assert "ORDER BY u.total_cost ASC, u.id ASC" in sql
     assert args[-2:] == [11, 20]
     q = replace(q, sort=Sort("total_cost", True))
-    assert "ORDER BY c.total_cost DESC, c.usage_id DESC" in page_sql(q, SHAPE)[0]
+    assert "ORDER BY u.total_cost DESC, u.id DESC" in page_sql(q, SHAPE)[0]
     q = replace(q, sort=Sort("name", True))
     assert "ORDER BY coalesce(c.name, '') DESC, c.id DESC" in page_sql(q, SHAPE)[0]
 
@@ -200,11 +201,11 @@ def test_keyset_direction(descending: bool, backwards: bool) -> None:
     )
     sql, args = page_sql(q, SHAPE)
     scan_descending = descending != backwards
-    match = re.search(r"c\.usage_id\) ([<>]) \((\$\d+)::text::timestamptz, (\$\d+)::uuid\)", sql)
+    match = re.search(r"u\.id\) ([<>]) \((\$\d+)::text::timestamptz, (\$\d+)::uuid\)", sql)
     assert match is not None, sql
     assert match.group(1) == ("<" if scan_descending else ">")
     assert args[int(match.group(2)[1:]) - 1] == "x"
-    assert f"c.usage_id {'DESC' if scan_descending else 'ASC'}" in sql
+    assert f"u.id {'DESC' if scan_descending else 'ASC'}" in sql
 
 
 def test_shape_refuses_unknown_fields_and_odd_keys() -> None:
@@ -428,7 +429,8 @@ def test_conditions_are_bounded_and_part_of_the_fingerprint() -> None:
 
 def test_every_filter_field_is_a_customer_column() -> None:
     for name in FILTER_FIELDS:
-        assert name in CUSTOMER_FIELDS and filter_expression(name) == "c." + name
+        table = "u" if name in USAGE_COLUMNS else "c"
+        assert name in CUSTOMER_FIELDS and filter_expression(name) == f"{table}.{name}"
     with pytest.raises(ValueError):
         filter_expression("password; --")
 
@@ -441,17 +443,18 @@ def test_nothing_matches_nothing() -> None:
 def test_counts_join_usage_only_when_the_filter_reads_it() -> None:
     def source(f: CustomerFilter) -> str:
         sql, _ = count_sql(ListQuery(ORG, "prod", filter=f))
-        return sql.split(" FROM ")[1].split(" ")[0]
+        tables = sql.split(" FROM ")[1].split(" WHERE ")[0]
+        return "both" if " JOIN " in tables else tables.split(" ")[0]
 
     assert source(CustomerFilter(name_contains="ada")) == "customers"
     assert source(CustomerFilter(metadata=(("plan", "pro"),), email="a@b.co")) == "customers"
-    assert source(CustomerFilter(name_contains="ada", total_cost_gte=Decimal(1))) == "customer_rows"
-    assert source(CustomerFilter(period_budget_share_gte=Decimal("0.8"))) == "customer_rows"
+    assert source(CustomerFilter(name_contains="ada", total_cost_gte=Decimal(1))) == "both"
+    assert source(CustomerFilter(period_budget_share_gte=Decimal("0.8"))) == "both"
     # Usage fields alone count usage rows (every customer has one), without the join.
     assert source(CustomerFilter(conditions=(condition("total_tokens", "gt", [5], "filters"),))) == "customer_usage"
     assert source(CustomerFilter(total_cost_gte=Decimal(1), ids=(ORG,))) == "customer_usage"
     both = (condition("total_tokens", "gt", [5], "f"), condition("name", "eq", ["a"], "f"))
-    assert source(CustomerFilter(conditions=both)) == "customer_rows"
+    assert source(CustomerFilter(conditions=both)) == "both"
     assert source(CustomerFilter(conditions=(condition("email", "eq", ["a@b.co"], "filters"),))) == "customers"
     # Every usage column is one the view takes from customer_usage, and none is on customers.
-    assert {name for name, f in SORT_FIELDS.items() if f.tiebreak == "c.usage_id"} <= USAGE_COLUMNS
+    assert {name for name, f in SORT_FIELDS.items() if f.table == "u"} <= USAGE_COLUMNS

@@ -19,7 +19,7 @@ from tests.factories import Org, make_org
 
 ROWS = 20_000
 SHAPE = Shape(fields={"id": "id", "name": "name", "total_cost": "total_cost"})
-USAGE_TABLE_FIELDS = {name for name, f in SORT_FIELDS.items() if f.tiebreak == "c.usage_id"}
+USAGE_TABLE_FIELDS = {name for name, f in SORT_FIELDS.items() if f.table == "u"}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,8 @@ async def test_every_sort_field_pages_by_one_index_walk(
     base = ListQuery(crowded.id, "prod", sort=Sort(field, descending), limit=50, count=False)
     async with pool.acquire() as conn:
         key, kid = await conn.fetchrow(
-            f"SELECT ({SORT_FIELDS[field].expr})::text, c.id::text FROM customer_rows c"
+            f"SELECT ({SORT_FIELDS[field].expr})::text, c.id::text"
+            " FROM customers c JOIN customer_usage u ON u.organization_id = c.organization_id AND u.id = c.id"
             " WHERE c.organization_id = $1 ORDER BY 1 LIMIT 1 OFFSET $2",
             crowded.id,
             ROWS // 2,

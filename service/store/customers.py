@@ -22,7 +22,7 @@ from service.domain.listing import MULTI_VALUE_OPERATORS, ListQuery, Position
 from service.domain.vocabulary import WRITABLE_COLUMNS
 from service.store.apply import apply_changes
 from service.store.db import Connection
-from service.store.listing import Shape, join_sql, list_sql, shape_sql
+from service.store.listing import Shape, list_sql, rows_sql, shape_sql
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,10 @@ def storable(identifier: str) -> bool:
 
 
 def _get_sql(shape: Shape) -> str:
+    """The customer named by its identifier: one probe of the identifier's unique index, and
+    one of each other table the shape renders, by primary key."""
     return (
-        f"SELECT {shape_sql(shape)}::text FROM customer_rows c{join_sql(shape)}"
+        f"SELECT {shape_sql(shape)}::text FROM customers c{rows_sql(shape, 'c')}"
         " WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3"
     )
 

@@ -65,3 +65,27 @@ async def purge_changes(conn: Connection, retention: timedelta, *, chunk: int = 
         total += deleted
         if deleted < chunk:
             return total
+
+
+# Tally's tables whose statistics have fallen behind their rows, by the rule autovacuum uses
+# for analyzing (50 rows plus 10 % of the table changed since the last analyze).
+STALE_TABLES = """
+SELECT s.relname
+FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+WHERE s.schemaname = current_schema()
+  AND s.n_mod_since_analyze > 50 + 0.1 * greatest(c.reltuples, 0)
+ORDER BY s.relname
+"""
+
+
+async def analyze_stale(conn: Connection) -> list[str]:
+    """ANALYZE each table whose statistics are stale (see STALE_TABLES); returns their names.
+
+    Plans do not depend on statistics for their shape (every join between a customer's tables
+    is by primary key), but filters' row estimates do; a server whose autovacuum is off, or
+    has not caught up minutes after a bulk load, would plan with what it knew before."""
+    tables: list[str] = [r["relname"] for r in await conn.fetch(STALE_TABLES)]
+    for table in tables:
+        # A name from the catalogue, quoted as an identifier: never text from a request.
+        await conn.execute(f'ANALYZE "{table}"')
+    return tables

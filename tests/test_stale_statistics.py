@@ -1,0 +1,193 @@
+"""Reads whose plan shape does not depend on statistics: on tables that were never analyzed
+(a bulk load or a backfill on a server whose autovacuum is off or has not caught up), every
+list and retrieve still reaches a customer's other table by its primary key, once per row,
+and walks a sort index once, never per row — the quadratic plan (a sort index probed for
+each customer, scanning the whole organization each time) cannot be chosen. The same
+statements are checked again after ANALYZE. And tally's housekeeping analyzes the tables a
+large fold changed where the server does not."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from service.api.compat import respan
+from service.api.customers import canonical_shape
+from service.domain.listing import CustomerFilter, ListQuery, Position, Sort, condition
+from service.infra.migrate import migrate
+from service.infra.settings import DEFAULT_MIGRATIONS_DIR
+from service.store.customers import _get_sql
+from service.store.housekeeping import analyze_stale
+from service.store.listing import SORT_FIELDS, Shape, list_sql
+from tests.support import BASE_DSN, with_database
+
+CUSTOMERS = 30_000
+TABLES = ("customers", "customer_usage")
+
+LOAD = """
+INSERT INTO customers (organization_id, environment, customer_identifier, name, email, status, created_at, updated_at)
+SELECT $1, 'prod', 'user_' || g, 'Name ' || (g % 977) || ' abc' || (g % 13), 'u' || g || '@example.com',
+       (ARRAY['active','draft','archived'])[1 + g % 3], now() - g * interval '1 minute', now()
+FROM generate_series(1, $2) g
+"""
+# customer_usage's rows come from the insert trigger; give them heavy-tailed aggregates.
+USAGE = """
+UPDATE customer_usage SET first_seen = now() - interval '30 days', last_active = now(), active_days = 3,
+    number_of_requests = (random() * 1000)::int, total_tokens = (random() * 1e5)::int,
+    total_cost = round((random() ^ 4 * 100)::numeric, 6), latency_sum = random() * 10, latency_count = 3,
+    ttft_sum = random(), ttft_count = 3
+WHERE organization_id = $1
+"""
+
+
+@pytest.fixture
+async def never_analyzed() -> AsyncIterator[tuple[asyncpg.Connection, uuid.UUID]]:
+    """A database of its own, migrated, loaded in bulk and not analyzed since (autovacuum off
+    on its tables, whatever the server's setting), as after a backfill."""
+    name = f"tally_test_stats_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(with_database(BASE_DSN, "postgres"))
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = with_database(BASE_DSN, name)
+    try:
+        await migrate(dsn, DEFAULT_MIGRATIONS_DIR)
+        conn = await asyncpg.connect(dsn)
+        try:
+            for table in TABLES:
+                await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+            org = await conn.fetchval("INSERT INTO organizations (name) VALUES ('stats') RETURNING id")
+            await conn.execute(LOAD, org, CUSTOMERS)
+            await conn.execute(USAGE, org)
+            # As a fresh install leaves them: customers never analyzed, customer_usage analyzed
+            # while empty (by its migration); neither knows of the load.
+            known = await conn.fetch("SELECT relname, reltuples FROM pg_class WHERE relname = ANY($1)", list(TABLES))
+            assert len(known) == len(TABLES) and all(r["reltuples"] <= 0 for r in known), known
+            yield conn, org
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [plan]
+    for child in plan.get("Plans", []):
+        out.extend(nodes(child))
+    return out
+
+
+def scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [n for n in nodes(plan) if "Relation Name" in n]
+
+
+def problems(plan: dict[str, Any], page_rows: int | None) -> list[str]:
+    """What makes a plan's cost grow with the organization instead of the page (for an
+    unfiltered read, ``page_rows``: no table is probed more often than the page has rows)."""
+    found = []
+    for n in scans(plan):
+        loops, index = n.get("Actual Loops", 1), n.get("Index Name", "")
+        where = f"{n['Node Type']} on {n['Relation Name']} {index} x{loops}"
+        if loops > 1 and not (
+            index.endswith("_pkey") or index == "customers_organization_id_environment_customer_identifier_key"
+        ):
+            found.append(f"a scan repeated per row that is not a primary-key probe: {where}")
+        if page_rows is not None and loops > page_rows + 1:
+            found.append(f"more probes than the page has rows: {where}")
+    return found
+
+
+async def explain(conn: asyncpg.Connection, sql: str, args: list[object]) -> dict[str, Any]:
+    doc = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+    return (orjson.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"]
+
+
+def reads(org: uuid.UUID) -> list[tuple[str, str, list[object], int | None]]:
+    """(name, statement, arguments, rows per page when unfiltered) of the reads a new user
+    makes first."""
+    canonical = canonical_shape(False, False)
+    first = ListQuery(org, "prod", limit=1000)
+    out = [
+        ("first 1,000-row page", *list_sql(first, canonical), 1000),
+        ("first page by -total_cost", *list_sql(ListQuery(org, "prod", sort=Sort("total_cost", True)), canonical), 50),
+        (
+            "Respan list, name icontains abc",
+            *list_sql(
+                ListQuery(
+                    org,
+                    "prod",
+                    sort=Sort("total_cost", True),
+                    filter=CustomerFilter(conditions=(condition("name", "icontains", ["abc"], "filters"),)),
+                ),
+                respan.LIST_SHAPE,
+            ),
+            None,
+        ),
+        (
+            "status filter by -number_of_requests",
+            *list_sql(
+                ListQuery(
+                    org, "prod", sort=Sort("number_of_requests", True), filter=CustomerFilter(statuses=("draft",))
+                ),
+                canonical,
+            ),
+            None,
+        ),
+        (
+            "cost range by name",
+            *list_sql(
+                ListQuery(org, "prod", sort=Sort("name"), filter=CustomerFilter(total_cost_gte=Decimal("50"))),
+                canonical,
+            ),
+            None,
+        ),
+        ("retrieve", _get_sql(canonical_shape(True, True)), [org, "prod", "user_77"], 1),
+    ]
+    return out
+
+
+async def cursor_pages(conn: asyncpg.Connection, org: uuid.UUID) -> list[tuple[str, str, list[object], int | None]]:
+    """The second page by each sort field, after the first."""
+    out = []
+    shape = Shape(fields={"id": "id", "name": "name"})
+    for field in SORT_FIELDS:
+        first = ListQuery(org, "prod", sort=Sort(field, True), limit=50, count=False)
+        sql, args = list_sql(first, shape)
+        last = (await conn.fetch(sql, *args))[49]
+        q = ListQuery(org, "prod", sort=Sort(field, True), limit=50, position=Position(last["k"], last["kid"]))
+        out.append((f"cursor page by {field}", *list_sql(q, shape), 50))
+    return out
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["never-analyzed", "analyzed"])
+async def test_reads_probe_by_primary_key_whatever_the_statistics(
+    never_analyzed: tuple[asyncpg.Connection, uuid.UUID], analyzed: bool
+) -> None:
+    conn, org = never_analyzed
+    if analyzed:
+        await conn.execute("ANALYZE customers, customer_usage")
+    found = {}
+    for name, sql, args, rows in [*reads(org), *await cursor_pages(conn, org)]:
+        plan = await explain(conn, sql, args)
+        if trouble := problems(plan, rows):
+            found[name] = trouble
+    assert not found, found
+
+
+async def test_housekeeping_analyzes_what_a_large_fold_changed(
+    never_analyzed: tuple[asyncpg.Connection, uuid.UUID],
+) -> None:
+    conn, _ = never_analyzed
+    analyzed = await analyze_stale(conn)
+    assert set(TABLES) <= set(analyzed)
+    stats = await conn.fetch(
+        "SELECT relname, n_mod_since_analyze FROM pg_stat_user_tables WHERE relname = ANY($1)", list(TABLES)
+    )
+    assert all(r["n_mod_since_analyze"] == 0 for r in stats), stats
+    # Nothing changed since: nothing to analyze.
+    assert not set(TABLES) & set(await analyze_stale(conn))
