@@ -147,3 +147,22 @@ def rabbitmqctl(*args: str) -> str:
     done = subprocess.run([RABBITMQCTL, "-q", *args], cwd="/", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"rabbitmqctl {args[0]} failed: {done.stdout}{done.stderr}"
     return done.stdout
+
+
+async def told(client: TestClient, pool: asyncpg.Pool, organization_id: uuid.UUID, environment: str = "prod") -> None:
+    """Tell ``client``'s API what a test wrote behind tally's back (a factory's SQL), as every
+    write through tally does (service/store/changelog.py), and wait until it has heard: its
+    read cache holds nothing of the organization's from before."""
+    from service.api import appkeys
+    from service.store.changelog import CHANNEL, notice
+    from tests.eventkit import wait_until
+
+    watch = client.server.app[appkeys.CHANGE_WATCH]
+    scope = (organization_id, environment)
+    before = watch.version(scope)
+    await pool.execute("SELECT pg_notify($1, $2)", CHANNEL, notice(organization_id, environment))
+
+    async def heard() -> bool:
+        return watch.version(scope) != before
+
+    await wait_until(heard, what="the API to hear of the change")

@@ -29,7 +29,7 @@ from tests.compatkit import (
 )
 from tests.factories import Org, add_subscription, insert_customer, set_columns
 from tests.schemacheck import check as check_schema
-from tests.support import problem, uid
+from tests.support import problem, told, uid
 
 
 async def _public_example(pool: asyncpg.Pool, org: Org) -> dict[str, Any]:
@@ -188,6 +188,7 @@ async def test_public_subscriptions_and_has_active_subscription(
     await add_subscription(
         pool, org, rows["none"]["id"], "sub_partial", "active", plan={"name": "Free", "amount": 0, "currency": "usd"}
     )
+    await told(client, pool, org.id)
     body = await get_json(client, f"{PUBLIC_LIST}?include_subscriptions=true", org.headers())
     [none] = [c for c in body["data"] if c["id"] == str(rows["none"]["id"])]
     assert none["hasActiveSubscription"] is True

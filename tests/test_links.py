@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from service.api.app import create_app
-from service.api.listing import host_allowed
+from service.api.links import host_allowed
 from service.infra.settings import Settings
 from tests.factories import Org, insert_customer
 from tests.support import ok_json, rel, uid

@@ -10,13 +10,15 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 
 from service import __version__
-from service.api import appkeys, customers, dbaccess, events, fairness, keycache, openapi, ops, routing
+from service.api import appkeys, changewatch, customers, dbaccess, events, fairness, keycache, openapi, ops, routing
+from service.api.changewatch import ChangeWatch
 from service.api.compat import flexprice, public, respan, v0
 from service.api.dbaccess import DatabaseGate
 from service.api.fairness import CpuSlot, LoopLag, OrgShares, Replicas, Tarpit
 from service.api.keycache import KeyCache
 from service.api.models import Health
 from service.api.ratelimit import RateLimiter
+from service.api.readcache import ReadCache
 from service.api.routing import OPERATIONS_TAG, Endpoint, add_endpoints, plain
 from service.domain.listing import CursorCodec
 from service.infra.broker import Names
@@ -109,6 +111,9 @@ async def api_resources(app: web.Application) -> AsyncIterator[None]:
             )
         )
         await stack.enter_async_context(
+            changewatch.listening(settings.database_url, settings.db_connect_timeout, app[appkeys.CHANGE_WATCH])
+        )
+        await stack.enter_async_context(
             fairness.running_heartbeat(app[appkeys.REPLICAS], pool, settings.api_heartbeat_seconds)
         )
         lag = asyncio.create_task(app[routing.LOOP_LAG].run(), name="tally-loop-lag")
@@ -157,6 +162,8 @@ def create_app(settings: Settings) -> web.Application:
         settings.ip_rate_limit_per_second, settings.ip_rate_limit_burst, policy="per-ip"
     )
     app[dbaccess.GATE] = DatabaseGate(settings.db_org_limit, settings.db_acquire_timeout)
+    app[appkeys.CHANGE_WATCH] = ChangeWatch()
+    app[appkeys.READ_CACHE] = ReadCache(settings.read_cache_mb * 2**20, settings.read_cache_entry_kb * 2**10)
     app.cleanup_ctx.append(api_resources)
     app.cleanup_ctx.append(publisher)
     app[appkeys.READINESS_CHECKS]["broker"] = broker_check

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from service.api.changewatch import ChangeWatch
 from service.api.fairness import Replicas
 from service.api.keycache import KeyCache
 from service.api.ratelimit import RateLimiter
+from service.api.readcache import ReadCache
 from service.domain.listing import CursorCodec
 from service.infra.publisher import Publisher
 from service.web.appkeys import POOL, READINESS_CHECKS, SETTINGS
@@ -23,6 +25,8 @@ __all__ = [
     "RATE_LIMITER",
     "IP_RATE_LIMITER",
     "REPLICAS",
+    "CHANGE_WATCH",
+    "READ_CACHE",
 ]
 
 CURSORS = web.AppKey("cursors", CursorCodec)
@@ -32,3 +36,5 @@ KEY_CACHE = web.AppKey("key_cache", KeyCache)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 IP_RATE_LIMITER = web.AppKey("ip_rate_limiter", RateLimiter)
 REPLICAS = web.AppKey("replicas", Replicas)
+CHANGE_WATCH = web.AppKey("change_watch", ChangeWatch)
+READ_CACHE = web.AppKey("read_cache", ReadCache)

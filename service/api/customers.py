@@ -12,7 +12,8 @@ from aiohttp import web
 from service.api import appkeys, dbaccess
 from service.api.detail import CustomerAdapter, NewCustomer
 from service.api.errors import invalid
-from service.api.listing import JSON, ListAdapter, Listed, Window, json_with, key_environment, link
+from service.api.links import link
+from service.api.listing import JSON, ListAdapter, Listed, Window, json_with, key_environment
 from service.api.models import (
     Customer,
     CustomerCreate,
@@ -115,7 +116,13 @@ def page_links(listed: Listed[ListParams]) -> tuple[str | None, str | None, str 
 
 def envelope(listed: Listed[ListParams]) -> dict[str, object]:
     nxt, prev, next_cursor = page_links(listed)
-    return {"count": listed.page.count, "next": nxt, "previous": prev, "next_cursor": next_cursor}
+    return {
+        "count": listed.page.count,
+        "next": nxt,
+        "previous": prev,
+        "next_cursor": next_cursor,
+        "as_of": listed.page.as_of,
+    }
 
 
 LIST = ListAdapter[ListParams](
@@ -180,6 +187,7 @@ ENDPOINTS = [
         "List customers",
         TAG,
         "read",
+        cached=True,
         query=ListParams,
         response=CustomerList,
         description="Paged, sorted, filtered list. count is over all pages; next/previous keep the "
@@ -207,6 +215,7 @@ ENDPOINTS = [
         "Retrieve a customer",
         TAG,
         "read",
+        cached=True,
         query=RetrieveParams,
         response=CustomerExpanded,
         path_params=IDENTIFIER,
@@ -246,6 +255,7 @@ ENDPOINTS = [
         "Usage time series",
         TAG,
         "read",
+        cached=True,
         query=UsageParams,
         response=UsageSeries,
         path_params=IDENTIFIER,

@@ -129,6 +129,8 @@ COST = web.RequestKey("cost", CostMeter)
 # the X-Tally-Consistency header.
 CONSISTENCY = web.RequestKey("consistency_lsn", int)
 CONSISTENCY_HEADER = "X-Tally-Consistency"
+# Set when the read standby served the request's read.
+FROM_STANDBY = web.RequestKey("from_standby", bool)
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -164,6 +166,7 @@ async def connection(request: web.Request, *, read: bool = False) -> AsyncIterat
     if read and standby is not None and await standby.serves(token):
         try:
             async with gate.connection(standby.pool, organization) as conn, _timed(request):
+                request[FROM_STANDBY] = True
                 yield conn
                 await _note_position(request, conn)
             return

@@ -17,7 +17,8 @@ from aiohttp import web
 from yarl import URL
 
 from service.api import dbaccess
-from service.api.listing import JSON, client_link, key_environment, run_list
+from service.api.links import client_link
+from service.api.listing import AS_OF_HEADER, JSON, key_environment, run_list
 from service.api.routing import Call
 from service.domain.errors import NotFound
 from service.domain.keys import as_uuid
@@ -106,11 +107,13 @@ class CustomerAdapter(Generic[Q]):
         environment = key_environment(principal, call.query)
         shape = self.shape(call.query)
         if isinstance(named, ById):
-            doc = await _by_id(call, environment, named.id, shape)
+            doc, as_of = await _by_id(call, environment, named.id, shape)
         else:
             async with dbaccess.connection(call.request, read=True) as conn:
-                doc = await core.get_customer(conn, principal.organization_id, environment, named.identifier, shape)
-        return web.Response(text=doc, content_type=JSON)
+                doc, as_of = await core.read_customer(
+                    conn, principal.organization_id, environment, named.identifier, shape
+                )
+        return web.Response(text=doc, content_type=JSON, headers={AS_OF_HEADER: as_of})
 
     async def create(self, call: Call[Any, Any]) -> web.Response:
         assert self.new is not None, "a create route's adapter says what its body creates"
@@ -187,9 +190,9 @@ def _uuid(named: ById, environment: str) -> UUID:
     return customer_id
 
 
-async def _by_id(call: Call[Any, Any], environment: str, text: str, shape: Shape) -> str:
+async def _by_id(call: Call[Any, Any], environment: str, text: str, shape: Shape) -> tuple[str, str]:
     """The customer whose tally uuid is ``text``, in ``shape`` (a read: the standby's when
-    it may serve it); NotFound otherwise."""
+    it may serve it), and the position the read reflects; NotFound otherwise."""
     customer_id = as_uuid(text)
     if customer_id is not None:
         q = ListQuery(
@@ -201,5 +204,5 @@ async def _by_id(call: Call[Any, Any], environment: str, text: str, shape: Shape
         )
         page = await run_list(call.request, q, shape)
         if page.docs:
-            return page.docs[0]
+            return page.docs[0], page.as_of
     raise NotFound(f"no customer '{text}' in environment '{environment}'")

@@ -60,7 +60,7 @@ SUBSCRIPTION: JsonDict = {
 }
 
 CUSTOMER_LIST: JsonDict = {
-    "count": 1, "next": None, "previous": None, "next_cursor": None,
+    "count": 1, "next": None, "previous": None, "next_cursor": None, "as_of": "7301.0",
     "results": [{**CUSTOMER, "subscriptions": [SUBSCRIPTION]}],
 }
 CUSTOMER_CREATE: JsonDict = {

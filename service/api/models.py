@@ -211,6 +211,12 @@ class CustomerList(BaseModel):
     next: str | None = Field(description="URL of the next page, or null.")
     previous: str | None = Field(description="URL of the previous page, or null.")
     next_cursor: str | None = Field(description="Pass as cursor= to continue after this page.")
+    as_of: str = Field(
+        description="The change-log position this page reflects (also the Tally-As-Of header of every list and "
+        "retrieve): every change logged before it is in the page. Of two reads, the one with the greater position "
+        "(compare the numbers before and after the dot in turn) shows the newer data.",
+        examples=["7301.0"],
+    )
     results: list[CustomerExpanded]
 
 

@@ -47,6 +47,32 @@ CONSISTENCY_PARAMETER: dict[str, object] = {
     "description": CONSISTENCY_TEXT,
     "schema": {"type": "string", "pattern": "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", "examples": ["16/B374D848"]},
 }
+IF_NONE_MATCH_PARAMETER: dict[str, object] = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "description": "The ETag of a response you hold: when the response would be the same, it is a 304 with no body "
+    "(answered from memory when this process has it cached). A response stays the same until a change to your "
+    "organization's customers or usage commits.",
+    "schema": {"type": "string"},
+}
+CACHE_HEADERS: dict[str, object] = {
+    "ETag": {
+        "description": "A hash of the body: the same on every tally process for the same data. Send it back as "
+        "If-None-Match.",
+        "schema": {"type": "string"},
+    },
+    "Cache-Control": {
+        "description": "private, no-cache: a client may keep the response and must revalidate it (If-None-Match) "
+        "before using it again; shared caches must not keep it.",
+        "schema": {"type": "string"},
+    },
+    "Tally-As-Of": {
+        "description": "On customer lists and retrieves: the change-log position the data reflects (every change "
+        "logged before it is in the response).",
+        "schema": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+$"},
+    },
+}
 CONSISTENCY_RESPONSE_HEADER: dict[str, object] = {
     "description": CONSISTENCY_TEXT,
     "schema": {"type": "string", "pattern": "^[0-9A-F]{1,8}/[0-9A-F]{1,8}$"},
@@ -121,6 +147,8 @@ def build_openapi(
         takes_token = ep.scope == "read" and ep.method == "GET"
         if takes_token:
             parameters.append(CONSISTENCY_PARAMETER)
+        if ep.cached:
+            parameters.append(IF_NONE_MATCH_PARAMETER)
         if parameters:
             op["parameters"] = parameters
         if ep.body:
@@ -135,7 +163,14 @@ def build_openapi(
             ok["content"] = {ep.content_type: {"schema": {}}}
         if ep.scope in ("read", "write") and ep.path != "/v1/events":
             ok["headers"] = {"X-Tally-Consistency": CONSISTENCY_RESPONSE_HEADER}
+        if ep.cached:
+            ok["headers"] = {**ok.get("headers", {}), **CACHE_HEADERS}  # type: ignore[dict-item]
         responses: dict[str, object] = {str(ep.status): ok}
+        if ep.cached:
+            responses["304"] = {
+                "description": "Not Modified: the response would be the one whose ETag If-None-Match names",
+                "headers": {h: CACHE_HEADERS[h] for h in ("ETag", "Cache-Control")},
+            }
         problem_ref = refs[(Problem, "serialization")]
         codes = set(ep.errors) | _answers(ep)
         for code in sorted(codes):

@@ -12,10 +12,12 @@ from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
+from yarl import URL
 
-from service.api import appkeys, dbaccess
+from service.api import appkeys, dbaccess, readcache
 from service.api.errors import from_domain, payload_too_large, rate_limited
 from service.api.fairness import CostMeter, CpuSlot, LoopLag, OrgShares, Tarpit, metered
+from service.api.links import client_link
 from service.api.params import BODY_LIMIT, parse_body, parse_query, read_body
 from service.api.ratelimit import Decision, RateLimiter
 from service.domain.errors import DomainError, Unauthenticated
@@ -115,6 +117,10 @@ class Endpoint:
     # length over it is refused before the body is read, so that a body can cost at most
     # what its route needs (a list filter needs kilobytes, not a megabyte).
     max_body: int | None = None
+    # A read whose response depends only on the organization's and environment's customers
+    # (and the request's URL): answered from the read cache while nothing it shows can have
+    # changed, with an ETag and 304 for If-None-Match (service/api/readcache.py).
+    cached: bool = False
     # The OpenAPI operationId; by default the handler's module and name (customers_customer_usage).
     # A route served by a generic handler (one list handler serves every dialect) names its own.
     operation_id: str = ""
@@ -250,6 +256,39 @@ async def _call(request: web.Request, endpoint: Endpoint, principal: Principal |
     return await endpoint.handler(Call(request, query, body, principal))
 
 
+async def _cached_call(request: web.Request, endpoint: Endpoint, principal: Principal) -> web.StreamResponse:
+    """The endpoint's read through the read cache (service/api/readcache.py)."""
+    watch = request.app[appkeys.CHANGE_WATCH]
+    scope = (principal.organization_id, principal.environment)
+    # Links in a response follow the request's Host (service/api/links.py client_link): a
+    # response is the same only for the same URL and the same link base.
+    key = f"{request.method} {request.path_qs} {client_link(request, URL('/'))}"
+
+    def storable(version: tuple[int, int]) -> bool:
+        if not request.get(dbaccess.FROM_STANDBY):
+            return True  # the primary: what it read is at least as new as the version
+        needed, seen = watch.position(scope), request.get(dbaccess.CONSISTENCY)
+        return needed is not None and seen is not None and seen >= needed
+
+    async def read() -> web.StreamResponse:
+        response = await _call(request, endpoint, principal)
+        # The consistency token is set when the response is prepared; set it now so that a
+        # cached copy carries it too (the data it names is the data the copy shows).
+        await dbaccess.consistency_header(request, response)
+        return response
+
+    return await readcache.conditional(
+        request,
+        scope,
+        key,
+        request.app[appkeys.READ_CACHE],
+        watch,
+        read,
+        bypass=dbaccess.CONSISTENCY_HEADER in request.headers,
+        storable=storable,
+    )
+
+
 def _guarded(endpoint: Endpoint) -> Route:
     """The endpoint's handler behind its guards (unauthenticated-request limit for public
     routes; key, per-key rate limit and scope for the others), with the domain's errors
@@ -301,7 +340,13 @@ def _guarded(endpoint: Endpoint) -> Route:
             meter = request[COST] = CostMeter(request.app[LOOP_LAG], body_bytes=request.content_length or 0)
             try:
                 _check_body_size(request, endpoint)  # refused unread, and charged
-                response = await metered(_call(request, endpoint, principal), meter)
+                if endpoint.cached:
+                    response = await metered(_cached_call(request, endpoint, principal), meter)
+                else:
+                    response = await metered(_call(request, endpoint, principal), meter)
+                    if request.method in dbaccess.WRITE_METHODS and response.status < 400:
+                        # Its commit, before the answer: this process's next read sees it.
+                        request.app[appkeys.CHANGE_WATCH].bump((organization, principal.environment))
             finally:
                 shares.settle(organization, admission, meter.total)
                 metrics.REQUEST_COST.labels("loop").inc(meter.cpu)

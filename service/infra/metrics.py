@@ -115,6 +115,20 @@ REPLICA_FALLBACKS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+READ_CACHE = Counter(
+    "tally_read_cache_total",
+    "Cacheable reads by outcome: 'hit' (served from memory), 'miss' (read and kept), 'uncacheable' (read, not kept: "
+    "too large, or a standby behind the last change heard), 'bypass' (read: a consistency token, or no change "
+    "listener).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+READ_CACHE_BYTES = Gauge("tally_read_cache_bytes", "Bytes of responses held by the read cache.", registry=REGISTRY)
+CHANGE_LISTENER_UP = Gauge(
+    "tally_change_listener_up",
+    "1 while the API process listens for commits (its read cache works), else 0.",
+    registry=REGISTRY,
+)
 DB_RETRIES = Counter("tally_db_retries_total", "Batches retried after a transient database error.", registry=REGISTRY)
 PUBLISHED = Counter(
     "tally_events_published_total",

@@ -195,6 +195,23 @@ class Settings(BaseSettings):
         """Events per consumer transaction at most (under a backlog)."""
         return max(self.batch_size, self.batch_max_events or 4 * self.batch_size)
 
+    # ---- Read cache (service/api/readcache.py)
+    read_cache_mb: int = Field(
+        default=32,
+        ge=0,
+        le=65_536,
+        description="Megabytes of list and retrieve responses each API process keeps in memory, served again until "
+        "it hears of a commit that may change them (every write through tally notifies every process). 0 turns "
+        "the cache off (ETag and If-None-Match still work). Rows changed by hand in SQL are not heard of: run "
+        "`SELECT pg_notify('tally_changes', '<organization id>:<environment>')` after such a change.",
+    )
+    read_cache_entry_kb: int = Field(
+        default=1024,
+        ge=1,
+        le=1_048_576,
+        description="The largest response, in kilobytes, the read cache keeps (larger ones are read each time).",
+    )
+
     # ---- Keys and rate limits
     auth_cache_seconds: float = Field(
         default=30.0,

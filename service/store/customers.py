@@ -21,6 +21,8 @@ from service.domain.errors import Conflict, InvalidInput, NotFound
 from service.domain.listing import MULTI_VALUE_OPERATORS, ListQuery, Position
 from service.domain.vocabulary import WRITABLE_COLUMNS
 from service.store.apply import apply_changes
+from service.store.changelog import HORIZON
+from service.store.changelog import Position as LogPosition
 from service.store.db import Connection
 from service.store.listing import Shape, list_sql, rows_sql, shape_sql
 
@@ -31,6 +33,7 @@ class Page:
     count: int | None
     next_position: Position | None  # set when rows follow this page
     previous_position: Position | None  # set when rows precede it
+    as_of: str  # the change-log position the page reflects (service/store/changelog.py)
 
 
 async def list_customers(conn: Connection, q: ListQuery, shape: Shape) -> Page:
@@ -61,6 +64,7 @@ async def list_customers(conn: Connection, q: ListQuery, shape: Shape) -> Page:
         count=count,
         next_position=Position(rows[-1]["k"], rows[-1]["kid"]) if rows and has_next else None,
         previous_position=Position(rows[0]["k"], rows[0]["kid"], backwards=True) if rows and has_previous else None,
+        as_of=str(LogPosition(int(result[0]["as_of"]))),
     )
 
 
@@ -72,20 +76,30 @@ def storable(identifier: str) -> bool:
 
 def _get_sql(shape: Shape) -> str:
     """The customer named by its identifier: one probe of the identifier's unique index, and
-    one of each other table the shape renders, by primary key."""
+    one of each other table the shape renders, by primary key; and the change-log position
+    the read reflects."""
     return (
-        f"SELECT {shape_sql(shape)}::text FROM customers c{rows_sql(shape, 'c')}"
+        f"SELECT {shape_sql(shape)}::text AS doc, {HORIZON} AS as_of FROM customers c{rows_sql(shape, 'c')}"
         " WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3"
     )
 
 
+async def read_customer(
+    conn: Connection, organization_id: UUID, environment: str, identifier: str, shape: Shape
+) -> tuple[str, str]:
+    """The customer as JSON text in ``shape``, and the change-log position the read reflects;
+    NotFound (also for other organizations')."""
+    row = None
+    if storable(identifier):
+        row = await conn.fetchrow(_get_sql(shape), organization_id, environment, identifier)
+    if row is None:
+        raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+    return row["doc"], str(LogPosition(int(row["as_of"])))
+
+
 async def get_customer(conn: Connection, organization_id: UUID, environment: str, identifier: str, shape: Shape) -> str:
     """The customer as JSON text in ``shape``; NotFound (also for other organizations')."""
-    doc: str | None = None
-    if storable(identifier):
-        doc = await conn.fetchval(_get_sql(shape), organization_id, environment, identifier)
-    if doc is None:
-        raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+    doc, _ = await read_customer(conn, organization_id, environment, identifier, shape)
     return doc
 
 

@@ -35,6 +35,7 @@ from service.domain.listing import (
     ListQuery,
 )
 from service.store.apply import LIFETIME_SUMS
+from service.store.changelog import HORIZON
 
 
 @dataclass(frozen=True)
@@ -555,19 +556,20 @@ def touches_profile(f: CustomerFilter) -> bool:
 
 def list_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
     """The page and (when ``q.count``) the total in one round trip: rows of
-    (total, doc, k, kid); with no rows on the page, one row whose doc is NULL."""
+    (total, doc, k, kid, as_of); with no rows on the page, one row whose doc is NULL.
+    ``as_of`` is the change-log position the statement's snapshot reflects
+    (service/store/changelog.py)."""
     if q.filter.nothing:  # a status the route's vocabulary has and tally never holds: no table to read
-        return f"SELECT {'0' if q.count else 'NULL'}::bigint AS total, NULL AS doc, NULL AS k, NULL AS kid", []
-    if not q.count:
-        sql, args = page_sql(q, shape)
-        return f"SELECT NULL::bigint AS total, page.doc, page.k, page.kid FROM ({sql}) page", args
+        total = "0" if q.count else "NULL"
+        return f"SELECT {total}::bigint AS total, NULL AS doc, NULL AS k, NULL AS kid, {HORIZON} AS as_of", []
     p = _Params()
-    total, _ = count_sql(q, p)
+    total = f"({count_sql(q, p)[0]})" if q.count else "(SELECT NULL::bigint)"
     page, _ = page_sql(q, shape, p)
     descending = q.sort.descending != bool(q.position and q.position.backwards)
     direction = "DESC" if descending else "ASC"
+    # One row even for an empty page: the total and the position are always answered.
     sql = (
-        f"SELECT t.total, page.doc, page.k, page.kid FROM ({total}) t(total)"
+        f"SELECT t.total, page.doc, page.k, page.kid, {HORIZON} AS as_of FROM {total} t(total)"
         f" LEFT JOIN LATERAL ({page}) page ON true ORDER BY page.sort_key {direction}, page.id {direction}"
     )
     return sql, p.values

@@ -115,6 +115,7 @@ ENDPOINTS = [
         "Get customers list",
         TAG,
         "read",
+        cached=True,
         query=ListParams,
         response=PublicCustomerList,
         operation_id="public_list_customers",

@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from service.api import examples
 from service.api.conditions import Term, Vocabulary
 from service.api.detail import CustomerAdapter
-from service.api.listing import ListAdapter, Listed, Window, link
+from service.api.links import link
+from service.api.listing import ListAdapter, Listed, Window
 from service.api.models import ENVIRONMENT, SORT_CHOICES, choice
 from service.api.params import FILTER_BODY_BYTES, MAX_BODY_DEPTH, WRITE_BODY_BYTES
 from service.api.routing import Call, Endpoint
@@ -338,6 +339,7 @@ ENDPOINTS = [
         "List customers",
         TAG,
         "read",
+        cached=True,
         query=ListParams,
         response=RespanUserList,
         description="As Respan's API reference lists customers. POST takes the same parameters and, in its body, "
@@ -366,6 +368,7 @@ ENDPOINTS = [
         "Retrieve a customer",
         TAG,
         "read",
+        cached=True,
         query=DetailParams,
         response=RespanUserDetail,
         path_params=IDENTIFIER,

@@ -95,6 +95,7 @@ ENDPOINTS = [
         "List customers",
         TAG,
         "read",
+        cached=True,
         query=ListParams,
         response=V0CustomerList,
         operation_id="v0_list_customers",

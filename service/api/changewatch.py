@@ -1,0 +1,154 @@
+"""What this API process has been told about commits: a data version per organization and
+environment, bumped by each notification on the change log's channel
+(service/store/changelog.py), which PostgreSQL delivers when a transaction that changed
+customers commits — whichever process (a consumer's fold, another API replica) made it.
+
+The read cache (service/api/readcache.py) keys its entries by these versions, so a response
+is served from memory only until the process hears of a commit that may have changed it. While
+the listener is not connected nothing can be known, and :meth:`ChangeWatch.version` answers
+None (the cache is bypassed); each reconnection starts a new epoch, so nothing cached before a
+gap in listening is used after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from uuid import UUID
+
+import asyncpg
+
+from service.infra import metrics
+from service.infra.errors import is_transient
+from service.infra.waits import wait_event
+from service.store.changelog import CHANNEL, parse_notice
+
+log = logging.getLogger("tally.changes")
+RELISTEN_DELAY = 1.0
+# What a standby must have replayed to serve a read that may be cached (service/infra/standby.py).
+PRIMARY_LSN = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8"
+
+Scope = tuple[UUID, str]  # (organization_id, environment)
+
+
+class ChangeWatch:
+    """Data versions per (organization, environment), and the WAL position each was bumped at."""
+
+    def __init__(self) -> None:
+        self.listening = False
+        self.epoch = 0
+        self._versions: dict[Scope, int] = {}
+        # The primary's WAL position when a version was bumped (None until it is known): a read a
+        # standby serves reflects the version only once it has replayed that far.
+        self._positions: dict[Scope, int | None] = {}
+        self._subscribers: list[Callable[[Scope], None]] = []
+
+    def version(self, scope: Scope) -> tuple[int, int] | None:
+        """``(epoch, version)`` of ``scope`` as this process knows it; None while not listening."""
+        if not self.listening:
+            return None
+        return self.epoch, self._versions.get(scope, 0)
+
+    def position(self, scope: Scope) -> int | None:
+        """The WAL position a read must reflect to be as new as the current version: 0 when
+        nothing was heard, None while the position of the last change heard is not known yet."""
+        return self._positions.get(scope, 0)
+
+    def bump(self, scope: Scope, position: int | None = None) -> int:
+        """A commit may have changed ``scope``'s customers (heard, or made by this process);
+        returns the new version."""
+        version = self._versions[scope] = self._versions.get(scope, 0) + 1
+        self._positions[scope] = position
+        for subscriber in self._subscribers:
+            subscriber(scope)
+        return version
+
+    def positioned(self, scope: Scope, version: int, position: int) -> None:
+        """The primary's WAL position after the commit that made ``version`` (only if no newer
+        change was heard meanwhile: its own position will come)."""
+        if self._versions.get(scope) == version:
+            self._positions[scope] = position
+
+    def subscribe(self, callback: Callable[[Scope], None]) -> Callable[[], None]:
+        """Call ``callback(scope)`` on every bump; returns the unsubscribe function."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def restart(self) -> None:
+        """A new epoch: what was heard before is forgotten (notifications may have been missed)."""
+        self.epoch += 1
+        self._versions.clear()
+        self._positions.clear()
+
+
+@asynccontextmanager
+async def listening(dsn: str, connect_timeout: float, watch: ChangeWatch | None = None) -> AsyncIterator[ChangeWatch]:
+    """A ChangeWatch kept current by a listener connection of its own to the primary
+    (reconnecting after RELISTEN_DELAY), for the life of the block."""
+    watch = watch or ChangeWatch()
+    stop = asyncio.Event()
+    positions: asyncio.Queue[tuple[Scope, int]] = asyncio.Queue()
+
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: object, /) -> None:
+        scope = parse_notice(str(payload))
+        if scope is not None:
+            positions.put_nowait((scope, watch.bump(scope)))
+
+    async def locate(conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """Fill in the WAL position of each change heard (one query for all heard meanwhile)."""
+        while not stop.is_set() and not lost.is_set():
+            getter = asyncio.ensure_future(positions.get())
+            stopped = asyncio.ensure_future(stop.wait())
+            gone = asyncio.ensure_future(lost.wait())
+            try:
+                await asyncio.wait([getter, stopped, gone], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+                gone.cancel()
+            if not getter.done():
+                getter.cancel()
+                return
+            heard = [getter.result()]
+            while not positions.empty():
+                heard.append(positions.get_nowait())
+            lsn: int = await conn.fetchval(PRIMARY_LSN)
+            for scope, version in heard:
+                watch.positioned(scope, version, lsn)
+
+    async def keep_listening() -> None:
+        while not stop.is_set():
+            try:
+                conn = await asyncpg.connect(dsn, timeout=connect_timeout)
+            except Exception as exc:  # reads bypass the cache meanwhile; it tries again
+                level = logging.WARNING if is_transient(exc) else logging.ERROR
+                log.log(level, "change listener cannot connect; reads are not cached", extra={"error": repr(exc)})
+                await wait_event(stop, RELISTEN_DELAY)
+                continue
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            try:
+                await conn.add_listener(CHANNEL, on_notify)
+                watch.restart()
+                watch.listening = True
+                metrics.CHANGE_LISTENER_UP.set(1)
+                await locate(conn, lost)
+            except Exception as exc:  # the listener starts again after RELISTEN_DELAY, whatever it was
+                level = logging.WARNING if is_transient(exc) else logging.ERROR
+                log.log(level, "change listener failed", extra={"error": repr(exc)})
+            finally:
+                watch.listening = False
+                metrics.CHANGE_LISTENER_UP.set(0)
+                watch.restart()
+                if not conn.is_closed():
+                    await conn.close(timeout=connect_timeout)
+            if not stop.is_set():
+                await wait_event(stop, RELISTEN_DELAY)
+
+    task = asyncio.create_task(keep_listening(), name="tally-change-listener")
+    try:
+        yield watch
+    finally:
+        stop.set()
+        await task

@@ -1,0 +1,245 @@
+"""Conditional and cached reads (service/api/readcache.py): every list and retrieve has an
+ETag, If-None-Match answers 304, and a response served from memory is never one a commit the
+process has heard of could have changed — a fold's, a PATCH's, a DELETE's, on this process or
+another — while a revoked key gets nothing from the cache. The cache's own rules (versions,
+epochs, expiry, its size bound) are unit-tested with a clock of their own."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from service.api import appkeys
+from service.api.changewatch import ChangeWatch
+from service.api.readcache import CACHE_CONTROL, Entry, ReadCache, etag, matches
+from service.infra.settings import Settings
+from service.store import auth
+from service.store.changelog import Position
+from tests.eventkit import Broker, cloud_event, fold_events, usage, wait_until
+from tests.factories import Org, insert_customer
+from tests.processes import TallyProcess
+from tests.support import ok_json, problem, uid
+
+SCOPE = (uuid.UUID(int=1), "prod")
+
+
+# ---- the cache's rules ----------------------------------------------------------------------
+
+
+def entry(version: tuple[int, int], body: bytes = b"{}", expires: float = 1e12) -> Entry:
+    return Entry(version, body, "application/json", etag(body), (), expires)
+
+
+def test_an_entry_holds_only_for_its_version() -> None:
+    cache = ReadCache(1000, 1000, clock=lambda: 0.0)
+    cache.put(SCOPE, "GET /a", entry((0, 3)))
+    assert cache.get(SCOPE, "GET /a", (0, 3)) is not None
+    assert cache.get(SCOPE, "GET /a", (0, 4)) is None  # a change heard since
+    assert cache.get(SCOPE, "GET /a", (0, 3)) is None  # and it is gone
+    cache.put(SCOPE, "GET /a", entry((0, 4)))
+    assert cache.get(SCOPE, "GET /a", (1, 4)) is None  # a new epoch: the listener reconnected
+
+
+def test_entries_expire_at_the_next_quarter_hour() -> None:
+    now = [1_000.0]
+    cache = ReadCache(1000, 1000, clock=lambda: now[0])
+    assert cache.expiry() == 1_800.0
+    cache.put(SCOPE, "GET /a", entry((0, 0), expires=cache.expiry()))
+    now[0] = 1_799.0
+    assert cache.get(SCOPE, "GET /a", (0, 0)) is not None
+    now[0] = 1_800.0
+    assert cache.get(SCOPE, "GET /a", (0, 0)) is None
+
+
+def test_the_cache_is_bounded_least_recently_used_first() -> None:
+    cache = ReadCache(300, 150, clock=lambda: 0.0)
+    assert not cache.put(SCOPE, "big", entry((0, 0), b"x" * 200))  # over the entry bound
+    for name in ("a", "b", "c"):
+        assert cache.put(SCOPE, name, entry((0, 0), b"y" * 90))
+    cache.get(SCOPE, "a", (0, 0))  # a is now the most recently used
+    cache.put(SCOPE, "d", entry((0, 0), b"z" * 90))
+    assert cache.bytes <= 300
+    assert cache.get(SCOPE, "b", (0, 0)) is None
+    assert cache.get(SCOPE, "a", (0, 0)) is not None
+
+
+def test_a_zero_size_cache_keeps_nothing() -> None:
+    cache = ReadCache(0, 1000)
+    assert not cache.enabled and not cache.put(SCOPE, "a", entry((0, 0)))
+
+
+def test_if_none_match_compares_weakly_and_takes_lists() -> None:
+    tag = etag(b"body")
+    assert matches(tag, tag) and matches(f'"other", W/{tag}', tag) and matches("*", tag)
+    assert not matches(None, tag) and not matches('"other"', tag) and not matches("", tag)
+
+
+def test_versions_follow_what_the_watch_hears() -> None:
+    watch = ChangeWatch()
+    assert watch.version(SCOPE) is None  # not listening: nothing can be known
+    watch.listening = True
+    watch.restart()
+    first = watch.version(SCOPE)
+    assert watch.bump(SCOPE) == 1 and watch.version(SCOPE) != first
+    assert watch.position(SCOPE) is None  # the WAL position of that change is not known yet
+    watch.positioned(SCOPE, 1, 500)
+    assert watch.position(SCOPE) == 500
+    watch.bump(SCOPE)
+    watch.positioned(SCOPE, 1, 600)  # an older change's position does not stand for a newer one
+    assert watch.position(SCOPE) is None
+    other = (uuid.UUID(int=2), "prod")
+    assert watch.version(other) == (watch.epoch, 0)
+
+
+# ---- in one API process ---------------------------------------------------------------------
+
+
+async def get(client: TestClient, url: str, org: Org, **headers: str) -> aiohttp.ClientResponse:
+    return await client.get(url, headers={**org.headers(), **headers})
+
+
+async def heard(client: TestClient, org: Org, before: tuple[int, int] | None) -> None:
+    watch = client.server.app[appkeys.CHANGE_WATCH]
+
+    async def changed() -> bool:
+        return watch.version((org.id, "prod")) != before
+
+    await wait_until(changed, what="the API to hear of the commit")
+
+
+@pytest.mark.parametrize("url", ["/v1/customers", "/v1/customers/{ident}", "/compat/respan/api/users/list/"])
+async def test_reads_carry_an_etag_and_answer_304(client: TestClient, pool: asyncpg.Pool, org: Org, url: str) -> None:
+    ident = uid()
+    await insert_customer(pool, org, ident)
+    url = url.format(ident=ident)
+    first = await get(client, url, org)
+    await ok_json(first)
+    tag = first.headers["ETag"]
+    assert first.headers["Cache-Control"] == CACHE_CONTROL
+    Position.parse(first.headers["Tally-As-Of"])
+    again = await get(client, url, org, **{"If-None-Match": tag})
+    assert again.status == 304 and again.headers["ETag"] == tag and await again.read() == b""
+    other = await get(client, url, org, **{"If-None-Match": '"stale"'})
+    assert other.status == 200 and other.headers["ETag"] == tag
+
+
+async def test_a_fold_commit_is_never_answered_from_memory_after_it_is_heard(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
+    ident = uid()
+    async with pool.acquire() as conn:
+        await fold_events(conn, usage(org.name, ident, cost="1"))
+    url = f"/v1/customers/{ident}"
+    body = await ok_json(await get(client, url, org))
+    tag = (await get(client, url, org)).headers["ETag"]
+    cache = client.server.app[appkeys.READ_CACHE]
+    assert len(cache) >= 1
+    before = client.server.app[appkeys.CHANGE_WATCH].version((org.id, "prod"))
+    async with pool.acquire() as conn:
+        await fold_events(conn, usage(org.name, ident, cost="2"))
+    await heard(client, org, before)
+    fresh = await get(client, url, org, **{"If-None-Match": tag})
+    assert fresh.status == 200 and fresh.headers["ETag"] != tag
+    assert (await fresh.json())["total_cost"] != body["total_cost"]
+
+
+async def test_this_process_reads_its_own_writes_at_once(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+    ident = uid()
+    await ok_json(await client.post("/v1/customers", json={"customer_identifier": ident}, headers=org.headers()), 201)
+    url = f"/v1/customers/{ident}"
+    await ok_json(await get(client, url, org))
+    listed = await ok_json(await get(client, "/v1/customers", org))
+    # No waiting for the notification: the write bumped the version before it answered.
+    await ok_json(await client.patch(url, json={"name": "renamed"}, headers=org.headers()))
+    assert (await ok_json(await get(client, url, org)))["name"] == "renamed"
+    assert (await client.delete(url, headers=org.headers())).status == 204
+    await problem(await get(client, url, org), 404)
+    after = await ok_json(await get(client, "/v1/customers", org))
+    assert after["count"] == listed["count"] - 1
+
+
+async def test_a_revoked_key_gets_nothing_from_the_cache(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+    async with pool.acquire() as conn:
+        key = (await auth.create_key(conn, org.name, ("read",))).key
+    headers = {"Authorization": f"Bearer {key}"}
+    await ok_json(await client.get("/v1/customers", headers=headers))
+    await ok_json(await client.get("/v1/customers", headers=headers))  # now from memory
+    async with pool.acquire() as conn:
+        await auth.revoke_key(conn, key)
+
+    async def refused() -> bool:
+        return (await client.get("/v1/customers", headers=headers)).status == 401
+
+    await wait_until(refused, what="the revoked key to be refused")
+
+
+# ---- across API processes -------------------------------------------------------------------
+
+
+def hits(metrics_text: str) -> float:
+    match = re.search(r'^tally_read_cache_total\{outcome="hit"\} ([0-9.e+]+)$', metrics_text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_two_api_processes_never_serve_a_write_from_memory_once_told(
+    settings: Settings, migrated: str, pool: asyncpg.Pool, org: Org, broker: Broker, tmp_path: Path
+) -> None:
+    ident = uid()
+    await insert_customer(pool, org, ident, name="before")
+    env = {"TALLY_SHED_DELAY": "0", "TALLY_IP_RATE_LIMIT_BURST": "100000"}
+    apis = [TallyProcess(f"api{i}", settings, broker, tmp_path, env, command="api") for i in range(2)]
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            for api in apis:
+                await api.wait_ready(session)
+            writer, reader = apis
+            url = f"{reader.url}/v1/customers/{ident}"
+
+            async def read(**headers: str) -> aiohttp.ClientResponse:
+                async with session.get(url, headers={**org.headers(), **headers}) as r:
+                    await r.read()
+                    return r
+
+            async def name(**headers: str) -> str:
+                async with session.get(url, headers={**org.headers(), **headers}) as r:
+                    return (await r.json())["name"]
+
+            assert await name() == "before"
+            async with session.get(f"{reader.url}/metrics") as r:
+                hits_before = hits(await r.text())
+            assert await name() == "before"
+            async with session.get(f"{reader.url}/metrics") as r:
+                assert hits(await r.text()) == hits_before + 1  # served from memory
+            # A write through the other process: with its consistency token, the reader answers
+            # it at once (the token bypasses the cache); without, as soon as it has heard.
+            async with session.patch(
+                f"{writer.url}/v1/customers/{ident}", json={"name": "after"}, headers=org.headers()
+            ) as r:
+                assert r.status == 200, await r.text()
+                token = r.headers["X-Tally-Consistency"]
+            assert await name(**{"X-Tally-Consistency": token}) == "after"
+
+            async def renamed() -> bool:
+                return await name() == "after"
+
+            await wait_until(renamed, what="the reader to hear of the write")
+            for _ in range(5):  # and never the old one again
+                assert await name() == "after"
+            # A deletion by a fold (the consumer's path) reaches the reader the same way.
+            async with pool.acquire() as conn:
+                await fold_events(conn, cloud_event(org.name, ident, "customer.deleted", {}))
+
+            async def gone() -> bool:
+                return (await read()).status == 404
+
+            await wait_until(gone, what="the reader to hear of the deletion")
+    finally:
+        for api in apis:
+            await api.terminate()
+            api.close()
