@@ -129,6 +129,13 @@ def reads(org: uuid.UUID) -> list[tuple[str, str, list[object], int | None]]:
             None,
         ),
         (
+            # Some ten customers match: found by the name's index, not by walking the sort
+            # index of the whole organization and checking each (as many probes as the page).
+            "a rare name, by -first_seen",
+            *list_sql(ListQuery(org, "prod", filter=CustomerFilter(name_contains="name 5 abc1")), canonical),
+            50,
+        ),
+        (
             "status filter by -number_of_requests",
             *list_sql(
                 ListQuery(

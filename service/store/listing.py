@@ -463,36 +463,78 @@ def _driving(sort: SortField, f: CustomerFilter) -> str:
     return sort.table
 
 
+# A profile filter with its own index (the name's trigrams, the metadata's GIN) may match a
+# handful of customers or most of them, and no statistics say which (they may be stale or
+# absent: tests/test_stale_statistics.py). A page sorted by usage under such a filter is
+# chosen by counting its matches first, at most this many: up to it, the matches are found
+# by their index and sorted (a usage probe each); past it, the sort index is walked and
+# each row checked (the matches are then common enough to fill a page soon). Walking costs
+# about rows/matches x limit probes, sorting about matches: they meet near sqrt(50 x rows),
+# some 5,000 for an organization of 500,000.
+INDEXED_MATCHES = 5000
+
+
+def _indexed_profile(f: CustomerFilter) -> CustomerFilter | None:
+    """The part of ``f`` an index on customers finds (name, metadata), if any."""
+    names = tuple(c for c in f.conditions if c.field == "name")
+    if not (f.name_contains or f.metadata or names):
+        return None
+    return CustomerFilter(name_contains=f.name_contains, metadata=f.metadata, conditions=names)
+
+
 def page_sql(q: ListQuery, shape: Shape, p: _Params | None = None) -> tuple[str, list[object]]:
     """One statement returning up to ``limit + 1`` rows of (doc, k, kid, sort_key, id): the
     JSON document, and the sort key and id as text for the cursor. The extra row says
     whether more follow."""
     p = p or _Params()
     sort = SORT_FIELDS[q.sort.field]
-    d = _driving(sort, q.filter)
-    where = where_sql(q, p, d)
     # Walking backwards reverses the scan; the caller puts the rows back in order.
     descending = q.sort.descending != bool(q.position and q.position.backwards)
+    direction = "DESC" if descending else "ASC"
+    d = _driving(sort, q.filter)
+    indexed = _indexed_profile(q.filter) if d == "u" else None
+    if indexed is None:
+        picked = _pick(q, p, d, sort, descending)
+    else:
+        # Both ways, each behind a one-time filter on the bounded count of the indexed
+        # matches (a CTE, counted once): only one of them runs.
+        probe = replace(q, filter=indexed)
+        picked = (
+            f"WITH probe AS MATERIALIZED (SELECT count(*) AS n FROM (SELECT 1 FROM customers c"
+            f" WHERE {where_sql(probe, p, 'c')} LIMIT {INDEXED_MATCHES + 1}) m)"
+            f" ({_pick(q, p, 'c', sort, descending, f'(SELECT n FROM probe) <= {INDEXED_MATCHES}')})"
+            f" UNION ALL ({_pick(q, p, 'u', sort, descending, f'(SELECT n FROM probe) > {INDEXED_MATCHES}')})"
+        )
+    # The inner query picks the page's rows (from the driving table's sort index, skipping
+    # OFFSET rows there, reading no other table unless a filter needs it); the outer one
+    # fetches and renders only those rows. Rendering in the inner query would build a JSON
+    # document for every skipped row of a deep OFFSET.
+    sql = (
+        f"SELECT {shape_sql(shape)}::text AS doc, pg.k, pg.id::text AS kid, pg.sort_key, pg.id FROM ({picked})"
+        f" pg{rows_sql(shape, 'pg')} ORDER BY pg.sort_key {direction}, pg.id {direction}"
+    )
+    return sql, p.values
+
+
+def _pick(q: ListQuery, p: _Params, d: str, sort: SortField, descending: bool, gate: str = "") -> str:
+    """The page's keys (organization, id, sort key) driven from table ``d``; ``gate``, a
+    condition on no row, decides once whether this way runs at all."""
+    where = where_sql(q, p, d)
     if q.position is not None:
         op = "<" if descending else ">"
         # The key travels as text (the driver would want a typed object for a typed parameter);
         # PostgreSQL casts it back to the sort expression's type.
         key = f"{p(q.position.key, 'text')}::{sort.sql_type}"
         where += f" AND ({sort.expr}, {sort.tiebreak}) {op} ({key}, {p(q.position.id, 'uuid')})"
+    if gate:
+        where += f" AND {gate}"
     direction = "DESC" if descending else "ASC"
-    # The inner query picks the page's rows from the driving table's sort index (skipping
-    # OFFSET rows there, reading no other table unless a filter needs it); the outer one
-    # fetches and renders only those rows. Rendering in the inner query would build a JSON
-    # document for every skipped row of a deep OFFSET.
-    sql = (
-        f"SELECT {shape_sql(shape)}::text AS doc, pg.k, pg.id::text AS kid, pg.sort_key, pg.id FROM ("
+    return (
         f"SELECT {d}.organization_id, {d}.id, {sort.expr} AS sort_key, ({sort.expr})::text AS k"
         f" FROM {_tables(d, q.filter, sort)} WHERE {where}"
         f" ORDER BY {sort.expr} {direction}, {sort.tiebreak} {direction}"
         f" LIMIT {p(q.limit + 1)} OFFSET {p(q.offset)}"
-        f") pg{rows_sql(shape, 'pg')} ORDER BY pg.sort_key {direction}, pg.id {direction}"
     )
-    return sql, p.values
 
 
 def count_sql(q: ListQuery, p: _Params | None = None) -> tuple[str, list[object]]:
