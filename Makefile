@@ -18,7 +18,7 @@ export UV_PYTHON_DOWNLOADS := never
 # --inexact: keep what another target installed (make test after make docs keeps both extras).
 SYNC := $(UV) sync --locked --inexact --python $(PYTHON)
 
-.PHONY: install install-dev install-docs lock lock-check migrate run api test test-unit schema test-repeat test-faults lint format \
+.PHONY: install install-dev install-docs install-bench lock lock-check migrate run api test test-unit schema test-repeat test-faults lint format \
 	docs docs-serve config-reference clean
 
 $(UV):
@@ -28,6 +28,7 @@ $(UV):
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 install-docs: $(VENV)/.docs
+install-bench: $(VENV)/.bench
 
 $(VENV)/.runtime: pyproject.toml uv.lock | $(UV)
 	$(SYNC)
@@ -39,6 +40,10 @@ $(VENV)/.dev: pyproject.toml uv.lock | $(UV)
 
 $(VENV)/.docs: pyproject.toml uv.lock | $(UV)
 	$(SYNC) --extra docs
+	touch $@
+
+$(VENV)/.bench: pyproject.toml uv.lock | $(UV)
+	$(SYNC) --extra bench
 	touch $@
 
 # Resolve pyproject.toml's dependencies again into uv.lock (add --upgrade to move to newer

@@ -84,11 +84,12 @@ class Process:
         return self.popen.returncode
 
 
-def start_tally(command: str, env: dict[str, str], log: Path, port: int | None = None) -> Process:
-    full_env = {**os.environ, "TALLY_LOG_LEVEL": "WARNING", "TALLY_LOG_FORMAT": "json", **env}
+def start_tally(command: str, env: dict[str, str], log: Path, port: int | None = None, tree: Path = ROOT) -> Process:
+    """``tally <command>`` from the source tree ``tree`` (another version's checkout: bench/trees.py)."""
+    full_env = {**os.environ, "TALLY_LOG_LEVEL": "WARNING", "TALLY_LOG_FORMAT": "json", "PYTHONPATH": str(tree), **env}
     handle = log.open("wb")
     popen = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", command], env=full_env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT
+        [sys.executable, "-m", "service.cli", command], env=full_env, stdout=handle, stderr=subprocess.STDOUT, cwd=tree
     )
     return Process(popen, log, port)
 

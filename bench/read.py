@@ -28,7 +28,9 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    ROOT,
     UNLIMITED,
+    Process,
     Rate,
     closed_loop,
     free_port,
@@ -39,9 +41,10 @@ from bench.common import (  # noqa: E402
     with_database,
     write_json,
 )
+from bench.trees import prepare, remove, tally  # noqa: E402
 from service.api.compat import flexprice, public, respan, v0  # noqa: E402
 from service.api.customers import canonical_shape  # noqa: E402
-from service.domain.listing import CursorCodec, CustomerFilter, ListQuery, Position, Sort  # noqa: E402
+from service.domain.listing import CustomerFilter, ListQuery, Position, Sort  # noqa: E402
 from service.infra.migrate import migrate  # noqa: E402
 from service.store import auth  # noqa: E402
 from service.store.customers import _get_sql  # noqa: E402
@@ -148,24 +151,21 @@ async def load(
         await conn.close()
 
 
-def wrk(url: str, key: str, duration: float, connections: int) -> Rate:
+def wrk(url: str, key: str, duration: float, connections: int, headers: dict[str, str] | None = None) -> Rate:
     """requests/s and latency percentiles from wrk (Debian package 'wrk')."""
+    sent = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     out = subprocess.run(
-        [
-            "wrk",
-            "-t2",
-            f"-c{connections}",
-            f"-d{max(1, round(duration))}s",
-            "--latency",
-            "-H",
-            f"Authorization: Bearer {key}",
-            url,
-        ],
+        ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency"]
+        + [arg for name, value in sent.items() for arg in ("-H", f"{name}: {value}")]
+        + [url],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+    return _parse_wrk(out)
 
+
+def _parse_wrk(out: str) -> Rate:
     def ms(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
@@ -230,6 +230,15 @@ async def main() -> int:
     parser.add_argument("--reload", action="store_true", help="drop and reload the dataset")
     parser.add_argument("--database", default=DATABASE, help="the benchmark database (loaded if empty)")
     parser.add_argument("--load-only", action="store_true", help="load the dataset and stop")
+    parser.add_argument(
+        "--before",
+        default=",".join(BEFORE),
+        help="earlier versions (git refs, comma-separated; '' for none) measured beside this one, each from its own "
+        "checkout and its own copy of the dataset",
+    )
+    parser.add_argument("--no-peer", action="store_true", help="skip the FastAPI peer (bench/peer.py)")
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed dashboard workload")
+    parser.add_argument("--mixed-rate", type=int, default=2000, help="events/s folded during the mixed workload")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -238,13 +247,10 @@ async def main() -> int:
         return 0
     dsn = with_database(args.dsn, args.database)
     pool = await asyncpg.create_pool(dsn, min_size=8, max_size=8, server_settings={"timezone": "UTC"})
+    big = orgs["bench-big"]
     async with pool.acquire() as conn:
-        key = (await auth.create_key(conn, "bench-big", ("read",), name="bench")).key
-        big = orgs["bench-big"]
         big_size = await conn.fetchval("SELECT count(*) FROM customers WHERE organization_id = $1", big)
         deep = min(500_000, big_size - 100)
-        secret = await conn.fetchval("SELECT value FROM instance_secrets WHERE name = 'cursor_hmac'")
-        sort = Sort("total_cost", descending=True)
         deep_row = await conn.fetchrow(
             "SELECT total_cost::text AS k, id::text AS kid FROM customer_rows WHERE organization_id = $1"
             " AND environment = 'prod' ORDER BY total_cost DESC, id DESC OFFSET $2 LIMIT 1",
@@ -261,9 +267,9 @@ async def main() -> int:
             "SELECT customer_identifier FROM customer_rows WHERE organization_id = $1 ORDER BY total_cost DESC LIMIT 1",
             big,
         )
+    sort = Sort("total_cost", descending=True)
     first = ListQuery(big, "prod", sort=sort, limit=50)
     position = Position(deep_row["k"], deep_row["kid"])
-    cursor = CursorCodec(secret).encode(first, position)
     canonical = canonical_shape(False, False)
 
     def stmts(q: ListQuery, shape: Shape, count: bool = True) -> list[tuple[str, list[object]]]:
@@ -271,95 +277,175 @@ async def main() -> int:
         return [list_sql(q if count else replace(q, count=False), shape)]
 
     name_q = ListQuery(big, "prod", filter=CustomerFilter(name_contains=last_name), sort=Sort(), limit=50)
-    scenarios = [
-        ("first page, -total_cost", "/v1/customers?sort_by=-total_cost&limit=50", stmts(first, canonical)),
-        ("first page, no count (db)", None, stmts(first, canonical, count=False)),
+    # (name, path — CURSOR is replaced by each API's own cursor to the deep page —, the same
+    # SQL straight through asyncpg, the peer's path serving the same rows)
+    scenarios: list[tuple[str, str | None, list[tuple[str, list[object]]], str | None]] = [
+        (
+            "first page, -total_cost",
+            "/v1/customers?sort_by=-total_cost&limit=50",
+            stmts(first, canonical),
+            "/customers?sort_by=-total_cost&limit=50",
+        ),
+        ("first page, no count (db)", None, stmts(first, canonical, count=False), None),
+        (
+            "first page, If-None-Match",
+            "/v1/customers?sort_by=-total_cost&limit=50",
+            stmts(first, canonical),
+            None,
+        ),
         (
             "500k deep, cursor",
-            f"/v1/customers?cursor={cursor}&limit=50",
+            "/v1/customers?cursor=CURSOR&limit=50",
             stmts(ListQuery(big, "prod", sort=sort, limit=50, position=position), canonical),
+            None,
         ),
         (
             "500k deep, offset",
             f"/v1/customers?sort_by=-total_cost&limit=50&offset={deep}",
             stmts(ListQuery(big, "prod", sort=sort, limit=50, offset=deep), canonical),
+            f"/customers?sort_by=-total_cost&limit=50&offset={deep}",
         ),
-        ("name filter (partial)", f"/v1/customers?name={last_name}&limit=50", stmts(name_q, canonical)),
-        ("retrieve", f"/v1/customers/{retrieve_id}", [(_get_sql(canonical), [big, "prod", retrieve_id])]),
+        ("name filter (partial)", f"/v1/customers?name={last_name}&limit=50", stmts(name_q, canonical), None),
+        (
+            "retrieve",
+            f"/v1/customers/{retrieve_id}",
+            [(_get_sql(canonical), [big, "prod", retrieve_id])],
+            f"/customers/{retrieve_id}",
+        ),
         (
             "respan list",
             "/compat/respan/api/users/list/?page=1&page_size=50&sort_by=-total_cost&environment=prod",
             stmts(ListQuery(big, "prod", sort=sort, limit=50), respan.LIST_SHAPE),
+            "/customers?sort_by=-total_cost&limit=50",
         ),
         (
             "v0 list",
             "/compat/v0/api/v0/customers?skip=0&take=50",
             stmts(ListQuery(big, "prod", sort=Sort("created_at"), limit=50), v0.SHAPE),
+            "/customers?sort_by=created_at&limit=50",
         ),
         (
             "flexprice list",
             "/compat/flexprice/v1/customers?limit=50&offset=0&order=desc",
             stmts(ListQuery(big, "prod", sort=Sort("created_at"), limit=50), flexprice.SHAPES[False]),
+            "/customers?sort_by=-created_at&limit=50",
         ),
         (
             "public list",
             "/compat/public/api/public/customers?limit=50&offset=0",
             stmts(ListQuery(big, "prod", sort=Sort("created_at"), limit=50), public.SHAPES[False]),
+            "/customers?sort_by=created_at&limit=50",
         ),
     ]
 
-    port = free_port()
-    log = Path(tempfile.mkdtemp()) / "api.log"
-    api = start_tally(
-        "api",
-        {
-            "TALLY_DATABASE_URL": dsn,
-            "TALLY_HTTP_PORT": str(port),
-            "TALLY_HTTP_HOST": "127.0.0.1",
-            "TALLY_DB_POOL_MAX": "8",
-            "TALLY_DB_POOL_MIN": "8",
-            **UNLIMITED,
-        },
-        log,
-        port,
-    )
+    befores = [ref for ref in args.before.split(",") if ref]
+    trees = {ref: await prepare(ref, args.database, args.dsn) for ref in befores}
+    api_env = {"TALLY_HTTP_HOST": "127.0.0.1", "TALLY_DB_POOL_MAX": "8", "TALLY_DB_POOL_MIN": "8", **UNLIMITED}
+    logs = Path(tempfile.mkdtemp())
+    # Every version's API runs for the whole benchmark, idle but for its turn, so that each
+    # scenario is measured on every version back to back. This version runs twice: with the
+    # read cache off (what the earlier versions are compared with) and on (the default).
+    versions: dict[str, tuple[Path, str, dict[str, str]]] = {
+        ref: (tree, tree_dsn, {}) for ref, (tree, tree_dsn) in trees.items()
+    }
+    versions[THIS] = (ROOT, dsn, {"TALLY_READ_CACHE_MB": "0"})
+    versions[THIS_CACHED] = (ROOT, dsn, {})
+    apis: dict[str, tuple[Process, int, str]] = {}
+    peer: Process | None = None
+    peer_port = free_port()
     results: dict[str, dict[str, object]] = {}
+    mixed_result: dict[str, object] | None = None
     try:
-        await wait_ready(f"http://127.0.0.1:{port}/healthz", api)
+        for label, (tree, tree_dsn, extra) in versions.items():
+            port = free_port()
+            process = start_tally(
+                "api",
+                {**api_env, "TALLY_DATABASE_URL": tree_dsn, "TALLY_HTTP_PORT": str(port), **extra},
+                logs / f"api-{label.replace(' ', '-')}.log",
+                port,
+                tree=tree,
+            )
+            key = (
+                tally(tree, tree_dsn, "keys", "create", "--org", "bench-big", "--scopes", "read")
+                .strip()
+                .splitlines()[-1]
+            )
+            await wait_ready(f"http://127.0.0.1:{port}/healthz", process)
+            apis[label] = (process, port, key)
+        if not args.no_peer:
+            peer = await start_peer(dsn, big, peer_port, logs / "peer.log")
         use_wrk = shutil.which("wrk") is not None
-        for name, path, statements in scenarios:
+        for name, path, statements, peer_path in scenarios:
             await settle(pool)
             # Offsets 500k deep take ~0.5 s each: a shorter run says as much.
             duration = args.duration if "offset" not in name else max(3.0, args.duration / 3)
             db = await db_rate(pool, statements, duration, args.connections)
             entry: dict[str, object] = {"db": db.as_dict()}
             if path is not None:
-                url = f"http://127.0.0.1:{port}{path}"
-                http = (
-                    wrk(url, key, duration, args.connections)
+                measured: dict[str, dict[str, object]] = {}
+                for label, (_, port, key) in apis.items():
+                    url = f"http://127.0.0.1:{port}{path}"
+                    if "CURSOR" in url:
+                        url = url.replace("CURSOR", await deep_cursor(port, key, deep))
+                    headers = {}
+                    if "If-None-Match" in name:
+                        tag = await etag_of(url, key)
+                        if tag is None:
+                            continue  # a version without ETags
+                        headers["If-None-Match"] = tag
+                    await settle(pool)
+                    rate = (
+                        wrk(url, key, duration, args.connections, headers)
+                        if use_wrk
+                        else await python_load(url, key, duration, args.connections)
+                    )
+                    measured[label] = rate.as_dict()
+                entry["api"] = measured
+                this = measured[THIS]["per_second"]
+                entry["this_over_db"] = _ratio(this, db.per_second)
+                for ref in befores:
+                    if ref in measured:
+                        entry[f"this_over_{ref}"] = _ratio(this, measured[ref]["per_second"])
+            if peer is not None and peer_path is not None:
+                await settle(pool)
+                url = f"http://127.0.0.1:{peer_port}{peer_path}"
+                rate = (
+                    wrk(url, "", duration, args.connections)
                     if use_wrk
-                    else await python_load(url, key, duration, args.connections)
+                    else await python_load(url, "", duration, args.connections)
                 )
-                entry["api"] = http.as_dict()
-                entry["api_over_db"] = round(http.per_second / db.per_second, 3) if db.per_second else None
+                entry["peer"] = rate.as_dict()
+                entry["this_over_peer"] = _ratio(entry["api"][THIS]["per_second"], rate.per_second)
+                entry["cached_over_peer"] = _ratio(entry["api"][THIS_CACHED]["per_second"], rate.per_second)
             results[name] = entry
             print(f"  {name}: {entry}", file=sys.stderr)
-        api_rss = api.peak_rss_mb()
+        if not args.no_mixed:
+            mixed_result = await mixed(
+                pool,
+                dsn,
+                orgs,
+                {label: apis[label] for label in (THIS, THIS_CACHED)},
+                peer_port if peer else None,
+                args,
+                logs,
+            )
+        api_rss = {label: round(process.peak_rss_mb(), 1) for label, (process, _, _) in apis.items()}
     finally:
-        api.stop()
+        for process, _, _ in apis.values():
+            process.stop()
+        if peer is not None:
+            peer.stop()
+        for tree, _ in trees.values():
+            remove(tree)
         await pool.close()
 
-    first_page = results["first page, -total_cost"]
     derived = {
-        "count_overhead": round(
-            results["first page, no count (db)"]["db"]["per_second"] / first_page["db"]["per_second"] - 1,
-            3,
+        "count_overhead": _ratio(
+            results["first page, no count (db)"]["db"]["per_second"],
+            results["first page, -total_cost"]["db"]["per_second"],
+            minus_one=True,
         ),
-        "deep_cursor_over_first_page_p50": round(
-            results["500k deep, cursor"]["api"]["p50_ms"] / first_page["api"]["p50_ms"],
-            3,
-        ),
-        "api_peak_rss_mb": round(api_rss, 1),
+        "api_peak_rss_mb": api_rss,
         "load_generator": "wrk" if shutil.which("wrk") else "python (may be the bottleneck)",
     }
     document = {
@@ -367,38 +453,344 @@ async def main() -> int:
         "customers": args.customers,
         "connections": args.connections,
         "duration_s": args.duration,
+        "versions": {
+            THIS: "this tree, read cache off",
+            THIS_CACHED: "this tree, read cache on (default)",
+            **{ref: f"git {ref}, its own checkout and database" for ref in befores},
+        },
         "machine": machine(),
         "scenarios": results,
+        "mixed": mixed_result,
         "derived": derived,
     }
-    rows = []
-    for name, entry in results.items():
-        a, d = entry.get("api", {}), entry["db"]
-        rows.append(
-            [
-                name,
-                a.get("per_second"),
-                a.get("p50_ms"),
-                a.get("p99_ms"),
-                a.get("errors"),
-                d["per_second"],
-                d["p50_ms"],
-                d["p99_ms"],
-                entry.get("api_over_db"),
-            ]
-        )
-    print_table(
-        f"Reads: {args.customers:,} customers, {args.connections} connections, {args.duration:g}s per scenario",
-        ["scenario", "api req/s", "p50 ms", "p99 ms", "errors", "db q/s", "db p50", "db p99", "api/db"],
-        rows,
-    )
-    print(
-        f"\ncount() adds {derived['count_overhead']:.0%} to a first-page list (db);"
-        f" 500k-deep cursor p50 = {derived['deep_cursor_over_first_page_p50']}x the first page;"
-        f" API peak RSS {derived['api_peak_rss_mb']} MB"
-    )
+    report(results, befores, mixed_result, derived, args)
     write_json(args.json, document)
     return 0
+
+
+THIS, THIS_CACHED = "this", "this, cached"
+# The version before the usage table split, and the one before reads stopped depending on
+# statistics (the issue's "before" figures were measured on the first).
+BEFORE = ("746fb55",)
+
+
+def _ratio(a: float | None, b: float | None, minus_one: bool = False) -> float | None:
+    if not a or not b:
+        return None
+    return round(a / b - (1 if minus_one else 0), 3)
+
+
+async def deep_cursor(port: int, key: str, deep: int) -> str:
+    """The API's own cursor to the page ``deep`` rows down (-total_cost): the next_cursor of
+    the page before it (each version encodes cursors its own way)."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v1/customers?sort_by=-total_cost&limit=50&offset={deep - 50}"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session, session.get(url) as r:
+        body = await r.json()
+    return str(body["next_cursor"])
+
+
+async def etag_of(url: str, key: str) -> str | None:
+    import aiohttp
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session, session.get(url) as r:
+        await r.read()
+        return r.headers.get("ETag")
+
+
+async def start_peer(dsn: str, organization: UUID, port: int, log: Path) -> Process:
+    from bench import peer
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await peer.prepare(conn, organization)
+    finally:
+        await conn.close()
+    env = {**os.environ, "PEER_DATABASE_URL": dsn, "PEER_ORGANIZATION": str(organization)}
+    handle = log.open("wb")
+    popen = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.peer:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+    )
+    process = Process(popen, log, port)
+    await wait_ready(f"http://127.0.0.1:{port}/customers?limit=1", process)
+    return process
+
+
+MIXED_SCRIPT = """
+local requests = {}
+local i = 0
+init = function(args)
+  for _, r in ipairs(REQUESTS) do
+    table.insert(requests, wrk.format("GET", r[1], r[2]))
+  end
+end
+request = function()
+  i = i % #requests + 1
+  return requests[i]
+end
+"""
+
+
+def _lua(requests: list[tuple[str, dict[str, str]]]) -> str:
+    def q(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    rows = ",\n".join(
+        "{" + q(path) + ", {" + ", ".join(f"[{q(k)}] = {q(v)}" for k, v in headers.items()) + "}}"
+        for path, headers in requests
+    )
+    return "REQUESTS = {\n" + rows + "\n}\n" + MIXED_SCRIPT
+
+
+def wrk_script(base: str, script: str, duration: float, connections: int) -> Rate:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", f.name, base],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(f.name)
+    return _parse_wrk(out)
+
+
+async def _views(
+    port: int, keys: dict[str, str], retrieve: dict[str, str], conditional_share: int
+) -> list[tuple[str, dict[str, str]]]:
+    """The dashboard's views, for each organization: three sorts, an offset page, a name and a
+    status filter, a retrieve, a usage series and three vendor lists; every ``conditional_share``-th
+    request revalidates with the ETag the view had when the run began."""
+    import aiohttp
+
+    paths = [
+        "/v1/customers?sort_by=-total_cost&limit=50",
+        "/v1/customers?sort_by=-last_active&limit=50",
+        "/v1/customers?sort_by=created_at&limit=25",
+        "/v1/customers?sort_by=-total_cost&limit=50&offset=1000",
+        "/v1/customers?name=ka&limit=50",
+        "/v1/customers?status=active&sort_by=-number_of_requests&limit=50",
+        "/v1/customers/{id}",
+        "/v1/customers/{id}/usage",
+        "/compat/respan/api/users/list/?page=1&page_size=50&sort_by=-total_cost&environment=prod",
+        "/compat/v0/api/v0/customers?skip=0&take=50",
+        "/compat/flexprice/v1/customers?limit=50&offset=0&order=desc",
+    ]
+    requests: list[tuple[str, dict[str, str]]] = []
+    async with aiohttp.ClientSession() as session:
+        n = 0
+        for org, key in keys.items():
+            auth_header = {"Authorization": f"Bearer {key}"}
+            for template in paths:
+                path = template.replace("{id}", retrieve[org])
+                async with session.get(f"http://127.0.0.1:{port}{path}", headers=auth_header) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"{path}: {r.status} {await r.text()}")
+                    tag = r.headers.get("ETag")
+                n += 1
+                headers = dict(auth_header)
+                if tag and n % conditional_share == 0:
+                    headers["If-None-Match"] = tag
+                requests.append((path, headers))
+    return requests
+
+
+async def mixed(
+    pool: asyncpg.Pool,
+    dsn: str,
+    orgs: dict[str, UUID],
+    apis: dict[str, tuple[Process, int, str]],
+    peer_port: int | None,
+    args: argparse.Namespace,
+    logs: Path,
+) -> dict[str, object]:
+    """Many clients polling a set of views (several sorts, filters, pages, three organizations,
+    a third of the requests conditional) while a consumer folds events at ``--mixed-rate``:
+    this version with the read cache off and on, and the peer serving the views it has."""
+    import aio_pika
+    import orjson
+
+    from bench.ingest import AMQP_URL, generate
+    from service.infra.broker import Names, declare
+
+    measured_orgs = ("bench-big", "bench-mid", "bench-small")
+    keys: dict[str, dict[str, str]] = {label: {} for label in apis}
+    retrieve: dict[str, str] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+    async with pool.acquire() as conn:
+        for name in measured_orgs:
+            for label in apis:
+                keys[label][name] = (await auth.create_key(conn, name, ("read",), name="bench-mixed")).key
+            low, high = await conn.fetchrow(
+                "SELECT min(substr(customer_identifier, 6)::bigint), max(substr(customer_identifier, 6)::bigint)"
+                " FROM customers WHERE organization_id = $1",
+                orgs[name],
+            )
+            ranges[name] = (low, high)
+            retrieve[name] = f"user_{low + 7}"
+    names = Names(f"bench_read_mixed_{os.getpid()}")
+    consumer_port = free_port()
+    consumer = start_tally(
+        "consume",
+        {
+            "TALLY_DATABASE_URL": dsn,
+            "TALLY_AMQP_NAMESPACE": names.namespace,
+            "TALLY_CONSUMER_HTTP_PORT": str(consumer_port),
+            "TALLY_HTTP_HOST": "127.0.0.1",
+        },
+        logs / "consumer.log",
+        consumer_port,
+    )
+    await wait_ready(f"http://127.0.0.1:{consumer_port}/healthz", consumer)
+    connection = await aio_pika.connect(AMQP_URL)
+    stop = asyncio.Event()
+    published = 0
+
+    async def publish() -> None:
+        """Events for the measured organizations' existing customers, 100 per message, at the rate."""
+        nonlocal published
+        channel = await connection.channel(publisher_confirms=False)
+        topology = await declare(connection, channel, names)
+        per_message, seed = 100, int(time.time())
+        interval = per_message / args.mixed_rate
+        next_at = time.perf_counter()
+        while not stop.is_set():
+            name = measured_orgs[published // per_message % len(measured_orgs)]
+            low, high = ranges[name]
+            batch = generate(str(orgs[name]), per_message, min(high - low + 1, 5000), seed=seed + published)
+            for event in batch:
+                event["subject"] = f"user_{low + int(event['subject'][5:])}"
+            await topology.events.publish(aio_pika.Message(orjson.dumps(batch)), routing_key="usage.recorded")
+            published += per_message
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+
+    async def cache_outcomes(port: int) -> dict[str, float]:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+        return {
+            m[1]: float(m[2])
+            for m in re.finditer(r'^tally_read_cache_total\{outcome="(\w+)"\} ([\d.e+]+)$', text, re.M)
+        }
+
+    result: dict[str, object] = {"fold_rate_target": args.mixed_rate, "organizations": list(measured_orgs)}
+    publisher = asyncio.create_task(publish())
+    try:
+        await asyncio.sleep(3)  # the fold under way before the first measurement
+        for label, (_, port, _) in apis.items():
+            views = await _views(port, keys[label], retrieve, conditional_share=3)
+            before = await cache_outcomes(port)
+            start_published, started = published, time.perf_counter()
+            rate = wrk_script(f"http://127.0.0.1:{port}", _lua(views), args.duration * 2, args.connections)
+            after = await cache_outcomes(port)
+            outcomes = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            served = sum(outcomes.values())
+            entry = rate.as_dict()
+            entry["views"] = len(views)
+            entry["events_per_second"] = round((published - start_published) / (time.perf_counter() - started))
+            entry["cache"] = outcomes
+            entry["cache_hit_rate"] = round(outcomes.get("hit", 0) / served, 3) if served else None
+            result[label] = entry
+            print(f"  mixed, {label}: {entry}", file=sys.stderr)
+        if peer_port is not None:
+            peer_views = [
+                ("/customers?sort_by=-total_cost&limit=50", {}),
+                ("/customers?sort_by=created_at&limit=25", {}),
+                ("/customers?sort_by=-total_cost&limit=50&offset=1000", {}),
+                ("/customers?sort_by=-created_at&limit=50", {}),
+                (f"/customers/{retrieve['bench-big']}", {}),
+            ]
+            started, start_published = time.perf_counter(), published
+            rate = wrk_script(f"http://127.0.0.1:{peer_port}", _lua(peer_views), args.duration * 2, args.connections)
+            entry = rate.as_dict()
+            entry["views"] = len(peer_views)
+            entry["events_per_second"] = round((published - start_published) / (time.perf_counter() - started))
+            entry["note"] = "the views it can serve: two sorts each way, an offset page, a retrieve; one organization"
+            result["peer"] = entry
+            print(f"  mixed, peer: {entry}", file=sys.stderr)
+    finally:
+        stop.set()
+        await publisher
+        await connection.close()
+        consumer.stop()
+    return result
+
+
+def report(
+    results: dict[str, dict[str, object]],
+    befores: list[str],
+    mixed_result: dict[str, object] | None,
+    derived: dict[str, object],
+    args: argparse.Namespace,
+) -> None:
+    labels = [*befores, THIS, THIS_CACHED]
+    rows = []
+    for name, entry in results.items():
+        apis = entry.get("api", {})
+        peer = entry.get("peer", {})
+        rows.append(
+            [name, entry["db"]["per_second"]]
+            + [apis.get(label, {}).get("per_second") for label in labels]
+            + [peer.get("per_second")]
+            + [entry.get(f"this_over_{ref}") for ref in befores]
+            + [entry.get("this_over_db"), entry.get("this_over_peer"), entry.get("cached_over_peer")]
+        )
+    print_table(
+        f"Reads: {args.customers:,} customers, {args.connections} connections, {args.duration:g}s per scenario (req/s)",
+        [
+            "scenario",
+            "db q/s",
+            *labels,
+            "peer",
+            *[f"this/{ref}" for ref in befores],
+            "this/db",
+            "this/peer",
+            "cached/peer",
+        ],
+        rows,
+    )
+    if mixed_result:
+        rows = [
+            [
+                label,
+                m["per_second"],
+                m["p50_ms"],
+                m["p99_ms"],
+                m["errors"],
+                m.get("cache_hit_rate"),
+                m["events_per_second"],
+            ]
+            for label, m in mixed_result.items()
+            if isinstance(m, dict)
+        ]
+        print_table(
+            f"Mixed dashboard workload while folding ~{args.mixed_rate:,} events/s, {args.connections} connections",
+            ["server", "req/s", "p50 ms", "p99 ms", "errors", "cache hit rate", "events/s folded"],
+            rows,
+        )
+    print(
+        f"\ncount() adds {derived['count_overhead']:.0%} to a first-page list (db); API peak RSS (MB): "
+        f"{derived['api_peak_rss_mb']}"
+    )
 
 
 if __name__ == "__main__":
