@@ -48,7 +48,8 @@ from service.domain.listing import CustomerFilter, ListQuery, Position, Sort  # 
 from service.infra.migrate import migrate  # noqa: E402
 from service.store import auth  # noqa: E402
 from service.store.customers import _get_sql  # noqa: E402
-from service.store.listing import Shape, list_sql  # noqa: E402
+from service.store.listing import list_sql  # noqa: E402
+from service.store.rendering import Shape
 
 DATABASE = "tally_bench_read"
 # Organization sizes as shares of M: one big tenant (the deep-page scenarios need >500k

@@ -30,17 +30,8 @@ from service.domain.listing import (
     condition,
     resume,
 )
-from service.store.listing import (
-    CUSTOMER_FIELDS,
-    SORT_FIELDS,
-    USAGE_COLUMNS,
-    Shape,
-    count_sql,
-    escape_like,
-    filter_expression,
-    page_sql,
-    shape_sql,
-)
+from service.store.listing import SORT_FIELDS, USAGE_COLUMNS, count_sql, escape_like, filter_expression, page_sql
+from service.store.rendering import CUSTOMER_FIELDS, Shape, shape_sql
 
 ORG = uuid.UUID("00000000-0000-4000-8000-000000000001")
 OTHER_ORG = uuid.UUID("00000000-0000-4000-8000-000000000002")

@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from service.domain.listing import ListQuery, Position, Sort
-from service.store.listing import SORT_FIELDS, USAGE_COLUMNS, Shape, page_sql
+from service.store.listing import SORT_FIELDS, USAGE_COLUMNS, page_sql
+from service.store.rendering import Shape
 from tests.factories import Org, make_org
 
 ROWS = 20_000

@@ -24,7 +24,8 @@ from service.infra.migrate import migrate
 from service.infra.settings import DEFAULT_MIGRATIONS_DIR
 from service.store.customers import _get_sql
 from service.store.housekeeping import analyze_stale
-from service.store.listing import SORT_FIELDS, Shape, list_sql
+from service.store.listing import SORT_FIELDS, list_sql
+from service.store.rendering import Shape
 from tests.support import BASE_DSN, with_database
 
 CUSTOMERS = 30_000

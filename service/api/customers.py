@@ -31,7 +31,7 @@ from service.api.routing import Call, Endpoint
 from service.api.shapes import customer_shape
 from service.domain.listing import CustomerFilter, ListQuery, Sort, resume
 from service.store import customers as core
-from service.store.listing import Shape
+from service.store.rendering import Shape
 
 DEFAULT_LIMIT = 50
 # Without from/to a usage series covers the last 30 UTC days, today included.

@@ -24,7 +24,7 @@ from service.domain.errors import NotFound
 from service.domain.keys import as_uuid
 from service.domain.listing import CustomerFilter, ListQuery
 from service.store import customers as core
-from service.store.listing import Shape
+from service.store.rendering import Shape
 from service.web.problems import REQUEST_ID
 
 Q = TypeVar("Q")

@@ -17,7 +17,7 @@ from service.api.routing import Call
 from service.domain.keys import Principal
 from service.domain.listing import CustomerFilter, ListQuery, Sort
 from service.store import customers as core
-from service.store.listing import Shape
+from service.store.rendering import Shape
 
 P = TypeVar("P")
 JSON = "application/json"

@@ -14,7 +14,7 @@ from service.api.errors import bad_request, invalid, payload_too_large
 from service.api.models import CustomerExpanded
 from service.domain.profile import json_fault
 from service.domain.vocabulary import WRITABLE_COLUMNS
-from service.store.listing import CUSTOMER_FIELDS
+from service.store.rendering import CUSTOMER_FIELDS
 from service.web.appkeys import SETTINGS
 from service.web.problems import Problem, ProblemField
 

@@ -1,6 +1,6 @@
 """Projections derived from response models: a model's fields (by alias) are the output keys,
 and each names the customer field of the same name (a nested model adds its source_prefix),
-unless the field's annotation carries a :class:`service.store.listing.Col` saying otherwise."""
+unless the field's annotation carries a :class:`service.store.rendering.Col` saying otherwise."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typing
 
 from pydantic import BaseModel
 
-from service.store.listing import Col, Projection, Shape
+from service.store.rendering import Col, Projection, Shape
 
 
 def _nested_model(annotation: object) -> type[BaseModel] | None:

@@ -24,7 +24,8 @@ from service.store.apply import apply_changes
 from service.store.changelog import HORIZON
 from service.store.changelog import Position as LogPosition
 from service.store.db import Connection
-from service.store.listing import Shape, list_sql, rows_sql, shape_sql
+from service.store.listing import list_sql
+from service.store.rendering import Shape, rows_sql, shape_sql
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from service.api.shapes import customer_shape
 from service.domain.errors import InvalidInput
 from service.domain.listing import MAX_CONDITIONS, SORT_FIELD_NAMES, CustomerFilter, Sort
 from service.domain.profile import Email, Identifier, ProfileUpdate, ShortText, Timestamp
-from service.store.listing import Col
+from service.store.rendering import Col
 
 BASE = "/compat/flexprice"
 TAG = "Flexprice customers API"

@@ -20,7 +20,7 @@ from service.api.listing import ListAdapter, Listed, Window
 from service.api.models import Plan
 from service.api.routing import Endpoint
 from service.api.shapes import customer_shape
-from service.store.listing import Col
+from service.store.rendering import Col
 
 BASE = "/compat/public"
 TAG = "SnapRefund customers API"

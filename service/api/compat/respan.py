@@ -43,7 +43,7 @@ from service.domain.errors import InvalidInput
 from service.domain.listing import Condition, CustomerFilter, Sort
 from service.domain.profile import Email, Metadata, Money, ProfileUpdate, ShortText, json_fault
 from service.domain.vocabulary import BudgetDuration, Environment
-from service.store.listing import Col
+from service.store.rendering import Col
 
 BASE = "/compat/respan"
 TAG = "Respan users API"

@@ -25,7 +25,7 @@ from service.api.routing import Endpoint
 from service.api.shapes import customer_shape
 from service.domain.listing import CustomerFilter
 from service.domain.profile import ShortText
-from service.store.listing import Col
+from service.store.rendering import Col
 
 BASE = "/compat/v0"
 TAG = "Devdraft customers API"
