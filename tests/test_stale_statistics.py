@@ -28,6 +28,9 @@ from service.store.listing import SORT_FIELDS, list_sql
 from service.store.rendering import Shape
 from tests.support import BASE_DSN, with_database
 
+# Makes and migrates a database of its own (no shared fixture says so).
+pytestmark = pytest.mark.services
+
 CUSTOMERS = 30_000
 TABLES = ("customers", "customer_usage")
 
