@@ -82,6 +82,9 @@ def customer_filter(params: ListParams) -> CustomerFilter:
         total_cost_lte=params.total_cost_lte,
         metadata=tuple(sorted(params.metadata.items())),
         period_budget_share_gte=params.period_budget_share_gte,
+        usage_from=params.usage_from,
+        usage_to=params.usage_to,
+        usage_only=bool(params.usage_only),
     )
 
 

@@ -44,6 +44,9 @@ _SORT = choice(SORT_CHOICES, "-total_cost")
 SortBy = Annotated[str, _SORT[0], _SORT[1]]
 
 
+SeriesDay = Annotated[Day, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
+
+
 class ListParams(BaseModel):
     """Query parameters of ``GET /v1/customers``. Use one pagination style per request:
     ``limit``/``offset``, ``page``/``page_size``, or ``cursor`` (with an optional ``limit``)."""
@@ -83,6 +86,23 @@ class ListParams(BaseModel):
     )
     expand: Literal["parent_customer"] | None = Field(None, description="Embed each customer's parent.")
     include: Literal["subscriptions"] | None = Field(None, description="Embed each customer's subscriptions.")
+    usage_from: SeriesDay | None = Field(
+        None,
+        description="With usage_to, a usage window: first UTC day, inclusive, as a date (2026-11-01). Every usage "
+        "aggregate a customer shows (requests, tokens, cost, averages, active_days), every usage sort and the "
+        "usage filters (total_cost_gte, …) are then the window's; first_seen and last_active stay lifetime.",
+    )
+    usage_to: SeriesDay | None = Field(
+        None,
+        description=f"With usage_from: last UTC day of the window, inclusive, at most {MAX_SERIES_DAYS} days after "
+        "usage_from.",
+    )
+    # No default in the document (Swagger UI would send usage_only=false on every Try it out).
+    usage_only: bool | None = Field(
+        None,
+        description="With a window: only customers with usage in it (without, they are listed with zeros, last "
+        "when sorted by a usage field in descending order).",
+    )
 
 
 class RetrieveParams(BaseModel):
@@ -91,9 +111,6 @@ class RetrieveParams(BaseModel):
     environment: Environment | None = Field(None, description=ENVIRONMENT)
     expand: Literal["parent_customer"] | None = Field(None, description="Embed the customer's parent.")
     include: Literal["subscriptions"] | None = Field(None, description="Embed the customer's subscriptions.")
-
-
-SeriesDay = Annotated[Day, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
 
 
 class UsageParams(BaseModel):

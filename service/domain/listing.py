@@ -14,7 +14,7 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from uuid import UUID
 
@@ -179,6 +179,10 @@ def _typed(value: object, kind: str, param: str) -> FilterValue:
     return number
 
 
+# How far usage_to may be after usage_from, in days (as a usage series' to after its from).
+MAX_WINDOW_DAYS = 400
+
+
 @dataclass(frozen=True)
 class CustomerFilter:
     statuses: tuple[str, ...] = ()
@@ -200,12 +204,31 @@ class CustomerFilter:
     conditions: tuple[Condition, ...] = ()
     # True: the filter matches nothing (a status the route's vocabulary has and tally never holds).
     nothing: bool = False
+    # A usage window (UTC days, both inclusive): every usage aggregate the list shows, sorts and
+    # filters by is the window's; ``usage_only`` leaves out customers without usage in it.
+    usage_from: date | None = None
+    usage_to: date | None = None
+    usage_only: bool = False
 
     def __post_init__(self) -> None:
+        if (self.usage_from is None) != (self.usage_to is None):
+            missing = "usage_to" if self.usage_to is None else "usage_from"
+            raise InvalidInput(missing, "give usage_from and usage_to together (UTC days, both inclusive)")
+        if self.usage_from is not None and self.usage_to is not None:
+            if self.usage_to < self.usage_from:
+                raise InvalidInput("usage_to", "must not be before usage_from")
+            if (self.usage_to - self.usage_from).days > MAX_WINDOW_DAYS:
+                raise InvalidInput("usage_to", f"at most {MAX_WINDOW_DAYS} days after usage_from")
+        elif self.usage_only:
+            raise InvalidInput("usage_only", "needs a window: usage_from and usage_to")
         if len(self.conditions) > MAX_CONDITIONS:
             raise InvalidInput("filters", f"at most {MAX_CONDITIONS} conditions")
         if sum(len(c.values) for c in self.conditions) > MAX_FILTER_VALUES:
             raise InvalidInput("filters", f"at most {MAX_FILTER_VALUES} values in all conditions together")
+
+    @property
+    def windowed(self) -> bool:
+        return self.usage_from is not None
 
     def fingerprint(self) -> str:
         """A short digest of the filter, so a cursor cannot be replayed against another one."""

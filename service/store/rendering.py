@@ -252,15 +252,16 @@ def by_key(table: str, alias: str, organization_id: str, customer_id: str, *, ou
     return f" {join} ({probe}) {alias}{' ON true' if outer else ''}"
 
 
-def rows_sql(shape: Shape, source: str) -> str:
+def rows_sql(shape: Shape, source: str, usage: str = "customer_usage") -> str:
     """The rows that :func:`shape_sql` renders for each customer of ``source`` (an alias with
     ``organization_id`` and ``id``, or ``c``: the profile row itself): its profile ``c``, its
-    usage ``u`` when the shape shows usage, its parent ``p``/``pu`` when the shape has one."""
+    usage ``u`` (from the relation ``usage``: a windowed list's is the window's) when the
+    shape shows usage, its parent ``p``/``pu`` when the shape has one."""
     sql = "" if source == "c" else by_key("customers", "c", f"{source}.organization_id", f"{source}.id")
     if renders_usage(shape):
-        sql += by_key("customer_usage", "u", f"{source}.organization_id", f"{source}.id")
+        sql += by_key(usage, "u", f"{source}.organization_id", f"{source}.id")
     if shape.parent_key:
         sql += by_key("customers", "p", "c.organization_id", "c.parent_customer_id", outer=True)
         if renders_usage(shape):
-            sql += by_key("customer_usage", "pu", "p.organization_id", "p.id", outer=True)
+            sql += by_key(usage, "pu", "p.organization_id", "p.id", outer=True)
     return sql
