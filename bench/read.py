@@ -239,6 +239,7 @@ async def main() -> int:
     )
     parser.add_argument("--no-peer", action="store_true", help="skip the FastAPI peer (bench/peer.py)")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed dashboard workload")
+    parser.add_argument("--no-windows", action="store_true", help="skip the usage-window lists")
     parser.add_argument("--mixed-rate", type=int, default=2000, help="events/s folded during the mixed workload")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -365,6 +366,7 @@ async def main() -> int:
     peer_port = free_port()
     results: dict[str, dict[str, object]] = {}
     mixed_result: dict[str, object] | None = None
+    windows_result: dict[str, object] | None = None
     try:
         for label, (tree, tree_dsn, extra) in versions.items():
             port = free_port()
@@ -429,6 +431,8 @@ async def main() -> int:
                 entry["cached_over_peer"] = _ratio(entry["api"][THIS_CACHED]["per_second"], rate.per_second)
             results[name] = entry
             print(f"  {name}: {entry}", file=sys.stderr)
+        if not args.no_windows:
+            windows_result = await windows(pool, orgs["bench-mid"], apis[THIS], args, use_wrk)
         if not args.no_mixed and not use_wrk:
             print("the mixed workload needs wrk (apt-get install wrk): skipped", file=sys.stderr)
         elif not args.no_mixed:
@@ -473,11 +477,78 @@ async def main() -> int:
         "machine": machine(),
         "scenarios": results,
         "mixed": mixed_result,
+        "windows": windows_result,
         "derived": derived,
     }
     report(results, befores, mixed_result, derived, args)
+    if windows_result:
+        print_table(
+            f"Usage windows: {windows_result['customers']:,} customers with {windows_result['daily_rows']:,} daily rows"
+            " (this version, cache off), req/s",
+            ["list", "req/s", "p50 ms", "p99 ms", "errors", "/ lifetime"],
+            [
+                [name, m["per_second"], m["p50_ms"], m["p99_ms"], m["errors"], m.get("over_lifetime")]
+                for name, m in windows_result["lists"].items()
+            ],
+        )
     write_json(args.json, document)
     return 0
+
+
+# Daily usage for the window lists: each customer of the organization active on a few of the
+# last 35 days (bench-mid; the lifetime scenarios read bench-big, whose rows stay as loaded).
+DAILY_LOAD = """
+INSERT INTO daily_usage (organization_id, customer_id, day, requests, prompt_tokens, completion_tokens, total_tokens,
+                         cost, latency_sum, latency_count, ttft_sum, ttft_count)
+SELECT c.organization_id, c.id, current_date - d.n, r, r * 300, r * 120, r * 420,
+       round((r * random() / 50)::numeric, 6), r * random() * 2, r, r * random(), r
+FROM customers c
+CROSS JOIN LATERAL (SELECT DISTINCT (random() * 34)::int + 0 * hashtext(c.id::text) AS n
+                    FROM generate_series(1, $2)) d
+CROSS JOIN LATERAL (SELECT 1 + floor(power(random(), -1.2))::int AS r) q
+WHERE c.organization_id = $1
+ON CONFLICT DO NOTHING
+"""
+
+
+async def windows(
+    pool: asyncpg.Pool, organization: UUID, api: tuple[Process, int, str], args: argparse.Namespace, use_wrk: bool
+) -> dict[str, object]:
+    """The organization's lifetime first page by -total_cost beside the same page ranked inside
+    the current calendar month, the last 7 and the last 30 days (and usage_only)."""
+    from datetime import UTC, datetime, timedelta
+
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT EXISTS (SELECT FROM daily_usage WHERE organization_id = $1)", organization):
+            print("loading daily usage for the window lists", file=sys.stderr)
+            await conn.execute(DAILY_LOAD, organization, 6)
+            await conn.execute("VACUUM ANALYZE daily_usage")
+        rows = await conn.fetchval("SELECT count(*) FROM daily_usage WHERE organization_id = $1", organization)
+        customers = await conn.fetchval("SELECT count(*) FROM customers WHERE organization_id = $1", organization)
+        key = (await auth.create_key(conn, "bench-mid", ("read",), name="bench-windows")).key
+    _, port, _ = api
+    today = datetime.now(UTC).date()
+    lists = {
+        "lifetime": "",
+        "this month": f"&usage_from={today.replace(day=1)}&usage_to={today}",
+        "last 7 days": f"&usage_from={today - timedelta(days=6)}&usage_to={today}",
+        "last 30 days": f"&usage_from={today - timedelta(days=29)}&usage_to={today}",
+        "last 30 days, usage_only": f"&usage_from={today - timedelta(days=29)}&usage_to={today}&usage_only=true",
+    }
+    out: dict[str, dict[str, object]] = {}
+    for name, window in lists.items():
+        await settle(pool)
+        url = f"http://127.0.0.1:{port}/v1/customers?sort_by=-total_cost&limit=50{window}"
+        rate = (
+            wrk(url, key, args.duration, args.connections)
+            if use_wrk
+            else await python_load(url, key, args.duration, args.connections)
+        )
+        out[name] = rate.as_dict()
+        print(f"  window {name}: {out[name]}", file=sys.stderr)
+    for entry in out.values():
+        entry["over_lifetime"] = _ratio(entry["per_second"], out["lifetime"]["per_second"])
+    return {"customers": customers, "daily_rows": rows, "lists": out}
 
 
 THIS, THIS_CACHED = "this", "this, cached"
