@@ -7,6 +7,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -166,3 +167,19 @@ async def told(client: TestClient, pool: asyncpg.Pool, organization_id: uuid.UUI
         return watch.version(scope) != before
 
     await wait_until(heard, what="the API to hear of the change")
+
+
+# The repository's root: the tally CLI runs from here.
+CLI_ROOT = Path(__file__).resolve().parent.parent
+
+
+def tally(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=CLI_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "TALLY_LOG_FORMAT": "text", **(env or {})},
+    )

@@ -3,11 +3,7 @@ fix, tables with headers, ``tally status``, ``tally namespace delete``."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,20 +13,7 @@ from service.cli.status import backlog_notes
 from service.infra.settings import Settings
 from service.store.alerts import ALERT_ROUTING_KEY
 from tests.eventkit import Broker
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def tally(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "TALLY_LOG_FORMAT": "text", **(env or {})},
-    )
+from tests.support import tally
 
 
 def test_tally_alone_prints_help() -> None:

@@ -10,7 +10,19 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 
 from service import __version__
-from service.api import appkeys, changewatch, customers, dbaccess, events, fairness, keycache, openapi, ops, routing
+from service.api import (
+    appkeys,
+    changewatch,
+    customers,
+    dbaccess,
+    events,
+    export,
+    fairness,
+    keycache,
+    openapi,
+    ops,
+    routing,
+)
 from service.api.changewatch import ChangeWatch
 from service.api.compat import flexprice, public, respan, v0
 from service.api.dbaccess import DatabaseGate
@@ -80,6 +92,8 @@ DOCS = [
 ENDPOINTS = [
     *OPERATIONS,
     *ops.ENDPOINTS,
+    # Before the customer routes: /v1/customers/export is not a customer identifier.
+    *export.ENDPOINTS,
     *customers.ENDPOINTS,
     *events.ENDPOINTS,
     *respan.ENDPOINTS,

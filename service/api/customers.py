@@ -18,6 +18,7 @@ from service.api.models import (
     Customer,
     CustomerCreate,
     CustomerExpanded,
+    CustomerFilterParams,
     CustomerList,
     CustomerPatch,
     ListParams,
@@ -66,7 +67,7 @@ def window(params: ListParams) -> Window:
     return Window(params.limit or DEFAULT_LIMIT, params.offset or 0)
 
 
-def customer_filter(params: ListParams) -> CustomerFilter:
+def customer_filter(params: CustomerFilterParams) -> CustomerFilter:
     return CustomerFilter(
         statuses=tuple(sorted(set(params.status))),
         name_contains=params.name,
@@ -180,6 +181,8 @@ async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
 
 
 IDENTIFIER = {"customer_identifier": "Your identifier for the customer (unique per environment)."}
+# /v1/customers/export is the export (service/api/export.py), not a customer called "export".
+NOT_A_CUSTOMER = {"customer_identifier": r"(?!export$)[^/]+"}
 TAG = "Customers"
 
 ENDPOINTS = [
@@ -222,6 +225,7 @@ ENDPOINTS = [
         query=RetrieveParams,
         response=CustomerExpanded,
         path_params=IDENTIFIER,
+        path_patterns=NOT_A_CUSTOMER,
         operation_id="customers_retrieve_customer",
     ),
     Endpoint(
@@ -235,6 +239,7 @@ ENDPOINTS = [
         body=CustomerPatch,
         response=Customer,
         path_params=IDENTIFIER,
+        path_patterns=NOT_A_CUSTOMER,
         description="Only the fields sent change. Read-only or unknown fields are a 400 naming them.",
         max_body=WRITE_BODY_BYTES,
         operation_id="customers_update_customer",
@@ -249,6 +254,7 @@ ENDPOINTS = [
         query=RetrieveParams,
         status=204,
         path_params=IDENTIFIER,
+        path_patterns=NOT_A_CUSTOMER,
         operation_id="customers_delete_customer",
     ),
     Endpoint(

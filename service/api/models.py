@@ -47,20 +47,11 @@ SortBy = Annotated[str, _SORT[0], _SORT[1]]
 SeriesDay = Annotated[Day, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
 
 
-class ListParams(BaseModel):
-    """Query parameters of ``GET /v1/customers``. Use one pagination style per request:
-    ``limit``/``offset``, ``page``/``page_size``, or ``cursor`` (with an optional ``limit``)."""
+class CustomerFilterParams(BaseModel):
+    """The filters of a customer list (``GET /v1/customers``) and of an export."""
 
     model_config = ConfigDict(extra="forbid")
 
-    limit: int | None = Field(None, ge=1, le=1000, description="Rows per page (default 50).")
-    offset: int | None = Field(None, ge=0, le=10_000_000, description="Rows to skip.")
-    page: int | None = Field(None, ge=1, le=10_000_000, description="1-based page number (with page_size).")
-    page_size: int | None = Field(None, ge=1, le=1000, description="Rows per page when paging by number.")
-    cursor: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
-        None, description="Opaque cursor from a previous response's next_cursor; constant cost at any depth."
-    )
-    sort_by: SortBy | None = Field(None, description="Sort field; prefix '-' for descending. Default -first_seen.")
     environment: Environment | None = Field(None, description=ENVIRONMENT)
     status: list[Status] = Field(default_factory=list, description="One or more statuses (repeat or comma-separate).")
     name: ShortText | None = Field(None, description="Partial, case-insensitive match on name.")
@@ -84,8 +75,6 @@ class ListParams(BaseModel):
     metadata: dict[Annotated[str, StringConstraints(max_length=200)], ShortText] = Field(
         default_factory=dict, max_length=20, description="metadata[key]=value: customers whose metadata has key=value."
     )
-    expand: Literal["parent_customer"] | None = Field(None, description="Embed each customer's parent.")
-    include: Literal["subscriptions"] | None = Field(None, description="Embed each customer's subscriptions.")
     usage_from: SeriesDay | None = Field(
         None,
         description="With usage_to, a usage window: first UTC day, inclusive, as a date (2026-11-01). Every usage "
@@ -102,6 +91,35 @@ class ListParams(BaseModel):
         None,
         description="With a window: only customers with usage in it (without, they are listed with zeros, last "
         "when sorted by a usage field in descending order).",
+    )
+
+
+class ListParams(CustomerFilterParams):
+    """Query parameters of ``GET /v1/customers``. Use one pagination style per request:
+    ``limit``/``offset``, ``page``/``page_size``, or ``cursor`` (with an optional ``limit``)."""
+
+    limit: int | None = Field(None, ge=1, le=1000, description="Rows per page (default 50).")
+    offset: int | None = Field(None, ge=0, le=10_000_000, description="Rows to skip.")
+    page: int | None = Field(None, ge=1, le=10_000_000, description="1-based page number (with page_size).")
+    page_size: int | None = Field(None, ge=1, le=1000, description="Rows per page when paging by number.")
+    cursor: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+        None, description="Opaque cursor from a previous response's next_cursor; constant cost at any depth."
+    )
+    sort_by: SortBy | None = Field(None, description="Sort field; prefix '-' for descending. Default -first_seen.")
+    expand: Literal["parent_customer"] | None = Field(None, description="Embed each customer's parent.")
+    include: Literal["subscriptions"] | None = Field(None, description="Embed each customer's subscriptions.")
+
+
+class ExportParams(CustomerFilterParams):
+    """Query parameters of ``GET /v1/customers/export``."""
+
+    format: Literal["ndjson", "csv"] = Field(
+        "ndjson", description="ndjson: one customer (canonical JSON) per line; csv: one row per customer."
+    )
+    after: UUID | None = Field(
+        None,
+        description="Resume: only customers whose id comes after this one (the id of the last row you received; "
+        "rows come in id order).",
     )
 
 

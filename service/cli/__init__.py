@@ -6,7 +6,8 @@ wrong; 1: a dependency is). Each group's module registers its commands:
 - status.py: ``migrate``, ``status``;
 - demo.py: ``demo``;
 - queues.py: ``queues``, ``dlq``, ``namespace``;
-- orgs.py: ``orgs``, ``keys``.
+- orgs.py: ``orgs``, ``keys``;
+- export.py: ``export``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import asyncpg
 
 from service import __version__
-from service.cli import demo, orgs, queues, serve, status
+from service.cli import demo, export, orgs, queues, serve, status
 from service.cli.common import Unreachable, database_problem, run
 from service.domain.errors import DomainError
 from service.infra import logs
@@ -25,7 +26,7 @@ from service.infra.migrate import MigrationError
 from service.infra.settings import Settings
 
 # Also what `tally --help` lists, in this order.
-GROUPS = (status, serve, demo, queues, orgs)
+GROUPS = (status, serve, demo, queues, orgs, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

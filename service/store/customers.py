@@ -24,7 +24,7 @@ from service.store.apply import apply_changes
 from service.store.changelog import HORIZON
 from service.store.changelog import Position as LogPosition
 from service.store.db import Connection
-from service.store.listing import list_sql
+from service.store.listing import export_sql, list_sql
 from service.store.rendering import Shape, rows_sql, shape_sql
 
 
@@ -35,6 +35,12 @@ class Page:
     next_position: Position | None  # set when rows follow this page
     previous_position: Position | None  # set when rows precede it
     as_of: str  # the change-log position the page reflects (service/store/changelog.py)
+
+
+async def export_page(conn: Connection, q: ListQuery, shape: Shape, after: UUID | None) -> list[tuple[str, UUID]]:
+    """The next ``q.limit`` customers of an export after ``after`` (id order): (doc, id) each."""
+    sql, args = export_sql(q, shape, after)
+    return [(r["doc"], r["id"]) for r in await conn.fetch(sql, *args)]
 
 
 async def list_customers(conn: Connection, q: ListQuery, shape: Shape) -> Page:

@@ -21,6 +21,7 @@ so no plan can reach the other table through a sort index, whatever the statisti
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from uuid import UUID
 
 from service.domain.changes import USAGE_SUMS
 from service.domain.listing import (
@@ -399,5 +400,23 @@ def list_sql(q: ListQuery, shape: Shape) -> tuple[str, list[object]]:
     sql = (
         f"{window}SELECT t.total, page.doc, page.k, page.kid, {HORIZON} AS as_of FROM {total} t(total)"
         f" LEFT JOIN LATERAL ({page}) page ON true ORDER BY page.sort_key {direction}, page.id {direction}"
+    )
+    return sql, p.values
+
+
+def export_sql(q: ListQuery, shape: Shape, after: UUID | None) -> tuple[str, list[object]]:
+    """Up to ``q.limit`` customers matching ``q``'s filter (and window) whose id comes after
+    ``after``, in id order, as rows of (doc, id): an export walks the organization's primary
+    key a page at a time, each page its own statement, so it holds no snapshot or connection
+    between pages and resumes from any id."""
+    p = _Params()
+    window = window_sql(q, p)
+    where = where_sql(q, p, "c")
+    if after is not None:
+        where += f" AND c.id > {p(after, 'uuid')}"
+    sql = (
+        f"{window}SELECT {shape_sql(shape)}::text AS doc, pg.id FROM ("
+        f"SELECT c.organization_id, c.id FROM {_tables('c', q.filter)} WHERE {where}"
+        f" ORDER BY c.id LIMIT {p(q.limit)}) pg{rows_sql(shape, 'pg', _table('u', q.filter))} ORDER BY pg.id"
     )
     return sql, p.values
