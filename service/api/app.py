@@ -22,6 +22,7 @@ from service.api import (
     openapi,
     ops,
     routing,
+    usage,
 )
 from service.api.changewatch import ChangeWatch
 from service.api.compat import flexprice, public, respan, v0
@@ -95,6 +96,7 @@ ENDPOINTS = [
     # Before the customer routes: /v1/customers/export is not a customer identifier.
     *export.ENDPOINTS,
     *customers.ENDPOINTS,
+    *usage.ENDPOINTS,
     *events.ENDPOINTS,
     *respan.ENDPOINTS,
     *v0.ENDPOINTS,

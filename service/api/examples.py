@@ -78,6 +78,16 @@ USAGE_SERIES: JsonDict = {
     ],
 }
 
+USAGE_REPORT: JsonDict = {
+    "granularity": "day", "from": "2026-11-20", "to": "2026-11-21", "group_by": None, "next_after": None,
+    "results": [
+        {"start": "2026-11-20", "requests": 9120, "prompt_tokens": 1094400, "completion_tokens": 729600,
+         "total_tokens": 1824000, "cost": "273.60", "average_latency": 1.2, "average_ttft": 0.41},
+        {"start": "2026-11-21", "requests": 8750, "prompt_tokens": 1050000, "completion_tokens": 700000,
+         "total_tokens": 1750000, "cost": "262.50", "average_latency": 1.1, "average_ttft": 0.39},
+    ],
+}
+
 
 def events(now: datetime | None = None) -> list[JsonValue]:
     """A batch of two events stamped a minute ago: examples that POST /v1/events accepts on any

@@ -276,6 +276,53 @@ class UsageSeries(BaseModel):
     results: list[UsagePoint]
 
 
+class UsageQueryParams(BaseModel):
+    """Query parameters of ``GET /v1/usage``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: SeriesDay | None = Field(
+        None, alias="from", description="First UTC day, inclusive, as a date; default 29 days before 'to'."
+    )
+    to: SeriesDay | None = Field(
+        None,
+        description=f"Last UTC day, inclusive, as a date; default today. At most {MAX_SERIES_DAYS} days after 'from'.",
+    )
+    granularity: Literal["day", "week", "month"] = Field(
+        "day", description="One bucket per day, ISO week (from Monday) or calendar month."
+    )
+    group_by: Literal["customer"] | None = Field(
+        None,
+        description="customer: each customer's buckets with usage, a page of customers at a time (limit, after); "
+        "without it, the organization's total per bucket, every bucket of the range.",
+    )
+    customer_identifiers: list[Identifier] = Field(
+        default_factory=list, max_length=1000, description="Only these customers (repeat or comma-separate)."
+    )
+    limit: int | None = Field(
+        None, ge=1, le=1000, description="With group_by=customer: customers per page (default 100)."
+    )
+    after: UUID | None = Field(None, description="With group_by=customer: the next_after of the previous page.")
+    environment: Environment | None = Field(None, description=ENVIRONMENT)
+
+
+class UsageRow(UsagePoint):
+    customer_identifier: str | None = Field(None, description="With group_by=customer: whose usage this is.")
+
+
+class UsageReport(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.USAGE_REPORT]})
+
+    granularity: str
+    from_: date = Field(alias="from", description="First day (UTC).")
+    to: date = Field(description="Last day (UTC).")
+    group_by: str | None
+    results: list[UsageRow]
+    next_after: UUID | None = Field(
+        None, description="With group_by=customer: pass as after= for the next page; null on the last page."
+    )
+
+
 class ProblemField(BaseModel):
     name: str
     in_: str = Field(alias="in")

@@ -1,0 +1,76 @@
+"""``GET /v1/usage``: the organization's usage over a range of UTC days, in total per bucket
+or grouped by customer (the meter query OpenMeter's and Stripe's APIs offer), exact, from the
+same daily rows as a customer's usage series."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from aiohttp import web
+
+from service.api import dbaccess
+from service.api.errors import invalid
+from service.api.listing import JSON, json_with, key_environment
+from service.api.models import UsageQueryParams, UsageReport
+from service.api.routing import Call, Endpoint
+from service.store import usage as store
+from service.store.customers import MAX_SERIES_DAYS
+
+DEFAULT_DAYS = 30
+# Customers per page with group_by=customer.
+DEFAULT_PAGE = 100
+
+
+async def usage_report(call: Call[UsageQueryParams, None]) -> web.Response:
+    params, principal = call.query, call.principal
+    end = params.to or datetime.now(UTC).date()
+    start = params.from_ or end - timedelta(days=DEFAULT_DAYS - 1)
+    if end < start:
+        raise invalid("to", "must not be before 'from'")
+    if (end - start).days > MAX_SERIES_DAYS:
+        raise invalid("to", f"at most {MAX_SERIES_DAYS} days after 'from'")
+    if params.group_by is None and (params.after is not None or params.limit is not None):
+        raise invalid("after" if params.after is not None else "limit", "pages only with group_by=customer")
+    q = store.UsageQuery(
+        principal.organization_id,
+        key_environment(principal, params),
+        start,
+        end,
+        params.granularity,
+        tuple(params.customer_identifiers),
+    )
+    envelope: dict[str, object] = {
+        "granularity": params.granularity,
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "group_by": params.group_by,
+    }
+    async with dbaccess.connection(call.request, read=True) as conn:
+        results: str | list[str]
+        if params.group_by is None:
+            results = await store.totals(conn, q)
+            envelope["next_after"] = None
+        else:
+            rows, after = await store.by_customer(conn, q, params.after, params.limit or DEFAULT_PAGE)
+            results = rows
+            envelope["next_after"] = str(after) if after else None
+    return web.Response(body=json_with(envelope, "results", results), content_type=JSON)
+
+
+ENDPOINTS = [
+    Endpoint(
+        "GET",
+        "/v1/usage",
+        usage_report,
+        "Organization usage",
+        "Customers",
+        "read",
+        cached=True,
+        query=UsageQueryParams,
+        response=UsageReport,
+        description="The organization's usage per day, ISO week or month from 'from' to 'to' (UTC days, "
+        "inclusive): in total (every bucket, zero-filled), or with group_by=customer each customer's buckets "
+        f"with usage, a page of customers at a time. 'to' at most {MAX_SERIES_DAYS} days after 'from'.",
+        operation_id="usage_usage_report",
+    ),
+]
