@@ -10,8 +10,20 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 
 from service import __version__
-from service.api import appkeys, changewatch, customers, dbaccess, events, fairness, keycache, openapi, ops, routing
-from service.api.changewatch import ChangeWatch
+from service.api import (
+    appkeys,
+    changefeed,
+    changewatch,
+    customers,
+    dbaccess,
+    events,
+    fairness,
+    keycache,
+    openapi,
+    ops,
+    routing,
+)
+from service.api.changewatch import ChangeWatch, StreamSlots
 from service.api.compat import flexprice, public, respan, v0
 from service.api.dbaccess import DatabaseGate
 from service.api.fairness import CpuSlot, LoopLag, OrgShares, Replicas, Tarpit
@@ -80,6 +92,8 @@ DOCS = [
 ENDPOINTS = [
     *OPERATIONS,
     *ops.ENDPOINTS,
+    # Before the customer routes: /v1/customers/{customer_identifier} would take "changes".
+    *changefeed.ENDPOINTS,
     *customers.ENDPOINTS,
     *events.ENDPOINTS,
     *respan.ENDPOINTS,
@@ -143,6 +157,12 @@ async def replica_check(app: web.Application) -> None:
         raise health.Degraded("standby unreachable: reads go to the primary")
 
 
+async def end_streams(app: web.Application) -> None:
+    """Live change streams end when shutdown begins (their clients resume elsewhere), so that
+    the drain waits only for requests that end by themselves."""
+    app[appkeys.CHANGE_STREAMS].stopping.set()
+
+
 def create_app(settings: Settings) -> web.Application:
     """The HTTP API; no I/O until it starts."""
     # API statements stop in PostgreSQL too when the client gives up on them: a request shed
@@ -164,6 +184,8 @@ def create_app(settings: Settings) -> web.Application:
     app[dbaccess.GATE] = DatabaseGate(settings.db_org_limit, settings.db_acquire_timeout)
     app[appkeys.CHANGE_WATCH] = ChangeWatch()
     app[appkeys.READ_CACHE] = ReadCache(settings.read_cache_mb * 2**20, settings.read_cache_entry_kb * 2**10)
+    app[appkeys.CHANGE_STREAMS] = StreamSlots(settings.change_streams_per_key)
+    app.on_shutdown.append(end_streams)
     app.cleanup_ctx.append(api_resources)
     app.cleanup_ctx.append(publisher)
     app[appkeys.READINESS_CHECKS]["broker"] = broker_check
