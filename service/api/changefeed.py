@@ -117,7 +117,7 @@ async def _read(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) ->
             cursor,
             params.limit,
             canonical_shape(False, False),
-            identifiers=frozenset(params.customer_identifiers),
+            identifiers=params.identifiers,
             thresholds=Thresholds(params.min_total_cost, params.min_number_of_requests, params.min_total_tokens),
         )
         held_back = not page.more and not page.too_old and await changes_after(conn, *scope, page.next)

@@ -177,6 +177,9 @@ async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
 
 
 IDENTIFIER = {"customer_identifier": "Your identifier for the customer (unique per environment)."}
+# /v1/customers/changes is the change feed (service/api/changefeed.py), not a customer called
+# "changes" (as Respan's /api/users/list/ is its list: service/api/compat/respan.py).
+NOT_CHANGES = {"customer_identifier": r"(?!changes$)[^/]+"}
 TAG = "Customers"
 
 ENDPOINTS = [
@@ -219,6 +222,7 @@ ENDPOINTS = [
         query=RetrieveParams,
         response=CustomerExpanded,
         path_params=IDENTIFIER,
+        path_patterns=NOT_CHANGES,
         operation_id="customers_retrieve_customer",
     ),
     Endpoint(
@@ -232,6 +236,7 @@ ENDPOINTS = [
         body=CustomerPatch,
         response=Customer,
         path_params=IDENTIFIER,
+        path_patterns=NOT_CHANGES,
         description="Only the fields sent change. Read-only or unknown fields are a 400 naming them.",
         max_body=WRITE_BODY_BYTES,
         operation_id="customers_update_customer",
@@ -246,6 +251,7 @@ ENDPOINTS = [
         query=RetrieveParams,
         status=204,
         path_params=IDENTIFIER,
+        path_patterns=NOT_CHANGES,
         operation_id="customers_delete_customer",
     ),
     Endpoint(

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 
 from service.api import examples
 from service.domain.listing import SORT_FIELD_NAMES
@@ -264,6 +264,9 @@ class Health(BaseModel):
     checks: dict[str, str] = {}
 
 
+MAX_IDENTIFIERS = 1000
+
+
 class ChangeParams(BaseModel):
     """Query parameters of ``GET /v1/customers/changes`` (both representations)."""
 
@@ -282,10 +285,10 @@ class ChangeParams(BaseModel):
         description="Changes examined per page (default 100); filters may keep fewer. On an event stream, per read.",
     )
     environment: Environment | None = Field(None, description=ENVIRONMENT)
-    customer_identifiers: list[Identifier] = Field(
-        default_factory=list,
-        max_length=1000,
-        description="Only changes of these customers (your identifiers; repeat or comma-separate).",
+    # One comma-separated string rather than a list: a list parameter of one value cannot be
+    # told from a scalar on the wire, and the document should not say they differ.
+    customer_identifiers: Annotated[str, StringConstraints(min_length=1, max_length=MAX_IDENTIFIERS * 256)] | None = (
+        Field(None, description="Only changes of these customers: your identifiers, comma-separated (at most 1,000).")
     )
     min_total_cost: Money | None = Field(
         None, description="Only customers whose lifetime cost is at least this (a decimal); deletions always pass."
@@ -296,6 +299,22 @@ class ChangeParams(BaseModel):
     min_total_tokens: int | None = Field(
         None, ge=0, description="Only customers with at least this many tokens; deletions always pass."
     )
+
+    @field_validator("customer_identifiers")
+    @classmethod
+    def _identifiers(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = value.split(",")
+            if len(parts) > MAX_IDENTIFIERS:
+                raise ValueError(f"at most {MAX_IDENTIFIERS} identifiers")
+            if any(not 1 <= len(p) <= 255 for p in parts):
+                raise ValueError("each identifier is 1 to 255 characters")
+        return value
+
+    @property
+    def identifiers(self) -> frozenset[str]:
+        """The identifiers named (none: every customer)."""
+        return frozenset(self.customer_identifiers.split(",")) if self.customer_identifiers else frozenset()
 
 
 class DeletedCustomer(BaseModel):
