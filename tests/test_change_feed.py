@@ -7,6 +7,7 @@ position; across API processes too."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from service.api.app import create_app
 from service.api.changefeed import wants_stream
+from service.infra import metrics
 from service.infra.settings import Settings
 from service.store.changefeed import Cursor
 from service.store.changelog import Position
@@ -266,8 +268,14 @@ class Reader:
 
 @pytest.fixture
 async def feed_app(migrated: str, settings: Settings) -> AsyncIterator[TestClient]:
-    """An API with a short heartbeat and one stream per key."""
-    tuned = settings.model_copy(update={"change_stream_heartbeat_seconds": 0.2, "change_streams_per_key": 1})
+    """An API with a short heartbeat, one stream per key, and a second for a client to take what is sent."""
+    tuned = settings.model_copy(
+        update={
+            "change_stream_heartbeat_seconds": 0.2,
+            "change_streams_per_key": 1,
+            "change_stream_send_timeout": 1.0,
+        }
+    )
     async with TestClient(TestServer(create_app(tuned))) as c:
         yield c
 
@@ -351,6 +359,44 @@ async def test_streams_per_key_are_capped(feed_app: TestClient, org: Org, other_
         return again.status == 200
 
     await wait_until(freed, what="the closed stream's slot to be given back")
+
+
+def ended(reason: str) -> float:
+    return metrics.REGISTRY.get_sample_value("tally_change_streams_ended_total", {"reason": reason}) or 0.0
+
+
+async def test_a_client_that_stops_reading_is_sent_resync_and_dropped(
+    feed_app: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
+    # More than the server's socket buffer can hold (tcp_wmem's ceiling is 4 MiB on Linux by
+    # default): 6,000 customers of about a kilobyte each, folded in one transaction.
+    async with pool.acquire() as conn:
+        await fold_events(conn, *(usage(org.name, f"slow-{i:05}", cost="1") for i in range(6000)))
+    await changes(feed_app, org, 1)  # readable
+    before = ended("slow")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (feed_app.host, feed_app.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        key = org.headers()["Authorization"]
+        writer.write(
+            f"GET {FEED}?limit=1000 HTTP/1.1\r\nHost: test\r\nAuthorization: {key}\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode()
+        )
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+
+        async def dropped() -> bool:
+            return ended("slow") > before
+
+        await wait_until(dropped, timeout=HORIZON_WAIT, what="the stream to give up on a client that stopped reading")
+        # What was queued is still delivered, resync last, and then the connection closes.
+        rest = await asyncio.wait_for(reader.read(), 60)
+        assert b"event: created" in rest and rest.rsplit(b"event: ", 1)[1].startswith(b"resync\n")
+    finally:
+        writer.close()
 
 
 async def test_a_write_through_one_api_process_reaches_a_stream_on_another(

@@ -39,6 +39,7 @@ from service.api.listing import JSON, key_environment
 from service.api.models import ChangeParams, CustomerChanges
 from service.api.routing import Call, Endpoint, settle_now
 from service.infra import metrics
+from service.infra.errors import is_transient
 from service.store.changefeed import START, Cursor, FeedChange, FeedPage, Thresholds, changes_after, read_feed
 from service.web.problems import Problem, ProblemField
 
@@ -161,7 +162,7 @@ async def stream(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) -
             "(TALLY_CHANGE_STREAMS_PER_KEY); close one, or page the feed with JSON",
             {"Retry-After": "5"},
         )
-    reason = "client"
+    reason = "error"
     try:
         response = web.StreamResponse(headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
         response.content_type = EVENT_STREAM
@@ -178,25 +179,34 @@ async def stream(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) -
             reason = await _follow(call, scope, cursor, send)
         except SlowClient:
             reason = "slow"
-            await _drop(request, response, cursor)
+            await _drop(request, response)
         except ConnectionError:
             reason = "client"
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # The database failed under a stream that already answered 200: it ends, and its
+            # client resumes from its last event id (EventSource by itself) when it comes back.
+            log.warning("change stream ended by a database error", extra={"error": repr(exc)})
         return response
     finally:
         slots.give_back(principal.client_key)
         metrics.CHANGE_STREAMS_ENDED.labels(reason).inc()
 
 
-def _resync(cursor: Cursor, detail: str) -> bytes:
-    return event(RESYNC, orjson.dumps({"after": str(cursor), "detail": detail}))
+def _resync(detail: str, cursor: Cursor | None = None) -> bytes:
+    """A ``resync`` event: its ``after`` is the position too old to resume from, when that is why."""
+    return event(
+        RESYNC, orjson.dumps({"detail": detail} if cursor is None else {"after": str(cursor), "detail": detail})
+    )
 
 
-async def _drop(request: web.Request, response: web.StreamResponse, cursor: Cursor) -> None:
+async def _drop(request: web.Request, response: web.StreamResponse) -> None:
     """Queue ``resync`` behind what the slow client has not taken, and close the connection:
     its buffer holds what it held, never more."""
     detail = "this client did not take the changes sent in time: resume from the last event id received"
     with contextlib.suppress(TimeoutError, ConnectionError):
-        await asyncio.wait_for(response.write(_resync(cursor, detail)), RESYNC_SEND_SECONDS)
+        await asyncio.wait_for(response.write(_resync(detail)), RESYNC_SEND_SECONDS)
     if request.transport is not None:
         request.transport.close()
 
@@ -218,9 +228,9 @@ async def _follow(
         if page.too_old:
             await send(
                 _resync(
-                    cursor,
                     "changes after this position are older than the change log keeps: list "
                     "the customers again and follow from the list's as_of",
+                    cursor,
                 )
             )
             return RESYNC

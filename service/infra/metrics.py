@@ -135,7 +135,8 @@ CHANGE_STREAMS_OPEN = Gauge(
 CHANGE_STREAMS_ENDED = Counter(
     "tally_change_streams_ended_total",
     "Change feed event streams ended, by reason: 'client' (it went away), 'resync' (its position was older than the "
-    "change log keeps), 'slow' (it did not take what was sent in time: sent resync and dropped), 'shutdown'.",
+    "change log keeps), 'slow' (it did not take what was sent in time: sent resync and dropped), 'shutdown', "
+    "'error' (the database failed under it).",
     ["reason"],
     registry=REGISTRY,
 )
