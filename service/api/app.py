@@ -92,7 +92,6 @@ DOCS = [
 ENDPOINTS = [
     *OPERATIONS,
     *ops.ENDPOINTS,
-    # Before the customer routes: /v1/customers/{customer_identifier} would take "changes".
     *changefeed.ENDPOINTS,
     *customers.ENDPOINTS,
     *events.ENDPOINTS,

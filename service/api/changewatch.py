@@ -102,7 +102,7 @@ class ChangeWatch:
             await wait_event(waiter, timeout)
         finally:
             waiters.discard(waiter)
-            if not waiters:
+            if not waiters and self._waiters.get(scope) is waiters:
                 del self._waiters[scope]
         return self.version(scope) != since
 
@@ -202,6 +202,3 @@ class StreamSlots:
         if held:
             self._open[client_key] = held
         metrics.CHANGE_STREAMS_OPEN.dec()
-
-    def held(self, client_key: str) -> int:
-        return self._open.get(client_key, 0)
