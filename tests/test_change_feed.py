@@ -27,9 +27,10 @@ from service.infra.settings import Settings
 from service.store.changefeed import Cursor
 from service.store.changelog import Position
 from service.store.housekeeping import purge_changes
+from service.web import server
 from tests.eventkit import Broker, cloud_event, fold_events, usage, wait_until
 from tests.factories import Org
-from tests.processes import TallyProcess
+from tests.processes import TallyProcess, free_port
 from tests.support import ok_json, problem, uid
 
 FEED = "/v1/customers/changes"
@@ -139,6 +140,27 @@ async def test_a_fold_logs_created_updated_deleted_and_pages_inside_one_transact
     # Nothing new: the cursor stays, the page is empty.
     idle = await page(client, org, after=end)
     assert idle["results"] == [] and not idle["has_more"]
+
+
+async def test_a_change_committed_late_under_an_older_transaction_is_never_skipped(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
+    early, late = uid("a"), uid("b")
+    start = (await page(client, org))["next_cursor"]
+    async with pool.acquire() as slow, pool.acquire() as quick:
+        older = slow.transaction()
+        await older.start()
+        try:
+            await fold_events(slow, usage(org.name, early, cost="1"))  # its id is older, its commit later
+            await fold_events(quick, usage(org.name, late, cost="1"))  # committed first
+            held = await page(client, org, after=start)
+            # The later commit is not given while the older transaction runs: a cursor past it
+            # would skip the older one's change for good.
+            assert held["results"] == []
+        finally:
+            await older.commit()
+    got, _ = await changes(client, org, 2, after=held["next_cursor"])
+    assert seen(got) == [(early, "created"), (late, "created")]
 
 
 async def test_filters_by_identifier_and_thresholds(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
@@ -359,6 +381,28 @@ async def test_streams_per_key_are_capped(feed_app: TestClient, org: Org, other_
         return again.status == 200
 
     await wait_until(freed, what="the closed stream's slot to be given back")
+
+
+async def test_shutdown_ends_open_streams_at_once(migrated: str, settings: Settings, org: Org) -> None:
+    # tally's own runner (service/web/server.py): its drain waits a minute for requests in
+    # flight, and a stream must not be one of them.
+    app_runner = server.runner(create_app(settings))
+    await app_runner.setup()
+    port = free_port()
+    listener = await server.listen(app_runner, settings, "127.0.0.1", port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}{FEED}"
+            async with session.get(url, headers={**STREAM, **org.headers()}) as response:
+                assert response.status == 200
+                before = ended("shutdown")
+                listener.close()
+                await asyncio.wait_for(app_runner.cleanup(), 20)
+                assert ended("shutdown") == before + 1
+                assert await asyncio.wait_for(response.content.read(), 20) == b""  # the stream ended
+    finally:
+        listener.close()
+        await app_runner.cleanup()
 
 
 def ended(reason: str) -> float:

@@ -182,6 +182,9 @@ async def stream(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) -
             await _drop(request, response)
         except ConnectionError:
             reason = "client"
+        except asyncio.CancelledError:
+            reason = "shutdown"  # the server's drain gave up on it
+            raise
         except Exception as exc:
             if not is_transient(exc):
                 raise
