@@ -44,6 +44,7 @@ DISTRIBUTED = frozenset(
         "customer_counts",
         "customer_tombstones",
         "customer_changes",
+        "customer_changes_purged",
     }
 )
 # Replicated to every node: small, read on every request or event before the organization

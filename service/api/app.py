@@ -12,6 +12,7 @@ from aiohttp import web
 from service import __version__
 from service.api import (
     appkeys,
+    changefeed,
     changewatch,
     customers,
     dbaccess,
@@ -24,7 +25,7 @@ from service.api import (
     routing,
     usage,
 )
-from service.api.changewatch import ChangeWatch
+from service.api.changewatch import ChangeWatch, StreamSlots
 from service.api.compat import flexprice, public, respan, v0
 from service.api.dbaccess import DatabaseGate
 from service.api.fairness import CpuSlot, LoopLag, OrgShares, Replicas, Tarpit
@@ -93,7 +94,7 @@ DOCS = [
 ENDPOINTS = [
     *OPERATIONS,
     *ops.ENDPOINTS,
-    # Before the customer routes: /v1/customers/export is not a customer identifier.
+    *changefeed.ENDPOINTS,
     *export.ENDPOINTS,
     *customers.ENDPOINTS,
     *usage.ENDPOINTS,
@@ -159,6 +160,12 @@ async def replica_check(app: web.Application) -> None:
         raise health.Degraded("standby unreachable: reads go to the primary")
 
 
+async def end_streams(app: web.Application) -> None:
+    """Live change streams end when shutdown begins (their clients resume elsewhere), so that
+    the drain waits only for requests that end by themselves."""
+    app[appkeys.CHANGE_STREAMS].stopping.set()
+
+
 def create_app(settings: Settings) -> web.Application:
     """The HTTP API; no I/O until it starts."""
     # API statements stop in PostgreSQL too when the client gives up on them: a request shed
@@ -180,6 +187,8 @@ def create_app(settings: Settings) -> web.Application:
     app[dbaccess.GATE] = DatabaseGate(settings.db_org_limit, settings.db_acquire_timeout)
     app[appkeys.CHANGE_WATCH] = ChangeWatch()
     app[appkeys.READ_CACHE] = ReadCache(settings.read_cache_mb * 2**20, settings.read_cache_entry_kb * 2**10)
+    app[appkeys.CHANGE_STREAMS] = StreamSlots(settings.change_streams_per_key)
+    app.on_shutdown.append(end_streams)
     app.cleanup_ctx.append(api_resources)
     app.cleanup_ctx.append(publisher)
     app[appkeys.READINESS_CHECKS]["broker"] = broker_check

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service.api.changewatch import ChangeWatch
+from service.api.changewatch import ChangeWatch, StreamSlots
 from service.api.fairness import Replicas
 from service.api.keycache import KeyCache
 from service.api.ratelimit import RateLimiter
@@ -27,6 +27,7 @@ __all__ = [
     "REPLICAS",
     "CHANGE_WATCH",
     "READ_CACHE",
+    "CHANGE_STREAMS",
 ]
 
 CURSORS = web.AppKey("cursors", CursorCodec)
@@ -38,3 +39,4 @@ IP_RATE_LIMITER = web.AppKey("ip_rate_limiter", RateLimiter)
 REPLICAS = web.AppKey("replicas", Replicas)
 CHANGE_WATCH = web.AppKey("change_watch", ChangeWatch)
 READ_CACHE = web.AppKey("read_cache", ReadCache)
+CHANGE_STREAMS = web.AppKey("change_streams", StreamSlots)

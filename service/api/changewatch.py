@@ -44,6 +44,8 @@ class ChangeWatch:
         # standby serves reflects the version only once it has replayed that far.
         self._positions: dict[Scope, int | None] = {}
         self._subscribers: list[Callable[[Scope], None]] = []
+        # Tasks waiting for a scope's next version (live change streams: service/api/changefeed.py).
+        self._waiters: dict[Scope, set[asyncio.Event]] = {}
 
     def version(self, scope: Scope) -> tuple[int, int] | None:
         """``(epoch, version)`` of ``scope`` as this process knows it; None while not listening."""
@@ -63,6 +65,8 @@ class ChangeWatch:
         self._positions[scope] = position
         for subscriber in self._subscribers:
             subscriber(scope)
+        for waiter in self._waiters.get(scope, ()):
+            waiter.set()
         return version
 
     def positioned(self, scope: Scope, version: int, position: int) -> None:
@@ -81,6 +85,26 @@ class ChangeWatch:
         self.epoch += 1
         self._versions.clear()
         self._positions.clear()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.set()
+
+    async def changed(self, scope: Scope, since: tuple[int, int] | None, timeout: float) -> bool:
+        """Wait until ``scope``'s version is no longer ``since`` (a commit heard, or a new
+        epoch: notifications may have been missed), for at most ``timeout`` seconds; whether it
+        changed. While not listening nothing can be heard: the wait lasts ``timeout``."""
+        if self.version(scope) != since:
+            return True
+        waiter = asyncio.Event()
+        waiters = self._waiters.setdefault(scope, set())
+        waiters.add(waiter)
+        try:
+            await wait_event(waiter, timeout)
+        finally:
+            waiters.discard(waiter)
+            if not waiters and self._waiters.get(scope) is waiters:
+                del self._waiters[scope]
+        return self.version(scope) != since
 
 
 @asynccontextmanager
@@ -152,3 +176,29 @@ async def listening(dsn: str, connect_timeout: float, watch: ChangeWatch | None 
     finally:
         stop.set()
         await task
+
+
+class StreamSlots:
+    """Live change streams of this process (service/api/changefeed.py): at most ``per_key``
+    open per API key, and the signal that ends them all when the process shuts down (a stream
+    never ends by itself: SIGTERM's drain would otherwise wait out its whole timeout)."""
+
+    def __init__(self, per_key: int) -> None:
+        self.per_key = per_key
+        self._open: dict[str, int] = {}
+        self.stopping = asyncio.Event()
+
+    def take(self, client_key: str) -> bool:
+        """One more stream for ``client_key``, or False when it holds ``per_key`` already."""
+        held = self._open.get(client_key, 0)
+        if held >= self.per_key:
+            return False
+        self._open[client_key] = held + 1
+        metrics.CHANGE_STREAMS_OPEN.inc()
+        return True
+
+    def give_back(self, client_key: str) -> None:
+        held = self._open.pop(client_key) - 1
+        if held:
+            self._open[client_key] = held
+        metrics.CHANGE_STREAMS_OPEN.dec()

@@ -181,8 +181,10 @@ async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
 
 
 IDENTIFIER = {"customer_identifier": "Your identifier for the customer (unique per environment)."}
-# /v1/customers/export is the export (service/api/export.py), not a customer called "export".
-NOT_A_CUSTOMER = {"customer_identifier": r"(?!export$)[^/]+"}
+# /v1/customers/changes is the change feed (service/api/changefeed.py) and /v1/customers/export
+# the export (service/api/export.py), not customers called "changes" or "export" (as Respan's
+# /api/users/list/ is its list: service/api/compat/respan.py).
+NOT_A_CUSTOMER = {"customer_identifier": r"(?!(?:changes|export)$)[^/]+"}
 TAG = "Customers"
 
 ENDPOINTS = [

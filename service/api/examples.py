@@ -63,6 +63,17 @@ CUSTOMER_LIST: JsonDict = {
     "count": 1, "next": None, "previous": None, "next_cursor": None, "as_of": "7301.0",
     "results": [{**CUSTOMER, "subscriptions": [SUBSCRIPTION]}],
 }
+CUSTOMER_CHANGE: JsonDict = {
+    "cursor": "7302.41", "kind": "updated", "changed_at": "2026-11-21T10:00:03.120000+00:00", "customer": CUSTOMER,
+}
+CUSTOMER_CHANGES: JsonDict = {
+    "results": [
+        CUSTOMER_CHANGE,
+        {"cursor": "7305.42", "kind": "deleted", "changed_at": "2026-11-21T10:00:04.500000+00:00",
+         "customer": {"id": "4f0c9a8e-1d2b-4c3e-9f5a-6b7c8d9e0f1a", "customer_identifier": "user_456"}},
+    ],
+    "next_cursor": "7305.42", "has_more": False, "limit": 100,
+}
 CUSTOMER_CREATE: JsonDict = {
     "customer_identifier": "user_123", "name": "John Doe", "email": "john@example.com",
     "metadata": {"plan_tier": "enterprise"}, "period_budget": "100", "budget_duration": "monthly",

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 
 from service.api import examples
 from service.domain.listing import SORT_FIELD_NAMES
@@ -344,3 +344,83 @@ class Problem(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+MAX_IDENTIFIERS = 1000
+
+
+class ChangeParams(BaseModel):
+    """Query parameters of ``GET /v1/customers/changes`` (both representations)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after: Annotated[str, StringConstraints(max_length=60)] | None = Field(
+        None,
+        description="Resume after this cursor: a change's cursor, a page's next_cursor, or a list's as_of "
+        "(Tally-As-Of). Absent: from the oldest change the log keeps. A cursor older than the log keeps is a 410: "
+        "list the customers again and follow from the list's as_of. On an event stream, Last-Event-ID wins over it.",
+    )
+    limit: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        description="Changes examined per page (default 100); filters may keep fewer. On an event stream, per read.",
+    )
+    environment: Environment | None = Field(None, description=ENVIRONMENT)
+    # One comma-separated string rather than a list: a list parameter of one value cannot be
+    # told from a scalar on the wire, and the document should not say they differ.
+    customer_identifiers: Annotated[str, StringConstraints(min_length=1, max_length=MAX_IDENTIFIERS * 256)] | None = (
+        Field(None, description="Only changes of these customers: your identifiers, comma-separated (at most 1,000).")
+    )
+    min_total_cost: Money | None = Field(
+        None, description="Only customers whose lifetime cost is at least this (a decimal); deletions always pass."
+    )
+    min_number_of_requests: int | None = Field(
+        None, ge=0, description="Only customers with at least this many requests; deletions always pass."
+    )
+    min_total_tokens: int | None = Field(
+        None, ge=0, description="Only customers with at least this many tokens; deletions always pass."
+    )
+
+    @field_validator("customer_identifiers")
+    @classmethod
+    def _identifiers(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = value.split(",")
+            if len(parts) > MAX_IDENTIFIERS:
+                raise ValueError(f"at most {MAX_IDENTIFIERS} identifiers")
+            if any(not 1 <= len(p) <= 255 for p in parts):
+                raise ValueError("each identifier is 1 to 255 characters")
+        return value
+
+    @property
+    def identifiers(self) -> frozenset[str]:
+        """The identifiers named (none: every customer)."""
+        return frozenset(self.customer_identifiers.split(",")) if self.customer_identifiers else frozenset()
+
+
+class DeletedCustomer(BaseModel):
+    id: UUID
+    customer_identifier: str
+
+
+class CustomerChange(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.CUSTOMER_CHANGE]})
+
+    cursor: str = Field(description="Resumes right after this change (after=, or an event stream's Last-Event-ID).")
+    kind: Literal["created", "updated", "deleted"] = Field(
+        description="What the change did; a customer deleted since it was read is shown as deleted."
+    )
+    changed_at: datetime = Field(description="When the transaction that made the change began.")
+    customer: Customer | DeletedCustomer = Field(
+        description="The customer as it is when the change is read (deleted: its id and identifier only)."
+    )
+
+
+class CustomerChanges(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.CUSTOMER_CHANGES]})
+
+    results: list[CustomerChange]
+    next_cursor: str = Field(description="Pass as after= to continue (the same cursor when nothing new is there).")
+    has_more: bool = Field(description="True when the page stopped at its limit: ask again at once.")
+    limit: int

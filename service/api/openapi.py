@@ -26,12 +26,33 @@ ERROR_TEXT = {
     403: "The key lacks the scope this route needs",
     404: "No such resource in the key's organization",
     409: "Conflicts with an existing resource",
+    410: "The cursor is older than the change log keeps: list again and follow from the list's as_of",
     413: "Body or batch too large",
     429: "Rate limited; retry after Retry-After seconds",
     503: "A dependency is unavailable or this organization's share of the database is busy; retry after "
     "Retry-After seconds",
 }
 
+
+# A route with an event-stream representation (Accept: text/event-stream): its media type, and
+# the header EventSource sends when it reconnects.
+EVENT_STREAM_CONTENT = {
+    "text/event-stream": {
+        "schema": {
+            "type": "string",
+            "description": "Server-Sent Events: 'id: <cursor>', 'event: created|updated|deleted|resync', 'data: "
+            "<the change as JSON>', and ': heartbeat' comment lines while idle.",
+        }
+    }
+}
+LAST_EVENT_ID_PARAMETER = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "On an event stream, resume after this event id (a change's cursor); EventSource sends it when "
+    "it reconnects. Wins over after=.",
+    "schema": {"type": "string", "maxLength": 60},
+}
 
 CONSISTENCY_TEXT = (
     "Read your writes. Every response of a customer write (POST, PATCH, DELETE) carries the WAL position of its "
@@ -149,6 +170,8 @@ def build_openapi(
             parameters.append(CONSISTENCY_PARAMETER)
         if ep.cached:
             parameters.append(IF_NONE_MATCH_PARAMETER)
+        if ep.event_stream:
+            parameters.append(LAST_EVENT_ID_PARAMETER)
         if parameters:
             op["parameters"] = parameters
         if ep.body:
@@ -161,6 +184,8 @@ def build_openapi(
             ok["content"] = {ep.content_type: _media(refs[(ep.response, "serialization")], defs)}
         elif ep.status != 204:
             ok["content"] = {ep.content_type: {"schema": {}}}
+        if ep.event_stream:
+            ok["content"] = {**ok.get("content", {}), **EVENT_STREAM_CONTENT}  # type: ignore[dict-item]
         if ep.scope in ("read", "write") and ep.path != "/v1/events":
             ok["headers"] = {"X-Tally-Consistency": CONSISTENCY_RESPONSE_HEADER}
         if ep.cached:

@@ -35,6 +35,9 @@ SHARES = web.AppKey("org_shares", OrgShares)
 TARPIT = web.AppKey("tarpit", Tarpit)
 CPU_SLOT = web.AppKey("cpu_slot", CpuSlot)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
+# Ends the request's charge to its organization's share (service/api/fairness.py) early; the
+# guard calls it when the request ends, if the handler has not.
+SETTLE: web.RequestKey[Callable[[], None]] = web.RequestKey("settle")
 # The vendor header that carries a whole key on the routes that name it (Flexprice's SDKs send it).
 API_KEY_HEADER = "x-api-key"
 
@@ -124,6 +127,8 @@ class Endpoint:
     # The OpenAPI operationId; by default the handler's module and name (customers_customer_usage).
     # A route served by a generic handler (one list handler serves every dialect) names its own.
     operation_id: str = ""
+    # The route also answers Accept: text/event-stream with a stream of events (the change feed).
+    event_stream: bool = False
 
     @property
     def operation(self) -> str:
@@ -338,6 +343,17 @@ def _guarded(endpoint: Endpoint) -> Route:
                     {**headers, "Retry-After": str(admission.retry_after)},
                 )
             meter = request[COST] = CostMeter(request.app[LOOP_LAG], body_bytes=request.content_length or 0)
+            settled = False
+
+            def settle() -> None:
+                nonlocal settled
+                if not settled:
+                    settled = True
+                    shares.settle(organization, admission, meter.total)
+                    metrics.REQUEST_COST.labels("loop").inc(meter.cpu)
+                    metrics.REQUEST_COST.labels("database").inc(meter.db)
+
+            request[SETTLE] = settle
             try:
                 _check_body_size(request, endpoint)  # refused unread, and charged
                 if endpoint.cached:
@@ -348,9 +364,7 @@ def _guarded(endpoint: Endpoint) -> Route:
                         # Its commit, before the answer: this process's next read sees it.
                         request.app[appkeys.CHANGE_WATCH].bump((organization, principal.environment))
             finally:
-                shares.settle(organization, admission, meter.total)
-                metrics.REQUEST_COST.labels("loop").inc(meter.cpu)
-                metrics.REQUEST_COST.labels("database").inc(meter.db)
+                settle()
         except DomainError as exc:
             problem = from_domain(exc, body_fields)
             problem.headers = {**headers, **problem.headers}
@@ -366,6 +380,14 @@ def _guarded(endpoint: Endpoint) -> Route:
     chosen = handler if endpoint.scope is not None else public_handler
     chosen.__name__ = endpoint.operation
     return chosen
+
+
+def settle_now(request: web.Request) -> None:
+    """End the request's charge to its organization's share now: a long-lived response (an
+    event stream) is charged for its opening like any request; what it costs afterwards is
+    bounded by its own cap (streams per key), and charging hours of it at its end would shed
+    the organization's next requests for the work of one that no longer runs."""
+    request[SETTLE]()
 
 
 def add_endpoints(app: web.Application, endpoints: Sequence[Endpoint], prefix: str = "") -> None:

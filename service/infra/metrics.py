@@ -129,6 +129,29 @@ CHANGE_LISTENER_UP = Gauge(
     "1 while the API process listens for commits (its read cache works), else 0.",
     registry=REGISTRY,
 )
+CHANGE_STREAMS_OPEN = Gauge(
+    "tally_change_streams_open", "Change feed event streams open on this API process.", registry=REGISTRY
+)
+CHANGE_STREAMS_ENDED = Counter(
+    "tally_change_streams_ended_total",
+    "Change feed event streams ended, by reason: 'client' (it went away), 'resync' (its position was older than the "
+    "change log keeps), 'slow' (it did not take what was sent in time: sent resync and dropped), 'shutdown', "
+    "'error' (the database failed under it).",
+    ["reason"],
+    registry=REGISTRY,
+)
+CHANGE_STREAMS_REFUSED = Counter(
+    "tally_change_streams_refused_total",
+    "Change feed event streams refused because their key held TALLY_CHANGE_STREAMS_PER_KEY already.",
+    registry=REGISTRY,
+)
+CHANGE_FEED_LAG = Histogram(
+    "tally_change_feed_lag_seconds",
+    "From a change's transaction start (its changed_at) to its event being sent on a stream: commit, "
+    "notification and read together.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
 DB_RETRIES = Counter("tally_db_retries_total", "Batches retried after a transient database error.", registry=REGISTRY)
 PUBLISHED = Counter(
     "tally_events_published_total",

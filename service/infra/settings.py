@@ -190,6 +190,32 @@ class Settings(BaseSettings):
         "client may resume, and how long changes wait for a webhook endpoint that is down.",
     )
 
+    # ---- Change feed (service/api/changefeed.py)
+    change_stream_heartbeat_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=300,
+        description="Seconds between heartbeats (comment lines) on an idle `GET /v1/customers/changes` event "
+        "stream: they keep proxies and load balancers from closing it for idleness, and let a client notice a dead "
+        "connection. Keep it under the shortest idle timeout between clients and tally.",
+    )
+    change_streams_per_key: int = Field(
+        default=5,
+        ge=1,
+        le=10_000,
+        description="Event streams of the change feed one API key may hold open at once on each API process; one "
+        "more is refused with 429. Each open stream costs a task and a database read per commit of its "
+        "organization and environment.",
+    )
+    change_stream_send_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Seconds a change stream waits for its client to take what was sent (its send buffer to "
+        "drain); past that the client is sent `resync` and dropped, rather than buffered without bound. It "
+        "resumes from its last event id.",
+    )
+
     @property
     def largest_batch(self) -> int:
         """Events per consumer transaction at most (under a backlog)."""

@@ -50,9 +50,23 @@ async def compact_counts(conn: Connection) -> None:
     await conn.execute(COMPACT_COUNTS)
 
 
+# Each chunk records, per organization and environment, the newest position it purged
+# (migration 0011): a change feed cursor below it is told to resync (service/store/changefeed.py).
 PURGE_CHANGES = """
-DELETE FROM customer_changes WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM customer_changes WHERE changed_at < $1 LIMIT $2))
+WITH gone AS (
+    DELETE FROM customer_changes WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM customer_changes WHERE changed_at < $1 LIMIT $2))
+    RETURNING organization_id, environment, xid, seq
+), newest AS (
+    SELECT DISTINCT ON (organization_id, environment) organization_id, environment, xid, seq
+    FROM gone ORDER BY organization_id, environment, xid DESC, seq DESC
+), marked AS (
+    INSERT INTO customer_changes_purged AS p (organization_id, environment, xid, seq)
+    SELECT * FROM newest
+    ON CONFLICT (organization_id, environment) DO UPDATE SET xid = excluded.xid, seq = excluded.seq
+    WHERE (excluded.xid, excluded.seq) > (p.xid, p.seq)
+)
+SELECT count(*) FROM gone
 """
 
 
@@ -61,7 +75,7 @@ async def purge_changes(conn: Connection, retention: timedelta, *, chunk: int = 
     cutoff = datetime.now(UTC) - retention
     total = 0
     while True:
-        deleted = int((await conn.execute(PURGE_CHANGES, cutoff, chunk)).split()[-1])
+        deleted = int(await conn.fetchval(PURGE_CHANGES, cutoff, chunk))
         total += deleted
         if deleted < chunk:
             return total

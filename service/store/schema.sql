@@ -156,6 +156,13 @@ CREATE TABLE public.customer_changes (
     CONSTRAINT customer_changes_kinds_check CHECK ((kinds ~ '^[cud]+$'::text))
 );
 
+CREATE TABLE public.customer_changes_purged (
+    organization_id uuid NOT NULL,
+    environment text NOT NULL,
+    xid xid8 NOT NULL,
+    seq bigint NOT NULL
+);
+
 ALTER TABLE public.customer_changes ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY (
     SEQUENCE NAME public.customer_changes_seq_seq
     START WITH 1
@@ -382,6 +389,9 @@ ALTER TABLE ONLY public.budget_alerts
 
 ALTER TABLE ONLY public.customer_changes
     ADD CONSTRAINT customer_changes_pkey PRIMARY KEY (organization_id, environment, xid, seq);
+
+ALTER TABLE ONLY public.customer_changes_purged
+    ADD CONSTRAINT customer_changes_purged_pkey PRIMARY KEY (organization_id, environment);
 
 ALTER TABLE ONLY public.customer_tombstones
     ADD CONSTRAINT customer_tombstones_pkey PRIMARY KEY (organization_id, environment, customer_identifier);

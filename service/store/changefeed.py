@@ -1,0 +1,217 @@
+"""The change feed: the change log (service/store/changelog.py) read as a sequence of
+changes, one per customer, each with the customer as it is when read.
+
+Cursors. A log row is one transaction's changes in one organization and environment; it may
+hold thousands of customers (a fold's batch), more than a page. A :class:`Cursor` is a log
+position and how many of the next row's changes were already given: ``xid.seq`` (everything
+up to and including row ``(xid, seq)``, the form of a list's ``as_of``) or ``xid.seq.n`` (the
+rows before ``(xid, seq)``, and that row's first ``n`` changes). Each change's own cursor is
+the one that resumes right after it.
+
+What a change shows. The customer is rendered when the page is read, not as it was at the
+commit: a client that applies the changes in order ends with the customer's state as of the
+read (every commit after the read has a transaction id at or above the read's horizon, so it
+follows in the feed). A customer created or updated and deleted since is shown as deleted.
+
+Retention. Housekeeping purges rows past the retention and records, per organization and
+environment, the newest position it purged (migration 0011). A cursor below that mark may
+have missed changes that are gone: :func:`read_feed` says so (``too_old``), and the client
+resyncs by listing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import cast
+from uuid import UUID
+
+from service.store.changelog import Kind, Logged, Position, read_changes
+from service.store.db import Connection
+from service.store.rendering import Shape, renders_usage, rows_sql, shape_sql
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """After row ``position``; or, with ``given``, after the first ``given`` changes of row
+    ``position`` (and every row before it)."""
+
+    position: Position
+    given: int = 0
+
+    _FORM = re.compile(r"^(\d{1,19}\.\d{1,19})(?:\.(\d{1,9}))?$")
+
+    def __str__(self) -> str:
+        return f"{self.position}.{self.given}" if self.given else str(self.position)
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        """``xid.seq`` or ``xid.seq.n`` as :meth:`__str__` writes it; ValueError otherwise."""
+        match = cls._FORM.match(text)
+        if match is None:
+            raise ValueError("a cursor is xid.seq or xid.seq.n, as tally gave it (a change's cursor, or as_of)")
+        position = Position.parse(match[1])
+        given = int(match[2] or 0)
+        if given and position.seq == 0:
+            raise ValueError("no change is inside a position whose second number is 0")
+        return cls(position, given)
+
+    @property
+    def floor(self) -> Position:
+        """The position the rows still needed come strictly after."""
+        if self.given:
+            return Position(self.position.xid, self.position.seq - 1)
+        return self.position
+
+
+START = Cursor(Position(0))  # the oldest change retained
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Lower bounds on a customer's usage aggregates (None: no bound)."""
+
+    total_cost: Decimal | None = None
+    number_of_requests: int | None = None
+    total_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class FeedChange:
+    cursor: Cursor
+    kind: Kind  # "d" also for a customer created or updated and deleted since
+    customer_id: UUID
+    customer_identifier: str
+    changed_at: datetime
+    doc: str | None  # the customer as JSON text in the caller's shape; None when deleted
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    changes: list[FeedChange]  # those the filters kept
+    next: Cursor  # resumes after every change examined
+    more: bool  # the page stopped at its limit: more changes are there now
+    too_old: bool  # changes after the cursor were purged: resync by listing
+
+
+# Whether the scope has rows after the position: those a read just missed because the horizon
+# holds them back (a transaction with an older id was still running, service/store/changelog.py),
+# or that committed since.
+CHANGES_AFTER = """
+SELECT EXISTS (
+    SELECT 1 FROM customer_changes c
+    WHERE c.organization_id = $1 AND c.environment = $2 AND (c.xid, c.seq) > ($3::text::xid8, $4::int8)
+)
+"""
+
+# Whether housekeeping purged a row of the scope after the position.
+PURGED_AFTER = """
+SELECT EXISTS (
+    SELECT 1 FROM customer_changes_purged p
+    WHERE p.organization_id = $1 AND p.environment = $2 AND (p.xid, p.seq) > ($3::text::xid8, $4::int8)
+)
+"""
+
+# A customer's usage row, when the shape does not render (and so join) it: the thresholds read it.
+_USAGE = (
+    " CROSS JOIN LATERAL (SELECT * FROM customer_usage t"
+    " WHERE t.organization_id = c.organization_id AND t.id = c.id OFFSET 0) u"
+)
+# Whether a customer meets the thresholds $4 (total_cost), $5 (number_of_requests), $6 (total_tokens).
+_PASSES = (
+    "(($4::numeric IS NULL OR u.total_cost >= $4) AND ($5::int8 IS NULL OR u.number_of_requests >= $5)"
+    " AND ($6::int8 IS NULL OR u.total_tokens >= $6))"
+)
+
+
+def _customers_sql(shape: Shape) -> str:
+    """The customers of ``$3`` (ids) in the organization ``$1`` and environment ``$2``, one
+    probe of each table by primary key: their id, whether they meet the thresholds, and, when
+    they do, their document in ``shape``."""
+    probe = "SELECT * FROM customers t WHERE t.organization_id = $1 AND t.id = k.id OFFSET 0"
+    usage = "" if renders_usage(shape) else _USAGE
+    return (
+        f"SELECT c.id, {_PASSES} AS passes, CASE WHEN {_PASSES} THEN {shape_sql(shape)}::text END AS doc"
+        f" FROM unnest($3::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe}) c{rows_sql(shape, 'c')}{usage}"
+        " WHERE c.environment = $2"
+    )
+
+
+Entry = tuple[Cursor, Kind, UUID, str, datetime]  # cursor, kind, customer id, identifier, changed_at
+
+
+def _entries(rows: Sequence[Logged], after: Cursor, limit: int) -> tuple[list[Entry], bool]:
+    """The changes of ``rows`` after ``after``, at most ``limit``, each with its own cursor;
+    and whether the limit cut them short."""
+    out: list[Entry] = []
+    for row in rows:
+        skip = after.given if row.position == after.position else 0
+        last = len(row.kinds) - 1
+        for i in range(skip, last + 1):
+            if len(out) == limit:
+                return out, True
+            cursor = Cursor(row.position) if i == last else Cursor(row.position, i + 1)
+            out.append(
+                (cursor, cast(Kind, row.kinds[i]), row.customer_ids[i], row.customer_identifiers[i], row.changed_at)
+            )
+    return out, False
+
+
+async def read_feed(
+    conn: Connection,
+    organization_id: UUID,
+    environment: str,
+    after: Cursor,
+    limit: int,
+    shape: Shape,
+    *,
+    identifiers: frozenset[str] = frozenset(),
+    thresholds: Thresholds = Thresholds(),
+) -> FeedPage:
+    """Up to ``limit`` changes of the organization and environment after ``after``, in log
+    order (so in commit order per customer), those of customers named in ``identifiers`` (all
+    when empty) and, unless deleted, meeting ``thresholds``; and where to resume. Every change
+    examined counts toward ``limit``, kept or not: a filtered page may hold fewer, even none,
+    and still move on. :data:`START` is never too old: it means the oldest change retained."""
+    # Each row holds at least one change: ``limit`` rows hold at least ``limit`` of them.
+    rows, reached = await read_changes(conn, organization_id, environment, after.floor, limit)
+    entries, cut = _entries(rows, after, limit)
+    # Cut short: after the last change given; else after every row read (the reader's reach).
+    nxt = entries[-1][0] if cut else (Cursor(reached) if reached > after.floor else after)
+    if identifiers:
+        entries = [e for e in entries if e[3] in identifiers]
+    live = sorted({e[2] for e in entries if e[1] != "d"})
+    docs: dict[UUID, str | None] = {}
+    if live:
+        for r in await conn.fetch(
+            _customers_sql(shape),
+            organization_id,
+            environment,
+            live,
+            thresholds.total_cost,
+            thresholds.number_of_requests,
+            thresholds.total_tokens,
+        ):
+            docs[r["id"]] = r["doc"] if r["passes"] else None
+    changes = []
+    for cursor, kind, customer_id, identifier, changed_at in entries:
+        if kind != "d" and customer_id in docs and docs[customer_id] is None:
+            continue  # below a threshold
+        doc = docs.get(customer_id) if kind != "d" else None
+        changes.append(FeedChange(cursor, "d" if doc is None else kind, customer_id, identifier, changed_at, doc))
+    # Read after the rows: a purge that removed rows the read needed committed before it.
+    too_old = after != START and bool(
+        await conn.fetchval(PURGED_AFTER, organization_id, environment, str(after.floor.xid), after.floor.seq)
+    )
+    return FeedPage(changes, nxt, cut or len(rows) == limit, too_old)
+
+
+async def changes_after(conn: Connection, organization_id: UUID, environment: str, cursor: Cursor) -> bool:
+    """Whether rows of the scope after ``cursor`` exist (committed, visible or not yet below
+    the horizon): a reader that found none below it polls again rather than wait for a
+    notification that the end of an unrelated transaction never sends."""
+    at = cursor.position
+    return bool(await conn.fetchval(CHANGES_AFTER, organization_id, environment, str(at.xid), at.seq))
