@@ -209,6 +209,8 @@ async def test_bad_parameters_are_named(client: TestClient, org: Org) -> None:
     await problem(
         await client.get(FEED, headers={"Last-Event-ID": "x", **STREAM, **org.headers()}), 400, "Last-Event-ID"
     )
+    # A page does not resume from the header, but does not take a malformed one either.
+    await problem(await client.get(FEED, headers={"Last-Event-ID": "x" * 100, **org.headers()}), 400, "Last-Event-ID")
 
 
 async def test_the_feed_is_not_a_customer_called_changes(client: TestClient, org: Org) -> None:

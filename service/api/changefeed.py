@@ -95,12 +95,19 @@ def too_old(name: str, location: str = "query") -> Problem:
 def start_cursor(call: Call[ChangeParams, None], *, streaming: bool) -> tuple[Cursor, str, str]:
     """Where the request resumes, and the parameter (and where it is) that said so: an event
     stream's Last-Event-ID (what EventSource sends when it reconnects), else ``after``."""
-    resumed = call.request.headers.get(LAST_EVENT_ID) if streaming else None
+    header = call.request.headers.get(LAST_EVENT_ID)
+    if header and not streaming:
+        _parse(header, LAST_EVENT_ID, "header")  # refused if it is not a cursor, though a page ignores it
+    resumed = header if streaming else None
     name, location, text = (LAST_EVENT_ID, "header", resumed) if resumed else ("after", "query", call.query.after)
     if not text:
         return START, name, location
+    return _parse(text, name, location), name, location
+
+
+def _parse(text: str, name: str, location: str) -> Cursor:
     try:
-        return Cursor.parse(text), name, location
+        return Cursor.parse(text)
     except ValueError as exc:
         raise invalid(
             name, f"{exc}; to start again, list the customers and follow from the list's as_of", location

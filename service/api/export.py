@@ -118,7 +118,8 @@ ENDPOINTS = [
         "Customers",
         "read",
         query=ExportParams,
-        content_type="application/x-ndjson",
+        content_type=CONTENT_TYPES["ndjson"],
+        other_content_types=(CONTENT_TYPES["csv"],),
         description="Every customer the filters (and usage window) match, streamed in id order: NDJSON (the "
         "canonical customer, one per line) or CSV (a fixed set of columns, nested objects as parent.key, "
         "metadata as JSON). A dropped download resumes with after=<the id of the last row received>.",

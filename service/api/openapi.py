@@ -183,7 +183,7 @@ def build_openapi(
         if ep.response:
             ok["content"] = {ep.content_type: _media(refs[(ep.response, "serialization")], defs)}
         elif ep.status != 204:
-            ok["content"] = {ep.content_type: {"schema": {}}}
+            ok["content"] = {t: {"schema": {}} for t in (ep.content_type, *ep.other_content_types)}
         if ep.event_stream:
             ok["content"] = {**ok.get("content", {}), **EVENT_STREAM_CONTENT}  # type: ignore[dict-item]
         if ep.scope in ("read", "write") and ep.path != "/v1/events":

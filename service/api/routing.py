@@ -102,6 +102,8 @@ class Endpoint:
     path_params: dict[str, str] = field(default_factory=dict)
     query_aliases: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+    # Other media types the route answers with (an export's CSV beside its NDJSON).
+    other_content_types: tuple[str, ...] = ()
     description: str = ""
     # Regular expressions for path variables where the default [^/]+ would be ambiguous.
     path_patterns: dict[str, str] = field(default_factory=dict)
