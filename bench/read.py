@@ -247,7 +247,9 @@ async def main() -> int:
     orgs = await load(args.dsn, args.customers, args.reload, database=args.database)
     if args.load_only:
         return 0
-    dsn = with_database(args.dsn, args.database)
+    # This version reads a copy of the dataset made as every earlier version's is (migrated,
+    # copied, vacuumed): the loaded database itself carries the load's update history.
+    _, dsn = await prepare("working", args.database, args.dsn)
     pool = await asyncpg.create_pool(dsn, min_size=8, max_size=8, server_settings={"timezone": "UTC"})
     big = orgs["bench-big"]
     async with pool.acquire() as conn:

@@ -9,6 +9,7 @@ import io
 import json
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
@@ -116,3 +117,40 @@ async def test_tally_export_writes_the_same_rows_with_progress(
     assert done.returncode == 0, done.stderr
     assert target.read_bytes() == body
     assert f"exported {CUSTOMERS:,}/{CUSTOMERS:,} customers" in done.stderr
+
+
+async def test_a_failure_mid_stream_cuts_the_download_short_rather_than_ending_it(
+    client: TestClient, org: Org, loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.api import export as api_export
+
+    real, calls = api_export.core.export_page, []
+
+    async def failing(*args: object) -> list:
+        calls.append(1)
+        if len(calls) == 3:
+            raise asyncpg.QueryCanceledError("canceling statement due to statement timeout")
+        return await real(*args)
+
+    monkeypatch.setattr(api_export.core, "export_page", failing)
+    r = await client.get("/v1/customers/export", headers=org.headers())
+    assert r.status == 200
+    # Two pages arrived, then the connection closed before the body's end: the client knows
+    # the export is incomplete (and resumes with after=), instead of a body that ends cleanly.
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await r.read()
+
+
+async def test_csv_cells_a_spreadsheet_would_run_are_written_as_text(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
+    await pool.execute(LOAD, org.id, "prod", 1)
+    await pool.execute(
+        "UPDATE customers SET name = '=HYPERLINK(\"http://evil\")', email = '@SUM(A1)' WHERE organization_id = $1",
+        org.id,
+    )
+    _, _, body = await export(client, org, "format=csv")
+    table = list(csv.reader(io.StringIO(body.decode())))
+    row = dict(zip(table[0], table[1], strict=True))
+    assert row["name"] == '\'=HYPERLINK("http://evil")' and row["email"] == "'@SUM(A1)"
+    assert row["total_cost"] == "0"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -127,6 +128,19 @@ async def test_reads_carry_an_etag_and_answer_304(client: TestClient, pool: asyn
     assert again.status == 304 and again.headers["ETag"] == tag and await again.read() == b""
     other = await get(client, url, org, **{"If-None-Match": '"stale"'})
     assert other.status == 200 and other.headers["ETag"] == tag
+
+
+async def test_a_lists_etag_does_not_depend_on_its_as_of(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:
+    """A list's as_of moves with every transaction on the server (any database's); its ETag
+    follows the data only, so the same page read at another horizon has the same tag."""
+    await insert_customer(pool, org, uid())
+    first = await get(client, "/v1/customers", org)
+    body, tag = await first.read(), first.headers["ETag"]
+    as_of = orjson.dumps({"as_of": orjson.loads(body)["as_of"]})[1:-1]
+    later = b'"as_of":"99999999.0"'
+    assert as_of in body and as_of != later
+    assert etag(body.replace(as_of, later), later) == tag
+    assert etag(body.replace(b'"count":1', b'"count":2'), as_of) != tag
 
 
 async def test_a_fold_commit_is_never_answered_from_memory_after_it_is_heard(

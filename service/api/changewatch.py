@@ -27,6 +27,9 @@ from service.store.changelog import CHANNEL, parse_notice
 
 log = logging.getLogger("tally.changes")
 RELISTEN_DELAY = 1.0
+# A quiet listener connection is checked this often, and given this long to answer.
+PING_EVERY = 10.0
+PING_TIMEOUT = 5.0
 # What a standby must have replayed to serve a read that may be cached (service/infra/standby.py).
 PRIMARY_LSN = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8"
 
@@ -127,13 +130,19 @@ async def listening(dsn: str, connect_timeout: float, watch: ChangeWatch | None 
             stopped = asyncio.ensure_future(stop.wait())
             gone = asyncio.ensure_future(lost.wait())
             try:
-                await asyncio.wait([getter, stopped, gone], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([getter, stopped, gone], timeout=PING_EVERY, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopped.cancel()
                 gone.cancel()
             if not getter.done():
                 getter.cancel()
-                return
+                if stop.is_set() or lost.is_set():
+                    return
+                # Quiet for a while: a connection a NAT or load balancer dropped silently would
+                # hear nothing ever again; one that does not answer makes the listener start
+                # over (and the cache forget everything meanwhile).
+                await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
+                continue
             heard = [getter.result()]
             while not positions.empty():
                 heard.append(positions.get_nowait())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from uuid import UUID
@@ -24,6 +25,7 @@ from service.domain.listing import ListQuery
 from service.store import customers as core
 from service.store.rendering import Projection, Shape
 
+log = logging.getLogger("tally.export")
 # Customers read per statement.
 PAGE = 1000
 CONTENT_TYPES = {"ndjson": "application/x-ndjson", "csv": "text/csv"}
@@ -40,12 +42,30 @@ def csv_columns(projection: Projection, prefix: str = "") -> list[str]:
     return out
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP's "CSV
+# injection"): names, emails and metadata come from end users, so such a cell is written with
+# a leading apostrophe. A number (tally's are never negative, but "-" starts formulas too) is
+# left as it is.
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, dict | list):
         return orjson.dumps(value).decode()
-    return str(value)
+    text = str(value)
+    if isinstance(value, str) and text.startswith(_FORMULA) and not _number(text):
+        return "'" + text
+    return text
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def csv_row(doc: dict[str, object], columns: list[str]) -> list[str]:
@@ -97,14 +117,23 @@ async def export_customers(call: Call[ExportParams, None]) -> web.StreamResponse
     async with dbaccess.connection(request, read=True) as conn:
         page = await core.export_page(conn, q, shape, after)
     await response.prepare(request)
-    await response.write(header(params.format, columns))
-    while page:
-        await response.write(encode(params.format, page, columns))
-        if len(page) < PAGE:
-            break
-        after = page[-1][1]
-        async with dbaccess.connection(request, read=True) as conn:
-            page = await core.export_page(conn, q, shape, after)
+    try:
+        await response.write(header(params.format, columns))
+        while page:
+            await response.write(encode(params.format, page, columns))
+            if len(page) < PAGE:
+                break
+            after = page[-1][1]
+            async with dbaccess.connection(request, read=True) as conn:
+                page = await core.export_page(conn, q, shape, after)
+    except Exception as exc:
+        # The status is sent: an error response now would be written into the body. The
+        # connection is closed instead, before the chunked body's end, so that no client can
+        # take a partial export for a whole one; it resumes with after=.
+        log.warning("export ended early", extra={"error": repr(exc), "after": str(after) if after else None})
+        if request.transport is not None:
+            request.transport.close()
+        return response
     await response.write_eof()
     return response
 

@@ -12,7 +12,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import orjson
 from aiohttp import web
 
-from service.api import dbaccess
+from service.api import dbaccess, readcache
 from service.api.routing import Call
 from service.domain.keys import Principal
 from service.domain.listing import CustomerFilter, ListQuery, Sort
@@ -88,9 +88,13 @@ class ListAdapter(Generic[P]):
             q = self.resume(call, params, q)
         page = await run_list(call.request, q, self.shape(params))
         envelope = self.envelope(Listed(call, params, q, page))
-        return web.Response(
+        response = web.Response(
             body=json_with(envelope, self.rows, page.docs), content_type=JSON, headers={AS_OF_HEADER: page.as_of}
         )
+        if "as_of" in envelope:
+            # When it was read, not what it shows: not part of the ETag.
+            response[readcache.VOLATILE] = orjson.dumps({"as_of": envelope["as_of"]})[1:-1]
+        return response
 
 
 async def run_list(request: web.Request, q: ListQuery, shape: Shape) -> core.Page:

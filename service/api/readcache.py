@@ -13,7 +13,8 @@ Responses also hold for a bounded time at most (they show budget periods, which 
 midnight in some zone: entries end at the next quarter hour), and the cache a bounded size
 (least recently used out first).
 
-``ETag`` is a hash of the body, so it is the same on every replica and across restarts;
+``ETag`` is a hash of the body (less a list's ``as_of``, which moves with every transaction on
+the server), so it is the same on every replica and across restarts while the data is;
 ``If-None-Match`` with it is a 304 — from memory, without touching the database, when the
 response is cached. ``Cache-Control: private, no-cache``: a client (or a browser) may keep a
 response, and must revalidate it before each use; shared caches must not keep it (it is one
@@ -39,7 +40,14 @@ CACHE_CONTROL = "private, no-cache"
 QUARTER_HOUR = 900
 
 
-def etag(body: bytes) -> str:
+# A response's bytes that say when it was read rather than what it shows (a list's as_of):
+# left out of its ETag, so the tag changes only when the data does.
+VOLATILE = "tally_volatile"
+
+
+def etag(body: bytes, volatile: bytes = b"") -> str:
+    if volatile:
+        body = body.replace(volatile, b"", 1)
     return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
 
 
@@ -146,11 +154,13 @@ async def conditional(
         if entry is not None:
             metrics.READ_CACHE.labels("hit").inc()
             return _answer(entry, request)
+    # Before the read: a read that began before a quarter hour must not be kept past it.
+    expires = cache.expiry()
     response = await read()
     if response.status != 200 or not isinstance(response, web.Response) or not isinstance(response.body, bytes):
         return response
     body = response.body
-    tag = etag(body)
+    tag = etag(body, response.get(VOLATILE, b""))
     if version is None:
         metrics.READ_CACHE.labels("bypass").inc()
     else:
@@ -160,7 +170,7 @@ async def conditional(
             response.content_type,
             tag,
             tuple((h, response.headers[h]) for h in KEPT_HEADERS if h in response.headers),
-            cache.expiry(),
+            expires,
         )
         kept = storable(version) and cache.put(scope, key, entry)
         metrics.READ_CACHE.labels("miss" if kept else "uncacheable").inc()

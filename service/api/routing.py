@@ -272,10 +272,11 @@ async def _cached_call(request: web.Request, endpoint: Endpoint, principal: Prin
     key = f"{request.method} {request.path_qs} {client_link(request, URL('/'))}"
 
     def storable(version: tuple[int, int]) -> bool:
-        if not request.get(dbaccess.FROM_STANDBY):
-            return True  # the primary: what it read is at least as new as the version
-        needed, seen = watch.position(scope), request.get(dbaccess.CONSISTENCY)
-        return needed is not None and seen is not None and seen >= needed
+        # The primary: what it read is at least as new as the version the read began at. A
+        # standby's read is not kept: its replay position is known only after the read, which
+        # may have begun at an older one, and commits made while the listener reconnected are
+        # never heard, so no version says how new a standby's data must be.
+        return not request.get(dbaccess.FROM_STANDBY)
 
     async def read() -> web.StreamResponse:
         response = await _call(request, endpoint, principal)
@@ -362,7 +363,9 @@ def _guarded(endpoint: Endpoint) -> Route:
                     response = await metered(_cached_call(request, endpoint, principal), meter)
                 else:
                     response = await metered(_call(request, endpoint, principal), meter)
-                    if request.method in dbaccess.WRITE_METHODS and response.status < 400:
+                    # Only writes of customers (a vendor's POST list is a read; key and ops
+                    # routes change no customer).
+                    if endpoint.scope == "write" and request.method in dbaccess.WRITE_METHODS and response.status < 400:
                         # Its commit, before the answer: this process's next read sees it.
                         request.app[appkeys.CHANGE_WATCH].bump((organization, principal.environment))
             finally:
