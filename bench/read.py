@@ -240,6 +240,7 @@ async def main() -> int:
     parser.add_argument("--no-peer", action="store_true", help="skip the FastAPI peer (bench/peer.py)")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed dashboard workload")
     parser.add_argument("--no-windows", action="store_true", help="skip the usage-window lists")
+    parser.add_argument("--only-mixed", action="store_true", help="only the mixed workload (no scenarios, no windows)")
     parser.add_argument("--mixed-rate", type=int, default=2000, help="events/s folded during the mixed workload")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -389,7 +390,7 @@ async def main() -> int:
         if not args.no_peer:
             peer = await start_peer(dsn, big, peer_port, logs / "peer.log")
         use_wrk = shutil.which("wrk") is not None
-        for name, path, statements, peer_path in scenarios:
+        for name, path, statements, peer_path in [] if args.only_mixed else scenarios:
             await settle(pool)
             # Offsets 500k deep take ~0.5 s each: a shorter run says as much.
             duration = args.duration if "offset" not in name else max(3.0, args.duration / 3)
@@ -433,7 +434,7 @@ async def main() -> int:
                 entry["cached_over_peer"] = _ratio(entry["api"][THIS_CACHED]["per_second"], rate.per_second)
             results[name] = entry
             print(f"  {name}: {entry}", file=sys.stderr)
-        if not args.no_windows:
+        if not args.no_windows and not args.only_mixed:
             windows_result = await windows(pool, orgs["bench-mid"], apis[THIS], args, use_wrk)
         if not args.no_mixed and not use_wrk:
             print("the mixed workload needs wrk (apt-get install wrk): skipped", file=sys.stderr)
@@ -462,7 +463,9 @@ async def main() -> int:
             results["first page, no count (db)"]["db"]["per_second"],
             results["first page, -total_cost"]["db"]["per_second"],
             minus_one=True,
-        ),
+        )
+        if results
+        else None,
         "api_peak_rss_mb": api_rss,
         "load_generator": "wrk" if shutil.which("wrk") else "python (may be the bottleneck)",
     }
@@ -669,7 +672,7 @@ async def wrk_script(base: str, script: str, duration: float, connections: int) 
 
 
 async def _views(
-    port: int, keys: dict[str, str], retrieve: dict[str, str], conditional_share: int
+    port: int, keys: dict[str, str], retrieve: dict[str, str], names: dict[str, str], conditional_share: int
 ) -> list[tuple[str, dict[str, str]]]:
     """The dashboard's views, for each organization: three sorts, an offset page, a name and a
     status filter, a retrieve, a usage series and three vendor lists; every ``conditional_share``-th
@@ -681,7 +684,7 @@ async def _views(
         "/v1/customers?sort_by=-last_active&limit=50",
         "/v1/customers?sort_by=created_at&limit=25",
         "/v1/customers?sort_by=-total_cost&limit=50&offset=1000",
-        "/v1/customers?name=ka&limit=50",
+        "/v1/customers?name={name}&limit=50",
         "/v1/customers?status=active&sort_by=-number_of_requests&limit=50",
         "/v1/customers/{id}",
         "/v1/customers/{id}/usage",
@@ -695,7 +698,7 @@ async def _views(
         for org, key in keys.items():
             auth_header = {"Authorization": f"Bearer {key}"}
             for template in paths:
-                path = template.replace("{id}", retrieve[org])
+                path = template.replace("{id}", retrieve[org]).replace("{name}", names[org])
                 async with session.get(f"http://127.0.0.1:{port}{path}", headers=auth_header) as r:
                     if r.status != 200:
                         raise RuntimeError(f"{path}: {r.status} {await r.text()}")
@@ -729,6 +732,7 @@ async def mixed(
     measured_orgs = ("bench-big", "bench-mid", "bench-small")
     keys: dict[str, dict[str, str]] = {label: {} for label in apis}
     retrieve: dict[str, str] = {}
+    searches: dict[str, str] = {}
     ranges: dict[str, tuple[int, int]] = {}
     async with pool.acquire() as conn:
         for name in measured_orgs:
@@ -741,6 +745,11 @@ async def mixed(
             )
             ranges[name] = (low, high)
             retrieve[name] = f"user_{low + 7}"
+            # A dashboard's search box: one realistic last name (tens of matches).
+            searches[name] = await conn.fetchval(
+                "SELECT lower(split_part(name, ' ', 2)) FROM customers WHERE organization_id = $1 LIMIT 1",
+                orgs[name],
+            )
     names = Names(f"bench_read_mixed_{os.getpid()}")
     consumer_port = free_port()
     consumer = start_tally(
@@ -793,7 +802,7 @@ async def mixed(
     try:
         await asyncio.sleep(3)  # the fold under way before the first measurement
         for label, (_, port, _) in apis.items():
-            views = await _views(port, keys[label], retrieve, conditional_share=3)
+            views = await _views(port, keys[label], retrieve, searches, conditional_share=3)
             before = await cache_outcomes(port)
             start_published, started = published, time.perf_counter()
             rate = await wrk_script(f"http://127.0.0.1:{port}", _lua(views), args.duration * 2, args.connections)
@@ -852,20 +861,22 @@ def report(
             + [entry.get(f"this_over_{ref}") for ref in befores]
             + [entry.get("this_over_db"), entry.get("this_over_peer"), entry.get("cached_over_peer")]
         )
-    print_table(
-        f"Reads: {args.customers:,} customers, {args.connections} connections, {args.duration:g}s per scenario (req/s)",
-        [
-            "scenario",
-            "db q/s",
-            *labels,
-            "peer",
-            *[f"this/{ref}" for ref in befores],
-            "this/db",
-            "this/peer",
-            "cached/peer",
-        ],
-        rows,
-    )
+    if rows:
+        print_table(
+            f"Reads: {args.customers:,} customers, {args.connections} connections, {args.duration:g}s per scenario"
+            " (req/s)",
+            [
+                "scenario",
+                "db q/s",
+                *labels,
+                "peer",
+                *[f"this/{ref}" for ref in befores],
+                "this/db",
+                "this/peer",
+                "cached/peer",
+            ],
+            rows,
+        )
     if mixed_result:
         rows = [
             [
@@ -885,10 +896,10 @@ def report(
             ["server", "req/s", "p50 ms", "p99 ms", "errors", "cache hit rate", "events/s folded"],
             rows,
         )
-    print(
-        f"\ncount() adds {derived['count_overhead']:.0%} to a first-page list (db); API peak RSS (MB): "
-        f"{derived['api_peak_rss_mb']}"
-    )
+    overhead = derived["count_overhead"]
+    if overhead is not None:
+        print(f"\ncount() adds {overhead:.0%} to a first-page list (db)")
+    print(f"API peak RSS (MB): {derived['api_peak_rss_mb']}")
 
 
 if __name__ == "__main__":
