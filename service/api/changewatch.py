@@ -13,19 +13,17 @@ gap in listening is used after it.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from uuid import UUID
 
 import asyncpg
 
+from service.api.listener import keep_listening
 from service.infra import metrics
-from service.infra.errors import is_transient
 from service.infra.waits import wait_event
 from service.store.changelog import CHANNEL, parse_notice
 
-log = logging.getLogger("tally.changes")
 RELISTEN_DELAY = 1.0
 # A quiet listener connection is checked this often, and given this long to answer.
 PING_EVERY = 10.0
@@ -150,36 +148,31 @@ async def listening(dsn: str, connect_timeout: float, watch: ChangeWatch | None 
             for scope, version in heard:
                 watch.positioned(scope, version, lsn)
 
-    async def keep_listening() -> None:
-        while not stop.is_set():
-            try:
-                conn = await asyncpg.connect(dsn, timeout=connect_timeout)
-            except Exception as exc:  # reads bypass the cache meanwhile; it tries again
-                level = logging.WARNING if is_transient(exc) else logging.ERROR
-                log.log(level, "change listener cannot connect; reads are not cached", extra={"error": repr(exc)})
-                await wait_event(stop, RELISTEN_DELAY)
-                continue
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-            try:
-                await conn.add_listener(CHANNEL, on_notify)
-                watch.restart()
-                watch.listening = True
-                metrics.CHANGE_LISTENER_UP.set(1)
-                await locate(conn, lost)
-            except Exception as exc:  # the listener starts again after RELISTEN_DELAY, whatever it was
-                level = logging.WARNING if is_transient(exc) else logging.ERROR
-                log.log(level, "change listener failed", extra={"error": repr(exc)})
-            finally:
-                watch.listening = False
-                metrics.CHANGE_LISTENER_UP.set(0)
-                watch.restart()
-                if not conn.is_closed():
-                    await conn.close(timeout=connect_timeout)
-            if not stop.is_set():
-                await wait_event(stop, RELISTEN_DELAY)
+    async def follow(conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        watch.restart()
+        watch.listening = True
+        metrics.CHANGE_LISTENER_UP.set(1)
+        await locate(conn, lost)
 
-    task = asyncio.create_task(keep_listening(), name="tally-change-listener")
+    def ended() -> None:
+        watch.listening = False
+        metrics.CHANGE_LISTENER_UP.set(0)
+        watch.restart()
+
+    task = asyncio.create_task(
+        keep_listening(
+            dsn,
+            connect_timeout,
+            CHANNEL,
+            on_notify,
+            what="change listener (reads are not cached meanwhile)",
+            stop=stop,
+            follow=follow,
+            ended=ended,
+            relisten_delay=RELISTEN_DELAY,
+        ),
+        name="tally-change-listener",
+    )
     try:
         yield watch
     finally:

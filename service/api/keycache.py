@@ -28,18 +28,14 @@ committed, and so reads the key as revoked.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
 
+from service.api.listener import keep_listening
 from service.domain.keys import CREATED_MARK, KEYS_CHANNEL, LiveKey, Principal, hash_secret
-from service.infra.errors import is_transient
-from service.infra.waits import wait_event
 from service.store import auth
-
-log = logging.getLogger("tally.keys")
 
 # Keys held at most (about 300 bytes each). Past it, the keys beyond are looked up per request
 # (and held while there is room), as keys not yet heard of are.
@@ -202,44 +198,35 @@ async def listening(cache: KeyCache, dsn: str, connect_timeout: float) -> AsyncI
                 for waiter in waiters:
                     waiter.cancel()
 
-    async def keep_listening() -> None:
-        while not stop.is_set():
-            try:
-                conn = await asyncpg.connect(dsn, timeout=connect_timeout)
-            except Exception as exc:  # whatever it is, keys are looked up meanwhile and it tries again
-                level = logging.WARNING if is_transient(exc) else logging.ERROR
-                log.log(level, "key store listener cannot connect; every key is looked up", extra={"error": repr(exc)})
-                await _sleep_or_stop(stop, RELISTEN_DELAY)
-                continue
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-            try:
-                await conn.add_listener(KEYS_CHANNEL, on_notify)
-                cache.clear()  # anything held while not listening may be stale
-                cache.listening = True
-                await _reload(cache, conn)
-                await follow(conn, lost)
-            except Exception as exc:  # the listener starts again after RELISTEN_DELAY, whatever it was
-                level = logging.WARNING if is_transient(exc) else logging.ERROR
-                log.log(level, "key store listener failed", extra={"error": repr(exc)})
-            finally:
-                cache.listening = False
-                cache.clear()
-                if not conn.is_closed():
-                    await conn.close(timeout=connect_timeout)
-            if not stop.is_set():
-                await _sleep_or_stop(stop, RELISTEN_DELAY)
+    async def run(conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        cache.clear()  # anything held while not listening may be stale
+        cache.listening = True
+        await _reload(cache, conn)
+        await follow(conn, lost)
+
+    def ended() -> None:
+        cache.listening = False
+        cache.clear()
 
     if not cache.enabled:
         yield cache
         return
-    task = asyncio.create_task(keep_listening(), name="tally-key-store")
+    task = asyncio.create_task(
+        keep_listening(
+            dsn,
+            connect_timeout,
+            KEYS_CHANNEL,
+            on_notify,
+            what="key store listener (every key is looked up meanwhile)",
+            stop=stop,
+            follow=run,
+            ended=ended,
+            relisten_delay=RELISTEN_DELAY,
+        ),
+        name="tally-key-store",
+    )
     try:
         yield cache
     finally:
         stop.set()
         await task
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    await wait_event(stop, seconds)
