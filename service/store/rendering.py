@@ -228,10 +228,29 @@ def renders_usage(shape: Shape) -> bool:
 PARENT: Aliases = {"c": "p", "u": "pu"}
 
 
+# shape_sql's text by (shape, aliases): shapes are a route's constants, and building the text
+# cost a fifth of a retrieve's CPU (py-spy, bench/read.py's retrieve with the cache off). The
+# entry holds the shape itself, so its id cannot be reused while it is here; bounded for shapes
+# made on the fly.
+_RENDERED: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Shape, str]] = {}
+_RENDERED_MAX = 256
+
+
 def shape_sql(shape: Shape, aliases: Aliases = ROWS) -> str:
     """The SQL expression that renders one customer as a JSON object (keys in the projection's
     order, the parent and subscriptions last), over its profile and usage rows ``aliases``
     (and the parent's, ``p`` and ``pu``: :func:`rows_sql`)."""
+    key = (id(shape), tuple(sorted(aliases.items())))
+    held = _RENDERED.get(key)
+    if held is not None and held[0] is shape:
+        return held[1]
+    sql = _shape_sql(shape, aliases)
+    if len(_RENDERED) < _RENDERED_MAX:
+        _RENDERED[key] = (shape, sql)
+    return sql
+
+
+def _shape_sql(shape: Shape, aliases: Aliases) -> str:
     extras: list[tuple[str, str]] = []
     if shape.parent_key:
         parent = _json_object(shape.fields, CUSTOMER_FIELDS, PARENT)
