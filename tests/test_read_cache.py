@@ -88,12 +88,6 @@ def test_versions_follow_what_the_watch_hears() -> None:
     watch.restart()
     first = watch.version(SCOPE)
     assert watch.bump(SCOPE) == 1 and watch.version(SCOPE) != first
-    assert watch.position(SCOPE) is None  # the WAL position of that change is not known yet
-    watch.positioned(SCOPE, 1, 500)
-    assert watch.position(SCOPE) == 500
-    watch.bump(SCOPE)
-    watch.positioned(SCOPE, 1, 600)  # an older change's position does not stand for a newer one
-    assert watch.position(SCOPE) is None
     other = (uuid.UUID(int=2), "prod")
     assert watch.version(other) == (watch.epoch, 0)
 

@@ -13,7 +13,7 @@ gap in listening is used after it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from uuid import UUID
 
@@ -28,23 +28,17 @@ RELISTEN_DELAY = 1.0
 # A quiet listener connection is checked this often, and given this long to answer.
 PING_EVERY = 10.0
 PING_TIMEOUT = 5.0
-# What a standby must have replayed to serve a read that may be cached (service/infra/standby.py).
-PRIMARY_LSN = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8"
 
 Scope = tuple[UUID, str]  # (organization_id, environment)
 
 
 class ChangeWatch:
-    """Data versions per (organization, environment), and the WAL position each was bumped at."""
+    """Data versions per (organization, environment)."""
 
     def __init__(self) -> None:
         self.listening = False
         self.epoch = 0
         self._versions: dict[Scope, int] = {}
-        # The primary's WAL position when a version was bumped (None until it is known): a read a
-        # standby serves reflects the version only once it has replayed that far.
-        self._positions: dict[Scope, int | None] = {}
-        self._subscribers: list[Callable[[Scope], None]] = []
         # Tasks waiting for a scope's next version (live change streams: service/api/changefeed.py).
         self._waiters: dict[Scope, set[asyncio.Event]] = {}
 
@@ -54,38 +48,18 @@ class ChangeWatch:
             return None
         return self.epoch, self._versions.get(scope, 0)
 
-    def position(self, scope: Scope) -> int | None:
-        """The WAL position a read must reflect to be as new as the current version: 0 when
-        nothing was heard, None while the position of the last change heard is not known yet."""
-        return self._positions.get(scope, 0)
-
-    def bump(self, scope: Scope, position: int | None = None) -> int:
+    def bump(self, scope: Scope) -> int:
         """A commit may have changed ``scope``'s customers (heard, or made by this process);
         returns the new version."""
         version = self._versions[scope] = self._versions.get(scope, 0) + 1
-        self._positions[scope] = position
-        for subscriber in self._subscribers:
-            subscriber(scope)
         for waiter in self._waiters.get(scope, ()):
             waiter.set()
         return version
-
-    def positioned(self, scope: Scope, version: int, position: int) -> None:
-        """The primary's WAL position after the commit that made ``version`` (only if no newer
-        change was heard meanwhile: its own position will come)."""
-        if self._versions.get(scope) == version:
-            self._positions[scope] = position
-
-    def subscribe(self, callback: Callable[[Scope], None]) -> Callable[[], None]:
-        """Call ``callback(scope)`` on every bump; returns the unsubscribe function."""
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
 
     def restart(self) -> None:
         """A new epoch: what was heard before is forgotten (notifications may have been missed)."""
         self.epoch += 1
         self._versions.clear()
-        self._positions.clear()
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.set()
@@ -114,45 +88,29 @@ async def listening(dsn: str, connect_timeout: float, watch: ChangeWatch | None 
     (reconnecting after RELISTEN_DELAY), for the life of the block."""
     watch = watch or ChangeWatch()
     stop = asyncio.Event()
-    positions: asyncio.Queue[tuple[Scope, int]] = asyncio.Queue()
 
     def on_notify(_conn: object, _pid: int, _channel: str, payload: object, /) -> None:
         scope = parse_notice(str(payload))
         if scope is not None:
-            positions.put_nowait((scope, watch.bump(scope)))
-
-    async def locate(conn: asyncpg.Connection, lost: asyncio.Event) -> None:
-        """Fill in the WAL position of each change heard (one query for all heard meanwhile)."""
-        while not stop.is_set() and not lost.is_set():
-            getter = asyncio.ensure_future(positions.get())
-            stopped = asyncio.ensure_future(stop.wait())
-            gone = asyncio.ensure_future(lost.wait())
-            try:
-                await asyncio.wait([getter, stopped, gone], timeout=PING_EVERY, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopped.cancel()
-                gone.cancel()
-            if not getter.done():
-                getter.cancel()
-                if stop.is_set() or lost.is_set():
-                    return
-                # Quiet for a while: a connection a NAT or load balancer dropped silently would
-                # hear nothing ever again; one that does not answer makes the listener start
-                # over (and the cache forget everything meanwhile).
-                await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
-                continue
-            heard = [getter.result()]
-            while not positions.empty():
-                heard.append(positions.get_nowait())
-            lsn: int = await conn.fetchval(PRIMARY_LSN)
-            for scope, version in heard:
-                watch.positioned(scope, version, lsn)
+            watch.bump(scope)
 
     async def follow(conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         watch.restart()
         watch.listening = True
         metrics.CHANGE_LISTENER_UP.set(1)
-        await locate(conn, lost)
+        while True:
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())]
+            try:
+                done, _ = await asyncio.wait(waits, timeout=PING_EVERY, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+            if done:
+                return
+            # Quiet for a while: a connection a NAT or load balancer dropped silently would hear
+            # nothing ever again; one that does not answer makes the listener start over (and
+            # the cache forget everything meanwhile).
+            await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
 
     def ended() -> None:
         watch.listening = False

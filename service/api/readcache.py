@@ -8,7 +8,7 @@ any process, makes every response of that organization and environment a miss. S
 is never staler than the last commit the process has been told of; this process's own writes
 bump the version before they answer; a request that carries a consistency token (it wants at
 least its own write, made perhaps through another replica) bypasses the cache; and a read a
-standby served is kept only if the standby had replayed the commit of the current version.
+standby served is not kept (how new its data is is known only after the read).
 Responses also hold for a bounded time at most (they show budget periods, which turn at
 midnight in some zone: entries end at the next quarter hour), and the cache a bounded size
 (least recently used out first).

@@ -26,6 +26,7 @@ from service.store.changelog import Position as LogPosition
 from service.store.db import Connection
 from service.store.listing import export_sql, list_sql
 from service.store.rendering import Shape, rows_sql, shape_sql
+from service.store.usage import zero_filled
 
 
 @dataclass(frozen=True)
@@ -333,35 +334,10 @@ SELECT_CUSTOMER_ID = (
     "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3"
 )
 
-# The customer's daily rows in range (a primary-key range scan), summed per bucket, then
-# laid over every bucket of the range so that empty ones read as zeros.
-USAGE_SERIES = """
-WITH usage AS (
-    SELECT date_trunc($5, d.day::timestamp)::date AS bucket,
-           sum(d.requests) AS requests, sum(d.prompt_tokens) AS prompt_tokens,
-           sum(d.completion_tokens) AS completion_tokens, sum(d.total_tokens) AS total_tokens,
-           sum(d.cost) AS cost, sum(d.latency_sum) AS latency_sum, sum(d.latency_count) AS latency_count,
-           sum(d.ttft_sum) AS ttft_sum, sum(d.ttft_count) AS ttft_count
-    FROM daily_usage d
-    WHERE d.organization_id = $1 AND d.customer_id = $2 AND d.day BETWEEN $3::date AND $4::date
-    GROUP BY 1
-), buckets AS (
-    SELECT generate_series(date_trunc($5, $3::date::timestamp), $4::date::timestamp, ('1 ' || $5)::interval)::date
-           AS bucket
+# The customer's daily rows in range (a primary-key range scan), summed per bucket.
+USAGE_SERIES = zero_filled(
+    "FROM daily_usage d WHERE d.organization_id = $1 AND d.customer_id = $2 AND d.day BETWEEN $3::date AND $4::date"
 )
-SELECT coalesce('[' || string_agg(row_to_json(p)::text, ',' ORDER BY p.start) || ']', '[]')
-FROM (
-    SELECT b.bucket AS start,
-           coalesce(u.requests, 0) AS requests,
-           coalesce(u.prompt_tokens, 0) AS prompt_tokens,
-           coalesce(u.completion_tokens, 0) AS completion_tokens,
-           coalesce(u.total_tokens, 0) AS total_tokens,
-           coalesce(u.cost, 0)::text AS cost,
-           CASE WHEN u.latency_count > 0 THEN u.latency_sum / u.latency_count END AS average_latency,
-           CASE WHEN u.ttft_count > 0 THEN u.ttft_sum / u.ttft_count END AS average_ttft
-    FROM buckets b LEFT JOIN usage u ON u.bucket = b.bucket
-) p
-"""
 
 
 async def usage_series(

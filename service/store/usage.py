@@ -28,13 +28,15 @@ _CUSTOMERS = """
     WHERE c.organization_id = $1 AND c.environment = $2
       AND ($6::text[] IS NULL OR c.customer_identifier = ANY($6::text[]))"""
 
-# The organization's total per bucket, every bucket of the range (zeros where nothing was used).
-TOTALS = f"""
-WITH who AS ({_CUSTOMERS}
-), usage AS (
+
+def zero_filled(rows: str, before: str = "") -> str:
+    """A JSON array (text) of every bucket ($5: day, week or month) from $3 to $4, each with
+    the sums of the daily rows ``rows`` (``FROM daily_usage d …``) in it, zeros where none:
+    a chart needs no gap logic. ``before``: CTEs ``rows`` uses (``name AS (…), ``)."""
+    return f"""
+WITH {before}usage AS (
     SELECT date_trunc($5, d.day::timestamp)::date AS bucket,{_SUMS}
-    FROM daily_usage d JOIN who ON who.id = d.customer_id
-    WHERE d.organization_id = $1 AND d.day BETWEEN $3::date AND $4::date
+    {rows}
     GROUP BY 1
 ), buckets AS (
     SELECT generate_series(date_trunc($5, $3::date::timestamp), $4::date::timestamp, ('1 ' || $5)::interval)::date
@@ -43,6 +45,14 @@ WITH who AS ({_CUSTOMERS}
 SELECT coalesce('[' || string_agg(row_to_json(p)::text, ',' ORDER BY p.start) || ']', '[]')
 FROM (SELECT b.bucket AS start,{_SHOWN} FROM buckets b LEFT JOIN usage u ON u.bucket = b.bucket) p
 """
+
+
+# The organization's total per bucket.
+TOTALS = zero_filled(
+    "FROM daily_usage d JOIN who ON who.id = d.customer_id"
+    " WHERE d.organization_id = $1 AND d.day BETWEEN $3::date AND $4::date",
+    before=f"who AS ({_CUSTOMERS}\n), ",
+)
 
 # A page of customers with usage in the range (id order, after $7), and their buckets with usage.
 BY_CUSTOMER = f"""
