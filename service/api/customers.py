@@ -4,7 +4,7 @@ CustomerAdapter: retrieve, create, update, delete), and the usage series."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import cache
 
 from aiohttp import web
@@ -32,10 +32,11 @@ from service.api.routing import Call, Endpoint
 from service.api.shapes import customer_shape
 from service.domain.listing import CustomerFilter, ListQuery, Sort, resume
 from service.store import customers as core
+from service.store import usage as usage_store
 from service.store.rendering import Shape
 
 DEFAULT_LIMIT = 50
-# Without from/to a usage series covers the last 30 UTC days, today included.
+# Without from/to a usage series covers the organization's last 30 days, today included.
 DEFAULT_SERIES_DAYS = 30
 DEFAULT_SORT = "-first_seen"
 
@@ -159,9 +160,10 @@ ONE = CustomerAdapter[RetrieveParams](
 async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
     params, principal = call.query, call.principal
     identifier = call.request.match_info["customer_identifier"]
-    end = params.to or datetime.now(UTC).date()
-    start = params.from_ or end - timedelta(days=DEFAULT_SERIES_DAYS - 1)
     async with dbaccess.connection(call.request, read=True) as conn:
+        today, zone = await usage_store.today(conn, principal.organization_id)
+        end = params.to or today
+        start = params.from_ or end - timedelta(days=DEFAULT_SERIES_DAYS - 1)
         series = await core.usage_series(
             conn,
             principal.organization_id,
@@ -176,6 +178,7 @@ async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
         "granularity": params.granularity,
         "from": start.isoformat(),
         "to": end.isoformat(),
+        "time_zone": zone,
     }
     return web.Response(body=json_with(envelope, "results", series), content_type=JSON)
 
@@ -270,7 +273,8 @@ ENDPOINTS = [
         query=UsageParams,
         response=UsageSeries,
         path_params=IDENTIFIER,
-        description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC days, inclusive, "
+        description="One zero-filled bucket per day, week or month from 'from' to 'to' (days of the "
+        "organization's reporting time zone, inclusive, "
         f"given as dates; 'to' at most {core.MAX_SERIES_DAYS} days after 'from'); without them, the last "
         f"{DEFAULT_SERIES_DAYS} days up to today.",
     ),

@@ -13,10 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Union
 
+# The organization's reporting time zone: its calendar periods are the budget periods.
+_ZONE = "(SELECT o.time_zone FROM organizations o WHERE o.id = {c}.organization_id)"
+_PERIOD = "{c}.budget_duration, now(), " + _ZONE
+
 # Output fields: name -> SQL over a customer's profile row ``{c}`` and usage row ``{u}``,
 # rendered into JSON by row_to_json. Money is text so that no client parses it into a float by
 # accident.
-_PERIOD = "{c}.budget_duration, now()"
 CUSTOMER_FIELDS: dict[str, str] = {
     "id": "{c}.id",
     "organization_id": "{c}.organization_id",
@@ -52,8 +55,8 @@ CUSTOMER_FIELDS: dict[str, str] = {
     "total_period_usage": (
         "CASE WHEN {c}.budget_duration IS NULL THEN {u}.total_cost ELSE (SELECT coalesce(sum(d.cost), 0)"
         " FROM daily_usage d WHERE d.organization_id = {c}.organization_id AND d.customer_id = {c}.id"
-        f" AND d.day >= (tally_period_start({_PERIOD}) AT TIME ZONE 'UTC')::date"
-        f" AND d.day < (tally_period_end({_PERIOD}) AT TIME ZONE 'UTC')::date) END"
+        f" AND d.day >= (tally_period_start({_PERIOD}) AT TIME ZONE {_ZONE})::date"
+        f" AND d.day < (tally_period_end({_PERIOD}) AT TIME ZONE {_ZONE})::date) END"
     ),
     "first_seen": "{u}.first_seen",
     "last_active": "{u}.last_active",

@@ -1,4 +1,5 @@
-"""Organization-wide usage over a range of UTC days, from daily_usage: one zero-filled series
+"""Organization-wide usage over a range of the organization's days (of its reporting time zone),
+from daily_usage: one zero-filled series
 for the whole organization (or the customers named), or, grouped by customer, each customer's
 buckets with usage, a page of customers at a time in id order."""
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from datetime import date
 from uuid import UUID
 
+from service.domain.errors import NotFound
 from service.store.db import Connection
 
 # Per bucket: the sums, and the averages of latency and time to first token.
@@ -72,6 +74,17 @@ WITH who AS ({_CUSTOMERS}
 SELECT u.id, (SELECT row_to_json(p)::text FROM (SELECT u.customer_identifier, u.bucket AS start,{_SHOWN}) p) AS doc
 FROM usage u ORDER BY u.id, u.bucket
 """
+
+
+TODAY = "SELECT (now() AT TIME ZONE time_zone)::date AS today, time_zone FROM organizations WHERE id = $1"
+
+
+async def today(conn: Connection, organization_id: UUID) -> tuple[date, str]:
+    """The organization's current day in its reporting time zone, and the zone's name."""
+    row = await conn.fetchrow(TODAY, organization_id)
+    if row is None:  # the key's organization was deleted while the request ran
+        raise NotFound("no such organization")
+    return row["today"], row["time_zone"]
 
 
 @dataclass(frozen=True)
