@@ -34,8 +34,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     export.add_argument("--format", default="ndjson", choices=("ndjson", "csv"), help="default ndjson")
     export.add_argument("--output", "-o", help="write here (default: standard output)")
     export.add_argument("--status", action="append", default=[], help="only this status (repeat for several)")
-    export.add_argument("--usage-from", type=date.fromisoformat, help="usage window's first UTC day (YYYY-MM-DD)")
-    export.add_argument("--usage-to", type=date.fromisoformat, help="usage window's last UTC day")
+    export.add_argument(
+        "--usage-from",
+        type=date.fromisoformat,
+        help="usage window's first day (YYYY-MM-DD, the organization's time zone)",
+    )
+    export.add_argument("--usage-to", type=date.fromisoformat, help="usage window's last day")
     export.add_argument("--usage-only", action="store_true", help="only customers with usage in the window")
     export.set_defaults(run=cmd_export)
 
