@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from functools import cached_property
 from uuid import UUID
 
 import orjson
@@ -230,10 +231,15 @@ class CustomerFilter:
     def windowed(self) -> bool:
         return self.usage_from is not None
 
-    def fingerprint(self) -> str:
-        """A short digest of the filter, so a cursor cannot be replayed against another one."""
+    @cached_property
+    def _fingerprint(self) -> str:
         canonical = orjson.dumps(asdict(self), default=str, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(canonical).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """A short digest of the filter, so a cursor cannot be replayed against another one
+        (computed once per filter: a page signs two cursors and checks one)."""
+        return self._fingerprint
 
 
 @dataclass(frozen=True)
