@@ -33,6 +33,7 @@ from service.api.shapes import customer_shape
 from service.domain.listing import CustomerFilter, ListQuery, Sort, resume
 from service.store import customers as core
 from service.store.rendering import Shape
+from service.store.usage import DEFAULT_TOP
 
 DEFAULT_LIMIT = 50
 # Without from/to a usage series covers the last 30 UTC days, today included.
@@ -159,6 +160,8 @@ ONE = CustomerAdapter[RetrieveParams](
 async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
     params, principal = call.query, call.principal
     identifier = call.request.match_info["customer_identifier"]
+    if params.top is not None and params.group_by is None:
+        raise invalid("top", "only with group_by=model or group_by=provider")
     end = params.to or datetime.now(UTC).date()
     start = params.from_ or end - timedelta(days=DEFAULT_SERIES_DAYS - 1)
     async with dbaccess.connection(call.request, read=True) as conn:
@@ -170,12 +173,16 @@ async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
             start,
             end,
             params.granularity,
+            models=tuple(params.model),
+            group_by=params.group_by,
+            top=params.top or DEFAULT_TOP,
         )
     envelope = {
         "customer_identifier": identifier,
         "granularity": params.granularity,
         "from": start.isoformat(),
         "to": end.isoformat(),
+        "group_by": params.group_by,
     }
     return web.Response(body=json_with(envelope, "results", series), content_type=JSON)
 
@@ -272,6 +279,8 @@ ENDPOINTS = [
         path_params=IDENTIFIER,
         description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC days, inclusive, "
         f"given as dates; 'to' at most {core.MAX_SERIES_DAYS} days after 'from'); without them, the last "
-        f"{DEFAULT_SERIES_DAYS} days up to today.",
+        f"{DEFAULT_SERIES_DAYS} days up to today. model= keeps only those models' usage; group_by=model (or "
+        "provider) gives, per bucket with usage, a row per model: the top ones by cost over the range, the rest "
+        "summed as 'other', and usage without a model under null.",
     ),
 ]
