@@ -51,11 +51,13 @@ SeriesDay = Annotated[Day, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
 MAX_MODEL_FILTER = 100
 MODEL_FILTER = (
     "Only the usage of these models (repeat or comma-separate; each as the events named it, at most "
-    f"{MAX_MODEL_NAME} characters; at most {MAX_MODEL_FILTER}). Usage without a model is left out."
+    f"{MAX_MODEL_NAME} characters; at most {MAX_MODEL_FILTER}). Usage without a model is left out. "
+    "Example: model=gpt-4o,gpt-4o-mini."
 )
 TOP = (
     "With group_by=model or provider: the names kept apart, by cost over the whole range (then requests, "
-    f"then name); the rest are summed in one row named '{OTHER}'. Default {DEFAULT_TOP}, at most {MAX_TOP}."
+    f"then name); the rest are summed in one row named '{OTHER}'. Default {DEFAULT_TOP}, at most {MAX_TOP}. "
+    "Example: group_by=model&top=5."
 )
 
 
@@ -317,7 +319,7 @@ class UsageQueryParams(BaseModel):
         description="customer: each customer's buckets with usage, a page of customers at a time (limit, after); "
         "model or provider: per bucket, a row per model (or provider) with usage, the top names by cost and "
         f"'{OTHER}', and a row with a null name for usage that named none; without it, the organization's total per "
-        "bucket, every bucket of the range.",
+        "bucket, every bucket of the range. Example: group_by=model.",
     )
     customer_identifiers: list[Identifier] = Field(
         default_factory=list, max_length=1000, description="Only these customers (repeat or comma-separate)."
@@ -349,7 +351,7 @@ class UsageRow(UsageGroupPoint):
 
 
 class UsageReport(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [examples.USAGE_REPORT]})
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.USAGE_REPORT, examples.USAGE_BY_MODEL]})
 
     granularity: str
     from_: date = Field(alias="from", description="First day (UTC).")
