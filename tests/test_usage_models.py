@@ -14,12 +14,13 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
 from service.domain.events import MAX_MODEL_NAME, InvalidEvent, validate_event
 from service.store import failpoints
-from service.store.usage import DEFAULT_TOP, MAX_TOP, OTHER
+from service.store.usage import DEFAULT_TOP, GROUPED, MAX_TOP, OTHER
 from tests.consumerkit import drained, running_consumer
 from tests.eventkit import Broker, cloud_event, fold_events, usage, wait_until
 from tests.factories import Org
@@ -230,10 +231,24 @@ async def test_a_deleted_customer_leaves_no_per_model_rows(client: TestClient, p
     assert await pool.fetchval("SELECT count(*) FROM daily_model_usage WHERE organization_id = $1", org.id) == 0
 
 
-async def test_a_batch_without_models_writes_no_per_model_rows(pool: asyncpg.Pool, org: Org) -> None:
+async def test_a_batch_without_models_runs_no_per_model_statement(pool: asyncpg.Pool, org: Org) -> None:
+    statements: list[str] = []
+
+    def log(record: asyncpg.connection.LoggedQuery) -> None:
+        statements.append(record.query)
+
     async with pool.acquire() as conn:
-        assert await fold_events(conn, usage(org.name, "plain"), usage(org.name, "plain")) == ["applied"] * 2
-    assert await pool.fetchval("SELECT count(*) FROM daily_model_usage WHERE organization_id = $1", org.id) == 0
+        conn.add_query_logger(log)
+        try:
+            assert await fold_events(conn, usage(org.name, "plain"), usage(org.name, "plain")) == ["applied"] * 2
+            plain = len(statements)
+            named = with_model(usage(org.name, "plain"), "gpt-4o", None)
+            assert await fold_events(conn, named) == ["applied"]
+        finally:
+            conn.remove_query_logger(log)
+    assert plain and not any("daily_model_usage" in q for q in statements[:plain])
+    assert sum("daily_model_usage" in q for q in statements[plain:]) == 1
+    assert await pool.fetchval("SELECT count(*) FROM daily_model_usage WHERE organization_id = $1", org.id) == 1
 
 
 # ---- the routes ------------------------------------------------------------------------------
@@ -423,3 +438,41 @@ async def test_another_organizations_customer_is_404_grouped_too(
     assert {p["model"] for p in (await r.json())["results"]} == {"secret-model"}
     r = await client.get("/v1/customers/rm_0/usage?from=2026-01-01&group_by=model", headers=org.headers())
     assert "secret-model" not in {p["model"] for p in (await r.json())["results"]}
+
+
+# ---- plans -----------------------------------------------------------------------------------
+
+LOAD_MODEL_DAYS = """
+WITH made AS (
+    INSERT INTO customers (organization_id, environment, customer_identifier)
+    SELECT $1, 'prod', 'plan_' || g FROM generate_series(1, $2) g
+    RETURNING organization_id, id
+)
+INSERT INTO daily_model_usage (organization_id, customer_id, day, model, provider, requests, cost)
+SELECT m.organization_id, m.id, current_date - d, 'model-' || k, 'p', 1, 0.01
+FROM made m, generate_series(0, 29) d, generate_series(1, 3) k
+"""
+
+
+def scans(node: dict, out: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    if node.get("Relation Name") in ("daily_model_usage", "daily_usage"):
+        out.append((node["Relation Name"], node["Node Type"]))
+    for child in node.get("Plans", []):
+        scans(child, out)
+    return out
+
+
+@pytest.mark.parametrize("dimension", ["model", "provider"])
+async def test_one_customers_rows_are_read_by_their_primary_key(pool: asyncpg.Pool, org: Org, dimension: str) -> None:
+    """A customer's (or a few customers') per-model rows are a range of the primary key, also
+    on a table loaded in bulk and not analyzed since."""
+    end = datetime.now(UTC).date()
+    async with pool.acquire() as conn:
+        await conn.execute(LOAD_MODEL_DAYS, org.id, 3000)
+        for identifiers, models in ((["plan_7"], None), (["plan_7", "plan_8"], ["model-1"])):
+            args = [org.id, "prod", end - timedelta(days=6), end, "day", identifiers, models, DEFAULT_TOP]
+            doc = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {GROUPED[dimension]}", *args)
+            plan = (orjson.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"]
+            found = scans(plan, [])
+            assert ("daily_model_usage", "Seq Scan") not in found and ("daily_usage", "Seq Scan") not in found, found
+            assert any(table == "daily_model_usage" for table, _ in found), found
