@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
+from yarl import URL
 
 from service.domain.events import MAX_MODEL_NAME, InvalidEvent, validate_event
 from service.store import failpoints
@@ -476,3 +477,32 @@ async def test_one_customers_rows_are_read_by_their_primary_key(pool: asyncpg.Po
             found = scans(plan, [])
             assert ("daily_model_usage", "Seq Scan") not in found and ("daily_usage", "Seq Scan") not in found, found
             assert any(table == "daily_model_usage" for table, _ in found), found
+
+
+# ---- the customer list -----------------------------------------------------------------------
+
+
+async def test_the_list_in_a_window_filters_by_a_model_used_in_it(
+    client: TestClient, org: Org, folded: list[dict]
+) -> None:
+    end = datetime.now(UTC).date()
+    start = end - timedelta(days=2)
+    inside = [e for e in folded if start <= day_of(e) <= end]
+    for models in (["gemini-2.0-flash"], ["claude-haiku", "gpt-4o"]):
+        want = {e["subject"] for e in inside if e["data"].get("model") in models}
+        window = sums([e for e in inside if e["subject"] in want], lambda e: e["subject"])
+        url = f"/v1/customers?usage_from={start}&usage_to={end}&model={','.join(models)}&limit=2&sort_by=-total_cost"
+        got: dict[str, Decimal] = {}
+        count = None
+        while url:
+            r = await client.get(url, headers=org.headers())
+            assert r.status == 200, await r.text()
+            body = await r.json()
+            count = body["count"]
+            got.update({c["customer_identifier"]: Decimal(c["total_cost"]) for c in body["results"]})
+            url = body["next"] and str(URL(body["next"]).relative())
+        assert count == len(want) and set(got) == want
+        assert got == {who: s[2] for who, s in window.items()}  # the window's whole cost, every model's
+    r = await client.get("/v1/customers?model=gpt-4o", headers=org.headers())
+    assert r.status == 400
+    assert [e["name"] for e in (await r.json())["errors"]] == ["model"]

@@ -87,6 +87,7 @@ def customer_filter(params: CustomerFilterParams) -> CustomerFilter:
         usage_from=params.usage_from,
         usage_to=params.usage_to,
         usage_only=bool(params.usage_only),
+        models=tuple(sorted(set(params.model))),
     )
 
 

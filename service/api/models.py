@@ -106,6 +106,12 @@ class CustomerFilterParams(BaseModel):
         description="With a window: only customers with usage in it (without, they are listed with zeros, last "
         "when sorted by a usage field in descending order).",
     )
+    model: list[ModelName] = Field(
+        default_factory=list,
+        max_length=MAX_MODEL_FILTER,
+        description="With a window: only customers with usage of one of these models in it (repeat or "
+        f"comma-separate; at most {MAX_MODEL_FILTER}). Example: model=gpt-4o.",
+    )
 
 
 class ListParams(CustomerFilterParams):
