@@ -20,8 +20,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from service.api import appkeys
 from service.api.app import create_app
 from service.api.changefeed import wants_stream
+from service.api.changewatch import SharedReads
 from service.infra import metrics
 from service.infra.settings import Settings
 from service.store.changefeed import Cursor
@@ -478,3 +480,84 @@ async def test_a_write_through_one_api_process_reaches_a_stream_on_another(
         for api in apis:
             await api.terminate()
             api.close()
+
+
+# ---- one read for the streams one commit wakes ----------------------------------------------------
+
+
+async def test_a_read_in_flight_is_joined_not_repeated() -> None:
+    reads: SharedReads[str] = SharedReads()
+    runs: list[str] = []
+    gate = asyncio.Event()
+
+    async def run(key: str) -> str:
+        runs.append(key)
+        await gate.wait()
+        return f"page of {key}"
+
+    first = [asyncio.ensure_future(reads.read("a", lambda: run("a"))) for _ in range(5)]
+    other = asyncio.ensure_future(reads.read("b", lambda: run("b")))
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(*first) == ["page of a"] * 5
+    assert await other == "page of b"
+    assert runs == ["a", "b"] and reads.joined == 4
+    # Landed: the next read of the same key runs again (it may see newer commits).
+    assert await reads.read("a", lambda: run("a")) == "page of a"
+    assert runs == ["a", "b", "a"]
+
+
+async def test_a_reader_leaving_does_not_cancel_the_read_for_the_others() -> None:
+    reads: SharedReads[int] = SharedReads()
+    gate = asyncio.Event()
+
+    async def run() -> int:
+        await gate.wait()
+        return 7
+
+    leaving = asyncio.ensure_future(reads.read("k", run))
+    staying = asyncio.ensure_future(reads.read("k", run))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    gate.set()
+    assert await staying == 7
+    assert leaving.cancelled()
+
+
+async def test_a_failed_read_fails_every_reader_and_is_not_kept() -> None:
+    reads: SharedReads[int] = SharedReads()
+    attempts = 0
+
+    async def run() -> int:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.sleep(0)
+        if attempts == 1:
+            raise ConnectionResetError("database went away")
+        return 1
+
+    results = await asyncio.gather(reads.read("k", run), reads.read("k", run), return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionResetError, ConnectionResetError]
+    assert await reads.read("k", run) == 1 and attempts == 2
+
+
+async def test_streams_woken_by_one_commit_share_one_read(migrated: str, settings: Settings, org: Org) -> None:
+    """Eight streams of one key and scope, one commit: every stream gets the change, and the
+    process read the feed for them fewer times than there are streams."""
+    tuned = settings.model_copy(update={"change_stream_heartbeat_seconds": 30, "change_streams_per_key": 8})
+    async with TestClient(TestServer(create_app(tuned))) as client:
+        responses = [await open_stream(client, org) for _ in range(8)]
+        try:
+            reads = client.server.app[appkeys.CHANGE_STREAMS].reads
+            before = reads.joined
+            ident = uid("shared")
+            await ok_json(
+                await client.post("/v1/customers", json={"customer_identifier": ident}, headers=org.headers()), 201
+            )
+            got = [await Reader(r).next() for r in responses]
+            assert {(e.kind, e.data["customer"]["customer_identifier"]) for e in got if e.data} == {("created", ident)}
+            assert len(got) == 8
+            assert reads.joined > before
+        finally:
+            for r in responses:
+                r.close()

@@ -90,7 +90,7 @@ def test_lists_have_headers_and_organization_names(migrated: str, settings: Sett
     env = {"TALLY_DATABASE_URL": settings.database_url}
     orgs = tally("orgs", "list", env=env)
     assert orgs.returncode == 0, orgs.stderr
-    assert orgs.stdout.splitlines()[0].split() == ["NAME", "CUSTOMERS", "LIVE", "KEYS", "CREATED", "ID"]
+    assert orgs.stdout.splitlines()[0].split() == ["NAME", "TIME", "ZONE", "CUSTOMERS", "LIVE", "KEYS", "CREATED", "ID"]
     assert org.name in orgs.stdout
     keys = tally("keys", "list", "--org", org.name, env=env)
     assert keys.returncode == 0, keys.stderr

@@ -149,7 +149,11 @@ async def test_crash_loop_beyond_the_delivery_limit_dead_letters_then_replays_ex
     # Each run takes messages in flight and dies before committing: every death returns
     # them to the queue with one more delivery; past the limit the broker dead-letters them.
     for run in range(25):
-        if await broker.queue_depth(broker.names.ingest) == 0 and await broker.queue_depth(broker.names.dead) >= 10:
+        # A dead consumer's messages go back to the queue, or past the limit to the dead
+        # letters, a moment after it exits: start the next one only once they are somewhere
+        # (one started on an empty queue would wait for a crash that never comes).
+        await wait_until(lambda: _settled(broker), timeout=60, what="the messages requeued or dead-lettered")
+        if await broker.queue_depth(broker.names.dead) >= 10:
             break
         crashing = fleet.start(
             f"loop{run}", tally_failpoints="fold.before_commit", tally_prefetch="10", tally_batch_size="1000"
@@ -167,6 +171,10 @@ async def test_crash_loop_beyond_the_delivery_limit_dead_letters_then_replays_ex
     await wait_applied(pool, [org], distinct(events), fleet)
     assert_totals(expected(events), await actual(pool, [org.name]))
     await terminate_all(fleet, [healthy])
+
+
+async def _settled(broker: Broker) -> bool:
+    return await broker.queue_depth(broker.names.ingest) > 0 or await broker.queue_depth(broker.names.dead) >= 10
 
 
 async def _depth(broker: Broker, queue: str, n: int) -> bool:

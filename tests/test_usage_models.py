@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
@@ -20,11 +21,11 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from service.domain.events import MAX_MODEL_NAME, InvalidEvent, validate_event
-from service.store import failpoints
+from service.store import auth, failpoints
 from service.store.usage import DEFAULT_TOP, GROUPED, MAX_TOP, OTHER
 from tests.consumerkit import drained, running_consumer
 from tests.eventkit import Broker, cloud_event, fold_events, usage, wait_until
-from tests.factories import Org
+from tests.factories import Org, make_org
 
 # (model, provider): five models of three providers, some events naming neither, one a provider alone.
 MODELS = [
@@ -223,6 +224,38 @@ async def test_a_late_deletion_rebuilds_the_per_model_rows(pool: asyncpg.Pool, o
         org.id,
     )
     assert mismatched == []
+
+
+async def test_per_model_rows_are_the_organizations_local_days(client: TestClient, pool: asyncpg.Pool) -> None:
+    """In a reporting time zone the per-model rows fall on the zone's days, as the daily rows do,
+    before and after a late deletion's rebuild; the API's grouped report shows those days."""
+    org = await make_org(pool)
+    zone = "Pacific/Kiritimati"  # UTC+14: most instants fall on another local day than their UTC one
+    async with pool.acquire() as conn:
+        await auth.set_time_zone(conn, org.name, zone)
+    rng = random.Random(23)
+    events = [with_model(e, "gpt-4o", "openai") for e in random_events(rng, org.name, ["tz_a"], 60, days=12)]
+    cut = datetime.now(UTC) - timedelta(days=6)
+    local = ZoneInfo(zone)
+
+    def local_day(e: dict) -> date:
+        return datetime.fromisoformat(e["time"]).astimezone(local).date()
+
+    async with pool.acquire() as conn:
+        assert set(await fold_events(conn, *events)) == {"applied"}
+        assert await stored(pool, org) == sums(events, lambda e: ("tz_a", local_day(e), "gpt-4o", "openai"))
+        assert await fold_events(conn, cloud_event(org.name, "tz_a", "customer.deleted", {}, when=cut)) == ["applied"]
+    after = [e for e in events if datetime.fromisoformat(e["time"]) > cut]
+    want = sums(after, lambda e: ("tz_a", local_day(e), "gpt-4o", "openai"))
+    assert await stored(pool, org) == want
+    end = datetime.now(local).date()
+    r = await client.get(
+        f"/v1/customers/tz_a/usage?from={end - timedelta(days=13)}&to={end}&group_by=model", headers=org.headers()
+    )
+    assert r.status == 200, await r.text()
+    body = await r.json()
+    assert body["time_zone"] == zone
+    assert got_rows(body, "model") == {(day, "gpt-4o"): v for (_, day, _, _), v in want.items()}
 
 
 async def test_a_deleted_customer_leaves_no_per_model_rows(client: TestClient, pool: asyncpg.Pool, org: Org) -> None:

@@ -126,10 +126,26 @@ async def _read(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) ->
             params.limit,
             canonical_shape(False, False),
             identifiers=params.identifiers,
-            thresholds=Thresholds(params.min_total_cost, params.min_number_of_requests, params.min_total_tokens),
+            thresholds=_thresholds(params),
         )
         held_back = not page.more and not page.too_old and await changes_after(conn, *scope, page.next)
     return page, held_back
+
+
+def _thresholds(params: ChangeParams) -> Thresholds:
+    return Thresholds(params.min_total_cost, params.min_number_of_requests, params.min_total_tokens)
+
+
+async def _shared_read(
+    call: Call[ChangeParams, None], scope: Scope, cursor: Cursor, since: tuple[int, int] | None
+) -> tuple[FeedPage, bool]:
+    """:func:`_read`, shared with every stream of this process that asks the same read after
+    the same notification (service/api/changewatch.py SharedReads)."""
+    params = call.query
+    key = (scope, since, cursor, params.limit, params.identifiers, _thresholds(params))
+    reads = call.request.app[appkeys.CHANGE_STREAMS].reads
+    result: tuple[FeedPage, bool] = await reads.read(key, lambda: _read(call, scope, cursor))
+    return result
 
 
 async def changes(call: Call[ChangeParams, None]) -> web.StreamResponse:
@@ -234,7 +250,7 @@ async def _follow(
     while not slots.stopping.is_set():
         # Noted before the read: a commit heard while it runs makes the wait below return at once.
         since = watch.version(scope)
-        page, held_back = await _read(call, scope, cursor)
+        page, held_back = await _shared_read(call, scope, cursor, since)
         if page.too_old:
             await send(
                 _resync(

@@ -13,8 +13,9 @@ gap in listening is used after it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -23,6 +24,8 @@ from service.api.listener import keep_listening
 from service.infra import metrics
 from service.infra.waits import wait_event
 from service.store.changelog import CHANNEL, parse_notice
+
+T = TypeVar("T")
 
 RELISTEN_DELAY = 1.0
 # A quiet listener connection is checked this often, and given this long to answer.
@@ -138,6 +141,38 @@ async def listening(dsn: str, connect_timeout: float, watch: ChangeWatch | None 
         await task
 
 
+class SharedReads(Generic[T]):
+    """Single-flight reads: a read asked while the same one (by ``key``) is in flight joins it
+    instead of running again. The streams of a scope that one commit wakes all ask for the
+    changes after the same position: one database read serves them, where each reading alone
+    made the reads grow with the streams (bench/streams.py measured it).
+
+    The caller's key must make joining correct: it names the scope, the position, the filters
+    and the change-watch version the caller saw before reading. A read keyed by that version
+    started after the caller saw it, so it sees every commit the caller was told of."""
+
+    def __init__(self) -> None:
+        self._flight: dict[Hashable, asyncio.Future[T]] = {}
+        self.joined = 0  # reads served by another's flight, for tests and metrics
+
+    async def read(self, key: Hashable, run: Callable[[], Awaitable[T]]) -> T:
+        flight = self._flight.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(run())
+            self._flight[key] = flight
+            flight.add_done_callback(lambda done: self._landed(key, done))
+        else:
+            self.joined += 1
+        # One reader going away (its client left) must not cancel the read for the others.
+        return await asyncio.shield(flight)
+
+    def _landed(self, key: Hashable, flight: asyncio.Future[T]) -> None:
+        if self._flight.get(key) is flight:
+            del self._flight[key]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every reader may have gone before it failed
+
+
 class StreamSlots:
     """Live change streams of this process (service/api/changefeed.py): at most ``per_key``
     open per API key, and the signal that ends them all when the process shuts down (a stream
@@ -147,6 +182,7 @@ class StreamSlots:
         self.per_key = per_key
         self._open: dict[str, int] = {}
         self.stopping = asyncio.Event()
+        self.reads: SharedReads[Any] = SharedReads()
 
     def take(self, client_key: str) -> bool:
         """One more stream for ``client_key``, or False when it holds ``per_key`` already."""

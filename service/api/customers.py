@@ -4,7 +4,7 @@ CustomerAdapter: retrieve, create, update, delete), and the usage series."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import cache
 
 from aiohttp import web
@@ -32,11 +32,11 @@ from service.api.routing import Call, Endpoint
 from service.api.shapes import customer_shape
 from service.domain.listing import CustomerFilter, ListQuery, Sort, resume
 from service.store import customers as core
+from service.store import usage as usage_store
 from service.store.rendering import Shape
-from service.store.usage import DEFAULT_TOP
 
 DEFAULT_LIMIT = 50
-# Without from/to a usage series covers the last 30 UTC days, today included.
+# Without from/to a usage series covers the organization's last 30 days, today included.
 DEFAULT_SERIES_DAYS = 30
 DEFAULT_SORT = "-first_seen"
 
@@ -163,9 +163,10 @@ async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
     identifier = call.request.match_info["customer_identifier"]
     if params.top is not None and params.group_by is None:
         raise invalid("top", "only with group_by=model or group_by=provider")
-    end = params.to or datetime.now(UTC).date()
-    start = params.from_ or end - timedelta(days=DEFAULT_SERIES_DAYS - 1)
     async with dbaccess.connection(call.request, read=True) as conn:
+        today, zone = await usage_store.today(conn, principal.organization_id)
+        end = params.to or today
+        start = params.from_ or end - timedelta(days=DEFAULT_SERIES_DAYS - 1)
         series = await core.usage_series(
             conn,
             principal.organization_id,
@@ -176,13 +177,14 @@ async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
             params.granularity,
             models=tuple(params.model),
             group_by=params.group_by,
-            top=params.top or DEFAULT_TOP,
+            top=params.top or usage_store.DEFAULT_TOP,
         )
     envelope = {
         "customer_identifier": identifier,
         "granularity": params.granularity,
         "from": start.isoformat(),
         "to": end.isoformat(),
+        "time_zone": zone,
         "group_by": params.group_by,
     }
     return web.Response(body=json_with(envelope, "results", series), content_type=JSON)
@@ -278,7 +280,8 @@ ENDPOINTS = [
         query=UsageParams,
         response=UsageSeries,
         path_params=IDENTIFIER,
-        description="One zero-filled bucket per day, week or month from 'from' to 'to' (UTC days, inclusive, "
+        description="One zero-filled bucket per day, week or month from 'from' to 'to' (days of the "
+        "organization's reporting time zone, inclusive, "
         f"given as dates; 'to' at most {core.MAX_SERIES_DAYS} days after 'from'); without them, the last "
         f"{DEFAULT_SERIES_DAYS} days up to today. model= keeps only those models' usage; group_by=model (or "
         "provider) gives, per bucket with usage, a row per model: the top ones by cost over the range, the rest "

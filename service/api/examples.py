@@ -81,7 +81,7 @@ CUSTOMER_CREATE: JsonDict = {
 CUSTOMER_PATCH: JsonDict = {"status": "blacklisted", "period_budget": "150"}
 USAGE_SERIES: JsonDict = {
     "customer_identifier": "user_123", "granularity": "day", "from": "2026-11-20", "to": "2026-11-21",
-    "group_by": None,
+    "time_zone": "Europe/Berlin", "group_by": None,
     "results": [
         {"start": "2026-11-20", "requests": 40, "prompt_tokens": 4800, "completion_tokens": 3200, "total_tokens": 8000,
          "cost": "1.20", "average_latency": 1.1, "average_ttft": 0.4},
@@ -91,7 +91,8 @@ USAGE_SERIES: JsonDict = {
 }
 
 USAGE_BY_MODEL: JsonDict = {
-    "granularity": "month", "from": "2026-11-01", "to": "2026-11-30", "group_by": "model", "next_after": None,
+    "granularity": "month", "from": "2026-11-01", "to": "2026-11-30", "time_zone": "UTC", "group_by": "model",
+    "next_after": None,
     "results": [
         {"start": "2026-11-01", "model": "gpt-4o", "requests": 91200, "prompt_tokens": 10944000,
          "completion_tokens": 7296000, "total_tokens": 18240000, "cost": "2736.00", "average_latency": 1.3,
@@ -105,7 +106,8 @@ USAGE_BY_MODEL: JsonDict = {
 }
 
 USAGE_REPORT: JsonDict = {
-    "granularity": "day", "from": "2026-11-20", "to": "2026-11-21", "group_by": None, "next_after": None,
+    "granularity": "day", "from": "2026-11-20", "to": "2026-11-21", "time_zone": "UTC", "group_by": None,
+    "next_after": None,
     "results": [
         {"start": "2026-11-20", "requests": 9120, "prompt_tokens": 1094400, "completion_tokens": 729600,
          "total_tokens": 1824000, "cost": "273.60", "average_latency": 1.2, "average_ttft": 0.41},

@@ -157,12 +157,13 @@ class UsageParams(BaseModel):
     from_: SeriesDay | None = Field(
         None,
         alias="from",
-        description="First UTC day, inclusive, as a date (2026-11-01; not a date-time: a series counts whole "
-        "days); default 29 days before 'to'.",
+        description="First day, inclusive, as a date (2026-11-01; not a date-time: a series counts whole days of "
+        "the organization's reporting time zone); default 29 days before 'to'.",
     )
     to: SeriesDay | None = Field(
         None,
-        description=f"Last UTC day, inclusive, as a date; default today. At most {MAX_SERIES_DAYS} days after 'from'.",
+        description=f"Last day, inclusive, as a date; default the organization's today. At most {MAX_SERIES_DAYS} "
+        "days after 'from'.",
     )
     granularity: Literal["day", "week", "month"] = Field(
         "day", description="One bucket per day, ISO week (from Monday) or calendar month."
@@ -227,7 +228,10 @@ class Customer(BaseModel):
     total_budget: Decimal | None
     period_budget: Decimal | None
     budget_duration: BudgetDuration | None
-    period_start: datetime | None = Field(description="Start of the current budget period (UTC).")
+    period_start: datetime | None = Field(
+        description="Start of the current budget period: a calendar day, ISO week, month or year of the "
+        "organization's reporting time zone, given in UTC."
+    )
     period_end: datetime | None
     total_period_usage: Decimal = Field(description="Cost inside the current budget period.")
     first_seen: datetime | None
@@ -299,8 +303,9 @@ class UsageSeries(BaseModel):
 
     customer_identifier: str
     granularity: str
-    from_: date = Field(alias="from", description="First day of the series (UTC).")
-    to: date = Field(description="Last day of the series (UTC).")
+    from_: date = Field(alias="from", description="First day of the series.")
+    to: date = Field(description="Last day of the series.")
+    time_zone: str = Field(description="The organization's reporting time zone (IANA name): whose days these are.")
     group_by: str | None = Field(None, description="model, provider or null, as asked.")
     results: list[UsageGroupPoint]
 
@@ -311,11 +316,15 @@ class UsageQueryParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_: SeriesDay | None = Field(
-        None, alias="from", description="First UTC day, inclusive, as a date; default 29 days before 'to'."
+        None,
+        alias="from",
+        description="First day of the organization's reporting time zone, inclusive, as a date; default 29 days "
+        "before 'to'.",
     )
     to: SeriesDay | None = Field(
         None,
-        description=f"Last UTC day, inclusive, as a date; default today. At most {MAX_SERIES_DAYS} days after 'from'.",
+        description=f"Last day, inclusive, as a date; default the organization's today. At most {MAX_SERIES_DAYS} "
+        "days after 'from'.",
     )
     granularity: Literal["day", "week", "month"] = Field(
         "day", description="One bucket per day, ISO week (from Monday) or calendar month."
@@ -360,8 +369,9 @@ class UsageReport(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [examples.USAGE_REPORT, examples.USAGE_BY_MODEL]})
 
     granularity: str
-    from_: date = Field(alias="from", description="First day (UTC).")
-    to: date = Field(description="Last day (UTC).")
+    from_: date = Field(alias="from", description="First day.")
+    to: date = Field(description="Last day.")
+    time_zone: str = Field(description="The organization's reporting time zone (IANA name): whose days these are.")
     group_by: str | None
     results: list[UsageRow]
     next_after: UUID | None = Field(

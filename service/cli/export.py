@@ -42,7 +42,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 async def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     async def work(conn: Connection) -> int:
-        organization, _ = await auth.find_organization(conn, args.org)
+        organization = (await auth.find_organization(conn, args.org)).id
         f = CustomerFilter(
             statuses=tuple(sorted(set(args.status))),
             usage_from=args.usage_from,

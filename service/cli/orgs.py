@@ -18,8 +18,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     create = orgs.add_parser("create", help="create an organization")
     create.add_argument("name", help="its name (1-200 characters, not a UUID)")
+    create.add_argument(
+        "--time-zone",
+        default="UTC",
+        help="its reporting time zone, an IANA name such as Europe/Berlin (default UTC): "
+        "its days, months and budget periods",
+    )
     create.add_argument("--json", action="store_true", help="print the new organization as JSON")
     create.set_defaults(run=cmd_orgs_create)
+    zone = orgs.add_parser(
+        "set-time-zone",
+        help="change an organization's reporting time zone (days already folded keep theirs)",
+    )
+    zone.add_argument("org", help="organization name or id")
+    zone.add_argument("time_zone", help="an IANA name such as Europe/Berlin, or UTC")
+    zone.add_argument("--json", action="store_true", help="print the organization as JSON")
+    zone.set_defaults(run=cmd_orgs_set_time_zone)
     listing = orgs.add_parser("list", help="organizations with their customers and live keys")
     listing.add_argument("--json", action="store_true", help=JSON_HELP)
     listing.set_defaults(run=cmd_orgs_list)
@@ -47,11 +61,26 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 async def cmd_orgs_create(args: argparse.Namespace, settings: Settings) -> int:
     async def work(conn: Connection) -> int:
-        org_id = await auth.create_organization(conn, args.name)
+        org_id = await auth.create_organization(conn, args.name, args.time_zone)
         if args.json:
-            print_json({"id": org_id, "name": args.name})
+            print_json({"id": org_id, "name": args.name, "time_zone": args.time_zone})
         else:
-            print(f"created organization {args.name} ({org_id})")
+            print(f"created organization {args.name} ({org_id}), reporting in {args.time_zone}")
+        return 0
+
+    return await with_connection(settings, work)
+
+
+async def cmd_orgs_set_time_zone(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(conn: Connection) -> int:
+        org = await auth.set_time_zone(conn, args.org, args.time_zone)
+        if args.json:
+            print_json(org._asdict())
+        else:
+            print(
+                f"organization {org.name} now reports in {org.time_zone}: new events, budget periods and "
+                "'today' follow it; days already folded keep the day they were folded on"
+            )
         return 0
 
     return await with_connection(settings, work)
@@ -64,8 +93,11 @@ async def cmd_orgs_list(args: argparse.Namespace, settings: Settings) -> int:
             print_json([dict(r) for r in rows])
         else:
             table(
-                ["NAME", "CUSTOMERS", "LIVE KEYS", "CREATED", "ID"],
-                [[r["name"], r["customers"], r["keys"], f"{r['created_at']:%Y-%m-%d}", r["id"]] for r in rows],
+                ["NAME", "TIME ZONE", "CUSTOMERS", "LIVE KEYS", "CREATED", "ID"],
+                [
+                    [r["name"], r["time_zone"], r["customers"], r["keys"], f"{r['created_at']:%Y-%m-%d}", r["id"]]
+                    for r in rows
+                ],
             )
         return 0
 
@@ -108,7 +140,7 @@ async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     async def work(conn: Connection) -> int:
-        org_id, org_name = await auth.find_organization(conn, args.org)
+        org_id, org_name, _ = await auth.find_organization(conn, args.org)
         rows = await auth.keys_of(conn, org_id)
         if args.json:
             print_json([dict(r) for r in rows])

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from service.domain.events import Event, ProfileData, SubscriptionData, UsageData
 
@@ -50,7 +51,8 @@ def version(kind: int, at: datetime, source: str, change_id: str) -> str:
 class Change:
     """One change to one customer at one time, from an event or an API write. Exactly one of
     ``usage``, ``profile`` (writable columns; ``{}`` for a bare creation), ``subscription`` or
-    ``delete`` is set."""
+    ``delete`` is set. Usage counts on its ``day``: the date of ``time`` in the organization's
+    reporting time zone."""
 
     key: Key
     time: datetime
@@ -60,9 +62,10 @@ class Change:
     profile: Mapping[str, object] | None = None
     subscription: SubscriptionData | None = None
     delete: bool = False
+    zone: ZoneInfo | timezone = UTC
 
     @classmethod
-    def of(cls, organization_id: UUID, event: Event) -> Change:
+    def of(cls, organization_id: UUID, event: Event, zone: ZoneInfo | timezone = UTC) -> Change:
         key = (organization_id, event.environment, event.subject)
         data = event.data
         return cls(
@@ -74,7 +77,12 @@ class Change:
             profile=data.columns() if isinstance(data, ProfileData) else None,
             subscription=data if isinstance(data, SubscriptionData) else None,
             delete=data is None,
+            zone=zone,
         )
+
+    @property
+    def day(self) -> date:
+        return self.time.astimezone(self.zone).date()
 
     def version(self, kind: int = WRITE) -> str:
         return version(kind, self.time, self.source, self.id)
@@ -142,7 +150,7 @@ class Delta:
 
     usage: Usage = field(default_factory=Usage)
     days: dict[date, Usage] = field(default_factory=lambda: defaultdict(Usage))
-    # Per UTC day, model and provider ('' for absent), the usage of events that name either:
+    # Per day (as ``days``), model and provider ('' for absent), the usage of events that name either:
     # empty when none does, and then the store writes no per-model row at all.
     models: dict[tuple[date, str, str], Usage] = field(default_factory=lambda: defaultdict(Usage))
     first_seen: datetime | None = None
@@ -163,7 +171,7 @@ class Delta:
             self.profile_event_at = t if self.profile_event_at is None else max(self.profile_event_at, t)
         if change.usage is not None:
             self.usage.add(change.usage)
-            day = t.astimezone(UTC).date()
+            day = change.day
             self.days[day].add(change.usage)
             if change.usage.model is not None or change.usage.provider is not None:
                 self.models[(day, change.usage.model or "", change.usage.provider or "")].add(change.usage)

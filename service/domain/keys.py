@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import NamedTuple
 from uuid import UUID
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from service.domain.errors import Forbidden, OtherEnvironment, Unauthenticated
 
@@ -93,6 +95,26 @@ def check_organization_name(name: str) -> None:
         raise ValueError(f"organization name '{name}' reads as a UUID; choose a name that does not")
     if not 1 <= len(name) <= 200 or not name.strip():
         raise ValueError("an organization name has 1 to 200 characters, not only spaces")
+
+
+class Organization(NamedTuple):
+    """An organization as the fold and the CLI resolve it."""
+
+    id: UUID
+    name: str
+    time_zone: str  # IANA name: its days, calendar months and budget periods
+
+
+def check_time_zone(name: str) -> ZoneInfo:
+    """The zone an IANA name (``Europe/Berlin``, ``UTC``) names; ValueError for any other text.
+    Fixed offsets (``+02:00``) are refused: a place's offset changes with daylight saving, and
+    a report's days should follow the place."""
+    if not 1 <= len(name) <= 64 or name != name.strip() or name.startswith(("+", "-")) or name.lower() == "localtime":
+        raise ValueError(f"time zone '{name}' is not an IANA time zone name such as Europe/Berlin or UTC")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"time zone '{name}' is not an IANA time zone name such as Europe/Berlin or UTC") from None
 
 
 @dataclass(frozen=True)

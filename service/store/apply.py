@@ -157,7 +157,8 @@ RETURNING c.organization_id, c.id
 """
 
 # A tombstone rose past older content of a customer that lives on: rebuild its usage from the
-# journal rows after the tombstone (every one of them is inside the retention window).
+# journal rows after the tombstone (every one of them is inside the retention window), on the
+# days of the organization's time zone now.
 CLEAR_DAILY = """
 DELETE FROM daily_usage d USING unnest($1::uuid[], $2::uuid[]) AS k(organization_id, id)
 WHERE d.organization_id = k.organization_id AND d.customer_id = k.id
@@ -176,11 +177,12 @@ AND p.environment = k.environment AND p.subject = k.customer_identifier AND p.re
 REBUILD_DAILY = f"""
 INSERT INTO daily_usage (organization_id, customer_id, day, requests, prompt_tokens, completion_tokens,
                          total_tokens, cost, latency_sum, latency_count, ttft_sum, ttft_count)
-SELECT k.organization_id, k.id, (p.event_time AT TIME ZONE 'UTC')::date, sum(p.requests), sum(p.prompt_tokens),
+SELECT k.organization_id, k.id, (p.event_time AT TIME ZONE o.time_zone)::date, sum(p.requests), sum(p.prompt_tokens),
        sum(p.completion_tokens), sum(p.total_tokens), sum(p.cost), coalesce(sum(p.latency), 0), count(p.latency),
        coalesce(sum(p.ttft), 0), count(p.ttft)
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
      AS k(organization_id, id, environment, customer_identifier, deleted_at)
+JOIN organizations o ON o.id = k.organization_id
 JOIN processed_events p ON {_JOURNAL_SINCE}
 GROUP BY 1, 2, 3
 """
@@ -188,11 +190,12 @@ GROUP BY 1, 2, 3
 REBUILD_MODEL_DAILY = f"""
 INSERT INTO daily_model_usage (organization_id, customer_id, day, model, provider, requests, prompt_tokens,
                                completion_tokens, total_tokens, cost, latency_sum, latency_count, ttft_sum, ttft_count)
-SELECT k.organization_id, k.id, (p.event_time AT TIME ZONE 'UTC')::date, coalesce(p.model, ''),
+SELECT k.organization_id, k.id, (p.event_time AT TIME ZONE o.time_zone)::date, coalesce(p.model, ''),
        coalesce(p.provider, ''), sum(p.requests), sum(p.prompt_tokens), sum(p.completion_tokens), sum(p.total_tokens),
        sum(p.cost), coalesce(sum(p.latency), 0), count(p.latency), coalesce(sum(p.ttft), 0), count(p.ttft)
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
      AS k(organization_id, id, environment, customer_identifier, deleted_at)
+JOIN organizations o ON o.id = k.organization_id
 JOIN processed_events p ON {_JOURNAL_SINCE} AND (p.model IS NOT NULL OR p.provider IS NOT NULL)
 GROUP BY 1, 2, 3, 4, 5
 """
@@ -213,12 +216,13 @@ UPDATE customer_usage c SET
     active_days = s.days
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
      AS k(organization_id, id, environment, customer_identifier, deleted_at)
+JOIN organizations o ON o.id = k.organization_id
 CROSS JOIN LATERAL (
     SELECT sum(p.requests) AS requests, sum(p.prompt_tokens) AS prompt_tokens,
            sum(p.completion_tokens) AS completion_tokens, sum(p.total_tokens) AS total_tokens, sum(p.cost) AS cost,
            sum(p.latency) AS latency_sum, count(p.latency) AS latency_count, sum(p.ttft) AS ttft_sum,
            count(p.ttft) AS ttft_count, min(p.event_time) AS first_seen, max(p.event_time) AS last_active,
-           count(DISTINCT (p.event_time AT TIME ZONE 'UTC')::date) AS days
+           count(DISTINCT (p.event_time AT TIME ZONE o.time_zone)::date) AS days
     FROM processed_events p WHERE {_JOURNAL_SINCE}
 ) s
 WHERE c.organization_id = k.organization_id AND c.id = k.id
@@ -260,9 +264,10 @@ JOIN customers c ON c.organization_id = k.organization_id AND c.id = k.id
     -- Most customers have no budget: skip them before any period arithmetic.
     AND (c.period_budget IS NOT NULL OR c.total_budget IS NOT NULL)
 JOIN customer_usage u ON u.organization_id = k.organization_id AND u.id = k.id
+JOIN organizations o ON o.id = k.organization_id
 CROSS JOIN LATERAL (
-    SELECT coalesce(tally_period_start(c.budget_duration, clock.at), '-infinity'::timestamptz) AS start,
-           tally_period_end(c.budget_duration, clock.at) AS stop,
+    SELECT coalesce(tally_period_start(c.budget_duration, clock.at, o.time_zone), '-infinity'::timestamptz) AS start,
+           tally_period_end(c.budget_duration, clock.at, o.time_zone) AS stop,
            tally_period_usage(c.organization_id, c.id, c.budget_duration, clock.at, u.total_cost) AS used
     FROM (SELECT coalesce($3::timestamptz, now()) AS at) AS clock
 ) p

@@ -19,48 +19,76 @@ from service.domain.keys import (
     SCOPES,
     LiveKey,
     NewKey,
+    Organization,
     Principal,
     as_uuid,
     check_organization_name,
+    check_time_zone,
     hash_secret,
 )
 from service.domain.vocabulary import ENVIRONMENTS
+from service.store.changelog import CHANNEL, notice
 from service.store.db import Connection
 
 # Compared against when a client key is unknown, so that an unknown key and a wrong secret
 # take the same time.
 _DUMMY_HASH = hashlib.sha256(b"tally-no-such-key").digest()
 
-INSERT_ORG = "INSERT INTO organizations (name) VALUES ($1) RETURNING id"
+INSERT_ORG = "INSERT INTO organizations (name, time_zone) VALUES ($1, $2) RETURNING id"
+SET_TIME_ZONE = "UPDATE organizations SET time_zone = $2 WHERE id = $1"
 # Ids win: a UUID-shaped reference is only ever looked up by id, anything else by name.
-SELECT_ORGS = "SELECT id, name FROM organizations WHERE id = ANY($1::uuid[]) OR name = ANY($2::text[])"
+SELECT_ORGS = "SELECT id, name, time_zone FROM organizations WHERE id = ANY($1::uuid[]) OR name = ANY($2::text[])"
 
 
-async def create_organization(conn: Connection, name: str) -> UUID:
-    """Create an organization; ValueError for a name that reads as a UUID, Conflict if taken."""
+async def create_organization(conn: Connection, name: str, time_zone: str = "UTC") -> UUID:
+    """Create an organization reporting in ``time_zone`` (an IANA name); ValueError for a name
+    that reads as a UUID or a zone that is not one, Conflict if the name is taken."""
     check_organization_name(name)
+    check_time_zone(time_zone)
     try:
-        org_id: UUID = await conn.fetchval(INSERT_ORG, name)
+        org_id: UUID = await conn.fetchval(INSERT_ORG, name, time_zone)
     except asyncpg.UniqueViolationError:
         raise Conflict(f"organization '{name}' already exists") from None
+    except asyncpg.InvalidParameterValueError:
+        raise ValueError(f"time zone '{time_zone}' is not known to PostgreSQL") from None
     return org_id
 
 
-async def resolve_organizations(conn: Connection, references: Iterable[str]) -> dict[str, tuple[UUID, str]]:
-    """``{reference: (id, name)}`` for the references that name an organization: a reference
-    that reads as a UUID is an id (never a name), any other is a name."""
+async def set_time_zone(conn: Connection, name_or_id: str, time_zone: str) -> Organization:
+    """Change an organization's reporting time zone (ValueError for one that is not an IANA
+    name both Python and PostgreSQL know). Days already folded keep the day they were folded
+    on; new events, periods and "today" follow the new zone. Every API process is told, as by
+    a write to each environment, so that no cached response shows the old zone's periods."""
+    check_time_zone(time_zone)
+    org = await find_organization(conn, name_or_id)
+    try:
+        async with conn.transaction():
+            await conn.execute(SET_TIME_ZONE, org.id, time_zone)
+            for environment in ENVIRONMENTS:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, notice(org.id, environment))
+    except asyncpg.InvalidParameterValueError:
+        raise ValueError(f"time zone '{time_zone}' is not known to PostgreSQL") from None
+    return org._replace(time_zone=time_zone)
+
+
+async def resolve_organizations(conn: Connection, references: Iterable[str]) -> dict[str, Organization]:
+    """``{reference: organization}`` for the references that name one: a reference that reads
+    as a UUID is an id (never a name), any other is a name."""
     refs = set(references)
     by_id = {ref: u for ref in refs if (u := as_uuid(ref)) is not None}
     names = [ref for ref in refs if ref not in by_id]
-    rows = await conn.fetch(SELECT_ORGS, list(set(by_id.values())), names)
-    ids = {r["id"]: (r["id"], r["name"]) for r in rows}
-    named = {r["name"]: (r["id"], r["name"]) for r in rows}
+    rows = [
+        Organization(r["id"], r["name"], r["time_zone"])
+        for r in await conn.fetch(SELECT_ORGS, list(set(by_id.values())), names)
+    ]
+    ids = {o.id: o for o in rows}
+    named = {o.name: o for o in rows}
     out = {ref: ids[u] for ref, u in by_id.items() if u in ids}
     out.update({ref: named[ref] for ref in names if ref in named})
     return out
 
 
-async def find_organization(conn: Connection, name_or_id: str) -> tuple[UUID, str]:
+async def find_organization(conn: Connection, name_or_id: str) -> Organization:
     """The organization named, or with the id given (ids win); NotFound otherwise."""
     found = (await resolve_organizations(conn, [name_or_id])).get(name_or_id)
     if found is None:
@@ -71,7 +99,7 @@ async def find_organization(conn: Connection, name_or_id: str) -> tuple[UUID, st
 # The operator's overview (`tally orgs list`): each organization with its customers (the
 # compacted count plus the deltas not yet folded into it) and its live keys.
 SELECT_OVERVIEW = """
-SELECT o.id, o.name, o.created_at,
+SELECT o.id, o.name, o.time_zone, o.created_at,
        (SELECT coalesce(sum(delta), 0)::bigint FROM customer_counts n WHERE n.organization_id = o.id) AS customers,
        (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id AND k.revoked_at IS NULL) AS keys
 FROM organizations o ORDER BY o.name
@@ -80,7 +108,7 @@ SELECT_NAMES = "SELECT id, name FROM organizations"
 
 
 async def organizations(conn: Connection) -> list[asyncpg.Record]:
-    """Every organization: id, name, created_at, customers, keys (live ones), by name."""
+    """Every organization: id, name, time_zone, created_at, customers, keys (live ones), by name."""
     return await conn.fetch(SELECT_OVERVIEW)
 
 
@@ -108,7 +136,7 @@ async def create_key(
         raise ValueError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}")
     if environment not in ENVIRONMENTS:
         raise ValueError(f"environment must be one of {', '.join(ENVIRONMENTS)}")
-    org_id, _ = await find_organization(conn, organization)
+    org_id = (await find_organization(conn, organization)).id
     client_key = CLIENT_KEY_PREFIX + secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     async with conn.transaction():

@@ -5,7 +5,7 @@ The rules (docs/concepts/order-independence.md; ``tests/test_order_independence.
 against a reference model on random histories, orders, batch splits and consumers):
 
 - **Usage** adds its amounts once per dedupe key ``(organization, environment, source, id)``; first_seen is
-  the minimum event time, last_active the maximum, each UTC day counted once.
+  the minimum event time, last_active the maximum, each day (of the organization's time zone) counted once.
 - **Profile fields** are last-writer-wins per field. Every write carries a version (see
   :func:`version`): the newest event time wins, a tie goes to the greater ``(source, id)``, and
   a ``customer.upserted`` or an API write always beats the name/email *hint* of a usage event.
@@ -44,18 +44,23 @@ other but never cycle.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Literal
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from service.domain.changes import Change, Key
 from service.domain.events import Event, Rejection, UsageData, too_old_reason
+from service.domain.keys import Organization, check_time_zone
 from service.store import failpoints
 from service.store.apply import KEYS, apply_changes, has_key
 from service.store.auth import resolve_organizations
 from service.store.db import Connection, columns
+
+log = logging.getLogger("tally.fold")
 
 Status = Literal["applied", "duplicate", "stale", "rejected"]
 
@@ -160,7 +165,7 @@ async def fold(
                 outcomes[i] = Outcome("rejected", Rejection.UNKNOWN_ORGANIZATION, reason)
             elif e.time < oldest:
                 outcomes[i] = Outcome("rejected", Rejection.TOO_OLD, too_old_reason(retention))
-            elif (key := (org[0], e.environment, e.source, e.id)) in fresh:
+            elif (key := (org.id, e.environment, e.source, e.id)) in fresh:
                 outcomes[i] = DUPLICATE
             else:
                 fresh[key] = (i, e)
@@ -170,11 +175,12 @@ async def fold(
             await conn.fetch(INSERT_PROCESSED, *columns(_journal_row(k, fresh[k][1]) for k in keys)) if keys else []
         )
         new_keys = {(r["organization_id"], r["environment"], r["source"], r["event_id"]) for r in inserted}
+        zones = {org.id: zone_of(org) for org in orgs.values()}
         applied: list[tuple[int, Change]] = []
         for key in keys:
             i, e = fresh[key]
             if key in new_keys:
-                applied.append((i, Change.of(key[0], e)))
+                applied.append((i, Change.of(key[0], e, zones[key[0]])))
             else:
                 outcomes[i] = DUPLICATE
         if applied:
@@ -186,6 +192,17 @@ async def fold(
                 outcomes[i] = STALE if stale else APPLIED
         await failpoints.hit("fold.before_commit")
     return FoldResult([o or DUPLICATE for o in outcomes], alerts)
+
+
+def zone_of(org: Organization) -> ZoneInfo | timezone:
+    """The organization's reporting zone. The database refuses a name PostgreSQL does not
+    know and the CLI one Python does not know; a name only PostgreSQL knows (set by hand in
+    SQL) counts as UTC, said in the log, rather than stopping the fold."""
+    try:
+        return check_time_zone(org.time_zone)
+    except ValueError:
+        log.warning("organization %s: time zone %r unknown to Python; its days are UTC", org.name, org.time_zone)
+        return UTC
 
 
 def _journal_row(key: tuple[UUID, str, str, str], e: Event) -> tuple[object, ...]:

@@ -13,10 +13,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Union
 
+
+# Budget periods are the calendar periods of the organization's reporting time zone: each is
+# computed inside a sub-select that reads the zone from the organization's row, where it is a
+# plain column. Passing the zone as a sub-select argument instead stops PostgreSQL inlining the
+# period functions (an argument with a sub-plan used more than once is not inlined): measured
+# 25 ms against 4 ms for 1,000 rows. Customers without a budget duration skip it.
+def _in_zone(expr: str) -> str:
+    return (
+        "CASE WHEN {c}.budget_duration IS NOT NULL THEN (SELECT "
+        + expr
+        + " FROM organizations o WHERE o.id = {c}.organization_id) END"
+    )
+
+
+_PERIOD = "{c}.budget_duration, now(), o.time_zone"
+
 # Output fields: name -> SQL over a customer's profile row ``{c}`` and usage row ``{u}``,
 # rendered into JSON by row_to_json. Money is text so that no client parses it into a float by
 # accident.
-_PERIOD = "{c}.budget_duration, now()"
 CUSTOMER_FIELDS: dict[str, str] = {
     "id": "{c}.id",
     "organization_id": "{c}.organization_id",
@@ -44,16 +59,17 @@ CUSTOMER_FIELDS: dict[str, str] = {
     "total_budget": "{c}.total_budget",
     "period_budget": "{c}.period_budget",
     "budget_duration": "{c}.budget_duration",
-    "period_start": f"tally_period_start({_PERIOD})",
-    "period_end": f"tally_period_end({_PERIOD})",
+    "period_start": _in_zone(f"tally_period_start({_PERIOD})"),
+    "period_end": _in_zone(f"tally_period_end({_PERIOD})"),
     # Inline rather than tally_period_usage(): a function holding a sub-select cannot be
     # inlined and costs a function call per row; this is a plain SubPlan, run only for
     # customers that have a budget duration.
     "total_period_usage": (
         "CASE WHEN {c}.budget_duration IS NULL THEN {u}.total_cost ELSE (SELECT coalesce(sum(d.cost), 0)"
-        " FROM daily_usage d WHERE d.organization_id = {c}.organization_id AND d.customer_id = {c}.id"
-        f" AND d.day >= (tally_period_start({_PERIOD}) AT TIME ZONE 'UTC')::date"
-        f" AND d.day < (tally_period_end({_PERIOD}) AT TIME ZONE 'UTC')::date) END"
+        " FROM organizations o JOIN daily_usage d ON d.organization_id = o.id"
+        " WHERE o.id = {c}.organization_id AND d.customer_id = {c}.id"
+        f" AND d.day >= (tally_period_start({_PERIOD}) AT TIME ZONE o.time_zone)::date"
+        f" AND d.day < (tally_period_end({_PERIOD}) AT TIME ZONE o.time_zone)::date) END"
     ),
     "first_seen": "{u}.first_seen",
     "last_active": "{u}.last_active",

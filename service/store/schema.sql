@@ -89,30 +89,31 @@ CREATE FUNCTION public.tally_micros(at timestamp with time zone) RETURNS bigint
     SELECT (extract(epoch FROM at) * 1000000)::bigint + 62135596800000000
 $$;
 
-CREATE FUNCTION public.tally_period_end(duration text, at timestamp with time zone) RETURNS timestamp with time zone
+CREATE FUNCTION public.tally_period_end(duration text, at timestamp with time zone, zone text DEFAULT 'UTC'::text) RETURNS timestamp with time zone
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$
-    SELECT ((tally_period_start(duration, at) AT TIME ZONE 'UTC')
+    SELECT ((tally_period_start(duration, at, zone) AT TIME ZONE zone)
             + CASE duration WHEN 'daily' THEN interval '1 day' WHEN 'weekly' THEN interval '1 week'
                             WHEN 'monthly' THEN interval '1 month' WHEN 'yearly' THEN interval '1 year' END)
-           AT TIME ZONE 'UTC'
+           AT TIME ZONE zone
 $$;
 
-CREATE FUNCTION public.tally_period_start(duration text, at timestamp with time zone) RETURNS timestamp with time zone
+CREATE FUNCTION public.tally_period_start(duration text, at timestamp with time zone, zone text DEFAULT 'UTC'::text) RETURNS timestamp with time zone
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$
     SELECT date_trunc(CASE duration WHEN 'daily' THEN 'day' WHEN 'weekly' THEN 'week'
-                                    WHEN 'monthly' THEN 'month' WHEN 'yearly' THEN 'year' END, at, 'UTC')
+                                    WHEN 'monthly' THEN 'month' WHEN 'yearly' THEN 'year' END, at, zone)
 $$;
 
 CREATE FUNCTION public.tally_period_usage(org uuid, customer uuid, duration text, at timestamp with time zone, lifetime numeric) RETURNS numeric
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$
     SELECT CASE WHEN duration IS NULL THEN lifetime ELSE (
-        SELECT coalesce(sum(d.cost), 0) FROM daily_usage d
-        WHERE d.organization_id = org AND d.customer_id = customer
-          AND d.day >= (tally_period_start(duration, at) AT TIME ZONE 'UTC')::date
-          AND d.day < (tally_period_end(duration, at) AT TIME ZONE 'UTC')::date) END
+        SELECT coalesce(sum(d.cost), 0)
+        FROM organizations o, daily_usage d
+        WHERE o.id = org AND d.organization_id = org AND d.customer_id = customer
+          AND d.day >= (tally_period_start(duration, at, o.time_zone) AT TIME ZONE o.time_zone)::date
+          AND d.day < (tally_period_end(duration, at, o.time_zone) AT TIME ZONE o.time_zone)::date) END
 $$;
 
 CREATE FUNCTION public.tally_version_micros(version text) RETURNS bigint
@@ -361,7 +362,9 @@ CREATE TABLE public.organizations (
     id uuid DEFAULT gen_random_uuid() NOT NULL,
     name text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT organizations_name_check CHECK (((length(name) >= 1) AND (length(name) <= 200)))
+    time_zone text DEFAULT 'UTC'::text NOT NULL,
+    CONSTRAINT organizations_name_check CHECK (((length(name) >= 1) AND (length(name) <= 200))),
+    CONSTRAINT organizations_time_zone_check CHECK (((length(time_zone) <= 64) AND (('2000-01-01 00:00:00+00'::timestamp with time zone AT TIME ZONE time_zone) IS NOT NULL)))
 );
 
 CREATE TABLE public.processed_events (

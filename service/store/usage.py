@@ -1,4 +1,5 @@
-"""Organization-wide usage over a range of UTC days, from daily_usage: one zero-filled series
+"""Organization-wide usage over a range of the organization's days (of its reporting time zone),
+from daily_usage: one zero-filled series
 for the whole organization (or the customers named), or, grouped by customer, each customer's
 buckets with usage, a page of customers at a time in id order. Filtered by model, or grouped
 by model or provider (of the organization, or of one customer), from daily_model_usage
@@ -11,6 +12,7 @@ from datetime import date
 from uuid import UUID
 
 from service.domain.changes import USAGE_SUMS
+from service.domain.errors import NotFound
 from service.store.db import Connection
 
 # Per bucket: the sums, and the averages of latency and time to first token.
@@ -162,6 +164,16 @@ FROM usage u
 
 
 GROUPED = {dimension: _grouped(dimension) for dimension in DIMENSIONS}
+
+TODAY = "SELECT (now() AT TIME ZONE time_zone)::date AS today, time_zone FROM organizations WHERE id = $1"
+
+
+async def today(conn: Connection, organization_id: UUID) -> tuple[date, str]:
+    """The organization's current day in its reporting time zone, and the zone's name."""
+    row = await conn.fetchrow(TODAY, organization_id)
+    if row is None:  # the key's organization was deleted while the request ran
+        raise NotFound("no such organization")
+    return row["today"], row["time_zone"]
 
 
 @dataclass(frozen=True)
