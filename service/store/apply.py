@@ -377,7 +377,7 @@ async def _upsert_model_daily(conn: Connection, deltas: dict[Key, Delta], ids: M
         for k, d in deltas.items()
         for (day, model, provider), u in d.models.items()
     )
-    # Sorted: concurrent folds of the same customers insert in one order (no deadlock); and a
+    # Sorted like the daily rows (the customers' row locks already keep two folds apart); a
     # batch without a model or provider costs no statement.
     if rows:
         await conn.execute(UPSERT_MODEL_DAILY, *columns(rows))
