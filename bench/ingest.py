@@ -10,6 +10,7 @@ steady publish rate (publish to visible in GET /v1/customers/{id}).
     python bench/ingest.py [--events 200000] [--batch 1] [--profile zipf|spread] [--json …]
     python bench/ingest.py --batch 100 --scale 1,2,4     # tally with 1, 2, 4 consumer processes
     python bench/ingest.py --backlog 1000000              # a consumer's peak RSS on a backlog
+    python bench/ingest.py --batch 100 --models 5         # the same events with and without a model
 
 Activity: ``zipf`` (a few customers very active: many events per customer in a batch) or
 ``spread`` (evenly over the customers: a batch touches mostly distinct customers). (d) is
@@ -90,6 +91,30 @@ def generate(org: str, n: int, customers: int, seed: int, profile: str = "zipf")
         }
         for i, c in enumerate(who)
     ]
+
+
+# Model names and their providers for --models: a gateway's usual mix.
+MODELS = (
+    ("gpt-4o", "openai"),
+    ("gpt-4o-mini", "openai"),
+    ("claude-sonnet-4", "anthropic"),
+    ("claude-haiku-3.5", "anthropic"),
+    ("gemini-2.0-flash", "google"),
+    ("llama-3.3-70b", "groq"),
+    ("mistral-large", "mistral"),
+    ("deepseek-v3", "deepseek"),
+)
+
+
+def with_models(events: list[dict], org: str, n: int, seed: int) -> list[dict]:
+    """The same events, for ``org``, each naming one of ``n`` models and its provider."""
+    rng = random.Random(seed)
+    names = [MODELS[i % len(MODELS)] for i in range(n)]
+    named = []
+    for e in events:
+        model, provider = names[rng.randrange(n)]
+        named.append({**e, "organization": org, "data": {**e["data"], "model": model, "provider": provider}})
+    return named
 
 
 def bodies(events: list[dict], per_message: int) -> list[bytes]:
@@ -550,6 +575,73 @@ async def backlog(args: argparse.Namespace, run: str, workdir: Path) -> dict[str
     return {"backlog": {"messages": args.backlog, **rate.as_dict()}}
 
 
+# The order of the model comparison's runs: each variant once before and once after the other,
+# so that neither always runs second, on a database already holding the other's rows.
+MODEL_RUNS = ("without", "with", "with", "without")
+
+
+async def model_comparison(args: argparse.Namespace, run: str, workdir: Path) -> dict[str, object]:
+    """The same events without a model and with one of ``args.models`` models (and a provider)
+    on every event, through (c) the fold alone and (d) tally's consumer, in one run and in the
+    order of MODEL_RUNS: each variant's events/s (the mean of its two runs), and with/without."""
+    dsn = await fresh_database(args, run)
+    conn = await asyncpg.connect(dsn)
+    runs = list(enumerate(MODEL_RUNS))
+    for stage in ("fold", "tally"):
+        for i, label in runs:
+            await auth.create_organization(conn, f"bench-{stage}-{label}-{i}")
+    await conn.close()
+    names = {i: Names(f"tally_bench_{run}_models_{i}") for i, _ in runs}
+    rates: dict[str, dict[str, list[Rate]]] = {"c_fold_alone": {}, "d_tally_consumer": {}}
+    try:
+        for stage, key, seed in (("fold", "c_fold_alone", 3), ("tally", "d_tally_consumer", 1)):
+            plain = generate("", args.events, args.customers, seed=seed, profile=args.profile)
+            for i, label in runs:
+                org = f"bench-{stage}-{label}-{i}"
+                events = [{**e, "organization": org} for e in plain]
+                if label == "with":
+                    events = with_models(events, org, args.models, seed)
+                if stage == "fold":
+                    rate = await fold_direct(dsn, events, args.fold_batch)
+                else:
+                    await preload(names[i], bodies(events, args.batch), f"tally, {label} a model")
+                    rate, processes = await tally_consumers(names[i], dsn, org, args.events, workdir)
+                    for process in processes:
+                        process.stop()
+                rates[key].setdefault(label, []).append(rate)
+                print(f"({key[0]}) {label} a model: {rate.per_second:,.0f} events/s", file=sys.stderr)
+    finally:
+        for n in names.values():
+            await delete_namespace(n)
+        await drop_database(args, dsn)
+
+    def mean(label_rates: list[Rate]) -> float:
+        return sum(r.per_second for r in label_rates) / len(label_rates)
+
+    results: dict[str, object] = {
+        key: {
+            **{label: [r.as_dict() for r in label_rates] for label, label_rates in by_label.items()},
+            "with_over_without": round(mean(by_label["with"]) / mean(by_label["without"]), 3),
+        }
+        for key, by_label in rates.items()
+    }
+    print_table(
+        f"Ingest with a model on every event ({args.models} models) against without: {args.events:,} events, "
+        f"{args.batch} per message, {args.customers:,} customers ({args.profile}); runs {', '.join(MODEL_RUNS)}",
+        ["stage", "without a model, events/s", "with a model, events/s", "with / without"],
+        [
+            [
+                "(c) fold alone" if key == "c_fold_alone" else "(d) tally consumer",
+                mean(by_label["without"]),
+                mean(by_label["with"]),
+                round(mean(by_label["with"]) / mean(by_label["without"]), 3),
+            ]
+            for key, by_label in rates.items()
+        ],
+    )
+    return {"models": args.models, "runs": list(MODEL_RUNS), "model_comparison": results}
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000)
@@ -564,6 +656,13 @@ async def main() -> int:
     parser.add_argument("--freshness-seconds", type=float, default=15)
     parser.add_argument("--scale", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 1,2,4: only scale out")
     parser.add_argument("--backlog", type=int, help="only the backlog run: this many single-event messages")
+    parser.add_argument(
+        "--models",
+        type=int,
+        choices=range(1, len(MODELS) + 1),
+        metavar=f"1..{len(MODELS)}",
+        help="only the model comparison: (c) and (d) on the same events without and with one of this many models",
+    )
     parser.add_argument("--dsn", default=os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
     parser.add_argument("--json", help="write the results here")
@@ -584,6 +683,9 @@ async def main() -> int:
         return 0
     if args.backlog:
         write_json(args.json, {**base, "results": await backlog(args, run, workdir)})
+        return 0
+    if args.models:
+        write_json(args.json, {**base, "results": await model_comparison(args, run, workdir)})
         return 0
 
     dsn = await fresh_database(args, run)

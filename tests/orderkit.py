@@ -34,6 +34,8 @@ usage_data = st.fixed_dictionaries(
     },
     optional={
         "latency": st.sampled_from([0.25, 1.5, 3.0]),
+        "model": st.sampled_from(["gpt-4o", "claude-sonnet", " ", ""]),
+        "provider": st.sampled_from(["openai", "anthropic"]),
         "customer": st.fixed_dictionaries(
             {}, optional={"name": st.sampled_from(["Hint A", "Hint B"]), "email": st.just("hint@example.com")}
         ),
@@ -121,6 +123,9 @@ class State:
     first_seen: datetime | None = None
     last_active: datetime | None = None
     days: dict[date, tuple[int, Decimal]] = field(default_factory=dict)
+    # (day, model, provider) -> (requests, cost), for usage naming a model or provider ('' for
+    # absent; a blank name is no name).
+    models: dict[tuple[date, str, str], tuple[int, Decimal]] = field(default_factory=dict)
     fields: dict[str, tuple[tuple, Any]] = field(default_factory=dict)  # column -> (version, value)
     subscriptions: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)
 
@@ -161,6 +166,10 @@ def model(history: list[dict]) -> dict[tuple[str, str], State]:
                 day = t.astimezone(UTC).date()
                 requests, cost = s.days.get(day, (0, Decimal(0)))
                 s.days[day] = (requests + d["requests"], cost + Decimal(d["cost"]))
+                name, provider = d.get("model", "").strip(), d.get("provider", "")
+                if name or provider:
+                    requests, cost = s.models.get((day, name, provider), (0, Decimal(0)))
+                    s.models[(day, name, provider)] = (requests + d["requests"], cost + Decimal(d["cost"]))
                 for column, value in (d.get("customer") or {}).items():
                     s.write(column, (0, *rank), value)
             elif e["type"] == "customer.upserted":

@@ -38,6 +38,7 @@ DISTRIBUTED = frozenset(
         "customers",
         "customer_usage",
         "daily_usage",
+        "daily_model_usage",
         "subscriptions",
         "processed_events",
         "budget_alerts",

@@ -21,7 +21,7 @@ from service.api.compat.public import PublicCustomerList
 from service.api.compat.respan import RespanUserDetail, RespanUserList, RespanUserPatch
 from service.api.compat.v0 import V0CustomerList
 from service.api.events import EventsBody
-from service.api.models import Customer, CustomerCreate, CustomerList, CustomerPatch, UsageSeries
+from service.api.models import Customer, CustomerCreate, CustomerList, CustomerPatch, UsageReport, UsageSeries
 from service.store import auth
 from tests.browser import CHROMIUM, browser_page
 from tests.factories import Org, insert_customer
@@ -42,6 +42,8 @@ needs_browser = pytest.mark.skipif(
         (CustomerCreate, examples.CUSTOMER_CREATE),
         (CustomerPatch, examples.CUSTOMER_PATCH),
         (UsageSeries, examples.USAGE_SERIES),
+        (UsageReport, examples.USAGE_REPORT),
+        (UsageReport, examples.USAGE_BY_MODEL),
         (EventsBody, examples.events()),
         (RespanUserList, examples.RESPAN_USER_LIST),
         (RespanUserDetail, examples.RESPAN_USER_DETAIL),

@@ -8,7 +8,8 @@ consumers), refolding some batches as a consumer that crashed between commit and
 and requires the database to end in the state of an independent reference model:
 
 - a deletion at T removes everything stamped at or before T, whenever either arrives;
-- usage sums over the live events, each distinct event once, each UTC day once;
+- usage sums over the live events, each distinct event once, each UTC day once, and per
+  day, model and provider likewise;
 - each profile field holds the value of its newest write (time, then source and id), an
   upsert beating a usage event's hint; each subscription its newest event.
 """
@@ -52,6 +53,15 @@ async def observed(conn: asyncpg.Connection, org: Any) -> dict[tuple[str, str], 
     ):
         out[(r["environment"], r["customer_identifier"])]["days"][r["day"]] = (r["requests"], r["cost"])
     for r in await conn.fetch(
+        "SELECT c.environment, c.customer_identifier, d.day, d.model, d.provider, d.requests, d.cost"
+        " FROM daily_model_usage d"
+        " JOIN customers c ON c.organization_id = d.organization_id AND c.id = d.customer_id"
+        " WHERE d.organization_id = $1",
+        org,
+    ):
+        models = out[(r["environment"], r["customer_identifier"])].setdefault("models", {})
+        models[(r["day"], r["model"], r["provider"])] = (r["requests"], r["cost"])
+    for r in await conn.fetch(
         "SELECT c.environment, c.customer_identifier, s.id, s.status, s.plan_name, s.plan_amount FROM subscriptions s"
         " JOIN customers c ON c.organization_id = s.organization_id AND c.id = s.customer_id"
         " WHERE s.organization_id = $1",
@@ -79,6 +89,7 @@ def assert_matches(want: dict[tuple[str, str], State], got: dict[tuple[str, str]
         assert g["latency_count"] == len(w.latency) and abs(g["latency_sum"] - sum(w.latency)) < 1e-9, key
         assert (g["first_seen"], g["last_active"]) == (w.first_seen, w.last_active), key
         assert g["active_days"] == len(w.days) and g["days"] == w.days, key
+        assert g.get("models", {}) == w.models, key
         for column in COLUMNS:
             expected = w.fields[column][1] if column in w.fields else DEFAULTS.get(column)
             actual = g["budget_text"] if column == "total_budget" else g[column]
@@ -119,6 +130,12 @@ async def _run(dsn: str, history: list[dict], schedule: list[tuple[list[dict], i
             org,
         )
         assert {tuple(r) for r in counts} == {tuple(r) for r in rows}
+        orphans = await conns[0].fetchval(
+            "SELECT count(*) FROM daily_model_usage d WHERE d.organization_id = $1 AND NOT EXISTS"
+            " (SELECT FROM customers c WHERE c.organization_id = d.organization_id AND c.id = d.customer_id)",
+            org,
+        )
+        assert orphans == 0, "a removed customer's per-model rows outlived it"
     finally:
         for conn in conns:
             await conn.close()

@@ -115,7 +115,7 @@ async def test_customer_identifiers_narrow_the_totals(client: TestClient, org: O
     [
         ("from=2026-11-02&to=2026-11-01", "to"),
         ("from=2025-01-01&to=2026-11-01", "to"),
-        ("group_by=model", "group_by"),
+        ("group_by=vendor", "group_by"),
         ("after=00000000-0000-0000-0000-000000000000", "after"),
         ("granularity=hour", "granularity"),
     ],

@@ -87,6 +87,7 @@ def customer_filter(params: CustomerFilterParams) -> CustomerFilter:
         usage_from=params.usage_from,
         usage_to=params.usage_to,
         usage_only=bool(params.usage_only),
+        models=tuple(sorted(set(params.model))),
     )
 
 
@@ -160,6 +161,8 @@ ONE = CustomerAdapter[RetrieveParams](
 async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
     params, principal = call.query, call.principal
     identifier = call.request.match_info["customer_identifier"]
+    if params.top is not None and params.group_by is None:
+        raise invalid("top", "only with group_by=model or group_by=provider")
     async with dbaccess.connection(call.request, read=True) as conn:
         today, zone = await usage_store.today(conn, principal.organization_id)
         end = params.to or today
@@ -172,6 +175,9 @@ async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
             start,
             end,
             params.granularity,
+            models=tuple(params.model),
+            group_by=params.group_by,
+            top=params.top or usage_store.DEFAULT_TOP,
         )
     envelope = {
         "customer_identifier": identifier,
@@ -179,6 +185,7 @@ async def customer_usage(call: Call[UsageParams, None]) -> web.Response:
         "from": start.isoformat(),
         "to": end.isoformat(),
         "time_zone": zone,
+        "group_by": params.group_by,
     }
     return web.Response(body=json_with(envelope, "results", series), content_type=JSON)
 
@@ -276,6 +283,8 @@ ENDPOINTS = [
         description="One zero-filled bucket per day, week or month from 'from' to 'to' (days of the "
         "organization's reporting time zone, inclusive, "
         f"given as dates; 'to' at most {core.MAX_SERIES_DAYS} days after 'from'); without them, the last "
-        f"{DEFAULT_SERIES_DAYS} days up to today.",
+        f"{DEFAULT_SERIES_DAYS} days up to today. model= keeps only those models' usage; group_by=model (or "
+        "provider) gives, per bucket with usage, a row per model: the top ones by cost over the range, the rest "
+        "summed as 'other', and usage without a model under null.",
     ),
 ]

@@ -81,12 +81,27 @@ CUSTOMER_CREATE: JsonDict = {
 CUSTOMER_PATCH: JsonDict = {"status": "blacklisted", "period_budget": "150"}
 USAGE_SERIES: JsonDict = {
     "customer_identifier": "user_123", "granularity": "day", "from": "2026-11-20", "to": "2026-11-21",
-    "time_zone": "Europe/Berlin",
+    "time_zone": "Europe/Berlin", "group_by": None,
     "results": [
         {"start": "2026-11-20", "requests": 40, "prompt_tokens": 4800, "completion_tokens": 3200, "total_tokens": 8000,
          "cost": "1.20", "average_latency": 1.1, "average_ttft": 0.4},
         {"start": "2026-11-21", "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
          "cost": "0", "average_latency": None, "average_ttft": None},
+    ],
+}
+
+USAGE_BY_MODEL: JsonDict = {
+    "granularity": "month", "from": "2026-11-01", "to": "2026-11-30", "time_zone": "UTC", "group_by": "model",
+    "next_after": None,
+    "results": [
+        {"start": "2026-11-01", "model": "gpt-4o", "requests": 91200, "prompt_tokens": 10944000,
+         "completion_tokens": 7296000, "total_tokens": 18240000, "cost": "2736.00", "average_latency": 1.3,
+         "average_ttft": 0.45},
+        {"start": "2026-11-01", "model": "other", "requests": 12800, "prompt_tokens": 1536000,
+         "completion_tokens": 1024000, "total_tokens": 2560000, "cost": "76.80", "average_latency": 0.7,
+         "average_ttft": 0.2},
+        {"start": "2026-11-01", "model": None, "requests": 40, "prompt_tokens": 4800, "completion_tokens": 3200,
+         "total_tokens": 8000, "cost": "0.12", "average_latency": None, "average_ttft": None},
     ],
 }
 

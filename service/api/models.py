@@ -12,10 +12,12 @@ from uuid import UUID
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 
 from service.api import examples
+from service.domain.events import MAX_MODEL_NAME, ModelName
 from service.domain.listing import SORT_FIELD_NAMES
 from service.domain.profile import Day, Identifier, Money, ProfileUpdate, ShortText, Timestamp
 from service.domain.vocabulary import BudgetDuration, Environment, Status
 from service.store.customers import FIRST_SERIES_DAY, LAST_SERIES_DAY, MAX_SERIES_DAYS
+from service.store.usage import DEFAULT_TOP, MAX_TOP, OTHER
 
 
 def choice(values: Sequence[str], example: str) -> tuple[AfterValidator, WithJsonSchema]:
@@ -45,6 +47,18 @@ SortBy = Annotated[str, _SORT[0], _SORT[1]]
 
 
 SeriesDay = Annotated[Day, Field(ge=FIRST_SERIES_DAY, le=LAST_SERIES_DAY)]
+# Model names a usage query may filter by at once.
+MAX_MODEL_FILTER = 100
+MODEL_FILTER = (
+    "Only the usage of these models (repeat or comma-separate; each as the events named it, at most "
+    f"{MAX_MODEL_NAME} characters; at most {MAX_MODEL_FILTER}). Usage without a model is left out. "
+    "Example: model=gpt-4o,gpt-4o-mini."
+)
+TOP = (
+    "With group_by=model or provider: the names kept apart, by cost over the whole range (then requests, "
+    f"then name); the rest are summed in one row named '{OTHER}'. Default {DEFAULT_TOP}, at most {MAX_TOP}. "
+    "Example: group_by=model&top=5."
+)
 
 
 class CustomerFilterParams(BaseModel):
@@ -91,6 +105,12 @@ class CustomerFilterParams(BaseModel):
         None,
         description="With a window: only customers with usage in it (without, they are listed with zeros, last "
         "when sorted by a usage field in descending order).",
+    )
+    model: list[ModelName] = Field(
+        default_factory=list,
+        max_length=MAX_MODEL_FILTER,
+        description="With a window: only customers with usage of one of these models in it (repeat or "
+        f"comma-separate; at most {MAX_MODEL_FILTER}). Example: model=gpt-4o.",
     )
 
 
@@ -148,6 +168,14 @@ class UsageParams(BaseModel):
     granularity: Literal["day", "week", "month"] = Field(
         "day", description="One bucket per day, ISO week (from Monday) or calendar month."
     )
+    group_by: Literal["model", "provider"] | None = Field(
+        None,
+        description="model or provider: per bucket, a row per model (or provider) with usage, the top names by cost "
+        f"and '{OTHER}', and a row with a null name for usage that named none; without it, every bucket's total, "
+        "zero-filled.",
+    )
+    model: list[ModelName] = Field(default_factory=list, max_length=MAX_MODEL_FILTER, description=MODEL_FILTER)
+    top: int | None = Field(None, ge=1, le=MAX_TOP, description=TOP)
     environment: Environment | None = Field(None, description=ENVIRONMENT)
 
 
@@ -278,7 +306,8 @@ class UsageSeries(BaseModel):
     from_: date = Field(alias="from", description="First day of the series.")
     to: date = Field(description="Last day of the series.")
     time_zone: str = Field(description="The organization's reporting time zone (IANA name): whose days these are.")
-    results: list[UsagePoint]
+    group_by: str | None = Field(None, description="model, provider or null, as asked.")
+    results: list[UsageGroupPoint]
 
 
 class UsageQueryParams(BaseModel):
@@ -300,14 +329,18 @@ class UsageQueryParams(BaseModel):
     granularity: Literal["day", "week", "month"] = Field(
         "day", description="One bucket per day, ISO week (from Monday) or calendar month."
     )
-    group_by: Literal["customer"] | None = Field(
+    group_by: Literal["customer", "model", "provider"] | None = Field(
         None,
         description="customer: each customer's buckets with usage, a page of customers at a time (limit, after); "
-        "without it, the organization's total per bucket, every bucket of the range.",
+        "model or provider: per bucket, a row per model (or provider) with usage, the top names by cost and "
+        f"'{OTHER}', and a row with a null name for usage that named none; without it, the organization's total per "
+        "bucket, every bucket of the range. Example: group_by=model.",
     )
     customer_identifiers: list[Identifier] = Field(
         default_factory=list, max_length=1000, description="Only these customers (repeat or comma-separate)."
     )
+    model: list[ModelName] = Field(default_factory=list, max_length=MAX_MODEL_FILTER, description=MODEL_FILTER)
+    top: int | None = Field(None, ge=1, le=MAX_TOP, description=TOP)
     limit: int | None = Field(
         None, ge=1, le=1000, description="With group_by=customer: customers per page (default 100)."
     )
@@ -315,12 +348,25 @@ class UsageQueryParams(BaseModel):
     environment: Environment | None = Field(None, description=ENVIRONMENT)
 
 
-class UsageRow(UsagePoint):
+class UsageGroupPoint(UsagePoint):
+    model: str | None = Field(
+        None,
+        description=f"With group_by=model: the model; '{OTHER}' sums the models past the top; null: usage that "
+        "named no model.",
+    )
+    provider: str | None = Field(
+        None,
+        description=f"With group_by=provider: the provider; '{OTHER}' sums the providers past the top; null: usage "
+        "that named no provider.",
+    )
+
+
+class UsageRow(UsageGroupPoint):
     customer_identifier: str | None = Field(None, description="With group_by=customer: whose usage this is.")
 
 
 class UsageReport(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [examples.USAGE_REPORT]})
+    model_config = ConfigDict(json_schema_extra={"examples": [examples.USAGE_REPORT, examples.USAGE_BY_MODEL]})
 
     granularity: str
     from_: date = Field(alias="from", description="First day.")

@@ -150,6 +150,9 @@ class Delta:
 
     usage: Usage = field(default_factory=Usage)
     days: dict[date, Usage] = field(default_factory=lambda: defaultdict(Usage))
+    # Per day (as ``days``), model and provider ('' for absent), the usage of events that name either:
+    # empty when none does, and then the store writes no per-model row at all.
+    models: dict[tuple[date, str, str], Usage] = field(default_factory=lambda: defaultdict(Usage))
     first_seen: datetime | None = None
     last_active: datetime | None = None
     fields: dict[str, tuple[str, object]] = field(default_factory=dict)  # column -> (version, value)
@@ -168,7 +171,10 @@ class Delta:
             self.profile_event_at = t if self.profile_event_at is None else max(self.profile_event_at, t)
         if change.usage is not None:
             self.usage.add(change.usage)
-            self.days[change.day].add(change.usage)
+            day = change.day
+            self.days[day].add(change.usage)
+            if change.usage.model is not None or change.usage.provider is not None:
+                self.models[(day, change.usage.model or "", change.usage.provider or "")].add(change.usage)
             self.first_seen = t if self.first_seen is None else min(self.first_seen, t)
             self.last_active = t if self.last_active is None else max(self.last_active, t)
             hint = change.usage.customer

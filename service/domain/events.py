@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal, get_args
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -40,6 +42,30 @@ Count = Annotated[int, Field(ge=0, le=10**12)]
 Seconds = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
 Cost = Annotated[Decimal, Field(ge=0, allow_inf_nan=False), exact_decimal(places=12, whole=12)]
 
+# A model or provider name: kept per customer and day (migrations/0013_model_usage.sql), so
+# bounded; a comma would split it in a list parameter (model=a,b), so refused.
+MAX_MODEL_NAME = 64
+
+
+def _blank_is_absent(value: object) -> object:
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    return value
+
+
+def _model_name(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must hold printable characters only")
+    if "," in value:
+        raise ValueError("must not contain a comma")
+    return value
+
+
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_MODEL_NAME), AfterValidator(_model_name)]
+# On an event: surrounding white space trimmed, and an empty name is no name.
+EventModelName = Annotated[ModelName | None, BeforeValidator(_blank_is_absent)]
+
 
 class CustomerHint(BaseModel):
     """Profile hints on a usage event: used to fill a customer's empty name and email."""
@@ -60,6 +86,9 @@ class UsageData(BaseModel):
     cost: Cost = Decimal(0)
     latency: Seconds | None = None
     ttft: Seconds | None = None
+    # Which model served the usage, and whose (gpt-4o, openai): trimmed, empty is absent.
+    model: EventModelName = None
+    provider: EventModelName = None
     customer: CustomerHint | None = None
 
     @model_validator(mode="after")

@@ -210,6 +210,8 @@ class CustomerFilter:
     usage_from: date | None = None
     usage_to: date | None = None
     usage_only: bool = False
+    # Customers with usage of one of these models in the window (which it needs).
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.usage_from is None) != (self.usage_to is None):
@@ -222,6 +224,8 @@ class CustomerFilter:
                 raise InvalidInput("usage_to", f"at most {MAX_WINDOW_DAYS} days after usage_from")
         elif self.usage_only:
             raise InvalidInput("usage_only", "needs a window: usage_from and usage_to")
+        elif self.models:
+            raise InvalidInput("model", "needs a window: usage_from and usage_to")
         if len(self.conditions) > MAX_CONDITIONS:
             raise InvalidInput("filters", f"at most {MAX_CONDITIONS} conditions")
         if sum(len(c.values) for c in self.conditions) > MAX_FILTER_VALUES:

@@ -1,6 +1,6 @@
 """Writing a fold's plan (service/domain/changes.py ``plan``) to the customers its caller holds
 locked: steps 4 to 6 of service/store/fold.py's docstring — read the tombstones, fold in memory,
-then write daily rows, usage aggregates, per-field versions, subscriptions and raised
+then write daily rows (per model too), usage aggregates, per-field versions, subscriptions and raised
 tombstones; remove customers with nothing newer than their tombstone, recompute those whose
 tombstone rose past older content, record budget alerts. The event fold and API writes
 (service/store/customers.py) both end here, under the same row locks.
@@ -79,6 +79,16 @@ ON CONFLICT (organization_id, customer_id, day) DO UPDATE SET
 RETURNING customer_id, (xmax = 0) AS inserted
 """
 
+# Per day, model and provider (migration 0013): written only for a batch with events that name
+# a model or provider, in the same transaction as the journal rows and daily_usage.
+UPSERT_MODEL_DAILY = f"""
+INSERT INTO daily_model_usage AS d (organization_id, customer_id, day, model, provider, {", ".join(USAGE_SUMS)})
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[],
+                     $9::int8[], $10::numeric[], $11::float8[], $12::int8[], $13::float8[], $14::int8[])
+ON CONFLICT (organization_id, customer_id, day, model, provider) DO UPDATE SET
+    {_each_sum("{c} = d.{c} + excluded.{c}")}
+"""
+
 # Usage goes to customer_usage (migration 0007): its own narrow row and sort indexes.
 UPDATE_USAGE = f"""
 UPDATE customer_usage c SET
@@ -154,6 +164,11 @@ DELETE FROM daily_usage d USING unnest($1::uuid[], $2::uuid[]) AS k(organization
 WHERE d.organization_id = k.organization_id AND d.customer_id = k.id
 """
 
+CLEAR_MODEL_DAILY = """
+DELETE FROM daily_model_usage d USING unnest($1::uuid[], $2::uuid[]) AS k(organization_id, id)
+WHERE d.organization_id = k.organization_id AND d.customer_id = k.id
+"""
+
 _JOURNAL_SINCE = """
 p.organization_id = k.organization_id AND p.event_time > k.deleted_at
 AND p.environment = k.environment AND p.subject = k.customer_identifier AND p.requests IS NOT NULL
@@ -170,6 +185,19 @@ FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
 JOIN organizations o ON o.id = k.organization_id
 JOIN processed_events p ON {_JOURNAL_SINCE}
 GROUP BY 1, 2, 3
+"""
+
+REBUILD_MODEL_DAILY = f"""
+INSERT INTO daily_model_usage (organization_id, customer_id, day, model, provider, requests, prompt_tokens,
+                               completion_tokens, total_tokens, cost, latency_sum, latency_count, ttft_sum, ttft_count)
+SELECT k.organization_id, k.id, (p.event_time AT TIME ZONE o.time_zone)::date, coalesce(p.model, ''),
+       coalesce(p.provider, ''), sum(p.requests), sum(p.prompt_tokens), sum(p.completion_tokens), sum(p.total_tokens),
+       sum(p.cost), coalesce(sum(p.latency), 0), count(p.latency), coalesce(sum(p.ttft), 0), count(p.ttft)
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
+     AS k(organization_id, id, environment, customer_identifier, deleted_at)
+JOIN organizations o ON o.id = k.organization_id
+JOIN processed_events p ON {_JOURNAL_SINCE} AND (p.model IS NOT NULL OR p.provider IS NOT NULL)
+GROUP BY 1, 2, 3, 4, 5
 """
 
 # An undone field falls back to the newest hint that the tombstone leaves (h.hints), else to
@@ -284,6 +312,7 @@ async def apply_changes(
     }
     p = plan(changes, tombstones)
     new_days = await _upsert_daily(conn, p.deltas, ids)
+    await _upsert_model_daily(conn, p.deltas, ids)
     await _update_customers(conn, p.deltas, ids, new_days)
     await _upsert_subscriptions(conn, p.deltas, ids)
     if p.raised:
@@ -342,6 +371,18 @@ async def _upsert_daily(conn: Connection, deltas: dict[Key, Delta], ids: Mapping
     return new_days
 
 
+async def _upsert_model_daily(conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> None:
+    rows = sorted(
+        (k[0], ids[k], day, model, provider, *u.sums())
+        for k, d in deltas.items()
+        for (day, model, provider), u in d.models.items()
+    )
+    # Sorted like the daily rows (the customers' row locks already keep two folds apart); a
+    # batch without a model or provider costs no statement.
+    if rows:
+        await conn.execute(UPSERT_MODEL_DAILY, *columns(rows))
+
+
 async def _update_customers(
     conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID], new_days: dict[UUID, int]
 ) -> None:
@@ -396,6 +437,8 @@ async def _recompute(conn: Connection, rows: list[tuple[Key, UUID, datetime]]) -
     full = [orgs, customer_ids, [k[1] for k, _, _ in rows], [k[2] for k, _, _ in rows], [t for _, _, t in rows]]
     await conn.execute(CLEAR_DAILY, orgs, customer_ids)
     await conn.execute(REBUILD_DAILY, *full)
+    await conn.execute(CLEAR_MODEL_DAILY, orgs, customer_ids)
+    await conn.execute(REBUILD_MODEL_DAILY, *full)
     await conn.execute(RECOMPUTE_USAGE, *full)
     await conn.execute(RESET_PROFILES, orgs, customer_ids, full[4])
     await conn.execute(DROP_OLDER_SUBSCRIPTIONS, orgs, customer_ids, full[4])

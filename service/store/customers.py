@@ -26,7 +26,7 @@ from service.store.changelog import Position as LogPosition
 from service.store.db import Connection
 from service.store.listing import export_sql, list_sql
 from service.store.rendering import Shape, rows_sql, shape_sql
-from service.store.usage import zero_filled
+from service.store.usage import DEFAULT_TOP, UsageQuery, by_dimension, zero_filled
 
 
 @dataclass(frozen=True)
@@ -340,6 +340,13 @@ USAGE_SERIES = zero_filled(
 )
 
 
+# The same, of the models named ($6): the customer's per-model rows in range.
+USAGE_SERIES_OF_MODELS = zero_filled(
+    "FROM daily_model_usage d WHERE d.organization_id = $1 AND d.customer_id = $2"
+    " AND d.day BETWEEN $3::date AND $4::date AND d.model = ANY($6::text[])"
+)
+
+
 async def usage_series(
     conn: Connection,
     organization_id: UUID,
@@ -348,8 +355,14 @@ async def usage_series(
     start: date,
     end: date,
     granularity: str = "day",
+    *,
+    models: tuple[str, ...] = (),
+    group_by: str | None = None,
+    top: int = DEFAULT_TOP,
 ) -> str:
-    """Usage per bucket from ``start`` to ``end`` inclusive, as a JSON array (text)."""
+    """Usage per bucket from ``start`` to ``end`` inclusive, as a JSON array (text): of the
+    ``models`` named (all usage when none); with ``group_by`` (model or provider), the
+    buckets with usage per name (service/store/usage.py ``by_dimension``)."""
     if granularity not in GRANULARITIES:
         raise InvalidInput("granularity", f"must be one of {', '.join(GRANULARITIES)}")
     for name, day in (("from", start), ("to", end)):
@@ -364,5 +377,13 @@ async def usage_series(
     customer_id = await conn.fetchval(SELECT_CUSTOMER_ID, organization_id, environment, identifier)
     if customer_id is None:
         raise NotFound(f"no customer '{identifier}' in environment '{environment}'")
+    if group_by is not None:
+        q = UsageQuery(organization_id, environment, start, end, granularity, (identifier,), models)
+        return await by_dimension(conn, q, group_by, top)
+    if models:
+        of_models: str = await conn.fetchval(
+            USAGE_SERIES_OF_MODELS, organization_id, customer_id, start, end, granularity, list(models)
+        )
+        return of_models
     series: str = await conn.fetchval(USAGE_SERIES, organization_id, customer_id, start, end, granularity)
     return series

@@ -30,8 +30,9 @@ One transaction per batch, in this order:
    folds and deletions, also for a customer that does not exist yet: a provisional row,
    inserted here and removed at step 6 if nothing lives in it;
 4. read the tombstones — after locking, so a deletion committed before the lock is seen;
-5. fold the live changes per customer in memory (:func:`plan`, pure), then write daily rows,
-   aggregates, per-field versions, subscriptions and raised tombstones;
+5. fold the live changes per customer in memory (:func:`plan`, pure), then write daily rows
+   (and per-model daily rows, for events that name a model or provider), aggregates,
+   per-field versions, subscriptions and raised tombstones;
 6. remove customers with nothing newer than their tombstone, recompute those whose tombstone
    rose past older content, record budget alerts.
 
@@ -89,9 +90,10 @@ STALE = Outcome("stale")
 
 INSERT_PROCESSED = """
 INSERT INTO processed_events (organization_id, environment, source, event_id, event_time, subject, requests,
-                              prompt_tokens, completion_tokens, total_tokens, cost, latency, ttft)
+                              prompt_tokens, completion_tokens, total_tokens, cost, latency, ttft, model, provider)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::int8[],
-                     $8::int8[], $9::int8[], $10::int8[], $11::numeric[], $12::float8[], $13::float8[])
+                     $8::int8[], $9::int8[], $10::int8[], $11::numeric[], $12::float8[], $13::float8[], $14::text[],
+                     $15::text[])
 ON CONFLICT DO NOTHING
 RETURNING organization_id, environment, source, event_id
 """
@@ -206,9 +208,12 @@ def zone_of(org: Organization) -> ZoneInfo | timezone:
 def _journal_row(key: tuple[UUID, str, str, str], e: Event) -> tuple[object, ...]:
     u = e.data if isinstance(e.data, UsageData) else None
     amounts = (
-        (u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost, u.latency, u.ttft)
+        (
+            *(u.requests, u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost, u.latency, u.ttft),
+            *(u.model, u.provider),
+        )
         if u is not None
-        else (None,) * 7
+        else (None,) * 9
     )
     return (*key, e.time, e.subject, *amounts)
 

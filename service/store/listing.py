@@ -178,6 +178,14 @@ def where_sql(q: ListQuery, p: _Params, driving: str = "c") -> str:
             clauses.append(f"{column(name)} {op} {p(value)}")
     if f.metadata:
         clauses.append(f"c.metadata @> {p(dict(f.metadata), 'jsonb')}")
+    if f.models:
+        # A probe of the customer's per-model rows in the window (a primary-key range), per row
+        # the driving table yields: both tables' id is the customer's.
+        clauses.append(
+            f"EXISTS (SELECT FROM daily_model_usage m WHERE m.organization_id = {driving}.organization_id"
+            f" AND m.customer_id = {driving}.id AND m.day BETWEEN {p(f.usage_from)} AND {p(f.usage_to)}"
+            f" AND m.model = ANY({p(list(f.models), 'text[]')}))"
+        )
     if f.period_budget_share_gte is not None:
         usage = CUSTOMER_FIELDS["total_period_usage"].format(**ROWS)
         clauses.append(f"c.period_budget > 0 AND {usage} >= c.period_budget * {p(f.period_budget_share_gte)}")
@@ -326,8 +334,9 @@ def count_sql(q: ListQuery, p: _Params | None = None) -> tuple[str, list[object]
     counters (a few rows); any other filter counts the matching rows."""
     p = p or _Params()
     # A window without usage_only lists every customer, as the lifetime list does.
-    unwindowed = q.filter if q.filter.usage_only else replace(q.filter, usage_from=None, usage_to=None)
-    if replace(unwindowed, statuses=()) == CustomerFilter():
+    unwindowed = q.filter if q.filter.usage_only else replace(q.filter, usage_from=None, usage_to=None, models=())
+    # A model filter (which needs the window) matches only some customers, usage_only or not.
+    if replace(unwindowed, statuses=()) == CustomerFilter() and not q.filter.models:
         statuses = f" AND status = ANY({p(list(q.filter.statuses), 'text[]')})" if q.filter.statuses else ""
         sql = (
             "SELECT coalesce(sum(delta), 0)::bigint FROM customer_counts"

@@ -49,6 +49,15 @@ BEGIN
     RETURN NULL;
 END $$;
 
+CREATE FUNCTION public.tally_delete_model_usage() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    DELETE FROM daily_model_usage m USING old_rows o
+    WHERE m.organization_id = o.organization_id AND m.customer_id = o.id;
+    RETURN NULL;
+END $$;
+
 CREATE FUNCTION public.tally_insert_usage() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -312,6 +321,23 @@ CREATE TABLE public.customer_tombstones (
     deleted_at timestamp with time zone NOT NULL
 );
 
+CREATE TABLE public.daily_model_usage (
+    organization_id uuid NOT NULL,
+    customer_id uuid NOT NULL,
+    day date NOT NULL,
+    model text NOT NULL,
+    provider text NOT NULL,
+    requests bigint DEFAULT 0 NOT NULL,
+    prompt_tokens bigint DEFAULT 0 NOT NULL,
+    completion_tokens bigint DEFAULT 0 NOT NULL,
+    total_tokens bigint DEFAULT 0 NOT NULL,
+    cost numeric DEFAULT 0 NOT NULL,
+    latency_sum double precision DEFAULT 0 NOT NULL,
+    latency_count bigint DEFAULT 0 NOT NULL,
+    ttft_sum double precision DEFAULT 0 NOT NULL,
+    ttft_count bigint DEFAULT 0 NOT NULL
+);
+
 CREATE TABLE public.daily_usage (
     organization_id uuid NOT NULL,
     customer_id uuid NOT NULL,
@@ -354,7 +380,9 @@ CREATE TABLE public.processed_events (
     total_tokens bigint,
     cost numeric,
     latency double precision,
-    ttft double precision
+    ttft double precision,
+    model text,
+    provider text
 );
 
 CREATE TABLE public.schema_migrations (
@@ -407,6 +435,9 @@ ALTER TABLE ONLY public.customers
 
 ALTER TABLE ONLY public.customers
     ADD CONSTRAINT customers_pkey PRIMARY KEY (organization_id, id);
+
+ALTER TABLE ONLY public.daily_model_usage
+    ADD CONSTRAINT daily_model_usage_pkey PRIMARY KEY (organization_id, customer_id, day, model, provider);
 
 ALTER TABLE ONLY public.daily_usage
     ADD CONSTRAINT daily_usage_pkey PRIMARY KEY (organization_id, customer_id, day);
@@ -493,6 +524,8 @@ CREATE TRIGGER customers_count_insert AFTER INSERT ON public.customers REFERENCI
 CREATE TRIGGER customers_count_update AFTER UPDATE ON public.customers REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION public.tally_count_updated();
 
 CREATE TRIGGER customers_delete_children AFTER DELETE ON public.customers REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION public.tally_delete_children();
+
+CREATE TRIGGER customers_delete_model_usage AFTER DELETE ON public.customers REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION public.tally_delete_model_usage();
 
 CREATE TRIGGER customers_insert_usage AFTER INSERT ON public.customers REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION public.tally_insert_usage();
 
