@@ -1,8 +1,8 @@
--- Usage per model and provider: per customer, day (of the organization's time zone), model and
--- provider, the same sums as daily_usage, for the usage events that name a model or a provider (service/domain/events.py
--- UsageData). An event without either writes nothing here, so the fold of a batch without
--- them runs no extra statement. '' stands for an absent model or provider (a primary key
--- column cannot be NULL); the reads show it as null.
+-- Usage per model and provider: per customer, day (of the organization's time zone), model
+-- and provider, the same sums as daily_usage, for the usage events that name a model or a
+-- provider (service/domain/events.py UsageData). An event without either writes nothing here,
+-- so the fold of a batch without them runs no extra statement. '' stands for an absent model
+-- or provider (a primary key column cannot be NULL); the reads show it as null.
 --
 -- Storage per customer and day is bounded by the validated names (at most 64 characters
 -- each) and by the events themselves (one row per distinct model and provider a day); the
