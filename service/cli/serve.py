@@ -77,11 +77,12 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     """The consumer, with /healthz, /readyz and /metrics on TALLY_CONSUMER_HTTP_PORT."""
     from consumers.app import create_consumer_app
+    from service.api.webhooks import webhook_shape
 
     base = _base_url(settings, settings.consumer_http_port)
     banner = [f"tally consumer: health, readiness and metrics at {base}/healthz, /readyz, /metrics"]
     return _serve(
-        create_consumer_app(settings),
+        create_consumer_app(settings, webhook_shape()),
         settings,
         settings.http_host,
         settings.consumer_http_port,
@@ -94,9 +95,10 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     """The API and the consumer in one process: the laptop default."""
     from consumers.app import add_consumer
     from service.api.app import create_app
+    from service.api.webhooks import webhook_shape
 
     app = create_app(settings)
-    add_consumer(app)
+    add_consumer(app, webhook_shape())
     return _serve(
         app, settings, settings.http_host, settings.http_port, "TALLY_HTTP_PORT", _api_banner(settings, dev=True)
     )
