@@ -63,12 +63,12 @@ class PublicResolver(AbstractResolver):
     """aiohttp's resolver, returning only the public addresses a name resolves to."""
 
     def __init__(self) -> None:
-        self._inner = DefaultResolver()
+        self.inner = DefaultResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        resolved = await self._inner.resolve(host, port, family)
+        resolved = await self.inner.resolve(host, port, family)
         kept = [r for r in resolved if address_refusal(r["host"]) is None]
         if not kept:
             reasons = "; ".join(sorted({str(address_refusal(r["host"])) for r in resolved}))
@@ -76,7 +76,7 @@ class PublicResolver(AbstractResolver):
         return kept
 
     async def close(self) -> None:
-        await self._inner.close()
+        await self.inner.close()
 
 
 class Dispatcher:
