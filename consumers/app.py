@@ -64,7 +64,10 @@ async def housekeeping_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def webhooks_context(app: web.Application) -> AsyncIterator[None]:
-    dispatcher = Dispatcher(app[SETTINGS], app[POOL], app[WEBHOOK_SHAPE], wake=app[CONSUMER].committed)
+    # Beside a consumer, its commits wake the dispatcher; alone (`tally webhooks`), it polls.
+    consumer = app.get(CONSUMER)
+    wake = consumer.committed if consumer is not None else None
+    dispatcher = Dispatcher(app[SETTINGS], app[POOL], app[WEBHOOK_SHAPE], wake=wake)
     async with running(dispatcher):
         yield
 
@@ -75,10 +78,11 @@ async def broker_check(app: web.Application) -> None:
 
 
 def add_consumer(app: web.Application, webhook_shape: Shape | None = None) -> None:
-    """The ingest loop and housekeeping; with ``webhook_shape``, the webhook dispatcher too."""
+    """The ingest loop and housekeeping; with ``webhook_shape``, the webhook dispatcher too
+    (unless TALLY_WEBHOOK_DISPATCH is off)."""
     app.cleanup_ctx.append(consumer_context)
     app.cleanup_ctx.append(housekeeping_context)
-    if webhook_shape is not None:
+    if webhook_shape is not None and app[SETTINGS].webhook_dispatch:
         app[WEBHOOK_SHAPE] = webhook_shape
         app.cleanup_ctx.append(webhooks_context)
     # "consumer": connected to the broker and consuming; it is also the process's "broker"
@@ -92,4 +96,13 @@ def create_consumer_app(settings: Settings, webhook_shape: Shape | None = None) 
     app = base_app(settings)
     add_operations(app)
     add_consumer(app, webhook_shape)
+    return app
+
+
+def create_webhooks_app(settings: Settings, webhook_shape: Shape) -> web.Application:
+    """The webhook dispatcher alone (`tally webhooks`), with health, readiness and metrics."""
+    app = base_app(settings)
+    add_operations(app)
+    app[WEBHOOK_SHAPE] = webhook_shape
+    app.cleanup_ctx.append(webhooks_context)
     return app

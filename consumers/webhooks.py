@@ -46,11 +46,13 @@ log = logging.getLogger("tally.webhooks")
 
 # The most of a receiver's answer read: its status is what counts, the body is never used.
 RESPONSE_BYTES = 4096
-# Changes (and alerts) one endpoint's materialisation takes per turn.
-MATERIALIZE_CHUNK = 1000
-# A lease outlasts the attempt's timeout by this much, so an attempt still running when its
-# lease ends is impossible short of a stalled process.
-LEASE_MARGIN = 30.0
+# Changes (and alerts) one endpoint's materialisation takes at once: a fold's largest batch
+# (TALLY_BATCH_MAX_EVENTS' default) touches at most this many customers.
+MATERIALIZE_CHUNK = 4000
+# A lease outlasts the attempt's total timeout by this much, so an attempt still running when
+# its lease ends is impossible short of a stalled process; it is also how long a delivery
+# leased by a process that died waits, beyond that timeout, before another takes it.
+LEASE_MARGIN = 5.0
 BACKLOG_EVERY = 5.0
 PURGE_EVERY = 600.0
 
@@ -186,8 +188,11 @@ class Dispatcher:
     async def send_due(self, *, wait: bool) -> int:
         """Lease the due deliveries this process has room for and attempt each; with ``wait``,
         return once every attempt ended. How many were leased."""
-        room = self.settings.webhook_concurrency - len(self._sending)
-        if room <= 0:
+        concurrency = self.settings.webhook_concurrency
+        room = concurrency - len(self._sending)
+        # Refilled by halves: a claim is a statement of its own, and one per ended attempt
+        # would cost more than the attempts.
+        if room <= 0 or (self._sending and room < max(1, concurrency // 2)):
             return 0
         now = self.now()
         lease = now + timedelta(seconds=self.settings.webhook_timeout_seconds + LEASE_MARGIN)

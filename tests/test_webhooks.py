@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -419,7 +420,8 @@ async def test_in_order_per_customer_across_a_receiver_outage(
     receiver: Receiver,
 ) -> None:
     """The receiver fails (500) for a while: the customer's first delivery is retried on the
-    backoff schedule and its later ones wait behind it; another customer's are not held up."""
+    backoff schedule and its later ones wait behind it; another customer's are not held up.
+    Two updates committed before a round are one delivery (each would show the same state)."""
     admin = await admin_headers(pool, org)
     created = await subscribe(private_client, admin, f"{receiver.url}/hook", ["customer.created", "customer.updated"])
     clock = Clock()
@@ -430,6 +432,7 @@ async def test_in_order_per_customer_across_a_receiver_outage(
     for name in ("one", "two"):
         await private_client.patch(f"/v1/customers/{x}", json={"name": name}, headers=org.headers())
     await steps_until(d, lambda: len(receiver.received) >= 1, "the first attempt")
+    await private_client.patch(f"/v1/customers/{x}", json={"name": "three"}, headers=org.headers())
     for _ in range(3):  # failed, and not due again before its backoff: nothing more is sent
         await d.step()
     assert [(e["type"], e["data"]["customer_identifier"]) for e in receiver.events()] == [("customer.created", x)]
@@ -445,7 +448,7 @@ async def test_in_order_per_customer_across_a_receiver_outage(
         clock.advance(300)
         await d.step()
     tried = sum(e["data"]["customer_identifier"] == x for e in receiver.events())
-    assert 4 <= tried <= 12, tried  # 30 s doubling, with no jitter: retries at 30, 60, 120, 240 s, ...
+    assert 4 <= tried <= 12, tried  # jitter 0: half of 30 s doubling, retries after 15, 30, 60, 120 s, ...
     receiver.answer = lambda n: 200
     clock.advance(private_settings.webhook_retry_max_seconds)
     await steps_until(
@@ -455,6 +458,8 @@ async def test_in_order_per_customer_across_a_receiver_outage(
     )
     xs = [e for e in receiver.events() if e["data"]["customer_identifier"] == x]
     assert [e["type"] for e in xs[-3:]] == ["customer.created", "customer.updated", "customer.updated"]
+    assert [e["data"]["name"] for e in xs[-2:]] == ["two", "three"]
+    assert len(await delivery_rows(pool, created["id"])) == 4  # x's three and y's one
     assert len({e["id"] for e in xs[:-2]}) == 1  # the same event, retried
     log = await ok_json(await private_client.get(f"/v1/webhooks/{created['id']}/deliveries", headers=admin))
     first = log["results"][-1]
@@ -532,7 +537,8 @@ async def test_deliveries_pending_in_the_database_are_sent_by_a_new_consumer_pro
     private_client: TestClient, pool: asyncpg.Pool, org: Org, receiver: Receiver, fleet: Fleet
 ) -> None:
     """A consumer process attempts the deliveries while the receiver fails, and is killed
-    (SIGKILL: nothing of it survives but the rows); a new one sends them when the receiver is back."""
+    (SIGKILL: nothing of it survives but the rows); a new process sends them when the receiver
+    is back: a `tally webhooks` (the dispatcher alone) beside a consumer that does not dispatch."""
     admin = await admin_headers(pool, org)
     created = await subscribe(private_client, admin, f"{receiver.url}/hook", ["customer.created"])
     receiver.answer = lambda n: 503
@@ -541,6 +547,8 @@ async def test_deliveries_pending_in_the_database_are_sent_by_a_new_consumer_pro
         "tally_webhook_poll_seconds": "0.05",
         "tally_webhook_retry_base_seconds": "0.2",
         "tally_webhook_retry_max_seconds": "0.5",
+        # A delivery the killed process had leased waits out its lease (the timeout and 5 s).
+        "tally_webhook_timeout_seconds": "2",
     }
     first = fleet.start("first", **env)
     people = [uid("restart") for _ in range(3)]
@@ -557,12 +565,22 @@ async def test_deliveries_pending_in_the_database_are_sent_by_a_new_consumer_pro
     assert all(r["status"] == "pending" for r in await delivery_rows(pool, created["id"]))
 
     receiver.answer = lambda n: 200
-    second = fleet.start("second", **env)
+    quiet = fleet.start("quiet", **env, tally_webhook_dispatch="false")
+    second = fleet.start("second", "webhooks", **env)
     await wait_until(lambda: _all_delivered(pool, created["id"], 3), timeout=30, what="sent by the second process")
     assert {r.event["data"]["customer_identifier"] for r in receiver.received} == set(people)
     for got in receiver.received:
         verify(got, created["secret"])
     second.assert_no_errors()
+    quiet.assert_no_errors()
+    async with aiohttp.ClientSession() as http:
+        for process, delivered in ((second, 3.0), (quiet, 0.0)):
+            await process.wait_ready(http)
+            async with http.get(f"{process.url}/metrics") as r:
+                text = await r.text()
+            assert f'tally_webhook_deliveries_total{{outcome="delivered"}} {delivered}' in text or (
+                delivered == 0 and 'outcome="delivered"' not in text
+            ), process.name
 
 
 # ---- what a delivery may reach and read --------------------------------------------------------

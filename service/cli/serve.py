@@ -1,4 +1,4 @@
-"""``tally api``, ``tally consume``, ``tally dev``: the processes that serve, until SIGTERM."""
+"""``tally api``, ``tally consume``, ``tally webhooks``, ``tally dev``: the processes that serve, until SIGTERM."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     commands.add_parser(
         "consume", help="run the event consumer (health and metrics on TALLY_CONSUMER_HTTP_PORT)"
     ).set_defaults(sync=cmd_consume)
+    commands.add_parser(
+        "webhooks", help="only dispatch webhooks (health and metrics on TALLY_CONSUMER_HTTP_PORT)"
+    ).set_defaults(sync=cmd_webhooks)
     commands.add_parser(
         "dev", help="API and consumer in one process, all on TALLY_HTTP_PORT (laptop default)"
     ).set_defaults(sync=cmd_dev)
@@ -88,6 +91,22 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
         settings.consumer_http_port,
         "TALLY_CONSUMER_HTTP_PORT",
         banner,
+    )
+
+
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    """The webhook dispatcher alone: for consumers run with TALLY_WEBHOOK_DISPATCH=false."""
+    from consumers.app import create_webhooks_app
+    from service.api.webhooks import webhook_shape
+
+    base = _base_url(settings, settings.consumer_http_port)
+    return _serve(
+        create_webhooks_app(settings, webhook_shape()),
+        settings,
+        settings.http_host,
+        settings.consumer_http_port,
+        "TALLY_CONSUMER_HTTP_PORT",
+        [f"tally webhooks: health, readiness and metrics at {base}/healthz, /readyz, /metrics"],
     )
 
 

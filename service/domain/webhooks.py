@@ -25,6 +25,7 @@ CUSTOMER_UPDATED = "customer.updated"
 CUSTOMER_DELETED = "customer.deleted"
 ALERT_BUDGET = "alert.budget"
 EVENT_TYPES = (CUSTOMER_CREATED, CUSTOMER_UPDATED, CUSTOMER_DELETED, ALERT_BUDGET)
+CUSTOMER_TYPES = frozenset({CUSTOMER_CREATED, CUSTOMER_UPDATED, CUSTOMER_DELETED})
 # What each kind of the change log (service/store/changelog.py) is delivered as.
 CHANGE_TYPES = {"c": CUSTOMER_CREATED, "u": CUSTOMER_UPDATED, "d": CUSTOMER_DELETED}
 

@@ -217,6 +217,12 @@ class Settings(BaseSettings):
     )
 
     # ---- Webhooks (consumers/webhooks.py)
+    webhook_dispatch: bool = Field(
+        default=True,
+        description="Whether `tally consume` (and `tally dev`) dispatch webhooks beside folding events. Turn it off "
+        "on the consumers and run `tally webhooks` processes instead to keep the dispatch's work (reading what "
+        "committed, sending) off the fold's processes.",
+    )
     webhook_allow_private: bool = Field(
         default=False,
         description="Let webhook endpoints reach private, loopback, link-local and other non-public addresses. "

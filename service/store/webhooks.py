@@ -29,10 +29,10 @@ import asyncpg
 import orjson
 
 from service.domain.errors import Conflict
-from service.domain.webhooks import ALERT_BUDGET, CHANGE_TYPES, change_event_id
+from service.domain.webhooks import ALERT_BUDGET, CHANGE_TYPES, CUSTOMER_TYPES, change_event_id
 from service.store.alerts import alert_event
-from service.store.changefeed import Cursor, read_feed
-from service.store.changelog import Position
+from service.store.changefeed import Cursor, FeedPage, read_feed
+from service.store.changelog import Position, horizon
 from service.store.db import Connection
 from service.store.rendering import Shape
 
@@ -268,7 +268,8 @@ async def materialize(
     """Turn the endpoint's events committed since its cursors into deliveries (at most about
     ``limit`` changes and ``limit`` alerts), and move the cursors past them, in one
     transaction. A change whose customer is deleted since is left to the deletion's own change
-    (the customer is no longer there to show). Nothing when another dispatcher holds it."""
+    (the customer is no longer there to show); a customer's updates in one round are one
+    delivery. Nothing when another dispatcher holds the endpoint."""
     async with conn.transaction():
         endpoint = await conn.fetchrow(LOCK_ENDPOINT, organization_id, endpoint_id)
         if endpoint is None:
@@ -276,10 +277,18 @@ async def materialize(
         environment, subscribed = endpoint["environment"], frozenset(endpoint["events"])
         events: list[Event] = []
         cursor = Cursor(Position(int(endpoint["changes_xid"]), endpoint["changes_seq"]), endpoint["changes_given"])
-        # Every change is read, whatever the endpoint takes: the cursor moves past those it does not.
-        page = await read_feed(conn, organization_id, environment, cursor, limit, shape)
-        for change in page.changes:
+        if subscribed & CUSTOMER_TYPES:
+            page = await read_feed(conn, organization_id, environment, cursor, limit, shape)
+        else:  # nothing of the change log is sent: the cursor moves to the horizon
+            page = FeedPage([], Cursor(max(cursor.floor, await horizon(conn))), False, False)
+        # An update shows the customer as read now, so the page's last update of a customer
+        # says all its earlier ones do: they are coalesced into it (under a backlog, a busy
+        # customer's updates cost one delivery per round, not one per commit).
+        last_update = {c.customer_id: i for i, c in enumerate(page.changes) if c.kind == "u"}
+        for i, change in enumerate(page.changes):
             if change.kind == "d" and change.logged != "d":
+                continue  # deleted since: its deletion follows in the log
+            if change.kind == "u" and last_update[change.customer_id] != i:
                 continue
             event_type = CHANGE_TYPES[change.kind]
             if event_type not in subscribed:
