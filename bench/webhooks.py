@@ -130,7 +130,7 @@ async def set_aside(dsn: str, org: str) -> dict[str, int]:
 
 
 COUNT_DELIVERIES = """
-SELECT count(*) AS made, count(*) FILTER (WHERE status = 'delivered') AS delivered
+SELECT count(*) AS made, count(*) FILTER (WHERE state = 'delivered') AS delivered
 FROM webhook_deliveries d JOIN organizations o ON o.id = d.organization_id WHERE o.name = $1
 """
 

@@ -10,7 +10,10 @@ CREATE TABLE webhook_endpoints (
     id                uuid        NOT NULL DEFAULT gen_random_uuid(),
     environment       text        NOT NULL CHECK (environment IN ('prod', 'test')),
     url               text        NOT NULL CHECK (length(url) BETWEEN 1 AND 2048),
-    events            text[]      NOT NULL CHECK (cardinality(events) >= 1),
+    events            text[]      NOT NULL
+        CONSTRAINT webhook_endpoints_events_check
+        CHECK (events <@ ARRAY['customer.created', 'customer.updated', 'customer.deleted', 'alert.budget'])
+        CONSTRAINT webhook_endpoints_events_present CHECK (cardinality(events) >= 1),
     -- Stored as it is: a signing secret must be usable to sign, so it cannot be hashed like an
     -- API key's (docs/api/webhooks.md says so, and that it is not encrypted at rest).
     secret            text        NOT NULL,
@@ -46,7 +49,7 @@ CREATE TABLE webhook_deliveries (
     -- The body exactly as sent (and signed), the same on every attempt.
     body             text        NOT NULL,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    status           text        NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
+    state            text        NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'failed')),
     attempts         integer     NOT NULL DEFAULT 0,
     -- When the next attempt may start; while an attempt runs, when its lease ends.
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),
@@ -60,11 +63,11 @@ CREATE TABLE webhook_deliveries (
     UNIQUE (endpoint_id, event_id),
     FOREIGN KEY (organization_id, endpoint_id) REFERENCES webhook_endpoints (organization_id, id) ON DELETE CASCADE
 );
-CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX webhook_deliveries_customer ON webhook_deliveries (endpoint_id, customer_id, id)
-    WHERE status = 'pending';
+    WHERE state = 'pending';
 CREATE INDEX webhook_deliveries_created ON webhook_deliveries (endpoint_id, created_at);
-CREATE INDEX webhook_deliveries_finished ON webhook_deliveries (created_at) WHERE status <> 'pending';
+CREATE INDEX webhook_deliveries_finished ON webhook_deliveries (created_at) WHERE state <> 'pending';
 
 -- Which transaction recorded each alert: a column default, so the fold runs no statement more.
 -- Rows recorded before this migration take its own transaction's id.

@@ -234,7 +234,7 @@ async def test_try_it_out_with_the_prefilled_values_answers_every_operation(
         )
         delivery_id = await conn.fetchval(
             "INSERT INTO webhook_deliveries (organization_id, endpoint_id, event_id, event_type, customer_id, body,"
-            " status, give_up_at) VALUES ($1, $2, 'evt_docs', 'customer.created', $3, '{}', 'delivered', now())"
+            " state, give_up_at) VALUES ($1, $2, 'evt_docs', 'customer.created', $3, '{}', 'delivered', now())"
             " RETURNING id",
             org.id,
             endpoint["id"],

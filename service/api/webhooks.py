@@ -27,7 +27,7 @@ from service.api.params import WRITE_BODY_BYTES
 from service.api.routing import Call, Endpoint, NoQuery
 from service.domain.errors import NotFound
 from service.domain.keys import as_uuid
-from service.domain.webhooks import EVENT_TYPES, address_refusal, check_url, new_secret
+from service.domain.webhooks import DELIVERY_STATES, EVENT_TYPES, address_refusal, check_url, new_secret
 from service.store import webhooks as store
 from service.store.rendering import Shape
 
@@ -46,7 +46,9 @@ DEFAULT_OVERLAP_SECONDS = 86_400
 MAX_OVERLAP_SECONDS = 7 * 86_400
 
 EventType = Literal["customer.created", "customer.updated", "customer.deleted", "alert.budget"]
+DeliveryState = Literal["pending", "delivered", "failed"]
 assert set(EventType.__args__) == set(EVENT_TYPES)  # type: ignore[attr-defined]
+assert set(DeliveryState.__args__) == set(DELIVERY_STATES)  # type: ignore[attr-defined]
 
 ENDPOINT_EXAMPLE: dict[str, Any] = {
     "id": "6f1c2b9e-3d4a-4e5f-8a7b-1c2d3e4f5a6b",
@@ -157,7 +159,7 @@ class Delivery(BaseModel):
     id: int
     event_id: str
     event_type: str
-    status: Literal["pending", "delivered", "failed"]
+    status: DeliveryState
     attempts: int
     created_at: datetime
     next_attempt_at: datetime | None = Field(description="When a pending delivery is attempted next.")
@@ -185,7 +187,7 @@ class DeliveryParams(BaseModel):
     cursor: Annotated[str, StringConstraints(max_length=20)] | None = Field(
         None, description="A page's next_cursor: the deliveries older than that page's."
     )
-    status: Literal["pending", "delivered", "failed"] | None = Field(None, description="Only deliveries in this state.")
+    status: DeliveryState | None = Field(None, description="Only deliveries in this state.")
 
 
 class RedeliverRange(BaseModel):

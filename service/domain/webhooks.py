@@ -26,6 +26,8 @@ CUSTOMER_DELETED = "customer.deleted"
 ALERT_BUDGET = "alert.budget"
 EVENT_TYPES = (CUSTOMER_CREATED, CUSTOMER_UPDATED, CUSTOMER_DELETED, ALERT_BUDGET)
 CUSTOMER_TYPES = frozenset({CUSTOMER_CREATED, CUSTOMER_UPDATED, CUSTOMER_DELETED})
+# A delivery is pending (until a 2xx, or its retry period is over), then delivered or failed.
+DELIVERY_STATES = ("pending", "delivered", "failed")
 # What each kind of the change log (service/store/changelog.py) is delivered as.
 CHANGE_TYPES = {"c": CUSTOMER_CREATED, "u": CUSTOMER_UPDATED, "d": CUSTOMER_DELETED}
 

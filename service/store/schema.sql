@@ -388,7 +388,7 @@ CREATE TABLE public.webhook_deliveries (
     customer_id uuid NOT NULL,
     body text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    status text DEFAULT 'pending'::text NOT NULL,
+    state text DEFAULT 'pending'::text NOT NULL,
     attempts integer DEFAULT 0 NOT NULL,
     next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
     give_up_at timestamp with time zone NOT NULL,
@@ -396,7 +396,7 @@ CREATE TABLE public.webhook_deliveries (
     last_status_code integer,
     last_error text,
     delivered_at timestamp with time zone,
-    CONSTRAINT webhook_deliveries_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'delivered'::text, 'failed'::text])))
+    CONSTRAINT webhook_deliveries_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'delivered'::text, 'failed'::text])))
 );
 
 ALTER TABLE public.webhook_deliveries ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
@@ -425,7 +425,8 @@ CREATE TABLE public.webhook_endpoints (
     failing_since timestamp with time zone,
     disabled_at timestamp with time zone,
     CONSTRAINT webhook_endpoints_environment_check CHECK ((environment = ANY (ARRAY['prod'::text, 'test'::text]))),
-    CONSTRAINT webhook_endpoints_events_check CHECK ((cardinality(events) >= 1)),
+    CONSTRAINT webhook_endpoints_events_check CHECK ((events <@ ARRAY['customer.created'::text, 'customer.updated'::text, 'customer.deleted'::text, 'alert.budget'::text])),
+    CONSTRAINT webhook_endpoints_events_present CHECK ((cardinality(events) >= 1)),
     CONSTRAINT webhook_endpoints_url_check CHECK (((length(url) >= 1) AND (length(url) <= 2048)))
 );
 
@@ -547,11 +548,11 @@ CREATE INDEX processed_events_time ON public.processed_events USING btree (organ
 
 CREATE INDEX webhook_deliveries_created ON public.webhook_deliveries USING btree (endpoint_id, created_at);
 
-CREATE INDEX webhook_deliveries_customer ON public.webhook_deliveries USING btree (endpoint_id, customer_id, id) WHERE (status = 'pending'::text);
+CREATE INDEX webhook_deliveries_customer ON public.webhook_deliveries USING btree (endpoint_id, customer_id, id) WHERE (state = 'pending'::text);
 
-CREATE INDEX webhook_deliveries_due ON public.webhook_deliveries USING btree (next_attempt_at) WHERE (status = 'pending'::text);
+CREATE INDEX webhook_deliveries_due ON public.webhook_deliveries USING btree (next_attempt_at) WHERE (state = 'pending'::text);
 
-CREATE INDEX webhook_deliveries_finished ON public.webhook_deliveries USING btree (created_at) WHERE (status <> 'pending'::text);
+CREATE INDEX webhook_deliveries_finished ON public.webhook_deliveries USING btree (created_at) WHERE (state <> 'pending'::text);
 
 CREATE INDEX webhook_endpoints_scope ON public.webhook_endpoints USING btree (organization_id, environment);
 

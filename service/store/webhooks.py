@@ -39,12 +39,11 @@ from service.store.rendering import Shape
 # What an endpoint shows (its secret only when created or rotated).
 ENDPOINT_COLUMNS = "id, environment, url, events, created_at, failing_since, disabled_at, previous_expires_at"
 
+COUNT_ENDPOINTS = "SELECT count(*) FROM webhook_endpoints WHERE organization_id = $1 AND environment = $2"
 # Its cursors start at the horizon: an endpoint gets the events committed after its creation.
 INSERT_ENDPOINT = f"""
 INSERT INTO webhook_endpoints (organization_id, environment, url, events, secret, changes_xid, alerts_xid)
-SELECT $1, $2, $3, $4, $5, h.xmin, h.xmin
-FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) h
-WHERE (SELECT count(*) FROM webhook_endpoints WHERE organization_id = $1 AND environment = $2) < $6
+VALUES ($1, $2, $3, $4, $5, pg_snapshot_xmin(pg_current_snapshot()), pg_snapshot_xmin(pg_current_snapshot()))
 RETURNING {ENDPOINT_COLUMNS}
 """
 SELECT_ENDPOINTS = f"""
@@ -73,10 +72,12 @@ async def create_endpoint(
     *,
     most: int,
 ) -> asyncpg.Record:
-    """A new endpoint; Conflict when the environment has ``most`` already."""
-    row = await conn.fetchrow(INSERT_ENDPOINT, organization_id, environment, url, list(events), secret, most)
-    if row is None:
+    """A new endpoint; Conflict when the environment has ``most`` already (two creations at
+    once may both pass the count: the bound is about cost, not exactness)."""
+    if await conn.fetchval(COUNT_ENDPOINTS, organization_id, environment) >= most:
         raise Conflict(f"this environment has {most} webhook endpoints already (the most it may have): delete one")
+    row = await conn.fetchrow(INSERT_ENDPOINT, organization_id, environment, url, list(events), secret)
+    assert row is not None
     return row
 
 
@@ -104,11 +105,11 @@ async def rotate_secret(
 # ---- the delivery log --------------------------------------------------------------------------
 
 SELECT_DELIVERIES = """
-SELECT id, event_id, event_type, status, attempts, created_at, next_attempt_at, give_up_at, last_attempt_at,
+SELECT id, event_id, event_type, state AS status, attempts, created_at, next_attempt_at, give_up_at, last_attempt_at,
        last_status_code, last_error, delivered_at
 FROM webhook_deliveries
 WHERE endpoint_id = $1 AND organization_id = $2 AND ($3::int8 IS NULL OR id < $3)
-  AND ($4::text IS NULL OR status = $4)
+  AND ($4::text IS NULL OR state = $4)
 ORDER BY id DESC
 LIMIT $5
 """
@@ -124,12 +125,12 @@ async def deliveries(
 # A redelivered delivery is pending again at once, retried for a new period; it keeps its
 # place (its id) among the customer's deliveries.
 REDELIVER = """
-UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $3, give_up_at = $4
-WHERE (endpoint_id, id) IN (
+UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = $3, give_up_at = $4
+WHERE organization_id = $2 AND (endpoint_id, id) IN (
     SELECT endpoint_id, id FROM webhook_deliveries
     WHERE endpoint_id = $1 AND organization_id = $2 AND ($5::int8 IS NULL OR id = $5)
       AND ($6::timestamptz IS NULL OR created_at >= $6) AND ($7::timestamptz IS NULL OR created_at < $7)
-      AND status <> 'pending'
+      AND state <> 'pending'
     ORDER BY id
     LIMIT $8
 )
@@ -175,7 +176,7 @@ SELECT e.organization_id, e.id FROM webhook_endpoints e
 WHERE e.disabled_at IS NULL AND (
     EXISTS (SELECT 1 FROM customer_changes c
             WHERE c.organization_id = e.organization_id AND c.environment = e.environment
-              AND (c.xid, c.seq) > (e.changes_xid, e.changes_seq))
+              AND (c.xid, c.seq) > (e.changes_xid, e.changes_seq - (e.changes_given > 0)::int))
     OR EXISTS (SELECT 1 FROM budget_alerts a WHERE a.organization_id = e.organization_id AND a.xid >= e.alerts_xid))
 """
 
@@ -371,10 +372,10 @@ CLAIM = """
 WITH due AS (
     SELECT d.endpoint_id, d.id FROM webhook_deliveries d
     JOIN webhook_endpoints e ON e.organization_id = d.organization_id AND e.id = d.endpoint_id
-    WHERE d.status = 'pending' AND d.next_attempt_at <= $1 AND e.disabled_at IS NULL
+    WHERE d.state = 'pending' AND d.next_attempt_at <= $1 AND e.disabled_at IS NULL
       AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p
                       WHERE p.endpoint_id = d.endpoint_id AND p.customer_id = d.customer_id
-                        AND p.status = 'pending' AND p.id < d.id)
+                        AND p.state = 'pending' AND p.id < d.id)
     ORDER BY d.next_attempt_at, d.id
     LIMIT $2
     FOR UPDATE OF d SKIP LOCKED
@@ -411,9 +412,9 @@ async def claim(conn: Connection, now: datetime, lease_until: datetime, limit: i
 
 RECORD_SUCCESS = """
 WITH d AS (
-    UPDATE webhook_deliveries SET status = 'delivered', delivered_at = $5, next_attempt_at = $5,
+    UPDATE webhook_deliveries SET state = 'delivered', delivered_at = $5, next_attempt_at = $5,
                                   last_status_code = $6, last_error = NULL
-    WHERE endpoint_id = $2 AND id = $3 AND attempts = $4 AND status = 'pending'
+    WHERE organization_id = $1 AND endpoint_id = $2 AND id = $3 AND attempts = $4 AND state = 'pending'
     RETURNING endpoint_id
 )
 UPDATE webhook_endpoints e SET failing_since = NULL
@@ -424,10 +425,10 @@ FROM d WHERE e.organization_id = $1 AND e.id = d.endpoint_id AND e.failing_since
 # endpoint failing since its first failure after a success, disabled once that is before $9.
 RECORD_FAILURE = """
 WITH d AS (
-    UPDATE webhook_deliveries SET status = CASE WHEN $5 >= give_up_at THEN 'failed' ELSE 'pending' END,
+    UPDATE webhook_deliveries SET state = CASE WHEN $5 >= give_up_at THEN 'failed' ELSE 'pending' END,
                                   next_attempt_at = $6, last_status_code = $7, last_error = $8
-    WHERE endpoint_id = $2 AND id = $3 AND attempts = $4 AND status = 'pending'
-    RETURNING endpoint_id, status
+    WHERE organization_id = $1 AND endpoint_id = $2 AND id = $3 AND attempts = $4 AND state = 'pending'
+    RETURNING endpoint_id, state
 ), e AS (
     UPDATE webhook_endpoints e SET failing_since = coalesce(e.failing_since, $5),
         disabled_at = CASE WHEN e.disabled_at IS NULL AND coalesce(e.failing_since, $5) <= $9 THEN $5
@@ -435,7 +436,7 @@ WITH d AS (
     FROM d WHERE e.organization_id = $1 AND e.id = d.endpoint_id
     RETURNING e.disabled_at = $5 AS disabled_now
 )
-SELECT d.status, coalesce((SELECT disabled_now FROM e), false) AS disabled_now FROM d
+SELECT d.state, coalesce((SELECT disabled_now FROM e), false) AS disabled_now FROM d
 """
 
 
@@ -475,7 +476,7 @@ async def record_failure(
         )
     if row is None:
         return Failure(False, False)
-    return Failure(row["status"] == "failed", bool(row["disabled_now"]))
+    return Failure(row["state"] == "failed", bool(row["disabled_now"]))
 
 
 # ---- what operators watch ----------------------------------------------------------------------
@@ -484,7 +485,7 @@ async def record_failure(
 BACKLOG = """
 SELECT (SELECT min(d.created_at) FROM webhook_deliveries d
         JOIN webhook_endpoints e ON e.organization_id = d.organization_id AND e.id = d.endpoint_id
-        WHERE d.status = 'pending' AND e.disabled_at IS NULL) AS oldest,
+        WHERE d.state = 'pending' AND e.disabled_at IS NULL) AS oldest,
        (SELECT count(*) FROM webhook_endpoints WHERE disabled_at IS NOT NULL) AS disabled
 """
 
@@ -497,7 +498,7 @@ async def backlog(conn: Connection) -> tuple[datetime | None, int]:
 
 PURGE_FINISHED = """
 DELETE FROM webhook_deliveries WHERE (endpoint_id, id) IN (
-    SELECT endpoint_id, id FROM webhook_deliveries WHERE status <> 'pending' AND created_at < $1 LIMIT $2)
+    SELECT endpoint_id, id FROM webhook_deliveries WHERE state <> 'pending' AND created_at < $1 LIMIT $2)
 """
 
 
