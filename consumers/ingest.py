@@ -114,6 +114,8 @@ class Consumer:
         # Set when a batch recorded budget alerts, or when consuming (re)starts: the
         # housekeeping jobs that relay alerts and poll the queues act on it at once.
         self.alerts_recorded = asyncio.Event()
+        # Set after each fold's commit: wakes this process's webhook dispatcher.
+        self.committed = asyncio.Event()
         self.started_consuming = asyncio.Event()
         # Loaded on first use when TALLY_AMQP_PUBLISHERS binds publishers to organizations.
         self.binding: PublisherBinding | None = None
@@ -257,6 +259,7 @@ class Consumer:
         events, origins, dead = batch.events, batch.origins, batch.dead
         if events:
             result = await self._fold(events)
+            self.committed.set()
             if result.alerts:
                 self.alerts_recorded.set()
             applied_at = datetime.now(UTC)

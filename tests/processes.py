@@ -30,8 +30,8 @@ def free_port() -> int:
 
 
 class TallyProcess:
-    """One `tally consume` (or, with ``command="api"``, `tally api`) subprocess; its stderr
-    (and stdout) go to a log file."""
+    """One `tally consume` (or, with ``command``, `tally api` or `tally webhooks`) subprocess;
+    its stderr (and stdout) go to a log file."""
 
     def __init__(
         self,
@@ -46,7 +46,7 @@ class TallyProcess:
         self.port = free_port()
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
-        port_setting = "TALLY_CONSUMER_HTTP_PORT" if command == "consume" else "TALLY_HTTP_PORT"
+        port_setting = "TALLY_HTTP_PORT" if command == "api" else "TALLY_CONSUMER_HTTP_PORT"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", command],
             cwd=ROOT,
@@ -150,8 +150,10 @@ class Fleet:
         self.settings, self.broker, self.log_dir = settings, broker, log_dir
         self.processes: list[TallyProcess] = []
 
-    def start(self, name: str, **env: str) -> TallyProcess:
-        p = TallyProcess(name, self.settings, self.broker, self.log_dir, {k.upper(): v for k, v in env.items()})
+    def start(self, name: str, command: str = "consume", **env: str) -> TallyProcess:
+        p = TallyProcess(
+            name, self.settings, self.broker, self.log_dir, {k.upper(): v for k, v in env.items()}, command
+        )
         self.processes.append(p)
         return p
 

@@ -46,6 +46,8 @@ DISTRIBUTED = frozenset(
         "customer_tombstones",
         "customer_changes",
         "customer_changes_purged",
+        "webhook_endpoints",
+        "webhook_deliveries",
     }
 )
 # Replicated to every node: small, read on every request or event before the organization

@@ -31,6 +31,12 @@ GLOBAL_JOBS = {
     "service/store/housekeeping.py:purge_processed": "purges expired tombstones of every organization",
     # change-log rows past the feed's retention, for all organizations.
     "service/store/housekeeping.py:purge_changes": "purges every organization's expired change-log rows",
+    # the webhook dispatcher's look for endpoints with new events, its claim of due deliveries,
+    # its backlog gauges and its purge of finished deliveries: all organizations'.
+    "service/store/webhooks.py:endpoints_with_work": "finds every organization's endpoints with new events",
+    "service/store/webhooks.py:claim": "leases due deliveries of every organization",
+    "service/store/webhooks.py:backlog": "measures every organization's pending deliveries",
+    "service/store/webhooks.py:purge_finished": "purges every organization's finished deliveries",
 }
 # Statements whose organization comes per row from a batch (unnest of the batch's keys):
 # the fold writes a batch that may span organizations in one statement per table.
@@ -39,6 +45,10 @@ PER_ROW_ALLOWED = (
     "service/store/apply.py:",
     "service/store/alerts.py:",
     "service/store/changelog.py:",
+    # each endpoint (of any organization) probes the change log and the alerts of its own; a
+    # materialisation inserts one organization's deliveries ($1) from the arrays of its events
+    "service/store/webhooks.py:endpoints_with_work",
+    "service/store/webhooks.py:materialize",
 )
 
 

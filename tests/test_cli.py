@@ -19,7 +19,20 @@ from tests.support import tally
 def test_tally_alone_prints_help() -> None:
     result = tally()
     assert result.returncode == 0, result.stderr
-    for command in ("migrate", "api", "consume", "dev", "status", "demo", "queues", "dlq", "namespace", "orgs", "keys"):
+    for command in (
+        "migrate",
+        "api",
+        "consume",
+        "webhooks",
+        "dev",
+        "status",
+        "demo",
+        "queues",
+        "dlq",
+        "namespace",
+        "orgs",
+        "keys",
+    ):
         assert command in result.stdout
 
 

@@ -87,6 +87,7 @@ def test_promtool_refuses_a_broken_rule(tmp_path: Path) -> None:
 def test_the_alert_rules_cover_what_an_operator_is_paged_for() -> None:
     rules = {r["alert"] for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     assert {"TallyDeadLettersRising", "TallyIngestLagging", "TallyNoConsumers", "TallyDown"} <= rules
+    assert {"TallyWebhookBacklog", "TallyWebhookEndpointDisabled"} <= rules
 
 
 def test_the_image_installs_the_runtime_dependencies_from_the_lock_file() -> None:

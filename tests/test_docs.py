@@ -22,7 +22,17 @@ from service.api.compat.respan import RespanUserDetail, RespanUserList, RespanUs
 from service.api.compat.v0 import V0CustomerList
 from service.api.events import EventsBody
 from service.api.models import Customer, CustomerCreate, CustomerList, CustomerPatch, UsageReport, UsageSeries
-from service.store import auth
+from service.api.webhooks import (
+    DeliveryList,
+    Redelivered,
+    RedeliverRange,
+    RotateBody,
+    WebhookCreate,
+    WebhookCreated,
+    WebhookEndpoint,
+    WebhookList,
+)
+from service.store import auth, webhooks
 from tests.browser import CHROMIUM, browser_page
 from tests.factories import Org, insert_customer
 from tests.support import uid
@@ -53,6 +63,20 @@ needs_browser = pytest.mark.skipif(
         (FlexpriceCustomerCreate, FlexpriceCustomerCreate.model_config["json_schema_extra"]["examples"][0]),
         (FlexpriceCustomerWrite, FlexpriceCustomerWrite.model_config["json_schema_extra"]["examples"][0]),
         (PublicCustomerList, examples.PUBLIC_CUSTOMER_LIST),
+        *(
+            (model, example)
+            for model in (
+                WebhookCreate,
+                WebhookCreated,
+                WebhookEndpoint,
+                WebhookList,
+                RotateBody,
+                DeliveryList,
+                RedeliverRange,
+                Redelivered,
+            )
+            for example in model.model_config["json_schema_extra"]["examples"]  # type: ignore[index]
+        ),
     ],
 )
 def test_every_example_is_valid_for_its_model(model: type[BaseModel], example: Any) -> None:
@@ -182,7 +206,14 @@ window.tally = (() => {
 """
 # What each operation answers when it does what it is for.
 EXPECTED_STATUS = {"GET": 200, "POST": 200}
-CREATED = {"customers_create_customer": 201, "flexprice_create_customer": 201, "events_ingest_events": 202}
+CREATED = {
+    "customers_create_customer": 201,
+    "flexprice_create_customer": 201,
+    "events_ingest_events": 202,
+    "webhooks_create_webhook": 201,
+    "webhooks_redeliver_delivery": 202,
+    "webhooks_redeliver_range": 202,
+}
 # Writes to one customer (their examples change or remove it): covered by the example tests
 # above and by each route set's own tests, not executed here.
 NOT_EXECUTED = ("PATCH", "PUT", "DELETE")
@@ -198,11 +229,25 @@ async def test_try_it_out_with_the_prefilled_values_answers_every_operation(
     assert CHROMIUM is not None, "TALLY_REQUIRE_BROWSER is set but chromium is not installed"
     people = [await insert_customer(pool, org, uid("docs"), name=f"Docs {i}") for i in range(3)]
     async with pool.acquire() as conn:
-        key = await auth.create_key(conn, org.name, ("read", "write", "ops"), name="docs")
+        key = await auth.create_key(conn, org.name, ("read", "write", "admin", "ops"), name="docs")
+        # A webhook endpoint with one delivery, for the routes that name them.
+        endpoint = await webhooks.create_endpoint(
+            conn, org.id, "prod", "https://hooks.example.com/tally", ["customer.created"], "whsec_docs", most=20
+        )
+        delivery_id = await conn.fetchval(
+            "INSERT INTO webhook_deliveries (organization_id, endpoint_id, event_id, event_type, customer_id, body,"
+            " state, give_up_at) VALUES ($1, $2, 'evt_docs', 'customer.created', $3, '{}', 'delivered', now())"
+            " RETURNING id",
+            org.id,
+            endpoint["id"],
+            people[0]["id"],
+        )
     path_values = {
         "customer_identifier": people[0]["customer_identifier"],
         "external_id": people[0]["customer_identifier"],
         "id": str(people[0]["id"]),
+        "webhook_id": str(endpoint["id"]),
+        "delivery_id": str(delivery_id),
     }
     doc = client.app[appkeys.OPENAPI]
     operations = [(m.upper(), op["operationId"]) for ops in doc["paths"].values() for m, op in ops.items()]

@@ -23,6 +23,7 @@ GUIDE_PAGES = {
     "Customers": "api/customers.md",
     "Events": "api/events.md",
     "Operations": "api/operations.md",
+    "Webhooks": "api/webhooks.md",
     "Respan users API": "migrating/respan.md",
     "Flexprice customers API": "migrating/flexprice.md",
     "Devdraft customers API": "migrating/devdraft.md",

@@ -26,7 +26,7 @@ async def test_every_route_refuses_an_unknown_query_parameter(
     known = (endpoint.query or NoQuery).model_fields
     assert UNKNOWN not in known and UNKNOWN not in endpoint.query_aliases
     # A key with every scope, so that nothing but the parameter is refused.
-    headers = await client_pair(pool, org, ("read", "write", "ops"))
+    headers = await client_pair(pool, org, ("read", "write", "admin", "ops"))
     path = re.sub(r"{\w+}", uid("x"), endpoint.path)
     resp = await client.request(endpoint.method, f"{path}?{UNKNOWN}=44", headers=headers, json={})
     body = await problem(resp, 400, UNKNOWN)

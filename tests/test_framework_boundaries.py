@@ -20,8 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted([*(ROOT / "service").rglob("*.py"), *(ROOT / "consumers").rglob("*.py")])
-# aiohttp's documented base classes for applications to subclass.
-EXTENSION_POINTS = frozenset({"AbstractAccessLogger", "View"})
+# aiohttp's documented base classes for applications to subclass (AbstractResolver: aiohttp's
+# client reference, "Resolvers": a custom resolver handed to TCPConnector).
+EXTENSION_POINTS = frozenset({"AbstractAccessLogger", "AbstractResolver", "View"})
 
 
 def private(name: str) -> bool:

@@ -10,6 +10,7 @@ import asyncpg
 
 from service.domain.keys import SCOPES
 from service.domain.vocabulary import BUDGET_DURATIONS, ENVIRONMENTS, STATUSES
+from service.domain.webhooks import DELIVERY_STATES, EVENT_TYPES
 from service.store.alerts import SHARES
 
 # Column → the code's definition of the values it may hold.
@@ -19,6 +20,8 @@ VOCABULARY = {
     "budget_duration": BUDGET_DURATIONS,
     "scopes": SCOPES,
     "threshold": tuple(SHARES),
+    "state": DELIVERY_STATES,  # a webhook delivery's
+    "events": EVENT_TYPES,  # those a webhook endpoint takes
 }
 # `col = ANY (ARRAY['a'::text, ...])` and `col <@ ARRAY['a'::text, ...]`, as PostgreSQL prints them.
 ENUMERATED = re.compile(r"\(\((\w+) (?:= ANY \(|<@ )ARRAY\[([^\]]*)\]")
@@ -48,4 +51,6 @@ async def test_every_enumerated_check_is_the_vocabulary(pool: asyncpg.Pool) -> N
         "api_keys_environment_check",
         "api_keys_scopes_check",
         "budget_alerts_threshold_check",
+        "webhook_deliveries_state_check",
+        "webhook_endpoints_events_check",
     } <= set(enumerated)

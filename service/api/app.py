@@ -24,6 +24,7 @@ from service.api import (
     ops,
     routing,
     usage,
+    webhooks,
 )
 from service.api.changewatch import ChangeWatch, StreamSlots
 from service.api.compat import flexprice, public, respan, v0
@@ -49,6 +50,8 @@ log = logging.getLogger("tally.api")
 TAGS = {
     customers.TAG: "tally's own customer API: list (paged, sorted, filtered), retrieve, create, update, delete, "
     "usage series.",
+    webhooks.TAG: "Signed outbound webhooks (the admin scope): endpoints, their secrets, the delivery log and "
+    "redelivery.",
     events.TAG: "Publish usage and customer events (CloudEvents 1.0); tally folds each exactly once.",
     respan.TAG: "For clients of Respan's users API (Respan's API reference, Users): change only the base URL to "
     "<this server>/compat/respan.",
@@ -99,6 +102,7 @@ ENDPOINTS = [
     *customers.ENDPOINTS,
     *usage.ENDPOINTS,
     *events.ENDPOINTS,
+    *webhooks.ENDPOINTS,
     *respan.ENDPOINTS,
     *v0.ENDPOINTS,
     *flexprice.ENDPOINTS,

@@ -1,4 +1,4 @@
-"""``tally api``, ``tally consume``, ``tally dev``: the processes that serve, until SIGTERM."""
+"""``tally api``, ``tally consume``, ``tally webhooks``, ``tally dev``: the processes that serve, until SIGTERM."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     commands.add_parser(
         "consume", help="run the event consumer (health and metrics on TALLY_CONSUMER_HTTP_PORT)"
     ).set_defaults(sync=cmd_consume)
+    commands.add_parser(
+        "webhooks", help="only dispatch webhooks (health and metrics on TALLY_CONSUMER_HTTP_PORT)"
+    ).set_defaults(sync=cmd_webhooks)
     commands.add_parser(
         "dev", help="API and consumer in one process, all on TALLY_HTTP_PORT (laptop default)"
     ).set_defaults(sync=cmd_dev)
@@ -77,11 +80,12 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     """The consumer, with /healthz, /readyz and /metrics on TALLY_CONSUMER_HTTP_PORT."""
     from consumers.app import create_consumer_app
+    from service.api.webhooks import webhook_shape
 
     base = _base_url(settings, settings.consumer_http_port)
     banner = [f"tally consumer: health, readiness and metrics at {base}/healthz, /readyz, /metrics"]
     return _serve(
-        create_consumer_app(settings),
+        create_consumer_app(settings, webhook_shape()),
         settings,
         settings.http_host,
         settings.consumer_http_port,
@@ -90,13 +94,30 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    """The webhook dispatcher alone: for consumers run with TALLY_WEBHOOK_DISPATCH=false."""
+    from consumers.app import create_webhooks_app
+    from service.api.webhooks import webhook_shape
+
+    base = _base_url(settings, settings.consumer_http_port)
+    return _serve(
+        create_webhooks_app(settings, webhook_shape()),
+        settings,
+        settings.http_host,
+        settings.consumer_http_port,
+        "TALLY_CONSUMER_HTTP_PORT",
+        [f"tally webhooks: health, readiness and metrics at {base}/healthz, /readyz, /metrics"],
+    )
+
+
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     """The API and the consumer in one process: the laptop default."""
     from consumers.app import add_consumer
     from service.api.app import create_app
+    from service.api.webhooks import webhook_shape
 
     app = create_app(settings)
-    add_consumer(app)
+    add_consumer(app, webhook_shape())
     return _serve(
         app, settings, settings.http_host, settings.http_port, "TALLY_HTTP_PORT", _api_banner(settings, dev=True)
     )

@@ -100,6 +100,28 @@ QUEUE_MESSAGES = Gauge(
 QUEUE_CONSUMERS = Gauge(
     "tally_queue_consumers", "Consumers on a queue (polled by the consumer).", ["queue"], registry=REGISTRY
 )
+# Webhooks (consumers/webhooks.py). Outcomes: delivered (a 2xx), retry (a failed attempt that
+# will be retried), failed (the last attempt of a delivery whose retry period is over),
+# refused (the address is not public, so nothing was sent; retried like any failure).
+WEBHOOK_DELIVERIES = Counter(
+    "tally_webhook_deliveries_total",
+    "Webhook delivery attempts, by outcome: delivered, retry, failed, refused.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+WEBHOOK_OLDEST_PENDING = Gauge(
+    "tally_webhook_oldest_pending_seconds",
+    "Age of the oldest pending webhook delivery of an enabled endpoint (0 when none; every consumer exports it).",
+    registry=REGISTRY,
+)
+WEBHOOK_ENDPOINTS_DISABLED = Gauge(
+    "tally_webhook_endpoints_disabled",
+    "Webhook endpoints disabled after failing continuously (every consumer exports it).",
+    registry=REGISTRY,
+)
+WEBHOOK_DISABLED = Counter(
+    "tally_webhook_disabled_total", "Webhook endpoints this process disabled.", registry=REGISTRY
+)
 REPLICA_UP = Gauge(
     "tally_db_replica_up", "1 while the read standby answers (reads go to it), else 0.", registry=REGISTRY
 )

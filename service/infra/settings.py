@@ -216,6 +216,74 @@ class Settings(BaseSettings):
         "resumes from its last event id.",
     )
 
+    # ---- Webhooks (consumers/webhooks.py)
+    webhook_dispatch: bool = Field(
+        default=True,
+        description="Whether `tally consume` (and `tally dev`) dispatch webhooks beside folding events. Turn it off "
+        "on the consumers and run `tally webhooks` processes instead to keep the dispatch's work (reading what "
+        "committed, sending) off the fold's processes.",
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Let webhook endpoints reach private, loopback, link-local and other non-public addresses. "
+        "Off, such an address is refused when an endpoint is created and again at each delivery, against the "
+        "address actually connected to (a name that resolves to one is refused too). Turn it on only where every "
+        "key with the admin scope is trusted with the network tally runs in (tests, a laptop).",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        description="Seconds a webhook delivery may take in all (connecting, sending, the answer's head); past it "
+        "the attempt failed and is retried.",
+    )
+    webhook_retry_hours: float = Field(
+        default=72.0,
+        gt=0,
+        le=24 * 30,
+        description="Hours a webhook delivery is retried from its creation (or its redelivery) before it is "
+        "marked failed.",
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds before a failed webhook delivery's first retry; each further failure doubles it, up "
+        "to `TALLY_WEBHOOK_RETRY_MAX_SECONDS`, with jitter (each delay between half and all of it).",
+    )
+    webhook_retry_max_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        le=86_400,
+        description="Seconds between retries of a webhook delivery at most.",
+    )
+    webhook_disable_after_hours: float = Field(
+        default=72.0,
+        gt=0,
+        le=24 * 30,
+        description="Hours a webhook endpoint may fail every attempt before it is disabled (a log line, and "
+        "`tally_webhook_endpoints_disabled`); one success resets the count. A disabled endpoint gets no more "
+        "deliveries: delete it and create it again once it works.",
+    )
+    webhook_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Seconds between a consumer's looks for new webhook events and due retries while idle (a "
+        "commit of its own fold wakes it at once).",
+    )
+    webhook_concurrency: int = Field(
+        default=32,
+        ge=1,
+        le=1000,
+        description="Webhook deliveries each consumer process sends at once at most.",
+    )
+    webhook_delivery_retention_days: int = Field(
+        default=30,
+        ge=1,
+        description="Days delivered and failed webhook deliveries stay in the delivery log (and can be redelivered).",
+    )
+
     @property
     def largest_batch(self) -> int:
         """Events per consumer transaction at most (under a backlog)."""

@@ -87,6 +87,7 @@ class FeedChange:
     customer_identifier: str
     changed_at: datetime
     doc: str | None  # the customer as JSON text in the caller's shape; None when deleted
+    logged: Kind  # the kind the log holds ("c" or "u" where ``kind`` says the customer is gone since)
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ async def read_feed(
         if kind != "d" and customer_id in docs and docs[customer_id] is None:
             continue  # below a threshold
         doc = docs.get(customer_id) if kind != "d" else None
-        changes.append(FeedChange(cursor, "d" if doc is None else kind, customer_id, identifier, changed_at, doc))
+        changes.append(FeedChange(cursor, "d" if doc is None else kind, customer_id, identifier, changed_at, doc, kind))
     # Read after the rows: a purge that removed rows the read needed committed before it.
     too_old = after != START and bool(
         await conn.fetchval(PURGED_AFTER, organization_id, environment, str(after.floor.xid), after.floor.seq)

@@ -150,6 +150,7 @@ CREATE TABLE public.budget_alerts (
     usage numeric NOT NULL,
     crossed_at timestamp with time zone DEFAULT now() NOT NULL,
     published_at timestamp with time zone,
+    xid xid8 DEFAULT pg_current_xact_id() NOT NULL,
     CONSTRAINT budget_alerts_threshold_check CHECK ((threshold = ANY (ARRAY['period_80'::text, 'period_100'::text, 'total_100'::text])))
 );
 
@@ -409,6 +410,57 @@ CREATE TABLE public.subscriptions (
     source_version text
 );
 
+CREATE TABLE public.webhook_deliveries (
+    organization_id uuid NOT NULL,
+    endpoint_id uuid NOT NULL,
+    id bigint NOT NULL,
+    event_id text NOT NULL,
+    event_type text NOT NULL,
+    customer_id uuid NOT NULL,
+    body text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    state text DEFAULT 'pending'::text NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    give_up_at timestamp with time zone NOT NULL,
+    last_attempt_at timestamp with time zone,
+    last_status_code integer,
+    last_error text,
+    delivered_at timestamp with time zone,
+    CONSTRAINT webhook_deliveries_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'delivered'::text, 'failed'::text])))
+);
+
+ALTER TABLE public.webhook_deliveries ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME public.webhook_deliveries_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE public.webhook_endpoints (
+    organization_id uuid NOT NULL,
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    environment text NOT NULL,
+    url text NOT NULL,
+    events text[] NOT NULL,
+    secret text NOT NULL,
+    previous_secret text,
+    previous_expires_at timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    changes_xid xid8 NOT NULL,
+    changes_seq bigint DEFAULT 0 NOT NULL,
+    changes_given integer DEFAULT 0 NOT NULL,
+    alerts_xid xid8 NOT NULL,
+    failing_since timestamp with time zone,
+    disabled_at timestamp with time zone,
+    CONSTRAINT webhook_endpoints_environment_check CHECK ((environment = ANY (ARRAY['prod'::text, 'test'::text]))),
+    CONSTRAINT webhook_endpoints_events_check CHECK ((events <@ ARRAY['customer.created'::text, 'customer.updated'::text, 'customer.deleted'::text, 'alert.budget'::text])),
+    CONSTRAINT webhook_endpoints_events_present CHECK ((cardinality(events) >= 1)),
+    CONSTRAINT webhook_endpoints_url_check CHECK (((length(url) >= 1) AND (length(url) <= 2048)))
+);
+
 ALTER TABLE ONLY public.api_keys
     ADD CONSTRAINT api_keys_pkey PRIMARY KEY (prefix);
 
@@ -463,9 +515,20 @@ ALTER TABLE ONLY public.schema_migrations
 ALTER TABLE ONLY public.subscriptions
     ADD CONSTRAINT subscriptions_pkey PRIMARY KEY (organization_id, customer_id, id);
 
+ALTER TABLE ONLY public.webhook_deliveries
+    ADD CONSTRAINT webhook_deliveries_endpoint_id_event_id_key UNIQUE (endpoint_id, event_id);
+
+ALTER TABLE ONLY public.webhook_deliveries
+    ADD CONSTRAINT webhook_deliveries_pkey PRIMARY KEY (endpoint_id, id);
+
+ALTER TABLE ONLY public.webhook_endpoints
+    ADD CONSTRAINT webhook_endpoints_pkey PRIMARY KEY (organization_id, id);
+
 CREATE INDEX api_keys_organization ON public.api_keys USING btree (organization_id);
 
 CREATE INDEX budget_alerts_unpublished ON public.budget_alerts USING btree (crossed_at) WHERE (published_at IS NULL);
+
+CREATE INDEX budget_alerts_xid ON public.budget_alerts USING btree (organization_id, xid);
 
 CREATE INDEX customer_changes_changed_at ON public.customer_changes USING btree (changed_at);
 
@@ -517,6 +580,16 @@ CREATE INDEX customers_sort_updated ON public.customers USING btree (organizatio
 
 CREATE INDEX processed_events_time ON public.processed_events USING btree (organization_id, event_time);
 
+CREATE INDEX webhook_deliveries_created ON public.webhook_deliveries USING btree (endpoint_id, created_at);
+
+CREATE INDEX webhook_deliveries_customer ON public.webhook_deliveries USING btree (endpoint_id, customer_id, id) WHERE (state = 'pending'::text);
+
+CREATE INDEX webhook_deliveries_due ON public.webhook_deliveries USING btree (next_attempt_at) WHERE (state = 'pending'::text);
+
+CREATE INDEX webhook_deliveries_finished ON public.webhook_deliveries USING btree (created_at) WHERE (state <> 'pending'::text);
+
+CREATE INDEX webhook_endpoints_scope ON public.webhook_endpoints USING btree (organization_id, environment);
+
 CREATE TRIGGER customers_count_delete AFTER DELETE ON public.customers REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION public.tally_count_deleted();
 
 CREATE TRIGGER customers_count_insert AFTER INSERT ON public.customers REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION public.tally_count_inserted();
@@ -543,3 +616,9 @@ ALTER TABLE ONLY public.customers
 
 ALTER TABLE ONLY public.subscriptions
     ADD CONSTRAINT subscriptions_organization_id_customer_id_fkey FOREIGN KEY (organization_id, customer_id) REFERENCES public.customers(organization_id, id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.webhook_deliveries
+    ADD CONSTRAINT webhook_deliveries_organization_id_endpoint_id_fkey FOREIGN KEY (organization_id, endpoint_id) REFERENCES public.webhook_endpoints(organization_id, id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.webhook_endpoints
+    ADD CONSTRAINT webhook_endpoints_organization_id_fkey FOREIGN KEY (organization_id) REFERENCES public.organizations(id) ON DELETE CASCADE;
