@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import aiohttp
 import asyncpg
@@ -40,6 +41,7 @@ from service.infra.errors import is_transient
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
 from service.store import webhooks as store
+from service.store.changefeed import Cursor, FeedPage
 from service.store.rendering import Shape
 
 log = logging.getLogger("tally.webhooks")
@@ -159,12 +161,17 @@ class Dispatcher:
         return made + await self.send_due(wait=True)
 
     async def materialize(self) -> int:
-        """Turn every endpoint's new events into deliveries; how many were made."""
+        """Turn every endpoint's new events into deliveries; how many were made. Endpoints go
+        a chunk each per round, in step, so that those of one environment share the round's
+        read of the feed (store.materialize ``pages``); a round keeps only its own pages."""
         settings = self.settings
         made = 0
         async with self.pool.acquire(timeout=settings.db_connect_timeout) as conn:
-            for organization_id, endpoint_id in await store.endpoints_with_work(conn):
-                while True:
+            pending = await store.endpoints_with_work(conn)
+            while pending:
+                pages: dict[tuple[UUID, str], tuple[Cursor, FeedPage]] = {}
+                more = []
+                for organization_id, endpoint_id in pending:
                     now = self.now()
                     done = await store.materialize(
                         conn,
@@ -174,6 +181,7 @@ class Dispatcher:
                         now,
                         now + timedelta(hours=settings.webhook_retry_hours),
                         limit=MATERIALIZE_CHUNK,
+                        pages=pages,
                     )
                     made += done.deliveries
                     if done.too_old:
@@ -181,8 +189,9 @@ class Dispatcher:
                             "webhook endpoint missed changes older than the change log keeps",
                             extra={"endpoint": str(endpoint_id), "organization": str(organization_id)},
                         )
-                    if not done.more:
-                        break
+                    if done.more:
+                        more.append((organization_id, endpoint_id))
+                pending = more
         return made
 
     async def send_due(self, *, wait: bool) -> int:

@@ -561,3 +561,9 @@ async def test_streams_woken_by_one_commit_share_one_read(migrated: str, setting
         finally:
             for r in responses:
                 r.close()
+
+
+def test_a_cursor_orders_after_the_changes_it_has_seen() -> None:
+    row, later = Position(100, 3), Position(100, 4)
+    assert Cursor(row, 1).order() < Cursor(row, 2).order() < Cursor(row).order() < Cursor(later, 1).order()
+    assert Cursor(Position(99, 9)).order() < Cursor(row, 1).order()

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import aiohttp
 import asyncpg
@@ -36,6 +37,8 @@ from service.infra import metrics
 from service.infra.settings import Settings
 from service.store import auth
 from service.store import webhooks as store
+from service.store.changefeed import Cursor, read_feed
+from service.store.changelog import Position
 from tests.eventkit import cloud_event, fold_events, usage, wait_until
 from tests.factories import Org
 from tests.processes import Fleet
@@ -697,3 +700,41 @@ async def test_an_endpoint_failing_continuously_is_disabled(
     assert len(receiver.received) == sent  # a disabled endpoint gets nothing more
     await d.watch_backlog()
     assert metric("tally_webhook_endpoints_disabled") >= 1
+
+
+async def test_endpoints_of_one_environment_share_the_rounds_read_of_the_feed(pool: asyncpg.Pool, org: Org) -> None:
+    """Three endpoints created one after another (so each starts at its own position), then
+    a fold: one round reads the feed once for the environment, and each endpoint gets from
+    that page exactly the changes after its own cursor, with its cursor moved past them."""
+    endpoints = [
+        UUID(await _endpoint(pool, org, f"https://hooks{i}.example.com/tally", ["customer.created"])) for i in range(3)
+    ]
+    idents = [uid("shared") for _ in range(4)]
+    async with pool.acquire() as conn:
+        assert set(await fold_events(conn, *(usage(org.name, ident) for ident in idents))) == {"applied"}
+
+    async def below_the_horizon() -> bool:
+        async with pool.acquire() as conn:
+            page = await read_feed(conn, org.id, "prod", Cursor(Position(0)), 100, webhook_shape())
+        return len(page.changes) == len(idents)
+
+    await wait_until(below_the_horizon, what="the fold's changes below the horizon")
+    now, pages = datetime.now(UTC), {}  # type: ignore[var-annotated]
+
+    async def round_(shared: dict | None) -> list[int]:
+        async with pool.acquire() as conn:
+            return [
+                (
+                    await store.materialize(
+                        conn, org.id, e, webhook_shape(), now, now + timedelta(days=3), limit=100, pages=shared
+                    )
+                ).deliveries
+                for e in endpoints
+            ]
+
+    assert await round_(pages) == [len(idents)] * 3
+    assert list(pages) == [(org.id, "prod")]  # one read for the three
+    for e in endpoints:
+        rows = await delivery_rows(pool, str(e))
+        assert sorted(orjson.loads(r["body"])["data"]["customer_identifier"] for r in rows) == sorted(idents)
+    assert await round_(None) == [0, 0, 0]  # each cursor moved past what it was given

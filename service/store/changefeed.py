@@ -59,6 +59,12 @@ class Cursor:
             raise ValueError("no change is inside a position whose second number is 0")
         return cls(position, given)
 
+    def order(self) -> tuple[int, int, float]:
+        """Where the cursor stands, comparable: after every change of its row when ``given``
+        is 0, else after the first ``given`` of them. A change is after a cursor when its own
+        cursor's order is greater."""
+        return (self.position.xid, self.position.seq, self.given or float("inf"))
+
     @property
     def floor(self) -> Position:
         """The position the rows still needed come strictly after."""

@@ -265,12 +265,21 @@ async def materialize(
     give_up_at: datetime,
     *,
     limit: int,
+    pages: dict[tuple[UUID, str], tuple[Cursor, FeedPage]] | None = None,
 ) -> Materialized:
     """Turn the endpoint's events committed since its cursors into deliveries (at most about
     ``limit`` changes and ``limit`` alerts), and move the cursors past them, in one
     transaction. A change whose customer is deleted since is left to the deletion's own change
     (the customer is no longer there to show); a customer's updates in one round are one
-    delivery. Nothing when another dispatcher holds the endpoint."""
+    delivery. Nothing when another dispatcher holds the endpoint.
+
+    ``pages``: the feed page this round read for the organization and environment, and the
+    cursor it was read after. An endpoint whose cursor lies inside that page takes the page's
+    changes after its cursor rather than reading and rendering them again: endpoints of one
+    environment stand close together (their cursors differ by the dispatcher's own
+    transactions), so a round reads the feed once per environment, not once per endpoint.
+    Every change of the page committed below its read's horizon, and shows the customer as
+    read after the commit, so the page is as true for the later endpoint as for the first."""
     async with conn.transaction():
         endpoint = await conn.fetchrow(LOCK_ENDPOINT, organization_id, endpoint_id)
         if endpoint is None:
@@ -279,7 +288,11 @@ async def materialize(
         events: list[Event] = []
         cursor = Cursor(Position(int(endpoint["changes_xid"]), endpoint["changes_seq"]), endpoint["changes_given"])
         if subscribed & CUSTOMER_TYPES:
-            page = await read_feed(conn, organization_id, environment, cursor, limit, shape)
+            page = _shared_page(pages, (organization_id, environment), cursor)
+            if page is None:
+                page = await read_feed(conn, organization_id, environment, cursor, limit, shape)
+                if pages is not None and not page.too_old:
+                    pages.setdefault((organization_id, environment), (cursor, page))
         else:  # nothing of the change log is sent: the cursor moves to the horizon
             page = FeedPage([], Cursor(max(cursor.floor, await horizon(conn))), False, False)
         # An update shows the customer as read now, so the page's last update of a customer
@@ -332,6 +345,20 @@ async def materialize(
             MOVE_CURSORS, organization_id, endpoint_id, str(nxt.position.xid), nxt.position.seq, nxt.given, alerts_next
         )
     return Materialized(inserted, page.more or alerts_more, page.too_old)
+
+
+def _shared_page(
+    pages: dict[tuple[UUID, str], tuple[Cursor, FeedPage]] | None, scope: tuple[UUID, str], cursor: Cursor
+) -> FeedPage | None:
+    """The round's page of ``scope`` seen from ``cursor``: its changes after the cursor, when
+    the cursor lies between where the page was read from and where it ends; else None."""
+    if pages is None or scope not in pages:
+        return None
+    start, page = pages[scope]
+    if not start.order() <= cursor.order() <= page.next.order():
+        return None
+    after = [c for c in page.changes if c.cursor.order() > cursor.order()]
+    return FeedPage(after, page.next, page.more, page.too_old)
 
 
 async def _alerts(
