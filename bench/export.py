@@ -39,6 +39,7 @@ from bench.common import (  # noqa: E402
     with_database,
     write_json,
 )
+from bench.ingest import drop_database  # noqa: E402
 from service.infra.migrate import migrate  # noqa: E402
 from service.store import auth  # noqa: E402
 
@@ -149,9 +150,7 @@ async def cli_export(dsn: str, out: Path) -> dict[str, object]:
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--customers", type=int, default=600_000)
-    parser.add_argument(
-        "--dsn", default=os.environ.get("TALLY_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-    )
+    parser.add_argument("--dsn", default=os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the database")
     args = parser.parse_args()
@@ -189,10 +188,7 @@ async def main() -> int:
     finally:
         if api is not None:
             api.stop()
-        if not args.keep:
-            admin = await asyncpg.connect(with_database(args.dsn, "postgres"))
-            await admin.execute(f'DROP DATABASE IF EXISTS "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
-            await admin.close()
+        await drop_database(args, dsn)
     baseline = results["list_by_cursor"]["rows_per_second"]  # type: ignore[index]
     rows = []
     for name, label in (

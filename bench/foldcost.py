@@ -36,6 +36,7 @@ from bench.ingest import (  # noqa: E402
     RETENTION,
     SORT_INDEXED,
     _ceiling_batch,
+    drop_database,
     generate,
 )
 from service.domain.events import validate_event  # noqa: E402
@@ -153,6 +154,7 @@ async def main() -> int:
     parser.add_argument("--profile", choices=["zipf", "spread"], default="zipf")
     parser.add_argument("--fold-batch", type=int, default=4000, help="events per transaction, as bench/ingest.py")
     parser.add_argument("--dsn", default=os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
+    parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -174,9 +176,7 @@ async def main() -> int:
             args.fold_batch,
         )
     finally:
-        admin = await asyncpg.connect(with_database(args.dsn, "postgres"))
-        await admin.execute(f'DROP DATABASE IF EXISTS "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(args, dsn)
 
     title = f"{args.events:,} events over {args.customers:,} customers ({args.profile}), {args.fold_batch} per batch"
     print_table(

@@ -46,11 +46,11 @@ from bench.common import (  # noqa: E402
     with_database,
     write_json,
 )
+from bench.ingest import AMQP_URL, delete_namespace, drop_database  # noqa: E402
 from service.infra.broker import Names, declare  # noqa: E402
 from service.infra.migrate import migrate  # noqa: E402
 from service.store import auth  # noqa: E402
 
-AMQP_URL = os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 CHANGED_AT = re.compile(rb'"changed_at":"([^"]+)"')
 
 
@@ -201,9 +201,7 @@ async def main() -> int:
     parser.add_argument("--rate", type=int, default=2000, help="events published per second")
     parser.add_argument("--batch", type=int, default=10, help="events per broker message")
     parser.add_argument("--seconds", type=int, default=20)
-    parser.add_argument(
-        "--dsn", default=os.environ.get("TALLY_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-    )
+    parser.add_argument("--dsn", default=os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the database")
     args = parser.parse_args()
@@ -242,17 +240,8 @@ async def main() -> int:
     finally:
         api.stop()
         consumer.stop()
-        connection = await aio_pika.connect(AMQP_URL)
-        channel = await connection.channel()
-        for queue in names.queues:
-            await channel.queue_delete(queue)
-        for exchange in names.exchanges:
-            await channel.exchange_delete(exchange)
-        await connection.close()
-        if not args.keep:
-            admin = await asyncpg.connect(with_database(args.dsn, "postgres"))
-            await admin.execute(f'DROP DATABASE IF EXISTS "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
-            await admin.close()
+        await delete_namespace(names)
+        await drop_database(args, dsn)
     rows = [
         [
             p["streams"],

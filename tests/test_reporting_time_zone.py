@@ -21,7 +21,7 @@ from service.domain.keys import check_time_zone
 from service.infra.settings import Settings
 from service.store import auth
 from service.store.fold import fold
-from tests.eventkit import cloud_event, fold_events, usage
+from tests.eventkit import cloud_event, fold_events, usage, wait_until
 from tests.factories import Org, insert_customer, make_org
 from tests.support import ok_json, tally, uid
 
@@ -304,8 +304,6 @@ async def test_changing_the_zone_reaches_cached_reads(client: TestClient, pool: 
     async def moved() -> bool:
         doc = await ok_json(await client.get(url, headers=org.headers()))
         return doc["period_start"] != first["period_start"]
-
-    from tests.eventkit import wait_until
 
     await wait_until(moved, what="the API to show the new zone's period")
     doc = await ok_json(await client.get(url, headers=org.headers()))
