@@ -51,14 +51,20 @@ URLS = ",".join(f"amqp://guest:guest@127.0.0.1:568{n}/" for n in (1, 2, 3))
 NODES = [f"tally{n}@localhost" for n in (1, 2, 3)]
 
 
-def cluster(*args: str) -> str:
-    done = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+def cluster(*args: str, timeout: float = 600) -> str:
+    done = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"rabbit-cluster.sh {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
 
 def queues() -> dict[str, dict]:
-    return {q["name"]: q for q in json.loads(cluster("queues"))}
+    return {q["name"]: q for q in json.loads(cluster("queues", timeout=60))}
+
+
+async def queues_now() -> dict[str, dict]:
+    """``queues()`` off the event loop: rabbitmqctl can take seconds while a node stops, and
+    the consumers' and publishers' heartbeats in this process must not wait for it."""
+    return await asyncio.to_thread(queues)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +110,7 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
 
     async def publish(message: dict | list) -> None:
         body = orjson.dumps(message)
+        deadline = time.monotonic() + 120
         while True:
             try:
                 await publisher.publish(event_message(body, batch=isinstance(message, list)), "usage.recorded")
@@ -113,21 +120,32 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
                 # Not confirmed: published again (the broker may hold it already; the fold
                 # dedupes by event id, so a resend never doubles).
                 retried[0] += 1
+                assert time.monotonic() < deadline, "a message not confirmed by any node for 120 s"
                 await asyncio.sleep(0.2)
 
+    half = len(messages) // 2
+    stopping = asyncio.Event()
+
     async def publish_all() -> None:
-        # Paced (8 publishers, ~1,000 messages/s), so that the stream is still flowing when
-        # the leader stops: the publisher fails over too.
-        queue = list(reversed(messages))
+        # The first half, then (once the leader's stop has begun) the second half paced over
+        # about ten seconds (8 publishers, ~250 messages/s): the stream is flowing while the
+        # leader stops, whatever this machine's speed, so the publisher fails over too.
+        async def send(part: list, pause: float) -> None:
+            queue = list(reversed(part))
 
-        async def worker() -> None:
-            while queue:
-                await publish(queue.pop())
-                await asyncio.sleep(0.008)
+            async def worker() -> None:
+                while queue:
+                    await publish(queue.pop())
+                    await asyncio.sleep(pause)
 
-        await asyncio.gather(*(worker() for _ in range(8)))
+            await asyncio.gather(*(worker() for _ in range(8)))
+
+        await send(messages[:half], 0.008)
+        await stopping.wait()
+        await send(messages[half:], 0.032)
 
     stopped: str | None = None
+    publishing: asyncio.Task | None = None
     try:
         # One consumer per node (each lists its own node first), so the node that stops always
         # holds one of them: it must reconnect to another node.
@@ -135,20 +153,20 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
         consumers = [fleet.start(f"c{i}", tally_amqp_url=",".join(urls[i:] + urls[:i])) for i in range(3)]
         publishing = asyncio.create_task(publish_all())
         total = distinct(events)
-        await wait_until(lambda: _at_least(published, len(messages) * 2 // 5), timeout=180, what="40 % published")
+        await wait_until(lambda: _at_least(published, half), timeout=180, what="the first half published")
         await wait_applied(pool, orgs, total // 5, fleet, timeout=180)
-        assert not publishing.done()
-        leader = queues()[names.ingest]["leader"]
+        leader = (await queues_now())[names.ingest]["leader"]
         stopped = leader
         before = await applied(pool, orgs)
         t0 = time.monotonic()
+        stopping.set()
         await asyncio.to_thread(cluster, "stop-node", leader.removeprefix("tally").split("@")[0])
         stop_took = time.monotonic() - t0
 
         async def consumers_back() -> bool:
             try:
-                return queues()[names.ingest]["consumers"] == 3
-            except (AssertionError, KeyError, ValueError):
+                return (await queues_now())[names.ingest]["consumers"] == 3
+            except (AssertionError, KeyError, ValueError, subprocess.TimeoutExpired):
                 return False
 
         async def progress() -> bool:
@@ -157,14 +175,22 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
         async def reconnected() -> bool:  # the stopped node's consumer consumes again elsewhere
             return sum(e.get("message") == "consuming" for c in consumers for e in c.log_entries()) >= 4
 
-        await wait_until(progress, timeout=120, what="ingestion resumed after the leader stopped")
-        resumed = time.monotonic() - t0
-        await wait_until(reconnected, timeout=120, what="the stopped node's consumer consuming again")
-        reconnect = time.monotonic() - t0
-        await wait_until(consumers_back, timeout=120, interval=0.2, what="three consumers on tally.ingest again")
-        back = time.monotonic() - t0
-        new_leader = queues()[names.ingest]["leader"]
-        await publishing
+        async def after_stop(condition, what: str, **kwargs) -> float:  # type: ignore[no-untyped-def]
+            try:
+                await wait_until(condition, timeout=120, what=what, **kwargs)
+            except AssertionError as exc:
+                state = await queues_now()
+                raise AssertionError(
+                    f"{exc}: applied {await applied(pool, orgs)} (before the stop {before}), published "
+                    f"{published[0]}, retried {retried[0]}; queue {state.get(names.ingest)}\n{fleet.tails()}"
+                ) from None
+            return time.monotonic() - t0
+
+        resumed = await after_stop(progress, "ingestion resumed after the leader stopped")
+        reconnect = await after_stop(reconnected, "the stopped node's consumer consuming again")
+        back = await after_stop(consumers_back, "three consumers on tally.ingest again", interval=0.2)
+        new_leader = (await queues_now())[names.ingest]["leader"]
+        await asyncio.wait_for(publishing, timeout=300)
         await wait_applied(pool, orgs, total, fleet, timeout=300)
         assert all(c.alive() for c in consumers), fleet.tails()
         assert_totals(expected(events), await actual(pool, [o.name for o in orgs]))
@@ -178,6 +204,8 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
         )
         await terminate_all(fleet, consumers)
     finally:
+        if publishing is not None:
+            publishing.cancel()
         fleet.close()
         if stopped is not None:
             await asyncio.to_thread(cluster, "start-node", stopped.removeprefix("tally").split("@")[0])

@@ -139,7 +139,7 @@ queues() {  # JSON, asked of any running node
   local n
   for n in "${NODES[@]}"; do
     if alive "$n"; then
-      ctl "$n" list_queues name type leader members consumers messages --formatter json | json_only
+      ctl "$n" list_queues name type leader members consumers messages --formatter json --timeout 30 | json_only
       return
     fi
   done
