@@ -390,9 +390,18 @@ async def test_streams_per_key_are_capped(feed_app: TestClient, org: Org, other_
 
 async def test_shutdown_ends_open_streams_at_once(migrated: str, settings: Settings, org: Org) -> None:
     # tally's own runner (service/web/server.py): its drain waits a minute for requests in
-    # flight, and a stream must not be one of them.
-    app_runner = server.runner(create_app(settings))
+    # flight, and a stream must not be one of them. The heartbeat is far off: a stream that
+    # noticed the shutdown only when it next woke would outlast the bounds below.
+    settings = settings.model_copy(update={"change_stream_heartbeat_seconds": 300})
+    app = create_app(settings)
+    app_runner = server.runner(app)
     await app_runner.setup()
+    watch = app[appkeys.CHANGE_WATCH]
+
+    async def listening() -> bool:  # else the stream polls, and notices anything at its next poll
+        return watch.listening
+
+    await wait_until(listening, what="the change listener")
     port = free_port()
     listener = await server.listen(app_runner, settings, "127.0.0.1", port)
     try:

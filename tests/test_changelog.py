@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.store.changelog import CHANNEL, Logged, Position, horizon, parse_notice, read_changes
+from service.store.changelog import CHANNEL, Logged, Position, horizon, parse_notice, read_changes, read_log
 from tests.eventkit import cloud_event, fold_events, usage, wait_until
 from tests.factories import Org
 from tests.support import ok_json, uid
@@ -103,12 +103,15 @@ async def test_a_reader_waits_for_older_transactions_before_passing_newer_ones(
         await slow.execute("SELECT pg_current_xact_id()")  # the older transaction id, taken now
         async with pool.acquire() as conn:
             await fold_events(conn, usage(org.name, younger, cost="1"))
-            seen, reached = await read_changes(conn, org.id, "prod", Position(0), 100)
-            assert seen == []  # committed, but above the open transaction's id
+            first = await read_log(conn, org.id, "prod", Position(0), 100)
+            assert first.rows == []  # committed, but above the open transaction's id
+            assert first.held_back  # and the read says so: its reader polls again
+            reached = first.reached
             await fold_events(slow, usage(org.name, older, cost="1"))
             await tx.commit()
             await settled(conn)
             rest, after = await read_changes(conn, org.id, "prod", reached, 100)
+            assert not (await read_log(conn, org.id, "prod", after, 100)).held_back
         assert [r.customer_identifiers for r in rest] == [[older], [younger]]  # in transaction-id order
         assert after > reached
     finally:

@@ -168,6 +168,7 @@ async def end_streams(app: web.Application) -> None:
     """Live change streams end when shutdown begins (their clients resume elsewhere), so that
     the drain waits only for requests that end by themselves."""
     app[appkeys.CHANGE_STREAMS].stopping.set()
+    app[appkeys.CHANGE_WATCH].wake()  # the streams waiting for a commit see it now
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -40,7 +40,7 @@ from service.api.models import ChangeParams, CustomerChanges
 from service.api.routing import Call, Endpoint, settle_now
 from service.infra import metrics
 from service.infra.errors import is_transient
-from service.store.changefeed import START, Cursor, FeedChange, FeedPage, Thresholds, changes_after, read_feed
+from service.store.changefeed import START, Cursor, FeedChange, FeedPage, Thresholds, read_feed
 from service.web.problems import Problem, ProblemField
 
 log = logging.getLogger("tally.changes")
@@ -128,8 +128,7 @@ async def _read(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) ->
             identifiers=params.identifiers,
             thresholds=_thresholds(params),
         )
-        held_back = not page.more and not page.too_old and await changes_after(conn, *scope, page.next)
-    return page, held_back
+    return page, not page.more and not page.too_old and page.held_back
 
 
 def _thresholds(params: ChangeParams) -> Thresholds:
@@ -138,13 +137,19 @@ def _thresholds(params: ChangeParams) -> Thresholds:
 
 async def _shared_read(
     call: Call[ChangeParams, None], scope: Scope, cursor: Cursor, since: tuple[int, int] | None
-) -> tuple[FeedPage, bool]:
+) -> tuple[FeedPage, bool, bytes]:
     """:func:`_read`, shared with every stream of this process that asks the same read after
-    the same notification (service/api/changewatch.py SharedReads)."""
+    the same notification (service/api/changewatch.py SharedReads), with the page's changes
+    rendered once as Server-Sent Events for all of them."""
     params = call.query
     key = (scope, since, cursor, params.limit, params.identifiers, _thresholds(params))
     reads = call.request.app[appkeys.CHANGE_STREAMS].reads
-    result: tuple[FeedPage, bool] = await reads.read(key, lambda: _read(call, scope, cursor))
+
+    async def read_and_render() -> tuple[FeedPage, bool, bytes]:
+        page, held_back = await _read(call, scope, cursor)
+        return page, held_back, b"".join(event(KINDS[c.kind], change_json(c), str(c.cursor)) for c in page.changes)
+
+    result: tuple[FeedPage, bool, bytes] = await reads.read(key, read_and_render)
     return result
 
 
@@ -194,7 +199,9 @@ async def stream(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) -
 
         async def send(data: bytes) -> None:
             try:
-                await asyncio.wait_for(response.write(data), settings.change_stream_send_timeout)
+                # (asyncio.timeout, not wait_for: no task per write, which a thousand streams felt)
+                async with asyncio.timeout(settings.change_stream_send_timeout):
+                    await response.write(data)
             except TimeoutError:
                 raise SlowClient from None
 
@@ -250,7 +257,7 @@ async def _follow(
     while not slots.stopping.is_set():
         # Noted before the read: a commit heard while it runs makes the wait below return at once.
         since = watch.version(scope)
-        page, held_back = await _shared_read(call, scope, cursor, since)
+        page, held_back, rendered = await _shared_read(call, scope, cursor, since)
         if page.too_old:
             await send(
                 _resync(
@@ -260,11 +267,12 @@ async def _follow(
                 )
             )
             return RESYNC
-        now = datetime.now(UTC)
-        for change in page.changes:
-            await send(event(KINDS[change.kind], change_json(change), str(change.cursor)))
-            metrics.CHANGE_FEED_LAG.observe(max(0.0, (now - change.changed_at).total_seconds()))
         if page.changes:
+            # The page in one write: a write per event cost a system call each, per stream.
+            await send(rendered)
+            now = datetime.now(UTC)
+            for change in page.changes:
+                metrics.CHANGE_FEED_LAG.observe(max(0.0, (now - change.changed_at).total_seconds()))
             last_sent = loop.time()
         cursor = page.next
         if page.more:
@@ -274,7 +282,9 @@ async def _follow(
             wait = heartbeat - (loop.time() - last_sent)
             if polling:
                 wait = min(wait, POLL_SECONDS)
-            if wait > 0 and await _changed_or_stopped(watch, scope, since, wait, slots.stopping):
+            # The shutdown's end_streams wakes this wait (service/api/app.py), and nothing awaits
+            # between the loop's check of ``stopping`` and the wait's start.
+            if wait > 0 and (await watch.changed(scope, since, wait) or slots.stopping.is_set()):
                 break
             if loop.time() - last_sent >= heartbeat:
                 await send(b": heartbeat\n\n")
@@ -282,21 +292,6 @@ async def _follow(
             if polling:
                 break
     return "shutdown"
-
-
-async def _changed_or_stopped(
-    watch: ChangeWatch, scope: Scope, since: tuple[int, int] | None, timeout: float, stopping: asyncio.Event
-) -> bool:
-    """Wait until the scope's version moves past ``since`` or the process stops, at most
-    ``timeout`` seconds; whether either happened."""
-    changed = asyncio.ensure_future(watch.changed(scope, since, timeout))
-    stopped = asyncio.ensure_future(stopping.wait())
-    try:
-        await asyncio.wait([changed, stopped], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-        changed.cancel()
-    return stopping.is_set() or (changed.done() and not changed.cancelled() and changed.result())
 
 
 ENDPOINTS = [

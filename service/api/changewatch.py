@@ -59,6 +59,12 @@ class ChangeWatch:
             waiter.set()
         return version
 
+    def wake(self) -> None:
+        """Every wait in :meth:`changed` returns now (the process is shutting down)."""
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.set()
+
     def restart(self) -> None:
         """A new epoch: what was heard before is forgotten (notifications may have been missed)."""
         self.epoch += 1

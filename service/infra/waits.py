@@ -8,6 +8,9 @@ import contextlib
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     """Wait until ``event`` is set or ``timeout`` seconds have passed; True if it is set."""
+    # (asyncio.timeout rather than wait_for: no task per wait, which a thousand waiting change
+    # streams felt)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await event.wait()
     return event.is_set()

@@ -29,7 +29,7 @@ from decimal import Decimal
 from typing import cast
 from uuid import UUID
 
-from service.store.changelog import Kind, Logged, Position, read_changes
+from service.store.changelog import Kind, Logged, Position, read_log
 from service.store.db import Connection
 from service.store.rendering import Shape, renders_usage, rows_sql, shape_sql
 
@@ -102,25 +102,12 @@ class FeedPage:
     next: Cursor  # resumes after every change examined
     more: bool  # the page stopped at its limit: more changes are there now
     too_old: bool  # changes after the cursor were purged: resync by listing
+    # Rows of the scope after the cursor have committed that the read could not take yet (a
+    # transaction with an older id was still running, service/store/changelog.py): a reader
+    # polls again rather than wait for a notification that the end of an unrelated
+    # transaction never sends.
+    held_back: bool = False
 
-
-# Whether the scope has rows after the position: those a read just missed because the horizon
-# holds them back (a transaction with an older id was still running, service/store/changelog.py),
-# or that committed since.
-CHANGES_AFTER = """
-SELECT EXISTS (
-    SELECT 1 FROM customer_changes c
-    WHERE c.organization_id = $1 AND c.environment = $2 AND (c.xid, c.seq) > ($3::text::xid8, $4::int8)
-)
-"""
-
-# Whether housekeeping purged a row of the scope after the position.
-PURGED_AFTER = """
-SELECT EXISTS (
-    SELECT 1 FROM customer_changes_purged p
-    WHERE p.organization_id = $1 AND p.environment = $2 AND (p.xid, p.seq) > ($3::text::xid8, $4::int8)
-)
-"""
 
 # A customer's usage row, when the shape does not render (and so join) it: the thresholds read it.
 _USAGE = (
@@ -184,7 +171,8 @@ async def read_feed(
     examined counts toward ``limit``, kept or not: a filtered page may hold fewer, even none,
     and still move on. :data:`START` is never too old: it means the oldest change retained."""
     # Each row holds at least one change: ``limit`` rows hold at least ``limit`` of them.
-    rows, reached = await read_changes(conn, organization_id, environment, after.floor, limit)
+    read = await read_log(conn, organization_id, environment, after.floor, limit)
+    rows, reached = read.rows, read.reached
     entries, cut = _entries(rows, after, limit)
     # Cut short: after the last change given; else after every row read (the reader's reach).
     nxt = entries[-1][0] if cut else (Cursor(reached) if reached > after.floor else after)
@@ -209,16 +197,7 @@ async def read_feed(
             continue  # below a threshold
         doc = docs.get(customer_id) if kind != "d" else None
         changes.append(FeedChange(cursor, "d" if doc is None else kind, customer_id, identifier, changed_at, doc, kind))
-    # Read after the rows: a purge that removed rows the read needed committed before it.
-    too_old = after != START and bool(
-        await conn.fetchval(PURGED_AFTER, organization_id, environment, str(after.floor.xid), after.floor.seq)
-    )
-    return FeedPage(changes, nxt, cut or len(rows) == limit, too_old)
-
-
-async def changes_after(conn: Connection, organization_id: UUID, environment: str, cursor: Cursor) -> bool:
-    """Whether rows of the scope after ``cursor`` exist (committed, visible or not yet below
-    the horizon): a reader that found none below it polls again rather than wait for a
-    notification that the end of an unrelated transaction never sends."""
-    at = cursor.position
-    return bool(await conn.fetchval(CHANGES_AFTER, organization_id, environment, str(at.xid), at.seq))
+    # The purge mark and the rows come from one snapshot: a purge that removed rows the read
+    # needed committed before it, and shows.
+    too_old = after != START and read.purged
+    return FeedPage(changes, nxt, cut or len(rows) == limit, too_old, read.held_back)

@@ -105,11 +105,28 @@ class Logged:
 
 
 # Rows after $3.$4 below the snapshot's horizon, and the horizon, in one snapshot (a second
-# statement's horizon could be past rows the first did not see).
+# statement's horizon could be past rows the first did not see); with, in the same snapshot,
+# whether housekeeping purged rows after $3.$4 (so some are gone) and whether rows after it
+# have committed at or above the horizon (held back until an older transaction ends). Those
+# are the rows after the later of $3.$4 and (horizon, 0) — sequence numbers start at 1 — so
+# that index scan starts at the horizon, not at a position a lagging reader left far behind.
 READ_CHANGES = """
-WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
+WITH h AS (
+    SELECT s.xmin,
+           CASE WHEN s.xmin > $3::text::xid8 THEN s.xmin ELSE $3::text::xid8 END AS held_xid,
+           CASE WHEN s.xmin > $3::text::xid8 THEN 0 ELSE $4::int8 END AS held_seq
+    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) s
+)
 SELECT h.xmin::text AS horizon, c.xid::text AS xid, c.seq, c.customer_ids, c.customer_identifiers, c.kinds,
-       c.changed_at
+       c.changed_at,
+       EXISTS (
+           SELECT 1 FROM customer_changes_purged p
+           WHERE p.organization_id = $1 AND p.environment = $2 AND (p.xid, p.seq) > ($3::text::xid8, $4::int8)
+       ) AS purged,
+       EXISTS (
+           SELECT 1 FROM customer_changes a
+           WHERE a.organization_id = $1 AND a.environment = $2 AND (a.xid, a.seq) > (h.held_xid, h.held_seq)
+       ) AS held_back
 FROM h LEFT JOIN LATERAL (
     SELECT * FROM customer_changes c
     WHERE c.organization_id = $1 AND c.environment = $2 AND (c.xid, c.seq) > ($3::text::xid8, $4::int8)
@@ -120,9 +137,17 @@ FROM h LEFT JOIN LATERAL (
 """
 
 
-async def read_changes(
-    conn: Connection, organization_id: UUID, environment: str, after: Position, limit: int
-) -> tuple[list[Logged], Position]:
+@dataclass(frozen=True)
+class LogRead:
+    """What one read of the log found after a position."""
+
+    rows: list[Logged]  # at most the limit, in log order
+    reached: Position  # the last row's position, or (fewer than the limit) the horizon
+    purged: bool  # rows after the position were purged (housekeeping): some are gone
+    held_back: bool  # rows after the position committed at or above the horizon: not readable yet
+
+
+async def read_log(conn: Connection, organization_id: UUID, environment: str, after: Position, limit: int) -> LogRead:
     """Up to ``limit`` logged changes after ``after``, in log order, and the position the
     reader has reached: the last row's, or — when fewer than ``limit`` were there — the
     horizon, past which nothing more can appear below it."""
@@ -134,9 +159,17 @@ async def read_changes(
         for r in rows
         if r["xid"] is not None
     ]
-    if len(logged) == limit:
-        return logged, logged[-1].position
-    return logged, max(after, Position(int(rows[0]["horizon"])))
+    first = rows[0]
+    reached = logged[-1].position if len(logged) == limit else max(after, Position(int(first["horizon"])))
+    return LogRead(logged, reached, first["purged"], first["held_back"])
+
+
+async def read_changes(
+    conn: Connection, organization_id: UUID, environment: str, after: Position, limit: int
+) -> tuple[list[Logged], Position]:
+    """:func:`read_log`'s rows and reach."""
+    read = await read_log(conn, organization_id, environment, after, limit)
+    return read.rows, read.reached
 
 
 # The horizon of a statement's own snapshot, to select beside what it reads: see the module's
