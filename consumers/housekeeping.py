@@ -5,7 +5,8 @@ its timers, so no job delays a batch):
 - **purge**: forget dedupe keys, journal rows and tombstones older than the retention window,
   and change-log rows older than theirs;
 - **analyze**: refresh the statistics of tables a fold changed past autovacuum's threshold, for
-  servers whose autovacuum is off or behind (plans never depend on them for their shape);
+  servers whose autovacuum is off or behind (plans never depend on them for their shape), and
+  where autovacuum is off, vacuum tables whose deleted rows it would have reclaimed;
 - **relay alerts**: publish budget alerts recorded by folds (this process's, at once, or a
   crashed one's, within ALERT_RELAY_EVERY);
 - **poll queues**: export the ingest and dead-letter queues' depth and consumers as gauges.
@@ -34,7 +35,7 @@ from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
 from service.store.alerts import ALERT_ROUTING_KEY, relay_alerts
-from service.store.housekeeping import analyze_stale, compact_counts, purge_changes, purge_processed
+from service.store.housekeeping import analyze_stale, compact_counts, purge_changes, purge_processed, vacuum_dead
 
 log = logging.getLogger("tally.housekeeping")
 
@@ -127,7 +128,12 @@ class Housekeeping:
 
     async def analyze(self) -> None:
         async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+            vacuumed = await vacuum_dead(conn)
             analyzed = await analyze_stale(conn)
+        if vacuumed:
+            log.info(
+                "vacuumed tables whose dead rows autovacuum (off) would have reclaimed", extra={"tables": vacuumed}
+            )
         if analyzed:
             log.info("analyzed tables whose statistics were stale", extra={"tables": analyzed})
 
