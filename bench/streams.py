@@ -1,8 +1,9 @@
 """Change-feed streams benchmark: many Server-Sent Event streams open on one API process while
 the consumer folds events at a steady rate. For each phase (a few streams, then many) it
 reports the delay from the writing transaction to each event's arrival at a client (p50/p99;
-the change's ``changed_at`` is its transaction's start, so the figure is an upper bound on the
-delay from commit), events delivered per second, and the API's peak RSS and CPU.
+the change's ``changed_at`` is when its transaction logged it, the fold's last step before the
+commit but for budget alerts, so the figure is the delay from the commit plus that step), events
+delivered per second, and the API's peak RSS and CPU.
 
     python bench/streams.py [--streams 1000] [--orgs 100] [--rate 2000] [--seconds 20] [--json …]
 

@@ -467,7 +467,9 @@ class CustomerChange(BaseModel):
     kind: Literal["created", "updated", "deleted"] = Field(
         description="What the change did; a customer deleted since it was read is shown as deleted."
     )
-    changed_at: datetime = Field(description="When the transaction that made the change began.")
+    changed_at: datetime = Field(
+        description="When the transaction that made the change logged it, its last step before committing."
+    )
     customer: Customer | DeletedCustomer = Field(
         description="The customer as it is when the change is read (deleted: its id and identifier only)."
     )

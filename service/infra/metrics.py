@@ -169,8 +169,8 @@ CHANGE_STREAMS_REFUSED = Counter(
 )
 CHANGE_FEED_LAG = Histogram(
     "tally_change_feed_lag_seconds",
-    "From a change's transaction start (its changed_at) to its event being sent on a stream: commit, "
-    "notification and read together.",
+    "From a change's changed_at (logged just before its commit) to its event being sent on a stream: "
+    "commit, notification and read together.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )

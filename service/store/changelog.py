@@ -71,12 +71,14 @@ def parse_notice(payload: str) -> tuple[UUID, str] | None:
 
 
 # One row per (organization, environment) of the changes given in order, then one
-# notification per row.
+# notification per row. changed_at is the clock when the row is written — a write's last step
+# but its alerts before the commit — not the transaction's start (the column's default): a
+# fold's transaction takes a while, and readers measure delivery from the commit.
 LOG_CHANGES = f"""
 WITH logged AS (
-    INSERT INTO customer_changes (organization_id, environment, customer_ids, customer_identifiers, kinds)
+    INSERT INTO customer_changes (organization_id, environment, customer_ids, customer_identifiers, kinds, changed_at)
     SELECT u.organization_id, u.environment, array_agg(u.id ORDER BY u.n), array_agg(u.identifier ORDER BY u.n),
-           string_agg(u.kind, '' ORDER BY u.n)
+           string_agg(u.kind, '' ORDER BY u.n), clock_timestamp()
     FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[])
          WITH ORDINALITY AS u(organization_id, environment, id, identifier, kind, n)
     GROUP BY u.organization_id, u.environment
