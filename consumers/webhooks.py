@@ -2,10 +2,12 @@
 beside the ingest loop and the housekeeping jobs, so that webhooks need no process of their own.
 
 Each turn it materialises the events committed since each endpoint's cursors into delivery
-rows, then leases due deliveries and sends them (service/store/webhooks.py says how both stay
-exactly-once and never overlap across dispatchers). It wakes when this process's fold commits,
-when an attempt ends, and every TALLY_WEBHOOK_POLL_SECONDS (commits of other processes, due
-retries).
+rows (after this process's fold commits, or TALLY_WEBHOOK_POLL_SECONDS since it last looked:
+commits of other processes; an endpoint with MATERIALIZE_AHEAD deliveries pending waits for its
+receiver), then leases due deliveries and sends them (service/store/webhooks.py says how both
+stay exactly-once and never overlap across dispatchers). It wakes when this process's fold
+commits, when an attempt ends (room to send another), and every TALLY_WEBHOOK_POLL_SECONDS
+(due retries).
 
 Sending. One aiohttp ClientSession: no redirects (a 3xx is a failure), a total timeout, at
 most RESPONSE_BYTES of the answer read, no proxy from the environment. Unless
@@ -39,7 +41,7 @@ from service.domain.webhooks import SIGNATURE_HEADER, address_refusal, check_url
 from service.infra import metrics
 from service.infra.errors import is_transient
 from service.infra.settings import Settings
-from service.infra.waits import wait_event
+from service.infra.waits import wait_any
 from service.store import webhooks as store
 from service.store.changefeed import Cursor, FeedPage
 from service.store.rendering import Shape
@@ -51,6 +53,12 @@ RESPONSE_BYTES = 4096
 # Changes (and alerts) one endpoint's materialisation takes at once: a fold's largest batch
 # (TALLY_BATCH_MAX_EVENTS' default) touches at most this many customers.
 MATERIALIZE_CHUNK = 4000
+# An endpoint with this many deliveries pending gets no more made while its backlog is younger
+# than MATERIALIZE_AHEAD_AGE (service/store/webhooks.py ENDPOINTS_WITH_WORK): deliveries are
+# made about as fast as its receiver takes them, and a fold's burst is not written out ten
+# times over (once per endpoint) while it runs.
+MATERIALIZE_AHEAD = MATERIALIZE_CHUNK
+MATERIALIZE_AHEAD_AGE = timedelta(minutes=5)
 # A lease outlasts the attempt's total timeout by this much, so an attempt still running when
 # its lease ends is impossible short of a stalled process; it is also how long a delivery
 # leased by a process that died waits, beyond that timeout, before another takes it.
@@ -96,11 +104,14 @@ class Dispatcher:
         wake: asyncio.Event | None = None,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        ahead: int = MATERIALIZE_AHEAD,
     ) -> None:
         self.settings = settings
+        self.ahead = ahead
         self.pool = pool
         self.shape = shape
-        self.wake = wake or asyncio.Event()
+        self.wake = wake or asyncio.Event()  # set by commits: events to make into deliveries
+        self.room = asyncio.Event()  # set when an attempt ends: room to send another
         self.clock = clock
         self.jitter = jitter
         self._session: aiohttp.ClientSession | None = None
@@ -134,11 +145,20 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Turn until cancelled: a turn that fails is logged and tried again."""
-        last_backlog = last_purge = -float("inf")
+        last_backlog = last_purge = last_made = -float("inf")
+        more = True
         while True:
             busy = False
             try:
-                busy = await self.materialize() > 0
+                # Deliveries are made after a commit (or a poll's worth of time: commits of
+                # other processes), not after every attempt that ends: a turn per attempt
+                # looked for new events hundreds of times a second while a backlog was sent.
+                poll = self.settings.webhook_poll_seconds
+                if more or self.wake.is_set() or time.monotonic() - last_made >= poll:
+                    self.wake.clear()
+                    last_made = time.monotonic()
+                    more = busy = await self.materialize() > 0
+                self.room.clear()
                 busy = await self.send_due(wait=False) > 0 or busy
                 if time.monotonic() - last_backlog >= BACKLOG_EVERY:
                     last_backlog = time.monotonic()
@@ -152,8 +172,7 @@ class Dispatcher:
                 else:
                     log.exception("webhooks failed")
             if not busy:
-                await wait_event(self.wake, self.settings.webhook_poll_seconds)
-                self.wake.clear()
+                await wait_any([self.wake, self.room], self.settings.webhook_poll_seconds)
 
     async def step(self) -> int:
         """One whole turn, attempts awaited: what tests drive. How many deliveries it made and sent."""
@@ -167,9 +186,14 @@ class Dispatcher:
         settings = self.settings
         made = 0
         async with self.pool.acquire(timeout=settings.db_connect_timeout) as conn:
-            pending = await store.endpoints_with_work(conn)
+
+            async def with_room() -> list[tuple[UUID, UUID]]:
+                return await store.endpoints_with_work(conn, self.ahead, self.now() - MATERIALIZE_AHEAD_AGE)
+
+            pending = await with_room()
             while pending:
                 pages: dict[tuple[UUID, str], tuple[Cursor, FeedPage]] = {}
+                rendered: store.Rendered = {}
                 more = []
                 for organization_id, endpoint_id in pending:
                     now = self.now()
@@ -182,6 +206,7 @@ class Dispatcher:
                         now + timedelta(hours=settings.webhook_retry_hours),
                         limit=MATERIALIZE_CHUNK,
                         pages=pages,
+                        rendered=rendered,
                     )
                     made += done.deliveries
                     if done.too_old:
@@ -191,6 +216,9 @@ class Dispatcher:
                         )
                     if done.more:
                         more.append((organization_id, endpoint_id))
+                if more:  # those that filled their room this round wait for their receiver
+                    room = set(await with_room())
+                    more = [e for e in more if e in room]
                 pending = more
         return made
 
@@ -217,7 +245,7 @@ class Dispatcher:
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
-        self.wake.set()  # room for another, and a customer's next delivery may be due
+        self.room.set()  # room for another, and a customer's next delivery may be due
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook attempt failed unexpectedly", exc_info=task.exception())
 

@@ -738,3 +738,55 @@ async def test_endpoints_of_one_environment_share_the_rounds_read_of_the_feed(po
         rows = await delivery_rows(pool, str(e))
         assert sorted(orjson.loads(r["body"])["data"]["customer_identifier"] for r in rows) == sorted(idents)
     assert await round_(None) == [0, 0, 0]  # each cursor moved past what it was given
+
+
+async def test_deliveries_are_made_as_the_receiver_takes_them_unless_the_backlog_grows_old(
+    private_settings: Settings, pool: asyncpg.Pool, org: Org, receiver: Receiver
+) -> None:
+    """An endpoint with its room of pending deliveries (here 2) gets no more made while its
+    backlog is young: they are made as the receiver takes them. A backlog older than the age
+    bound is made at once, so that nothing waits in the change log past its retention."""
+    endpoint = await _endpoint(pool, org, f"{receiver.url}/hook", ["customer.created"])
+    clock = Clock()
+    d = Dispatcher(private_settings, pool, webhook_shape(), clock=clock, jitter=lambda: 0.0, ahead=2)
+    try:
+        receiver.answer = lambda n: 500  # nothing is taken: every delivery stays pending
+        first, later = [uid("room") for _ in range(3)], [uid("late") for _ in range(3)]
+        async with pool.acquire() as conn:
+            await fold_events(conn, *(usage(org.name, ident) for ident in first))
+
+        async def made(n: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return len(await delivery_rows(pool, endpoint)) == n
+
+            return check
+
+        await steps_until(d, await made(3), "the first changes made into deliveries")
+        async with pool.acquire() as conn:
+            await fold_events(conn, *(usage(org.name, ident) for ident in later))
+
+        async def readable() -> bool:  # the later fold's changes below the horizon: a round could take them
+            async with pool.acquire() as conn:
+                page = await read_feed(conn, org.id, "prod", Cursor(Position(0)), 100, webhook_shape())
+            return len(page.changes) == 6
+
+        await wait_until(readable, what="the later changes readable")
+        for _ in range(3):
+            await d.step()
+        assert len(await delivery_rows(pool, endpoint)) == 3  # 3 pending, room for 2: none made
+
+        clock.advance(timedelta(minutes=6).total_seconds())  # the backlog is old now: made at once
+        await steps_until(d, await made(6), "the old backlog made into deliveries")
+
+        receiver.answer = lambda n: 200
+        clock.advance(private_settings.webhook_retry_max_seconds)
+        async with pool.acquire() as conn:
+            await fold_events(conn, usage(org.name, uid("after")))
+
+        async def all_sent() -> bool:
+            rows = await delivery_rows(pool, endpoint)
+            return len(rows) == 7 and all(r["state"] == "delivered" for r in rows)
+
+        await steps_until(d, all_sent, "room again once the receiver took them")
+    finally:
+        await d.close()

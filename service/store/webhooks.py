@@ -171,6 +171,11 @@ async def delivery_exists(conn: Connection, organization_id: UUID, endpoint_id: 
 # Endpoints with something to materialise: a change-log row after their cursor, or an alert
 # recorded by a transaction at or after theirs (a row not yet below the horizon counts too:
 # the next round takes it).
+# Endpoints with events not yet made into deliveries, unless the endpoint has $1 deliveries
+# pending already and its oldest such change logged after $2: a receiver slower than the
+# changes gets deliveries made as it takes them, not the whole backlog at once (which was
+# writes competing with the fold for nothing: they wait all the same); a backlog older than
+# $2 is made at once, so that the change log's retention never runs out under it.
 ENDPOINTS_WITH_WORK = """
 SELECT e.organization_id, e.id FROM webhook_endpoints e
 WHERE e.disabled_at IS NULL AND (
@@ -178,6 +183,14 @@ WHERE e.disabled_at IS NULL AND (
             WHERE c.organization_id = e.organization_id AND c.environment = e.environment
               AND (c.xid, c.seq) > (e.changes_xid, e.changes_seq - (e.changes_given > 0)::int))
     OR EXISTS (SELECT 1 FROM budget_alerts a WHERE a.organization_id = e.organization_id AND a.xid >= e.alerts_xid))
+  AND (
+    (SELECT count(*) FROM (
+        SELECT 1 FROM webhook_deliveries d
+        WHERE d.organization_id = e.organization_id AND d.endpoint_id = e.id AND d.state = 'pending' LIMIT $1) p) < $1
+    OR (SELECT c.changed_at FROM customer_changes c
+        WHERE c.organization_id = e.organization_id AND c.environment = e.environment
+          AND (c.xid, c.seq) > (e.changes_xid, e.changes_seq - (e.changes_given > 0)::int)
+        ORDER BY c.xid, c.seq LIMIT 1) < $2)
 """
 
 # SKIP LOCKED: another dispatcher materialising this endpoint now has it; this one moves on.
@@ -233,7 +246,13 @@ class Event:
     event_id: str
     event_type: str
     customer_id: UUID
-    body: bytes
+    body: str
+
+
+# A change's event id and body, built once per dispatcher turn for all the endpoints that take
+# it (the same for each: a receiver dedupes on the id), keyed by organization, environment and
+# cursor; with the customer document they were built from (a page read again may show newer).
+Rendered = dict[tuple[UUID, str, str], tuple[str | None, str, str]]
 
 
 def event_body(
@@ -252,8 +271,10 @@ def event_body(
     return head[:-1] + b',"data":' + data + b"}"
 
 
-async def endpoints_with_work(conn: Connection) -> list[tuple[UUID, UUID]]:
-    return [(r["organization_id"], r["id"]) for r in await conn.fetch(ENDPOINTS_WITH_WORK)]
+async def endpoints_with_work(conn: Connection, ahead: int, young_since: datetime) -> list[tuple[UUID, UUID]]:
+    """Endpoints with events to make into deliveries, but those with ``ahead`` deliveries
+    pending whose backlog logged after ``young_since`` (see ENDPOINTS_WITH_WORK)."""
+    return [(r["organization_id"], r["id"]) for r in await conn.fetch(ENDPOINTS_WITH_WORK, ahead, young_since)]
 
 
 async def materialize(
@@ -266,6 +287,7 @@ async def materialize(
     *,
     limit: int,
     pages: dict[tuple[UUID, str], tuple[Cursor, FeedPage]] | None = None,
+    rendered: Rendered | None = None,
 ) -> Materialized:
     """Turn the endpoint's events committed since its cursors into deliveries (at most about
     ``limit`` changes and ``limit`` alerts), and move the cursors past them, in one
@@ -307,12 +329,21 @@ async def materialize(
             event_type = CHANGE_TYPES[change.kind]
             if event_type not in subscribed:
                 continue
-            event_id = change_event_id(organization_id, environment, str(change.cursor))
-            if change.doc is None:
-                data = orjson.dumps({"id": str(change.customer_id), "customer_identifier": change.customer_identifier})
+            key = (organization_id, environment, str(change.cursor))
+            done = rendered.get(key) if rendered is not None else None
+            if done is not None and done[0] is change.doc:
+                event_id, body = done[1], done[2]
             else:
-                data = change.doc.encode()
-            body = event_body(event_id, event_type, change.changed_at, organization_id, environment, data)
+                event_id = change_event_id(organization_id, environment, key[2])
+                if change.doc is None:
+                    data = orjson.dumps(
+                        {"id": str(change.customer_id), "customer_identifier": change.customer_identifier}
+                    )
+                else:
+                    data = change.doc.encode()
+                body = event_body(event_id, event_type, change.changed_at, organization_id, environment, data).decode()
+                if rendered is not None:
+                    rendered[key] = (change.doc, event_id, body)
             events.append(Event(event_id, event_type, change.customer_id, body))
         alerts, alerts_next, alerts_more = await _alerts(
             conn, organization_id, environment, endpoint["alerts_xid"], limit
@@ -322,10 +353,10 @@ async def materialize(
                 alert = alert_event(row)
                 about = {"customer_id": str(row["customer_id"]), "customer_identifier": row["customer_identifier"]}
                 about |= cast(dict[str, object], alert["data"])
-                body = event_body(
+                alert_body = event_body(
                     str(alert["id"]), ALERT_BUDGET, row["crossed_at"], organization_id, environment, orjson.dumps(about)
                 )
-                events.append(Event(str(alert["id"]), ALERT_BUDGET, row["customer_id"], body))
+                events.append(Event(str(alert["id"]), ALERT_BUDGET, row["customer_id"], alert_body.decode()))
         inserted = 0
         if events:
             status = await conn.execute(
@@ -335,7 +366,7 @@ async def materialize(
                 [e.event_id for e in events],
                 [e.event_type for e in events],
                 [e.customer_id for e in events],
-                [e.body.decode() for e in events],
+                [e.body for e in events],
                 now,
                 give_up_at,
             )
