@@ -427,7 +427,10 @@ async def tally_consumers(
                 started, cpu_start = now, sum(p.cpu_seconds() for p in started_processes)
             if count >= n_events:
                 break
-            await asyncio.sleep(0.02)
+            # The count is a sum over every customer: polled every 20 ms throughout, it kept
+            # about half a core of PostgreSQL busy beside the fold it times. Fine-grained only
+            # where the clock starts and stops.
+            await asyncio.sleep(0.02 if count == 0 or count >= 0.95 * n_events else 0.25)
         assert started is not None
         elapsed = now - started
         cpu = sum(p.cpu_seconds() for p in started_processes) - cpu_start
