@@ -114,9 +114,9 @@ def _parse(text: str, name: str, location: str) -> Cursor:
         ) from None
 
 
-async def _read(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) -> tuple[FeedPage, bool]:
-    """A page after ``cursor``, and (when it took everything there was) whether rows of the
-    scope after it have committed that it could not take yet."""
+async def _read(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) -> FeedPage:
+    """A page after ``cursor`` (its ``held_back``: whether rows of the scope after it have
+    committed that it could not take yet)."""
     params = call.query
     async with dbaccess.connection(call.request) as conn:
         page = await read_feed(
@@ -128,7 +128,7 @@ async def _read(call: Call[ChangeParams, None], scope: Scope, cursor: Cursor) ->
             identifiers=params.identifiers,
             thresholds=_thresholds(params),
         )
-    return page, not page.more and not page.too_old and page.held_back
+    return page
 
 
 def _thresholds(params: ChangeParams) -> Thresholds:
@@ -137,7 +137,7 @@ def _thresholds(params: ChangeParams) -> Thresholds:
 
 async def _shared_read(
     call: Call[ChangeParams, None], scope: Scope, cursor: Cursor, since: tuple[int, int] | None
-) -> tuple[FeedPage, bool, bytes]:
+) -> tuple[FeedPage, bytes]:
     """:func:`_read`, shared with every stream of this process that asks the same read after
     the same notification (service/api/changewatch.py SharedReads), with the page's changes
     rendered once as Server-Sent Events for all of them."""
@@ -145,11 +145,11 @@ async def _shared_read(
     key = (scope, since, cursor, params.limit, params.identifiers, _thresholds(params))
     reads = call.request.app[appkeys.CHANGE_STREAMS].reads
 
-    async def read_and_render() -> tuple[FeedPage, bool, bytes]:
-        page, held_back = await _read(call, scope, cursor)
-        return page, held_back, b"".join(event(KINDS[c.kind], change_json(c), str(c.cursor)) for c in page.changes)
+    async def read_and_render() -> tuple[FeedPage, bytes]:
+        page = await _read(call, scope, cursor)
+        return page, b"".join(event(KINDS[c.kind], change_json(c), str(c.cursor)) for c in page.changes)
 
-    result: tuple[FeedPage, bool, bytes] = await reads.read(key, read_and_render)
+    result: tuple[FeedPage, bytes] = await reads.read(key, read_and_render)
     return result
 
 
@@ -160,7 +160,7 @@ async def changes(call: Call[ChangeParams, None]) -> web.StreamResponse:
     cursor, name, location = start_cursor(call, streaming=streaming)
     if streaming:
         return await stream(call, scope, cursor)
-    page, _ = await _read(call, scope, cursor)
+    page = await _read(call, scope, cursor)
     if page.too_old:
         raise too_old(name, location)
     tail = orjson.dumps({"next_cursor": str(page.next), "has_more": page.more, "limit": call.query.limit})
@@ -257,7 +257,7 @@ async def _follow(
     while not slots.stopping.is_set():
         # Noted before the read: a commit heard while it runs makes the wait below return at once.
         since = watch.version(scope)
-        page, held_back, rendered = await _shared_read(call, scope, cursor, since)
+        page, rendered = await _shared_read(call, scope, cursor, since)
         if page.too_old:
             await send(
                 _resync(
@@ -277,7 +277,7 @@ async def _follow(
         cursor = page.next
         if page.more:
             continue
-        polling = held_back or since is None
+        polling = page.held_back or since is None
         while not slots.stopping.is_set():
             wait = heartbeat - (loop.time() - last_sent)
             if polling:

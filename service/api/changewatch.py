@@ -60,7 +60,7 @@ class ChangeWatch:
         return version
 
     def wake(self) -> None:
-        """Every wait in :meth:`changed` returns now (the process is shutting down)."""
+        """Every wait in :meth:`changed` returns now (a new epoch, or the process shutting down)."""
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.set()
@@ -69,9 +69,7 @@ class ChangeWatch:
         """A new epoch: what was heard before is forgotten (notifications may have been missed)."""
         self.epoch += 1
         self._versions.clear()
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                waiter.set()
+        self.wake()
 
     async def changed(self, scope: Scope, since: tuple[int, int] | None, timeout: float) -> bool:
         """Wait until ``scope``'s version is no longer ``since`` (a commit heard, or a new

@@ -102,10 +102,10 @@ class FeedPage:
     next: Cursor  # resumes after every change examined
     more: bool  # the page stopped at its limit: more changes are there now
     too_old: bool  # changes after the cursor were purged: resync by listing
-    # Rows of the scope after the cursor have committed that the read could not take yet (a
-    # transaction with an older id was still running, service/store/changelog.py): a reader
-    # polls again rather than wait for a notification that the end of an unrelated
-    # transaction never sends.
+    # The page took everything it could, but rows of the scope after it have committed that
+    # it could not take yet (a transaction with an older id was still running,
+    # service/store/changelog.py): a reader polls again rather than wait for a notification
+    # that the end of an unrelated transaction never sends.
     held_back: bool = False
 
 
@@ -200,4 +200,5 @@ async def read_feed(
     # The purge mark and the rows come from one snapshot: a purge that removed rows the read
     # needed committed before it, and shows.
     too_old = after != START and read.purged
-    return FeedPage(changes, nxt, cut or len(rows) == limit, too_old, read.held_back)
+    more = cut or len(rows) == limit
+    return FeedPage(changes, nxt, more, too_old, read.held_back and not more and not too_old)

@@ -168,29 +168,29 @@ async def delivery_exists(conn: Connection, organization_id: UUID, endpoint_id: 
 
 # ---- materialising -----------------------------------------------------------------------------
 
-# Endpoints with something to materialise: a change-log row after their cursor, or an alert
-# recorded by a transaction at or after theirs (a row not yet below the horizon counts too:
-# the next round takes it).
-# Endpoints with events not yet made into deliveries, unless the endpoint has $1 deliveries
-# pending already and its oldest such change logged after $2: a receiver slower than the
-# changes gets deliveries made as it takes them, not the whole backlog at once (which was
-# writes competing with the fold for nothing: they wait all the same); a backlog older than
-# $2 is made at once, so that the change log's retention never runs out under it.
+# Endpoints with something to materialise: a change-log row after their cursor (the oldest,
+# ``first``), or an alert recorded by a transaction at or after theirs (a row not yet below the
+# horizon counts too: the next round takes it) — unless the endpoint has $1 deliveries pending
+# already and its oldest change not yet made was logged after $2: a receiver slower than the
+# changes gets deliveries made as it takes them, not the whole backlog at once (writes
+# competing with the fold for nothing: they wait all the same); a backlog older than $2 is made
+# at once, so that the change log's retention never runs out under it.
 ENDPOINTS_WITH_WORK = """
 SELECT e.organization_id, e.id FROM webhook_endpoints e
-WHERE e.disabled_at IS NULL AND (
-    EXISTS (SELECT 1 FROM customer_changes c
-            WHERE c.organization_id = e.organization_id AND c.environment = e.environment
-              AND (c.xid, c.seq) > (e.changes_xid, e.changes_seq - (e.changes_given > 0)::int))
-    OR EXISTS (SELECT 1 FROM budget_alerts a WHERE a.organization_id = e.organization_id AND a.xid >= e.alerts_xid))
-  AND (
-    (SELECT count(*) FROM (
-        SELECT 1 FROM webhook_deliveries d
-        WHERE d.organization_id = e.organization_id AND d.endpoint_id = e.id AND d.state = 'pending' LIMIT $1) p) < $1
-    OR (SELECT c.changed_at FROM customer_changes c
-        WHERE c.organization_id = e.organization_id AND c.environment = e.environment
-          AND (c.xid, c.seq) > (e.changes_xid, e.changes_seq - (e.changes_given > 0)::int)
-        ORDER BY c.xid, c.seq LIMIT 1) < $2)
+LEFT JOIN LATERAL (
+    SELECT c.changed_at FROM customer_changes c
+    WHERE c.organization_id = e.organization_id AND c.environment = e.environment
+      AND (c.xid, c.seq) > (e.changes_xid, e.changes_seq - (e.changes_given > 0)::int)
+    ORDER BY c.xid, c.seq LIMIT 1
+) first ON true
+WHERE e.disabled_at IS NULL
+  AND (first.changed_at IS NOT NULL
+       OR EXISTS (SELECT 1 FROM budget_alerts a WHERE a.organization_id = e.organization_id AND a.xid >= e.alerts_xid))
+  AND ((SELECT count(*) FROM (
+            SELECT 1 FROM webhook_deliveries d
+            WHERE d.organization_id = e.organization_id AND d.endpoint_id = e.id AND d.state = 'pending'
+            LIMIT $1) p) < $1
+       OR first.changed_at < $2)
 """
 
 # SKIP LOCKED: another dispatcher materialising this endpoint now has it; this one moves on.
