@@ -102,13 +102,24 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
     messages = in_messages(rng, events, single_share=0.2, batch=50)
     rng.shuffle(messages)
     names = Names(f"tally_cluster_{uuid.uuid4().hex[:8]}")
-    # tally's own publisher (the API's), over all three nodes: it fails over as the API does.
-    publisher = Publisher(three_nodes, names)
-    await publisher.topology()
+    # The queues are declared from the first node, so it leads them (RabbitMQ places a quorum
+    # queue's leader on the declaring client's node). Two of tally's own publishers (the API's)
+    # share the stream: one on the first node, whose connection the stop cuts (it fails over
+    # to another node), one on the second, whose channel outlives the stop and must go on
+    # publishing to the queue's new leader.
+    declaring = await BrokerNodes(three_nodes).connect(timeout=10)
+    try:
+        await declare(declaring, await declaring.channel(), names)
+    finally:
+        await declaring.close()
+    urls = three_nodes.split(",")
+    publishers = [Publisher(",".join(urls[k:] + urls[:k]), names) for k in (0, 1)]
+    for publisher in publishers:
+        await publisher.topology()
     fleet = Fleet(settings, SimpleNamespace(names=names), tmp_path)  # type: ignore[arg-type]
     retried, published = [0], [0]
 
-    async def publish(message: dict | list) -> None:
+    async def publish(publisher: Publisher, message: dict | list) -> None:
         body = orjson.dumps(message)
         deadline = time.monotonic() + 120
         while True:
@@ -116,11 +127,14 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
                 await publisher.publish(event_message(body, batch=isinstance(message, list)), "usage.recorded")
                 published[0] += 1
                 return
-            except Unavailable:
+            except Unavailable as exc:
                 # Not confirmed: published again (the broker may hold it already; the fold
                 # dedupes by event id, so a resend never doubles).
                 retried[0] += 1
-                assert time.monotonic() < deadline, "a message not confirmed by any node for 120 s"
+                assert time.monotonic() < deadline, (
+                    f"a message not confirmed by any node for 120 s; the last refusal, from "
+                    f"{publisher.nodes.current}: {exc}; queue {(await queues_now()).get(names.ingest)}"
+                )
                 await asyncio.sleep(0.2)
 
     half = len(messages) // 2
@@ -128,17 +142,17 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
 
     async def publish_all() -> None:
         # The first half, then (once the leader's stop has begun) the second half paced over
-        # about ten seconds (8 publishers, ~250 messages/s): the stream is flowing while the
-        # leader stops, whatever this machine's speed, so the publisher fails over too.
+        # about ten seconds (8 workers, four on each publisher, ~250 messages/s): the stream is
+        # flowing while the leader stops, whatever this machine's speed.
         async def send(part: list, pause: float) -> None:
             queue = list(reversed(part))
 
-            async def worker() -> None:
+            async def worker(publisher: Publisher) -> None:
                 while queue:
-                    await publish(queue.pop())
+                    await publish(publisher, queue.pop())
                     await asyncio.sleep(pause)
 
-            await asyncio.gather(*(worker() for _ in range(8)))
+            await asyncio.gather(*(worker(publishers[w % 2]) for w in range(8)))
 
         await send(messages[:half], 0.008)
         await stopping.wait()
@@ -149,7 +163,6 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
     try:
         # One consumer per node (each lists its own node first), so the node that stops always
         # holds one of them: it must reconnect to another node.
-        urls = three_nodes.split(",")
         consumers = [fleet.start(f"c{i}", tally_amqp_url=",".join(urls[i:] + urls[:i])) for i in range(3)]
         publishing = asyncio.create_task(publish_all())
         total = distinct(events)
@@ -209,7 +222,8 @@ async def test_the_leader_of_the_ingest_queue_stopped_mid_stream_loses_and_doubl
         fleet.close()
         if stopped is not None:
             await asyncio.to_thread(cluster, "start-node", stopped.removeprefix("tally").split("@")[0])
-        await publisher.close()
+        for publisher in publishers:
+            await publisher.close()
         await _delete(three_nodes, names)
 
 

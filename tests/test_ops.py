@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -22,13 +23,16 @@ from consumers.deadletters import DeadLetters
 from service.api import appkeys
 from service.cli import build_parser
 from service.infra import metrics
+from service.infra.broker import event_message
+from service.infra.errors import Unavailable
+from service.infra.publisher import Publisher
 from service.infra.queues import management_problem, queue_stats
 from service.store import auth
 from tests.consumerkit import barrier, running_consumer
 from tests.eventkit import AMQP_URL, Broker, actual, assert_totals, expected, usage, wait_until
 from tests.factories import Org
 from tests.processes import ROOT
-from tests.support import rabbitmqctl, rabbitmqctl_problem
+from tests.support import RABBITMQCTL, rabbitmqctl, rabbitmqctl_problem
 
 MANAGEMENT_URL = os.environ.get("TALLY_AMQP_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672/")
 NO_MANAGEMENT = "http://guest:guest@127.0.0.1:1/"  # nothing listens on port 1
@@ -279,6 +283,49 @@ async def test_readyz_reports_the_broker_down_and_recovers(client) -> None:
     finally:
         publisher.amqp_url = good_url
     assert (await client.get("/readyz")).status == 200
+
+
+async def test_a_publish_the_queue_refuses_is_unavailable_and_the_next_goes_out_on_a_new_channel(
+    broker: Broker,
+) -> None:
+    # A negative confirm, provoked by a policy that limits the ingest queue to one message (its
+    # overflow is reject-publish; nothing consumes it here). After one, the publisher reopens
+    # its channel: a quorum queue's state on a channel can keep refusing after the queue's
+    # leader has moved.
+    if rabbitmqctl_problem() is not None:
+        assert not os.environ.get("TALLY_REQUIRE_RABBITMQCTL"), rabbitmqctl_problem()
+        pytest.skip(f"needs rabbitmqctl to set a queue policy ({rabbitmqctl_problem()})")
+    publisher = Publisher(AMQP_URL, broker.names)
+    policy = f"{broker.names.namespace}-refuse"
+    body = orjson.dumps(usage("org", "c1"))
+    try:
+        await publisher.publish(event_message(body, batch=False), "usage.recorded")
+        first = publisher._channel
+        rabbitmqctl(
+            "set_policy", policy, f"^{re.escape(broker.names.ingest)}$", '{"max-length": 1}', "--apply-to", "queues"
+        )
+        await wait_until(lambda: _refused(publisher, body), timeout=30, what="a publish the queue refuses")
+        assert not publisher.connected  # the refusing channel is gone
+        rabbitmqctl("clear_policy", policy)
+        await wait_until(lambda: _taken(publisher, body), timeout=30, what="a publish taken again")
+        assert publisher.connected and publisher._channel is not first
+    finally:
+        if RABBITMQCTL is not None:
+            subprocess.run([RABBITMQCTL, "-q", "clear_policy", policy], cwd="/", capture_output=True, timeout=60)
+        await publisher.close()
+
+
+async def _refused(publisher: Publisher, body: bytes) -> bool:
+    try:
+        await publisher.publish(event_message(body, batch=False), "usage.recorded")
+    except Unavailable as exc:
+        assert "did not confirm" in str(exc), exc
+        return True
+    return False  # the policy has not reached the queue yet
+
+
+async def _taken(publisher: Publisher, body: bytes) -> bool:
+    return not await _refused(publisher, body)
 
 
 async def test_consumer_reconnects_after_the_broker_cuts_its_connection(

@@ -67,23 +67,38 @@ class Publisher:
         message carries the AMQP user it is published as (``user_id``, which the broker
         validates), so a consumer that binds publishers to organizations knows it is tally's."""
         topology = await self.topology()
+        channel = self._channel
         exchange = topology.dlx if dead_letter else topology.events
         if message.user_id is None:
             message.user_id = self.nodes.user
         try:
             await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=CONFIRM_TIMEOUT)
+        except aio_pika.exceptions.PublishError as exc:  # returned: no queue is bound for it
+            raise Unavailable(f"broker did not route the message: {exc}") from exc
         except aio_pika.exceptions.DeliveryError as exc:
-            raise Unavailable(f"broker did not route or confirm the message: {exc}") from exc
+            # A negative confirm: the queue did not take the message. A channel's state for a
+            # quorum queue can stay refusing after the queue's leader moves (seen with RabbitMQ
+            # 3.10: one channel nacked every publish for two minutes while fresh channels on the
+            # other nodes were taken), so the next publish opens a new channel, on the next node.
+            await self._reset(channel)
+            raise Unavailable(f"broker did not confirm the message: {exc}") from exc
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            await self._close()
-            self.nodes.lost()  # the next publish connects to the next node first
+            await self._reset(channel)
             raise Unavailable(f"message broker unreachable: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         async with self._lock:
             await self._close()
+
+    async def _reset(self, channel: AbstractChannel | None) -> None:
+        """Drop the connection a failed publish went out on, unless a concurrent failure
+        already replaced it, and connect to the next node first next time."""
+        async with self._lock:
+            if channel is not None and channel is self._channel:
+                await self._close()
+                self.nodes.lost()
 
     async def _close(self) -> None:
         connection, self._connection, self._channel, self._topology = self._connection, None, None, None
