@@ -76,10 +76,10 @@ class Publisher:
         except aio_pika.exceptions.PublishError as exc:  # returned: no queue is bound for it
             raise Unavailable(f"broker did not route the message: {exc}") from exc
         except aio_pika.exceptions.DeliveryError as exc:
-            # A negative confirm: the queue did not take the message. A channel's state for a
-            # quorum queue can stay refusing after the queue's leader moves (seen with RabbitMQ
-            # 3.10: one channel nacked every publish for two minutes while fresh channels on the
-            # other nodes were taken), so the next publish opens a new channel, on the next node.
+            # A negative confirm: the queue did not take the message. The next publish opens a
+            # new channel, on the next node: in one run of tests/test_broker_cluster.py (RabbitMQ
+            # 3.10) a channel refused every publish for two minutes after the queue's leader
+            # had moved.
             await self._reset(channel)
             raise Unavailable(f"broker did not confirm the message: {exc}") from exc
         except Exception as exc:

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import orjson
 
-from service.domain.changes import HINT_COLUMNS, USAGE_SUMS, Change, Delta, Key, plan
+from service.domain.changes import HINT_COLUMNS, USAGE_SUMS, Change, Delta, Key, Usage, plan
 from service.domain.vocabulary import PROFILE_COLUMNS
 from service.store.changelog import Kind, log_changes
 from service.store.db import Connection, columns
@@ -100,6 +100,17 @@ FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8
             $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[], $14::int4[])
      AS u(organization_id, id, {", ".join(USAGE_SUMS)}, first_seen, last_active, new_days)
 WHERE c.organization_id = u.organization_id AND c.id = u.id
+"""
+
+# A customer made for the changes being applied (provisional: migration 0015) gets its usage
+# row here, with its first values (zeros and no dates for one whose changes carry no usage):
+# one write of the row and its indexes, where an empty row and an update were two.
+INSERT_USAGE = f"""
+INSERT INTO customer_usage (organization_id, id, environment, {", ".join(LIFETIME_SUMS)}, first_seen, last_active,
+                            active_days)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
+                     $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[], $13::timestamptz[],
+                     $14::timestamptz[], $15::int4[])
 """
 
 # Profile fields, hints and the time of the newest profile or subscription change: only for
@@ -313,7 +324,7 @@ async def apply_changes(
     p = plan(changes, tombstones)
     new_days = await _upsert_daily(conn, p.deltas, ids)
     await _upsert_model_daily(conn, p.deltas, ids)
-    await _update_customers(conn, p.deltas, ids, new_days)
+    await _update_customers(conn, p.deltas, ids, new_days, [k for k in keys if made is not None and k in made])
     await _upsert_subscriptions(conn, p.deltas, ids)
     if p.raised:
         raised = sorted(p.raised)
@@ -384,12 +395,21 @@ async def _upsert_model_daily(conn: Connection, deltas: dict[Key, Delta], ids: M
 
 
 async def _update_customers(
-    conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID], new_days: dict[UUID, int]
+    conn: Connection,
+    deltas: dict[Key, Delta],
+    ids: Mapping[Key, UUID],
+    new_days: dict[UUID, int],
+    unrowed: Sequence[Key],
 ) -> None:
+    """Write the deltas' usage and profiles; ``unrowed`` are the customers (sorted) that have
+    no usage row yet: theirs is inserted with its first values."""
+    if unrowed:
+        await conn.execute(INSERT_USAGE, *columns(_first_usage(k, ids[k], deltas.get(k), new_days) for k in unrowed))
+    first = frozenset(unrowed)
     usage, profiles = [], []
     for k, d in sorted(deltas.items()):
         cid = ids[k]
-        if d.last_active is not None:
+        if d.last_active is not None and k not in first:
             usage.append((k[0], cid, *d.usage.sums(), d.first_seen, d.last_active, new_days.get(cid, 0)))
         if d.fields or d.hints or d.profile_event_at is not None:
             patch = versions = hints = None
@@ -403,6 +423,12 @@ async def _update_customers(
         await conn.execute(UPDATE_USAGE, *columns(usage))
     if profiles:
         await conn.execute(UPDATE_PROFILES, *columns(profiles))
+
+
+def _first_usage(k: Key, cid: UUID, d: Delta | None, new_days: dict[UUID, int]) -> tuple[object, ...]:
+    if d is None or d.last_active is None:
+        return (k[0], cid, k[1], *Usage().sums(), None, None, 0)
+    return (k[0], cid, k[1], *d.usage.sums(), d.first_seen, d.last_active, new_days.get(cid, 0))
 
 
 async def _upsert_subscriptions(conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> None:

@@ -152,7 +152,7 @@ SELECT greatest(
     (SELECT tally_micros(t.deleted_at) FROM customer_tombstones t
      WHERE t.organization_id = c.organization_id AND t.environment = c.environment
        AND t.customer_identifier = c.customer_identifier))
-FROM customers c JOIN customer_usage u ON u.organization_id = c.organization_id AND u.id = c.id
+FROM customers c LEFT JOIN customer_usage u ON u.organization_id = c.organization_id AND u.id = c.id
 WHERE c.organization_id = $1 AND c.id = $2
 """
 

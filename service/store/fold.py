@@ -98,9 +98,9 @@ ON CONFLICT DO NOTHING
 RETURNING organization_id, environment, source, event_id
 """
 
-# last_event_at NULL (with an empty usage row, made by the insert trigger) marks the row
-# provisional (the column's default is the insert time, so a row written by anything else is
-# never taken for one).
+# last_event_at NULL marks the row provisional (the column's default is the insert time, so a
+# row written by anything else is never taken for one); it has no usage row until the changes
+# applied to it write one with their first values (migration 0015).
 # Only the keys no committed row holds are inserted (an existing one is skipped by a plain
 # index probe, cheaper than an insert's conflict check: measured 2.7 s of a 21 s fold run).
 # A row another transaction is inserting is invisible here and conflicts below: the insert

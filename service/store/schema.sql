@@ -63,7 +63,7 @@ CREATE FUNCTION public.tally_insert_usage() RETURNS trigger
     AS $$
 BEGIN
     INSERT INTO customer_usage (organization_id, id, environment)
-    SELECT organization_id, id, environment FROM new_rows;
+    SELECT organization_id, id, environment FROM new_rows WHERE last_event_at IS NOT NULL;
     RETURN NULL;
 END $$;
 
