@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import secrets
 import sys
@@ -98,6 +99,11 @@ async def fold_cost(dsn: str, events: list[dict], batch_size: int) -> tuple[dict
     """Per statement seconds, the whole time, and the number of batches of tally's fold."""
     now = datetime.now(UTC)
     validated = [validate_event(e, now) for e in events]
+    # The validated events are this benchmark's input, held for the whole run (a consumer holds
+    # only its prefetch): out of the garbage collector's reach, or its full collections walk
+    # them all and their time shows up as the fold's (measured: a fifth of "Python").
+    gc.collect()
+    gc.freeze()
     conn = await timed_connection(dsn)
     try:
         started = time.perf_counter()
@@ -107,6 +113,7 @@ async def fold_cost(dsn: str, events: list[dict], batch_size: int) -> tuple[dict
             batches += 1
         return dict(conn.spent), time.perf_counter() - started, batches
     finally:
+        gc.unfreeze()
         await conn.close()
 
 
