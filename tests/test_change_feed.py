@@ -24,9 +24,10 @@ from service.api import appkeys
 from service.api.app import create_app
 from service.api.changefeed import wants_stream
 from service.api.changewatch import SharedReads
+from service.api.webhooks import webhook_shape
 from service.infra import metrics
 from service.infra.settings import Settings
-from service.store.changefeed import Cursor
+from service.store.changefeed import START, Cursor, FeedAsk, Thresholds, read_feed, read_feeds
 from service.store.changelog import Position
 from service.store.housekeeping import purge_changes
 from service.web import server
@@ -494,38 +495,41 @@ async def test_a_write_through_one_api_process_reaches_a_stream_on_another(
 # ---- one read for the streams one commit wakes ----------------------------------------------------
 
 
-async def test_a_read_in_flight_is_joined_not_repeated() -> None:
-    reads: SharedReads[str] = SharedReads()
-    runs: list[str] = []
-    gate = asyncio.Event()
+async def test_reads_asked_together_run_as_one_batch_and_the_same_read_is_joined() -> None:
+    runs: list[list[str]] = []
+    started, gate = asyncio.Event(), asyncio.Event()
 
-    async def run(key: str) -> str:
-        runs.append(key)
+    async def run(keys: list[str]) -> list[str]:
+        runs.append(keys)
+        started.set()
         await gate.wait()
-        return f"page of {key}"
+        return [f"page of {k}" for k in keys]
 
-    first = [asyncio.ensure_future(reads.read("a", lambda: run("a"))) for _ in range(5)]
-    other = asyncio.ensure_future(reads.read("b", lambda: run("b")))
-    await asyncio.sleep(0)
+    reads: SharedReads[str, str] = SharedReads(run)
+    first = [asyncio.ensure_future(reads.read("a")) for _ in range(5)]
+    other = asyncio.ensure_future(reads.read("b"))
+    await started.wait()
+    # Asked while that batch runs: a new read waits for the next batch, the same read joins.
+    late, again = asyncio.ensure_future(reads.read("c")), asyncio.ensure_future(reads.read("a"))
     gate.set()
-    assert await asyncio.gather(*first) == ["page of a"] * 5
-    assert await other == "page of b"
-    assert runs == ["a", "b"] and reads.joined == 4
+    assert await asyncio.gather(*first, again) == ["page of a"] * 6
+    assert await other == "page of b" and await late == "page of c"
+    assert runs == [["a", "b"], ["c"]] and reads.joined == 5 and reads.batches == 2
     # Landed: the next read of the same key runs again (it may see newer commits).
-    assert await reads.read("a", lambda: run("a")) == "page of a"
-    assert runs == ["a", "b", "a"]
+    assert await reads.read("a") == "page of a"
+    assert runs[-1] == ["a"]
 
 
 async def test_a_reader_leaving_does_not_cancel_the_read_for_the_others() -> None:
-    reads: SharedReads[int] = SharedReads()
     gate = asyncio.Event()
 
-    async def run() -> int:
+    async def run(keys: list[str]) -> list[int]:
         await gate.wait()
-        return 7
+        return [7 for _ in keys]
 
-    leaving = asyncio.ensure_future(reads.read("k", run))
-    staying = asyncio.ensure_future(reads.read("k", run))
+    reads: SharedReads[str, int] = SharedReads(run)
+    leaving = asyncio.ensure_future(reads.read("k"))
+    staying = asyncio.ensure_future(reads.read("k"))
     await asyncio.sleep(0)
     leaving.cancel()
     gate.set()
@@ -533,21 +537,63 @@ async def test_a_reader_leaving_does_not_cancel_the_read_for_the_others() -> Non
     assert leaving.cancelled()
 
 
-async def test_a_failed_read_fails_every_reader_and_is_not_kept() -> None:
-    reads: SharedReads[int] = SharedReads()
+async def test_a_failed_batch_fails_each_of_its_readers_and_is_not_kept() -> None:
     attempts = 0
 
-    async def run() -> int:
+    async def run(keys: list[str]) -> list[int]:
         nonlocal attempts
         attempts += 1
         await asyncio.sleep(0)
         if attempts == 1:
             raise ConnectionResetError("database went away")
-        return 1
+        return [1 for _ in keys]
 
-    results = await asyncio.gather(reads.read("k", run), reads.read("k", run), return_exceptions=True)
-    assert [type(r) for r in results] == [ConnectionResetError, ConnectionResetError]
-    assert await reads.read("k", run) == 1 and attempts == 2
+    reads: SharedReads[str, int] = SharedReads(run)
+    results = await asyncio.gather(reads.read("k"), reads.read("k"), reads.read("j"), return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionResetError] * 3
+    assert await reads.read("k") == 1 and attempts == 2
+
+
+async def test_pages_read_together_are_the_pages_read_alone(pool: asyncpg.Pool, org: Org, other_org: Org) -> None:
+    """One pair of statements for many pages (the streams a commit wakes, over organizations,
+    cursors, identifiers and thresholds) gives each the page it would get read alone."""
+    async with pool.acquire() as conn:
+        await fold_events(
+            conn,
+            *(usage(org.name, f"a-{i}", requests=i + 1) for i in range(6)),
+            *(usage(other_org.name, f"b-{i}", requests=1) for i in range(3)),
+        )
+        await fold_events(conn, usage(org.name, "a-0", requests=10), usage(other_org.name, "b-9", requests=1))
+        after_first = (await read_feed(conn, org.id, "prod", START, 1, webhook_shape())).next
+        asks = [
+            FeedAsk(org.id, "prod", START, 100),
+            FeedAsk(other_org.id, "prod", START, 100),
+            FeedAsk(org.id, "prod", START, 3),
+            FeedAsk(org.id, "prod", after_first, 100),
+            FeedAsk(org.id, "prod", START, 100, identifiers=frozenset({"a-2", "a-0"})),
+            FeedAsk(org.id, "prod", START, 100, thresholds=Thresholds(number_of_requests=4)),
+            FeedAsk(other_org.id, "test", START, 100),
+        ]
+        together = await read_feeds(conn, asks, webhook_shape())
+        alone = [
+            await read_feed(
+                conn,
+                a.organization_id,
+                a.environment,
+                a.after,
+                a.limit,
+                webhook_shape(),
+                identifiers=a.identifiers,
+                thresholds=a.thresholds,
+            )
+            for a in asks
+        ]
+    assert together == alone
+    shown = [[c.customer_identifier for c in page.changes] for page in together]
+    assert shown[1] == ["b-0", "b-1", "b-2", "b-9"] and shown[6] == []
+    assert len(shown[2]) == 3 and together[2].more
+    assert set(shown[4]) == {"a-0", "a-2"} and "a-0" in shown[3]
+    assert set(shown[5]) == {"a-0", "a-3", "a-4", "a-5"}
 
 
 async def test_streams_woken_by_one_commit_share_one_read(migrated: str, settings: Settings, org: Org) -> None:

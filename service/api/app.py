@@ -192,7 +192,7 @@ def create_app(settings: Settings) -> web.Application:
     app[dbaccess.GATE] = DatabaseGate(settings.db_org_limit, settings.db_acquire_timeout)
     app[appkeys.CHANGE_WATCH] = ChangeWatch()
     app[appkeys.READ_CACHE] = ReadCache(settings.read_cache_mb * 2**20, settings.read_cache_entry_kb * 2**10)
-    app[appkeys.CHANGE_STREAMS] = StreamSlots(settings.change_streams_per_key)
+    app[appkeys.CHANGE_STREAMS] = StreamSlots(settings.change_streams_per_key, changefeed.stream_reads(app))
     app.on_shutdown.append(end_streams)
     app.cleanup_ctx.append(api_resources)
     app.cleanup_ctx.append(publisher)

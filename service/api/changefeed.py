@@ -32,7 +32,7 @@ import orjson
 from aiohttp import web
 
 from service.api import appkeys, dbaccess
-from service.api.changewatch import ChangeWatch, Scope
+from service.api.changewatch import ChangeWatch, Scope, SharedReads
 from service.api.customers import TAG, canonical_shape
 from service.api.errors import invalid, rate_limited
 from service.api.listing import JSON, key_environment
@@ -40,7 +40,7 @@ from service.api.models import ChangeParams, CustomerChanges
 from service.api.routing import Call, Endpoint, settle_now
 from service.infra import metrics
 from service.infra.errors import is_transient
-from service.store.changefeed import START, Cursor, FeedChange, FeedPage, Thresholds, read_feed
+from service.store.changefeed import START, Cursor, FeedAsk, FeedChange, FeedPage, Thresholds, read_feed, read_feeds
 from service.web.problems import Problem, ProblemField
 
 log = logging.getLogger("tally.changes")
@@ -135,21 +135,45 @@ def _thresholds(params: ChangeParams) -> Thresholds:
     return Thresholds(params.min_total_cost, params.min_number_of_requests, params.min_total_tokens)
 
 
+# A stream's read: its scope, the change-watch version it saw before asking, its cursor, limit,
+# identifiers and thresholds (service/api/changewatch.py SharedReads says why the version).
+ReadKey = tuple[Scope, tuple[int, int] | None, Cursor, int, frozenset[str], Thresholds]
+# At most this many pages per pair of statements: a batch of streams far behind, each at its
+# own cursor, stays a bounded statement.
+BATCH_PAGES = 100
+
+
+def stream_reads(app: web.Application) -> SharedReads[ReadKey, tuple[FeedPage, bytes]]:
+    """The reads of this process's streams: those asked together run together, on one
+    connection of the primary, each page rendered once as Server-Sent Events for every stream
+    that shares it. They take no organization's turn of the pool: a commit wakes them, not a
+    request, and each key holds at most TALLY_CHANGE_STREAMS_PER_KEY streams."""
+
+    async def run(keys: list[ReadKey]) -> list[tuple[FeedPage, bytes]]:
+        asks = [
+            FeedAsk(*scope, cursor, limit, identifiers, thresholds)
+            for scope, _, cursor, limit, identifiers, thresholds in keys
+        ]
+        pages: list[FeedPage] = []
+        async with app[dbaccess.GATE].connection(app[appkeys.POOL], None) as conn:
+            for i in range(0, len(asks), BATCH_PAGES):
+                pages += await read_feeds(conn, asks[i : i + BATCH_PAGES], canonical_shape(False, False))
+        return [
+            (page, b"".join(event(KINDS[c.kind], change_json(c), str(c.cursor)) for c in page.changes))
+            for page in pages
+        ]
+
+    return SharedReads(run)
+
+
 async def _shared_read(
     call: Call[ChangeParams, None], scope: Scope, cursor: Cursor, since: tuple[int, int] | None
 ) -> tuple[FeedPage, bytes]:
     """:func:`_read`, shared with every stream of this process that asks the same read after
-    the same notification (service/api/changewatch.py SharedReads), with the page's changes
-    rendered once as Server-Sent Events for all of them."""
+    the same notification, and read together with the others asked meanwhile (:func:`stream_reads`)."""
     params = call.query
-    key = (scope, since, cursor, params.limit, params.identifiers, _thresholds(params))
-    reads = call.request.app[appkeys.CHANGE_STREAMS].reads
-
-    async def read_and_render() -> tuple[FeedPage, bytes]:
-        page = await _read(call, scope, cursor)
-        return page, b"".join(event(KINDS[c.kind], change_json(c), str(c.cursor)) for c in page.changes)
-
-    result: tuple[FeedPage, bytes] = await reads.read(key, read_and_render)
+    key: ReadKey = (scope, since, cursor, params.limit, params.identifiers, _thresholds(params))
+    result: tuple[FeedPage, bytes] = await call.request.app[appkeys.CHANGE_STREAMS].reads.read(key)
     return result
 
 

@@ -25,6 +25,7 @@ from service.infra import metrics
 from service.infra.waits import wait_event
 from service.store.changelog import CHANNEL, parse_notice
 
+K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 RELISTEN_DELAY = 1.0
@@ -145,36 +146,65 @@ async def listening(dsn: str, connect_timeout: float, watch: ChangeWatch | None 
         await task
 
 
-class SharedReads(Generic[T]):
-    """Single-flight reads: a read asked while the same one (by ``key``) is in flight joins it
-    instead of running again. The streams of a scope that one commit wakes all ask for the
-    changes after the same position: one database read serves them, where each reading alone
-    made the reads grow with the streams (bench/streams.py measured it).
+class SharedReads(Generic[K, T]):
+    """Single-flight, batched reads. A read asked while the same one (by ``key``) is waiting
+    or in flight joins it instead of running again; the different reads asked meanwhile run
+    together, as one call of ``run`` with all their keys, as soon as the batch before them
+    has landed. The streams that one commit wakes all ask at once: their reads, of every
+    organization with streams in this process, cost one round of statements, where a read per
+    organization made the reads grow with the organizations (bench/streams.py measured both).
 
-    The caller's key must make joining correct: it names the scope, the position, the filters
-    and the change-watch version the caller saw before reading. A read keyed by that version
-    started after the caller saw it, so it sees every commit the caller was told of."""
+    The caller's key must make joining correct: it names the read (scope, position, filters)
+    and the change-watch version the caller saw before asking. A batch that holds that key
+    started after some caller saw that version, and nothing was heard between (the version is
+    the same), so it sees every commit the later caller was told of."""
 
-    def __init__(self) -> None:
-        self._flight: dict[Hashable, asyncio.Future[T]] = {}
+    def __init__(self, run: Callable[[list[K]], Awaitable[list[T]]]) -> None:
+        self._run = run
+        self._flight: dict[K, asyncio.Future[T]] = {}
+        self._waiting: list[K] = []
+        self._running: asyncio.Task[None] | None = None
         self.joined = 0  # reads served by another's flight, for tests and metrics
+        self.batches = 0  # calls of ``run``
 
-    async def read(self, key: Hashable, run: Callable[[], Awaitable[T]]) -> T:
+    async def read(self, key: K) -> T:
         flight = self._flight.get(key)
         if flight is None:
-            flight = asyncio.ensure_future(run())
-            self._flight[key] = flight
-            flight.add_done_callback(lambda done: self._landed(key, done))
+            flight = self._flight[key] = asyncio.get_running_loop().create_future()
+            self._waiting.append(key)
+            if self._running is None:
+                self._running = asyncio.create_task(self._drain(), name="tally-shared-reads")
         else:
             self.joined += 1
         # One reader going away (its client left) must not cancel the read for the others.
         return await asyncio.shield(flight)
 
-    def _landed(self, key: Hashable, flight: asyncio.Future[T]) -> None:
-        if self._flight.get(key) is flight:
-            del self._flight[key]
-        if not flight.cancelled():
-            flight.exception()  # retrieved: every reader may have gone before it failed
+    async def _drain(self) -> None:
+        batch: list[K] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                self.batches += 1
+                try:
+                    results = await self._run(batch)
+                except Exception as exc:
+                    for key in batch:
+                        self._land(key).set_exception(exc)
+                else:
+                    for key, result in zip(batch, results, strict=True):
+                        self._land(key).set_result(result)
+                batch = []
+        finally:
+            self._running = None
+            for key in [*batch, *self._waiting]:  # cancelled (shutdown): nobody waits in vain
+                self._land(key).cancel()
+            self._waiting = []
+
+    def _land(self, key: K) -> asyncio.Future[T]:
+        flight = self._flight.pop(key)
+        # Retrieved when set: every reader may have gone before it failed.
+        flight.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return flight
 
 
 class StreamSlots:
@@ -182,11 +212,11 @@ class StreamSlots:
     open per API key, and the signal that ends them all when the process shuts down (a stream
     never ends by itself: SIGTERM's drain would otherwise wait out its whole timeout)."""
 
-    def __init__(self, per_key: int) -> None:
+    def __init__(self, per_key: int, reads: SharedReads[Any, Any]) -> None:
         self.per_key = per_key
         self._open: dict[str, int] = {}
         self.stopping = asyncio.Event()
-        self.reads: SharedReads[Any] = SharedReads()
+        self.reads = reads
 
     def take(self, client_key: str) -> bool:
         """One more stream for ``client_key``, or False when it holds ``per_key`` already."""

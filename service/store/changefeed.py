@@ -29,8 +29,8 @@ from decimal import Decimal
 from typing import cast
 from uuid import UUID
 
-from service.store.changelog import Kind, Logged, Position, read_log
-from service.store.db import Connection
+from service.store.changelog import Kind, Logged, LogRead, Position, read_logs
+from service.store.db import Connection, columns
 from service.store.rendering import Shape, renders_usage, rows_sql, shape_sql
 
 
@@ -114,23 +114,28 @@ _USAGE = (
     " CROSS JOIN LATERAL (SELECT * FROM customer_usage t"
     " WHERE t.organization_id = c.organization_id AND t.id = c.id OFFSET 0) u"
 )
-# Whether a customer meets the thresholds $4 (total_cost), $5 (number_of_requests), $6 (total_tokens).
-_PASSES = (
-    "(($4::numeric IS NULL OR u.total_cost >= $4) AND ($5::int8 IS NULL OR u.number_of_requests >= $5)"
-    " AND ($6::int8 IS NULL OR u.total_tokens >= $6))"
-)
 
 
 def _customers_sql(shape: Shape) -> str:
-    """The customers of ``$3`` (ids) in the organization ``$1`` and environment ``$2``, one
-    probe of each table by primary key: their id, whether they meet the thresholds, and, when
-    they do, their document in ``shape``."""
-    probe = "SELECT * FROM customers t WHERE t.organization_id = $1 AND t.id = k.id OFFSET 0"
+    """The customers ``$1`` (organizations), ``$2`` (environments), ``$3`` (ids), one probe of
+    each table by primary key: their organization and id, the usage aggregates the thresholds
+    bound, and their document in ``shape``."""
+    probe = "SELECT * FROM customers t WHERE t.organization_id = k.organization_id AND t.id = k.id OFFSET 0"
     usage = "" if renders_usage(shape) else _USAGE
     return (
-        f"SELECT c.id, {_PASSES} AS passes, CASE WHEN {_PASSES} THEN {shape_sql(shape)}::text END AS doc"
-        f" FROM unnest($3::uuid[]) AS k(id) CROSS JOIN LATERAL ({probe}) c{rows_sql(shape, 'c')}{usage}"
-        " WHERE c.environment = $2"
+        "SELECT c.organization_id, c.id, u.total_cost, u.number_of_requests, u.total_tokens,"
+        f" {shape_sql(shape)}::text AS doc"
+        f" FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS k(organization_id, environment, id)"
+        f" CROSS JOIN LATERAL ({probe}) c{rows_sql(shape, 'c')}{usage}"
+        " WHERE c.environment = k.environment"
+    )
+
+
+def _passes(thresholds: Thresholds, total_cost: Decimal, number_of_requests: int, total_tokens: int) -> bool:
+    return (
+        (thresholds.total_cost is None or total_cost >= thresholds.total_cost)
+        and (thresholds.number_of_requests is None or number_of_requests >= thresholds.number_of_requests)
+        and (thresholds.total_tokens is None or total_tokens >= thresholds.total_tokens)
     )
 
 
@@ -154,6 +159,20 @@ def _entries(rows: Sequence[Logged], after: Cursor, limit: int) -> tuple[list[En
     return out, False
 
 
+@dataclass(frozen=True)
+class FeedAsk:
+    """One page to read: the changes of an organization and environment after ``after``, at
+    most ``limit`` examined, those of customers named in ``identifiers`` (all when empty) and,
+    unless deleted, meeting ``thresholds``."""
+
+    organization_id: UUID
+    environment: str
+    after: Cursor
+    limit: int
+    identifiers: frozenset[str] = frozenset()
+    thresholds: Thresholds = Thresholds()
+
+
 async def read_feed(
     conn: Connection,
     organization_id: UUID,
@@ -165,40 +184,69 @@ async def read_feed(
     identifiers: frozenset[str] = frozenset(),
     thresholds: Thresholds = Thresholds(),
 ) -> FeedPage:
-    """Up to ``limit`` changes of the organization and environment after ``after``, in log
-    order (so in commit order per customer), those of customers named in ``identifiers`` (all
-    when empty) and, unless deleted, meeting ``thresholds``; and where to resume. Every change
-    examined counts toward ``limit``, kept or not: a filtered page may hold fewer, even none,
-    and still move on. :data:`START` is never too old: it means the oldest change retained."""
+    """:func:`read_feeds` for one page."""
+    ask = FeedAsk(organization_id, environment, after, limit, identifiers, thresholds)
+    return (await read_feeds(conn, [ask], shape))[0]
+
+
+async def read_feeds(conn: Connection, asks: Sequence[FeedAsk], shape: Shape) -> list[FeedPage]:
+    """A page for each ask, in log order (so in commit order per customer), and where to
+    resume; two statements for all of them (one reads the log, one renders the customers).
+    Every change examined counts toward the limit, kept or not: a filtered page may hold
+    fewer, even none, and still move on. :data:`START` is never too old: it means the oldest
+    change retained."""
     # Each row holds at least one change: ``limit`` rows hold at least ``limit`` of them.
-    read = await read_log(conn, organization_id, environment, after.floor, limit)
-    rows, reached = read.rows, read.reached
-    entries, cut = _entries(rows, after, limit)
+    reads = await read_logs(conn, [(a.organization_id, a.environment, a.after.floor, a.limit) for a in asks])
+    pages = [_examined(ask, read) for ask, read in zip(asks, reads, strict=True)]
+    live = sorted(
+        {
+            (a.organization_id, a.environment, e[2])
+            for a, (_, entries) in zip(asks, pages, strict=True)
+            for e in entries
+            if e[1] != "d"
+        }
+    )
+    found: dict[tuple[UUID, UUID], tuple[Decimal, int, int, str]] = {}
+    if live:
+        for r in await conn.fetch(_customers_sql(shape), *columns(live)):
+            found[(r["organization_id"], r["id"])] = (
+                r["total_cost"],
+                r["number_of_requests"],
+                r["total_tokens"],
+                r["doc"],
+            )
+    return [_shown(ask, page, entries, found) for ask, (page, entries) in zip(asks, pages, strict=True)]
+
+
+def _examined(ask: FeedAsk, read: LogRead) -> tuple[FeedPage, list[Entry]]:
+    """The page of ``read`` without its changes yet (where it resumes, whether there is more,
+    too old, held back), and the entries the ask's identifiers keep."""
+    after, reached = ask.after, read.reached
+    entries, cut = _entries(read.rows, after, ask.limit)
     # Cut short: after the last change given; else after every row read (the reader's reach).
     nxt = entries[-1][0] if cut else (Cursor(reached) if reached > after.floor else after)
-    if identifiers:
-        entries = [e for e in entries if e[3] in identifiers]
-    live = sorted({e[2] for e in entries if e[1] != "d"})
-    docs: dict[UUID, str | None] = {}
-    if live:
-        for r in await conn.fetch(
-            _customers_sql(shape),
-            organization_id,
-            environment,
-            live,
-            thresholds.total_cost,
-            thresholds.number_of_requests,
-            thresholds.total_tokens,
-        ):
-            docs[r["id"]] = r["doc"] if r["passes"] else None
-    changes = []
-    for cursor, kind, customer_id, identifier, changed_at in entries:
-        if kind != "d" and customer_id in docs and docs[customer_id] is None:
-            continue  # below a threshold
-        doc = docs.get(customer_id) if kind != "d" else None
-        changes.append(FeedChange(cursor, "d" if doc is None else kind, customer_id, identifier, changed_at, doc, kind))
+    if ask.identifiers:
+        entries = [e for e in entries if e[3] in ask.identifiers]
     # The purge mark and the rows come from one snapshot: a purge that removed rows the read
     # needed committed before it, and shows.
     too_old = after != START and read.purged
-    more = cut or len(rows) == limit
-    return FeedPage(changes, nxt, more, too_old, read.held_back and not more and not too_old)
+    more = cut or len(read.rows) == ask.limit
+    return FeedPage([], nxt, more, too_old, read.held_back and not more and not too_old), entries
+
+
+def _shown(
+    ask: FeedAsk, page: FeedPage, entries: list[Entry], found: dict[tuple[UUID, UUID], tuple[Decimal, int, int, str]]
+) -> FeedPage:
+    """``page`` with its changes: each live customer's document, those below a threshold left out."""
+    for cursor, kind, customer_id, identifier, changed_at in entries:
+        doc = None
+        if kind != "d":
+            customer = found.get((ask.organization_id, customer_id))
+            if customer is not None:
+                if not _passes(ask.thresholds, *customer[:3]):
+                    continue  # below a threshold
+                doc = customer[3]
+        page.changes.append(
+            FeedChange(cursor, "d" if doc is None else kind, customer_id, identifier, changed_at, doc, kind)
+        )
+    return page

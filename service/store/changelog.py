@@ -106,36 +106,44 @@ class Logged:
     changed_at: datetime
 
 
-# Rows after $3.$4 below the snapshot's horizon, and the horizon, in one snapshot (a second
+# For each ask ($1..$5: organization, environment, position xid.seq, limit), the rows after
+# its position below the snapshot's horizon, and the horizon, in one snapshot (a second
 # statement's horizon could be past rows the first did not see); with, in the same snapshot,
-# whether housekeeping purged rows after $3.$4 (so some are gone) and whether rows after it
-# have committed at or above the horizon (held back until an older transaction ends). Those
-# are the rows after the later of $3.$4 and (horizon, 0) — sequence numbers start at 1 — so
-# that index scan starts at the horizon, not at a position a lagging reader left far behind.
+# whether housekeeping purged rows after the position (so some are gone) and whether rows after
+# it have committed at or above the horizon (held back until an older transaction ends). Those
+# are the rows after the later of the position and (horizon, 0) — sequence numbers start at 1
+# — so that index scan starts at the horizon, not at a position a lagging reader left far
+# behind. One statement for many asks: the streams of a process that one commit wakes read
+# together (service/api/changefeed.py).
 READ_CHANGES = """
-WITH h AS (
-    SELECT s.xmin,
-           CASE WHEN s.xmin > $3::text::xid8 THEN s.xmin ELSE $3::text::xid8 END AS held_xid,
-           CASE WHEN s.xmin > $3::text::xid8 THEN 0 ELSE $4::int8 END AS held_seq
-    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) s
+WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+asks AS MATERIALIZED (
+    SELECT k.n, k.organization_id, k.environment, k.xid, k.seq, k.lim, h.xmin,
+           EXISTS (
+               SELECT 1 FROM customer_changes_purged p
+               WHERE p.organization_id = k.organization_id AND p.environment = k.environment
+                 AND (p.xid, p.seq) > (k.xid, k.seq)
+           ) AS purged,
+           EXISTS (
+               SELECT 1 FROM customer_changes a
+               WHERE a.organization_id = k.organization_id AND a.environment = k.environment
+                 AND (a.xid, a.seq) > (CASE WHEN h.xmin > k.xid THEN h.xmin ELSE k.xid END,
+                                       CASE WHEN h.xmin > k.xid THEN 0 ELSE k.seq END)
+           ) AS held_back
+    FROM unnest($1::uuid[], $2::text[], $3::text[]::xid8[], $4::int8[], $5::int4[])
+         WITH ORDINALITY AS k(organization_id, environment, xid, seq, lim, n)
+    CROSS JOIN h
 )
-SELECT h.xmin::text AS horizon, c.xid::text AS xid, c.seq, c.customer_ids, c.customer_identifiers, c.kinds,
-       c.changed_at,
-       EXISTS (
-           SELECT 1 FROM customer_changes_purged p
-           WHERE p.organization_id = $1 AND p.environment = $2 AND (p.xid, p.seq) > ($3::text::xid8, $4::int8)
-       ) AS purged,
-       EXISTS (
-           SELECT 1 FROM customer_changes a
-           WHERE a.organization_id = $1 AND a.environment = $2 AND (a.xid, a.seq) > (h.held_xid, h.held_seq)
-       ) AS held_back
-FROM h LEFT JOIN LATERAL (
+SELECT k.n, k.xmin::text AS horizon, k.purged, k.held_back, c.xid::text AS xid, c.seq, c.customer_ids,
+       c.customer_identifiers, c.kinds, c.changed_at
+FROM asks k LEFT JOIN LATERAL (
     SELECT * FROM customer_changes c
-    WHERE c.organization_id = $1 AND c.environment = $2 AND (c.xid, c.seq) > ($3::text::xid8, $4::int8)
-      AND c.xid < h.xmin
+    WHERE c.organization_id = k.organization_id AND c.environment = k.environment
+      AND (c.xid, c.seq) > (k.xid, k.seq) AND c.xid < k.xmin
     ORDER BY c.xid, c.seq
-    LIMIT $5
+    LIMIT k.lim
 ) c ON true
+ORDER BY k.n, c.xid, c.seq
 """
 
 
@@ -149,21 +157,45 @@ class LogRead:
     held_back: bool  # rows after the position committed at or above the horizon: not readable yet
 
 
+LogAsk = tuple[UUID, str, Position, int]  # organization, environment, after, limit
+
+
+async def read_logs(conn: Connection, asks: Sequence[LogAsk]) -> list[LogRead]:
+    """For each ask, up to its limit of logged changes after its position, in log order, and
+    the position the reader has reached: the last row's, or — when fewer than the limit were
+    there — the horizon, past which nothing more can appear below it. One statement, one
+    snapshot for all."""
+    if not asks:
+        return []
+    found: list[list[Logged]] = [[] for _ in asks]
+    marks: list[tuple[int, bool, bool]] = [(0, False, False)] * len(asks)
+    arrays = columns(
+        (organization_id, environment, str(after.xid), after.seq, limit)
+        for organization_id, environment, after, limit in asks
+    )
+    for r in await conn.fetch(READ_CHANGES, *arrays):
+        i = r["n"] - 1
+        marks[i] = (int(r["horizon"]), r["purged"], r["held_back"])
+        if r["xid"] is not None:
+            found[i].append(
+                Logged(
+                    Position(int(r["xid"]), r["seq"]),
+                    r["customer_ids"],
+                    r["customer_identifiers"],
+                    r["kinds"],
+                    r["changed_at"],
+                )
+            )
+    reads = []
+    for (_, _, after, limit), logged, (horizon_xid, purged, held_back) in zip(asks, found, marks, strict=True):
+        reached = logged[-1].position if len(logged) == limit else max(after, Position(horizon_xid))
+        reads.append(LogRead(logged, reached, purged, held_back))
+    return reads
+
+
 async def read_log(conn: Connection, organization_id: UUID, environment: str, after: Position, limit: int) -> LogRead:
-    """Up to ``limit`` logged changes after ``after``, in log order, and the position the
-    reader has reached: the last row's, or — when fewer than ``limit`` were there — the
-    horizon, past which nothing more can appear below it."""
-    rows = await conn.fetch(READ_CHANGES, organization_id, environment, str(after.xid), after.seq, limit)
-    logged = [
-        Logged(
-            Position(int(r["xid"]), r["seq"]), r["customer_ids"], r["customer_identifiers"], r["kinds"], r["changed_at"]
-        )
-        for r in rows
-        if r["xid"] is not None
-    ]
-    first = rows[0]
-    reached = logged[-1].position if len(logged) == limit else max(after, Position(int(first["horizon"])))
-    return LogRead(logged, reached, first["purged"], first["held_back"])
+    """:func:`read_logs` for one organization and environment."""
+    return (await read_logs(conn, [(organization_id, environment, after, limit)]))[0]
 
 
 async def read_changes(
