@@ -45,6 +45,9 @@ PER_ROW_ALLOWED = (
     "service/store/apply.py:",
     "service/store/alerts.py:",
     "service/store/changelog.py:",
+    # the streams one commit wakes read their pages together: each ask probes its own
+    # organization's change log and customers
+    "service/store/changefeed.py:read_feeds",
     # each endpoint (of any organization) probes the change log and the alerts of its own; a
     # materialisation inserts one organization's deliveries ($1) from the arrays of its events
     "service/store/webhooks.py:endpoints_with_work",
