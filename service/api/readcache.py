@@ -42,7 +42,7 @@ QUARTER_HOUR = 900
 
 # A response's bytes that say when it was read rather than what it shows (a list's as_of):
 # left out of its ETag, so the tag changes only when the data does.
-VOLATILE = "tally_volatile"
+VOLATILE = web.ResponseKey("tally_volatile", bytes)
 
 
 def etag(body: bytes, volatile: bytes = b"") -> str:
