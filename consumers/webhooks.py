@@ -63,6 +63,10 @@ MATERIALIZE_AHEAD_AGE = timedelta(minutes=5)
 # its lease ends is impossible short of a stalled process; it is also how long a delivery
 # leased by a process that died waits, beyond that timeout, before another takes it.
 LEASE_MARGIN = 5.0
+# Commits closer together than this share one round of materialisation: a consumer folding
+# single-event messages commits many small batches a second, and a round after each (a few
+# statements per endpoint) competed with the fold for the same cores.
+MATERIALIZE_GAP = 0.5
 BACKLOG_EVERY = 5.0
 PURGE_EVERY = 600.0
 
@@ -146,18 +150,19 @@ class Dispatcher:
     async def run(self) -> None:
         """Turn until cancelled: a turn that fails is logged and tried again."""
         last_backlog = last_purge = last_made = -float("inf")
-        more = True
         while True:
             busy = False
             try:
-                # Deliveries are made after a commit (or a poll's worth of time: commits of
-                # other processes), not after every attempt that ends: a turn per attempt
-                # looked for new events hundreds of times a second while a backlog was sent.
-                poll = self.settings.webhook_poll_seconds
-                if more or self.wake.is_set() or time.monotonic() - last_made >= poll:
+                # Deliveries are made after commits (at most one round per MATERIALIZE_GAP) or
+                # a poll's worth of time (commits of other processes), not after every attempt
+                # that ends: a turn per attempt looked for new events hundreds of times a
+                # second while a backlog was sent. A round makes all there is to make but for
+                # endpoints whose receivers are behind (MATERIALIZE_AHEAD).
+                since = time.monotonic() - last_made
+                if (self.wake.is_set() and since >= MATERIALIZE_GAP) or since >= self.settings.webhook_poll_seconds:
                     self.wake.clear()
                     last_made = time.monotonic()
-                    more = busy = await self.materialize() > 0
+                    busy = await self.materialize() > 0
                 self.room.clear()
                 busy = await self.send_due(wait=False) > 0 or busy
                 if time.monotonic() - last_backlog >= BACKLOG_EVERY:
@@ -172,7 +177,10 @@ class Dispatcher:
                 else:
                     log.exception("webhooks failed")
             if not busy:
-                await wait_any([self.wake, self.room], self.settings.webhook_poll_seconds)
+                if self.wake.is_set():  # a commit heard too soon after the last round
+                    await wait_any([self.room], max(0.0, MATERIALIZE_GAP - (time.monotonic() - last_made)))
+                else:
+                    await wait_any([self.wake, self.room], self.settings.webhook_poll_seconds)
 
     async def step(self) -> int:
         """One whole turn, attempts awaited: what tests drive. How many deliveries it made and sent."""
