@@ -404,13 +404,14 @@ async def _update_customers(
     """Write the deltas' usage and profiles; ``unrowed`` are the customers (sorted) that have
     no usage row yet: theirs is inserted with its first values."""
     if unrowed:
-        await conn.execute(INSERT_USAGE, *columns(_first_usage(k, ids[k], deltas.get(k), new_days) for k in unrowed))
+        rows = ((k[0], ids[k], k[1], *_usage_values(deltas.get(k), ids[k], new_days)) for k in unrowed)
+        await conn.execute(INSERT_USAGE, *columns(rows))
     first = frozenset(unrowed)
     usage, profiles = [], []
     for k, d in sorted(deltas.items()):
         cid = ids[k]
         if d.last_active is not None and k not in first:
-            usage.append((k[0], cid, *d.usage.sums(), d.first_seen, d.last_active, new_days.get(cid, 0)))
+            usage.append((k[0], cid, *_usage_values(d, cid, new_days)))
         if d.fields or d.hints or d.profile_event_at is not None:
             patch = versions = hints = None
             if d.fields:
@@ -425,10 +426,12 @@ async def _update_customers(
         await conn.execute(UPDATE_PROFILES, *columns(profiles))
 
 
-def _first_usage(k: Key, cid: UUID, d: Delta | None, new_days: dict[UUID, int]) -> tuple[object, ...]:
+def _usage_values(d: Delta | None, cid: UUID, new_days: dict[UUID, int]) -> tuple[object, ...]:
+    """What a delta adds to a customer's usage row: its sums, first_seen, last_active and new
+    active days (zeros and no dates for a delta without usage)."""
     if d is None or d.last_active is None:
-        return (k[0], cid, k[1], *Usage().sums(), None, None, 0)
-    return (k[0], cid, k[1], *d.usage.sums(), d.first_seen, d.last_active, new_days.get(cid, 0))
+        return (*Usage().sums(), None, None, 0)
+    return (*d.usage.sums(), d.first_seen, d.last_active, new_days.get(cid, 0))
 
 
 async def _upsert_subscriptions(conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> None:
