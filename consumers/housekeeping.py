@@ -9,6 +9,8 @@ its timers, so no job delays a batch):
   where autovacuum is off, vacuum tables whose deleted rows it would have reclaimed;
 - **relay alerts**: publish budget alerts recorded by folds (this process's, at once, or a
   crashed one's, within ALERT_RELAY_EVERY);
+- **record recoveries**: after a budget period ends, record which of its period-threshold
+  alerts recovered (service/store/alerts.py ``recover``): webhook ``alert.budget.recovered``;
 - **poll queues**: export the ingest and dead-letter queues' depth and consumers as gauges.
 
 A job that fails is logged and tried again at its next turn: housekeeping never stops
@@ -21,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import asyncpg
@@ -34,7 +36,7 @@ from service.infra.errors import is_transient
 from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
-from service.store.alerts import ALERT_ROUTING_KEY, relay_alerts
+from service.store.alerts import ALERT_ROUTING_KEY, recover, relay_alerts
 from service.store.housekeeping import analyze_stale, compact_counts, purge_changes, purge_processed, vacuum_dead
 
 log = logging.getLogger("tally.housekeeping")
@@ -47,6 +49,11 @@ PURGE_EVERY = 600.0
 ALERT_RELAY_EVERY = 5.0
 ALERT_RELAY_CHUNK = 100
 QUEUE_POLL_EVERY = 15.0
+# Recoveries are looked for this often, for periods that ended RECOVERY_SETTLE ago or more: a
+# fold that read its clock just before a period ended may commit that period's alert a little
+# after (each of a batch's few statements is bounded by TALLY_DB_COMMAND_TIMEOUT, 10 s by default).
+RECOVER_EVERY = 30.0
+RECOVERY_SETTLE = timedelta(minutes=2)
 # Statistics are checked this often, and tables a fold changed past autovacuum's own threshold
 # analyzed (service/store/housekeeping.py analyze_stale).
 ANALYZE_EVERY = 30.0
@@ -85,6 +92,7 @@ class Housekeeping:
             Job("purge", PURGE_EVERY, self.purge),
             Job("analyze", ANALYZE_EVERY, self.analyze),
             Job("relay alerts", ALERT_RELAY_EVERY, self.relay_alerts, alerts_recorded),
+            Job("record recoveries", RECOVER_EVERY, self.record_recoveries),
             Job("poll queues", QUEUE_POLL_EVERY, self.poll_queues, started_consuming),
         ]
         self._tasks: list[asyncio.Task[None]] = []
@@ -151,6 +159,12 @@ class Housekeeping:
 
         while await relay_alerts(self.pool, publish, limit=ALERT_RELAY_CHUNK) == ALERT_RELAY_CHUNK:
             pass
+
+    async def record_recoveries(self) -> None:
+        async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+            recorded = await recover(conn, datetime.now(UTC), RECOVERY_SETTLE)
+        if recorded:
+            log.info("recorded budget recoveries", extra={"count": recorded})
 
     async def poll_queues(self) -> None:
         """Queue depths and consumers as metrics (every consumer exports them; they agree)."""

@@ -42,6 +42,7 @@ DISTRIBUTED = frozenset(
         "subscriptions",
         "processed_events",
         "budget_alerts",
+        "budget_recoveries",
         "customer_counts",
         "customer_tombstones",
         "customer_changes",
@@ -53,8 +54,9 @@ DISTRIBUTED = frozenset(
 # Replicated to every node: small, read on every request or event before the organization
 # is known (a key is looked up by its prefix, an event's organization by its name).
 REFERENCE = frozenset({"organizations", "api_keys", "instance_secrets"})
-# On the coordinator only: the migrator's bookkeeping, the API replicas' heartbeats.
-LOCAL = frozenset({"schema_migrations", "api_replicas"})
+# On the coordinator only: the migrator's bookkeeping, the API replicas' heartbeats, how far
+# housekeeping has looked for budget recoveries.
+LOCAL = frozenset({"schema_migrations", "api_replicas", "budget_recovery_mark"})
 
 _TABLE_WORD = re.compile(r"\b(" + "|".join(sorted(DISTRIBUTED | {"customer_rows"})) + r")\b")
 _ORG_EQ_VALUE = re.compile(r"organization_id\)? = (\$\d+|'[0-9a-f-]{36}'::uuid|\(\$\d+\)::uuid)")

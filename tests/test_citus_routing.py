@@ -27,6 +27,8 @@ GLOBAL_JOBS = {
     "service/store/housekeeping.py:compact_counts": "compacts every organization's count deltas",
     # relays unpublished alerts whatever their organization (SKIP LOCKED, small and indexed).
     "service/store/alerts.py:relay_alerts": "relays every organization's unpublished alerts",
+    # alerts whose budget period ended since the last look, whatever their organization.
+    "service/store/alerts.py:record_recoveries": "records every organization's budget recoveries",
     # tombstones older than the dedupe window, for all organizations.
     "service/store/housekeeping.py:purge_processed": "purges expired tombstones of every organization",
     # change-log rows past the feed's retention, for all organizations.
@@ -129,6 +131,7 @@ async def _workload(client: TestClient, settings: Settings, pool: asyncpg.Pool, 
     async with pool.acquire() as conn:
         await housekeeping.compact_counts(conn)
         await housekeeping.purge_processed(conn, timedelta(days=35))
+        await alerts.record_recoveries(conn, now - timedelta(days=1), now, now)
 
     async def publish(event: dict[str, object]) -> None:
         return None

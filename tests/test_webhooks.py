@@ -35,6 +35,7 @@ from service.api.webhooks import MAX_ENDPOINTS, webhook_shape
 from service.domain.webhooks import SIGNATURE_HEADER, new_secret
 from service.infra import metrics
 from service.infra.settings import Settings
+from service.store import alerts as alerts_store
 from service.store import auth
 from service.store import webhooks as store
 from service.store.changefeed import Cursor, read_feed
@@ -397,6 +398,57 @@ async def test_customer_changes_and_budget_alerts_arrive_signed_so_that_stripes_
     assert again == {"redelivered": len(events), "truncated": False}
     await steps_until(d, lambda: len(receiver.events()) == 2 * len(events) + 1, "the range redelivered")
     assert [e["id"] for e in receiver.events()[-len(events) :]] == [e["id"] for e in events]
+
+
+async def test_a_budget_recovered_in_a_new_period_is_sent_after_its_alert_to_its_subscribers_only(
+    dispatcher: Make,
+    private_client: TestClient,
+    private_settings: Settings,
+    pool: asyncpg.Pool,
+    org: Org,
+    receiver: Receiver,
+) -> None:
+    """A daily budget's 80 % alert, then the next day below it: `alert.budget.recovered` names
+    the alert it recovers from (its event id) and the period it is below in, signed like any
+    delivery; an endpoint that takes only `alert.budget` gets the alert and not the recovery."""
+    admin = await admin_headers(pool, org)
+    both = await subscribe(private_client, admin, f"{receiver.url}/both", ["alert.budget", "alert.budget.recovered"])
+    only = await subscribe(private_client, admin, f"{receiver.url}/alerts", ["alert.budget"])
+    d = dispatcher(private_settings)
+    who = uid("recovered")
+    async with pool.acquire() as conn:
+        await fold_events(
+            conn, cloud_event(org.name, who, "customer.upserted", {"period_budget": "10", "budget_duration": "daily"})
+        )
+        await fold_events(conn, usage(org.name, who, cost="9"))
+    await steps_until(d, lambda: len(receiver.events("/both")) == 1 and len(receiver.events("/alerts")) == 1, "alerts")
+    alert = receiver.events("/both")[0]
+    assert alert["type"] == "alert.budget" and alert["data"]["threshold"] == "period_80"
+    period_end = datetime.fromisoformat(alert["data"]["period_end"])
+
+    async with pool.acquire() as conn:  # housekeeping's look, a few minutes into the next day
+        await alerts_store.record_recoveries(
+            conn, period_end - timedelta(seconds=1), period_end, period_end + timedelta(minutes=3)
+        )
+    await steps_until(d, lambda: len(receiver.events("/both")) == 2, "alert.budget.recovered delivered")
+    recovered = receiver.events("/both")[1]
+    assert recovered["type"] == "alert.budget.recovered" and recovered["id"] != alert["id"]
+    assert datetime.fromisoformat(recovered["created_at"]) == period_end
+    data = recovered["data"]
+    assert (data["customer_identifier"], data["threshold"], data["share"]) == (who, "period_80", "0.8")
+    assert (data["budget"], data["usage"], data["budget_duration"]) == ("10", "0", "daily")
+    assert datetime.fromisoformat(data["period_start"]) == period_end
+    assert datetime.fromisoformat(data["period_end"]) == period_end + timedelta(days=1)
+    assert data["alert"]["id"] == alert["id"]
+    assert datetime.fromisoformat(data["alert"]["period_end"]) == period_end
+    verify(receiver.received[-1], both["secret"])
+    for _ in range(3):
+        await d.step()
+    assert [r["event_type"] for r in await delivery_rows(pool, only["id"])] == ["alert.budget"]
+    assert [r["event_type"] for r in await delivery_rows(pool, both["id"])] == [
+        "alert.budget",
+        "alert.budget.recovered",
+    ]
 
 
 async def test_only_the_types_subscribed_are_sent(

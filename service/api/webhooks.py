@@ -45,7 +45,9 @@ RESOLVE_SECONDS = 2.0
 DEFAULT_OVERLAP_SECONDS = 86_400
 MAX_OVERLAP_SECONDS = 7 * 86_400
 
-EventType = Literal["customer.created", "customer.updated", "customer.deleted", "alert.budget"]
+EventType = Literal[
+    "customer.created", "customer.updated", "customer.deleted", "alert.budget", "alert.budget.recovered"
+]
 DeliveryState = Literal["pending", "delivered", "failed"]
 assert set(EventType.__args__) == set(EVENT_TYPES)  # type: ignore[attr-defined]
 assert set(DeliveryState.__args__) == set(DELIVERY_STATES)  # type: ignore[attr-defined]

@@ -24,7 +24,9 @@ CUSTOMER_CREATED = "customer.created"
 CUSTOMER_UPDATED = "customer.updated"
 CUSTOMER_DELETED = "customer.deleted"
 ALERT_BUDGET = "alert.budget"
-EVENT_TYPES = (CUSTOMER_CREATED, CUSTOMER_UPDATED, CUSTOMER_DELETED, ALERT_BUDGET)
+# A customer that crossed a period threshold is below it again in a later period.
+ALERT_BUDGET_RECOVERED = "alert.budget.recovered"
+EVENT_TYPES = (CUSTOMER_CREATED, CUSTOMER_UPDATED, CUSTOMER_DELETED, ALERT_BUDGET, ALERT_BUDGET_RECOVERED)
 CUSTOMER_TYPES = frozenset({CUSTOMER_CREATED, CUSTOMER_UPDATED, CUSTOMER_DELETED})
 # A delivery is pending (until a 2xx, or its retry period is over), then delivered or failed.
 DELIVERY_STATES = ("pending", "delivered", "failed")

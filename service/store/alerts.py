@@ -1,5 +1,7 @@
 """Budget threshold alerts: the outbox side. The fold records them (service/store/apply.py); this
 module claims unpublished ones and turns each into a ``budget.threshold_crossed`` CloudEvent.
+It also records recoveries: a period threshold's alert whose customer is below the threshold
+in a later period (a webhook event, ``alert.budget.recovered``; not published on the broker).
 
 Publishing is at-least-once (a crash after the broker's confirm and before the mark
 republishes), so every alert has a deterministic CloudEvent id: consumers dedupe on it.
@@ -9,8 +11,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 
 import asyncpg
+
+from service.store.db import Connection
 
 ALERT_ROUTING_KEY = "alert.budget"
 ALERT_TYPE = "budget.threshold_crossed"
@@ -87,3 +92,92 @@ async def relay_alerts(
                 [r["period_start"] for r in rows],
             )
     return len(rows)
+
+
+# ---- recoveries ---------------------------------------------------------------------------------
+
+# Alerts of a period threshold whose period ended in ($1, $2] and that recovered: the customer
+# still has a period budget, has not crossed that threshold in a later period, and its usage in
+# its current period (at $3) is below it. Recorded once (the primary key), whatever reruns.
+RECORD_RECOVERIES = """
+INSERT INTO budget_recoveries (organization_id, customer_id, threshold, period_start, period_end, budget,
+                               current_start, current_end, usage)
+SELECT a.organization_id, a.customer_id, a.threshold, a.period_start, a.period_end, c.period_budget,
+       p.start, p.stop, p.used
+FROM budget_alerts a
+JOIN customers c ON c.organization_id = a.organization_id AND c.id = a.customer_id
+JOIN customer_usage u ON u.organization_id = a.organization_id AND u.id = a.customer_id
+JOIN organizations o ON o.id = a.organization_id
+CROSS JOIN LATERAL (
+    SELECT tally_period_start(c.budget_duration, $3, o.time_zone) AS start,
+           tally_period_end(c.budget_duration, $3, o.time_zone) AS stop,
+           tally_period_usage(c.organization_id, c.id, c.budget_duration, $3, u.total_cost) AS used
+) p
+WHERE a.period_end > $1 AND a.period_end <= $2 AND a.threshold IN ('period_80', 'period_100')
+  AND c.period_budget IS NOT NULL AND c.budget_duration IS NOT NULL
+  AND p.used < c.period_budget * CASE a.threshold WHEN 'period_80' THEN 0.8 ELSE 1.0 END
+  AND NOT EXISTS (SELECT 1 FROM budget_alerts l
+                  WHERE l.organization_id = a.organization_id AND l.customer_id = a.customer_id
+                    AND l.threshold = a.threshold AND l.period_start >= a.period_end)
+ON CONFLICT DO NOTHING
+"""
+
+# SKIP LOCKED: one consumer process looks at a time; another finds the mark taken and skips.
+LOCK_MARK = "SELECT checked_to FROM budget_recovery_mark FOR UPDATE SKIP LOCKED"
+MOVE_MARK = "UPDATE budget_recovery_mark SET checked_to = $1"
+
+# A consumer down for long catches up a day of period ends per transaction.
+RECOVERY_CHUNK = timedelta(days=1)
+
+
+async def record_recoveries(conn: Connection, since: datetime, until: datetime, now: datetime) -> int:
+    """Record the recoveries of alerts whose period ended after ``since`` and at or before
+    ``until``, with the customers' usage at ``now``; how many."""
+    status = await conn.execute(RECORD_RECOVERIES, since, until, now)
+    return int(str(status).rsplit(" ", 1)[-1])
+
+
+async def recover(conn: Connection, now: datetime, settle: timedelta) -> int | None:
+    """Record the recoveries of every alert whose period ended since the last look and at
+    least ``settle`` before ``now`` (a fold that read its clock before a period's end may
+    still commit that period's alert for that long), moving the mark a day at most per
+    transaction; how many, or None when another process holds the mark."""
+    until = now - settle
+    recorded = 0
+    while True:
+        async with conn.transaction():
+            since = await conn.fetchval(LOCK_MARK)
+            if since is None:
+                return None
+            if since >= until:
+                return recorded
+            step = min(until, since + RECOVERY_CHUNK)
+            recorded += await record_recoveries(conn, since, step, now)
+            await conn.execute(MOVE_MARK, step)
+
+
+def recovery_event(row: asyncpg.Record) -> dict[str, object]:
+    """A recovery as an event: its id is stable (one per alert recovered from), its data says
+    which alert ended and where the customer's usage stands in its current period."""
+    key = f"{row['organization_id']}/{row['customer_id']}/{row['threshold']}/{row['period_start']}"
+    return {
+        "id": f"budget_{uuid.uuid5(_RECOVERED_NAMESPACE, key).hex}",
+        "data": {
+            "threshold": row["threshold"],
+            "share": SHARES[row["threshold"]],
+            "budget": str(row["budget"]),
+            "usage": str(row["usage"]),
+            "budget_kind": "period",
+            "budget_duration": row["budget_duration"],
+            "period_start": row["current_start"].isoformat(),
+            "period_end": row["current_end"].isoformat(),
+            "alert": {
+                "id": f"budget_{uuid.uuid5(_ALERT_NAMESPACE, key).hex}",
+                "period_start": row["period_start"].isoformat(),
+                "period_end": row["period_end"].isoformat(),
+            },
+        },
+    }
+
+
+_RECOVERED_NAMESPACE = uuid.UUID("9e7c2a64-41d3-4f0b-8c1e-5d2a7b3f6c90")

@@ -154,6 +154,26 @@ CREATE TABLE public.budget_alerts (
     CONSTRAINT budget_alerts_threshold_check CHECK ((threshold = ANY (ARRAY['period_80'::text, 'period_100'::text, 'total_100'::text])))
 );
 
+CREATE TABLE public.budget_recoveries (
+    organization_id uuid NOT NULL,
+    customer_id uuid NOT NULL,
+    threshold text NOT NULL,
+    period_start timestamp with time zone NOT NULL,
+    period_end timestamp with time zone NOT NULL,
+    budget numeric NOT NULL,
+    current_start timestamp with time zone NOT NULL,
+    current_end timestamp with time zone NOT NULL,
+    usage numeric NOT NULL,
+    recorded_at timestamp with time zone DEFAULT now() NOT NULL,
+    xid xid8 DEFAULT pg_current_xact_id() NOT NULL
+);
+
+CREATE TABLE public.budget_recovery_mark (
+    one boolean DEFAULT true NOT NULL,
+    checked_to timestamp with time zone NOT NULL,
+    CONSTRAINT budget_recovery_mark_one_check CHECK (one)
+);
+
 CREATE TABLE public.customer_changes (
     organization_id uuid NOT NULL,
     environment text NOT NULL,
@@ -456,7 +476,7 @@ CREATE TABLE public.webhook_endpoints (
     failing_since timestamp with time zone,
     disabled_at timestamp with time zone,
     CONSTRAINT webhook_endpoints_environment_check CHECK ((environment = ANY (ARRAY['prod'::text, 'test'::text]))),
-    CONSTRAINT webhook_endpoints_events_check CHECK ((events <@ ARRAY['customer.created'::text, 'customer.updated'::text, 'customer.deleted'::text, 'alert.budget'::text])),
+    CONSTRAINT webhook_endpoints_events_check CHECK ((events <@ ARRAY['customer.created'::text, 'customer.updated'::text, 'customer.deleted'::text, 'alert.budget'::text, 'alert.budget.recovered'::text])),
     CONSTRAINT webhook_endpoints_events_present CHECK ((cardinality(events) >= 1)),
     CONSTRAINT webhook_endpoints_url_check CHECK (((length(url) >= 1) AND (length(url) <= 2048)))
 );
@@ -469,6 +489,12 @@ ALTER TABLE ONLY public.api_replicas
 
 ALTER TABLE ONLY public.budget_alerts
     ADD CONSTRAINT budget_alerts_pkey PRIMARY KEY (organization_id, customer_id, threshold, period_start);
+
+ALTER TABLE ONLY public.budget_recoveries
+    ADD CONSTRAINT budget_recoveries_pkey PRIMARY KEY (organization_id, customer_id, threshold, period_start);
+
+ALTER TABLE ONLY public.budget_recovery_mark
+    ADD CONSTRAINT budget_recovery_mark_pkey PRIMARY KEY (one);
 
 ALTER TABLE ONLY public.customer_changes
     ADD CONSTRAINT customer_changes_pkey PRIMARY KEY (organization_id, environment, xid, seq);
@@ -526,9 +552,13 @@ ALTER TABLE ONLY public.webhook_endpoints
 
 CREATE INDEX api_keys_organization ON public.api_keys USING btree (organization_id);
 
+CREATE INDEX budget_alerts_period_end ON public.budget_alerts USING btree (period_end) WHERE (period_end IS NOT NULL);
+
 CREATE INDEX budget_alerts_unpublished ON public.budget_alerts USING btree (crossed_at) WHERE (published_at IS NULL);
 
 CREATE INDEX budget_alerts_xid ON public.budget_alerts USING btree (organization_id, xid);
+
+CREATE INDEX budget_recoveries_xid ON public.budget_recoveries USING btree (organization_id, xid);
 
 CREATE INDEX customer_changes_changed_at ON public.customer_changes USING btree (changed_at);
 
@@ -604,6 +634,9 @@ CREATE TRIGGER customers_insert_usage AFTER INSERT ON public.customers REFERENCI
 
 ALTER TABLE ONLY public.api_keys
     ADD CONSTRAINT api_keys_organization_id_fkey FOREIGN KEY (organization_id) REFERENCES public.organizations(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.budget_recoveries
+    ADD CONSTRAINT budget_recoveries_organization_id_customer_id_threshold_pe_fkey FOREIGN KEY (organization_id, customer_id, threshold, period_start) REFERENCES public.budget_alerts(organization_id, customer_id, threshold, period_start) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.customer_tombstones
     ADD CONSTRAINT customer_tombstones_organization_id_fkey FOREIGN KEY (organization_id) REFERENCES public.organizations(id) ON DELETE CASCADE;

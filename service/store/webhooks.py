@@ -3,10 +3,11 @@
 Materialising. The fold writes nothing for webhooks: :func:`materialize` reads, after the
 commit, what the fold already committed — the change log through the change feed's own reader
 (service/store/changefeed.py: positions below the snapshot's xmin, so no change is skipped or
-read twice) and ``budget_alerts`` by the id of the transaction that recorded them (read below
-the xmin alike) — and inserts one delivery per event in the transaction that moves the
-endpoint's cursors: each event becomes exactly one delivery per endpoint. A delivery's body is
-fixed then, so every attempt sends (and signs) the same bytes.
+read twice), and ``budget_alerts`` and ``budget_recoveries`` (which housekeeping records) by
+the id of the transaction that recorded them (read below the xmin alike) — and inserts one
+delivery per event in the transaction that moves the endpoint's cursors: each event becomes
+exactly one delivery per endpoint. A delivery's body is fixed then, so every attempt sends
+(and signs) the same bytes.
 
 Sending. :func:`claim` takes due deliveries with ``FOR UPDATE SKIP LOCKED`` and leases each
 one (its ``next_attempt_at`` moves to the lease's end, its ``attempts`` up by one) in a short
@@ -29,8 +30,8 @@ import asyncpg
 import orjson
 
 from service.domain.errors import Conflict
-from service.domain.webhooks import ALERT_BUDGET, CHANGE_TYPES, CUSTOMER_TYPES, change_event_id
-from service.store.alerts import alert_event
+from service.domain.webhooks import ALERT_BUDGET, ALERT_BUDGET_RECOVERED, CHANGE_TYPES, CUSTOMER_TYPES, change_event_id
+from service.store.alerts import alert_event, recovery_event
 from service.store.changefeed import Cursor, FeedPage, read_feed
 from service.store.changelog import Position, horizon
 from service.store.db import Connection
@@ -169,7 +170,7 @@ async def delivery_exists(conn: Connection, organization_id: UUID, endpoint_id: 
 # ---- materialising -----------------------------------------------------------------------------
 
 # Endpoints with something to materialise: a change-log row after their cursor (the oldest,
-# ``first``), or an alert recorded by a transaction at or after theirs (a row not yet below the
+# ``first``), or an alert or a recovery recorded by a transaction at or after theirs (a row not yet below the
 # horizon counts too: the next round takes it) — unless the endpoint has $1 deliveries pending
 # already and its oldest change not yet made was logged after $2: a receiver slower than the
 # changes gets deliveries made as it takes them, not the whole backlog at once (writes
@@ -185,7 +186,9 @@ LEFT JOIN LATERAL (
 ) first ON true
 WHERE e.disabled_at IS NULL
   AND (first.changed_at IS NOT NULL
-       OR EXISTS (SELECT 1 FROM budget_alerts a WHERE a.organization_id = e.organization_id AND a.xid >= e.alerts_xid))
+       OR EXISTS (SELECT 1 FROM budget_alerts a WHERE a.organization_id = e.organization_id AND a.xid >= e.alerts_xid)
+       OR EXISTS (SELECT 1 FROM budget_recoveries r
+                  WHERE r.organization_id = e.organization_id AND r.xid >= e.alerts_xid))
   AND ((SELECT count(*) FROM (
             SELECT 1 FROM webhook_deliveries d
             WHERE d.organization_id = e.organization_id AND d.endpoint_id = e.id AND d.state = 'pending'
@@ -200,17 +203,31 @@ FROM webhook_endpoints WHERE organization_id = $1 AND id = $2 AND disabled_at IS
 FOR UPDATE SKIP LOCKED
 """
 
-# Alerts of the scope recorded by transactions from $3 on and below the horizon, in the order
-# of their transactions (and, with $5, those of the transaction $5 only), with the horizon.
+# Alerts and recoveries (``recovered``) of the scope recorded by transactions from $3 on and
+# below the horizon, in the order of their transactions (and, with $5, those of the transaction
+# $5 only), with the horizon.
 READ_ALERTS = """
 WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
 SELECT h.xmin::text AS horizon, a.* FROM h LEFT JOIN LATERAL (
-    SELECT a.organization_id, a.customer_id, a.threshold, a.period_start, a.period_end, a.budget, a.usage,
-           a.crossed_at, a.xid::text AS xid, c.customer_identifier, c.environment, c.budget_duration
-    FROM budget_alerts a JOIN customers c ON c.organization_id = a.organization_id AND c.id = a.customer_id
-    WHERE a.organization_id = $1 AND c.environment = $2 AND a.xid >= $3::text::xid8 AND a.xid < h.xmin
-      AND ($5::text IS NULL OR a.xid = $5::text::xid8)
-    ORDER BY a.xid, a.customer_id, a.threshold, a.period_start
+    SELECT a.recovered, a.organization_id, a.customer_id, a.threshold, a.period_start, a.period_end, a.budget,
+           a.usage, a.crossed_at, a.current_start, a.current_end, a.xid::text AS xid, c.customer_identifier,
+           c.environment, c.budget_duration
+    FROM (
+        SELECT false AS recovered, organization_id, customer_id, threshold, period_start, period_end, budget, usage,
+               crossed_at, NULL::timestamptz AS current_start, NULL::timestamptz AS current_end, xid
+        FROM budget_alerts
+        WHERE organization_id = $1 AND xid >= $3::text::xid8 AND xid < h.xmin
+          AND ($5::text IS NULL OR xid = $5::text::xid8)
+        UNION ALL
+        SELECT true, organization_id, customer_id, threshold, period_start, period_end, budget, usage,
+               recorded_at, current_start, current_end, xid
+        FROM budget_recoveries
+        WHERE organization_id = $1 AND xid >= $3::text::xid8 AND xid < h.xmin
+          AND ($5::text IS NULL OR xid = $5::text::xid8)
+    ) a
+    JOIN customers c ON c.organization_id = a.organization_id AND c.id = a.customer_id
+    WHERE c.environment = $2
+    ORDER BY a.xid, a.recovered, a.customer_id, a.threshold, a.period_start
     LIMIT $4
 ) a ON true
 """
@@ -348,15 +365,18 @@ async def materialize(
         alerts, alerts_next, alerts_more = await _alerts(
             conn, organization_id, environment, endpoint["alerts_xid"], limit
         )
-        if ALERT_BUDGET in subscribed:
-            for row in alerts:
-                alert = alert_event(row)
-                about = {"customer_id": str(row["customer_id"]), "customer_identifier": row["customer_identifier"]}
-                about |= cast(dict[str, object], alert["data"])
-                alert_body = event_body(
-                    str(alert["id"]), ALERT_BUDGET, row["crossed_at"], organization_id, environment, orjson.dumps(about)
-                )
-                events.append(Event(str(alert["id"]), ALERT_BUDGET, row["customer_id"], alert_body.decode()))
+        for row in alerts:
+            if row["recovered"]:
+                event_type, alert = ALERT_BUDGET_RECOVERED, recovery_event(row)
+            else:
+                event_type, alert = ALERT_BUDGET, alert_event(row)
+            if event_type not in subscribed:
+                continue
+            about = {"customer_id": str(row["customer_id"]), "customer_identifier": row["customer_identifier"]}
+            about |= cast(dict[str, object], alert["data"])
+            at = row["period_end"] if row["recovered"] else row["crossed_at"]
+            alert_body = event_body(str(alert["id"]), event_type, at, organization_id, environment, orjson.dumps(about))
+            events.append(Event(str(alert["id"]), event_type, row["customer_id"], alert_body.decode()))
         inserted = 0
         if events:
             status = await conn.execute(
