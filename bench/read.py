@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -241,6 +242,9 @@ async def main() -> int:
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed dashboard workload")
     parser.add_argument("--no-windows", action="store_true", help="skip the usage-window lists")
     parser.add_argument("--only-mixed", action="store_true", help="only the mixed workload (no scenarios, no windows)")
+    parser.add_argument(
+        "--only-windows", action="store_true", help="only the usage-window lists (no scenarios, peer or mixed workload)"
+    )
     parser.add_argument("--mixed-rate", type=int, default=2000, help="events/s folded during the mixed workload")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -343,6 +347,8 @@ async def main() -> int:
         ),
     ]
 
+    if args.only_windows:
+        args.before, args.no_peer, args.no_mixed = "", True, True
     befores = [ref for ref in args.before.split(",") if ref]
     trees = {ref: await prepare(ref, args.database, args.dsn) for ref in befores}
     # Throughput, not fairness (bench/fairness.py measures that): a closed loop of 32 clients
@@ -390,7 +396,7 @@ async def main() -> int:
         if not args.no_peer:
             peer = await start_peer(dsn, big, peer_port, logs / "peer.log")
         use_wrk = shutil.which("wrk") is not None
-        for name, path, statements, peer_path in [] if args.only_mixed else scenarios:
+        for name, path, statements, peer_path in [] if args.only_mixed or args.only_windows else scenarios:
             await settle(pool)
             # Offsets 500k deep take ~0.5 s each: a shorter run says as much.
             duration = args.duration if "offset" not in name else max(3.0, args.duration / 3)
@@ -435,7 +441,7 @@ async def main() -> int:
             results[name] = entry
             print(f"  {name}: {entry}", file=sys.stderr)
         if not args.no_windows and not args.only_mixed:
-            windows_result = await windows(pool, orgs["bench-mid"], apis[THIS], args, use_wrk)
+            windows_result = await windows(pool, big, apis[THIS], args, use_wrk)
         if not args.no_mixed and not use_wrk:
             print("the mixed workload needs wrk (apt-get install wrk): skipped", file=sys.stderr)
         elif not args.no_mixed:
@@ -489,7 +495,7 @@ async def main() -> int:
     if windows_result:
         print_table(
             f"Usage windows: {windows_result['customers']:,} customers with {windows_result['daily_rows']:,} daily rows"
-            " (this version, cache off), req/s",
+            f" (this version, cache off; the roll took {windows_result['roll_seconds']} s), req/s",
             ["list", "req/s", "p50 ms", "p99 ms", "errors", "/ lifetime"],
             [
                 [name, m["per_second"], m["p50_ms"], m["p99_ms"], m["errors"], m.get("over_lifetime")]
@@ -501,7 +507,7 @@ async def main() -> int:
 
 
 # Daily usage for the window lists: each customer of the organization active on a few of the
-# last 35 days (bench-mid; the lifetime scenarios read bench-big, whose rows stay as loaded).
+# last 35 days (bench-big, after the lifetime scenarios, which read its rows as loaded).
 DAILY_LOAD = """
 INSERT INTO daily_usage (organization_id, customer_id, day, requests, prompt_tokens, completion_tokens, total_tokens,
                          cost, latency_sum, latency_count, ttft_sum, ttft_count)
@@ -519,41 +525,72 @@ ON CONFLICT DO NOTHING
 async def windows(
     pool: asyncpg.Pool, organization: UUID, api: tuple[Process, int, str], args: argparse.Namespace, use_wrk: bool
 ) -> dict[str, object]:
-    """The organization's lifetime first page by -total_cost beside the same page ranked inside
-    the current calendar month, the last 7 and the last 30 days (and usage_only)."""
-    from datetime import UTC, datetime, timedelta
+    """The organization's lifetime list by -total_cost beside the same list ranked inside the
+    current calendar month, the last 7 and the last 30 days, first page and a cursor page
+    each: read from the maintained window sums (the organization rolled to today), and, in
+    the same run, aggregated from the daily rows (its mark removed, as before a roll)."""
+    from service.store import windows as maintained
 
     async with pool.acquire() as conn:
         if not await conn.fetchval("SELECT EXISTS (SELECT FROM daily_usage WHERE organization_id = $1)", organization):
             print("loading daily usage for the window lists", file=sys.stderr)
             await conn.execute(DAILY_LOAD, organization, 6)
-            await conn.execute("VACUUM ANALYZE daily_usage")
+        today = await conn.fetchval(
+            "SELECT tally_local_day(time_zone, now()) FROM organizations WHERE id = $1", organization
+        )
+        started = time.monotonic()
+        rolled = await maintained.roll(conn, organization, today)
+        roll_seconds = round(time.monotonic() - started, 1)
+        print(
+            f"rolled {rolled.customers:,} customers ({rolled.changed:,} changed) in {roll_seconds} s", file=sys.stderr
+        )
+        await conn.execute("VACUUM ANALYZE daily_usage")
+        await conn.execute("VACUUM ANALYZE customer_usage")
+        mark = await conn.fetchval("SELECT day FROM usage_window_marks WHERE organization_id = $1", organization)
         rows = await conn.fetchval("SELECT count(*) FROM daily_usage WHERE organization_id = $1", organization)
         customers = await conn.fetchval("SELECT count(*) FROM customers WHERE organization_id = $1", organization)
-        key = (await auth.create_key(conn, "bench-mid", ("read",), name="bench-windows")).key
-    _, port, _ = api
-    today = datetime.now(UTC).date()
+    _, port, key = api
     lists = {
         "lifetime": "",
         "this month": f"&usage_from={today.replace(day=1)}&usage_to={today}",
         "last 7 days": f"&usage_from={today - timedelta(days=6)}&usage_to={today}",
         "last 30 days": f"&usage_from={today - timedelta(days=29)}&usage_to={today}",
-        "last 30 days, usage_only": f"&usage_from={today - timedelta(days=29)}&usage_to={today}&usage_only=true",
     }
     out: dict[str, dict[str, object]] = {}
-    for name, window in lists.items():
-        await settle(pool)
-        url = f"http://127.0.0.1:{port}/v1/customers?sort_by=-total_cost&limit=50{window}"
-        rate = (
-            wrk(url, key, args.duration, args.connections)
-            if use_wrk
-            else await python_load(url, key, args.duration, args.connections)
-        )
-        out[name] = rate.as_dict()
-        print(f"  window {name}: {out[name]}", file=sys.stderr)
+    for way in ("maintained", "aggregated"):
+        async with pool.acquire() as conn:
+            if way == "aggregated":  # as before the roll: the window's daily rows summed per request
+                await conn.execute("DELETE FROM usage_window_marks WHERE organization_id = $1", organization)
+            else:
+                await conn.execute(maintained.MARK, organization, mark)
+        for name, window in lists.items():
+            if way == "aggregated" and not window:
+                continue
+            base = f"http://127.0.0.1:{port}/v1/customers?sort_by=-total_cost&limit=50{window}"
+            cursor = await page_cursor(base, key)
+            for page, url in (("first page", base), ("cursor page", f"{base}&cursor={cursor}")):
+                label = f"{name}, {page}" + ("" if not window else f" ({way})")
+                await settle(pool)
+                rate = (
+                    wrk(url, key, args.duration, args.connections)
+                    if use_wrk
+                    else await python_load(url, key, args.duration, args.connections)
+                )
+                out[label] = {**rate.as_dict(), "page": page}
+                print(f"  window {label}: {out[label]}", file=sys.stderr)
     for entry in out.values():
-        entry["over_lifetime"] = _ratio(entry["per_second"], out["lifetime"]["per_second"])
-    return {"customers": customers, "daily_rows": rows, "lists": out}
+        lifetime = out[f"lifetime, {entry['page']}"]["per_second"]
+        entry["over_lifetime"] = _ratio(entry["per_second"], lifetime)  # type: ignore[arg-type]
+    return {"customers": customers, "daily_rows": rows, "roll_seconds": roll_seconds, "lists": out}
+
+
+async def page_cursor(url: str, key: str) -> str:
+    """The next_cursor of the list's first page (the cursor page is the second)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session, session.get(url) as r:
+        body = await r.json()
+    return str(body["next_cursor"])
 
 
 THIS, THIS_CACHED = "this", "this, cached"

@@ -9,6 +9,9 @@ its timers, so no job delays a batch):
   where autovacuum is off, vacuum tables whose deleted rows it would have reclaimed;
 - **relay alerts**: publish budget alerts recorded by folds (this process's, at once, or a
   crashed one's, within ALERT_RELAY_EVERY);
+- **roll usage windows**: after an organization's local midnight, move its customers' maintained
+  window sums to the new day (service/store/windows.py), so that lists ranked inside the last
+  7 or 30 days or this month read them again;
 - **record recoveries**: after a budget period ends, record which of its period-threshold
   alerts recovered (service/store/alerts.py ``recover``): webhook ``alert.budget.recovered``;
 - **poll queues**: export the ingest and dead-letter queues' depth and consumers as gauges.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,6 +40,7 @@ from service.infra.errors import is_transient
 from service.infra.publisher import Publisher
 from service.infra.settings import Settings
 from service.infra.waits import wait_event
+from service.store import windows
 from service.store.alerts import ALERT_ROUTING_KEY, recover, relay_alerts
 from service.store.housekeeping import analyze_stale, compact_counts, purge_changes, purge_processed, vacuum_dead
 
@@ -54,6 +59,9 @@ QUEUE_POLL_EVERY = 15.0
 # after (each of a batch's few statements is bounded by TALLY_DB_COMMAND_TIMEOUT, 10 s by default).
 RECOVER_EVERY = 30.0
 RECOVERY_SETTLE = timedelta(minutes=2)
+# Organizations whose day changed RECOVERY_SETTLE ago or more (for the same reason) have their
+# window sums rolled; looked for this often.
+ROLL_EVERY = 30.0
 # Statistics are checked this often, and tables a fold changed past autovacuum's own threshold
 # analyzed (service/store/housekeeping.py analyze_stale).
 ANALYZE_EVERY = 30.0
@@ -93,6 +101,7 @@ class Housekeeping:
             Job("analyze", ANALYZE_EVERY, self.analyze),
             Job("relay alerts", ALERT_RELAY_EVERY, self.relay_alerts, alerts_recorded),
             Job("record recoveries", RECOVER_EVERY, self.record_recoveries),
+            Job("roll usage windows", ROLL_EVERY, self.roll_windows),
             Job("poll queues", QUEUE_POLL_EVERY, self.poll_queues, started_consuming),
         ]
         self._tasks: list[asyncio.Task[None]] = []
@@ -165,6 +174,22 @@ class Housekeeping:
             recorded = await recover(conn, datetime.now(UTC), RECOVERY_SETTLE)
         if recorded:
             log.info("recorded budget recoveries", extra={"count": recorded})
+
+    async def roll_windows(self) -> None:
+        async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
+            for organization_id, day in await windows.due(conn, RECOVERY_SETTLE):
+                started = time.monotonic()
+                rolled = await windows.roll(conn, organization_id, day)
+                log.info(
+                    "rolled usage windows",
+                    extra={
+                        "organization_id": str(organization_id),
+                        "day": day.isoformat(),
+                        "customers": rolled.customers,
+                        "changed": rolled.changed,
+                        "seconds": round(time.monotonic() - started, 3),
+                    },
+                )
 
     async def poll_queues(self) -> None:
         """Queue depths and consumers as metrics (every consumer exports them; they agree)."""

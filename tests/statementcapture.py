@@ -43,6 +43,7 @@ DISTRIBUTED = frozenset(
         "processed_events",
         "budget_alerts",
         "budget_recoveries",
+        "usage_window_marks",
         "customer_counts",
         "customer_tombstones",
         "customer_changes",

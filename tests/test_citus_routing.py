@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.infra.settings import Settings
-from service.store import alerts, housekeeping
+from service.store import alerts, housekeeping, windows
 from tests.consumerkit import barrier, running_consumer
 from tests.eventkit import Broker, usage
 from tests.factories import Org, insert_customer
@@ -54,6 +54,8 @@ PER_ROW_ALLOWED = (
     # materialisation inserts one organization's deliveries ($1) from the arrays of its events
     "service/store/webhooks.py:endpoints_with_work",
     "service/store/webhooks.py:materialize",
+    # every organization (a reference table) probes its own window sums' mark
+    "service/store/windows.py:due",
 )
 
 
@@ -132,6 +134,9 @@ async def _workload(client: TestClient, settings: Settings, pool: asyncpg.Pool, 
         await housekeeping.compact_counts(conn)
         await housekeeping.purge_processed(conn, timedelta(days=35))
         await alerts.record_recoveries(conn, now - timedelta(days=1), now, now)
+        for organization_id, day in await windows.due(conn, timedelta(0)):
+            if organization_id == org.id:
+                await windows.roll(conn, organization_id, day)
 
     async def publish(event: dict[str, object]) -> None:
         return None

@@ -7,14 +7,17 @@ an index condition, never a sort of the organization's rows."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import orjson
 import pytest
 
-from service.domain.listing import ListQuery, Position, Sort
-from service.store.listing import SORT_FIELDS, USAGE_COLUMNS, page_sql
+from service.domain.listing import CustomerFilter, ListQuery, Position, Sort
+from service.store.listing import MAINTAINED_WINDOWS, SORT_FIELDS, USAGE_COLUMNS, WINDOW_COLUMNS, list_sql, page_sql
 from service.store.rendering import Shape
 from tests.factories import Org, make_org
 
@@ -105,6 +108,33 @@ async def test_every_sort_field_pages_by_one_index_walk(
             assert "ROW(" in driving.get("Index Cond", ""), (field, driving)
 
 
+@pytest.mark.parametrize("descending", [True, False], ids=["desc", "asc"])
+@pytest.mark.parametrize("column", [*MAINTAINED_WINDOWS, "cost_month"])
+async def test_a_window_ranked_from_its_kept_sums_pages_by_one_index_walk(
+    pool: asyncpg.Pool, crowded: Org, column: str, descending: bool
+) -> None:
+    """The branch of a windowed page that reads the kept sums (service/store/windows.py) walks
+    their index, the cursor inside it, like a lifetime sort."""
+    today = await pool.fetchval("SELECT tally_local_day(time_zone, now()) FROM organizations WHERE id = $1", crowded.id)
+    start = today.replace(day=1) if column == "cost_month" else today - timedelta(days=MAINTAINED_WINDOWS[column])
+    window = CustomerFilter(usage_from=start, usage_to=today)
+    base = ListQuery(crowded.id, "prod", filter=window, sort=Sort("total_cost", descending), limit=50, count=False)
+    for q in (base, replace(base, position=Position("0", str(UUID(int=2**127))))):
+        sql, args = list_sql(q, SHAPE)  # the window's relation is the statement's own CTE
+        async with pool.acquire() as conn:
+            doc = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
+        plan = (orjson.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"]
+        # The first of the two ways the page may be picked (the other aggregates the window).
+        fast = [n for n in nodes(plan) if n["Node Type"] == "Limit"][0]
+        below = nodes(fast)
+        assert not [n for n in below if n["Node Type"] in ("Sort", "Incremental Sort", "Seq Scan")], _debug(plan)
+        driving = next(n for n in below if n["Node Type"] in ("Index Scan", "Index Only Scan"))
+        assert driving["Index Name"] == f"customer_usage_sort_{column}", _debug(plan)
+        assert driving["Scan Direction"] == ("Backward" if descending else "Forward"), _debug(plan)
+        if q.position is not None:
+            assert "ROW(" in driving.get("Index Cond", ""), _debug(plan)
+
+
 def _debug(plan: dict[str, Any], depth: int = 0) -> str:
     line = "  " * depth + " ".join(
         f"{key}={plan.get(key)}" for key in ("Node Type", "Relation Name", "Index Name", "Plan Rows", "Index Cond")
@@ -121,7 +151,7 @@ async def test_usage_columns_are_the_usage_tables(pool: asyncpg.Pool) -> None:
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'customer_usage'"
         )
     }
-    assert columns - {"organization_id", "id", "environment"} == USAGE_COLUMNS
+    assert columns - {"organization_id", "id", "environment"} - WINDOW_COLUMNS == USAGE_COLUMNS
     profile = {
         r["column_name"]
         for r in await pool.fetch("SELECT column_name FROM information_schema.columns WHERE table_name = 'customers'")

@@ -205,7 +205,7 @@ class CustomerFilter:
     conditions: tuple[Condition, ...] = ()
     # True: the filter matches nothing (a status the route's vocabulary has and tally never holds).
     nothing: bool = False
-    # A usage window (UTC days, both inclusive): every usage aggregate the list shows, sorts and
+    # A usage window (the organization's local days, both inclusive): every usage aggregate the list shows, sorts and
     # filters by is the window's; ``usage_only`` leaves out customers without usage in it.
     usage_from: date | None = None
     usage_to: date | None = None
@@ -216,7 +216,7 @@ class CustomerFilter:
     def __post_init__(self) -> None:
         if (self.usage_from is None) != (self.usage_to is None):
             missing = "usage_to" if self.usage_to is None else "usage_from"
-            raise InvalidInput(missing, "give usage_from and usage_to together (UTC days, both inclusive)")
+            raise InvalidInput(missing, "give usage_from and usage_to together (days, both inclusive)")
         if self.usage_from is not None and self.usage_to is not None:
             if self.usage_to < self.usage_from:
                 raise InvalidInput("usage_to", "must not be before usage_from")

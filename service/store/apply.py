@@ -89,16 +89,28 @@ ON CONFLICT (organization_id, customer_id, day, model, provider) DO UPDATE SET
     {_each_sum("{c} = d.{c} + excluded.{c}")}
 """
 
+# A usage row's window sums (migration 0017), recomputed from the customer's daily rows (the
+# batch's own already written) for the organization's local day of the transaction: joined
+# to ``u`` (organization_id, id) as ``w``.
+WINDOW_SUMS = """
+JOIN organizations o ON o.id = u.organization_id
+CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, now()) AS today) t
+CROSS JOIN LATERAL tally_window_sums(u.organization_id, u.id, t.today) w
+"""
+_SET_WINDOWS = "window_day = t.today, cost_7d = w.cost_7d, cost_30d = w.cost_30d, cost_month = w.cost_month"
+
 # Usage goes to customer_usage (migration 0007): its own narrow row and sort indexes.
 UPDATE_USAGE = f"""
 UPDATE customer_usage c SET
     {_each_sum("{c} = c.{c} + u.{s}", lifetime=True)},
     first_seen = least(c.first_seen, u.first_seen),
     last_active = greatest(c.last_active, u.last_active),
-    active_days = c.active_days + u.new_days
+    active_days = c.active_days + u.new_days,
+    {_SET_WINDOWS}
 FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[], $8::float8[],
             $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[], $14::int4[])
      AS u(organization_id, id, {", ".join(USAGE_SUMS)}, first_seen, last_active, new_days)
+{WINDOW_SUMS}
 WHERE c.organization_id = u.organization_id AND c.id = u.id
 """
 
@@ -107,10 +119,13 @@ WHERE c.organization_id = u.organization_id AND c.id = u.id
 # one write of the row and its indexes, where an empty row and an update were two.
 INSERT_USAGE = f"""
 INSERT INTO customer_usage (organization_id, id, environment, {", ".join(LIFETIME_SUMS)}, first_seen, last_active,
-                            active_days)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
-                     $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[], $13::timestamptz[],
-                     $14::timestamptz[], $15::int4[])
+                            active_days, window_day, cost_7d, cost_30d, cost_month)
+SELECT u.*, t.today, w.cost_7d, w.cost_30d, w.cost_month
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
+            $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[], $13::timestamptz[],
+            $14::timestamptz[], $15::int4[])
+     AS u(organization_id, id, environment, {", ".join(LIFETIME_SUMS)}, first_seen, last_active, active_days)
+{WINDOW_SUMS}
 """
 
 # Profile fields, hints and the time of the newest profile or subscription change: only for
@@ -224,10 +239,13 @@ UPDATE customer_usage c SET
     {_each_sum("{c} = coalesce(s.{s}, 0)", lifetime=True)},
     first_seen = s.first_seen,
     last_active = s.last_active,
-    active_days = s.days
+    active_days = s.days,
+    {_SET_WINDOWS}
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
      AS k(organization_id, id, environment, customer_identifier, deleted_at)
 JOIN organizations o ON o.id = k.organization_id
+CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, now()) AS today) t
+CROSS JOIN LATERAL tally_window_sums(k.organization_id, k.id, t.today) w
 CROSS JOIN LATERAL (
     SELECT sum(p.requests) AS requests, sum(p.prompt_tokens) AS prompt_tokens,
            sum(p.completion_tokens) AS completion_tokens, sum(p.total_tokens) AS total_tokens, sum(p.cost) AS cost,

@@ -274,6 +274,41 @@ def _indexed_profile(f: CustomerFilter) -> CustomerFilter | None:
     return CustomerFilter(name_contains=f.name_contains, metadata=f.metadata, conditions=names)
 
 
+# The maintained window sums (migration 0017, service/store/windows.py) and the windows they
+# hold: days before usage_to (the 7 and 30 days ending on it), or the calendar month's days up to it.
+MAINTAINED_WINDOWS = {"cost_7d": 6, "cost_30d": 29}
+# customer_usage's columns for them (none is a customer field a list shows or filters).
+WINDOW_COLUMNS = frozenset({*MAINTAINED_WINDOWS, "cost_month", "window_day"})
+
+
+def maintained_window(f: CustomerFilter, sort_field: str) -> str | None:
+    """The column of customer_usage that holds the windowed sort of ``f``, when a list ranked
+    by cost inside the last 7 or 30 days or the calendar month so far may read it instead of
+    aggregating the window: a filter that needs no windowed value of its own (usage ranges,
+    usage_only, models) and no indexed profile match. Whether the sums are for the window's
+    day is the statement's to check (:func:`_maintained_gate`)."""
+    if not f.windowed or sort_field != "total_cost" or f.usage_only or f.models or touches_usage(f):
+        return None
+    if _indexed_profile(f) is not None:
+        return None
+    assert f.usage_from is not None and f.usage_to is not None
+    days = (f.usage_to - f.usage_from).days
+    for column, span in MAINTAINED_WINDOWS.items():
+        if days == span:
+            return column
+    return "cost_month" if f.usage_from == f.usage_to.replace(day=1) else None
+
+
+def _maintained_gate(q: ListQuery, p: _Params) -> str:
+    """A condition on no row: the organization's window sums are for usage_to, and usage_to is
+    its local day now (the day the fold writes sums for)."""
+    return (
+        "coalesce((SELECT m.day = tally_local_day(o.time_zone, now()) FROM usage_window_marks m"
+        f" JOIN organizations o ON o.id = m.organization_id WHERE m.organization_id = {p(q.organization_id)}"
+        f" AND m.day = {p(q.filter.usage_to)}), false)"
+    )
+
+
 def page_sql(q: ListQuery, shape: Shape, p: _Params | None = None) -> tuple[str, list[object]]:
     """One statement returning up to ``limit + 1`` rows of (doc, k, kid, sort_key, id): the
     JSON document, and the sort key and id as text for the cursor. The extra row says
@@ -285,7 +320,20 @@ def page_sql(q: ListQuery, shape: Shape, p: _Params | None = None) -> tuple[str,
     direction = "DESC" if descending else "ASC"
     d = _driving(sort, q.filter)
     indexed = _indexed_profile(q.filter) if d == "u" else None
-    if indexed is None:
+    maintained = maintained_window(q.filter, q.sort.field) if d == "u" else None
+    if maintained is not None:
+        # The maintained sums' own index when they are for the window's day, else the window
+        # aggregated: a one-time condition (counted once, in a CTE) lets only one run.
+        fast = SortField(f"u.{maintained}", sort.sql_type, "u")
+        tables = "customer_usage u" + (
+            by_key("customers", "c", "u.organization_id", "u.id") if touches_profile(q.filter) else ""
+        )
+        picked = (
+            f"WITH mark AS MATERIALIZED (SELECT {_maintained_gate(q, p)} AS fresh)"
+            f" ({_pick(q, p, 'u', fast, descending, '(SELECT fresh FROM mark)', tables)})"
+            f" UNION ALL ({_pick(q, p, 'u', sort, descending, 'NOT (SELECT fresh FROM mark)')})"
+        )
+    elif indexed is None:
         picked = _pick(q, p, d, sort, descending)
     else:
         # Both ways, each behind a one-time filter on the bounded count of the indexed
@@ -308,9 +356,12 @@ def page_sql(q: ListQuery, shape: Shape, p: _Params | None = None) -> tuple[str,
     return sql, p.values
 
 
-def _pick(q: ListQuery, p: _Params, d: str, sort: SortField, descending: bool, gate: str = "") -> str:
-    """The page's keys (organization, id, sort key) driven from table ``d``; ``gate``, a
-    condition on no row, decides once whether this way runs at all."""
+def _pick(
+    q: ListQuery, p: _Params, d: str, sort: SortField, descending: bool, gate: str = "", tables: str | None = None
+) -> str:
+    """The page's keys (organization, id, sort key) driven from table ``d`` (or from
+    ``tables``, the relations already joined); ``gate``, a condition on no row, decides once
+    whether this way runs at all."""
     where = where_sql(q, p, d)
     if q.position is not None:
         op = "<" if descending else ">"
@@ -323,7 +374,7 @@ def _pick(q: ListQuery, p: _Params, d: str, sort: SortField, descending: bool, g
     direction = "DESC" if descending else "ASC"
     return (
         f"SELECT {d}.organization_id, {d}.id, {sort.expr} AS sort_key, ({sort.expr})::text AS k"
-        f" FROM {_tables(d, q.filter, sort)} WHERE {where}"
+        f" FROM {tables or _tables(d, q.filter, sort)} WHERE {where}"
         f" ORDER BY {sort.expr} {direction}, {sort.tiebreak} {direction}"
         f" LIMIT {p(q.limit + 1)} OFFSET {p(q.offset)}"
     )

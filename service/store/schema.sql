@@ -67,6 +67,12 @@ BEGIN
     RETURN NULL;
 END $$;
 
+CREATE FUNCTION public.tally_local_day(zone text, at timestamp with time zone) RETURNS date
+    LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$
+    SELECT (at AT TIME ZONE zone)::date
+$$;
+
 CREATE FUNCTION public.tally_merge_hints(old jsonb, new jsonb) RETURNS jsonb
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
@@ -120,6 +126,17 @@ CREATE FUNCTION public.tally_version_micros(version text) RETURNS bigint
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
     SELECT split_part(version, '|', 2)::bigint
+$$;
+
+CREATE FUNCTION public.tally_window_sums(org uuid, customer uuid, today date) RETURNS TABLE(cost_7d numeric, cost_30d numeric, cost_month numeric)
+    LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$
+    SELECT coalesce(sum(d.cost) FILTER (WHERE d.day > today - 7), 0),
+           coalesce(sum(d.cost) FILTER (WHERE d.day > today - 30), 0),
+           coalesce(sum(d.cost) FILTER (WHERE d.day >= date_trunc('month', today::timestamp)::date), 0)
+    FROM daily_usage d
+    WHERE d.organization_id = org AND d.customer_id = customer
+      AND d.day BETWEEN least(today - 29, date_trunc('month', today::timestamp)::date) AND today
 $$;
 
 CREATE TABLE public.api_keys (
@@ -236,6 +253,10 @@ CASE
     WHEN (ttft_count > 0) THEN (ttft_sum / (ttft_count)::double precision)
     ELSE NULL::double precision
 END) STORED,
+    window_day date,
+    cost_7d numeric DEFAULT 0 NOT NULL,
+    cost_30d numeric DEFAULT 0 NOT NULL,
+    cost_month numeric DEFAULT 0 NOT NULL,
     CONSTRAINT customer_usage_active_days_check CHECK ((active_days >= 0)),
     CONSTRAINT customer_usage_completion_tokens_check CHECK ((completion_tokens >= 0)),
     CONSTRAINT customer_usage_number_of_requests_check CHECK ((number_of_requests >= 0)),
@@ -430,6 +451,11 @@ CREATE TABLE public.subscriptions (
     source_version text
 );
 
+CREATE TABLE public.usage_window_marks (
+    organization_id uuid NOT NULL,
+    day date NOT NULL
+);
+
 CREATE TABLE public.webhook_deliveries (
     organization_id uuid NOT NULL,
     endpoint_id uuid NOT NULL,
@@ -541,6 +567,9 @@ ALTER TABLE ONLY public.schema_migrations
 ALTER TABLE ONLY public.subscriptions
     ADD CONSTRAINT subscriptions_pkey PRIMARY KEY (organization_id, customer_id, id);
 
+ALTER TABLE ONLY public.usage_window_marks
+    ADD CONSTRAINT usage_window_marks_pkey PRIMARY KEY (organization_id);
+
 ALTER TABLE ONLY public.webhook_deliveries
     ADD CONSTRAINT webhook_deliveries_endpoint_id_event_id_key UNIQUE (endpoint_id, event_id);
 
@@ -569,6 +598,12 @@ CREATE INDEX customer_usage_sort_active_days ON public.customer_usage USING btre
 CREATE INDEX customer_usage_sort_completion_tokens ON public.customer_usage USING btree (organization_id, environment, completion_tokens, id);
 
 CREATE INDEX customer_usage_sort_cost ON public.customer_usage USING btree (organization_id, environment, total_cost, id);
+
+CREATE INDEX customer_usage_sort_cost_30d ON public.customer_usage USING btree (organization_id, environment, cost_30d, id);
+
+CREATE INDEX customer_usage_sort_cost_7d ON public.customer_usage USING btree (organization_id, environment, cost_7d, id);
+
+CREATE INDEX customer_usage_sort_cost_month ON public.customer_usage USING btree (organization_id, environment, cost_month, id);
 
 CREATE INDEX customer_usage_sort_first_seen ON public.customer_usage USING btree (organization_id, environment, COALESCE(first_seen, '-infinity'::timestamp with time zone), id);
 
@@ -649,6 +684,9 @@ ALTER TABLE ONLY public.customers
 
 ALTER TABLE ONLY public.subscriptions
     ADD CONSTRAINT subscriptions_organization_id_customer_id_fkey FOREIGN KEY (organization_id, customer_id) REFERENCES public.customers(organization_id, id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.usage_window_marks
+    ADD CONSTRAINT usage_window_marks_organization_id_fkey FOREIGN KEY (organization_id) REFERENCES public.organizations(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.webhook_deliveries
     ADD CONSTRAINT webhook_deliveries_organization_id_endpoint_id_fkey FOREIGN KEY (organization_id, endpoint_id) REFERENCES public.webhook_endpoints(organization_id, id) ON DELETE CASCADE;

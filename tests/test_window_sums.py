@@ -1,0 +1,217 @@
+"""Lists ranked by cost inside the last 7 days, the last 30 days and the month so far read the
+maintained window sums (migration 0017, service/store/windows.py) while the organization's
+mark is today, and aggregate the daily rows otherwise: both ways agree with sums computed here
+from the events, across folds after the roll, a mark left on an earlier day, a roll that waits
+on a fold holding the row, and an organization whose local day is not UTC's."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import asyncpg
+from aiohttp.test_utils import TestClient
+
+from service.api.customers import canonical_shape
+from service.domain.listing import CustomerFilter, ListQuery, Sort
+from service.store import auth, windows
+from service.store.listing import list_sql, maintained_window
+from tests.eventkit import fold_events, usage, wait_until
+from tests.factories import Org, make_org
+from tests.test_usage_window import walk
+
+CUSTOMERS = 30
+
+
+def make_events(org: Org, rng: random.Random, n: int, *, newest: float = 0.0) -> list[dict]:
+    """``n`` usage events of CUSTOMERS customers over the last 34 days (the dedupe window is 35) (none newer than
+    ``newest`` days ago), costs drawn from a few values so that customers tie."""
+    now = datetime.now(UTC)
+    return [
+        usage(
+            org.name,
+            f"ws_{rng.randrange(CUSTOMERS):02d}",
+            when=now - timedelta(days=rng.uniform(newest, 34)),
+            cost=f"{rng.choice([1, 2, 3, 5, 8]) / 100:.2f}",
+        )
+        for _ in range(n)
+    ]
+
+
+def oracle(events: list[dict], start: date, end: date, zone: str = "UTC") -> dict[str, Decimal]:
+    """Each customer's cost on the local days [start, end], from the events."""
+    sums: dict[str, Decimal] = defaultdict(Decimal)
+    for e in events:
+        day = datetime.fromisoformat(e["time"]).astimezone(ZoneInfo(zone)).date()
+        sums[e["subject"]] += Decimal(e["data"]["cost"]) if start <= day <= end else Decimal(0)
+    return sums
+
+
+def windows_of(today: date) -> dict[str, tuple[date, date]]:
+    return {
+        "cost_7d": (today - timedelta(days=6), today),
+        "cost_30d": (today - timedelta(days=29), today),
+        "cost_month": (today.replace(day=1), today),
+    }
+
+
+async def fold(pool: asyncpg.Pool, events: list[dict]) -> None:
+    async with pool.acquire() as conn:
+        for start in range(0, len(events), 50):
+            assert set(await fold_events(conn, *events[start : start + 50])) <= {"applied", "duplicate"}
+
+
+async def local_today(pool: asyncpg.Pool, org: Org) -> date:
+    day: date = await pool.fetchval("SELECT tally_local_day(time_zone, now()) FROM organizations WHERE id = $1", org.id)
+    return day
+
+
+async def roll(pool: asyncpg.Pool, org: Org, day: date) -> windows.Rolled:
+    async with pool.acquire() as conn:
+        return await windows.roll(conn, org.id, day, chunk=7)  # several chunks for 30 customers
+
+
+async def reads_maintained(pool: asyncpg.Pool, org: Org, start: date, end: date) -> bool:
+    """Whether the list's statement reads the maintained sums (EXPLAIN ANALYZE: the branch that
+    scans customer_usage as ``u`` ran; the aggregating one reads it as ``lu``)."""
+    q = ListQuery(
+        org.id, "prod", filter=CustomerFilter(usage_from=start, usage_to=end), sort=Sort("total_cost", True), limit=5
+    )
+    assert maintained_window(q.filter, "total_cost") is not None
+    sql, args = list_sql(q, canonical_shape(False, False))
+    plan = [r[0] for r in await pool.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) {sql}", *args)]
+    scans = [line for line in plan if re.search(r" on customer_usage u \(", line)]
+    assert len(scans) == 1, plan
+    return "never executed" not in scans[0]
+
+
+async def check(client: TestClient, org: Org, events: list[dict], today: date, zone: str = "UTC") -> None:
+    """Each window, walked by cursor both ways, is the oracle's ranking (ties by id)."""
+    for start, end in windows_of(today).values():
+        want = oracle(events, start, end, zone)
+        for sort in ("-total_cost", "total_cost"):
+            count, rows = await walk(client, org, f"usage_from={start}&usage_to={end}&sort_by={sort}&limit=7")
+            assert count == len(rows) == len(want), (start, end, sort)
+            got = {r["customer_identifier"]: Decimal(r["total_cost"]) for r in rows}
+            assert got == {who: want[who] for who in got} and set(got) == set(want), (start, end, sort)
+            keys = [(Decimal(r["total_cost"]), r["id"]) for r in rows]
+            assert keys == sorted(keys, reverse=sort.startswith("-")), (start, end, sort)
+
+
+async def test_a_rolled_organization_is_ranked_from_its_maintained_sums(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
+    rng = random.Random(11)
+    events = make_events(org, rng, 400)
+    await fold(pool, events)
+    today = await local_today(pool, org)
+    # Before any roll, the window is aggregated: right all the same.
+    assert not await reads_maintained(pool, org, today - timedelta(days=6), today)
+    await check(client, org, events, today)
+    rolled = await roll(pool, org, today)
+    assert rolled.customers == CUSTOMERS
+    for start, end in windows_of(today).values():
+        assert await reads_maintained(pool, org, start, end)
+    await check(client, org, events, today)
+    # Folds after the roll keep the sums: new events today and in the last days, duplicates.
+    more = make_events(org, rng, 150, newest=0.0)
+    await fold(pool, more + more[:20])
+    events += more
+    assert await reads_maintained(pool, org, today - timedelta(days=29), today)
+    await check(client, org, events, today)
+
+
+async def test_a_mark_on_another_day_reads_the_daily_rows_and_a_roll_moves_every_sum(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
+    """Rolled to three days ago, the sums are that day's windows (checked in the table) and a
+    list for today aggregates; rolled to today again, every sum is today's."""
+    rng = random.Random(12)
+    events = make_events(org, rng, 400)
+    await fold(pool, events)
+    today = await local_today(pool, org)
+    earlier = today - timedelta(days=3)
+    await roll(pool, org, earlier)
+    rows = await pool.fetch(
+        "SELECT c.customer_identifier, u.cost_7d, u.cost_30d, u.cost_month FROM customer_usage u"
+        " JOIN customers c ON c.organization_id = u.organization_id AND c.id = u.id WHERE u.organization_id = $1",
+        org.id,
+    )
+    for column, (start, end) in windows_of(earlier).items():
+        want = oracle(events, start, end)
+        assert {r["customer_identifier"]: r[column] for r in rows} == {w: want[w] for w in want}, column
+    assert not await reads_maintained(pool, org, today - timedelta(days=6), today)
+    await check(client, org, events, today)
+    await roll(pool, org, today)
+    assert await reads_maintained(pool, org, today - timedelta(days=6), today)
+    await check(client, org, events, today)
+
+
+async def test_a_roll_never_overwrites_the_sums_of_a_fold_it_waited_for(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
+    """A fold holds a customer's row (its transaction open) with sums for today; a roll to
+    today waits for the row, then leaves the fold's sums as they are: the roll's own, read
+    before the fold committed, would lack its events."""
+    rng = random.Random(13)
+    events = make_events(org, rng, 200)
+    await fold(pool, events)
+    today = await local_today(pool, org)
+    await roll(pool, org, today - timedelta(days=1))  # every row's sums are yesterday's
+    late = [usage(org.name, f"ws_{i:02d}", cost="0.50") for i in range(CUSTOMERS)]
+    async with pool.acquire() as holder:
+        transaction = holder.transaction()
+        await transaction.start()
+        try:
+            assert set(await fold_events(holder, *late)) == {"applied"}
+            rolling = asyncio.create_task(roll(pool, org, today))
+
+            async def waiting() -> bool:
+                return bool(
+                    await pool.fetchval(
+                        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE '%tally_window_sums%' AND datname = current_database())"
+                    )
+                )
+
+            await wait_until(waiting, timeout=20, interval=0.02, what="the roll waiting for the fold's rows")
+        finally:
+            await transaction.commit()
+        await rolling
+    events += late
+    assert await reads_maintained(pool, org, today - timedelta(days=6), today)
+    await check(client, org, events, today)
+
+
+async def test_the_window_days_are_the_organizations_local_days(client: TestClient, pool: asyncpg.Pool) -> None:
+    """Kiritimati is UTC+14: its today is UTC's tomorrow for most of the UTC day. Usage is
+    folded into its local days, the roll and the list's window are its days."""
+    org = await make_org(pool)
+    zone = "Pacific/Kiritimati"
+    async with pool.acquire() as conn:
+        await auth.set_time_zone(conn, org.name, zone)
+    events = make_events(org, random.Random(14), 300)
+    await fold(pool, events)
+    today = await local_today(pool, org)
+    await roll(pool, org, today)
+    assert await reads_maintained(pool, org, today.replace(day=1), today)
+    await check(client, org, events, today, zone)
+
+
+async def test_housekeeping_finds_the_organizations_due_and_the_day_each_rolls_to(pool: asyncpg.Pool) -> None:
+    org = await make_org(pool)
+    now = datetime(2026, 12, 4, 0, 1, tzinfo=UTC)
+    async with pool.acquire() as conn:
+        due = dict(await windows.due(conn, timedelta(minutes=2), now))
+        # A minute after midnight, with two to settle: still the day before.
+        assert due[org.id] == date(2026, 12, 3)
+        await conn.execute(windows.MARK, org.id, date(2026, 12, 3))
+        assert org.id not in dict(await windows.due(conn, timedelta(minutes=2), now))
+        assert dict(await windows.due(conn, timedelta(minutes=2), now + timedelta(minutes=2)))[org.id] == date(
+            2026, 12, 4
+        )
