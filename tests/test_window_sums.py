@@ -15,10 +15,12 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import asyncpg
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from service.api.app import create_app
 from service.api.customers import canonical_shape
 from service.domain.listing import CustomerFilter, ListQuery, Sort
+from service.infra.settings import Settings
 from service.store import auth, windows
 from service.store.listing import list_sql, maintained_window
 from tests.eventkit import fold_events, usage, wait_until
@@ -215,3 +217,37 @@ async def test_housekeeping_finds_the_organizations_due_and_the_day_each_rolls_t
         assert dict(await windows.due(conn, timedelta(minutes=2), now + timedelta(minutes=2)))[org.id] == date(
             2026, 12, 4
         )
+
+
+async def test_a_window_that_runs_past_the_statement_timeout_is_a_400_naming_the_limit(
+    pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """40,000 customers with ten days of usage each: adding up ten days takes far longer than
+    the 50 ms this app's statements may run, so the list is a 400 naming usage_from and the
+    limit; the lifetime list and a kept window of the same organization answer."""
+    org = await make_org(pool)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO customers (organization_id, customer_identifier) SELECT $1, 'big_' || g"
+            " FROM generate_series(1, 40000) g",
+            org.id,
+        )
+        await conn.execute(
+            "INSERT INTO daily_usage (organization_id, customer_id, day, requests, prompt_tokens, completion_tokens,"
+            " total_tokens, cost, latency_sum, latency_count, ttft_sum, ttft_count)"
+            " SELECT c.organization_id, c.id, current_date - d, 1, 1, 1, 2, 0.01, 0, 0, 0, 0"
+            " FROM customers c, generate_series(1, 10) d WHERE c.organization_id = $1",
+            org.id,
+        )
+        today = await conn.fetchval("SELECT tally_local_day(time_zone, now()) FROM organizations WHERE id = $1", org.id)
+        await windows.roll(conn, org.id, today)
+    strict = settings.model_copy(update={"db_command_timeout": 0.05})
+    async with TestClient(TestServer(create_app(strict))) as client:
+        assert (await client.get("/v1/customers?limit=5", headers=org.headers())).status == 200
+        window = f"usage_from={today - timedelta(days=10)}&usage_to={today}"
+        r = await client.get(f"/v1/customers?{window}&sort_by=-total_cost&limit=5", headers=org.headers())
+        assert r.status == 400, await r.text()
+        body = await r.json()
+        assert body["errors"][0]["name"] == "usage_from" and "0.05 s" in body["detail"], body
+        kept = f"usage_from={today - timedelta(days=6)}&usage_to={today}&sort_by=-total_cost&limit=5"
+        assert (await client.get(f"/v1/customers?{kept}", headers=org.headers())).status == 200

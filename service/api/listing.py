@@ -12,10 +12,12 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import orjson
 from aiohttp import web
 
-from service.api import dbaccess, readcache
+from service.api import appkeys, dbaccess, readcache
 from service.api.routing import Call
+from service.domain.errors import InvalidInput
 from service.domain.keys import Principal
 from service.domain.listing import CustomerFilter, ListQuery, Sort
+from service.infra.errors import is_overrun
 from service.store import customers as core
 from service.store.rendering import Shape
 
@@ -97,9 +99,30 @@ class ListAdapter(Generic[P]):
         return response
 
 
+class _WindowOverrun(Exception):
+    """A windowed list's statement ran past its time (carried out of the connection's block)."""
+
+
 async def run_list(request: web.Request, q: ListQuery, shape: Shape) -> core.Page:
-    async with dbaccess.connection(request, read=True) as conn:
-        return await core.list_customers(conn, q, shape)
+    """The list's page. A window that is not one of the kept ones adds up the organization's
+    daily rows in it: one that runs past the statement timeout is a 400 naming usage_from and
+    the limit (the request asks too much; asking again would not help), not a 503."""
+    try:
+        async with dbaccess.connection(request, read=True) as conn:
+            try:
+                return await core.list_customers(conn, q, shape)
+            except Exception as exc:
+                if q.filter.windowed and is_overrun(exc):
+                    raise _WindowOverrun from exc
+                raise
+    except _WindowOverrun:
+        limit = request.app[appkeys.SETTINGS].db_command_timeout
+        raise InvalidInput(
+            "usage_from",
+            f"adding up this window's usage took longer than the {limit:g} s a statement may take: ask fewer days, "
+            "or one of the windows tally keeps sums for (the last 7 or 30 days, or the month so far, ending today, "
+            "sorted by total_cost)",
+        ) from None
 
 
 def json_with(envelope: Mapping[str, object], key: str, rows: list[str] | str) -> bytes:

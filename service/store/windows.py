@@ -53,6 +53,13 @@ SELECT (SELECT id FROM n ORDER BY id DESC LIMIT 1) AS last, (SELECT count(*) FRO
        (SELECT count(*) FROM changed) AS changed
 """
 
+PLAN = (
+    "plan_cache_mode = force_custom_plan",
+    "enable_seqscan = off",
+    "enable_hashjoin = off",
+    "enable_mergejoin = off",
+)
+
 MARK = """
 INSERT INTO usage_window_marks (organization_id, day) VALUES ($1, $2)
 ON CONFLICT (organization_id) DO UPDATE SET day = excluded.day
@@ -82,7 +89,15 @@ async def roll(conn: Connection, organization_id: UUID, day: date, *, chunk: int
     after = UUID(int=0)
     customers = changed = 0
     while True:
-        row = await conn.fetchrow(ROLL_CHUNK, organization_id, day, after, chunk)
+        async with conn.transaction():
+            # One probe per customer by primary key, whatever the statistics say and however
+            # many chunks ran before: a generic plan (cached after five runs, made for no
+            # organization in particular) or one made on tables never analyzed (a bulk load,
+            # autovacuum off) may join the chunk to customer_usage by scanning the
+            # organization's rows for every row of it (measured: 8 s for 2,000 customers of
+            # 40,000, against 0.1 s).
+            await conn.execute("; ".join(f"SET LOCAL {setting}" for setting in PLAN))
+            row = await conn.fetchrow(ROLL_CHUNK, organization_id, day, after, chunk)
         assert row is not None
         if row["last"] is None:
             break
