@@ -588,8 +588,14 @@ async def page_cursor(url: str, key: str) -> str:
     """The next_cursor of the list's first page (the cursor page is the second)."""
     import aiohttp
 
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session, session.get(url) as r:
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as session,
+        session.get(url) as r,
+    ):
         body = await r.json()
+    if r.status != 200:
+        raise RuntimeError(f"{url}: {r.status} {body}")
     return str(body["next_cursor"])
 
 

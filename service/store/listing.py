@@ -328,10 +328,15 @@ def page_sql(q: ListQuery, shape: Shape, p: _Params | None = None) -> tuple[str,
         tables = "customer_usage u" + (
             by_key("customers", "c", "u.organization_id", "u.id") if touches_profile(q.filter) else ""
         )
+        # Each way's condition stands above its LIMIT (a subquery with a LIMIT keeps the
+        # conditions outside it), so the way not taken starts nothing: below it, the
+        # aggregation's parallel workers were launched for every page, ~45 ms each time.
         picked = (
             f"WITH mark AS MATERIALIZED (SELECT {_maintained_gate(q, p)} AS fresh)"
-            f" ({_pick(q, p, 'u', fast, descending, '(SELECT fresh FROM mark)', tables)})"
-            f" UNION ALL ({_pick(q, p, 'u', sort, descending, 'NOT (SELECT fresh FROM mark)')})"
+            f" SELECT * FROM ({_pick(q, p, 'u', fast, descending, tables=tables)}) kept"
+            " WHERE (SELECT fresh FROM mark)"
+            f" UNION ALL SELECT * FROM ({_pick(q, p, 'u', sort, descending)}) summed"
+            " WHERE NOT (SELECT fresh FROM mark)"
         )
     elif indexed is None:
         picked = _pick(q, p, d, sort, descending)
