@@ -585,18 +585,21 @@ async def windows(
 
 
 async def page_cursor(url: str, key: str) -> str:
-    """The next_cursor of the list's first page (the cursor page is the second)."""
+    """The next_cursor of the list's first page (the cursor page is the second); a 503 (the
+    organization's turns still held by the requests a load generator gave up on) is retried."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=60)
-    async with (
-        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as session,
-        session.get(url) as r,
-    ):
-        body = await r.json()
-    if r.status != 200:
-        raise RuntimeError(f"{url}: {r.status} {body}")
-    return str(body["next_cursor"])
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as session:
+        for _ in range(30):
+            async with session.get(url) as r:
+                body = await r.json()
+            if r.status == 200:
+                return str(body["next_cursor"])
+            if r.status != 503:
+                break
+            await asyncio.sleep(2)
+    raise RuntimeError(f"{url}: {r.status} {body}")
 
 
 THIS, THIS_CACHED = "this", "this, cached"
