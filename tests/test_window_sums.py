@@ -177,7 +177,7 @@ async def test_a_roll_never_overwrites_the_sums_of_a_fold_it_waited_for(
                 return bool(
                     await pool.fetchval(
                         "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND query LIKE '%tally_window_sums%' AND datname = current_database())"
+                        " AND query LIKE '%SET window_day%' AND datname = current_database())"
                     )
                 )
 
