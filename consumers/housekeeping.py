@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import aio_pika
 import asyncpg
@@ -171,7 +171,7 @@ class Housekeeping:
 
     async def record_recoveries(self) -> None:
         async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
-            recorded = await recover(conn, datetime.now(UTC), RECOVERY_SETTLE)
+            recorded = await recover(conn, RECOVERY_SETTLE)
         if recorded:
             log.info("recorded budget recoveries", extra={"count": recorded})
 
@@ -180,6 +180,8 @@ class Housekeeping:
             for organization_id, day in await windows.due(conn, RECOVERY_SETTLE):
                 started = time.monotonic()
                 rolled = await windows.roll(conn, organization_id, day)
+                if rolled is None:  # another consumer is rolling it
+                    continue
                 log.info(
                     "rolled usage windows",
                     extra={

@@ -126,17 +126,34 @@ async def test_the_mark_moves_over_each_period_end_once_and_one_process_looks_at
         settle = timedelta(minutes=2)
         async with pool.acquire() as conn:
             # The period ended, but less than `settle` ago: not yet.
-            assert await store.recover(conn, day2 + timedelta(minutes=1), settle) is not None
+            assert await store.recover(conn, settle, day2 + timedelta(minutes=1)) is not None
             assert await recoveries(pool, org) == {}
             # Three days later: caught up, one recovery, the mark at now - settle.
             later = day2 + timedelta(days=3)
-            assert (await store.recover(conn, later, settle) or 0) >= 1
+            assert (await store.recover(conn, settle, later) or 0) >= 1
             assert set(await recoveries(pool, org)) == {("period_80", day1)}
             assert await pool.fetchval("SELECT checked_to FROM budget_recovery_mark") == later - settle
-            assert await store.recover(conn, later + timedelta(minutes=1), settle) is not None
+            assert await store.recover(conn, settle, later + timedelta(minutes=1)) is not None
             assert len(await recoveries(pool, org)) == 1
-            async with pool.acquire() as other, other.transaction():
-                await other.fetchval(store.LOCK_MARK)
-                assert await store.recover(conn, later + timedelta(minutes=2), settle) is None
+            async with pool.acquire() as other:
+                assert await other.fetchval(store.TRY_LOCK)
+                try:
+                    assert await store.recover(conn, settle, later + timedelta(minutes=2)) is None
+                finally:
+                    await other.fetchval(store.UNLOCK)
     finally:
         await pool.execute("UPDATE budget_recovery_mark SET checked_to = $1", mark)
+
+
+async def test_recoveries_are_recorded_a_bounded_number_per_transaction(pool: asyncpg.Pool, org: Org) -> None:
+    """The webhook dispatcher reads a transaction's recoveries whole: at most ``most`` share one."""
+    day1, day2 = at("2026-08-03T00:00:00Z"), at("2026-08-04T00:00:00Z")
+    for i in range(5):
+        ident = uid(f"bounded{i}")
+        await daily(pool, org, ident, day1 + timedelta(hours=1))
+        await spent(pool, org, ident, day1 + timedelta(hours=2), "9")
+    async with pool.acquire() as conn:
+        await store.record_recoveries(conn, day2 - timedelta(seconds=1), day2, day2 + timedelta(minutes=5), most=2)
+    rows = await pool.fetch("SELECT xid::text FROM budget_recoveries WHERE organization_id = $1", org.id)
+    per_transaction = sorted(sum(1 for r in rows if r["xid"] == x) for x in {r["xid"] for r in rows})
+    assert len(rows) == 5 and per_transaction == [1, 2, 2]

@@ -157,9 +157,9 @@ async def test_a_mark_on_another_day_reads_the_daily_rows_and_a_roll_moves_every
 async def test_a_roll_never_overwrites_the_sums_of_a_fold_it_waited_for(
     client: TestClient, pool: asyncpg.Pool, org: Org
 ) -> None:
-    """A fold holds a customer's row (its transaction open) with sums for today; a roll to
-    today waits for the row, then leaves the fold's sums as they are: the roll's own, read
-    before the fold committed, would lack its events."""
+    """A fold holds its customers (its transaction open) with sums for today; a roll to today
+    waits for them, then reads what the fold committed: sums read before the fold committed
+    would lack its events."""
     rng = random.Random(13)
     events = make_events(org, rng, 200)
     await fold(pool, events)
@@ -177,7 +177,7 @@ async def test_a_roll_never_overwrites_the_sums_of_a_fold_it_waited_for(
                 return bool(
                     await pool.fetchval(
                         "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND query LIKE '%SET window_day%' AND datname = current_database())"
+                        " AND datname = current_database())"
                     )
                 )
 
@@ -239,8 +239,7 @@ async def test_a_window_that_runs_past_the_statement_timeout_is_a_400_naming_the
             " FROM customers c, generate_series(1, 10) d WHERE c.organization_id = $1",
             org.id,
         )
-        today = await conn.fetchval("SELECT tally_local_day(time_zone, now()) FROM organizations WHERE id = $1", org.id)
-        await windows.roll(conn, org.id, today)
+        await windows.roll(conn, org.id, today := await local_today(pool, org))
     strict = settings.model_copy(update={"db_command_timeout": 0.05})
     async with TestClient(TestServer(create_app(strict))) as client:
         assert (await client.get("/v1/customers?limit=5", headers=org.headers())).status == 200

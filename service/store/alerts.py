@@ -119,41 +119,66 @@ WHERE a.period_end > $1 AND a.period_end <= $2 AND a.threshold IN ('period_80', 
   AND NOT EXISTS (SELECT 1 FROM budget_alerts l
                   WHERE l.organization_id = a.organization_id AND l.customer_id = a.customer_id
                     AND l.threshold = a.threshold AND l.period_start >= a.period_end)
+  AND NOT EXISTS (SELECT 1 FROM budget_recoveries r
+                  WHERE r.organization_id = a.organization_id AND r.customer_id = a.customer_id
+                    AND r.threshold = a.threshold AND r.period_start = a.period_start)
+ORDER BY a.period_end, a.organization_id, a.customer_id, a.threshold
+LIMIT $4
 ON CONFLICT DO NOTHING
 """
 
-# SKIP LOCKED: one consumer process looks at a time; another finds the mark taken and skips.
-LOCK_MARK = "SELECT checked_to FROM budget_recovery_mark FOR UPDATE SKIP LOCKED"
+# One consumer process looks at a time (a session lock, tried: another skips its turn).
+TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('tally-budget-recoveries', 0))"
+UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('tally-budget-recoveries', 0))"
+READ_MARK = "SELECT checked_to FROM budget_recovery_mark"
 MOVE_MARK = "UPDATE budget_recovery_mark SET checked_to = $1"
 
 # A consumer down for long catches up a day of period ends per transaction.
 RECOVERY_CHUNK = timedelta(days=1)
+# Recoveries recorded per transaction, at most: the webhook dispatcher reads a transaction's
+# alerts and recoveries whole (service/store/webhooks.py), so one transaction must stay small.
+RECORDED_AT_ONCE = 1000
 
 
-async def record_recoveries(conn: Connection, since: datetime, until: datetime, now: datetime) -> int:
+async def record_recoveries(
+    conn: Connection, since: datetime, until: datetime, now: datetime, *, most: int = RECORDED_AT_ONCE
+) -> int:
     """Record the recoveries of alerts whose period ended after ``since`` and at or before
-    ``until``, with the customers' usage at ``now``; how many."""
-    status = await conn.execute(RECORD_RECOVERIES, since, until, now)
-    return int(str(status).rsplit(" ", 1)[-1])
-
-
-async def recover(conn: Connection, now: datetime, settle: timedelta) -> int | None:
-    """Record the recoveries of every alert whose period ended since the last look and at
-    least ``settle`` before ``now`` (a fold that read its clock before a period's end may
-    still commit that period's alert for that long), moving the mark a day at most per
-    transaction; how many, or None when another process holds the mark."""
-    until = now - settle
-    recorded = 0
+    ``until``, with the customers' usage at ``now``, each ``most`` in a transaction of its
+    own; how many."""
+    total = 0
     while True:
         async with conn.transaction():
-            since = await conn.fetchval(LOCK_MARK)
-            if since is None:
-                return None
+            recorded = int(str(await conn.execute(RECORD_RECOVERIES, since, until, now, most)).rsplit(" ", 1)[-1])
+        total += recorded
+        if recorded < most:
+            return total
+
+
+async def recover(conn: Connection, settle: timedelta, now: datetime | None = None) -> int | None:
+    """Record the recoveries of every alert whose period ended since the last look and at
+    least ``settle`` before ``now`` (the database's time by default, the clock the fold's
+    alerts are taken by: a fold that read it before a period's end may still commit that
+    period's alert for that long), a day of period ends at a time; how many, or None when
+    another process holds the mark."""
+    if now is None:
+        now = await conn.fetchval("SELECT now()")
+    until = now - settle
+    if not await conn.fetchval(TRY_LOCK):
+        return None
+    try:
+        recorded = 0
+        while True:
+            since = await conn.fetchval(READ_MARK)
             if since >= until:
                 return recorded
             step = min(until, since + RECOVERY_CHUNK)
+            # Recorded before the mark moves: a crash between records nothing twice (the
+            # primary key), and the next look starts where this one did.
             recorded += await record_recoveries(conn, since, step, now)
             await conn.execute(MOVE_MARK, step)
+    finally:
+        await conn.fetchval(UNLOCK)
 
 
 def recovery_event(row: asyncpg.Record) -> dict[str, object]:

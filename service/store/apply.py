@@ -90,11 +90,12 @@ ON CONFLICT (organization_id, customer_id, day, model, provider) DO UPDATE SET
 """
 
 # A usage row's window sums (migration 0017), recomputed from the customer's daily rows (the
-# batch's own already written) for the organization's local day of the transaction: joined
-# to ``u`` (organization_id, id) as ``w``.
+# batch's own already written) for the organization's local day when the statement runs (not
+# when the transaction began: service/store/windows.py says why): joined to ``u``
+# (organization_id, id) as ``w``.
 WINDOW_SUMS = """
 JOIN organizations o ON o.id = u.organization_id
-CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, now()) AS today) t
+CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, statement_timestamp()) AS today) t
 CROSS JOIN LATERAL tally_window_sums(u.organization_id, u.id, t.today) w
 """
 _SET_WINDOWS = "window_day = t.today, cost_7d = w.cost_7d, cost_30d = w.cost_30d, cost_month = w.cost_month"
@@ -244,7 +245,7 @@ UPDATE customer_usage c SET
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
      AS k(organization_id, id, environment, customer_identifier, deleted_at)
 JOIN organizations o ON o.id = k.organization_id
-CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, now()) AS today) t
+CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, statement_timestamp()) AS today) t
 CROSS JOIN LATERAL tally_window_sums(k.organization_id, k.id, t.today) w
 CROSS JOIN LATERAL (
     SELECT sum(p.requests) AS requests, sum(p.prompt_tokens) AS prompt_tokens,
