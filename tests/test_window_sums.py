@@ -23,7 +23,7 @@ from service.domain.listing import CustomerFilter, ListQuery, Sort
 from service.infra.settings import Settings
 from service.store import auth, windows
 from service.store.listing import list_sql, maintained_window
-from tests.eventkit import fold_events, usage, wait_until
+from tests.eventkit import cloud_event, fold_events, usage, wait_until
 from tests.factories import Org, make_org
 from tests.test_usage_window import walk
 
@@ -92,6 +92,18 @@ async def reads_maintained(pool: asyncpg.Pool, org: Org, start: date, end: date)
     return "never executed" not in scans[0]
 
 
+async def assert_kept(pool: asyncpg.Pool, org: Org, events: list[dict], day: date) -> None:
+    """Every customer's kept sums (in the table) are the oracle's windows ending on ``day``."""
+    rows = await pool.fetch(
+        "SELECT c.customer_identifier, u.cost_7d, u.cost_30d, u.cost_month FROM customer_usage u"
+        " JOIN customers c ON c.organization_id = u.organization_id AND c.id = u.id WHERE u.organization_id = $1",
+        org.id,
+    )
+    for column, (start, end) in windows_of(day).items():
+        want = oracle(events, start, end)
+        assert {r["customer_identifier"]: r[column] for r in rows} == {w: want[w] for w in want}, column
+
+
 async def check(client: TestClient, org: Org, events: list[dict], today: date, zone: str = "UTC") -> None:
     """Each window, walked by cursor both ways, is the oracle's ranking (ties by id)."""
     for start, end in windows_of(today).values():
@@ -124,6 +136,7 @@ async def test_a_rolled_organization_is_ranked_from_its_maintained_sums(
     more = make_events(org, rng, 150, newest=0.0)
     await fold(pool, more + more[:20])
     events += more
+    await assert_kept(pool, org, events, today)
     assert await reads_maintained(pool, org, today - timedelta(days=29), today)
     await check(client, org, events, today)
 
@@ -139,14 +152,7 @@ async def test_a_mark_on_another_day_reads_the_daily_rows_and_a_roll_moves_every
     today = await local_today(pool, org)
     earlier = today - timedelta(days=3)
     await roll(pool, org, earlier)
-    rows = await pool.fetch(
-        "SELECT c.customer_identifier, u.cost_7d, u.cost_30d, u.cost_month FROM customer_usage u"
-        " JOIN customers c ON c.organization_id = u.organization_id AND c.id = u.id WHERE u.organization_id = $1",
-        org.id,
-    )
-    for column, (start, end) in windows_of(earlier).items():
-        want = oracle(events, start, end)
-        assert {r["customer_identifier"]: r[column] for r in rows} == {w: want[w] for w in want}, column
+    await assert_kept(pool, org, events, earlier)
     assert not await reads_maintained(pool, org, today - timedelta(days=6), today)
     await check(client, org, events, today)
     await roll(pool, org, today)
@@ -250,3 +256,31 @@ async def test_a_window_that_runs_past_the_statement_timeout_is_a_400_naming_the
         assert body["errors"][0]["name"] == "usage_from" and "0.05 s" in body["detail"], body
         kept = f"usage_from={today - timedelta(days=6)}&usage_to={today}&sort_by=-total_cost&limit=5"
         assert (await client.get(f"/v1/customers?{kept}", headers=org.headers())).status == 200
+
+
+async def test_new_customers_and_a_late_deletion_keep_the_sums_exact(
+    client: TestClient, pool: asyncpg.Pool, org: Org
+) -> None:
+    """After the roll: customers the fold creates (their usage row inserted with its sums), and
+    one whose deletion arrives late, dated between its usage (its usage before the deletion is
+    undone and its sums recomputed from what is left), are ranked as the events say."""
+    rng = random.Random(15)
+    events = make_events(org, rng, 200)
+    await fold(pool, events)
+    today = await local_today(pool, org)
+    await roll(pool, org, today)
+    now = datetime.now(UTC)
+    fresh = [usage(org.name, f"ws_new_{i}", when=now - timedelta(days=i), cost=f"0.0{i + 1}") for i in range(5)]
+    await fold(pool, fresh)
+    events += fresh
+    gone = "ws_late"
+    kept = usage(org.name, gone, when=now - timedelta(days=1), cost="0.70")
+    undone = usage(org.name, gone, when=now - timedelta(days=3), cost="0.40")
+    await fold(pool, [kept, undone])
+    async with pool.acquire() as conn:
+        deleted = cloud_event(org.name, gone, "customer.deleted", {}, when=now - timedelta(days=2))
+        assert await fold_events(conn, deleted) == ["applied"]
+    events.append(kept)
+    await assert_kept(pool, org, events, today)
+    assert await reads_maintained(pool, org, today - timedelta(days=6), today)
+    await check(client, org, events, today)
