@@ -20,6 +20,7 @@ from service.store.db import Connection
 ALERT_ROUTING_KEY = "alert.budget"
 ALERT_TYPE = "budget.threshold_crossed"
 _ALERT_NAMESPACE = uuid.UUID("5b0f8f1e-3c1d-4b9e-9d55-7a1c2f0e6a41")
+_RECOVERED_NAMESPACE = uuid.UUID("9e7c2a64-41d3-4f0b-8c1e-5d2a7b3f6c90")
 SHARES = {"period_80": "0.8", "period_100": "1", "total_100": "1"}
 
 # SKIP LOCKED: several consumers relay concurrently without publishing the same row twice.
@@ -203,6 +204,3 @@ def recovery_event(row: asyncpg.Record) -> dict[str, object]:
             },
         },
     }
-
-
-_RECOVERED_NAMESPACE = uuid.UUID("9e7c2a64-41d3-4f0b-8c1e-5d2a7b3f6c90")

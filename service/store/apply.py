@@ -89,15 +89,19 @@ ON CONFLICT (organization_id, customer_id, day, model, provider) DO UPDATE SET
     {_each_sum("{c} = d.{c} + excluded.{c}")}
 """
 
-# A usage row's window sums (migration 0017), recomputed from the customer's daily rows (the
-# batch's own already written) for the organization's local day when the statement runs (not
-# when the transaction began: service/store/windows.py says why): joined to ``u``
-# (organization_id, id) as ``w``.
-WINDOW_SUMS = """
-JOIN organizations o ON o.id = u.organization_id
+
+def _window_sums(keys: str) -> str:
+    """A usage row's window sums (migration 0017) as ``w``, for the customer ``keys``
+    (an alias with organization_id and id) of the organization ``o``: recomputed from its
+    daily rows (the batch's own already written) for the organization's local day ``t.today``
+    when the statement runs (not when the transaction began: service/store/windows.py says
+    why)."""
+    return f"""
 CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, statement_timestamp()) AS today) t
-CROSS JOIN LATERAL tally_window_sums(u.organization_id, u.id, t.today) w
+CROSS JOIN LATERAL tally_window_sums({keys}.organization_id, {keys}.id, t.today) w
 """
+
+
 _SET_WINDOWS = "window_day = t.today, cost_7d = w.cost_7d, cost_30d = w.cost_30d, cost_month = w.cost_month"
 
 # Usage goes to customer_usage (migration 0007): its own narrow row and sort indexes.
@@ -111,7 +115,7 @@ UPDATE customer_usage c SET
 FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[], $8::float8[],
             $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[], $14::int4[])
      AS u(organization_id, id, {", ".join(USAGE_SUMS)}, first_seen, last_active, new_days)
-{WINDOW_SUMS}
+JOIN organizations o ON o.id = u.organization_id{_window_sums("u")}
 WHERE c.organization_id = u.organization_id AND c.id = u.id
 """
 
@@ -126,7 +130,7 @@ FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int8[], $6::int8
             $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[], $13::timestamptz[],
             $14::timestamptz[], $15::int4[])
      AS u(organization_id, id, environment, {", ".join(LIFETIME_SUMS)}, first_seen, last_active, active_days)
-{WINDOW_SUMS}
+JOIN organizations o ON o.id = u.organization_id{_window_sums("u")}
 """
 
 # Profile fields, hints and the time of the newest profile or subscription change: only for
@@ -244,10 +248,7 @@ UPDATE customer_usage c SET
     {_SET_WINDOWS}
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
      AS k(organization_id, id, environment, customer_identifier, deleted_at)
-JOIN organizations o ON o.id = k.organization_id
-CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, statement_timestamp()) AS today) t
-CROSS JOIN LATERAL tally_window_sums(k.organization_id, k.id, t.today) w
-CROSS JOIN LATERAL (
+JOIN organizations o ON o.id = k.organization_id{_window_sums("k")}CROSS JOIN LATERAL (
     SELECT sum(p.requests) AS requests, sum(p.prompt_tokens) AS prompt_tokens,
            sum(p.completion_tokens) AS completion_tokens, sum(p.total_tokens) AS total_tokens, sum(p.cost) AS cost,
            sum(p.latency) AS latency_sum, count(p.latency) AS latency_count, sum(p.ttft) AS ttft_sum,
