@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -22,6 +23,7 @@ from service.api.customers import canonical_shape
 from service.domain.listing import CustomerFilter, ListQuery, Position, Sort, condition
 from service.infra.migrate import migrate
 from service.infra.settings import DEFAULT_MIGRATIONS_DIR
+from service.store import usage as usage_store
 from service.store.customers import _get_sql
 from service.store.housekeeping import analyze_stale
 from service.store.listing import SORT_FIELDS, list_sql
@@ -32,7 +34,12 @@ from tests.support import BASE_DSN, with_database
 pytestmark = pytest.mark.services
 
 CUSTOMERS = 30_000
-TABLES = ("customers", "customer_usage")
+TABLES = ("customers", "customer_usage", "daily_usage", "daily_model_usage")
+# A bound on any one read here (each takes milliseconds to a second): a quadratic plan runs
+# for minutes, and reports it by running out of this.
+TIMEOUT = "60s"
+# Days of usage each customer has (two in three of them, each day), ending today.
+DAYS = 10
 
 LOAD = """
 INSERT INTO customers (organization_id, environment, customer_identifier, name, email, status, created_at, updated_at)
@@ -48,6 +55,18 @@ UPDATE customer_usage SET first_seen = now() - interval '30 days', last_active =
     ttft_sum = random(), ttft_count = 3
 WHERE organization_id = $1
 """
+DAILY = f"""
+INSERT INTO daily_usage (organization_id, customer_id, day, requests, total_tokens, cost, latency_sum, latency_count)
+SELECT c.organization_id, c.id, current_date - k, 3, 100, round((random() * 10)::numeric, 6), 1, 1
+FROM customers c, generate_series(0, {DAYS - 1}) k WHERE c.organization_id = $1 AND (hashtext(c.id::text) + k) % 3 <> 0
+"""
+MODELS = """
+INSERT INTO daily_model_usage (organization_id, customer_id, day, model, provider, requests, total_tokens, cost)
+SELECT d.organization_id, d.customer_id, d.day,
+       (ARRAY['gpt-4o', 'claude', 'llama'])[1 + abs(hashtext(d.customer_id::text)) % 3], 'p',
+       d.requests, d.total_tokens, d.cost
+FROM daily_usage d WHERE d.organization_id = $1
+"""
 
 
 @pytest.fixture
@@ -60,15 +79,17 @@ async def never_analyzed() -> AsyncIterator[tuple[asyncpg.Connection, uuid.UUID]
     dsn = with_database(BASE_DSN, name)
     try:
         await migrate(dsn, DEFAULT_MIGRATIONS_DIR)
-        conn = await asyncpg.connect(dsn)
+        conn = await asyncpg.connect(dsn, server_settings={"statement_timeout": TIMEOUT})
         try:
             for table in TABLES:
                 await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
             org = await conn.fetchval("INSERT INTO organizations (name) VALUES ('stats') RETURNING id")
             await conn.execute(LOAD, org, CUSTOMERS)
             await conn.execute(USAGE, org)
-            # As a fresh install leaves them: customers never analyzed, customer_usage analyzed
-            # while empty (by its migration); neither knows of the load.
+            await conn.execute(DAILY, org)
+            await conn.execute(MODELS, org)
+            # As a fresh install leaves them: never analyzed, or analyzed while empty (by a
+            # migration); none knows of the load.
             known = await conn.fetch("SELECT relname, reltuples FROM pg_class WHERE relname = ANY($1)", list(TABLES))
             assert len(known) == len(TABLES) and all(r["reltuples"] <= 0 for r in known), known
             yield conn, org
@@ -79,31 +100,50 @@ async def never_analyzed() -> AsyncIterator[tuple[asyncpg.Connection, uuid.UUID]
         await admin.close()
 
 
-def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    out = [plan]
+def nodes(plan: dict[str, Any], processes: int = 1) -> list[tuple[dict[str, Any], int]]:
+    """Each node of ``plan`` and the processes running it: below a Gather, its workers and
+    the leader, each of which runs the node once (one loop each) or reads a share of it."""
+    out = [(plan, processes)]
+    if plan["Node Type"] in ("Gather", "Gather Merge"):
+        processes = plan.get("Workers Launched", 0) + 1
     for child in plan.get("Plans", []):
-        out.extend(nodes(child))
+        out.extend(nodes(child, processes))
     return out
 
 
-def scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    return [n for n in nodes(plan) if "Relation Name" in n]
+def scans(plan: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
+    return [(n, k) for n, k in nodes(plan) if "Relation Name" in n]
 
 
-def problems(plan: dict[str, Any], page_rows: int | None) -> list[str]:
+def problems(plan: dict[str, Any], page_rows: int | None, sizes: dict[str, int]) -> list[str]:
     """What makes a plan's cost grow with the organization instead of the page (for an
-    unfiltered read, ``page_rows``: no table is probed more often than the page has rows)."""
+    unfiltered read, ``page_rows``: no table is probed more often than the page has rows),
+    or faster than the organization: no table's rows read more than three times over
+    (``sizes``: each table's rows; a count, a bounded count of matches and the page may each
+    pass over it once), besides the page's own probes."""
     found = []
-    for n in scans(plan):
+    read: dict[str, float] = {}
+    for n, processes in scans(plan):
         loops, index = n.get("Actual Loops", 1), n.get("Index Name", "")
         where = f"{n['Node Type']} on {n['Relation Name']} {index} x{loops}"
-        if loops > 1 and not (
+        if loops > processes and not (
             index.endswith("_pkey") or index == "customers_organization_id_environment_customer_identifier_key"
         ):
             found.append(f"a scan repeated per row that is not a primary-key probe: {where}")
         if page_rows is not None and loops > page_rows + 1:
             found.append(f"more probes than the page has rows: {where}")
+        # EXPLAIN gives rows per loop (returned, and removed by a filter or a recheck).
+        per_loop = sum(n.get(k, 0) for k in ("Actual Rows", "Rows Removed by Filter", "Rows Removed by Index Recheck"))
+        read[n["Relation Name"]] = read.get(n["Relation Name"], 0) + per_loop * loops
+    for table, rows in read.items():
+        if rows > 3 * sizes.get(table, 0) + PAGE_PROBES:
+            found.append(f"{table}: {rows:.0f} rows read, {sizes.get(table, 0)} in the table")
     return found
+
+
+# Rows a read may take from a table besides one pass over it: its page's probes (a
+# 1,000-row page picked, rendered, and its usage and parent probed) and their days.
+PAGE_PROBES = 30 * 1001
 
 
 async def explain(conn: asyncpg.Connection, sql: str, args: list[object]) -> dict[str, Any]:
@@ -162,6 +202,39 @@ def reads(org: uuid.UUID) -> list[tuple[str, str, list[object], int | None]]:
     return out
 
 
+def window_reads(org: uuid.UUID, today: date) -> list[tuple[str, str, list[object], int | None]]:
+    """Lists ranked inside a window (each customer's days in it aggregated: the whole
+    organization's window is read, once) and organization-wide usage reports."""
+    canonical = canonical_shape(False, False)
+
+    def window(days: int, **kw: Any) -> CustomerFilter:
+        return CustomerFilter(usage_from=today - timedelta(days=days - 1), usage_to=today, **kw)
+
+    def ranked(sort: Sort, f: CustomerFilter) -> tuple[str, list[object]]:
+        return list_sql(ListQuery(org, "prod", sort=sort, filter=f), canonical)
+
+    args = [org, "prod", today - timedelta(days=6), today, "day", None]
+    return [
+        ("3 days by -total_cost", *ranked(Sort("total_cost", True), window(3)), None),
+        # No kept sums are for this organization's day yet: the window is aggregated.
+        ("30 days by -total_cost", *ranked(Sort("total_cost", True), window(30)), None),
+        ("3 days with usage, by name", *ranked(Sort("name"), window(3, usage_only=True)), None),
+        (
+            "7 days, a model, by -number_of_requests",
+            *ranked(Sort("number_of_requests", True), window(7, models=("claude",))),
+            None,
+        ),
+        (
+            "7 days, cost range, by -total_tokens",
+            *ranked(Sort("total_tokens", True), window(7, total_cost_gte=Decimal("20"))),
+            None,
+        ),
+        ("usage per day", usage_store.TOTALS, args, None),
+        ("usage per customer", usage_store.BY_CUSTOMER, [*args, None, 100], None),
+        ("usage per model", usage_store.GROUPED["model"], [*args, None, 10], None),
+    ]
+
+
 async def cursor_pages(conn: asyncpg.Connection, org: uuid.UUID) -> list[tuple[str, str, list[object], int | None]]:
     """The second page by each sort field, after the first."""
     out = []
@@ -181,11 +254,18 @@ async def test_reads_probe_by_primary_key_whatever_the_statistics(
 ) -> None:
     conn, org = never_analyzed
     if analyzed:
-        await conn.execute("ANALYZE customers, customer_usage")
+        await conn.execute(f"ANALYZE {', '.join(TABLES)}")
+    sizes = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in TABLES}
+    today = await conn.fetchval("SELECT current_date")
     found = {}
-    for name, sql, args, rows in [*reads(org), *await cursor_pages(conn, org)]:
-        plan = await explain(conn, sql, args)
-        if trouble := problems(plan, rows):
+    for name, sql, args, rows in [*reads(org), *window_reads(org, today), *await cursor_pages(conn, org)]:
+        try:
+            plan = await explain(conn, sql, args)
+        except asyncpg.QueryCanceledError:
+            # A read that takes the whole statement timeout here is the plan these checks are for.
+            found[name] = [f"ran past the statement timeout ({TIMEOUT})"]
+            continue
+        if trouble := problems(plan, rows, sizes):
             found[name] = trouble
     assert not found, found
 

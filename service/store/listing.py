@@ -208,23 +208,43 @@ def _table(alias: str, f: CustomerFilter) -> str:
     return WINDOW if alias == "u" and f.windowed else TABLES[alias]
 
 
+# daily_usage's sums, by type (for the typed nulls of the profile rows in :func:`window_sql`).
+_SUM_TYPES = {"cost": "numeric", "latency_sum": "float8", "ttft_sum": "float8"}
+
+
 def window_sql(q: ListQuery, p: _Params) -> str:
-    """``WITH usage_in_window AS (...)`` for a windowed query, else nothing."""
+    """``WITH usage_in_window AS (...)`` for a windowed query, else nothing.
+
+    The relation is one aggregation over the organization's usage rows and their days in
+    the window, appended: no join, so no plan can read one side once per
+    row of the other, whatever the statistics (a join to the aggregated window, on tables
+    never analyzed, was planned as a nested loop re-aggregating the window for every
+    customer: minutes for 30,000). A condition on the customer (a probe by key) reaches both
+    sides of the append, so a probe reads one customer's row and days."""
     f = q.filter
     if not f.windowed:
         return ""
-    sums = ", ".join(f"sum(d.{s}) AS {s}" for s in USAGE_SUMS)
-    columns = ", ".join(f"coalesce(w.{s}, 0) AS {name}" for s, name in zip(USAGE_SUMS, LIFETIME_SUMS, strict=True))
-    join = "JOIN" if f.usage_only else "LEFT JOIN"
+    org = p(q.organization_id)
+    nulls = ", ".join(f"NULL::{_SUM_TYPES.get(s, 'int8')} AS {s}" for s in USAGE_SUMS)
+    days = ", ".join(f"d.{s}" for s in USAGE_SUMS)
+    sums = ", ".join(f"coalesce(sum(w.{s}), 0) AS {name}" for s, name in zip(USAGE_SUMS, LIFETIME_SUMS, strict=True))
+    # Every customer has a usage row (migration 0007), which has its environment: days without
+    # one are a deleted customer's. The profile side is not filtered by environment: only its
+    # primary key, then, can serve a probe by key (on statistics that predate a load, a sort
+    # index on organization and environment was taken, walking the environment per probe).
+    having = "count(w.environment) > 0" + (" AND count(w.day) > 0" if f.usage_only else "")
     return (
-        f"WITH {WINDOW} AS NOT MATERIALIZED (SELECT lu.organization_id, lu.environment, lu.id, lu.first_seen,"
-        f" lu.last_active, coalesce(w.active_days, 0) AS active_days, {columns},"
-        " CASE WHEN w.latency_count > 0 THEN w.latency_sum / w.latency_count END AS average_latency,"
-        " CASE WHEN w.ttft_count > 0 THEN w.ttft_sum / w.ttft_count END AS average_ttft"
-        f" FROM customer_usage lu {join} (SELECT d.organization_id, d.customer_id, count(*) AS active_days, {sums}"
-        f" FROM daily_usage d WHERE d.organization_id = {p(q.organization_id)}"
-        f" AND d.day BETWEEN {p(f.usage_from)} AND {p(f.usage_to)} GROUP BY d.organization_id, d.customer_id) w"
-        " ON w.organization_id = lu.organization_id AND w.customer_id = lu.id) "
+        f"WITH {WINDOW} AS NOT MATERIALIZED (SELECT w.organization_id, max(w.environment) AS environment, w.id,"
+        " max(w.first_seen) AS first_seen, max(w.last_active) AS last_active, count(w.day) AS active_days,"
+        f" {sums},"
+        " CASE WHEN sum(w.latency_count) > 0 THEN sum(w.latency_sum) / sum(w.latency_count) END AS average_latency,"
+        " CASE WHEN sum(w.ttft_count) > 0 THEN sum(w.ttft_sum) / sum(w.ttft_count) END AS average_ttft"
+        " FROM (SELECT lu.organization_id, lu.environment, lu.id, lu.first_seen, lu.last_active, NULL::date AS day,"
+        f" {nulls} FROM customer_usage lu WHERE lu.organization_id = {org}"
+        f" UNION ALL SELECT d.organization_id, NULL, d.customer_id, NULL, NULL, d.day, {days}"
+        f" FROM daily_usage d WHERE d.organization_id = {org}"
+        f" AND d.day BETWEEN {p(f.usage_from)} AND {p(f.usage_to)}) w"
+        f" GROUP BY w.organization_id, w.id HAVING {having}) "
     )
 
 
