@@ -64,10 +64,12 @@ async def housekeeping_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def webhooks_context(app: web.Application) -> AsyncIterator[None]:
-    # Beside a consumer, its commits wake the dispatcher; alone (`tally webhooks`), it polls.
+    # Beside a consumer, its commits wake the dispatcher, and it yields to the fold while the
+    # fold has a backlog; alone (`tally webhooks`), it polls.
     consumer = app.get(CONSUMER)
     wake = consumer.committed if consumer is not None else None
-    dispatcher = Dispatcher(app[SETTINGS], app[POOL], app[WEBHOOK_SHAPE], wake=wake)
+    behind = (lambda: consumer.backlogged) if consumer is not None else (lambda: False)
+    dispatcher = Dispatcher(app[SETTINGS], app[POOL], app[WEBHOOK_SHAPE], wake=wake, behind=behind)
     async with running(dispatcher):
         yield
 

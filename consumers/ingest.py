@@ -29,6 +29,7 @@ made and published: consumers/batch.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -39,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from consumers.batch import Batch, DeadLetter, Received, encode_event, event_ids, internal_error, publish_dead_letters
 from service.domain.events import Event, Rejection
@@ -68,6 +69,9 @@ DRAIN_GRACE = 10.0
 # (a consumer stuck on one batch stops ingestion as surely as one that exits).
 CLIENT_ERROR_TRIES = 3
 PROBE_TIMEOUT = 2.0
+# How often the consumer reads its queue's depth (a passive declare, on a channel of its own):
+# how far behind the fold is, which the webhook dispatcher beside it yields to.
+DEPTH_EVERY = 1.0
 
 
 class Inbox:
@@ -117,9 +121,18 @@ class Consumer:
         # Set after each fold's commit: wakes this process's webhook dispatcher.
         self.committed = asyncio.Event()
         self.started_consuming = asyncio.Event()
+        # Messages ready in the ingest queue (not yet handed to any consumer), as last read.
+        self.waiting = 0
         # Loaded on first use when TALLY_AMQP_PUBLISHERS binds publishers to organizations.
         self.binding: PublisherBinding | None = None
         self.own_users = frozenset(amqp_user(url) for url in broker_urls(settings.amqp_url))
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether the fold is behind: more messages wait in its queue than its prefetch lets
+        it hold (the prefetch window alone never filled on two cores: the broker, this loop
+        and the database share them). The webhook dispatcher beside it yields meanwhile."""
+        return self.waiting >= self.settings.prefetch
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -166,6 +179,7 @@ class Consumer:
         connection.close_callbacks.add(lambda *_: lost.set())
         inbox = Inbox()
         inflight: asyncio.Task[None] | None = None  # the batch being folded, dead-lettered, acked
+        depth: asyncio.Task[None] | None = None
         try:
             channel = await connection.channel(publisher_confirms=True)
             channel.close_callbacks.add(lambda *_: lost.set())
@@ -178,6 +192,7 @@ class Consumer:
                 metrics.IN_FLIGHT.inc()
 
             tag = await topology.ingest.consume(on_message, no_ack=False)
+            depth = asyncio.create_task(self._watch_depth(connection), name="tally-queue-depth")
             self.started_consuming.set()
             self.sessions += 1
             self.connected.set()
@@ -206,6 +221,9 @@ class Consumer:
                 await self._process(rest, topology)
             log.info("drained; all received messages committed and acked")
         finally:
+            if depth is not None:
+                depth.cancel()
+                await asyncio.gather(depth, return_exceptions=True)
             if inflight is not None and not inflight.done():
                 # Leaving on a failure: the batch in flight is abandoned unacked (the broker
                 # redelivers it; if its fold committed, the dedupe keys absorb it).
@@ -216,6 +234,26 @@ class Consumer:
             metrics.IN_FLIGHT.set(0)
             if not connection.is_closed:
                 await connection.close()
+
+    async def _watch_depth(self, connection: AbstractConnection) -> None:
+        """Read the ingest queue's ready messages every DEPTH_EVERY until cancelled. A passive
+        declare that fails closes only its own channel: the depth then reads as none."""
+        try:
+            channel = await connection.channel()
+            try:
+                while True:
+                    queue = await channel.declare_queue(self.names.ingest, passive=True)
+                    self.waiting = queue.declaration_result.message_count or 0
+                    await asyncio.sleep(DEPTH_EVERY)
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("queue depth unavailable", extra={"error": repr(exc)})
+        finally:
+            self.waiting = 0
 
     async def _collect(self, inbox: Inbox, lost: asyncio.Event, inflight: asyncio.Task[None] | None) -> Batch:
         """The next batch, validated as it is taken (returned empty when no delivery came

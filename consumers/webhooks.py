@@ -67,6 +67,11 @@ LEASE_MARGIN = 5.0
 # single-event messages commits many small batches a second, and a round after each (a few
 # statements per endpoint) competed with the fold for the same cores.
 MATERIALIZE_GAP = 0.5
+# While the fold beside it has a backlog, the dispatcher yields (TALLY_WEBHOOK_YIELD_RATE): it
+# makes deliveries this far apart at most (a customer's updates in between become one), and
+# looks this often whether its ration lets it send more.
+YIELD_MATERIALIZE_GAP = 5.0
+YIELD_TICK = 0.1
 BACKLOG_EVERY = 5.0
 PURGE_EVERY = 600.0
 
@@ -109,9 +114,16 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
         ahead: int = MATERIALIZE_AHEAD,
+        behind: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.ahead = ahead
+        # Whether the fold of this process has a backlog (consumers/ingest.py Consumer.backlogged).
+        self.behind = behind
+        # While yielding: the deliveries it may still send, refilled at the yield rate (a
+        # second's worth at most), and when it was last refilled.
+        self._ration = float(settings.webhook_yield_rate)
+        self._rationed_at = clock()
         self.pool = pool
         self.shape = shape
         self.wake = wake or asyncio.Event()  # set by commits: events to make into deliveries
@@ -152,6 +164,8 @@ class Dispatcher:
         last_backlog = last_purge = last_made = -float("inf")
         while True:
             busy = False
+            yielding = self.behind()
+            gap = YIELD_MATERIALIZE_GAP if yielding else MATERIALIZE_GAP
             try:
                 # Deliveries are made after commits (at most one round per MATERIALIZE_GAP) or
                 # a poll's worth of time (commits of other processes), not after every attempt
@@ -159,10 +173,10 @@ class Dispatcher:
                 # second while a backlog was sent. A round makes all there is to make but for
                 # endpoints whose receivers are behind (MATERIALIZE_AHEAD).
                 since = time.monotonic() - last_made
-                if (self.wake.is_set() and since >= MATERIALIZE_GAP) or since >= self.settings.webhook_poll_seconds:
+                if (self.wake.is_set() and since >= gap) or since >= max(gap, self.settings.webhook_poll_seconds):
                     self.wake.clear()
                     last_made = time.monotonic()
-                    busy = await self.materialize() > 0
+                    busy = await self.materialize(yielding=yielding) > 0
                 self.room.clear()
                 busy = await self.send_due(wait=False) > 0 or busy
                 if time.monotonic() - last_backlog >= BACKLOG_EVERY:
@@ -177,26 +191,32 @@ class Dispatcher:
                 else:
                     log.exception("webhooks failed")
             if not busy:
+                # Yielding, it looks every YIELD_TICK whether its ration lets it send more.
+                tick = YIELD_TICK if yielding else float("inf")
                 if self.wake.is_set():  # a commit heard too soon after the last round
-                    await wait_any([self.room], max(0.0, MATERIALIZE_GAP - (time.monotonic() - last_made)))
+                    await wait_any([self.room], min(tick, max(0.0, gap - (time.monotonic() - last_made))))
                 else:
-                    await wait_any([self.wake, self.room], self.settings.webhook_poll_seconds)
+                    await wait_any([self.wake, self.room], min(tick, self.settings.webhook_poll_seconds))
 
     async def step(self) -> int:
         """One whole turn, attempts awaited: what tests drive. How many deliveries it made and sent."""
-        made = await self.materialize()
+        made = await self.materialize(yielding=self.behind())
         return made + await self.send_due(wait=True)
 
-    async def materialize(self) -> int:
+    async def materialize(self, *, yielding: bool = False) -> int:
         """Turn every endpoint's new events into deliveries; how many were made. Endpoints go
         a chunk each per round, in step, so that those of one environment share the round's
-        read of the feed (store.materialize ``pages``); a round keeps only its own pages."""
+        read of the feed (store.materialize ``pages``); a round keeps only its own pages.
+        ``yielding``: an endpoint gets at most a second's ration made, and none while it has
+        that many pending (unless its backlog is old)."""
         settings = self.settings
+        ahead = min(self.ahead, int(settings.webhook_yield_rate)) if yielding else self.ahead
+        chunk = min(MATERIALIZE_CHUNK, ahead) if yielding else MATERIALIZE_CHUNK
         made = 0
         async with self.pool.acquire(timeout=settings.db_connect_timeout) as conn:
 
             async def with_room() -> list[tuple[UUID, UUID]]:
-                return await store.endpoints_with_work(conn, self.ahead, self.now() - MATERIALIZE_AHEAD_AGE)
+                return await store.endpoints_with_work(conn, ahead, self.now() - MATERIALIZE_AHEAD_AGE)
 
             pending = await with_room()
             while pending:
@@ -212,7 +232,7 @@ class Dispatcher:
                         self.shape,
                         now,
                         now + timedelta(hours=settings.webhook_retry_hours),
-                        limit=MATERIALIZE_CHUNK,
+                        limit=chunk,
                         pages=pages,
                         rendered=rendered,
                     )
@@ -239,10 +259,16 @@ class Dispatcher:
         # would cost more than the attempts.
         if room <= 0 or (self._sending and room < max(1, concurrency // 2)):
             return 0
+        yielding = self.behind()
+        room = min(room, self._rationed(yielding))
+        if room <= 0:
+            return 0
         now = self.now()
         lease = now + timedelta(seconds=self.settings.webhook_timeout_seconds + LEASE_MARGIN)
         async with self.pool.acquire(timeout=self.settings.db_connect_timeout) as conn:
             claimed = await store.claim(conn, now, lease, room)
+        if yielding:
+            self._ration -= len(claimed)
         tasks = [asyncio.create_task(self.attempt(c), name="tally-webhook") for c in claimed]
         for task in tasks:
             self._sending.add(task)
@@ -250,6 +276,17 @@ class Dispatcher:
         if wait:
             await asyncio.gather(*tasks)
         return len(claimed)
+
+    def _rationed(self, yielding: bool) -> int:
+        """How many deliveries it may send now: while ``yielding``, what its ration holds
+        (TALLY_WEBHOOK_YIELD_RATE a second, a second's worth saved at most); else no bound,
+        and the ration is full for the next backlog."""
+        rate = self.settings.webhook_yield_rate
+        now = self.clock()
+        self._ration = min(rate, self._ration + max(0.0, now - self._rationed_at) * rate) if yielding else rate
+        self._rationed_at = now
+        metrics.WEBHOOK_YIELDING.set(1 if yielding else 0)
+        return int(self._ration) if yielding else self.settings.webhook_concurrency
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)

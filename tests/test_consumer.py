@@ -264,6 +264,33 @@ async def test_crash_between_commit_and_ack_is_absorbed(settings, pool, broker, 
     assert_totals(expected(events), await actual(pool, [org.name]))
 
 
+async def test_the_consumer_sees_a_backlog_in_its_queue(settings, pool, broker, org: Org) -> None:
+    """Behind (the webhook dispatcher beside it yields then) while more messages wait in the
+    ingest queue than its prefetch lets it hold, read from the queue itself; not once they
+    are folded."""
+    gate = asyncio.Event()
+
+    async def held() -> None:  # the first batch commits, then the fold waits here
+        await gate.wait()
+
+    events = [usage(org.name, f"backlog{i}") for i in range(40)]
+    for e in events:
+        await broker.publish(e)
+    with failpoints.arm("consumer.after_commit", held):
+        async with running_consumer(settings, pool, broker, prefetch=5) as consumer:
+
+            async def behind() -> bool:
+                return consumer.backlogged
+
+            async def caught_up() -> bool:
+                return not consumer.backlogged
+
+            await wait_until(behind, what="the backlog seen")
+            gate.set()
+            await settle(pool, broker, [org.name], events)
+            await wait_until(caught_up, what="the backlog folded")
+
+
 async def _event_set(event: asyncio.Event) -> bool:
     return event.is_set()
 

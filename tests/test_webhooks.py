@@ -842,3 +842,42 @@ async def test_deliveries_are_made_as_the_receiver_takes_them_unless_the_backlog
         await steps_until(d, all_sent, "room again once the receiver took them")
     finally:
         await d.close()
+
+
+async def test_while_the_fold_has_a_backlog_deliveries_are_made_and_sent_at_the_yield_rate(
+    private_settings: Settings, pool: asyncpg.Pool, org: Org, receiver: Receiver
+) -> None:
+    """Beside a fold that is behind, the dispatcher sends TALLY_WEBHOOK_YIELD_RATE deliveries a
+    second at most (a second's worth saved) and makes no more than that ahead; once the fold
+    has caught up, the rest go at once."""
+    await _endpoint(pool, org, f"{receiver.url}/hook", ["customer.created"])
+    behind = True
+    clock = Clock()
+    settings = private_settings.model_copy(update={"webhook_yield_rate": 3})
+    d = Dispatcher(settings, pool, webhook_shape(), clock=clock, jitter=lambda: 0.0, behind=lambda: behind)
+    try:
+        idents = [uid("busy") for _ in range(10)]
+        async with pool.acquire() as conn:
+            await fold_events(conn, *(usage(org.name, ident) for ident in idents))
+
+        async def readable() -> bool:  # every change below the horizon: a round could take them all
+            async with pool.acquire() as conn:
+                page = await read_feed(conn, org.id, "prod", Cursor(Position(0)), 100, webhook_shape())
+            return len(page.changes) == 10
+
+        await wait_until(readable, what="the changes readable")
+        await d.step()
+        assert len(receiver.events()) == 3  # the ration: a second's worth
+        assert metric("tally_webhook_yielding") == 1
+        await d.step()
+        assert len(receiver.events()) == 3  # spent, and no time has passed
+        clock.advance(1.0)
+        await d.step()
+        assert len(receiver.events()) == 6
+
+        behind = False  # caught up: no ration
+        await steps_until(d, lambda: len(receiver.events()) == 10, "the rest sent at once")
+        assert metric("tally_webhook_yielding") == 0
+        assert sorted(e["data"]["customer_identifier"] for e in receiver.events()) == sorted(idents)
+    finally:
+        await d.close()

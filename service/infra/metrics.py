@@ -109,6 +109,11 @@ WEBHOOK_DELIVERIES = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+WEBHOOK_YIELDING = Gauge(
+    "tally_webhook_yielding",
+    "1 while this process's webhook dispatcher yields to a fold with a backlog (TALLY_WEBHOOK_YIELD_RATE), else 0.",
+    registry=REGISTRY,
+)
 WEBHOOK_OLDEST_PENDING = Gauge(
     "tally_webhook_oldest_pending_seconds",
     "Age of the oldest pending webhook delivery of an enabled endpoint (0 when none; every consumer exports it).",

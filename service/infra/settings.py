@@ -278,6 +278,15 @@ class Settings(BaseSettings):
         le=1000,
         description="Webhook deliveries each consumer process sends at once at most.",
     )
+    webhook_yield_rate: float = Field(
+        default=50,
+        ge=1,
+        le=100_000,
+        description="Webhook deliveries a second each consumer process sends at most while its fold has a backlog "
+        "(more messages ready in the ingest queue than `TALLY_PREFETCH`), and deliveries are made from new events "
+        "only about as fast: the fold's events come first. At full speed again once the backlog is folded; "
+        "`tally_webhook_yielding` shows when.",
+    )
     webhook_delivery_retention_days: int = Field(
         default=30,
         ge=1,
