@@ -72,6 +72,7 @@ PROBE_TIMEOUT = 2.0
 # How often the consumer reads its queue's depth (a passive declare, on a channel of its own):
 # how far behind the fold is, which the webhook dispatcher beside it yields to.
 DEPTH_EVERY = 1.0
+DEPTH_RETRY = 10.0
 
 
 class Inbox:
@@ -132,7 +133,7 @@ class Consumer:
         """Whether the fold is behind: more messages wait in its queue than its prefetch lets
         it hold (the prefetch window alone never filled on two cores: the broker, this loop
         and the database share them). The webhook dispatcher beside it yields meanwhile."""
-        return self.waiting >= self.settings.prefetch
+        return self.waiting > self.settings.prefetch
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -237,23 +238,30 @@ class Consumer:
 
     async def _watch_depth(self, connection: AbstractConnection) -> None:
         """Read the ingest queue's ready messages every DEPTH_EVERY until cancelled. A passive
-        declare that fails closes only its own channel: the depth then reads as none."""
-        try:
-            channel = await connection.channel()
+        declare that fails (or takes longer than PROBE_TIMEOUT) closes only its own channel:
+        the depth reads as none until a new channel answers, tried every DEPTH_RETRY."""
+        warned = False
+        while True:
             try:
-                while True:
-                    queue = await channel.declare_queue(self.names.ingest, passive=True)
-                    self.waiting = queue.declaration_result.message_count or 0
-                    await asyncio.sleep(DEPTH_EVERY)
-            finally:
-                with contextlib.suppress(Exception):
-                    await channel.close()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.debug("queue depth unavailable", extra={"error": repr(exc)})
-        finally:
-            self.waiting = 0
+                channel = await asyncio.wait_for(connection.channel(), PROBE_TIMEOUT)
+                try:
+                    while True:
+                        declare = channel.declare_queue(self.names.ingest, passive=True)
+                        queue = await asyncio.wait_for(declare, PROBE_TIMEOUT)
+                        self.waiting = queue.declaration_result.message_count or 0
+                        await asyncio.sleep(DEPTH_EVERY)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+            except asyncio.CancelledError:
+                self.waiting = 0
+                raise
+            except Exception as exc:
+                self.waiting = 0
+                if not warned:  # once a session: the webhook dispatcher does not yield meanwhile
+                    log.warning("the ingest queue's depth is unavailable", extra={"error": repr(exc)})
+                    warned = True
+                await asyncio.sleep(DEPTH_RETRY)
 
     async def _collect(self, inbox: Inbox, lost: asyncio.Event, inflight: asyncio.Task[None] | None) -> Batch:
         """The next batch, validated as it is taken (returned empty when no delivery came

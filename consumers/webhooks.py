@@ -68,8 +68,8 @@ LEASE_MARGIN = 5.0
 # statements per endpoint) competed with the fold for the same cores.
 MATERIALIZE_GAP = 0.5
 # While the fold beside it has a backlog, the dispatcher yields (TALLY_WEBHOOK_YIELD_RATE): it
-# makes deliveries this far apart at most (a customer's updates in between become one), and
-# looks this often whether its ration lets it send more.
+# makes deliveries in one pass this far apart at most (a customer's updates in between become
+# one), and, while its ration is what holds it back, looks this often whether it may send more.
 YIELD_MATERIALIZE_GAP = 5.0
 YIELD_TICK = 0.1
 BACKLOG_EVERY = 5.0
@@ -124,6 +124,7 @@ class Dispatcher:
         # second's worth at most), and when it was last refilled.
         self._ration = float(settings.webhook_yield_rate)
         self._rationed_at = clock()
+        self._short = False  # the last claim was cut short by the ration (not by the room or by what was due)
         self.pool = pool
         self.shape = shape
         self.wake = wake or asyncio.Event()  # set by commits: events to make into deliveries
@@ -165,6 +166,7 @@ class Dispatcher:
         while True:
             busy = False
             yielding = self.behind()
+            metrics.WEBHOOK_YIELDING.set(1 if yielding else 0)
             gap = YIELD_MATERIALIZE_GAP if yielding else MATERIALIZE_GAP
             try:
                 # Deliveries are made after commits (at most one round per MATERIALIZE_GAP) or
@@ -191,8 +193,8 @@ class Dispatcher:
                 else:
                     log.exception("webhooks failed")
             if not busy:
-                # Yielding, it looks every YIELD_TICK whether its ration lets it send more.
-                tick = YIELD_TICK if yielding else float("inf")
+                # Held back by its ration, it looks every YIELD_TICK whether it may send more.
+                tick = YIELD_TICK if yielding and self._short else float("inf")
                 if self.wake.is_set():  # a commit heard too soon after the last round
                     await wait_any([self.room], min(tick, max(0.0, gap - (time.monotonic() - last_made))))
                 else:
@@ -207,10 +209,12 @@ class Dispatcher:
         """Turn every endpoint's new events into deliveries; how many were made. Endpoints go
         a chunk each per round, in step, so that those of one environment share the round's
         read of the feed (store.materialize ``pages``); a round keeps only its own pages.
-        ``yielding``: an endpoint gets at most a second's ration made, and none while it has
-        that many pending (unless its backlog is old)."""
+        ``yielding``: one pass, in which an endpoint gets at most what the ration sends until
+        the next pass made, and nothing while it has that many pending (unless its backlog is
+        old: then that many per pass, so a long backlog costs the fold no more than a short one)."""
         settings = self.settings
-        ahead = min(self.ahead, int(settings.webhook_yield_rate)) if yielding else self.ahead
+        paced = int(settings.webhook_yield_rate * YIELD_MATERIALIZE_GAP)
+        ahead = min(self.ahead, paced) if yielding else self.ahead
         chunk = min(MATERIALIZE_CHUNK, ahead) if yielding else MATERIALIZE_CHUNK
         made = 0
         async with self.pool.acquire(timeout=settings.db_connect_timeout) as conn:
@@ -244,10 +248,10 @@ class Dispatcher:
                         )
                     if done.more:
                         more.append((organization_id, endpoint_id))
-                if more:  # those that filled their room this round wait for their receiver
+                if more and not yielding:  # those that filled their room this round wait for their receiver
                     room = set(await with_room())
                     more = [e for e in more if e in room]
-                pending = more
+                pending = more if not yielding else []
         return made
 
     async def send_due(self, *, wait: bool) -> int:
@@ -260,7 +264,9 @@ class Dispatcher:
         if room <= 0 or (self._sending and room < max(1, concurrency // 2)):
             return 0
         yielding = self.behind()
-        room = min(room, self._rationed(yielding))
+        rationed = self._rationed(yielding)
+        self._short = yielding and rationed < room
+        room = min(room, rationed)
         if room <= 0:
             return 0
         now = self.now()
@@ -269,6 +275,7 @@ class Dispatcher:
             claimed = await store.claim(conn, now, lease, room)
         if yielding:
             self._ration -= len(claimed)
+            self._short = self._short and len(claimed) == room  # else nothing more was due
         tasks = [asyncio.create_task(self.attempt(c), name="tally-webhook") for c in claimed]
         for task in tasks:
             self._sending.add(task)
@@ -285,7 +292,6 @@ class Dispatcher:
         now = self.clock()
         self._ration = min(rate, self._ration + max(0.0, now - self._rationed_at) * rate) if yielding else rate
         self._rationed_at = now
-        metrics.WEBHOOK_YIELDING.set(1 if yielding else 0)
         return int(self._ration) if yielding else self.settings.webhook_concurrency
 
     def _ended(self, task: asyncio.Task[None]) -> None:
