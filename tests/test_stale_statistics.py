@@ -141,9 +141,10 @@ def problems(plan: dict[str, Any], page_rows: int | None, sizes: dict[str, int])
     return found
 
 
-# Rows a read may take from a table besides one pass over it: its page's probes (a
-# 1,000-row page picked, rendered, and its usage and parent probed) and their days.
-PAGE_PROBES = 30 * 1001
+# Rows a read may take from a table besides its passes over it: its page's probes (a 1,000-row
+# page picked, rendered, and its usage probed: three times its rows), and a windowed page's
+# days (its 51 customers' days, picked and rendered).
+PAGE_PROBES = 3 * 1001 + 2 * 51 * DAYS
 
 
 async def explain(conn: asyncpg.Connection, sql: str, args: list[object]) -> dict[str, Any]:
