@@ -248,10 +248,12 @@ class Dispatcher:
                         )
                     if done.more:
                         more.append((organization_id, endpoint_id))
-                if more and not yielding:  # those that filled their room this round wait for their receiver
+                if yielding:  # one pass while the fold is behind
+                    break
+                if more:  # those that filled their room this round wait for their receiver
                     room = set(await with_room())
                     more = [e for e in more if e in room]
-                pending = more if not yielding else []
+                pending = more
         return made
 
     async def send_due(self, *, wait: bool) -> int:

@@ -13,6 +13,7 @@ import asyncpg
 
 from service.store import alerts as store
 from service.store import auth
+from service.store.db import session_lock
 from tests.factories import Org, make_org
 from tests.support import uid
 from tests.test_budget_resets import at, budget, fold_at, spend
@@ -135,12 +136,9 @@ async def test_the_mark_moves_over_each_period_end_once_and_one_process_looks_at
             assert await pool.fetchval("SELECT checked_to FROM budget_recovery_mark") == later - settle
             assert await store.recover(conn, settle, later + timedelta(minutes=1)) is not None
             assert len(await recoveries(pool, org)) == 1
-            async with pool.acquire() as other:
-                assert await other.fetchval(store.TRY_LOCK)
-                try:
-                    assert await store.recover(conn, settle, later + timedelta(minutes=2)) is None
-                finally:
-                    await other.fetchval(store.UNLOCK)
+            async with pool.acquire() as other, session_lock(other, store.RECOVERY_LOCK) as taken:
+                assert taken
+                assert await store.recover(conn, settle, later + timedelta(minutes=2)) is None
     finally:
         await pool.execute("UPDATE budget_recovery_mark SET checked_to = $1", mark)
 

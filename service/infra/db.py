@@ -35,8 +35,9 @@ class TallyConnection(asyncpg.Connection):
 
     The default reset (unlock advisory locks, CLOSE ALL, UNLISTEN *, RESET ALL) costs a
     round trip on every release, ~10 % of a list request here. tally's pooled connections
-    never keep session state: no session advisory locks (the migrator uses its own
-    connection), no LISTEN, no SET, no cursors outside transactions. An open transaction
+    never keep session state past their use: session advisory locks only through
+    ``service/store/db.py`` ``session_lock``, which releases them or closes the connection (the
+    migrator uses its own connection), no LISTEN, no SET, no cursors outside transactions. An open transaction
     is still rolled back on release (asyncpg does that regardless of the reset query).
     """
 

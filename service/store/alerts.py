@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from service.store.db import Connection
+from service.store.db import Connection, session_lock
 
 ALERT_ROUTING_KEY = "alert.budget"
 ALERT_TYPE = "budget.threshold_crossed"
@@ -129,8 +129,7 @@ ON CONFLICT DO NOTHING
 """
 
 # One consumer process looks at a time (a session lock, tried: another skips its turn).
-TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('tally-budget-recoveries', 0))"
-UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('tally-budget-recoveries', 0))"
+RECOVERY_LOCK = "tally-budget-recoveries"
 READ_MARK = "SELECT checked_to FROM budget_recovery_mark"
 MOVE_MARK = "UPDATE budget_recovery_mark SET checked_to = $1"
 
@@ -165,9 +164,9 @@ async def recover(conn: Connection, settle: timedelta, now: datetime | None = No
     if now is None:
         now = await conn.fetchval("SELECT now()")
     until = now - settle
-    if not await conn.fetchval(TRY_LOCK):
-        return None
-    try:
+    async with session_lock(conn, RECOVERY_LOCK) as taken:
+        if not taken:
+            return None
         recorded = 0
         while True:
             since = await conn.fetchval(READ_MARK)
@@ -178,8 +177,6 @@ async def recover(conn: Connection, settle: timedelta, now: datetime | None = No
             # primary key), and the next look starts where this one did.
             recorded += await record_recoveries(conn, since, step, now)
             await conn.execute(MOVE_MARK, step)
-    finally:
-        await conn.fetchval(UNLOCK)
 
 
 def recovery_event(row: asyncpg.Record) -> dict[str, object]:

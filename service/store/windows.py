@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from uuid import UUID
 
-from service.store.db import Connection
+from service.store.db import Connection, session_lock
 
 # Organizations whose mark is not the local day of ($1 - $2; $1 by default the database's
 # time, the clock the fold's days are taken by): due for a roll to that day.
@@ -63,10 +63,6 @@ FROM unnest($3::uuid[], $4::numeric[], $5::numeric[], $6::numeric[]) AS n(id, co
 WHERE u.organization_id = $1 AND u.id = n.id
 """
 
-# One process rolls an organization at a time (every consumer runs housekeeping): a session
-# lock on the organization, tried, held across the chunks' transactions.
-TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('tally-window-roll:' || $1::uuid::text, 0))"
-UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('tally-window-roll:' || $1::uuid::text, 0))"
 
 PLAN = (
     "plan_cache_mode = force_custom_plan",
@@ -101,10 +97,11 @@ async def due(conn: Connection, settle: timedelta, now: datetime | None = None) 
 async def roll(conn: Connection, organization_id: UUID, day: date, *, chunk: int = CHUNK) -> Rolled | None:
     """Move every customer of the organization to its window sums for ``day``, a chunk per
     transaction (locked, read, the sums that moved written), then mark the organization's day;
-    None when another process is rolling it."""
-    if not await conn.fetchval(TRY_LOCK, organization_id):
-        return None
-    try:
+    None when another process is rolling it (every consumer runs housekeeping: a session lock
+    on the organization, tried, held across the chunks' transactions)."""
+    async with session_lock(conn, f"tally-window-roll:{organization_id}") as taken:
+        if not taken:
+            return None
         after = UUID(int=0)
         customers = changed = 0
         while True:
@@ -134,5 +131,3 @@ async def roll(conn: Connection, organization_id: UUID, day: date, *, chunk: int
             after = ids[-1]
         await conn.execute(MARK, organization_id, day)
         return Rolled(organization_id, day, customers, changed)
-    finally:
-        await conn.fetchval(UNLOCK, organization_id)
