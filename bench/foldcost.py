@@ -5,6 +5,7 @@ pays it); "Python" is the rest of the batch's time: validation is done before th
 starts, so it is the fold's own planning and argument encoding.
 
     python bench/foldcost.py [--events 60000] [--customers 20000] [--profile zipf|spread] [--json …]
+    python bench/foldcost.py --models 5     # each event names one of 5 models (and its provider)
 
 Statements are named by the module constant that holds their text (service/store/*.py); the
 table lists them by total time, with their share of the batch and milliseconds per batch.
@@ -39,6 +40,7 @@ from bench.ingest import (  # noqa: E402
     _ceiling_batch,
     drop_database,
     generate,
+    with_models,
 )
 from service.domain.events import validate_event  # noqa: E402
 from service.infra.migrate import migrate  # noqa: E402
@@ -160,6 +162,7 @@ async def main() -> int:
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--profile", choices=["zipf", "spread"], default="zipf")
     parser.add_argument("--fold-batch", type=int, default=4000, help="events per transaction, as bench/ingest.py")
+    parser.add_argument("--models", type=int, default=0, help="each event names one of this many models")
     parser.add_argument("--dsn", default=os.environ.get("TALLY_DATABASE_URL", "postgresql://127.0.0.1:5432/tally"))
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
     parser.add_argument("--json", help="write the results here")
@@ -173,9 +176,10 @@ async def main() -> int:
             await auth.create_organization(conn, org)
         indexed_org = await conn.fetchval("SELECT id FROM organizations WHERE name = 'bench-ceiling-ix'")
         await conn.close()
-        fold_spent, fold_total, batches = await fold_cost(
-            dsn, generate("bench-fold", args.events, args.customers, seed=3, profile=args.profile), args.fold_batch
-        )
+        events = generate("bench-fold", args.events, args.customers, seed=3, profile=args.profile)
+        if args.models:
+            events = with_models(events, "bench-fold", args.models, seed=3)
+        fold_spent, fold_total, batches = await fold_cost(dsn, events, args.fold_batch)
         ceiling_spent, ceiling_total = await ceiling_cost(
             dsn,
             indexed_org,
@@ -186,6 +190,8 @@ async def main() -> int:
         await drop_database(args, dsn)
 
     title = f"{args.events:,} events over {args.customers:,} customers ({args.profile}), {args.fold_batch} per batch"
+    if args.models:
+        title += f", one of {args.models} models each (the ceiling's events name none)"
     print_table(
         f"(c) tally's fold: {args.events / fold_total:,.0f} events/s — {title}",
         ["statement", "ms per batch", "share"],

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import random
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.domain.changes import Change, Delta, Key, plan
+from service.domain.changes import Change, Delta, Key, Usage, plan, window_costs
 from service.domain.events import validate_event
 from service.domain.vocabulary import WRITABLE_COLUMNS
 from tests.orderkit import NOW, State, event, model
@@ -127,3 +127,23 @@ def test_the_fast_tier_can_fail() -> None:
     except AssertionError:
         return
     raise AssertionError("a plan missing the newest write matched the model")
+
+
+@given(
+    st.dictionaries(st.dates(date(2024, 1, 1), date(2024, 12, 31)), st.integers(0, 10_000), max_size=40),
+    st.dates(date(2024, 1, 1), date(2024, 12, 31)),
+)
+def test_window_costs_are_the_cost_of_the_days_in_each_window(costs: dict[date, int], today: date) -> None:
+    """What a batch adds to the kept window sums is, for each window, the cost of its days in
+    it: the 7 and 30 days ending today and the month so far, later days in none (as
+    migration 0017's tally_window_sums adds up the daily rows)."""
+    days = {day: Usage(cost=Decimal(cents) / 100) for day, cents in costs.items()}
+
+    def cost(first: date) -> Decimal:
+        return sum((u.cost for day, u in days.items() if first <= day <= today), Decimal(0))
+
+    assert window_costs(days, today) == (
+        cost(today - timedelta(days=6)),
+        cost(today - timedelta(days=29)),
+        cost(today.replace(day=1)),
+    )

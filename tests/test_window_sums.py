@@ -21,7 +21,7 @@ from service.api.app import create_app
 from service.api.customers import canonical_shape
 from service.domain.listing import CustomerFilter, ListQuery, Sort
 from service.infra.settings import Settings
-from service.store import auth, windows
+from service.store import apply, auth, windows
 from service.store.listing import list_sql, maintained_window
 from tests.eventkit import cloud_event, fold_events, usage, wait_until
 from tests.factories import Org, make_org
@@ -284,3 +284,73 @@ async def test_new_customers_and_a_late_deletion_keep_the_sums_exact(
     await assert_kept(pool, org, events, today)
     assert await reads_maintained(pool, org, today - timedelta(days=6), today)
     await check(client, org, events, today)
+
+
+async def test_a_fold_recomputes_sums_that_end_on_another_day_and_adds_to_those_of_today(
+    pool: asyncpg.Pool, org: Org
+) -> None:
+    """The fold adds a batch's cost to the sums of a row that end on its day, and recomputes
+    from the daily rows those that end on another (rolled to the day before here: a day, and
+    its cost, left the 7- and 30-day windows since), so both are today's windows after it."""
+    rng = random.Random(16)
+    events = make_events(org, rng, 400)
+    await fold(pool, events)
+    today = await local_today(pool, org)
+    await roll(pool, org, today - timedelta(days=1))
+    await assert_kept(pool, org, events, today - timedelta(days=1))
+    now = datetime.now(UTC)
+    more = [usage(org.name, f"ws_{i:02d}", when=now - timedelta(hours=i), cost="0.25") for i in range(CUSTOMERS)]
+    await fold(pool, more)
+    events += more
+    await assert_kept(pool, org, events, today)
+    # And a second batch today adds to the sums the first one left on today.
+    again = [usage(org.name, f"ws_{i:02d}", when=now - timedelta(days=i % 9), cost="0.03") for i in range(CUSTOMERS)]
+    await fold(pool, again)
+    events += again
+    await assert_kept(pool, org, events, today)
+
+
+async def test_sums_a_fold_computed_for_another_day_than_the_databases_are_recomputed(
+    pool: asyncpg.Pool, org: Org
+) -> None:
+    """Near midnight the fold's clock and the database's may name different days: what the
+    fold computed for its day is not added then; the row's sums are recomputed for the
+    database's day (its statement's, as the lists and the roll read them)."""
+    events = make_events(org, random.Random(17), 200)
+    await fold(pool, events)
+    today = await local_today(pool, org)
+    await assert_kept(pool, org, events, today)
+    row = await pool.fetchrow(
+        "SELECT u.id FROM customer_usage u WHERE u.organization_id = $1 AND u.window_day = $2 LIMIT 1", org.id, today
+    )
+    zero = (0, 0, 0, 0, Decimal(0), 0.0, 0, 0.0, 0)  # nothing added to the lifetime sums
+    bogus = Decimal("1000")
+    for day in (today + timedelta(days=1), today - timedelta(days=1)):
+        args = [[org.id], [row["id"]], *([v] for v in zero), [None], [None], [0], [day], [bogus], [bogus], [bogus]]
+        assert await pool.execute(apply.UPDATE_USAGE, *args) == "UPDATE 1"
+        await assert_kept(pool, org, events, today)
+    # The same for a new customer's first usage row.
+    made = await pool.fetchval(
+        "INSERT INTO customers (organization_id, environment, customer_identifier, last_event_at)"
+        " VALUES ($1, 'prod', 'ws_made', NULL) RETURNING id",
+        org.id,
+    )
+    tomorrow = today + timedelta(days=1)
+    args = [
+        [org.id],
+        [made],
+        ["prod"],
+        *([v] for v in zero),
+        [None],
+        [None],
+        [0],
+        [tomorrow],
+        [bogus],
+        [bogus],
+        [bogus],
+    ]
+    assert await pool.execute(apply.INSERT_USAGE, *args) == "INSERT 0 1"
+    sums = await pool.fetchrow(
+        "SELECT window_day, cost_7d, cost_30d, cost_month FROM customer_usage WHERE id = $1", made
+    )
+    assert tuple(sums) == (today, 0, 0, 0)

@@ -144,6 +144,26 @@ class Usage:
             self.ttft_count += 1
 
 
+def window_costs(days: Mapping[date, Usage], today: date) -> tuple[Decimal, Decimal, Decimal]:
+    """What ``days`` (a delta's cost per day) add to a customer's window sums ending on
+    ``today``: the last 7 days, the last 30 days and the calendar month so far, today
+    included and later days not (as migration 0017's ``tally_window_sums`` adds up the
+    daily rows)."""
+    last_7 = last_30 = month = Decimal(0)
+    first_of_month = today.replace(day=1)
+    for day, usage in days.items():
+        if day > today:
+            continue
+        age = (today - day).days
+        if age < 7:
+            last_7 += usage.cost
+        if age < 30:
+            last_30 += usage.cost
+        if day >= first_of_month:
+            month += usage.cost
+    return last_7, last_30, month
+
+
 @dataclass
 class Delta:
     """What a batch's live changes do to one customer."""

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from uuid import UUID
 
 import orjson
 
-from service.domain.changes import HINT_COLUMNS, USAGE_SUMS, Change, Delta, Key, Usage, plan
+from service.domain.changes import HINT_COLUMNS, USAGE_SUMS, Change, Delta, Key, Usage, plan, window_costs
 from service.domain.vocabulary import PROFILE_COLUMNS
 from service.store.changelog import Kind, log_changes
 from service.store.db import Connection, columns
@@ -90,6 +90,9 @@ ON CONFLICT (organization_id, customer_id, day, model, provider) DO UPDATE SET
 """
 
 
+_TODAY = "CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, statement_timestamp()) AS today) t"
+
+
 def _window_sums(keys: str) -> str:
     """A usage row's window sums (migration 0017) as ``w``, for the customer ``keys``
     (an alias with organization_id and id) of the organization ``o``: recomputed from its
@@ -97,12 +100,26 @@ def _window_sums(keys: str) -> str:
     when the statement runs (not when the transaction began: service/store/windows.py says
     why)."""
     return f"""
-CROSS JOIN LATERAL (SELECT tally_local_day(o.time_zone, statement_timestamp()) AS today) t
+{_TODAY}
 CROSS JOIN LATERAL tally_window_sums({keys}.organization_id, {keys}.id, t.today) w
 """
 
 
 _SET_WINDOWS = "window_day = t.today, cost_7d = w.cost_7d, cost_30d = w.cost_30d, cost_month = w.cost_month"
+
+# The fold passes, with each customer's usage, what the batch adds to its window sums ending
+# on the local day it expects the statement to run on (u.window_day: service/domain/changes.py
+# window_costs). Where the row's sums end on that day too, they are added to; otherwise (the
+# row's first usage since the day changed, or the fold's clock and the database's disagree
+# about the day) they are recomputed from the daily rows, as the roll does. Both give the sum
+# of the daily rows in each window: those already hold the batch's (UPSERT_DAILY runs first).
+_ADDED_OR_RECOMPUTED = """(window_day, cost_7d, cost_30d, cost_month) = (
+        SELECT t.today, c.cost_7d + u.cost_7d, c.cost_30d + u.cost_30d, c.cost_month + u.cost_month
+        WHERE c.window_day = t.today AND u.window_day = t.today
+        UNION ALL
+        SELECT t.today, w.* FROM tally_window_sums(c.organization_id, c.id, t.today) w
+        WHERE c.window_day IS DISTINCT FROM t.today OR u.window_day IS DISTINCT FROM t.today
+    )"""
 
 # Usage goes to customer_usage (migration 0007): its own narrow row and sort indexes.
 UPDATE_USAGE = f"""
@@ -111,26 +128,39 @@ UPDATE customer_usage c SET
     first_seen = least(c.first_seen, u.first_seen),
     last_active = greatest(c.last_active, u.last_active),
     active_days = c.active_days + u.new_days,
-    {_SET_WINDOWS}
+    {_ADDED_OR_RECOMPUTED}
 FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[], $8::float8[],
-            $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[], $14::int4[])
-     AS u(organization_id, id, {", ".join(USAGE_SUMS)}, first_seen, last_active, new_days)
-JOIN organizations o ON o.id = u.organization_id{_window_sums("u")}
+            $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[], $14::int4[],
+            $15::date[], $16::numeric[], $17::numeric[], $18::numeric[])
+     AS u(organization_id, id, {", ".join(USAGE_SUMS)}, first_seen, last_active, new_days,
+          window_day, cost_7d, cost_30d, cost_month)
+JOIN organizations o ON o.id = u.organization_id
+{_TODAY}
 WHERE c.organization_id = u.organization_id AND c.id = u.id
 """
 
 # A customer made for the changes being applied (provisional: migration 0015) gets its usage
 # row here, with its first values (zeros and no dates for one whose changes carry no usage):
-# one write of the row and its indexes, where an empty row and an update were two.
+# one write of the row and its indexes, where an empty row and an update were two. A new
+# customer's daily rows are the batch's, so its window sums are what the batch adds to them
+# (recomputed, as above, when the day is not the one the fold expected).
 INSERT_USAGE = f"""
 INSERT INTO customer_usage (organization_id, id, environment, {", ".join(LIFETIME_SUMS)}, first_seen, last_active,
                             active_days, window_day, cost_7d, cost_30d, cost_month)
-SELECT u.*, t.today, w.cost_7d, w.cost_30d, w.cost_month
+SELECT u.organization_id, u.id, u.environment, {", ".join(f"u.{c}" for c in LIFETIME_SUMS)}, u.first_seen,
+       u.last_active, u.active_days, t.today, w.cost_7d, w.cost_30d, w.cost_month
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
             $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[], $13::timestamptz[],
-            $14::timestamptz[], $15::int4[])
-     AS u(organization_id, id, environment, {", ".join(LIFETIME_SUMS)}, first_seen, last_active, active_days)
-JOIN organizations o ON o.id = u.organization_id{_window_sums("u")}
+            $14::timestamptz[], $15::int4[], $16::date[], $17::numeric[], $18::numeric[], $19::numeric[])
+     AS u(organization_id, id, environment, {", ".join(LIFETIME_SUMS)}, first_seen, last_active, active_days,
+          window_day, cost_7d, cost_30d, cost_month)
+JOIN organizations o ON o.id = u.organization_id
+{_TODAY}
+CROSS JOIN LATERAL (
+    SELECT u.cost_7d, u.cost_30d, u.cost_month WHERE u.window_day = t.today
+    UNION ALL
+    SELECT * FROM tally_window_sums(u.organization_id, u.id, t.today) WHERE u.window_day IS DISTINCT FROM t.today
+) w
 """
 
 # Profile fields, hints and the time of the newest profile or subscription change: only for
@@ -331,11 +361,14 @@ async def apply_changes(
     *,
     made: frozenset[Key] | None = None,
     now: datetime | None = None,
+    today: Mapping[UUID, date] | None = None,
 ) -> Applied:
     """Apply ``changes`` to customers whose rows the caller holds locked (``ids``), inside the
     caller's transaction: steps 4 to 6 of service/store/fold.py's docstring. ``made`` are the
     rows the caller created for this (provisional; by default any row may be). Budget alerts
-    are recorded for the periods containing ``now`` (by default the transaction's time)."""
+    are recorded for the periods containing ``now`` (by default the transaction's time).
+    ``today`` is each organization's local day as the caller's clock has it: usage rows whose
+    window sums end on it are added to rather than recomputed (without it, recomputed)."""
     keys = sorted(ids)
     tombstones = {
         (r["organization_id"], r["environment"], r["customer_identifier"]): r["deleted_at"]
@@ -344,7 +377,8 @@ async def apply_changes(
     p = plan(changes, tombstones)
     new_days = await _upsert_daily(conn, p.deltas, ids)
     await _upsert_model_daily(conn, p.deltas, ids)
-    await _update_customers(conn, p.deltas, ids, new_days, [k for k in keys if made is not None and k in made])
+    unrowed = [k for k in keys if made is not None and k in made]
+    await _update_customers(conn, p.deltas, ids, new_days, unrowed, today or {})
     await _upsert_subscriptions(conn, p.deltas, ids)
     if p.raised:
         raised = sorted(p.raised)
@@ -420,18 +454,19 @@ async def _update_customers(
     ids: Mapping[Key, UUID],
     new_days: dict[UUID, int],
     unrowed: Sequence[Key],
+    today: Mapping[UUID, date],
 ) -> None:
     """Write the deltas' usage and profiles; ``unrowed`` are the customers (sorted) that have
     no usage row yet: theirs is inserted with its first values."""
     if unrowed:
-        rows = ((k[0], ids[k], k[1], *_usage_values(deltas.get(k), ids[k], new_days)) for k in unrowed)
+        rows = ((k[0], ids[k], k[1], *_usage_values(deltas.get(k), ids[k], new_days, today.get(k[0]))) for k in unrowed)
         await conn.execute(INSERT_USAGE, *columns(rows))
     first = frozenset(unrowed)
     usage, profiles = [], []
     for k, d in sorted(deltas.items()):
         cid = ids[k]
         if d.last_active is not None and k not in first:
-            usage.append((k[0], cid, *_usage_values(d, cid, new_days)))
+            usage.append((k[0], cid, *_usage_values(d, cid, new_days, today.get(k[0]))))
         if d.fields or d.hints or d.profile_event_at is not None:
             patch = versions = hints = None
             if d.fields:
@@ -446,12 +481,14 @@ async def _update_customers(
         await conn.execute(UPDATE_PROFILES, *columns(profiles))
 
 
-def _usage_values(d: Delta | None, cid: UUID, new_days: dict[UUID, int]) -> tuple[object, ...]:
-    """What a delta adds to a customer's usage row: its sums, first_seen, last_active and new
-    active days (zeros and no dates for a delta without usage)."""
+def _usage_values(d: Delta | None, cid: UUID, new_days: dict[UUID, int], today: date | None) -> tuple[object, ...]:
+    """What a delta adds to a customer's usage row: its sums, first_seen, last_active, new
+    active days (zeros and no dates for a delta without usage), and its window sums ending
+    ``today`` with that day (none without it: the statement recomputes them)."""
+    windows = (None,) * 4 if today is None else (today, *window_costs(d.days if d is not None else {}, today))
     if d is None or d.last_active is None:
-        return (*Usage().sums(), None, None, 0)
-    return (*d.usage.sums(), d.first_seen, d.last_active, new_days.get(cid, 0))
+        return (*Usage().sums(), None, None, 0, *windows)
+    return (*d.usage.sums(), d.first_seen, d.last_active, new_days.get(cid, 0), *windows)
 
 
 async def _upsert_subscriptions(conn: Connection, deltas: dict[Key, Delta], ids: Mapping[Key, UUID]) -> None:

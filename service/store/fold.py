@@ -186,7 +186,11 @@ async def fold(
         if applied:
             changes = [c for _, c in applied]
             locked = await lock_customers(conn, sorted({c.key for c in changes}))
-            result = await apply_changes(conn, changes, locked.ids, made=locked.made, now=clock)
+            # Each organization's local day by this process's clock: the window sums of rows
+            # that end on it are added to (recomputed if the database's clock says otherwise).
+            wall = datetime.now(UTC)
+            today = {org: wall.astimezone(zone).date() for org, zone in zones.items()}
+            result = await apply_changes(conn, changes, locked.ids, made=locked.made, now=clock, today=today)
             alerts = result.alerts
             for (i, _), stale in zip(applied, result.stale, strict=True):
                 outcomes[i] = STALE if stale else APPLIED
