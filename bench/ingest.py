@@ -5,7 +5,8 @@ database's ceiling: the same events as batched dedupe plus upserts of per-custom
 per-customer-day sums into narrow tables with only their primary keys, and (e2) the same with
 one index per usage sort field on the per-customer table (what any store that pages every
 sort by index must maintain); then freshness at a
-steady publish rate (publish to visible in GET /v1/customers/{id}).
+steady publish rate (publish to visible in GET /v1/customers/{id}; the load published by a
+process of its own, probes ten a second from this one).
 
     python bench/ingest.py [--events 200000] [--batch 1] [--profile zipf|spread] [--json …]
     python bench/ingest.py --batch 100 --scale 1,2,4     # tally with 1, 2, 4 consumer processes
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
 import secrets
@@ -31,6 +33,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -452,19 +455,55 @@ async def tally_consumers(
         await pool.close()
 
 
-async def freshness(names: Names, dsn: str, api_port: int, key: str, org: str, rate: int, seconds: float) -> Rate:
-    """Publish single events at ``rate``/s; every 100th creates a new customer whose first
-    appearance in GET /v1/customers/{id} is timed from its publish."""
+async def _publish_load(namespace: str, org: str, rate: int, seconds: float) -> float:
+    """Publish ``rate * seconds`` single events at a steady ``rate``; the rate achieved."""
+    connection = await aio_pika.connect(AMQP_URL)
+    publishes: list[asyncio.Future[object]] = []
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare(connection, channel, Names(namespace))
+        background = generate(org, int(rate * seconds), 1000, seed=99)
+        interval = 1 / rate
+        started = time.perf_counter()
+        for i, event in enumerate(background):
+            # Confirms are awaited in the background: a steady rate needs many in flight.
+            message = aio_pika.Message(orjson.dumps(event))
+            publishes.append(asyncio.ensure_future(topology.events.publish(message, routing_key="usage.recorded")))
+            delay = started + (i + 1) * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await asyncio.gather(*publishes)
+        return len(background) / (time.perf_counter() - started)
+    finally:
+        await connection.close()
+
+
+def load_generator(namespace: str, org: str, rate: int, seconds: float, achieved: Any) -> None:
+    """The freshness run's load, in a process of its own (so that its own backlog of
+    publishes and confirms never delays a probe): reports the rate it achieved."""
+    achieved.put(asyncio.run(_publish_load(namespace, org, rate, seconds)))
+
+
+async def freshness(names: Names, api_port: int, key: str, org: str, rate: int, seconds: float) -> Rate:
+    """Single events published at ``rate``/s by a process of their own, and meanwhile, ten
+    times a second from this one, an event of a new customer whose first appearance in
+    GET /v1/customers/{id} is timed from its publish."""
+    context = multiprocessing.get_context("spawn")
+    achieved = context.Queue()
+    generator = context.Process(target=load_generator, args=(names.namespace, org, rate, seconds, achieved))
     connection = await aio_pika.connect(AMQP_URL)
     latencies: list[float] = []
     pollers: list[asyncio.Task[None]] = []
-    publishes: list[asyncio.Future[object]] = []
     try:
         channel = await connection.channel(publisher_confirms=True)
         topology = await declare(connection, channel, names)
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+            template = generate(org, 1, 1, seed=7)[0]
 
-            async def watch(ident: str, sent: float) -> None:
+            async def probe(ident: str) -> None:
+                event = {**template, "id": ident, "subject": ident, "time": datetime.now(UTC).isoformat()}
+                sent = time.perf_counter()
+                await topology.events.publish(aio_pika.Message(orjson.dumps(event)), routing_key="usage.recorded")
                 deadline = sent + 30
                 while time.perf_counter() < deadline:
                     async with session.get(f"http://127.0.0.1:{api_port}/v1/customers/{ident}") as r:
@@ -474,33 +513,22 @@ async def freshness(names: Names, dsn: str, api_port: int, key: str, org: str, r
                             return
                     await asyncio.sleep(0.01)
 
-            async def publish(event: dict, probe: str | None) -> None:
-                # A probe's clock starts when its publish runs, not when it was scheduled: a
-                # publisher falling behind its own schedule must not count as tally's delay.
-                sent = time.perf_counter()
-                await topology.events.publish(aio_pika.Message(orjson.dumps(event)), routing_key="usage.recorded")
-                if probe:
-                    pollers.append(asyncio.create_task(watch(probe, sent)))
-
-            background = generate(org, int(rate * seconds), 1000, seed=99)
-            interval = 1 / rate
+            generator.start()
             started = time.perf_counter()
-            for i, event in enumerate(background):
-                probe = i % 100 == 0
-                if probe:
-                    event = {**event, "subject": f"probe_{i}", "time": datetime.now(UTC).isoformat()}
-                # Confirms are awaited in the background: a steady rate needs many in flight.
-                publishes.append(asyncio.ensure_future(publish(event, f"probe_{i}" if probe else None)))
-                delay = started + (i + 1) * interval - time.perf_counter()
+            for i in range(int(seconds * 10)):
+                pollers.append(asyncio.create_task(probe(f"probe_{i}")))
+                delay = started + (i + 1) / 10 - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await asyncio.gather(*publishes)
-            achieved = len(background) / (time.perf_counter() - started)
             await asyncio.gather(*pollers)
+            rate_achieved = await asyncio.to_thread(achieved.get, True, seconds + 60)
+            await asyncio.to_thread(generator.join, 10)
     finally:
+        if generator.is_alive():
+            generator.kill()
         await connection.close()
     return Rate(
-        achieved,
+        rate_achieved,
         percentile(latencies, 50),
         percentile(latencies, 99),
         errors=len(pollers) - len(latencies),
@@ -655,7 +683,7 @@ async def main() -> int:
     parser.add_argument(
         "--fold-batch", type=int, default=4000, help="events per transaction for (c) and (e): tally's largest batch"
     )
-    parser.add_argument("--rate", type=int, default=2000, help="events/s for the freshness run")
+    parser.add_argument("--rate", type=int, default=1000, help="events/s for the freshness run")
     parser.add_argument("--freshness-seconds", type=float, default=15)
     parser.add_argument("--scale", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 1,2,4: only scale out")
     parser.add_argument("--backlog", type=int, help="only the backlog run: this many single-event messages")
@@ -753,7 +781,7 @@ async def main() -> int:
         processes.append(live)
         await wait_ready(f"http://127.0.0.1:{port}/healthz", api)
         await asyncio.sleep(1)  # the consumer declares its queue before we publish into it
-        fresh = await freshness(names["fresh"], dsn, port, key, "bench-fresh", args.rate, args.freshness_seconds)
+        fresh = await freshness(names["fresh"], port, key, "bench-fresh", args.rate, args.freshness_seconds)
         print(f"freshness: p50 {fresh.p50_ms:.0f} ms, p99 {fresh.p99_ms:.0f} ms", file=sys.stderr)
         api_rss = api.peak_rss_mb()
     finally:
