@@ -30,10 +30,12 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from queue import Empty
+from typing import Any, TypeVar
 
 import aio_pika
 import aiohttp
@@ -60,6 +62,7 @@ from service.infra.migrate import migrate  # noqa: E402
 from service.store import auth  # noqa: E402
 from service.store.fold import fold  # noqa: E402
 
+T = TypeVar("T")
 AMQP_URL = os.environ.get("TALLY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RETENTION = timedelta(days=35)
 
@@ -455,8 +458,9 @@ async def tally_consumers(
         await pool.close()
 
 
-async def _publish_load(namespace: str, org: str, rate: int, seconds: float) -> float:
-    """Publish ``rate * seconds`` single events at a steady ``rate``; the rate achieved."""
+async def _publish_load(namespace: str, org: str, rate: int, seconds: float, ready: Any) -> float:
+    """Publish ``rate * seconds`` single events at a steady ``rate``, from when ``ready`` is
+    set (connected, events made); the rate achieved."""
     connection = await aio_pika.connect(AMQP_URL)
     publishes: list[asyncio.Future[object]] = []
     try:
@@ -464,6 +468,7 @@ async def _publish_load(namespace: str, org: str, rate: int, seconds: float) -> 
         topology = await declare(connection, channel, Names(namespace))
         background = generate(org, int(rate * seconds), 1000, seed=99)
         interval = 1 / rate
+        ready.set()
         started = time.perf_counter()
         for i, event in enumerate(background):
             # Confirms are awaited in the background: a steady rate needs many in flight.
@@ -478,10 +483,35 @@ async def _publish_load(namespace: str, org: str, rate: int, seconds: float) -> 
         await connection.close()
 
 
-def load_generator(namespace: str, org: str, rate: int, seconds: float, achieved: Any) -> None:
+def load_generator(namespace: str, org: str, rate: int, seconds: float, ready: Any, achieved: Any) -> None:
     """The freshness run's load, in a process of its own (so that its own backlog of
-    publishes and confirms never delays a probe): reports the rate it achieved."""
-    achieved.put(asyncio.run(_publish_load(namespace, org, rate, seconds)))
+    publishes and confirms never delays a probe): sets ``ready`` when it starts publishing,
+    reports the rate it achieved."""
+    achieved.put(asyncio.run(_publish_load(namespace, org, rate, seconds, ready)))
+
+
+def _from_child(process: Any, poll: Callable[[], T | None], what: str, timeout: float) -> T:
+    """``poll()``'s first answer that is not None (it waits up to a second itself), unless the
+    child process exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = poll()
+        if answer is not None:
+            return answer
+        if process.exitcode is not None:
+            raise RuntimeError(f"the load generator exited ({process.exitcode}) before {what}")
+    raise TimeoutError(f"the load generator: no {what} in {timeout:.0f} s")
+
+
+def _queued(queue: Any) -> Callable[[], float | None]:
+    def poll() -> float | None:
+        try:
+            rate: float = queue.get(timeout=1)
+        except Empty:
+            return None
+        return rate
+
+    return poll
 
 
 async def freshness(names: Names, api_port: int, key: str, org: str, rate: int, seconds: float) -> Rate:
@@ -489,8 +519,8 @@ async def freshness(names: Names, api_port: int, key: str, org: str, rate: int, 
     times a second from this one, an event of a new customer whose first appearance in
     GET /v1/customers/{id} is timed from its publish."""
     context = multiprocessing.get_context("spawn")
-    achieved = context.Queue()
-    generator = context.Process(target=load_generator, args=(names.namespace, org, rate, seconds, achieved))
+    ready, achieved = context.Event(), context.Queue()
+    generator = context.Process(target=load_generator, args=(names.namespace, org, rate, seconds, ready, achieved))
     connection = await aio_pika.connect(AMQP_URL)
     latencies: list[float] = []
     pollers: list[asyncio.Task[None]] = []
@@ -514,6 +544,9 @@ async def freshness(names: Names, api_port: int, key: str, org: str, rate: int, 
                     await asyncio.sleep(0.01)
 
             generator.start()
+            # The probes run while the load does: from when it starts publishing (the child
+            # imports, connects and makes its events first), for as long.
+            await asyncio.to_thread(_from_child, generator, lambda: ready.wait(1) or None, "publishing", 120.0)
             started = time.perf_counter()
             for i in range(int(seconds * 10)):
                 pollers.append(asyncio.create_task(probe(f"probe_{i}")))
@@ -521,11 +554,12 @@ async def freshness(names: Names, api_port: int, key: str, org: str, rate: int, 
                 if delay > 0:
                     await asyncio.sleep(delay)
             await asyncio.gather(*pollers)
-            rate_achieved = await asyncio.to_thread(achieved.get, True, seconds + 60)
+            rate_achieved = await asyncio.to_thread(_from_child, generator, _queued(achieved), "its rate", seconds + 60)
             await asyncio.to_thread(generator.join, 10)
     finally:
         if generator.is_alive():
             generator.kill()
+            generator.join()
         await connection.close()
     return Rate(
         rate_achieved,

@@ -303,6 +303,8 @@ async def test_a_fold_recomputes_sums_that_end_on_another_day_and_adds_to_those_
     await fold(pool, more)
     events += more
     await assert_kept(pool, org, events, today)
+    days = await pool.fetch("SELECT DISTINCT window_day FROM customer_usage WHERE organization_id = $1", org.id)
+    assert [r["window_day"] for r in days] == [today]  # every customer's sums now end today
     # And a second batch today adds to the sums the first one left on today.
     again = [usage(org.name, f"ws_{i:02d}", when=now - timedelta(days=i % 9), cost="0.03") for i in range(CUSTOMERS)]
     await fold(pool, again)
