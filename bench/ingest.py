@@ -400,10 +400,11 @@ async def applied(session: aiohttp.ClientSession, port: int) -> float:
 
 
 async def tally_consumers(
-    names: Names, dsn: str, org: str, n_events: int, workdir: Path, processes: int = 1
+    names: Names, dsn: str, org: str, n_events: int, workdir: Path, processes: int = 1, **env: str
 ) -> tuple[Rate, list[object]]:
-    """(d) tally's consumer process(es) on the preloaded queue, timed from the first applied
-    event until the database holds every event's sums: events/s, CPU and peak RSS."""
+    """(d) `tally consume` on the preloaded queue (``processes`` of them), timed from the first
+    applied event until the database holds every event's sums: events/s, CPU and peak RSS of
+    each and its children."""
     started_processes = []
     for i in range(processes):
         port = free_port()
@@ -415,6 +416,7 @@ async def tally_consumers(
                     "TALLY_AMQP_NAMESPACE": names.namespace,
                     "TALLY_CONSUMER_HTTP_PORT": str(port),
                     "TALLY_HTTP_HOST": "127.0.0.1",
+                    **env,
                 },
                 workdir / f"consumer-{names.namespace}-{i}.log",
                 port,
@@ -584,8 +586,9 @@ async def drop_database(args: argparse.Namespace, dsn: str) -> None:
 
 
 async def scale_out(args: argparse.Namespace, run: str, workdir: Path) -> dict[str, object]:
-    """tally with 1, 2, 4… consumer processes on one queue: events/s, and whether every
-    customer's sums are exact afterwards (nothing lost or doubled, no deadlock)."""
+    """1, 2, 4… `tally consume` on one queue (each of ``--processes`` processes, 1 unless
+    given): events/s, and whether every customer's sums are exact afterwards (nothing lost or
+    doubled, no deadlock)."""
     dsn = await fresh_database(args, run)
     rows, results = [], {}
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
@@ -596,7 +599,9 @@ async def scale_out(args: argparse.Namespace, run: str, workdir: Path) -> dict[s
                 await auth.create_organization(conn, org)
             events = generate(org, args.events, args.customers, seed=10 + n, profile=args.profile)
             await preload(names, bodies(events, args.batch), f"{n} consumer(s)")
-            rate, processes = await tally_consumers(names, dsn, org, args.events, workdir, processes=n)
+            rate, processes = await tally_consumers(
+                names, dsn, org, args.events, workdir, processes=n, TALLY_CONSUMER_PROCESSES=str(args.processes or 1)
+            )
             correct = await exact(pool, org, events)
             deadlocks = sum(p.log.read_text(errors="replace").lower().count("deadlock") for p in processes)
             for process in processes:
@@ -610,7 +615,13 @@ async def scale_out(args: argparse.Namespace, run: str, workdir: Path) -> dict[s
         await drop_database(args, dsn)
     print_table(
         f"Scale-out: {args.events:,} events, {args.batch} per message, {args.customers:,} customers ({args.profile})",
-        ["consumer processes", "events/s", "cores busy", "exact aggregates", "deadlocks logged"],
+        [
+            f"tally consume (x {args.processes or 1} processes)",
+            "events/s",
+            "cores busy",
+            "exact aggregates",
+            "deadlocks logged",
+        ],
         rows,
     )
     return {"scale_out": results}
@@ -720,6 +731,11 @@ async def main() -> int:
     parser.add_argument("--rate", type=int, default=1000, help="events/s for the freshness run")
     parser.add_argument("--freshness-seconds", type=float, default=15)
     parser.add_argument("--scale", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 1,2,4: only scale out")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="TALLY_CONSUMER_PROCESSES of each `tally consume` (default: tally's own, one per core; 1 for --scale)",
+    )
     parser.add_argument("--backlog", type=int, help="only the backlog run: this many single-event messages")
     parser.add_argument(
         "--models",
@@ -753,6 +769,7 @@ async def main() -> int:
         write_json(args.json, {**base, "results": await model_comparison(args, run, workdir)})
         return 0
 
+    chosen_processes = {"TALLY_CONSUMER_PROCESSES": str(args.processes)} if args.processes else {}
     dsn = await fresh_database(args, run)
     conn = await asyncpg.connect(dsn)
     for org in ("bench-naive", "bench-fold", "bench-tally", "bench-fresh", "bench-ceiling", "bench-ceiling-ix"):
@@ -787,7 +804,9 @@ async def main() -> int:
         print(f"(e2) ceiling with sort indexes: {top_indexed.per_second:,.0f} events/s", file=sys.stderr)
 
         await preload(names["tally"], messages, "tally")
-        consumer_rate, consumers = await tally_consumers(names["tally"], dsn, "bench-tally", args.events, workdir)
+        consumer_rate, consumers = await tally_consumers(
+            names["tally"], dsn, "bench-tally", args.events, workdir, **chosen_processes
+        )
         processes.extend(consumers)
         print(f"(d) tally consumer: {consumer_rate.per_second:,.0f} events/s", file=sys.stderr)
         for consumer in consumers:
@@ -809,6 +828,7 @@ async def main() -> int:
                 "TALLY_AMQP_NAMESPACE": names["fresh"].namespace,
                 "TALLY_CONSUMER_HTTP_PORT": str(free_port()),
                 "TALLY_HTTP_HOST": "127.0.0.1",
+                **chosen_processes,
             },
             workdir / "live.log",
         )

@@ -58,6 +58,9 @@ class TallyProcess:
                 "TALLY_HTTP_HOST": "127.0.0.1",
                 "TALLY_BATCH_MAX_WAIT": "0.02",
                 "TALLY_LOG_FORMAT": "json",
+                # One process per `tally consume` unless a test asks for more: tests count
+                # consumers on the queue and kill processes by the one they started.
+                "TALLY_CONSUMER_PROCESSES": "1",
                 **env,
             },
             stdin=subprocess.DEVNULL,
@@ -87,6 +90,13 @@ class TallyProcess:
                 entry = {"level": "raw", "message": line}
             out.append(entry if isinstance(entry, dict) else {"level": "raw", "message": line})
         return out
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the processes a `tally consume` of several started (from its log)."""
+        for entry in self.log_entries():
+            if entry.get("message") == "consumer processes started":
+                return list(entry["pids"])
+        raise AssertionError(f"{self.name} logged no 'consumer processes started'\n{self.tail()}")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

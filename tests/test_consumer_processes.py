@@ -8,6 +8,7 @@ independently from the events published: nothing lost, nothing counted twice."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import signal
@@ -290,3 +291,116 @@ async def test_concurrent_folds_on_hot_customers_never_deadlock(pool, org: Org, 
     assert outcomes.count("rejected") == 0
     assert_totals(expected(raws), await actual(pool, [o.name for o in orgs]))
     assert await applied(pool, orgs) == len(raws)
+
+
+# ---- 6. one `tally consume` of several processes -------------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie left for its new parent to reap counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+async def test_one_consume_of_three_processes_folds_exactly_once_and_its_metrics_add_up_every_process(
+    settings, pool, broker, fleet: Fleet, http, org: Org, other_org: Org
+) -> None:
+    rng = random.Random(6)
+    orgs = [org, other_org]
+    subjects, weights = hot_and_cold(orgs, hot=5, cold=60)
+    events = make_events(rng, subjects, weights, 4000)
+    messages = in_messages(rng, events, single_share=0.6, batch=20)
+    again = rng.sample(events, 400)
+    messages += in_messages(rng, again, single_share=0.5, batch=20)
+    rng.shuffle(messages)
+
+    # A small prefetch spreads the stream over the three processes.
+    p = fleet.start("consume", tally_consumer_processes="3", tally_prefetch="20", tally_batch_size="10")
+    await p.wait_ready(http)
+    await wait_until(lambda: _consumers(broker, 3), what="the 3 processes of one consume on the queue")
+    pids = p.worker_pids()
+    assert len(pids) == 3 and p.proc.pid not in pids, pids
+
+    await publish_all(broker, messages)
+    await wait_applied(pool, orgs, distinct(events), fleet)
+    await wait_drained(broker, fleet)
+    assert_totals(expected(events), await actual(pool, [o.name for o in orgs]))
+    assert await applied(pool, orgs) == distinct(events)
+
+    # The one /metrics counts what every process folded: the first process alone folds about
+    # a third of the stream.
+    counts = await metric_counts(http, p)
+    assert counts.get("applied") == distinct(events), counts
+    assert counts.get("duplicate") == len(again), counts
+    async with http.get(p.url + "/metrics") as r:
+        text = await r.text()
+    assert "tally_broker_connected 1.0" in text, text
+
+    assert await p.terminate() == 0, p.tail()
+    assert all(_gone(pid) for pid in pids), p.tail()
+    p.assert_no_errors()
+    assert await broker.queue_depth(broker.names.dead) == 0
+
+
+async def test_when_one_of_its_processes_dies_consume_stops_the_others_and_exits_for_a_restart(
+    settings, pool, broker, fleet: Fleet, http, org: Org
+) -> None:
+    rng = random.Random(7)
+    subjects, weights = hot_and_cold([org], hot=5, cold=200)
+    events = make_events(rng, subjects, weights, 20_000)
+    messages = [events[i : i + 10] for i in range(0, len(events), 10)]
+    total = len(events)
+    env = {"tally_consumer_processes": "2", "tally_batch_size": "400", "tally_prefetch": "200"}
+
+    first = fleet.start("first", **env)
+    await first.wait_ready(http)
+    await wait_until(lambda: _consumers(broker, 2), what="both processes on the queue")
+    serving, folding = first.worker_pids()
+    publishing = asyncio.create_task(publish_all(broker, messages))
+    try:
+        await wait_applied(pool, [org], total // 3, fleet)
+        os.kill(folding, signal.SIGKILL)
+        # The supervisor stops the other process (it drains) and exits 70, as a single
+        # process whose fold crashed does: its supervisor restarts the whole.
+        await wait_until(first._exited, timeout=30, what="consume exits after one of its processes died")
+        assert first.proc.returncode == 70, first.tail()
+        assert _gone(serving) and _gone(folding)
+        stopped_at = await applied(pool, [org])
+
+        second = fleet.start("second", **env)
+        await second.wait_ready(http)
+        await publishing
+    finally:
+        if not publishing.done():
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+    assert stopped_at < total, (stopped_at, total)  # the kill came mid-stream
+    await wait_applied(pool, [org], total, fleet)
+    await wait_drained(broker, fleet)
+    assert_totals(expected(events), await actual(pool, [org.name]))
+    assert await applied(pool, [org]) == total
+    assert await second.terminate() == 0, second.tail()
+    critical = [e for e in first.log_entries() if e.get("level") == "critical"]
+    assert [e["message"] for e in critical] == ["a consumer process ended; stopping the others"], first.tail()
+    assert critical[0]["exitcode"] == -signal.SIGKILL
+    second.assert_no_errors()
+    assert await broker.queue_depth(broker.names.dead) == 0
+
+
+async def test_sigkill_of_consume_takes_its_processes_with_it(
+    settings, pool, broker, fleet: Fleet, http, org: Org
+) -> None:
+    p = fleet.start("killed", tally_consumer_processes="2")
+    await p.wait_ready(http)
+    await wait_until(lambda: _consumers(broker, 2), what="both processes on the queue")
+    pids = p.worker_pids()
+    p.kill()
+
+    async def all_gone() -> bool:
+        return all(_gone(pid) for pid in pids)
+
+    await wait_until(all_gone, timeout=10, what="no process of the killed consume left")
+    await wait_until(lambda: _consumers(broker, 0), timeout=10, what="no consumer left on the queue")

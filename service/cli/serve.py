@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # the web stack loads only for the commands that serve
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     commands.add_parser("api", help="serve the HTTP API (TALLY_HTTP_PORT)").set_defaults(sync=cmd_api)
     commands.add_parser(
-        "consume", help="run the event consumer (health and metrics on TALLY_CONSUMER_HTTP_PORT)"
+        "consume",
+        help="run the event consumer: TALLY_CONSUMER_PROCESSES processes, one per core by default "
+        "(health and metrics on TALLY_CONSUMER_HTTP_PORT)",
     ).set_defaults(sync=cmd_consume)
     commands.add_parser(
         "webhooks", help="only dispatch webhooks (health and metrics on TALLY_CONSUMER_HTTP_PORT)"
@@ -78,7 +80,13 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
-    """The consumer, with /healthz, /readyz and /metrics on TALLY_CONSUMER_HTTP_PORT."""
+    """The consumer, with /healthz, /readyz and /metrics on TALLY_CONSUMER_HTTP_PORT; in
+    TALLY_CONSUMER_PROCESSES processes (consumers/processes.py) where that is more than one."""
+    count = settings.consumer_process_count
+    if count > 1:
+        from consumers.processes import supervise
+
+        return supervise(count)
     from consumers.app import create_consumer_app
     from service.api.webhooks import webhook_shape
 

@@ -1,7 +1,17 @@
 """Prometheus metrics, one registry per process, served at /metrics by the API and the
-consumer alike."""
+consumer alike.
+
+A `tally consume` that folds with several processes (consumers/processes.py) runs them in
+prometheus_client's multiprocess mode: each process writes its values to files in the
+directory PROMETHEUS_MULTIPROC_DIR names (set before this module is imported), and the one
+that serves /metrics reads them all: counters and histograms summed, each gauge as its
+``multiprocess_mode`` says (a per-process quantity summed over the live processes; one only
+the serving process sets, as it last set it)."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -9,12 +19,17 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service.domain.events import EVENT_TYPES, Rejection
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# Decided once, as prometheus_client decides it when first imported.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+# Gauges that only one process sets (the API, or the consumer process that serves /metrics).
+ONE_WRITER = "livemostrecent"
 
 HTTP_REQUESTS = Counter(
     "tally_http_requests_total", "HTTP requests served.", ["route", "method", "status"], registry=REGISTRY
@@ -34,7 +49,12 @@ REQUEST_COST = Counter(
     ["part"],
     registry=REGISTRY,
 )
-API_REPLICAS = Gauge("tally_api_replicas", "Live API processes this one divides its limits by.", registry=REGISTRY)
+API_REPLICAS = Gauge(
+    "tally_api_replicas",
+    "Live API processes this one divides its limits by.",
+    registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
+)
 # Requests tally refused to protect itself or others, by a closed set of reasons:
 # db_org_busy, db_pool_timeout (503: fair sharing of the database), ip_rate_limited (429:
 # unauthenticated requests), key_rate_limited (429), org_share_used (429: an organization's
@@ -89,16 +109,33 @@ EVENT_LAG = Histogram(
     registry=REGISTRY,
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
 )
-IN_FLIGHT = Gauge("tally_messages_in_flight", "Messages received and not yet acked.", registry=REGISTRY)
-BROKER_CONNECTED = Gauge("tally_broker_connected", "1 while connected to RabbitMQ.", registry=REGISTRY)
+IN_FLIGHT = Gauge(
+    "tally_messages_in_flight", "Messages received and not yet acked.", registry=REGISTRY, multiprocess_mode="livesum"
+)
+BROKER_CONNECTED = Gauge(
+    "tally_broker_connected",
+    "1 while connected to RabbitMQ (every folding process of a `tally consume`).",
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
 BROKER_RECONNECTS = Counter("tally_broker_reconnects_total", "Reconnections to RabbitMQ.", registry=REGISTRY)
-DB_POOL_IN_USE = Gauge("tally_db_pool_in_use", "Database connections checked out.", registry=REGISTRY)
-DB_POOL_SIZE = Gauge("tally_db_pool_size", "Database connections open.", registry=REGISTRY)
+DB_POOL_IN_USE = Gauge(
+    "tally_db_pool_in_use", "Database connections checked out.", registry=REGISTRY, multiprocess_mode="livesum"
+)
+DB_POOL_SIZE = Gauge("tally_db_pool_size", "Database connections open.", registry=REGISTRY, multiprocess_mode="livesum")
 QUEUE_MESSAGES = Gauge(
-    "tally_queue_messages", "Messages ready in a queue (polled by the consumer).", ["queue"], registry=REGISTRY
+    "tally_queue_messages",
+    "Messages ready in a queue (polled by the consumer).",
+    ["queue"],
+    registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
 )
 QUEUE_CONSUMERS = Gauge(
-    "tally_queue_consumers", "Consumers on a queue (polled by the consumer).", ["queue"], registry=REGISTRY
+    "tally_queue_consumers",
+    "Consumers on a queue (polled by the consumer).",
+    ["queue"],
+    registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
 )
 # Webhooks (consumers/webhooks.py). Outcomes: delivered (a 2xx), retry (a failed attempt that
 # will be retried), failed (the last attempt of a delivery whose retry period is over),
@@ -113,27 +150,34 @@ WEBHOOK_YIELDING = Gauge(
     "tally_webhook_yielding",
     "1 while this process's webhook dispatcher yields to a fold with a backlog (TALLY_WEBHOOK_YIELD_RATE), else 0.",
     registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
 )
 WEBHOOK_OLDEST_PENDING = Gauge(
     "tally_webhook_oldest_pending_seconds",
     "Age of the oldest pending webhook delivery of an enabled endpoint (0 when none; every consumer exports it).",
     registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
 )
 WEBHOOK_ENDPOINTS_DISABLED = Gauge(
     "tally_webhook_endpoints_disabled",
     "Webhook endpoints disabled after failing continuously (every consumer exports it).",
     registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
 )
 WEBHOOK_DISABLED = Counter(
     "tally_webhook_disabled_total", "Webhook endpoints this process disabled.", registry=REGISTRY
 )
 REPLICA_UP = Gauge(
-    "tally_db_replica_up", "1 while the read standby answers (reads go to it), else 0.", registry=REGISTRY
+    "tally_db_replica_up",
+    "1 while the read standby answers (reads go to it), else 0.",
+    registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
 )
 REPLICA_LAG = Gauge(
     "tally_db_replica_lag_seconds",
     "Age of the last transaction the standby replayed while it has more to replay (0 when caught up).",
     registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
 )
 REPLICA_FALLBACKS = Counter(
     "tally_db_replica_fallbacks_total",
@@ -150,14 +194,23 @@ READ_CACHE = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
-READ_CACHE_BYTES = Gauge("tally_read_cache_bytes", "Bytes of responses held by the read cache.", registry=REGISTRY)
+READ_CACHE_BYTES = Gauge(
+    "tally_read_cache_bytes",
+    "Bytes of responses held by the read cache.",
+    registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
+)
 CHANGE_LISTENER_UP = Gauge(
     "tally_change_listener_up",
     "1 while the API process listens for commits (its read cache works), else 0.",
     registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
 )
 CHANGE_STREAMS_OPEN = Gauge(
-    "tally_change_streams_open", "Change feed event streams open on this API process.", registry=REGISTRY
+    "tally_change_streams_open",
+    "Change feed event streams open on this API process.",
+    registry=REGISTRY,
+    multiprocess_mode=ONE_WRITER,
 )
 CHANGE_STREAMS_ENDED = Counter(
     "tally_change_streams_ended_total",
@@ -187,5 +240,29 @@ PUBLISHED = Counter(
 )
 
 
+# Gauges read from a function when sampled: in multiprocess mode, values live in files, so
+# each process writes them at every refresh() (the serving one on every scrape, the others
+# every second) instead of the collector calling the function.
+_SAMPLED: list[tuple[Gauge, Callable[[], float]]] = []
+
+
+def sample(gauge: Gauge, read: Callable[[], float]) -> None:
+    """``gauge`` reads ``read()``: when scraped, or (multiprocess) at every :func:`refresh`."""
+    if MULTIPROCESS:
+        _SAMPLED.append((gauge, read))
+    else:
+        gauge.set_function(read)
+
+
+def refresh() -> None:
+    for gauge, read in _SAMPLED:
+        gauge.set(read())
+
+
 def render() -> tuple[bytes, str]:
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    if not MULTIPROCESS:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    refresh()
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged)
+    return generate_latest(merged), CONTENT_TYPE_LATEST

@@ -26,8 +26,8 @@ def primary_pool(statement_timeout: float | None) -> Callable[[web.Application],
         settings = app[SETTINGS]
         async with pool_context(settings.database_url, settings, statement_timeout=statement_timeout) as pool:
             app[POOL] = pool
-            metrics.DB_POOL_IN_USE.set_function(lambda: pool.get_size() - pool.get_idle_size())
-            metrics.DB_POOL_SIZE.set_function(pool.get_size)
+            metrics.sample(metrics.DB_POOL_IN_USE, lambda: pool.get_size() - pool.get_idle_size())
+            metrics.sample(metrics.DB_POOL_SIZE, pool.get_size)
             yield
 
     return context
