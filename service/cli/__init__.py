@@ -2,7 +2,7 @@
 and the translation of what went wrong into a message and an exit code (2: the input is
 wrong; 1: a dependency is). Each group's module registers its commands:
 
-- serve.py: ``api``, ``consume``, ``webhooks``, ``dev``;
+- serve.py: ``api``, ``consume`` (several processes: processes.py), ``webhooks``, ``dev``;
 - status.py: ``migrate``, ``status``;
 - demo.py: ``demo``;
 - queues.py: ``queues``, ``dlq``, ``namespace``;

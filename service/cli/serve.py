@@ -81,10 +81,10 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     """The consumer, with /healthz, /readyz and /metrics on TALLY_CONSUMER_HTTP_PORT; in
-    TALLY_CONSUMER_PROCESSES processes (consumers/processes.py) where that is more than one."""
+    TALLY_CONSUMER_PROCESSES processes (service/cli/processes.py) where that is more than one."""
     count = settings.consumer_process_count
     if count > 1:
-        from consumers.processes import supervise
+        from service.cli.processes import supervise
 
         return supervise(count)
     from consumers.app import create_consumer_app

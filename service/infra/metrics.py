@@ -1,7 +1,7 @@
 """Prometheus metrics, one registry per process, served at /metrics by the API and the
 consumer alike.
 
-A `tally consume` that folds with several processes (consumers/processes.py) runs them in
+A `tally consume` that folds with several processes (service/cli/processes.py) runs them in
 prometheus_client's multiprocess mode: each process writes its values to files in the
 directory PROMETHEUS_MULTIPROC_DIR names (set before this module is imported), and the one
 that serves /metrics reads them all: counters and histograms summed, each gauge as its

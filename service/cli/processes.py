@@ -109,9 +109,8 @@ def _watch(processes: list[Any], signals: list[int]) -> int:
                 process.join(5)
             return code or 1
         wait([p.sentinel for p in processes if p.exitcode is None], timeout=0.2)
-    if code == 0:
-        failed = [p.exitcode for p in processes if p.exitcode not in (0, None)]
-        code = failed[0] if failed and failed[0] > 0 else 0
+    if code == 0:  # stopped on a signal: 0 if every process drained and exited cleanly
+        code = next((c if c > 0 else 1 for c in (p.exitcode for p in processes) if c), 0)
     return code
 
 
