@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,7 +30,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # Decided once, as prometheus_client decides it when first imported.
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 # Gauges that only one process sets (the API, or the consumer process that serves /metrics).
-ONE_WRITER = "livemostrecent"
+ONE_WRITER: Final = "livemostrecent"
 
 HTTP_REQUESTS = Counter(
     "tally_http_requests_total", "HTTP requests served.", ["route", "method", "status"], registry=REGISTRY
@@ -264,5 +265,5 @@ def render() -> tuple[bytes, str]:
         return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
     refresh()
     merged = CollectorRegistry()
-    multiprocess.MultiProcessCollector(merged)
+    multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
     return generate_latest(merged), CONTENT_TYPE_LATEST
