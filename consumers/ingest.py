@@ -40,9 +40,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection
+from aiormq.abc import DeliveredMessage
 
-from consumers.batch import Batch, DeadLetter, Received, encode_event, event_ids, internal_error, publish_dead_letters
+from consumers.batch import (
+    Batch,
+    DeadLetter,
+    Delivery,
+    Received,
+    encode_event,
+    event_ids,
+    internal_error,
+    publish_dead_letters,
+)
 from service.domain.events import Event, Rejection
 from service.domain.publishers import PublisherBinding
 from service.infra import metrics
@@ -188,11 +198,15 @@ class Consumer:
             await channel.set_qos(prefetch_count=self.settings.prefetch)
             topology = await declare(connection, channel, self.names)
 
-            async def on_message(message: AbstractIncomingMessage) -> None:
+            async def on_message(message: DeliveredMessage) -> None:
                 inbox.put(Received.of(message))
                 metrics.IN_FLIGHT.inc()
 
-            tag = await topology.ingest.consume(on_message, no_ack=False)
+            # Consumed on aiormq's channel under aio-pika's (the same channel, its prefetch
+            # and its close callbacks): deliveries as aiormq reads them (consumers/batch.py).
+            underlay = await channel.get_underlay_channel()
+            consuming = await underlay.basic_consume(self.names.ingest, on_message, no_ack=False)
+            tag = consuming.consumer_tag or ""
             depth = asyncio.create_task(self._watch_depth(connection), name="tally-queue-depth")
             self.started_consuming.set()
             self.sessions += 1
@@ -213,7 +227,7 @@ class Consumer:
             if lost.is_set():
                 raise ConnectionError("broker connection closed")
             # Draining: no new deliveries, then fold what was already received.
-            await topology.ingest.cancel(tag)
+            await underlay.basic_cancel(tag)
             rest = Batch()
             while inbox.items:
                 rest.add(inbox.items.popleft())
@@ -376,17 +390,19 @@ class Consumer:
                 log.warning("database error loading the publisher binding; retrying", extra={"error": repr(exc)})
                 await asyncio.sleep(delay)
 
-    async def _ack(self, batch: Sequence[AbstractIncomingMessage]) -> None:
+    async def _ack(self, batch: Sequence[Delivery]) -> None:
         # Deliveries arrive in tag order and a batch is a run of consecutive deliveries, so
         # one multiple-ack of the last tag covers it; if that ever did not hold, ack each.
         tags = [m.delivery_tag for m in batch]
-        first = tags[0]
+        first, last = tags[0], tags[-1]
+        channel = batch[0].raw.channel
         consecutive = first is not None and tags == list(range(first, first + len(tags)))
-        if consecutive and all(m.channel is batch[0].channel for m in batch):
-            await batch[-1].ack(multiple=True)
+        if consecutive and last is not None and all(m.raw.channel is channel for m in batch):
+            await channel.basic_ack(last, multiple=True)
         else:
             for message in batch:
-                await message.ack()
+                if message.delivery_tag is not None:
+                    await message.raw.channel.basic_ack(message.delivery_tag)
         metrics.IN_FLIGHT.dec(len(batch))
 
     async def _fold(self, events: list[Event]) -> FoldResult:

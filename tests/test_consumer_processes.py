@@ -15,8 +15,11 @@ import signal
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
+import pytest
+from pydantic import ValidationError
 
 from service.domain.events import Event, validate_event
+from service.infra.settings import Settings
 from service.store.fold import fold
 from tests.eventkit import (
     Broker,
@@ -404,3 +407,13 @@ async def test_sigkill_of_consume_takes_its_processes_with_it(
 
     await wait_until(all_gone, timeout=10, what="no process of the killed consume left")
     await wait_until(lambda: _consumers(broker, 0), timeout=10, what="no consumer left on the queue")
+
+
+def test_consume_folds_with_one_process_per_core_at_most_four_unless_told(monkeypatch) -> None:
+    monkeypatch.delenv("TALLY_CONSUMER_PROCESSES", raising=False)
+    assert Settings().consumer_process_count == max(1, min(4, len(os.sched_getaffinity(0))))
+    monkeypatch.setenv("TALLY_CONSUMER_PROCESSES", "3")
+    assert Settings().consumer_process_count == 3
+    monkeypatch.setenv("TALLY_CONSUMER_PROCESSES", "0")
+    with pytest.raises(ValidationError, match="consumer_processes"):
+        Settings()
