@@ -176,8 +176,10 @@ class Settings(BaseSettings):
         le=64,
         description="Processes `tally consume` folds with, competing on the ingest queue like separate consumers "
         "(unset: one per CPU core, at most 4). One process serves health, readiness, metrics (every process's, "
-        "summed), housekeeping and webhooks; the others only fold. A Python process folds on one core: on 2 "
-        "cores, 2 processes folded 1.8-2.2x the events of one (single-event messages, `bench/ingest.py`).",
+        "summed), housekeeping and webhooks; the others only fold. A Python process folds on one core at most: "
+        "with PostgreSQL and RabbitMQ on the same 2 cores, 2 processes folded 1.13-1.20x the single-event "
+        "messages of one, but 0.87-0.90x the batch messages (100 events each; `bench/ingest.py`): with batch "
+        "publishers and the database on the consumer's machine, set 1.",
     )
     prefetch: int = Field(
         default=2000,
