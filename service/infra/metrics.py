@@ -211,7 +211,7 @@ CHANGE_STREAMS_OPEN = Gauge(
     "tally_change_streams_open",
     "Change feed event streams open on this API process.",
     registry=REGISTRY,
-    multiprocess_mode=ONE_WRITER,
+    multiprocess_mode="livesum",  # counted up and down: the mostrecent modes refuse inc()
 )
 CHANGE_STREAMS_ENDED = Counter(
     "tally_change_streams_ended_total",
