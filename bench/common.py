@@ -87,7 +87,8 @@ class Process:
         return total / CLOCK_TICKS
 
     def peak_rss_mb(self) -> float:
-        """Peak resident memory, summed over the process and its live descendants."""
+        """Each live process's peak resident memory (its own and its descendants'), summed: an upper
+        bound of the tree's peak, since the peaks need not coincide."""
         total = 0
         for pid in self.pids():
             try:

@@ -411,7 +411,9 @@ async def test_sigkill_of_consume_takes_its_processes_with_it(
 
 def test_consume_folds_with_one_process_per_core_at_most_four_unless_told(monkeypatch) -> None:
     monkeypatch.delenv("TALLY_CONSUMER_PROCESSES", raising=False)
-    assert Settings().consumer_process_count == max(1, min(4, len(os.sched_getaffinity(0))))
+    for cores, processes in ((1, 1), (2, 2), (3, 3), (8, 4), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert Settings().consumer_process_count == processes, cores
     monkeypatch.setenv("TALLY_CONSUMER_PROCESSES", "3")
     assert Settings().consumer_process_count == 3
     monkeypatch.setenv("TALLY_CONSUMER_PROCESSES", "0")

@@ -23,6 +23,10 @@ they rely on.
   with the supervisor (``PR_SET_PDEATHSIG``): `kill -9` of `tally consume` stops every fold,
   as it stops a single process; elsewhere a process that finds its supervisor gone drains
   and exits within a second.
+- What only the first process does: its `/readyz` answers for itself (``tally_broker_connected``
+  covers every process), its webhook dispatcher wakes at its own commits (the others' are seen
+  at its next poll), and its housekeeping relays every process's budget alerts (the others'
+  within its 5 s relay period).
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("tally.consumer")
@@ -49,12 +55,35 @@ EXIT_CONSUMER_CRASHED = 70
 # drain grace (consumers/ingest.py), its pool's close, and a margin.
 STOP_GRACE = 30.0
 _PR_SET_PDEATHSIG = 1
+METRICS_PREFIX = "tally-metrics-"
+
+
+def _remove_stale_metrics() -> None:
+    """The metrics directories of supervisors that are gone (killed before they could remove
+    their own)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
+        pid = path.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def supervise(count: int) -> int:
     """Run ``count`` consumer processes until a signal or until one ends; the exit code."""
-    metrics_dir = tempfile.mkdtemp(prefix="tally-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by every process
+    _remove_stale_metrics()
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
+    # Inherited by every process; an operator's own value is replaced, since files left in it
+    # by earlier processes would be summed with this run's.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     context = multiprocessing.get_context("spawn")
     parent = os.getpid()
     processes = [context.Process(target=serve_consumer, args=(parent,), name="tally-consume-0")]
@@ -97,11 +126,13 @@ def _watch(processes: list[Any], signals: list[int]) -> int:
     for process in processes:
         if process.exitcode is None and process.pid is not None:
             os.kill(process.pid, signal.SIGTERM)
-    handled = len(signals)
     deadline = time.monotonic() + STOP_GRACE
     while any(p.exitcode is None for p in processes):
-        if len(signals) > handled or time.monotonic() > deadline:
-            log.error("consumer processes did not stop in time; killing them (unacked messages are redelivered)")
+        # The first signal asks for the stop (or comes while one is under way); a second kills.
+        late = time.monotonic() > deadline
+        if len(signals) >= 2 or late:
+            why = "did not stop in time" if late else "a second signal"
+            log.error(f"consumer processes killed: {why} (unacked messages are redelivered)")
             for process in processes:
                 if process.exitcode is None:
                     process.kill()
@@ -110,8 +141,17 @@ def _watch(processes: list[Any], signals: list[int]) -> int:
             return code or 1
         wait([p.sentinel for p in processes if p.exitcode is None], timeout=0.2)
     if code == 0:  # stopped on a signal: 0 if every process drained and exited cleanly
-        code = next((c if c > 0 else 1 for c in (p.exitcode for p in processes) if c), 0)
+        code = next((_stopped(c) for c in (p.exitcode for p in processes) if _stopped(c)), 0)
     return code
+
+
+def _stopped(exitcode: int | None) -> int:
+    """A process's exit code after the supervisor asked it to stop: 0 if it drained, or if the
+    SIGTERM came before it had installed its own handler (it was still starting: it held
+    nothing to drain); 1 if another signal ended it."""
+    if exitcode is None or exitcode == 0 or exitcode == -signal.SIGTERM:
+        return 0
+    return exitcode if exitcode > 0 else 1
 
 
 def _tie_to(parent: int) -> None:
@@ -121,14 +161,29 @@ def _tie_to(parent: int) -> None:
         os.setpgid(0, 0)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed; watching the supervisor instead")
     if os.getppid() != parent:  # the supervisor died before the line above took effect
         os._exit(EXIT_CONSUMER_CRASHED)
+
+
+def _watch_supervisor(parent: int) -> None:
+    """Where the kernel does not kill this process with its supervisor: SIGTERM to itself (a
+    drain) within a second of the supervisor's end."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("the supervisor is gone; stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="tally-supervisor-watch", daemon=True).start()
 
 
 def serve_consumer(parent: int) -> None:
     """The first process: the whole consumer, as `tally consume` with one process runs it."""
     _tie_to(parent)
+    _watch_supervisor(parent)
     os.environ["TALLY_CONSUMER_PROCESSES"] = "1"
     from service.cli import main
 

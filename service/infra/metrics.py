@@ -27,10 +27,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from service.domain.events import EVENT_TYPES, Rejection
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-# Decided once, as prometheus_client decides it when first imported.
-MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-# Gauges that only one process sets (the API, or the consumer process that serves /metrics).
-ONE_WRITER: Final = "livemostrecent"
+# Decided once, as prometheus_client decides it when first imported (values.get_value_class).
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+# Gauges that only one process sets (the API, or the consumer process that serves /metrics):
+# summed, the others add their 0. (A "mostrecent" mode would drop a gauge no process has set
+# yet from /metrics, and refuses inc().)
+ONE_WRITER: Final = "livesum"
 
 HTTP_REQUESTS = Counter(
     "tally_http_requests_total", "HTTP requests served.", ["route", "method", "status"], registry=REGISTRY
@@ -211,7 +213,7 @@ CHANGE_STREAMS_OPEN = Gauge(
     "tally_change_streams_open",
     "Change feed event streams open on this API process.",
     registry=REGISTRY,
-    multiprocess_mode="livesum",  # counted up and down: the mostrecent modes refuse inc()
+    multiprocess_mode=ONE_WRITER,
 )
 CHANGE_STREAMS_ENDED = Counter(
     "tally_change_streams_ended_total",

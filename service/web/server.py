@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import suppress
@@ -138,7 +139,12 @@ def serve(app: web.Application, settings: Settings, host: str, port: int, banner
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
-        pass
+        # Draining: a repeated SIGTERM (systemd signals every process of a service, and
+        # `tally consume` passes its own on too) must not cut the drain short; the drain is
+        # bounded, and SIGKILL is the way to stop at once.
+        with suppress(NotImplementedError):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda: log.info("already stopping: draining"))
     finally:
         try:
             if not main.done():
