@@ -79,6 +79,9 @@ DRAIN_GRACE = 10.0
 # (a consumer stuck on one batch stops ingestion as surely as one that exits).
 CLIENT_ERROR_TRIES = 3
 PROBE_TIMEOUT = 2.0
+# Seconds the consumer waits for the broker to close its connection once it has settled
+# everything it received.
+CLOSE_TIMEOUT = 5.0
 # How often the consumer reads its queue's depth (a passive declare, on a channel of its own):
 # how far behind the fold is, which the webhook dispatcher beside it yields to.
 DEPTH_EVERY = 1.0
@@ -248,7 +251,13 @@ class Consumer:
             metrics.BROKER_CONNECTED.set(0)
             metrics.IN_FLIGHT.set(0)
             if not connection.is_closed:
-                await connection.close()
+                # Bounded: everything received is settled by now (committed and acked, or left
+                # for redelivery), and a close the broker does not answer must not hold up the
+                # process's shutdown.
+                try:
+                    await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT)
+                except Exception as exc:  # TimeoutError, or the connection failing as it closes
+                    log.warning("the broker connection did not close cleanly", extra={"error": repr(exc)})
 
     async def _watch_depth(self, connection: AbstractConnection) -> None:
         """Read the ingest queue's ready messages every DEPTH_EVERY until cancelled. A passive
@@ -266,7 +275,7 @@ class Consumer:
                         await asyncio.sleep(DEPTH_EVERY)
                 finally:
                     with contextlib.suppress(Exception):
-                        await channel.close()
+                        await asyncio.wait_for(channel.close(), PROBE_TIMEOUT)
             except asyncio.CancelledError:
                 self.waiting = 0
                 raise
