@@ -47,10 +47,10 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+from consumers.app import EXIT_CONSUMER_CRASHED
+
 log = logging.getLogger("tally.consumer")
 
-# Exit code of a process whose fold crashed (consumers/app.py has the same for one process).
-EXIT_CONSUMER_CRASHED = 70
 # Seconds the processes get to drain after SIGTERM before they are killed: the consumer's own
 # drain grace (consumers/ingest.py), its pool's close, and a margin.
 STOP_GRACE = 30.0
@@ -212,8 +212,7 @@ async def _fold(settings: Any, parent: int, index: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with pool_context(settings.database_url, settings) as pool:
-        metrics.sample(metrics.DB_POOL_IN_USE, lambda: pool.get_size() - pool.get_idle_size())
-        metrics.sample(metrics.DB_POOL_SIZE, pool.get_size)
+        metrics.sample_pool(pool)
         consumer = Consumer(settings, pool)
         task = asyncio.create_task(consumer.run(), name=f"tally-consumer-{index}")
         stopping = asyncio.create_task(stop.wait())

@@ -5,14 +5,14 @@ A `tally consume` that folds with several processes (service/cli/processes.py) r
 prometheus_client's multiprocess mode: each process writes its values to files in the
 directory PROMETHEUS_MULTIPROC_DIR names (set before this module is imported), and the one
 that serves /metrics reads them all: counters and histograms summed, each gauge as its
-``multiprocess_mode`` says (a per-process quantity summed over the live processes; one only
-the serving process sets, as it last set it)."""
+``multiprocess_mode`` says (summed over the live processes, which for a gauge only one
+process sets is its value; the broker's connection state, the minimum)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -255,6 +255,12 @@ def sample(gauge: Gauge, read: Callable[[], float]) -> None:
         _SAMPLED.append((gauge, read))
     else:
         gauge.set_function(read)
+
+
+def sample_pool(pool: Any) -> None:
+    """The pool gauges read from ``pool`` (an asyncpg pool)."""
+    sample(DB_POOL_IN_USE, lambda: pool.get_size() - pool.get_idle_size())
+    sample(DB_POOL_SIZE, pool.get_size)
 
 
 def refresh() -> None:

@@ -26,8 +26,7 @@ def primary_pool(statement_timeout: float | None) -> Callable[[web.Application],
         settings = app[SETTINGS]
         async with pool_context(settings.database_url, settings, statement_timeout=statement_timeout) as pool:
             app[POOL] = pool
-            metrics.sample(metrics.DB_POOL_IN_USE, lambda: pool.get_size() - pool.get_idle_size())
-            metrics.sample(metrics.DB_POOL_SIZE, pool.get_size)
+            metrics.sample_pool(pool)
             yield
 
     return context
