@@ -57,6 +57,21 @@ async def metric_counts(http: aiohttp.ClientSession, p: TallyProcess) -> dict[st
     return out
 
 
+def _hot_traffic_with_duplicates(
+    rng: random.Random, orgs: list[Org], n: int, *, single_share: float, batch: int
+) -> tuple[list[dict], list[dict | list[dict]], int]:
+    """``n`` events over five hot and sixty cold customers per organization, in single-event
+    and batch messages, plus a tenth of them again as new messages (duplicates to absorb),
+    shuffled: the events, the messages and how many events were sent again."""
+    subjects, weights = hot_and_cold(orgs, hot=5, cold=60)
+    events = make_events(rng, subjects, weights, n)
+    messages = in_messages(rng, events, single_share=single_share, batch=batch)
+    again = rng.sample(events, n // 10)
+    messages += in_messages(rng, again, single_share=0.5, batch=batch)
+    rng.shuffle(messages)
+    return events, messages, len(again)
+
+
 # ---- 1. competing processes on hot customers ------------------------------------------
 
 
@@ -65,13 +80,7 @@ async def test_three_processes_on_hot_customers_fold_exactly_once(
 ) -> None:
     rng = random.Random(1)
     orgs = [org, other_org]
-    subjects, weights = hot_and_cold(orgs, hot=5, cold=60)
-    events = make_events(rng, subjects, weights, 6000)
-    messages = in_messages(rng, events, single_share=0.4, batch=50)
-    # Some events again, as new messages (singles and batches): duplicates to absorb.
-    again = rng.sample(events, 600)
-    messages += in_messages(rng, again, single_share=0.5, batch=50)
-    rng.shuffle(messages)
+    events, messages, again = _hot_traffic_with_duplicates(rng, orgs, 6000, single_share=0.4, batch=50)
 
     # A small prefetch spreads the stream over all three, and small batches (10 events, or
     # one batch message) make many short transactions whose row locks overlap: with these
@@ -92,7 +101,7 @@ async def test_three_processes_on_hot_customers_fold_exactly_once(
     counts = [await metric_counts(http, p) for p in procs]
     assert all(c.get("applied", 0) > 0 for c in counts), counts
     assert sum(c.get("applied", 0) for c in counts) == distinct(events), counts
-    assert sum(c.get("duplicate", 0) for c in counts) == len(again), counts
+    assert sum(c.get("duplicate", 0) for c in counts) == again, counts
 
     await terminate_all(fleet, procs)
     for p in procs:
@@ -313,12 +322,7 @@ async def test_one_consume_of_three_processes_folds_exactly_once_and_its_metrics
 ) -> None:
     rng = random.Random(6)
     orgs = [org, other_org]
-    subjects, weights = hot_and_cold(orgs, hot=5, cold=60)
-    events = make_events(rng, subjects, weights, 4000)
-    messages = in_messages(rng, events, single_share=0.6, batch=20)
-    again = rng.sample(events, 400)
-    messages += in_messages(rng, again, single_share=0.5, batch=20)
-    rng.shuffle(messages)
+    events, messages, again = _hot_traffic_with_duplicates(rng, orgs, 4000, single_share=0.6, batch=20)
 
     # A small prefetch spreads the stream over the three processes.
     p = fleet.start("consume", tally_consumer_processes="3", tally_prefetch="20", tally_batch_size="10")
@@ -337,7 +341,7 @@ async def test_one_consume_of_three_processes_folds_exactly_once_and_its_metrics
     # a third of the stream.
     counts = await metric_counts(http, p)
     assert counts.get("applied") == distinct(events), counts
-    assert counts.get("duplicate") == len(again), counts
+    assert counts.get("duplicate") == again, counts
     async with http.get(p.url + "/metrics") as r:
         text = await r.text()
     assert "tally_broker_connected 1.0" in text, text
