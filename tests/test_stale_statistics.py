@@ -24,10 +24,12 @@ from service.domain.listing import CustomerFilter, ListQuery, Position, Sort, co
 from service.infra.migrate import migrate
 from service.infra.settings import DEFAULT_MIGRATIONS_DIR
 from service.store import usage as usage_store
-from service.store.customers import _get_sql
+from service.store.customers import LOCK_CUSTOMER, SELECT_CUSTOMER_ID, _get_sql
+from service.store.fold import HAS_STATISTICS, INSERT_CUSTOMERS, LOCK_CUSTOMERS
 from service.store.housekeeping import analyze_stale
 from service.store.listing import SORT_FIELDS, list_sql
 from service.store.rendering import Shape
+from tests.eventkit import fold_events, usage
 from tests.support import BASE_DSN, with_database
 
 # Makes and migrates a database of its own (no shared fixture says so).
@@ -269,6 +271,73 @@ async def test_reads_probe_by_primary_key_whatever_the_statistics(
         if trouble := problems(plan, rows, sizes):
             found[name] = trouble
     assert not found, found
+
+
+def customers_read(plan: dict[str, Any]) -> float:
+    """Rows of ``customers`` the plan read: returned, or removed by a filter, over every loop."""
+    return sum(
+        sum(n.get(k, 0) for k in ("Actual Rows", "Rows Removed by Filter", "Rows Removed by Index Recheck"))
+        * n.get("Actual Loops", 1)
+        for n, _ in scans(plan)
+        if n["Relation Name"] == "customers"
+    )
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["never-analyzed", "analyzed"])
+async def test_customers_found_by_key_are_probed_whatever_the_statistics(
+    never_analyzed: tuple[asyncpg.Connection, uuid.UUID], analyzed: bool
+) -> None:
+    """A lookup by (organization, environment, identifier) reads the customers it names and
+    no others: a retrieve, an API write's lock, a usage series, and the fold's two statements
+    that make sure a batch's customers have rows and lock them. Without statistics every index
+    leading with (organization_id, environment) looks as good as the key's; one of them reads
+    the organization's 30,000 customers per key."""
+    conn, org = never_analyzed
+    if analyzed:
+        await conn.execute(f"ANALYZE {', '.join(TABLES)}")
+    keys = [(org, "prod", f"user_{i}") for i in range(1, CUSTOMERS, CUSTOMERS // 40)]
+    keys += [(org, "prod", f"new_{i}") for i in range(10)]
+    arrays = [list(column) for column in zip(*sorted(keys), strict=True)]
+    lookups = [
+        ("retrieve", _get_sql(canonical_shape(True, True)), [org, "prod", "user_77"], 1),
+        ("an API write's lock", LOCK_CUSTOMER, [org, "prod", "user_77"], 1),
+        ("a usage series' customer", SELECT_CUSTOMER_ID, [org, "prod", "user_77"], 1),
+        ("the fold's new rows", INSERT_CUSTOMERS, arrays, len(keys)),
+        ("the fold's row locks", LOCK_CUSTOMERS, arrays, len(keys)),
+    ]
+    found = {}
+    for name, sql, args, named in lookups:
+        # Inside a transaction rolled back: EXPLAIN ANALYZE runs the statement (its rows, its locks).
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            plan = await explain(conn, sql, args)
+        except asyncpg.QueryCanceledError:
+            found[name] = f"ran past the statement timeout ({TIMEOUT})"
+            continue
+        finally:
+            await transaction.rollback()
+        # Each named customer is read at most twice (found, then locked or rendered).
+        if (rows := customers_read(plan)) > 2 * named:
+            found[name] = f"{rows:.0f} customers read for {named} named"
+    assert not found, found
+
+
+async def test_a_fold_analyzes_customers_that_never_were(
+    never_analyzed: tuple[asyncpg.Connection, uuid.UUID],
+) -> None:
+    """The statistics the lookups above rely on are there from a new install's first folds:
+    a fold analyzes `customers` when it has none, in a transaction of its own. Inside a
+    caller's transaction it leaves them alone (its lock would be held to that commit)."""
+    conn, org = never_analyzed
+    assert not await conn.fetchval(HAS_STATISTICS)
+    async with conn.transaction():
+        assert await fold_events(conn, usage(str(org), "user_5")) == ["applied"]
+    assert not await conn.fetchval(HAS_STATISTICS)
+    assert await fold_events(conn, usage(str(org), "user_6"), usage(str(org), "someone_new")) == ["applied"] * 2
+    assert await conn.fetchval(HAS_STATISTICS)
+    # Nothing stale is left for housekeeping on customers: the fold's analyze saw its rows.
+    assert "customers" not in await analyze_stale(conn)
 
 
 async def test_housekeeping_analyzes_what_a_large_fold_changed(

@@ -20,7 +20,7 @@ from service.domain.changes import Change, from_micros
 from service.domain.errors import Conflict, InvalidInput, NotFound
 from service.domain.listing import MULTI_VALUE_OPERATORS, ListQuery, Position
 from service.domain.vocabulary import WRITABLE_COLUMNS
-from service.store.apply import apply_changes
+from service.store.apply import apply_changes, by_key_order
 from service.store.changelog import HORIZON
 from service.store.changelog import Position as LogPosition
 from service.store.db import Connection
@@ -83,12 +83,12 @@ def storable(identifier: str) -> bool:
 
 
 def _get_sql(shape: Shape) -> str:
-    """The customer named by its identifier: one probe of the identifier's unique index, and
+    """The customer named by its identifier: one probe of an index on its key (see by_key_order), and
     one of each other table the shape renders, by primary key; and the change-log position
     the read reflects."""
     return (
         f"SELECT {shape_sql(shape)}::text AS doc, {HORIZON} AS as_of FROM customers c{rows_sql(shape, 'c')}"
-        " WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3"
+        " WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3 " + by_key_order("c")
     )
 
 
@@ -137,7 +137,8 @@ ON CONFLICT (organization_id, environment, customer_identifier) DO NOTHING
 RETURNING id
 """
 LOCK_CUSTOMER = (
-    "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3 FOR UPDATE"
+    "SELECT c.id FROM customers c WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3 "
+    f"{by_key_order('c')} FOR UPDATE"
 )
 
 # The newest instant any change applied to a customer was stamped with, as a version's
@@ -331,7 +332,8 @@ FIRST_SERIES_DAY, LAST_SERIES_DAY = date(1900, 1, 1), date(9998, 12, 31)
 GRANULARITIES = ("day", "week", "month")
 
 SELECT_CUSTOMER_ID = (
-    "SELECT id FROM customers WHERE organization_id = $1 AND environment = $2 AND customer_identifier = $3"
+    "SELECT c.id FROM customers c WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3 "
+    + by_key_order("c")
 )
 
 # The customer's daily rows in range (a primary-key range scan), summed per bucket.

@@ -96,8 +96,9 @@ async def analyze_stale(conn: Connection) -> list[str]:
     """ANALYZE each table whose statistics are stale (see STALE_TABLES); returns their names.
 
     Plans do not depend on statistics for their shape (every join between a customer's tables
-    is by primary key), but filters' row estimates do; a server whose autovacuum is off, or
-    has not caught up minutes after a bulk load, would plan with what it knew before."""
+    is by primary key, and a customer found by its key is probed: service/store/apply.py
+    by_key_order), but filters' row estimates do; a server whose autovacuum is off, or has not
+    caught up minutes after a bulk load, would plan with what it knew before."""
     tables: list[str] = [r["relname"] for r in await conn.fetch(STALE_TABLES)]
     for table in tables:
         # A name from the catalogue, quoted as an identifier: never text from a request.
