@@ -25,7 +25,7 @@ from service.infra.migrate import migrate
 from service.infra.settings import DEFAULT_MIGRATIONS_DIR
 from service.store import usage as usage_store
 from service.store.customers import LOCK_CUSTOMER, SELECT_CUSTOMER_ID, _get_sql
-from service.store.fold import HAS_STATISTICS, INSERT_CUSTOMERS, LOCK_CUSTOMERS
+from service.store.fold import INSERT_CUSTOMERS, LOCK_CUSTOMERS, LOOKUP_TABLES, UNANALYZED
 from service.store.housekeeping import analyze_stale
 from service.store.listing import SORT_FIELDS, list_sql
 from service.store.rendering import Shape
@@ -323,21 +323,35 @@ async def test_customers_found_by_key_are_probed_whatever_the_statistics(
     assert not found, found
 
 
-async def test_a_fold_analyzes_customers_that_never_were(
+async def test_a_fold_analyzes_the_tables_that_never_were(
     never_analyzed: tuple[asyncpg.Connection, uuid.UUID],
 ) -> None:
     """The statistics the lookups above rely on are there from a new install's first folds:
-    a fold analyzes `customers` when it has none, in a transaction of its own. Inside a
-    caller's transaction it leaves them alone (its lock would be held to that commit)."""
+    a fold analyzes each customer table that has rows and no statistics, in a transaction of
+    its own. Inside a caller's transaction it leaves them alone (its lock would be held to
+    that commit)."""
     conn, org = never_analyzed
-    assert not await conn.fetchval(HAS_STATISTICS)
+    assert set(TABLES) == set(LOOKUP_TABLES)
+    unanalyzed = {r["name"] for r in await conn.fetch(UNANALYZED)}
+    assert unanalyzed == set(TABLES)
     async with conn.transaction():
         assert await fold_events(conn, usage(str(org), "user_5")) == ["applied"]
-    assert not await conn.fetchval(HAS_STATISTICS)
+    assert {r["name"] for r in await conn.fetch(UNANALYZED)} == unanalyzed
     assert await fold_events(conn, usage(str(org), "user_6"), usage(str(org), "someone_new")) == ["applied"] * 2
-    assert await conn.fetchval(HAS_STATISTICS)
-    # Nothing stale is left for housekeeping on customers: the fold's analyze saw its rows.
-    assert "customers" not in await analyze_stale(conn)
+    assert not await conn.fetch(UNANALYZED)
+    # Nothing stale is left for housekeeping: the fold's analyze saw the tables' rows.
+    assert not set(TABLES) & set(await analyze_stale(conn))
+    # A retrieve by id now probes the primary keys.
+    customer_id = await conn.fetchval("SELECT id FROM customers WHERE customer_identifier = 'user_77'")
+    sql, args = list_sql(
+        ListQuery(org, "prod", filter=CustomerFilter(ids=(customer_id,)), limit=1, count=False),
+        canonical_shape(False, False),
+    )
+    plan = await explain(conn, sql, args)
+    assert customers_read(plan) <= 2, plan
+    assert all(
+        n.get("Index Name", "").endswith("_pkey") for n, _ in scans(plan) if n["Relation Name"] != "organizations"
+    )
 
 
 async def test_housekeeping_analyzes_what_a_large_fold_changed(
