@@ -20,7 +20,9 @@ against a reference model on random histories, orders, batch splits and consumer
   newer than T the customer is removed.
 - **API writes** are changes stamped with the time of the request (``service/store/customers.py``).
 
-One transaction per batch, in this order:
+Before a batch's transaction, a fold analyzes any customer table that has rows and no
+statistics yet (:func:`ensure_statistics`; once per table in practice). Then one transaction
+per batch, in this order:
 
 1. resolve organizations (a UUID is an id, never a name); refuse unknown ones and events older
    than the retention window;
