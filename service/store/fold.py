@@ -54,6 +54,8 @@ from typing import Literal
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+import asyncpg
+
 from service.domain.changes import Change, Key
 from service.domain.events import Event, Rejection, UsageData, too_old_reason
 from service.domain.keys import Organization, check_time_zone
@@ -105,8 +107,9 @@ RETURNING organization_id, environment, source, event_id
 # merge join over the whole table, so that a batch costs as much as the table is large; for a
 # small one on a table never analyzed, a probe of any index that leads with (organization_id,
 # environment), which reads all of the organization's customers for every key. The subquery
-# keeps the lookup a probe per key. Which index it probes is decided by the statistics (see
-# ensure_statistics) and, where they are missing, by its order (see by_key_order).
+# keeps the lookup a probe per key: its ORDER BY also keeps the planner from merging it into the
+# outer query as a join. Which index it probes is decided by the statistics (see
+# ensure_statistics) and, where they are missing, by that order (see by_key_order).
 # docs/performance.md ("Finding a batch's customers") has the measurements.
 FIND_CUSTOMER = f"""
 SELECT e.organization_id, e.id FROM customers e
@@ -142,8 +145,8 @@ FOR UPDATE OF c
 
 
 # The tables a customer is found in by its key or its id, among those holding rows but no
-# statistics yet (none on the column every lookup leads with). Each table's rows are looked for
-# only while it has no statistics: AND evaluates its operands in order.
+# statistics yet (none on the column every lookup leads with). A table's rows are looked for
+# only while it has no statistics (CASE evaluates in order).
 LOOKUP_TABLES = ("customers", "customer_usage", "daily_usage", "daily_model_usage")
 
 
@@ -152,36 +155,62 @@ def _unanalyzed(table: str) -> str:
         "SELECT FROM pg_stats s WHERE s.schemaname = current_schema()"
         f" AND s.tablename = '{table}' AND s.attname = 'organization_id'"
     )
-    return f"('{table}', NOT EXISTS ({statistics}) AND EXISTS (SELECT FROM {table}))"
+    return f"('{table}', CASE WHEN EXISTS ({statistics}) THEN false ELSE EXISTS (SELECT FROM {table}) END)"
 
 
 UNANALYZED = f"""
 SELECT t.name FROM (VALUES {", ".join(_unanalyzed(table) for table in LOOKUP_TABLES)}) AS t(name, due)
 WHERE t.due
 """
+# An analyze may read up to 30,000 pages of a large table from disk: longer than a statement's
+# usual timeout, and worth waiting for once.
+ANALYZE_TIMEOUT = 60.0
+# Tables an analyze left without statistics, by this process: not tried again, and said once.
+# ANALYZE skips a table with a warning, not an error, when tally's role does not own it, or
+# (SKIP_LOCKED) while another process holds its lock: then that process's analyze, or
+# housekeeping's, gives it statistics.
+_left_unanalyzed: set[str] = set()
 
 
 async def ensure_statistics(conn: Connection) -> list[str]:
     """ANALYZE each table a customer is looked up in that has rows but no statistics yet (a
     new install, or a bulk load: the server's autovacuum may be off, and tally's housekeeping
-    analyzes only every 30 s); returns their names. Without statistics, every index leading
-    with (organization_id, environment) is estimated to find one row for a key or an id, and
-    which one a lookup probes comes down to the indexes' heights: a fold that probed another
-    than the key's read all of the organization's customers for every key (15 s for one batch
-    of 4,000 events at 17,700 customers), and a retrieve by id walked a sort index of
-    `customer_usage` over the organization (16 ms at 200,000 customers, 0.8 ms analyzed).
-    With them, those indexes are estimated at the whole organization, and the key's or the
-    primary key's wins. Runs in a transaction of its own, never inside a fold's: ANALYZE's
-    table lock held until a fold commits would order folds against each other's journal
-    inserts. A table is analyzed once: statistics, once there, stay (housekeeping keeps them
-    fresh)."""
+    analyzes only every 30 s); returns the names of those it gave statistics.
+
+    Without statistics, every index leading with (organization_id, environment) is estimated
+    to find one row for a key or an id, and which one a lookup probes comes down to the
+    indexes' heights: a fold whose lookups probed customers_sort_period_budget read all of the
+    organization's customers for every key (14–32 s a batch of 4,000 events from 17,700
+    customers on), and a retrieve by id walked a sort index of `customer_usage` over the
+    organization (16 ms at 200,000 customers, 0.8 ms analyzed). With them, those indexes are
+    estimated at the whole organization, and the key's or the primary key's wins.
+
+    Best effort: a table another process is analyzing is left to it (SKIP_LOCKED), and an
+    analyze that fails or runs past ANALYZE_TIMEOUT is logged and the fold goes on (its
+    lookups' order still breaks the planner's tie where the indexes are as tall). Runs in a
+    transaction of its own, never inside a fold's: ANALYZE's table lock held until a fold
+    commits would order folds against each other's journal inserts."""
     if conn.is_in_transaction():
         return []
-    tables: list[str] = [r["name"] for r in await conn.fetch(UNANALYZED)]
+    tables = [r["name"] for r in await conn.fetch(UNANALYZED) if r["name"] not in _left_unanalyzed]
+    done = []
     for table in tables:
-        # A name from LOOKUP_TABLES above, never text from an event.
-        await conn.execute(f"ANALYZE {table}")
-    return tables
+        if table not in LOOKUP_TABLES:  # only names written above reach the SQL
+            raise ValueError(table)
+        try:
+            await conn.execute(f"ANALYZE (SKIP_LOCKED) {table}", timeout=ANALYZE_TIMEOUT)
+        except (asyncpg.PostgresError, TimeoutError) as exc:
+            log.warning("ANALYZE %s failed, folding without its statistics: %s", table, exc)
+            continue
+        done.append(table)
+    left: set[str] = set()
+    if done and (left := {r["name"] for r in await conn.fetch(UNANALYZED)} & set(done)):
+        log.warning(
+            "ANALYZE skipped %s (locked by another process, or not owned by tally's role); not retried by this process",
+            ", ".join(sorted(left)),
+        )
+        _left_unanalyzed.update(left)
+    return [table for table in done if table not in left]
 
 
 # ---- the fold ----------------------------------------------------------------------------
