@@ -85,8 +85,9 @@ async def timed(conn: asyncpg.Connection, sql: str, args: list[object], timeout:
 
 
 def batch(org: uuid.UUID, customers: int, n: int, rng: random.Random) -> list[list[object]]:
-    """``n`` sorted keys, half of existing customers and half new, as the three key arrays."""
-    keys = {(org, "prod", f"user_{rng.randint(1, customers)}") for _ in range(n // 2)}
+    """``n`` sorted keys, half of existing customers and half new (one key: an existing
+    customer's), as the three key arrays."""
+    keys = {(org, "prod", f"user_{rng.randint(1, customers)}") for _ in range(max(n // 2, 1))}
     keys |= {(org, "prod", f"new_{rng.randrange(10**12)}") for _ in range(n - len(keys))}
     return [list(column) for column in zip(*sorted(keys), strict=True)]
 
