@@ -20,8 +20,8 @@ against a reference model on random histories, orders, batch splits and consumer
   newer than T the customer is removed.
 - **API writes** are changes stamped with the time of the request (``service/store/customers.py``).
 
-Before a batch's transaction, a fold analyzes any customer table that has rows and no
-statistics yet (:func:`ensure_statistics`; once per table in practice). Then one transaction
+Before a batch's transaction, a fold analyzes `customers` and `customer_usage` where they have
+pages and no statistics yet (:func:`ensure_statistics`; once per table in practice). Then one transaction
 per batch, in this order:
 
 1. resolve organizations (a UUID is an id, never a name); refuse unknown ones and events older
@@ -144,23 +144,16 @@ FOR UPDATE OF c
 """
 
 
-# The tables a customer is found in by its key or its id, among those holding rows but no
-# statistics yet (none on the column every lookup leads with). A table's rows are looked for
-# only while it has no statistics (CASE evaluates in order).
-LOOKUP_TABLES = ("customers", "customer_usage", "daily_usage", "daily_model_usage")
-
-
-def _unanalyzed(table: str) -> str:
-    statistics = (
-        "SELECT FROM pg_stats s WHERE s.schemaname = current_schema()"
-        f" AND s.tablename = '{table}' AND s.attname = 'organization_id'"
-    )
-    return f"('{table}', CASE WHEN EXISTS ({statistics}) THEN false ELSE EXISTS (SELECT FROM {table}) END)"
-
-
-UNANALYZED = f"""
-SELECT t.name FROM (VALUES {", ".join(_unanalyzed(table) for table in LOOKUP_TABLES)}) AS t(name, due)
-WHERE t.due
+# The tables whose indexes a lookup by key or by id can confuse without statistics (each has
+# sort indexes leading with (organization_id, environment) besides its key), among those with
+# pages but no statistics yet (none on the column every lookup leads with). Only the catalogue
+# is read: no table is scanned for it, and on Citus the coordinator's empty shells never qualify.
+LOOKUP_TABLES = ("customers", "customer_usage")
+UNANALYZED = """
+SELECT t.name, c.reltuples FROM unnest($1::text[]) AS t(name) JOIN pg_class c ON c.oid = to_regclass(t.name)
+WHERE pg_relation_size(c.oid) > 0
+  AND NOT EXISTS (SELECT FROM pg_stats s
+                  WHERE s.schemaname = current_schema() AND s.tablename = t.name AND s.attname = 'organization_id')
 """
 # An analyze may read up to 30,000 pages of a large table from disk: longer than a statement's
 # usual timeout, and worth waiting for once.
@@ -173,7 +166,7 @@ _left_unanalyzed: set[str] = set()
 
 
 async def ensure_statistics(conn: Connection) -> list[str]:
-    """ANALYZE each table a customer is looked up in that has rows but no statistics yet (a
+    """ANALYZE each of LOOKUP_TABLES that has pages but no statistics yet (a
     new install, or a bulk load: the server's autovacuum may be off, and tally's housekeeping
     analyzes only every 30 s); returns the names of those it gave statistics.
 
@@ -192,7 +185,7 @@ async def ensure_statistics(conn: Connection) -> list[str]:
     commits would order folds against each other's journal inserts."""
     if conn.is_in_transaction():
         return []
-    tables = [r["name"] for r in await conn.fetch(UNANALYZED) if r["name"] not in _left_unanalyzed]
+    tables = [r["name"] for r in await conn.fetch(UNANALYZED, LOOKUP_TABLES) if r["name"] not in _left_unanalyzed]
     done = []
     for table in tables:
         if table not in LOOKUP_TABLES:  # only names written above reach the SQL
@@ -203,14 +196,16 @@ async def ensure_statistics(conn: Connection) -> list[str]:
             log.warning("ANALYZE %s failed, folding without its statistics: %s", table, exc)
             continue
         done.append(table)
-    left: set[str] = set()
-    if done and (left := {r["name"] for r in await conn.fetch(UNANALYZED)} & set(done)):
+    # Still without statistics: skipped, unless the analyze found no live row (reltuples 0: the
+    # rows come with a fold's commit, and the next batch analyzes them).
+    still = {r["name"]: r["reltuples"] for r in await conn.fetch(UNANALYZED, done)} if done else {}
+    if left := {table for table, rows in still.items() if rows != 0}:
         log.warning(
             "ANALYZE skipped %s (locked by another process, or not owned by tally's role); not retried by this process",
             ", ".join(sorted(left)),
         )
         _left_unanalyzed.update(left)
-    return [table for table in done if table not in left]
+    return [table for table in done if table not in still]
 
 
 # ---- the fold ----------------------------------------------------------------------------
