@@ -145,15 +145,20 @@ FOR UPDATE OF c
 
 
 # The tables whose indexes a lookup by key or by id can confuse without statistics (each has
-# sort indexes leading with (organization_id, environment) besides its key), among those with
-# pages but no statistics yet (none on the column every lookup leads with). Only the catalogue
-# is read: no table is scanned for it, and on Citus the coordinator's empty shells never qualify.
+# sort indexes leading with (organization_id, environment) besides its key): those of them with
+# no statistics yet (none on the column every lookup leads with), and of those, the ones with
+# pages, with their row count as of their last analyze or vacuum (-1: never). Only the
+# catalogue is read: no table is scanned for it, and on Citus the coordinator's empty shells
+# never qualify. The first is the one every batch runs (0.3 ms here).
 LOOKUP_TABLES = ("customers", "customer_usage")
 UNANALYZED = """
-SELECT t.name, c.reltuples FROM unnest($1::text[]) AS t(name) JOIN pg_class c ON c.oid = to_regclass(t.name)
-WHERE pg_relation_size(c.oid) > 0
-  AND NOT EXISTS (SELECT FROM pg_stats s
+SELECT t.name FROM unnest($1::text[]) AS t(name)
+WHERE NOT EXISTS (SELECT FROM pg_stats s
                   WHERE s.schemaname = current_schema() AND s.tablename = t.name AND s.attname = 'organization_id')
+"""
+WITH_PAGES = """
+SELECT c.relname AS name, c.reltuples FROM pg_class c
+WHERE c.oid = ANY($1::text[]::regclass[]) AND pg_relation_size(c.oid) > 0
 """
 # An analyze may read up to 30,000 pages of a large table from disk: longer than a statement's
 # usual timeout, and worth waiting for once.
@@ -185,7 +190,8 @@ async def ensure_statistics(conn: Connection) -> list[str]:
     commits would order folds against each other's journal inserts."""
     if conn.is_in_transaction():
         return []
-    tables = [r["name"] for r in await conn.fetch(UNANALYZED, LOOKUP_TABLES) if r["name"] not in _left_unanalyzed]
+    missing = [r["name"] for r in await conn.fetch(UNANALYZED, LOOKUP_TABLES) if r["name"] not in _left_unanalyzed]
+    tables = [r["name"] for r in await conn.fetch(WITH_PAGES, missing)] if missing else []
     done = []
     for table in tables:
         if table not in LOOKUP_TABLES:  # only names written above reach the SQL
@@ -198,7 +204,8 @@ async def ensure_statistics(conn: Connection) -> list[str]:
         done.append(table)
     # Still without statistics: skipped, unless the analyze found no live row (reltuples 0: the
     # rows come with a fold's commit, and the next batch analyzes them).
-    still = {r["name"]: r["reltuples"] for r in await conn.fetch(UNANALYZED, done)} if done else {}
+    unanalyzed = [r["name"] for r in await conn.fetch(UNANALYZED, done)] if done else []
+    still = {r["name"]: r["reltuples"] for r in await conn.fetch(WITH_PAGES, unanalyzed)} if unanalyzed else {}
     if left := {table for table, rows in still.items() if rows != 0}:
         log.warning(
             "ANALYZE skipped %s (locked by another process, or not owned by tally's role); not retried by this process",
