@@ -82,14 +82,15 @@ def storable(identifier: str) -> bool:
     return "\x00" not in identifier
 
 
+# The customer named by its key ($1, $2, $3), probed by an index on that key (see by_key_order).
+BY_KEY = " WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3 " + by_key_order("c")
+
+
 def _get_sql(shape: Shape) -> str:
-    """The customer named by its identifier: one probe of an index on its key (see by_key_order), and
-    one of each other table the shape renders, by primary key; and the change-log position
-    the read reflects."""
-    return (
-        f"SELECT {shape_sql(shape)}::text AS doc, {HORIZON} AS as_of FROM customers c{rows_sql(shape, 'c')}"
-        " WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3 " + by_key_order("c")
-    )
+    """The customer named by its identifier: one probe of an index on its key, and one of each
+    other table the shape renders, by primary key; and the change-log position the read
+    reflects."""
+    return f"SELECT {shape_sql(shape)}::text AS doc, {HORIZON} AS as_of FROM customers c{rows_sql(shape, 'c')}{BY_KEY}"
 
 
 async def read_customer(
@@ -136,10 +137,7 @@ VALUES ($1, $2, $3, NULL)
 ON CONFLICT (organization_id, environment, customer_identifier) DO NOTHING
 RETURNING id
 """
-LOCK_CUSTOMER = (
-    "SELECT c.id FROM customers c WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3 "
-    f"{by_key_order('c')} FOR UPDATE"
-)
+LOCK_CUSTOMER = f"SELECT c.id FROM customers c{BY_KEY} FOR UPDATE"
 
 # The newest instant any change applied to a customer was stamped with, as a version's
 # microseconds (service/domain/changes.py): its fields' versions and hints, its newest profile or
@@ -331,10 +329,7 @@ MAX_SERIES_DAYS = 400
 FIRST_SERIES_DAY, LAST_SERIES_DAY = date(1900, 1, 1), date(9998, 12, 31)
 GRANULARITIES = ("day", "week", "month")
 
-SELECT_CUSTOMER_ID = (
-    "SELECT c.id FROM customers c WHERE c.organization_id = $1 AND c.environment = $2 AND c.customer_identifier = $3 "
-    + by_key_order("c")
-)
+SELECT_CUSTOMER_ID = f"SELECT c.id FROM customers c{BY_KEY}"
 
 # The customer's daily rows in range (a primary-key range scan), summed per bucket.
 USAGE_SERIES = zero_filled(

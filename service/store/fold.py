@@ -21,8 +21,8 @@ against a reference model on random histories, orders, batch splits and consumer
 - **API writes** are changes stamped with the time of the request (``service/store/customers.py``).
 
 Before a batch's transaction, a fold analyzes `customers` and `customer_usage` where they have
-pages and no statistics yet (:func:`ensure_statistics`; once per table in practice). Then one transaction
-per batch, in this order:
+pages and no statistics yet (:func:`ensure_statistics`; once per table in practice). Then one
+transaction per batch, in this order:
 
 1. resolve organizations (a UUID is an id, never a name); refuse unknown ones and events older
    than the retention window;
@@ -190,10 +190,8 @@ async def ensure_statistics(conn: Connection) -> list[str]:
     commits would order folds against each other's journal inserts."""
     if conn.is_in_transaction():
         return []
-    missing = [r["name"] for r in await conn.fetch(UNANALYZED, LOOKUP_TABLES) if r["name"] not in _left_unanalyzed]
-    tables = [r["name"] for r in await conn.fetch(WITH_PAGES, missing)] if missing else []
     done = []
-    for table in tables:
+    for table in await _without_statistics(conn, [t for t in LOOKUP_TABLES if t not in _left_unanalyzed]):
         if table not in LOOKUP_TABLES:  # only names written above reach the SQL
             raise ValueError(table)
         try:
@@ -204,8 +202,7 @@ async def ensure_statistics(conn: Connection) -> list[str]:
         done.append(table)
     # Still without statistics: skipped, unless the analyze found no live row (reltuples 0: the
     # rows come with a fold's commit, and the next batch analyzes them).
-    unanalyzed = [r["name"] for r in await conn.fetch(UNANALYZED, done)] if done else []
-    still = {r["name"]: r["reltuples"] for r in await conn.fetch(WITH_PAGES, unanalyzed)} if unanalyzed else {}
+    still = await _without_statistics(conn, done)
     if left := {table for table, rows in still.items() if rows != 0}:
         log.warning(
             "ANALYZE skipped %s (locked by another process, or not owned by tally's role); not retried by this process",
@@ -213,6 +210,12 @@ async def ensure_statistics(conn: Connection) -> list[str]:
         )
         _left_unanalyzed.update(left)
     return [table for table in done if table not in still]
+
+
+async def _without_statistics(conn: Connection, tables: list[str]) -> dict[str, float]:
+    """Of ``tables``, those with pages and no statistics, with their reltuples."""
+    missing = [r["name"] for r in await conn.fetch(UNANALYZED, tables)] if tables else []
+    return {r["name"]: r["reltuples"] for r in await conn.fetch(WITH_PAGES, missing)} if missing else {}
 
 
 # ---- the fold ----------------------------------------------------------------------------
