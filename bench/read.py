@@ -859,7 +859,9 @@ async def mixed(
             entry["views"] = len(views)
             entry["events_per_second"] = round((published - start_published) / (time.perf_counter() - started))
             entry["cache"] = outcomes
-            entry["cache_hit_rate"] = round(outcomes.get("hit", 0) / served, 3) if served else None
+            # Answered without a read of their own: from memory, or by a read under way for the same response.
+            answered = outcomes.get("hit", 0) + outcomes.get("shared", 0)
+            entry["cache_hit_rate"] = round(answered / served, 3) if served else None
             result[label] = entry
             print(f"  mixed, {label}: {entry}", file=sys.stderr)
         if peer_port is not None:

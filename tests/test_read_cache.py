@@ -6,6 +6,7 @@ epochs, expiry, its size bound) are unit-tested with a clock of their own."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from pathlib import Path
@@ -14,9 +15,10 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, make_mocked_request
 
-from service.api import appkeys
+from service.api import appkeys, readcache
 from service.api.changewatch import ChangeWatch
 from service.api.readcache import CACHE_CONTROL, Entry, ReadCache, etag, matches
 from service.infra.settings import Settings
@@ -90,6 +92,121 @@ def test_versions_follow_what_the_watch_hears() -> None:
     assert watch.bump(SCOPE) == 1 and watch.version(SCOPE) != first
     other = (uuid.UUID(int=2), "prod")
     assert watch.version(other) == (watch.epoch, 0)
+
+
+# ---- reads that miss together ---------------------------------------------------------------
+
+
+class Reads:
+    """A read that counts its calls and answers only when let go (``gate``), as a statement
+    does when it finishes: each call gets the body ``body`` (or ``status``)."""
+
+    def __init__(self, body: bytes = b'{"n":1}', status: int = 200) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self.body, self.status = body, status
+
+    async def __call__(self) -> web.StreamResponse:
+        self.calls += 1
+        await self.gate.wait()
+        if self.status != 200:
+            return web.json_response({"status": self.status}, status=self.status)
+        return web.Response(body=self.body, content_type="application/json")
+
+
+def listening() -> ChangeWatch:
+    watch = ChangeWatch()
+    watch.listening = True
+    watch.restart()
+    return watch
+
+
+def ask(
+    cache: ReadCache, watch: ChangeWatch, read: Reads, key: str = "GET /v1/customers", **headers: str
+) -> asyncio.Task[web.StreamResponse]:
+    request = make_mocked_request("GET", "/v1/customers", headers=headers)
+    return asyncio.create_task(
+        readcache.conditional(request, SCOPE, key, cache, watch, read, bypass=False, storable=lambda _: True)
+    )
+
+
+async def under_way(cache: ReadCache, watch: ChangeWatch, key: str = "GET /v1/customers") -> None:
+    async def begun() -> bool:
+        return cache.reading(SCOPE, key, watch.version(SCOPE)) is not None
+
+    await wait_until(begun, what="the first read to begin")
+
+
+async def test_reads_of_one_response_that_miss_together_make_one_read() -> None:
+    cache, watch, read = ReadCache(10_000, 10_000), listening(), Reads()
+    first = ask(cache, watch, read)
+    await under_way(cache, watch)
+    others = [ask(cache, watch, read) for _ in range(4)]
+    conditional_one = ask(cache, watch, read, **{"If-None-Match": etag(read.body)})
+    another_view = ask(cache, watch, read, key="GET /v1/customers?limit=1")
+    await asyncio.sleep(0)  # every request reaches its wait before the read answers
+    read.gate.set()
+    answers = await asyncio.gather(first, *others)
+    assert read.calls == 2  # the first read, and the other view's own
+    assert {a.status for a in answers} == {200} and {a.body for a in answers} == {read.body}  # type: ignore[attr-defined]
+    assert len({a.headers["ETag"] for a in answers}) == 1
+    assert (await conditional_one).status == 304
+    assert (await another_view).status == 200
+    assert cache.reading(SCOPE, "GET /v1/customers", watch.version(SCOPE)) is None
+
+
+async def test_a_request_after_a_commit_is_heard_does_not_wait_for_an_older_read() -> None:
+    cache, watch, read = ReadCache(10_000, 10_000), listening(), Reads()
+    first = ask(cache, watch, read)
+    await under_way(cache, watch)
+    watch.bump(SCOPE)  # a commit heard while the first read is under way: it may not show it
+    second = ask(cache, watch, read)
+
+    async def both_reading() -> bool:
+        return read.calls == 2
+
+    await wait_until(both_reading, what="the second request to read for itself")
+    read.gate.set()
+    await asyncio.gather(first, second)
+
+
+@pytest.mark.parametrize("failure", ["an error response", "a cancelled read"])
+async def test_when_the_read_others_wait_for_fails_each_reads_for_itself(failure: str) -> None:
+    cache, watch = ReadCache(10_000, 10_000), listening()
+    read = Reads(status=503) if failure == "an error response" else Reads()
+    first = ask(cache, watch, read)
+    await under_way(cache, watch)
+    waiting = [ask(cache, watch, read) for _ in range(3)]
+    await asyncio.sleep(0)
+    if failure == "a cancelled read":
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+        async def all_reading() -> bool:
+            return read.calls == 4
+
+        await wait_until(all_reading, what="the waiting requests to read for themselves")
+        read.gate.set()
+        assert {(await w).status for w in waiting} == {200}
+    else:
+        read.gate.set()
+        assert (await first).status == 503
+        assert {(await w).status for w in waiting} == {503}
+        assert read.calls == 4
+    assert cache.reading(SCOPE, "GET /v1/customers", watch.version(SCOPE)) is None
+
+
+async def test_a_waiting_request_cancelled_leaves_the_read_to_the_others() -> None:
+    cache, watch, read = ReadCache(10_000, 10_000), listening(), Reads()
+    first = ask(cache, watch, read)
+    await under_way(cache, watch)
+    leaving, staying = ask(cache, watch, read), ask(cache, watch, read)
+    await asyncio.sleep(0)
+    leaving.cancel()
+    read.gate.set()
+    assert (await first).status == 200 and (await staying).status == 200
+    assert leaving.cancelled() and read.calls == 1
 
 
 # ---- in one API process ---------------------------------------------------------------------

@@ -13,6 +13,12 @@ Responses also hold for a bounded time at most (they show budget periods, which 
 midnight in some zone: entries end at the next quarter hour), and the cache a bounded size
 (least recently used out first).
 
+Reads that miss together share one read: while a response is being read for a version, the
+same request for the same version waits for that read instead of starting its own, and is
+answered from what it kept (the response it would have found in memory a moment later).
+After a commit, every dashboard polling a view misses at once; without this, each of them
+would run the same statement.
+
 ``ETag`` is a hash of the body (less a list's ``as_of``, which moves with every transaction on
 the server), so it is the same on every replica and across restarts while the data is;
 ``If-None-Match`` with it is a 304 — from memory, without touching the database, when the
@@ -23,6 +29,7 @@ key's view).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -78,6 +85,9 @@ class ReadCache:
         self.clock = clock or (lambda: datetime.now(UTC).timestamp())
         self._entries: OrderedDict[tuple[Scope, str], Entry] = OrderedDict()
         self.bytes = 0
+        # The reads under way, by what they read: each resolves to the entry it made, or to
+        # None when it made none (an error, a response not kept, a cancelled read).
+        self._reading: dict[tuple[Scope, str, tuple[int, int]], asyncio.Future[Entry | None]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -106,6 +116,22 @@ class ReadCache:
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
         return True
+
+    def reading(self, scope: Scope, key: str, version: tuple[int, int]) -> asyncio.Future[Entry | None] | None:
+        """The read of ``key`` for ``version`` under way, if any."""
+        return self._reading.get((scope, key, version))
+
+    def begin(self, scope: Scope, key: str, version: tuple[int, int]) -> asyncio.Future[Entry | None]:
+        """A read of ``key`` for ``version`` now under way: others may wait for its entry."""
+        future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        self._reading[(scope, key, version)] = future
+        return future
+
+    def end(self, scope: Scope, key: str, version: tuple[int, int], entry: Entry | None) -> None:
+        """The read :meth:`begin` announced is over, with ``entry`` (None: nothing to share)."""
+        future = self._reading.pop((scope, key, version), None)
+        if future is not None and not future.done():
+            future.set_result(entry)
 
     def expiry(self) -> float:
         now = self.clock()
@@ -149,32 +175,52 @@ async def conditional(
     when ``storable`` says the read reflects the version it began at); with an ETag, and a
     304 when the client's If-None-Match names it."""
     version = None if bypass or not cache.enabled else watch.version(scope)
+    leading = False
     if version is not None:
         entry = cache.get(scope, key, version)
         if entry is not None:
             metrics.READ_CACHE.labels("hit").inc()
             return _answer(entry, request)
-    # Before the read: a read that began before a quarter hour must not be kept past it.
-    expires = cache.expiry()
-    response = await read()
-    if response.status != 200 or not isinstance(response, web.Response) or not isinstance(response.body, bytes):
-        return response
-    body = response.body
-    tag = etag(body, response.get(VOLATILE, b""))
-    if version is None:
-        metrics.READ_CACHE.labels("bypass").inc()
-    else:
-        entry = Entry(
-            version,
-            body,
-            response.content_type,
-            tag,
-            tuple((h, response.headers[h]) for h in KEPT_HEADERS if h in response.headers),
-            expires,
-        )
-        kept = storable(version) and cache.put(scope, key, entry)
-        metrics.READ_CACHE.labels("miss" if kept else "uncacheable").inc()
-        metrics.READ_CACHE_BYTES.set(cache.bytes)
+        under_way = cache.reading(scope, key, version)
+        if under_way is not None:
+            # Shielded: this request's cancellation must not cancel the read others wait for.
+            entry = await asyncio.shield(under_way)
+            if entry is not None:
+                metrics.READ_CACHE.labels("shared").inc()
+                return _answer(entry, request)
+            # The read made nothing to share (an error, say): this request reads for itself.
+        else:
+            cache.begin(scope, key, version)
+            leading = True
+    shared: Entry | None = None
+    try:
+        # Before the read: a read that began before a quarter hour must not be kept past it.
+        expires = cache.expiry()
+        response = await read()
+        if response.status != 200 or not isinstance(response, web.Response) or not isinstance(response.body, bytes):
+            return response
+        body = response.body
+        tag = etag(body, response.get(VOLATILE, b""))
+        if version is None:
+            metrics.READ_CACHE.labels("bypass").inc()
+        else:
+            entry = Entry(
+                version,
+                body,
+                response.content_type,
+                tag,
+                tuple((h, response.headers[h]) for h in KEPT_HEADERS if h in response.headers),
+                expires,
+            )
+            if storable(version):
+                shared = entry
+            kept = shared is not None and cache.put(scope, key, entry)
+            metrics.READ_CACHE.labels("miss" if kept else "uncacheable").inc()
+            metrics.READ_CACHE_BYTES.set(cache.bytes)
+    finally:
+        if leading:
+            assert version is not None
+            cache.end(scope, key, version, shared)
     if matches(request.headers.get("If-None-Match"), tag):
         return not_modified(tag)
     response.headers["ETag"] = tag

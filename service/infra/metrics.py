@@ -191,9 +191,9 @@ REPLICA_FALLBACKS = Counter(
 )
 READ_CACHE = Counter(
     "tally_read_cache_total",
-    "Cacheable reads by outcome: 'hit' (served from memory), 'miss' (read and kept), 'uncacheable' (read, not kept: "
-    "too large, or a standby behind the last change heard), 'bypass' (read: a consistency token, or no change "
-    "listener).",
+    "Cacheable reads by outcome: 'hit' (served from memory), 'shared' (answered by the same read, under way for "
+    "another request), 'miss' (read and kept), 'uncacheable' (read, not kept: too large, or a standby behind the "
+    "last change heard), 'bypass' (read: a consistency token, or no change listener).",
     ["outcome"],
     registry=REGISTRY,
 )
