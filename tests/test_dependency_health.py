@@ -81,8 +81,9 @@ async def test_a_read_pool_full_of_slow_reads_does_not_mark_the_standby_down(
 ) -> None:
     identifier = uid()
     await insert_customer(pool, org, identifier)
-    # Every pooled connection is one organization's: its slow reads fill the read pool.
-    app = create_app(read_standby(settings, db_pool_max=2, db_org_concurrency=2, db_acquire_timeout=5))
+    # Every pooled connection is one organization's: its slow reads fill the read pool. The read
+    # cache is off: with it, the same read requested twice at once is read once (and shared).
+    app = create_app(read_standby(settings, db_pool_max=2, db_org_concurrency=2, db_acquire_timeout=5, read_cache_mb=0))
     async with TestClient(TestServer(app)) as client:
         standby = app[dbaccess.STANDBY]
         async with usage_locked(pool):
@@ -111,7 +112,11 @@ async def test_a_database_out_of_connections_is_a_503(
     role = f"tally_tiny_{uid()}"
     await pool.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE pg_read_all_data, pg_write_all_data')
     try:
-        app = create_app(settings.model_copy(update={"database_url": with_user(settings.database_url, role)}))
+        # The read cache off: with it, the second read would wait for the first's (the same read
+        # requested twice at once is read once) instead of asking for a connection of its own.
+        app = create_app(
+            settings.model_copy(update={"database_url": with_user(settings.database_url, role), "read_cache_mb": 0})
+        )
         async with TestClient(TestServer(app)) as client:
             # The connections the API holds once started are all the role may have.
             held = await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role)

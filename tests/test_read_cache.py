@@ -122,11 +122,16 @@ def listening() -> ChangeWatch:
 
 
 def ask(
-    cache: ReadCache, watch: ChangeWatch, read: Reads, key: str = "GET /v1/customers", **headers: str
+    cache: ReadCache,
+    watch: ChangeWatch,
+    read: Reads,
+    key: str = "GET /v1/customers",
+    storable: bool = True,
+    **headers: str,
 ) -> asyncio.Task[web.StreamResponse]:
     request = make_mocked_request("GET", "/v1/customers", headers=headers)
     return asyncio.create_task(
-        readcache.conditional(request, SCOPE, key, cache, watch, read, bypass=False, storable=lambda _: True)
+        readcache.conditional(request, SCOPE, key, cache, watch, read, bypass=False, storable=lambda _: storable)
     )
 
 
@@ -153,6 +158,19 @@ async def test_reads_of_one_response_that_miss_together_make_one_read() -> None:
     assert (await conditional_one).status == 304
     assert (await another_view).status == 200
     assert cache.reading(SCOPE, "GET /v1/customers", watch.version(SCOPE)) is None
+
+
+async def test_a_read_that_is_not_kept_is_still_shared_with_those_waiting_for_it() -> None:
+    """A standby's read is not kept (no version says how new it is), but the requests that
+    missed with it would have read the standby too: they share it, and the cache stays empty."""
+    cache, watch, read = ReadCache(10_000, 10_000), listening(), Reads()
+    first = ask(cache, watch, read, storable=False)
+    await under_way(cache, watch)
+    others = [ask(cache, watch, read, storable=False) for _ in range(3)]
+    await asyncio.sleep(0)
+    read.gate.set()
+    assert [a.status for a in await asyncio.gather(first, *others)] == [200] * 4
+    assert read.calls == 1 and len(cache) == 0
 
 
 async def test_a_request_after_a_commit_is_heard_does_not_wait_for_an_older_read() -> None:

@@ -15,9 +15,10 @@ midnight in some zone: entries end at the next quarter hour), and the cache a bo
 
 Reads that miss together share one read: while a response is being read for a version, the
 same request for the same version waits for that read instead of starting its own, and is
-answered from what it kept (the response it would have found in memory a moment later).
+answered with what it read (the response it would have found in memory a moment later).
 After a commit, every dashboard polling a view misses at once; without this, each of them
-would run the same statement.
+would run the same statement. A read that fails (an error, a cancelled request) leaves each
+waiting request to read for itself.
 
 ``ETag`` is a hash of the body (less a list's ``as_of``, which moves with every transaction on
 the server), so it is the same on every replica and across restarts while the data is;
@@ -212,9 +213,10 @@ async def conditional(
                 tuple((h, response.headers[h]) for h in KEPT_HEADERS if h in response.headers),
                 expires,
             )
-            if storable(version):
-                shared = entry
-            kept = shared is not None and cache.put(scope, key, entry)
+            # Shared with the requests waiting for it even when it is not kept: a standby's read
+            # is not kept because no version says how new it is, and theirs would be no newer.
+            shared = entry
+            kept = storable(version) and cache.put(scope, key, entry)
             metrics.READ_CACHE.labels("miss" if kept else "uncacheable").inc()
             metrics.READ_CACHE_BYTES.set(cache.bytes)
     finally:
