@@ -41,16 +41,41 @@ def client_link(request: web.Request, target: URL) -> str:
     settings = request.app[appkeys.SETTINGS]
     if settings.public_url:
         return settings.public_url + str(target)
+    origin = _origin(request)
+    return str(target) if origin is None else str(origin.join(target))
+
+
+def link_base(request: web.Request) -> str:
+    """What :func:`client_link` puts before a path: ``TALLY_PUBLIC_URL``, the allowed origin
+    the request names, or nothing (links relative). Two requests get the same links for the
+    same path exactly when this is the same."""
+    settings = request.app[appkeys.SETTINGS]
+    if settings.public_url:
+        return settings.public_url
+    origin = _origin(request)
+    return "" if origin is None else str(origin)
+
+
+def _origin(request: web.Request) -> URL | None:
+    settings = request.app[appkeys.SETTINGS]
     scheme, host = request.scheme, request.headers.get("Host", "")
     if settings.trust_forwarded_headers:
         scheme, host = _forwarded(request, scheme, host)
+    return _allowed_origin(scheme, host, settings.allowed_hosts)
+
+
+# Every request asks this of its Host (the read cache's key names the link base): parsed once
+# per distinct value. A client may send any Host, so the memo is bounded.
+@lru_cache(maxsize=256)
+def _allowed_origin(scheme: str, host: str, allowed_hosts: tuple[str, ...]) -> URL | None:
+    """``scheme://host[:port]`` when ``host`` is exactly an allowed ``host[:port]``, else None.
+    Built from the parsed name and port (never the header's text), and not with
+    request.clone(), which a request whose body was read refuses."""
     parsed = authority(host)
-    if parsed is not None and name_allowed(parsed[0], settings.allowed_hosts):
-        # Built from the parsed name and port (never the header's text), and not with
-        # request.clone(), which a request whose body was read refuses.
-        name, port = parsed
-        return str(URL.build(scheme=scheme, host=name.strip("[]"), port=port).join(target))
-    return str(target)
+    if parsed is None or not name_allowed(parsed[0], allowed_hosts):
+        return None
+    name, port = parsed
+    return URL.build(scheme=scheme, host=name.strip("[]"), port=port)
 
 
 def _forwarded(request: web.Request, scheme: str, host: str) -> tuple[str, str]:

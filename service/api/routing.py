@@ -12,12 +12,11 @@ from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
-from yarl import URL
 
 from service.api import appkeys, dbaccess, readcache
 from service.api.errors import from_domain, payload_too_large, rate_limited
 from service.api.fairness import CostMeter, CpuSlot, LoopLag, OrgShares, Tarpit, metered
-from service.api.links import client_link
+from service.api.links import link_base
 from service.api.params import BODY_LIMIT, parse_body, parse_query, read_body
 from service.api.ratelimit import Decision, RateLimiter
 from service.domain.errors import DomainError, Unauthenticated
@@ -269,7 +268,7 @@ async def _cached_call(request: web.Request, endpoint: Endpoint, principal: Prin
     scope = (principal.organization_id, principal.environment)
     # Links in a response follow the request's Host (service/api/links.py client_link): a
     # response is the same only for the same URL and the same link base.
-    key = f"{request.method} {request.path_qs} {client_link(request, URL('/'))}"
+    key = f"{request.method} {request.path_qs} {link_base(request)}"
 
     def storable(version: tuple[int, int]) -> bool:
         # The primary: what it read is at least as new as the version the read began at. A
