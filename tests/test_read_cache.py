@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections import defaultdict
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 
 from service.api import appkeys, readcache
-from service.api.changewatch import ChangeWatch
+from service.api.changewatch import ChangeWatch, Scope
 from service.api.readcache import CACHE_CONTROL, Entry, ReadCache, etag, matches
 from service.infra.settings import Settings
 from service.store import auth
@@ -98,20 +99,37 @@ def test_versions_follow_what_the_watch_hears() -> None:
 
 
 class Reads:
-    """A read that counts its calls and answers only when let go (``gate``), as a statement
-    does when it finishes: each call gets the body ``body`` (or ``status``)."""
+    """A read that counts its calls, each answering only when let go (``let_go(n)`` for the
+    n-th call, ``let_all_go()`` for every one), as a statement does when it finishes: with
+    ``outcomes[n]`` if given (a status, or an exception to raise), else 200, ``body`` and a
+    ``Tally-As-Of`` header."""
 
-    def __init__(self, body: bytes = b'{"n":1}', status: int = 200) -> None:
-        self.gate = asyncio.Event()
+    def __init__(self, body: bytes = b'{"n":1}', outcomes: dict[int, int | Exception] | None = None) -> None:
         self.calls = 0
-        self.body, self.status = body, status
+        self.body, self.outcomes = body, outcomes or {}
+        self._gates: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
+        self._open = False
+
+    def let_go(self, *calls: int) -> None:
+        for n in calls:
+            self._gates[n].set()
+
+    def let_all_go(self) -> None:
+        self._open = True
+        for gate in self._gates.values():
+            gate.set()
 
     async def __call__(self) -> web.StreamResponse:
         self.calls += 1
-        await self.gate.wait()
-        if self.status != 200:
-            return web.json_response({"status": self.status}, status=self.status)
-        return web.Response(body=self.body, content_type="application/json")
+        n = self.calls
+        if not self._open:
+            await self._gates[n].wait()
+        outcome = self.outcomes.get(n, 200)
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome != 200:
+            return web.json_response({"status": outcome}, status=outcome)
+        return web.Response(body=self.body, content_type="application/json", headers={"Tally-As-Of": str(n)})
 
 
 def listening() -> ChangeWatch:
@@ -127,12 +145,21 @@ def ask(
     read: Reads,
     key: str = "GET /v1/customers",
     storable: bool = True,
+    scope: Scope = SCOPE,
+    bypass: bool = False,
     **headers: str,
 ) -> asyncio.Task[web.StreamResponse]:
     request = make_mocked_request("GET", "/v1/customers", headers=headers)
     return asyncio.create_task(
-        readcache.conditional(request, SCOPE, key, cache, watch, read, bypass=False, storable=lambda _: storable)
+        readcache.conditional(request, scope, key, cache, watch, read, bypass=bypass, storable=lambda _: storable)
     )
+
+
+async def reading(read: Reads, calls: int) -> None:
+    async def there() -> bool:
+        return read.calls == calls
+
+    await wait_until(there, what=f"{calls} reads under way")
 
 
 async def under_way(cache: ReadCache, watch: ChangeWatch, key: str = "GET /v1/customers") -> None:
@@ -150,7 +177,7 @@ async def test_reads_of_one_response_that_miss_together_make_one_read() -> None:
     conditional_one = ask(cache, watch, read, **{"If-None-Match": etag(read.body)})
     another_view = ask(cache, watch, read, key="GET /v1/customers?limit=1")
     await asyncio.sleep(0)  # every request reaches its wait before the read answers
-    read.gate.set()
+    read.let_all_go()
     answers = await asyncio.gather(first, *others)
     assert read.calls == 2  # the first read, and the other view's own
     assert {a.status for a in answers} == {200} and {a.body for a in answers} == {read.body}  # type: ignore[attr-defined]
@@ -168,7 +195,7 @@ async def test_a_read_that_is_not_kept_is_still_shared_with_those_waiting_for_it
     await under_way(cache, watch)
     others = [ask(cache, watch, read, storable=False) for _ in range(3)]
     await asyncio.sleep(0)
-    read.gate.set()
+    read.let_all_go()
     assert [a.status for a in await asyncio.gather(first, *others)] == [200] * 4
     assert read.calls == 1 and len(cache) == 0
 
@@ -184,35 +211,91 @@ async def test_a_request_after_a_commit_is_heard_does_not_wait_for_an_older_read
         return read.calls == 2
 
     await wait_until(both_reading, what="the second request to read for itself")
-    read.gate.set()
+    read.let_all_go()
     await asyncio.gather(first, second)
 
 
-@pytest.mark.parametrize("failure", ["an error response", "a cancelled read"])
-async def test_when_the_read_others_wait_for_fails_each_reads_for_itself(failure: str) -> None:
-    cache, watch = ReadCache(10_000, 10_000), listening()
-    read = Reads(status=503) if failure == "an error response" else Reads()
+@pytest.mark.parametrize("failure", ["an error response", "an exception", "a cancelled request"])
+async def test_when_the_read_others_wait_for_fails_the_first_of_them_reads_for_the_rest(failure: str) -> None:
+    outcomes: dict[int, int | Exception] = {
+        "an error response": {1: 503},
+        "an exception": {1: RuntimeError("the read failed")},
+        "a cancelled request": {},
+    }[failure]
+    cache, watch, read = ReadCache(10_000, 10_000), listening(), Reads(outcomes=outcomes)
     first = ask(cache, watch, read)
     await under_way(cache, watch)
     waiting = [ask(cache, watch, read) for _ in range(3)]
     await asyncio.sleep(0)
-    if failure == "a cancelled read":
+    if failure == "a cancelled request":
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
-
-        async def all_reading() -> bool:
-            return read.calls == 4
-
-        await wait_until(all_reading, what="the waiting requests to read for themselves")
-        read.gate.set()
-        assert {(await w).status for w in waiting} == {200}
     else:
-        read.gate.set()
-        assert (await first).status == 503
-        assert {(await w).status for w in waiting} == {503}
-        assert read.calls == 4
+        read.let_go(1)
+        if failure == "an error response":
+            assert (await first).status == 503
+        else:
+            with pytest.raises(RuntimeError):
+                await first
+    await reading(read, 2)  # one waiter reads; the others wait for it rather than all reading at once
+    read.let_go(2)
+    answers = await asyncio.gather(*waiting)
+    assert [a.status for a in answers] == [200] * 3 and read.calls == 2
     assert cache.reading(SCOPE, "GET /v1/customers", watch.version(SCOPE)) is None
+
+
+async def test_a_read_that_keeps_failing_is_waited_for_twice_at_most() -> None:
+    cache, watch = ReadCache(10_000, 10_000), listening()
+    read = Reads(outcomes={1: 503, 2: 503})
+    first = ask(cache, watch, read)
+    await under_way(cache, watch)
+    waiting = [ask(cache, watch, read) for _ in range(3)]
+    await asyncio.sleep(0)
+    read.let_go(1)
+    await reading(read, 2)
+    read.let_go(2)
+    # The first waiter's own read failed too: the next leads again, and the last, having
+    # waited twice, reads for itself.
+    await reading(read, 4)
+    read.let_all_go()
+    assert (await first).status == 503 and [(await w).status for w in waiting] == [503, 200, 200]
+
+
+async def test_a_read_shared_past_its_quarter_hour_is_read_again() -> None:
+    """A budget period turns at a zone's midnight (a quarter hour): an answer read before it is
+    not handed to a request that waited past it."""
+    now = [1_000.0]
+    cache, watch, read = ReadCache(10_000, 10_000, clock=lambda: now[0]), listening(), Reads()
+    first = ask(cache, watch, read)
+    await under_way(cache, watch)
+    waiting = [ask(cache, watch, read) for _ in range(2)]
+    await asyncio.sleep(0)
+    now[0] = 1_800.0  # the first read began before 1,800 and ends after it
+    read.let_go(1)
+    await first
+    await reading(read, 2)
+    read.let_go(2)
+    assert [(await w).headers["Tally-As-Of"] for w in waiting] == ["2", "2"]
+
+
+async def test_waiters_get_the_reads_headers_and_only_their_own_scope_and_bypass_never_waits() -> None:
+    cache, watch, read = ReadCache(10_000, 10_000), listening(), Reads()
+    other_scope = (uuid.UUID(int=2), "prod")
+    assert watch.version(other_scope) == watch.version(SCOPE)  # only the scope tells them apart
+    first = ask(cache, watch, read)
+    await under_way(cache, watch)
+    same = ask(cache, watch, read)
+    other = ask(cache, watch, read, scope=other_scope)
+    token = ask(cache, watch, read, bypass=True)
+    await reading(read, 3)  # the other organization's and the token's requests read for themselves
+    read.let_all_go()
+    first_answer, same_answer = await first, await same
+    assert same_answer.headers["Tally-As-Of"] == first_answer.headers["Tally-As-Of"] == "1"
+    assert same_answer.headers["ETag"] == first_answer.headers["ETag"]
+    assert same_answer.headers["Cache-Control"] == CACHE_CONTROL
+    assert (await other).headers["Tally-As-Of"] != "1" and (await token).headers["Tally-As-Of"] != "1"
+    assert read.calls == 3
 
 
 async def test_a_waiting_request_cancelled_leaves_the_read_to_the_others() -> None:
@@ -222,7 +305,7 @@ async def test_a_waiting_request_cancelled_leaves_the_read_to_the_others() -> No
     leaving, staying = ask(cache, watch, read), ask(cache, watch, read)
     await asyncio.sleep(0)
     leaving.cancel()
-    read.gate.set()
+    read.let_all_go()
     assert (await first).status == 200 and (await staying).status == 200
     assert leaving.cancelled() and read.calls == 1
 

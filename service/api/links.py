@@ -61,7 +61,13 @@ def _origin(request: web.Request) -> URL | None:
     scheme, host = request.scheme, request.headers.get("Host", "")
     if settings.trust_forwarded_headers:
         scheme, host = _forwarded(request, scheme, host)
+    if len(host) > MEMO_HOST:  # worked out, not kept: the memo's entries stay small
+        return _allowed_origin.__wrapped__(scheme, host, settings.allowed_hosts)
     return _allowed_origin(scheme, host, settings.allowed_hosts)
+
+
+# The longest Host value the memo below keeps (authority() refuses any longer name).
+MEMO_HOST = 300
 
 
 # Every request asks this of its Host (the read cache's key names the link base): parsed once

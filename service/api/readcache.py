@@ -15,10 +15,11 @@ midnight in some zone: entries end at the next quarter hour), and the cache a bo
 
 Reads that miss together share one read: while a response is being read for a version, the
 same request for the same version waits for that read instead of starting its own, and is
-answered with what it read (the response it would have found in memory a moment later).
+answered with what it read (from the primary, the response it would have found in memory a
+moment later; from a standby, which is never kept, what its own read could have returned).
 After a commit, every dashboard polling a view misses at once; without this, each of them
 would run the same statement. A read that fails (an error, a cancelled request) leaves each
-waiting request to read for itself.
+waiting request to read for itself, one after another.
 
 ``ETag`` is a hash of the body (less a list's ``as_of``, which moves with every transaction on
 the server), so it is the same on every replica and across restarts while the data is;
@@ -144,6 +145,11 @@ class ReadCache:
             self.bytes -= len(entry.body) + len(full_key[1])
 
 
+# How many reads under way a request waits for before it reads for itself. A read that fails
+# (an error, a cancelled request) shares nothing; its first waiter to wake then reads for the
+# rest, so that they do not all read at once just after a failure.
+WAITS = 2
+
 # The response headers a cached response carries again (what its data reflected).
 KEPT_HEADERS = ("Tally-As-Of", "X-Tally-Consistency")
 
@@ -178,21 +184,25 @@ async def conditional(
     version = None if bypass or not cache.enabled else watch.version(scope)
     leading = False
     if version is not None:
-        entry = cache.get(scope, key, version)
-        if entry is not None:
-            metrics.READ_CACHE.labels("hit").inc()
-            return _answer(entry, request)
-        under_way = cache.reading(scope, key, version)
-        if under_way is not None:
+        for waited in range(WAITS + 1):
+            entry = cache.get(scope, key, version)
+            if entry is not None:
+                metrics.READ_CACHE.labels("hit").inc()
+                return _answer(entry, request)
+            under_way = cache.reading(scope, key, version)
+            if under_way is None:
+                cache.begin(scope, key, version)
+                leading = True
+                break
+            if waited == WAITS:
+                break  # reads for itself
             # Shielded: this request's cancellation must not cancel the read others wait for.
             entry = await asyncio.shield(under_way)
-            if entry is not None:
+            if entry is not None and entry.expires > cache.clock():
                 metrics.READ_CACHE.labels("shared").inc()
                 return _answer(entry, request)
-            # The read made nothing to share (an error, say): this request reads for itself.
-        else:
-            cache.begin(scope, key, version)
-            leading = True
+            # Nothing to share (the read failed, or it began before a quarter hour now past):
+            # the first waiter to wake reads for the others, who wait for it in turn.
     shared: Entry | None = None
     try:
         # Before the read: a read that began before a quarter hour must not be kept past it.
@@ -213,8 +223,9 @@ async def conditional(
                 tuple((h, response.headers[h]) for h in KEPT_HEADERS if h in response.headers),
                 expires,
             )
-            # Shared with the requests waiting for it even when it is not kept: a standby's read
-            # is not kept because no version says how new it is, and theirs would be no newer.
+            # Shared with the requests waiting for it even when it is not kept (a standby's read:
+            # no version says how new it is). They asked while it was under way, and a read
+            # without a consistency token is promised nothing newer from a standby.
             shared = entry
             kept = storable(version) and cache.put(scope, key, entry)
             metrics.READ_CACHE.labels("miss" if kept else "uncacheable").inc()
