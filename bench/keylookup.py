@@ -35,6 +35,7 @@ from bench.common import machine, print_table, with_database, write_json  # noqa
 from service.infra.migrate import migrate  # noqa: E402
 from service.store.apply import KEYS, has_key  # noqa: E402
 from service.store.customers import SELECT_CUSTOMER_ID  # noqa: E402
+from service.store.db import columns  # noqa: E402
 from service.store.fold import INSERT_CUSTOMERS, LOCK_CUSTOMERS  # noqa: E402
 
 # The baseline: what tally ran before, the batch's keys joined to `customers` and the join
@@ -84,12 +85,12 @@ async def timed(conn: asyncpg.Connection, sql: str, args: list[object], timeout:
         await transaction.rollback()
 
 
-def batch(org: uuid.UUID, customers: int, n: int, rng: random.Random) -> list[list[object]]:
+def batch(org: uuid.UUID, customers: int, n: int, rng: random.Random) -> list[tuple[uuid.UUID, str, str]]:
     """``n`` sorted keys, half of existing customers and half new (one key: an existing
-    customer's), as the three key arrays."""
+    customer's)."""
     keys = {(org, "prod", f"user_{rng.randint(1, customers)}") for _ in range(max(n // 2, 1))}
     keys |= {(org, "prod", f"new_{rng.randrange(10**12)}") for _ in range(n - len(keys))}
-    return [list(column) for column in zip(*sorted(keys), strict=True)]
+    return sorted(keys)
 
 
 async def measure(
@@ -101,7 +102,8 @@ async def measure(
             samples: dict[str, list[float | None]] = {"tally": [], "join": []}
             for i in range(args.repeat):
                 keys = batch(org, args.customers, n, rng)
-                params = [org, "prod", keys[2][0]] if n == 1 else keys
+                # The key arrays as the fold sends them (every statement here reads them from KEYS).
+                params = [org, "prod", keys[0][2]] if n == 1 else columns(keys, KEYS)
                 # Alternate which goes first, so neither always finds the other's leftovers.
                 order = [("tally", ours), ("join", baseline)][:: 1 if i % 2 == 0 else -1]
                 for form, sql in order:

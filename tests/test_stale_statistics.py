@@ -27,6 +27,7 @@ from service.infra.settings import DEFAULT_MIGRATIONS_DIR
 from service.store import fold as fold_module
 from service.store import usage as usage_store
 from service.store.customers import LOCK_CUSTOMER, SELECT_CUSTOMER_ID, _get_sql
+from service.store.db import columns
 from service.store.fold import INSERT_CUSTOMERS, LOCK_CUSTOMERS, LOOKUP_TABLES, UNANALYZED
 from service.store.housekeeping import analyze_stale
 from service.store.listing import SORT_FIELDS, list_sql
@@ -299,7 +300,7 @@ async def test_customers_found_by_key_are_probed_by_an_index_on_the_key(
         await conn.execute(f"ANALYZE {', '.join(TABLES)}")
     keys = [(org, "prod", f"user_{i}") for i in range(1, CUSTOMERS, CUSTOMERS // 40)]
     keys += [(org, "prod", f"new_{i}") for i in range(10)]
-    arrays = [list(column) for column in zip(*sorted(keys), strict=True)]
+    arrays = columns(sorted(keys), INSERT_CUSTOMERS)
     lookups = [
         ("retrieve", _get_sql(canonical_shape(True, True)), [org, "prod", "user_77"], 1),
         ("an API write's lock", LOCK_CUSTOMER, [org, "prod", "user_77"], 1),

@@ -22,6 +22,7 @@ from service.api.customers import canonical_shape
 from service.domain.listing import CustomerFilter, ListQuery, Sort
 from service.infra.settings import Settings
 from service.store import apply, auth, windows
+from service.store.db import columns
 from service.store.listing import list_sql, maintained_window
 from tests.eventkit import cloud_event, fold_events, usage, wait_until
 from tests.factories import Org, make_org
@@ -338,8 +339,8 @@ async def test_sums_a_fold_computed_for_another_day_than_the_databases_are_recom
     zero = (0, 0, 0, 0, Decimal(0), 0.0, 0, 0.0, 0)  # nothing added to the lifetime sums
     bogus = Decimal("1000")
     for day in (today + timedelta(days=1), today - timedelta(days=1)):
-        args = [[org.id], [row["id"]], *([v] for v in zero), [None], [None], [0], [day], [bogus], [bogus], [bogus]]
-        assert await pool.execute(apply.UPDATE_USAGE, *args) == "UPDATE 1"
+        usage = (org.id, row["id"], *zero, None, None, 0, day, bogus, bogus, bogus)
+        assert await pool.execute(apply.UPDATE_USAGE, *columns([usage], apply.UPDATE_USAGE)) == "UPDATE 1"
         await assert_kept(pool, org, events, today)
     # The same for a new customer's first usage row.
     made = await pool.fetchval(
@@ -348,20 +349,8 @@ async def test_sums_a_fold_computed_for_another_day_than_the_databases_are_recom
         org.id,
     )
     tomorrow = today + timedelta(days=1)
-    args = [
-        [org.id],
-        [made],
-        ["prod"],
-        *([v] for v in zero),
-        [None],
-        [None],
-        [0],
-        [tomorrow],
-        [bogus],
-        [bogus],
-        [bogus],
-    ]
-    assert await pool.execute(apply.INSERT_USAGE, *args) == "INSERT 0 1"
+    usage = (org.id, made, "prod", *zero, None, None, 0, tomorrow, bogus, bogus, bogus)
+    assert await pool.execute(apply.INSERT_USAGE, *columns([usage], apply.INSERT_USAGE)) == "INSERT 0 1"
     sums = await pool.fetchrow(
         "SELECT window_day, cost_7d, cost_30d, cost_month FROM customer_usage WHERE id = $1", made
     )

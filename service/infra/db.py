@@ -69,7 +69,9 @@ async def create_pool(
     # No JIT: a statement's estimated cost counts ways it never runs (a windowed page's
     # aggregation behind a condition that is false when kept sums serve it, ~250,000 at 600k
     # customers), and compiling it for PostgreSQL's JIT threshold took 44 ms of a 5 ms page.
-    server_settings = {"timezone": "UTC", "application_name": f"tally-{name}", "jit": "off"}
+    # array_nulls: the store sends some arrays as literals, and reads NULL in them as a null
+    # (service/store/db.py); on is PostgreSQL's default, made sure of here.
+    server_settings = {"timezone": "UTC", "application_name": f"tally-{name}", "jit": "off", "array_nulls": "on"}
     if statement_timeout is not None:
         server_settings["statement_timeout"] = str(max(1, round(statement_timeout * 1000)))  # milliseconds
     pool = await asyncpg.create_pool(

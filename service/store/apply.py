@@ -40,7 +40,7 @@ def _newer(column: str) -> str:
 
 # Customers' keys given as three arrays ($1, $2, $3), as a table ``k``; and a row of the table
 # aliased ``alias`` having one of them.
-KEYS = "unnest($1::uuid[], $2::text[], $3::text[]) AS k(organization_id, environment, customer_identifier)"
+KEYS = "unnest($1::uuid[], $2::text::text[], $3::text::text[]) AS k(organization_id, environment, customer_identifier)"
 
 
 def has_key(alias: str) -> str:
@@ -93,7 +93,7 @@ def _each_sum(template: str, *, lifetime: bool = False) -> str:
 UPSERT_DAILY = f"""
 INSERT INTO daily_usage AS d (organization_id, customer_id, day, {", ".join(USAGE_SUMS)})
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
-                     $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[])
+                     $8::text::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[])
 ON CONFLICT (organization_id, customer_id, day) DO UPDATE SET
     {_each_sum("{c} = d.{c} + excluded.{c}")}
 RETURNING customer_id, (xmax = 0) AS inserted
@@ -103,8 +103,9 @@ RETURNING customer_id, (xmax = 0) AS inserted
 # a model or provider, in the same transaction as the journal rows and daily_usage.
 UPSERT_MODEL_DAILY = f"""
 INSERT INTO daily_model_usage AS d (organization_id, customer_id, day, model, provider, {", ".join(USAGE_SUMS)})
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[],
-                     $9::int8[], $10::numeric[], $11::float8[], $12::int8[], $13::float8[], $14::int8[])
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::text::text[], $5::text::text[], $6::int8[], $7::int8[],
+                     $8::int8[], $9::int8[], $10::text::numeric[], $11::float8[], $12::int8[], $13::float8[],
+                     $14::int8[])
 ON CONFLICT (organization_id, customer_id, day, model, provider) DO UPDATE SET
     {_each_sum("{c} = d.{c} + excluded.{c}")}
 """
@@ -149,9 +150,9 @@ UPDATE customer_usage c SET
     last_active = greatest(c.last_active, u.last_active),
     active_days = c.active_days + u.new_days,
     {_ADDED_OR_RECOMPUTED}
-FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::numeric[], $8::float8[],
-            $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[], $14::int4[],
-            $15::date[], $16::numeric[], $17::numeric[], $18::numeric[])
+FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text::numeric[],
+            $8::float8[], $9::int8[], $10::float8[], $11::int8[], $12::timestamptz[], $13::timestamptz[], $14::int4[],
+            $15::date[], $16::text::numeric[], $17::text::numeric[], $18::text::numeric[])
      AS u(organization_id, id, {", ".join(USAGE_SUMS)}, first_seen, last_active, new_days,
           window_day, cost_7d, cost_30d, cost_month)
 JOIN organizations o ON o.id = u.organization_id
@@ -169,9 +170,10 @@ INSERT INTO customer_usage (organization_id, id, environment, {", ".join(LIFETIM
                             active_days, window_day, cost_7d, cost_30d, cost_month)
 SELECT u.organization_id, u.id, u.environment, {", ".join(f"u.{c}" for c in LIFETIME_SUMS)}, u.first_seen,
        u.last_active, u.active_days, t.today, w.cost_7d, w.cost_30d, w.cost_month
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
-            $8::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[], $13::timestamptz[],
-            $14::timestamptz[], $15::int4[], $16::date[], $17::numeric[], $18::numeric[], $19::numeric[])
+FROM unnest($1::uuid[], $2::uuid[], $3::text::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
+            $8::text::numeric[], $9::float8[], $10::int8[], $11::float8[], $12::int8[], $13::timestamptz[],
+            $14::timestamptz[], $15::int4[], $16::date[], $17::text::numeric[], $18::text::numeric[],
+            $19::text::numeric[])
      AS u(organization_id, id, environment, {", ".join(LIFETIME_SUMS)}, first_seen, last_active, active_days,
           window_day, cost_7d, cost_30d, cost_month)
 JOIN organizations o ON o.id = u.organization_id
@@ -392,7 +394,7 @@ async def apply_changes(
     keys = sorted(ids)
     tombstones = {
         (r["organization_id"], r["environment"], r["customer_identifier"]): r["deleted_at"]
-        for r in await conn.fetch(SELECT_TOMBSTONES, *columns(keys))
+        for r in await conn.fetch(SELECT_TOMBSTONES, *columns(keys, SELECT_TOMBSTONES))
     }
     p = plan(changes, tombstones)
     new_days = await _upsert_daily(conn, p.deltas, ids)
@@ -450,7 +452,7 @@ async def _upsert_daily(conn: Connection, deltas: dict[Key, Delta], ids: Mapping
     if not rows:
         return {}
     new_days: dict[UUID, int] = defaultdict(int)
-    for r in await conn.fetch(UPSERT_DAILY, *columns(rows)):
+    for r in await conn.fetch(UPSERT_DAILY, *columns(rows, UPSERT_DAILY)):
         if r["inserted"]:
             new_days[r["customer_id"]] += 1
     return new_days
@@ -465,7 +467,7 @@ async def _upsert_model_daily(conn: Connection, deltas: dict[Key, Delta], ids: M
     # Sorted like the daily rows (the customers' row locks already keep two folds apart); a
     # batch without a model or provider costs no statement.
     if rows:
-        await conn.execute(UPSERT_MODEL_DAILY, *columns(rows))
+        await conn.execute(UPSERT_MODEL_DAILY, *columns(rows, UPSERT_MODEL_DAILY))
 
 
 async def _update_customers(
@@ -480,7 +482,7 @@ async def _update_customers(
     no usage row yet: theirs is inserted with its first values."""
     if unrowed:
         rows = ((k[0], ids[k], k[1], *_usage_values(deltas.get(k), ids[k], new_days, today.get(k[0]))) for k in unrowed)
-        await conn.execute(INSERT_USAGE, *columns(rows))
+        await conn.execute(INSERT_USAGE, *columns(rows, INSERT_USAGE))
     first = frozenset(unrowed)
     usage, profiles = [], []
     for k, d in sorted(deltas.items()):
@@ -496,7 +498,7 @@ async def _update_customers(
                 hints = _json({column: [stamp, value] for column, (stamp, value) in d.hints.items()})
             profiles.append((k[0], cid, patch, versions, hints, d.profile_event_at))
     if usage:
-        await conn.execute(UPDATE_USAGE, *columns(usage))
+        await conn.execute(UPDATE_USAGE, *columns(usage, UPDATE_USAGE))
     if profiles:
         await conn.execute(UPDATE_PROFILES, *columns(profiles))
 

@@ -79,7 +79,7 @@ WITH logged AS (
     INSERT INTO customer_changes (organization_id, environment, customer_ids, customer_identifiers, kinds, changed_at)
     SELECT u.organization_id, u.environment, array_agg(u.id ORDER BY u.n), array_agg(u.identifier ORDER BY u.n),
            string_agg(u.kind, '' ORDER BY u.n), clock_timestamp()
-    FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[])
+    FROM unnest($1::uuid[], $2::text::text[], $3::uuid[], $4::text::text[], $5::text::text[])
          WITH ORDINALITY AS u(organization_id, environment, id, identifier, kind, n)
     GROUP BY u.organization_id, u.environment
     RETURNING organization_id, environment
@@ -92,7 +92,7 @@ async def log_changes(conn: Connection, changes: Sequence[tuple[UUID, str, UUID,
     """Log ``(organization_id, environment, customer_id, identifier, kind)`` changes in the
     caller's transaction."""
     if changes:
-        await conn.execute(LOG_CHANGES, *columns(changes))
+        await conn.execute(LOG_CHANGES, *columns(changes, LOG_CHANGES))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ from a pool: asyncpg hands out a proxy), and rows turned into the column arrays 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterable
+from functools import lru_cache
 from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
@@ -44,6 +46,44 @@ async def session_lock(conn: Connection, name: str) -> AsyncIterator[bool]:
                 raise
 
 
-def columns(rows: Iterable[tuple[object, ...]]) -> list[list[object]]:
-    """Rows turned into one list per column: the arrays that unnest() zips back into rows."""
-    return [list(column) for column in zip(*rows, strict=True)]
+def columns(rows: Iterable[tuple[object, ...]], statement: str | None = None) -> list[object]:
+    """Rows turned into one list per column: the arrays that unnest() zips back into rows.
+
+    With the ``statement`` they are for, a column it reads from text (``$8::text::numeric[]``)
+    goes as one array literal (:func:`array_literal`), which PostgreSQL parses. asyncpg encodes
+    an array in binary element by element, with checks on each. Measured per element, client and
+    server together (200,000-element arrays, this project's machine): a Decimal 2.8 µs in binary
+    against 0.4 µs as a literal, a string 0.96 against 0.62 µs. A fold batch sends tens of
+    thousands of them. UUIDs, dates and floats stay binary: their literals cost more (a UUID
+    0.4 µs in binary, 1.7 µs as a literal).
+    """
+    arrays: list[object] = [list(column) for column in zip(*rows, strict=True)]
+    if statement is not None and arrays:
+        for i in _literal_parameters(statement):
+            arrays[i] = array_literal(arrays[i])  # type: ignore[arg-type]
+    return arrays
+
+
+_FROM_TEXT = re.compile(r"\$(\d+)::text::\w+\[\]")
+
+
+@lru_cache(maxsize=128)
+def _literal_parameters(statement: str) -> tuple[int, ...]:
+    """The positions (from 0) of the parameters ``statement`` casts from text to an array."""
+    return tuple(sorted({int(n) - 1 for n in _FROM_TEXT.findall(statement)}))
+
+
+def array_literal(values: Iterable[object]) -> str:
+    """``values`` as a PostgreSQL array literal: a string double-quoted (backslash and quote
+    escaped, so that any text is read back as itself), None as NULL (read as NULL while
+    ``array_nulls`` is on, its default, which tally's pools set), anything else as its ``str()``
+    (a Decimal or an int: exactly what numeric_in and int8in read)."""
+    return "{" + ",".join(map(_element, values)) + "}"
+
+
+def _element(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)

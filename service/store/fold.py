@@ -95,9 +95,9 @@ STALE = Outcome("stale")
 INSERT_PROCESSED = """
 INSERT INTO processed_events (organization_id, environment, source, event_id, event_time, subject, requests,
                               prompt_tokens, completion_tokens, total_tokens, cost, latency, ttft, model, provider)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::int8[],
-                     $8::int8[], $9::int8[], $10::int8[], $11::numeric[], $12::float8[], $13::float8[], $14::text[],
-                     $15::text[])
+SELECT * FROM unnest($1::uuid[], $2::text::text[], $3::text::text[], $4::text::text[], $5::timestamptz[],
+                     $6::text::text[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text::numeric[],
+                     $12::float8[], $13::float8[], $14::text::text[], $15::text::text[])
 ON CONFLICT DO NOTHING
 RETURNING organization_id, environment, source, event_id
 """
@@ -268,9 +268,8 @@ async def fold(
                 fresh[key] = (i, e)
 
         keys = sorted(fresh)
-        inserted = (
-            await conn.fetch(INSERT_PROCESSED, *columns(_journal_row(k, fresh[k][1]) for k in keys)) if keys else []
-        )
+        journal = columns((_journal_row(k, fresh[k][1]) for k in keys), INSERT_PROCESSED)
+        inserted = await conn.fetch(INSERT_PROCESSED, *journal) if keys else []
         new_keys = {(r["organization_id"], r["environment"], r["source"], r["event_id"]) for r in inserted}
         zones = {org.id: zone_of(org) for org in orgs.values()}
         applied: list[tuple[int, Change]] = []
@@ -338,7 +337,7 @@ async def lock_customers(conn: Connection, keys: Sequence[Key]) -> Locked:
     # A row can vanish between the insert (which saw it) and the lock (which waited for a
     # deleter to commit): insert it again. Each round needs a deletion committed meanwhile.
     while pending:
-        arrays = columns(pending)
+        arrays = columns(pending, INSERT_CUSTOMERS)  # the same keys for both statements
         for r in await conn.fetch(INSERT_CUSTOMERS, *arrays):
             made.add((r["organization_id"], r["environment"], r["customer_identifier"]))
         for r in await conn.fetch(LOCK_CUSTOMERS, *arrays):
