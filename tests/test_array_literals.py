@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
 
-from service.store.db import columns
+from service.store.db import array_literal, columns
 from tests.support import BASE_DSN, with_database
 
 # Any text PostgreSQL holds (no NUL; surrogates are not UTF-8), None among it.
@@ -67,3 +67,7 @@ def test_only_the_parameters_cast_from_text_become_literals() -> None:
     rows = [(1, 'say "hi"\\', "plain", Decimal("1.50")), (2, None, None, None)]
     assert columns(rows, statement) == [[1, 2], '{"say \\"hi\\"\\\\",NULL}', ["plain", None], "{1.50,NULL}"]
     assert columns(rows) == [[1, 2], ['say "hi"\\', None], ["plain", None], [Decimal("1.50"), None]]
+    # Strings with nothing to escape, and numbers without a NULL, are joined whole.
+    assert array_literal(["a", "b c", "", "NULL"]) == '{"a","b c","","NULL"}'
+    assert array_literal([Decimal("1E+2"), 3, Decimal("-0.000")]) == "{1E+2,3,-0.000}"
+    assert array_literal([]) == "{}"
