@@ -8,6 +8,7 @@ import asyncio
 from decimal import Decimal
 
 import asyncpg
+import pytest
 from hypothesis import given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
@@ -47,6 +48,7 @@ def _both_ways(kind: str, values: list[object]) -> tuple[object, object]:
     return asyncio.run(read())
 
 
+@pytest.mark.services
 @examples(max_examples=150, deadline=None)
 @given(values=texts)
 def test_text_reads_back_as_itself(values: list[str | None]) -> None:
@@ -54,6 +56,7 @@ def test_text_reads_back_as_itself(values: list[str | None]) -> None:
     assert literal == binary == values
 
 
+@pytest.mark.services
 @examples(max_examples=150, deadline=None)
 @given(values=decimals)
 def test_decimals_read_back_with_their_value_and_scale(values: list[Decimal | None]) -> None:
