@@ -55,7 +55,9 @@ def columns(rows: Iterable[tuple[object, ...]], statement: str | None = None) ->
     server together (200,000-element arrays, this project's machine): a Decimal 2.8 µs in binary
     against 0.4 µs as a literal, a string 0.96 against 0.62 µs. A fold batch sends tens of
     thousands of them. UUIDs, dates and floats stay binary: their literals cost more (a UUID
-    0.4 µs in binary, 1.7 µs as a literal).
+    0.4 µs in binary, 1.7 µs as a literal; a date 0.71 against 0.54 µs of client time alone).
+    Integers stay binary too: 0.54 against 0.38 µs, but most of the literal's cost is the
+    server's parse, on the cores PostgreSQL shares with the fold.
     """
     arrays: list[object] = [list(column) for column in zip(*rows, strict=True)]
     if statement is not None and arrays:
