@@ -53,9 +53,9 @@ SELECT id FROM customers WHERE organization_id = $1 AND id > $2 ORDER BY id LIMI
 # may scan the organization's rows by any index that leads with it and look for each of the
 # chunk's ids in every row, and with statistics from before a large tenant arrived it
 # estimates that organization at one row and does (measured: 40,000 customers loaded after
-# customer_usage was analyzed at 23 rows; the roll took 522 s, about a minute a chunk of 5,000). So each id probes
-# the primary key, whatever the statistics: a LATERAL subquery with a LIMIT is never merged
-# into the join, and the update's rows are reachable only from the arrays.
+# customer_usage was analyzed at 23 rows; the roll took 522 s, about a minute a chunk of
+# 5,000). So each id probes the primary key, whatever the statistics: a LATERAL subquery with a
+# LIMIT is never merged into the join, and the update's rows are reachable only from the arrays.
 READ_CHUNK = """
 SELECT x.id, s.cost_7d, s.cost_30d, s.cost_month
 FROM unnest($2::uuid[], $3::uuid[]) AS k(organization_id, id)
